@@ -1,0 +1,75 @@
+"""``ketchd`` / ``python -m ketchd``: run the broker in the foreground."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from ketch import _log
+from ketchd.broker import Broker
+from ketchd.config import BrokerConfig
+
+
+def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
+    """Run a broker until SIGTERM/SIGINT or ``broker.stop``; then drain and return."""
+    _log.configure()
+    broker = Broker(config)
+    broker.install_signal_handlers()
+
+    def ready(endpoints: dict[str, str]) -> None:
+        if ready_file:
+            path = Path(ready_file)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), **endpoints}))
+            tmp.replace(path)
+
+    broker.run(ready)
+
+
+def broker_options(f):
+    """Options shared by ``ketchd`` and ``ketch broker start``."""
+    defaults = BrokerConfig()
+    for decorator in reversed(
+        [
+            click.option("--frontend", envvar="KETCH_FRONTEND", default=defaults.frontend, show_default=True,
+                         help="Address clients connect to."),
+            click.option("--backend", envvar="KETCH_BACKEND", default=defaults.backend, show_default=True,
+                         help="Address model containers connect to."),
+            click.option("--admin", envvar="KETCH_ADMIN", default=defaults.admin, show_default=True,
+                         help="Address of the admin socket (keep it on loopback)."),
+            click.option("--state", "state_path", default=defaults.state_path, show_default=True,
+                         help="SQLite file for apps and models (':memory:' keeps nothing)."),
+            click.option("--heartbeat-ms", default=defaults.heartbeat_ms, show_default=True, type=click.IntRange(10)),
+            click.option("--dead-after-ms", default=defaults.dead_after_ms, show_default=True, type=click.IntRange(50)),
+            click.option("--max-batch", default=defaults.max_batch, show_default=True, type=click.IntRange(1),
+                         help="Largest batch sent to a replica unless a model sets less."),
+            click.option("--max-queue", default=defaults.max_queue, show_default=True, type=click.IntRange(1),
+                         help="Queries a model's queue holds before refusing with OVERLOADED."),
+            click.option("--max-message-mb", default=64, show_default=True, type=click.IntRange(1),
+                         help="Largest message taken on any socket."),
+            click.option("--ready-file", default=None, help="Write the bound endpoints here as JSON once listening."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def config_from_options(**kw) -> tuple[BrokerConfig, str | None]:
+    ready_file = kw.pop("ready_file", None)
+    kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
+    return BrokerConfig(**kw), ready_file
+
+
+@click.command(name="ketchd")
+@broker_options
+def main(**kw) -> None:
+    """Run the Ketch broker in the foreground."""
+    config, ready_file = config_from_options(**kw)
+    run_broker(config, ready_file)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,628 @@
+"""The broker: one thread, one poll loop, all routing state.
+
+    clients (DEALER) -> frontend ROUTER -> app -> model queue (EDF) -> batch
+                                                              |
+    model containers (DEALER) <- backend ROUTER <- replica with free credit (pull)
+
+Each turn of ``run`` waits on the three sockets for at most the time to the next
+deadline or heartbeat, handles every message that is waiting, answers queries whose
+deadline passed (the app's default, or an explicit error), dispatches batches to
+replicas that have credit, and flushes the replies gathered during the turn (one Reply
+message per client per turn). Nothing here blocks: the state store writes on its own
+thread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import os
+import signal
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import structlog
+import zmq
+
+from ketch import _errors as errors
+from ketch import _protocol as proto
+from ketch.wire.ErrorCode import ErrorCode
+from ketch.wire.Status import Status
+from ketchd.admin import AdminOps
+from ketchd.config import BrokerConfig
+from ketchd.registry import App, Batch, Model, Pending, Replica, ReplicaState, next_batch_id
+from ketchd.store import StateStore
+
+log = structlog.get_logger("ketchd")
+
+_DRAIN = 512  # messages taken from one socket per turn, so no socket starves the others
+_EMPTY = b""
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig | None = None, ctx: zmq.Context | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.ctx = ctx or zmq.Context.instance()
+        self.apps: dict[str, App] = {}
+        self.models: dict[str, Model] = {}
+        self.replicas: dict[bytes, Replica] = {}  # connection identity -> replica
+        self.replica_ids: dict[str, bytes] = {}  # stable replica id -> identity
+        self.batches: dict[int, Batch] = {}
+        self.counters: Counter[str] = Counter()
+        self.started = time.time()
+        self.endpoints: dict[str, str] = {}
+        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._seq = itertools.count()
+        self._dirty: set[Model] = set()
+        self._out: dict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
+        self._stopping = False
+        self._stop_reason = ""
+        self._next_housekeeping = 0.0
+        self.store: StateStore | None = None
+        self.admin_ops = AdminOps(self)
+
+    # ------------------------------------------------------------ life cycle
+
+    def bind(self) -> dict[str, str]:
+        """Create and bind the three sockets; returns the bound endpoints."""
+        cfg = self.config
+        self.frontend = self._router(cfg.frontend, "frontend")
+        self.backend = self._router(cfg.backend, "backend")
+        self.admin = self._router(cfg.admin, "admin")
+        return self.endpoints
+
+    def _router(self, address: str, role: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.sndhwm = 100_000
+        sock.rcvhwm = 100_000
+        sock.bind(address)
+        self.endpoints[role] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        return sock
+
+    def load_state(self) -> None:
+        self.store = StateStore(self.config.state_path)
+        for doc in self.store.load("models"):
+            model = Model.from_json(doc)
+            model.queue = type(model.queue)()
+            self.models[model.name] = model
+        for doc in self.store.load("apps"):
+            app = App.from_json(doc)
+            self.apps[app.name] = app
+        log.info("state loaded", path=self.config.state_path, apps=len(self.apps), models=len(self.models))
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Stop taking queries; ``run`` returns once every held query is answered."""
+        if not self._stopping:
+            self._stopping = True
+            self._stop_reason = reason
+            log.info("broker draining", reason=reason, pending=self.pending_count())
+
+    def pending_count(self) -> int:
+        return sum(1 for _, _, p in self._deadlines if not p.done)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
+
+    def run(self, ready: Callable[[dict[str, str]], None] | None = None) -> None:
+        if not self.endpoints:
+            self.bind()
+        if self.store is None:
+            self.load_state()
+        log.info("broker listening", pid=os.getpid(), **self.endpoints)
+        if ready is not None:
+            ready(self.endpoints)
+        poller = zmq.Poller()
+        for sock in (self.backend, self.frontend, self.admin):
+            poller.register(sock, zmq.POLLIN)
+        handlers = {self.backend: self._on_backend, self.frontend: self._on_frontend, self.admin: self._on_admin}
+        try:
+            while not (self._stopping and self.pending_count() == 0):
+                events = poller.poll(self._poll_timeout_ms())
+                for sock, _ in events:
+                    self._drain(sock, handlers[sock])
+                now = time.monotonic()
+                self._expire(now)
+                if now >= self._next_housekeeping:
+                    self._housekeeping(now)
+                self._dispatch(now)
+                self._flush()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for name in ("frontend", "backend", "admin"):
+            sock = getattr(self, name, None)
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        log.info("broker stopped", reason=self._stop_reason or "closed")
+
+    def _poll_timeout_ms(self) -> int:
+        now = time.monotonic()
+        nxt = self._next_housekeeping
+        if self._deadlines:
+            nxt = min(nxt, self._deadlines[0][0])
+        return max(0, min(1000, int((nxt - now) * 1000) + 1))
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], None]) -> None:
+        for _ in range(_DRAIN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:  # a bug must not take the broker down with it
+                self.counters["internal_errors"] += 1
+                log.exception("handler failed")
+
+    # ------------------------------------------------------------ frontend
+
+    def _client_error(self, client: bytes, code: int, message: str, request_id: int = 0, retry: int = 0) -> None:
+        self.counters[f"client_error_{errors.code_name(code).lower()}"] += 1
+        header = proto.encode(
+            "Error",
+            {"code": code, "message": message, "request_id": request_id, "retry_after_ms": retry},
+        )
+        self.frontend.send_multipart([client, header])
+
+    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        if len(frames) < 2:
+            self._client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
+            return
+        try:
+            version, name, body = proto.decode(frames[1].buffer)
+        except proto.DecodeError as exc:
+            self._client_error(client, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        if version != proto.PROTOCOL_VERSION:
+            self._client_error(
+                client,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {version} is not supported (this broker speaks {proto.PROTOCOL_VERSION})",
+            )
+            return
+        if name == "Query":
+            self._on_query(client, body, frames[2:])
+        elif name == "Feedback":
+            self._on_feedback(client, body)
+        else:
+            self._client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
+
+    def _on_query(self, client: bytes, q: Any, payloads: list[zmq.Frame]) -> None:
+        now = time.monotonic()
+        ids = proto.numpy_vector(q, "RequestIds", np.dtype("<u8")).tolist()
+        if not ids:
+            self._client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
+            return
+
+        def refuse(code: int, message: str, retry: int = 0) -> None:
+            self.counters[f"refused_{errors.code_name(code).lower()}"] += 1
+            for rid in ids:
+                self._reply(client, proto.ReplyFields(rid, Status.ERROR, error=code, message=message, retry_after_ms=retry), _EMPTY)
+
+        if self._stopping:
+            refuse(ErrorCode.SHUTTING_DOWN, "the broker is shutting down", self.config.retry_after_ms)
+            return
+        if len(payloads) != len(ids):
+            refuse(ErrorCode.BAD_MESSAGE, f"query names {len(ids)} request ids but carries {len(payloads)} payload frames")
+            return
+        app_name = (q.App() or b"").decode("utf-8", "replace")
+        app = self.apps.get(app_name)
+        if app is None:
+            known = ", ".join(sorted(self.apps)) or "none"
+            refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known})")
+            return
+        app.queries += len(ids)
+        dtype = q.Dtype()
+        shape = tuple(proto.numpy_vector(q, "Shape", np.dtype("<i8")).tolist())
+        problem = self._check_input(app, dtype, shape, payloads)
+        if problem:
+            app.errors += len(ids)
+            refuse(ErrorCode.BAD_INPUT, problem)
+            return
+        if not app.models:
+            self._answer_without_model(client, app, ids, now, f"app {app.name!r} links no model")
+            return
+        model = self.models[app.models[0]]
+        limit = model.max_queue or self.config.max_queue
+        if len(model.queue) + len(ids) > limit:
+            app.errors += len(ids)
+            refuse(
+                ErrorCode.OVERLOADED,
+                f"queue of model {model.name!r} is full ({limit} queries)",
+                self.config.retry_after_ms,
+            )
+            return
+        timeout_us = q.TimeoutUs()
+        deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
+        priority = q.Priority()
+        for rid, payload in zip(ids, payloads, strict=True):
+            p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
+            model.queue.push(p)
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), p))
+        self._dirty.add(model)
+
+    def _check_input(self, app: App, dtype: int, shape: tuple[int, ...], payloads: list[zmq.Frame]) -> str:
+        want = app.input_shape
+        if dtype != app.input_dtype or not (
+            len(want) == len(shape) and all(w < 0 or w == s for w, s in zip(want, shape, strict=True))
+        ):
+            return (
+                f"app {app.name!r} takes {proto.dtype_name(app.input_dtype)} inputs of shape "
+                f"{_shape_text(want)}, got {proto.dtype_name(dtype)} of shape {_shape_text(shape)}"
+            )
+        if any(s < 0 for s in shape):
+            return f"shape {_shape_text(shape)} has a negative dimension"
+        nbytes = proto.expected_nbytes(dtype, shape)
+        if nbytes is not None:
+            for i, frame in enumerate(payloads):
+                if len(frame) != nbytes:
+                    return f"item {i}: payload of {len(frame)} bytes, shape {_shape_text(shape)} needs {nbytes}"
+        return ""
+
+    def _answer_without_model(self, client: bytes, app: App, ids: list[int], now: float, why: str) -> None:
+        for rid in ids:
+            p = Pending(client, rid, app, "", _EMPTY, (), 0, now, now)
+            self._answer_default(p, why, code=ErrorCode.NO_MODEL)
+
+    def _on_feedback(self, client: bytes, fb: Any) -> None:
+        rid = fb.RequestId()
+        app_name = (fb.App() or b"").decode("utf-8", "replace")
+        app = self.apps.get(app_name)
+        if app is None:
+            item = proto.ReplyFields(rid, Status.ERROR, error=ErrorCode.UNKNOWN_APP, message=f"no app named {app_name!r}")
+        else:
+            item = proto.ReplyFields(
+                rid,
+                Status.ERROR,
+                error=ErrorCode.INVALID,
+                message=f"app {app_name!r} uses the single-model policy, which learns nothing from feedback",
+            )
+        self._reply(client, item, _EMPTY)
+
+    # ------------------------------------------------------------ answers
+
+    def _reply(self, client: bytes, item: proto.ReplyFields, payload: Any) -> None:
+        self._out[client].append((item, payload))
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        out, self._out = self._out, defaultdict(list)
+        for client, entries in out.items():
+            header = proto.build_reply([item for item, _ in entries])
+            self.frontend.send_multipart([client, header, *(payload for _, payload in entries)], copy=False)
+
+    def _finish(self, p: Pending) -> float:
+        """Mark a query answered; returns its latency in ms."""
+        p.done = True
+        if p.queued:
+            self.models[p.model].queue.discard(p)
+        ms = (time.monotonic() - p.arrived) * 1000
+        p.app.answered += 1
+        p.app.latency.add(ms)
+        return ms
+
+    def _answer_output(self, p: Pending, replica: Replica, dtype: int, shape: tuple[int, ...], payload: Any) -> None:
+        ms = self._finish(p)
+        item = proto.ReplyFields(
+            p.request_id,
+            Status.OK,
+            dtype,
+            shape,
+            model=replica.model,
+            model_version=replica.version,
+            latency_us=int(ms * 1000),
+            models_answered=(replica.model,),
+        )
+        self._reply(p.client, item, payload)
+
+    def _answer_error(self, p: Pending, code: int, message: str) -> None:
+        ms = self._finish(p)
+        p.app.errors += 1
+        item = proto.ReplyFields(p.request_id, Status.ERROR, error=code, message=message, latency_us=int(ms * 1000))
+        self._reply(p.client, item, _EMPTY)
+
+    def _answer_default(self, p: Pending, why: str, code: int = ErrorCode.DEADLINE) -> None:
+        app = p.app
+        if not app.has_default:
+            self._answer_error(p, code, f"{why}; app {app.name!r} has no default output")
+            return
+        ms = self._finish(p)
+        app.defaults += 1
+        item = proto.ReplyFields(
+            p.request_id,
+            Status.DEFAULT,
+            proto.JSON,
+            (),
+            message=why,
+            latency_us=int(ms * 1000),
+            confidence=0.0,
+            models_missing=(p.model,) if p.model else (),
+        )
+        self._reply(p.client, item, json.dumps(app.default).encode("utf-8"))
+
+    def _expire(self, now: float) -> None:
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, p = heapq.heappop(heap)
+            if p.done:
+                continue
+            model = self.models.get(p.model)
+            slo = (p.deadline - p.arrived) * 1000
+            if p.replica is not None:
+                why = f"deadline: model {p.model!r} did not answer within {slo:.0f} ms"
+            elif model is None or not any(model.live_replicas()):
+                version = model.active_version if model else None
+                why = f"no replica: model {p.model!r}" + (f" version {version!r}" if version else "") + " has no live replica"
+            else:
+                why = f"deadline: query waited {slo:.0f} ms in the queue of model {p.model!r}"
+            self.counters["deadline_defaults"] += 1
+            self._answer_default(p, why)
+
+    # ------------------------------------------------------------ dispatch
+
+    def _dispatch(self, now: float) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        for model in dirty:
+            self._dispatch_model(model, now)
+
+    def _dispatch_model(self, model: Model, now: float) -> None:
+        queue = model.queue
+        while len(queue):
+            replica = max(model.live_replicas(), key=lambda r: r.free_credit, default=None)
+            if replica is None or replica.free_credit <= 0:
+                return
+            limit = model.max_batch or self.config.max_batch
+            if replica.max_batch:
+                limit = min(limit, replica.max_batch)
+            items = [p for p in queue.take(limit) if p.deadline > now]
+            if items:
+                self._send_batch(model, replica, items, now)
+
+    def _send_batch(self, model: Model, replica: Replica, items: list[Pending], now: float) -> None:
+        batch_id = next_batch_id()
+        ndim = len(items[0].shape)
+        if all(p.shape == items[0].shape for p in items):
+            shapes = list(items[0].shape) * len(items)
+        else:
+            shapes = [d for p in items for d in p.shape]
+        budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
+        header = proto.build_predict_request(
+            batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
+        )
+        batch = Batch(batch_id, replica, items, now)
+        for p in items:
+            p.replica = replica
+        self.batches[batch_id] = batch
+        replica.inflight[batch_id] = batch
+        replica.refresh_state()
+        replica.last_sent = now
+        replica.batches += 1
+        replica.items += len(items)
+        model.batches += 1
+        model.batched_items += len(items)
+        self.backend.send_multipart([replica.identity, header, *(p.payload for p in items)], copy=False)
+
+    # ------------------------------------------------------------ backend
+
+    def _backend_error(self, identity: bytes, code: int, message: str) -> None:
+        self.counters[f"container_error_{errors.code_name(code).lower()}"] += 1
+        self.backend.send_multipart([identity, proto.encode("Error", {"code": code, "message": message})])
+
+    def _on_backend(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        if len(frames) < 2:
+            self._backend_error(identity, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
+            return
+        try:
+            version, name, body = proto.decode(frames[1].buffer)
+        except proto.DecodeError as exc:
+            self._backend_error(identity, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        if version != proto.PROTOCOL_VERSION:
+            self._backend_error(
+                identity,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {version} is not supported (this broker speaks {proto.PROTOCOL_VERSION})",
+            )
+            return
+        now = time.monotonic()
+        if name == "Hello":
+            self._on_hello(identity, body, now)
+            return
+        replica = self.replicas.get(identity)
+        if replica is None:
+            self._backend_error(identity, ErrorCode.BAD_MESSAGE, "send Hello first")
+            return
+        replica.last_seen = now
+        if name == "PredictReply":
+            self._on_predict_reply(replica, body, frames[2:], now)
+        elif name == "Heartbeat":
+            pass
+        elif name == "Ready":
+            replica.credits = body.Credits()
+            replica.refresh_state()
+            self._dirty.add(self.models[replica.model])
+        elif name == "Goodbye":
+            reason = (body.Reason() or b"").decode("utf-8", "replace")
+            self._replica_gone(replica, f"goodbye: {reason}" if reason else "goodbye", now)
+        else:
+            self._backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a container message")
+
+    def _on_hello(self, identity: bytes, h: Any, now: float) -> None:
+        name = (h.Model() or b"").decode("utf-8", "replace")
+        version = (h.ModelVersion() or b"").decode("utf-8", "replace")
+        replica_id = (h.ReplicaId() or b"").decode("utf-8", "replace") or identity.hex()
+        tensor = h.Input()
+        if not name or not version or tensor is None:
+            self._backend_error(identity, ErrorCode.BAD_MESSAGE, "hello needs model, model_version and input")
+            return
+        if tensor.Dtype() not in proto.DTYPE_NAMES:
+            self._backend_error(identity, ErrorCode.BAD_MESSAGE, f"hello names unknown dtype {tensor.Dtype()}")
+            return
+        old = self.replicas.get(identity)
+        if old is not None:
+            self._replica_gone(old, "hello again on the same connection", now)
+        old_identity = self.replica_ids.get(replica_id)
+        if old_identity is not None and old_identity in self.replicas:
+            self._replica_gone(self.replicas[old_identity], "replaced by a new connection", now)
+        model = self.models.get(name)
+        if model is None:
+            model = self.models[name] = Model(name)
+        if version not in model.known_versions:
+            model.known_versions.append(version)
+        if model.active_version is None:
+            model.set_version(version)
+        self.persist_model(model)
+        replica = Replica(
+            identity=identity,
+            replica_id=replica_id,
+            model=name,
+            version=version,
+            input_dtype=tensor.Dtype(),
+            input_shape=tuple(proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist()),
+            sdk=(h.Sdk() or b"").decode("utf-8", "replace"),
+            pid=h.Pid(),
+            credits=h.Credits(),
+            max_batch=h.MaxBatch(),
+            deterministic=h.Deterministic(),
+            connected=now,
+            last_seen=now,
+            last_sent=now,
+        )
+        self.replicas[identity] = replica
+        self.replica_ids[replica_id] = identity
+        model.replicas[identity] = replica
+        welcome = proto.encode(
+            "Welcome", {"heartbeat_ms": self.config.heartbeat_ms, "dead_after_ms": self.config.dead_after_ms}
+        )
+        self.backend.send_multipart([identity, welcome])
+        replica.move(ReplicaState.READY)
+        replica.refresh_state()
+        self._dirty.add(model)
+        log.info("replica joined", model=name, version=version, replica=replica_id, sdk=replica.sdk, pid=replica.pid)
+
+    def _on_predict_reply(self, replica: Replica, r: Any, payloads: list[zmq.Frame], now: float) -> None:
+        batch_id = r.BatchId()
+        batch = replica.inflight.pop(batch_id, None)
+        if batch is None:
+            self.counters["late_or_unknown_replies"] += 1
+            return
+        del self.batches[batch_id]
+        replica.refresh_state()
+        model = self.models[replica.model]
+        self._dirty.add(model)
+        items = batch.items
+        n = r.OutputsLength()
+        failure = ""
+        if n == 0:
+            message = (r.Message() or b"").decode("utf-8", "replace") or "the model failed without a message"
+            failure = f"model {replica.model!r} failed the batch: {message}"
+        elif n != len(items) or len(payloads) != n:
+            failure = (
+                f"model {replica.model!r} returned {n} outputs and {len(payloads)} payloads "
+                f"for a batch of {len(items)}"
+            )
+        if failure:
+            replica.errors += 1
+            model.errors += 1
+            for p in items:
+                if not p.done:
+                    self._answer_error(p, ErrorCode.MODEL_ERROR, failure)
+            return
+        for i, p in enumerate(items):
+            if p.done:
+                continue
+            out = r.Outputs(i)
+            if out.Status() == Status.OK:
+                tensor = out.Output()
+                if tensor is None:
+                    self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i} has no type")
+                    continue
+                shape = tuple(proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist())
+                self._answer_output(p, replica, tensor.Dtype(), shape, payloads[i])
+            else:
+                message = (out.Message() or b"").decode("utf-8", "replace")
+                code = out.Error() or ErrorCode.MODEL_ERROR
+                self._answer_error(p, code, f"model {replica.model!r}: {message}")
+
+    def _replica_gone(self, replica: Replica, reason: str, now: float) -> None:
+        """Forget a replica; re-queue (once) or answer exactly the queries it held."""
+        if replica.state is not ReplicaState.DEAD:
+            replica.move(ReplicaState.DEAD)
+        self.replicas.pop(replica.identity, None)
+        if self.replica_ids.get(replica.replica_id) == replica.identity:
+            del self.replica_ids[replica.replica_id]
+        model = self.models.get(replica.model)
+        if model is not None:
+            model.replicas.pop(replica.identity, None)
+            self._dirty.add(model)
+        requeued = failed = 0
+        for batch in replica.inflight.values():
+            self.batches.pop(batch.batch_id, None)
+            for p in batch.items:
+                if p.done:
+                    continue
+                p.replica = None
+                if not p.requeued and p.deadline > now and model is not None:
+                    p.requeued = True
+                    model.queue.push(p)
+                    requeued += 1
+                else:
+                    failed += 1
+                    self._answer_default(p, f"replica {replica.replica_id} of model {replica.model!r} died: {reason}")
+        replica.inflight.clear()
+        log.info("replica left", model=replica.model, replica=replica.replica_id, reason=reason, requeued=requeued, failed=failed)
+
+    def _housekeeping(self, now: float) -> None:
+        cfg = self.config
+        self._next_housekeeping = now + cfg.heartbeat_ms / 4000
+        heartbeat = None
+        for replica in list(self.replicas.values()):
+            if now - replica.last_seen > cfg.dead_after_ms / 1000:
+                self._replica_gone(replica, f"silent for {cfg.dead_after_ms} ms", now)
+            elif now - replica.last_sent > cfg.heartbeat_ms / 1000:
+                heartbeat = heartbeat or proto.encode("Heartbeat", {})
+                self.backend.send_multipart([replica.identity, heartbeat])
+                replica.last_sent = now
+
+    # ------------------------------------------------------------ admin
+
+    def _on_admin(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        reply = self.admin_ops.handle(frames[-1].bytes if len(frames) > 1 else b"")
+        self.admin.send_multipart([identity, json.dumps(reply).encode("utf-8")])
+
+    def persist_app(self, app: App) -> None:
+        if self.store is not None:
+            self.store.put("apps", app.name, app.to_json())
+
+    def persist_model(self, model: Model) -> None:
+        if self.store is not None:
+            self.store.put("models", model.name, model.to_json())
+
+    def forget_app(self, name: str) -> None:
+        if self.store is not None:
+            self.store.delete("apps", name)
+
+    def mark_dirty(self, model: Model) -> None:
+        self._dirty.add(model)
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join("any" if d < 0 else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"

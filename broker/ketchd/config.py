@@ -1,0 +1,28 @@
+"""Broker settings, with the defaults a user gets from ``ketch broker start``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_state_path() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "ketch" / "ketch.db"
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:7001"
+    backend: str = "tcp://127.0.0.1:7000"
+    admin: str = "tcp://127.0.0.1:7002"
+    # SQLite file holding apps and models; ":memory:" keeps nothing across restarts
+    state_path: str = field(default_factory=lambda: str(default_state_path()))
+    heartbeat_ms: int = 1000
+    dead_after_ms: int = 5000
+    max_batch: int = 64  # per model unless the model or replica asks for less
+    max_queue: int = 10_000  # per model; past it queries are refused OVERLOADED
+    max_message_bytes: int = 64 * 1024 * 1024
+    default_slo_ms: float = 100.0
+    retry_after_ms: int = 50

@@ -1,0 +1,244 @@
+"""What the broker knows: apps, models, replicas and queries in flight.
+
+Plain dataclasses held in dicts by the broker loop; no sockets and no locks here.
+A replica's lifecycle is an explicit state machine (``ReplicaState``, ``TRANSITIONS``).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from ketch import _protocol as proto
+from ketchd.queue import ModelQueue
+from ketchd.stats import LatencyWindow
+
+
+@dataclass
+class App:
+    name: str
+    input_dtype: int
+    input_shape: tuple[int, ...]
+    slo_ms: float
+    default: Any = None  # a JSON value, or None for "no default: answer DEADLINE"
+    has_default: bool = False
+    models: list[str] = field(default_factory=list)
+    # figures
+    queries: int = 0
+    answered: int = 0
+    defaults: int = 0
+    errors: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "input_type": proto.dtype_name(self.input_dtype),
+            "input_shape": list(self.input_shape),
+            "slo_ms": self.slo_ms,
+            "default": self.default if self.has_default else None,
+            "has_default": self.has_default,
+            "models": list(self.models),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> App:
+        return cls(
+            name=d["name"],
+            input_dtype=proto.dtype_code(d["input_type"]),
+            input_shape=tuple(int(x) for x in d.get("input_shape", ())),
+            slo_ms=float(d["slo_ms"]),
+            default=d.get("default"),
+            has_default=bool(d.get("has_default", d.get("default") is not None)),
+            models=list(d.get("models", [])),
+        )
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "queries": self.queries,
+            "answered": self.answered,
+            "defaults": self.defaults,
+            "errors": self.errors,
+            **self.latency.summary(),
+        }
+
+
+class ReplicaState(enum.Enum):
+    CONNECTING = "connecting"  # hello seen, welcome not yet sent
+    READY = "ready"  # has credit
+    BUSY = "busy"  # every credit used
+    DRAINING = "draining"  # takes no new work, finishes what it holds
+    DEAD = "dead"
+
+
+S = ReplicaState
+TRANSITIONS: dict[ReplicaState, frozenset[ReplicaState]] = {
+    S.CONNECTING: frozenset({S.READY, S.BUSY, S.DEAD}),
+    S.READY: frozenset({S.BUSY, S.DRAINING, S.DEAD}),
+    S.BUSY: frozenset({S.READY, S.DRAINING, S.DEAD}),
+    S.DRAINING: frozenset({S.DEAD}),
+    S.DEAD: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclass(eq=False)
+class Pending:
+    """One query waiting for its answer."""
+
+    client: bytes  # frontend identity
+    request_id: int
+    app: App
+    model: str
+    payload: zmq.Frame | bytes
+    shape: tuple[int, ...]
+    dtype: int
+    arrived: float  # monotonic seconds
+    deadline: float
+    priority: int = 0
+    done: bool = False
+    queued: bool = False
+    requeued: bool = False
+    replica: Replica | None = None
+
+
+@dataclass
+class Batch:
+    batch_id: int
+    replica: Replica
+    items: list[Pending]
+    sent: float
+
+
+@dataclass(eq=False)
+class Replica:
+    identity: bytes
+    replica_id: str
+    model: str
+    version: str
+    input_dtype: int
+    input_shape: tuple[int, ...]
+    sdk: str
+    pid: int
+    credits: int
+    max_batch: int
+    deterministic: bool
+    connected: float
+    last_seen: float
+    last_sent: float
+    state: ReplicaState = ReplicaState.CONNECTING
+    inflight: dict[int, Batch] = field(default_factory=dict)
+    batches: int = 0
+    items: int = 0
+    errors: int = 0
+
+    def move(self, new: ReplicaState) -> None:
+        if new is self.state:
+            return
+        if new not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"replica {self.replica_id}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    @property
+    def free_credit(self) -> int:
+        if self.state in (ReplicaState.DRAINING, ReplicaState.DEAD, ReplicaState.CONNECTING):
+            return 0
+        return max(0, self.credits - len(self.inflight))
+
+    def refresh_state(self) -> None:
+        if self.state in (ReplicaState.READY, ReplicaState.BUSY):
+            self.move(ReplicaState.READY if self.free_credit > 0 else ReplicaState.BUSY)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "replica_id": self.replica_id,
+            "model": self.model,
+            "version": self.version,
+            "state": self.state.value,
+            "sdk": self.sdk,
+            "pid": self.pid,
+            "credits": self.credits,
+            "inflight": len(self.inflight),
+            "max_batch": self.max_batch,
+            "batches": self.batches,
+            "items": self.items,
+            "errors": self.errors,
+        }
+
+
+@dataclass(eq=False)
+class Model:
+    name: str
+    active_version: str | None = None
+    history: list[str] = field(default_factory=list)  # earlier active versions, newest last
+    known_versions: list[str] = field(default_factory=list)
+    max_batch: int = 0  # 0: the broker's default
+    max_queue: int = 0  # 0: the broker's default
+    deterministic: bool = True
+    queue: ModelQueue = field(default_factory=ModelQueue)
+    replicas: dict[bytes, Replica] = field(default_factory=dict)
+    # figures
+    batches: int = 0
+    batched_items: int = 0
+    errors: int = 0
+
+    def live_replicas(self, version: str | None = None) -> Iterable[Replica]:
+        version = self.active_version if version is None else version
+        return (r for r in self.replicas.values() if r.version == version and r.state is not ReplicaState.DEAD)
+
+    def set_version(self, version: str) -> None:
+        if version == self.active_version:
+            return
+        if self.active_version is not None:
+            self.history.append(self.active_version)
+            del self.history[:-20]
+        self.active_version = version
+        if version not in self.known_versions:
+            self.known_versions.append(version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "active_version": self.active_version,
+            "history": list(self.history),
+            "versions": list(self.known_versions),
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Model:
+        return cls(
+            name=d["name"],
+            active_version=d.get("active_version"),
+            history=list(d.get("history", [])),
+            known_versions=list(d.get("versions", [])),
+            max_batch=int(d.get("max_batch", 0)),
+            max_queue=int(d.get("max_queue", 0)),
+        )
+
+    def figures(self) -> dict[str, Any]:
+        live = [r for r in self.replicas.values() if r.state is not ReplicaState.DEAD]
+        return {
+            "queue_depth": len(self.queue),
+            "replicas": len([r for r in live if r.version == self.active_version]),
+            "replicas_all_versions": len(live),
+            "batches": self.batches,
+            "mean_batch": round(self.batched_items / self.batches, 2) if self.batches else 0.0,
+            "errors": self.errors,
+        }
+
+
+_batch_ids = itertools.count(1)
+
+
+def next_batch_id() -> int:
+    return next(_batch_ids)

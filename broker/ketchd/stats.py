@@ -1,0 +1,30 @@
+"""Figures the broker keeps: bounded latency windows with quantiles."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class LatencyWindow:
+    """The last ``size`` latencies (ms) in a ring; quantiles computed on demand."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._ring = np.zeros(size, dtype=np.float64)
+        self._n = 0
+
+    def add(self, ms: float) -> None:
+        self._ring[self._n % len(self._ring)] = ms
+        self._n += 1
+
+    def __len__(self) -> int:
+        return min(self._n, len(self._ring))
+
+    def quantiles(self, *qs: float) -> list[float]:
+        n = len(self)
+        if n == 0:
+            return [0.0 for _ in qs]
+        return [float(x) for x in np.quantile(self._ring[:n], qs)]
+
+    def summary(self) -> dict[str, float]:
+        p50, p99 = self.quantiles(0.5, 0.99)
+        return {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}

@@ -1,0 +1,57 @@
+"""Ketch: low-latency prediction serving.
+
+Clients: ``Client``, ``AsyncClient``; control: ``Admin``; the model side: ``serve``,
+``Replica`` and the wrappers in ``ketch.models``. Every error is a ``KetchError``.
+"""
+
+__version__ = "0.1.0"
+
+from ketch._errors import (  # noqa: E402
+    BadInput,
+    Conflict,
+    DeadlineExceeded,
+    Invalid,
+    KetchError,
+    ModelError,
+    NoModel,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    RequestError,
+    ShuttingDown,
+    Timeout,
+    Unavailable,
+    UnknownApp,
+)
+from ketch.admin import Admin  # noqa: E402
+from ketch.client import AsyncClient, Client, Prediction  # noqa: E402
+from ketch.models import NumpyModel, SklearnModel, numpy_model  # noqa: E402
+from ketch.runtime import Replica, serve  # noqa: E402
+
+__all__ = [
+    "Admin",
+    "AsyncClient",
+    "BadInput",
+    "Client",
+    "Conflict",
+    "DeadlineExceeded",
+    "Invalid",
+    "KetchError",
+    "ModelError",
+    "NoModel",
+    "NotFound",
+    "NumpyModel",
+    "Overloaded",
+    "Prediction",
+    "ProtocolError",
+    "Replica",
+    "RequestError",
+    "ShuttingDown",
+    "SklearnModel",
+    "Timeout",
+    "Unavailable",
+    "UnknownApp",
+    "__version__",
+    "serve",
+    "numpy_model",
+]

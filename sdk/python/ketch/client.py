@@ -1,0 +1,451 @@
+"""Clients of the broker's frontend: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Both speak docs/protocol.md section 4 over one DEALER socket. A query's input is a numpy
+array (sent with its own dtype), a list of numbers (sent as float64 unless ``dtype``
+says otherwise), a ``str`` or ``bytes``. Answers come back as ``Prediction``; an
+explicit error from the broker or the model raises the matching ``RequestError``; no
+answer in time raises ``Timeout``. A client object is not thread-safe: use one per
+thread (or one ``AsyncClient`` per event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from ketch import _errors as errors
+from ketch import _protocol as proto
+from ketch.wire.Status import Status
+
+DEFAULT_FRONTEND = "tcp://127.0.0.1:7001"
+_NUMPY_TO_WIRE = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
+_GRACE_S = 0.5  # wait past the query's own timeout before calling the broker silent
+_WAIT_NO_TIMEOUT_S = 10.0  # when the app's SLO applies, wait this long for the broker
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One answer. ``default`` is true when the app's default output was returned."""
+
+    output: Any
+    default: bool = False
+    default_explanation: str = ""
+    model: str = ""
+    version: str = ""
+    latency_ms: float = 0.0  # round trip seen by the client
+    broker_latency_ms: float = 0.0  # time the broker held the query
+    confidence: float = 1.0
+    models_answered: tuple[str, ...] = ()
+    models_missing: tuple[str, ...] = ()
+    request_id: int = field(default=0, repr=False)
+
+
+def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...], Any]:
+    """(wire dtype, shape, payload) for one input."""
+    if dtype is not None:
+        code = proto.dtype_code(dtype)
+        shape, payload = proto.value_to_payload(x, code)
+        return code, tuple(shape), payload
+    if isinstance(x, str):
+        return proto.STRING, (), x.encode("utf-8")
+    if isinstance(x, bytes | bytearray | memoryview):
+        return proto.BYTES, (), bytes(x)
+    if isinstance(x, np.ndarray | np.generic):
+        arr = np.ascontiguousarray(x)
+        code = _NUMPY_TO_WIRE.get(arr.dtype.newbyteorder("="))
+        if code is None:
+            raise TypeError(f"numpy dtype {arr.dtype} has no wire dtype; convert it first")
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        return code, arr.shape, memoryview(arr).cast("B") if arr.size else b""
+    if isinstance(x, list | tuple | int | float):
+        arr = np.asarray(x, dtype=np.float64)
+        return proto.FLOAT64, arr.shape, arr.tobytes()
+    raise TypeError(f"cannot send a {type(x).__name__}: use a numpy array, a list of numbers, str or bytes")
+
+
+def _parse(frames: list[bytes], sent_at: dict[int, float] | None = None) -> list[tuple[int, Prediction | errors.RequestError]]:
+    """Decode a frontend message into (request id, answer) pairs; raises for an Error message."""
+    now = time.perf_counter()
+    version, name, body = proto.decode(frames[0])
+    if name == "Error":
+        code = body.Code()
+        raise errors.raise_for(
+            code,
+            (body.Message() or b"").decode("utf-8", "replace"),
+            request_id=body.RequestId(),
+            retry_after_ms=body.RetryAfterMs(),
+        )
+    if name != "Reply":
+        raise errors.ProtocolError(f"unexpected {name} from the broker")
+    out = []
+    payloads = frames[1:]
+    for i in range(body.ItemsLength()):
+        item = body.Items(i)
+        rid = item.RequestId()
+        status = item.Status()
+        message = (item.Message() or b"").decode("utf-8", "replace")
+        if status == Status.ERROR:
+            out.append(
+                (rid, errors.raise_for(item.Error(), message, request_id=rid, retry_after_ms=item.RetryAfterMs()))
+            )
+            continue
+        tensor = item.Output()
+        payload = payloads[i] if i < len(payloads) else b""
+        if tensor is None:
+            value = None
+        else:
+            shape = proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist()
+            value = proto.payload_to_value(tensor.Dtype(), shape, payload)
+        started = sent_at.get(rid) if sent_at else None
+        out.append(
+            (
+                rid,
+                Prediction(
+                    output=value,
+                    default=status == Status.DEFAULT,
+                    default_explanation=message if status == Status.DEFAULT else "",
+                    model=(item.Model() or b"").decode("utf-8", "replace"),
+                    version=(item.ModelVersion() or b"").decode("utf-8", "replace"),
+                    latency_ms=(now - started) * 1000 if started else 0.0,
+                    broker_latency_ms=item.LatencyUs() / 1000,
+                    confidence=item.Confidence(),
+                    models_answered=tuple(
+                        item.ModelsAnswered(j).decode("utf-8") for j in range(item.ModelsAnsweredLength())
+                    ),
+                    models_missing=tuple(
+                        item.ModelsMissing(j).decode("utf-8") for j in range(item.ModelsMissingLength())
+                    ),
+                    request_id=rid,
+                ),
+            )
+        )
+    return out
+
+
+def _wait_s(timeout_ms: float | None) -> float:
+    return _WAIT_NO_TIMEOUT_S if timeout_ms is None else timeout_ms / 1000 + _GRACE_S
+
+
+def _chunks(xs: Sequence[Any], dtype: str | None, size: int) -> Iterable[tuple[int, tuple[int, ...], list[Any], range]]:
+    """Group consecutive inputs of one dtype and shape into Query-sized chunks."""
+    start = 0
+    current: tuple[int, tuple[int, ...]] | None = None
+    payloads: list[Any] = []
+    for i, x in enumerate(xs):
+        code, shape, payload = encode_input(x, dtype)
+        if (code, shape) != current or len(payloads) == size:
+            if payloads:
+                yield current[0], current[1], payloads, range(start, i)
+            current, payloads, start = (code, shape), [], i
+        payloads.append(payload)
+    if payloads:
+        yield current[0], current[1], payloads, range(start, len(xs))
+
+
+class _Base:
+    def __init__(self, address: str | None) -> None:
+        self.address = address or os.environ.get("KETCH_FRONTEND") or DEFAULT_FRONTEND
+        # ids start at a random point so a restarted client does not reuse recent ones
+        self._ids = itertools.count(int.from_bytes(os.urandom(3), "little") << 20 | 1)
+
+    def _query(self, app: str, code: int, shape: Sequence[int], ids: Sequence[int], timeout_ms: float | None,
+               priority: int, context: str) -> bytes:
+        timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
+        return proto.build_query(app, code, shape, ids, timeout_us, priority, context)
+
+    def _feedback(self, app: str, label: Any, rid: int, query_id: int | None, x: Any, context: str,
+                  label_dtype: str | None) -> list[Any]:
+        if (query_id is None) == (x is None):
+            raise ValueError("name the query by query_id or by its input x (one of them)")
+        l_code, l_shape, l_payload = encode_input(label, label_dtype)
+        fields: dict[str, Any] = {
+            "app": app,
+            "request_id": rid,
+            "query_id": query_id or 0,
+            "label": {"dtype": l_code, "shape": list(l_shape)},
+            "context": context,
+        }
+        frames: list[Any] = []
+        if x is not None:
+            i_code, i_shape, i_payload = encode_input(x)
+            fields["input"] = {"dtype": i_code, "shape": list(i_shape)}
+            frames.append(i_payload)
+        return [proto.encode("Feedback", fields), *frames, l_payload]
+
+
+class Client(_Base):
+    """Blocking client. ``Client(address)``; ``address`` defaults to ``$KETCH_FRONTEND``."""
+
+    def __init__(self, address: str | None = None, *, context: zmq.Context | None = None) -> None:
+        super().__init__(address)
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.connect(self.address)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._sent_at: dict[int, float] = {}
+
+    def close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _collect(self, want: set[int], deadline: float, results: dict[int, Any]) -> None:
+        while want:
+            left = deadline - time.perf_counter()
+            if left <= 0 or not self._poller.poll(max(1, int(left * 1000))):
+                if deadline - time.perf_counter() <= 0:
+                    for rid in want:
+                        self._sent_at.pop(rid, None)
+                    raise errors.Timeout(f"no answer from the broker at {self.address} in time for {len(want)} queries")
+                continue
+            frames = self._sock.recv_multipart()
+            for rid, answer in _parse(frames, self._sent_at):
+                if rid in want:
+                    want.discard(rid)
+                    self._sent_at.pop(rid, None)
+                    results[rid] = answer
+
+    def predict(
+        self,
+        app: str,
+        x: Any,
+        timeout_ms: float | None = None,
+        *,
+        dtype: str | None = None,
+        priority: int = 0,
+        context: str = "",
+    ) -> Prediction:
+        """Ask ``app`` for one prediction. ``timeout_ms`` overrides the app's SLO."""
+        code, shape, payload = encode_input(x, dtype)
+        rid = next(self._ids)
+        self._sent_at[rid] = time.perf_counter()
+        self._sock.send_multipart(
+            [self._query(app, code, shape, [rid], timeout_ms, priority, context), payload], copy=False
+        )
+        results: dict[int, Any] = {}
+        self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
+        answer = results[rid]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def predict_many(
+        self,
+        app: str,
+        xs: Sequence[Any],
+        timeout_ms: float | None = None,
+        *,
+        dtype: str | None = None,
+        chunk: int = 32,
+        window: int = 512,
+        return_exceptions: bool = False,
+        priority: int = 0,
+        context: str = "",
+    ) -> list[Prediction | errors.RequestError]:
+        """Predictions for many inputs, pipelined on this socket, in input order.
+
+        At most ``window`` queries are outstanding at once, sent ``chunk`` to a message.
+        An error raises (the first one, in input order) unless ``return_exceptions``.
+        """
+        results: dict[int, Any] = {}
+        order: list[int] = []
+        outstanding: set[int] = set()
+        wait = _wait_s(timeout_ms)
+        for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
+            ids = [next(self._ids) for _ in payloads]
+            now = time.perf_counter()
+            for rid in ids:
+                self._sent_at[rid] = now
+            self._sock.send_multipart(
+                [self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads], copy=False
+            )
+            order.extend(ids)
+            outstanding.update(ids)
+            while len(outstanding) > window:
+                before = len(results)
+                self._collect_some(outstanding, now + wait, results)
+                if len(results) == before:
+                    break
+        self._collect(outstanding, time.perf_counter() + wait, results)
+        answers = [results[rid] for rid in order]
+        if not return_exceptions:
+            for a in answers:
+                if isinstance(a, Exception):
+                    raise a
+        return answers
+
+    def _collect_some(self, outstanding: set[int], deadline: float, results: dict[int, Any]) -> None:
+        """Take at least one message of answers (or time out)."""
+        left = deadline - time.perf_counter()
+        if left <= 0 or not self._poller.poll(max(1, int(left * 1000))):
+            raise errors.Timeout(f"no answer from the broker at {self.address} in time")
+        for rid, answer in _parse(self._sock.recv_multipart(), self._sent_at):
+            if rid in outstanding:
+                outstanding.discard(rid)
+                self._sent_at.pop(rid, None)
+                results[rid] = answer
+
+    def feedback(
+        self,
+        app: str,
+        label: Any,
+        *,
+        query_id: int | None = None,
+        x: Any = None,
+        context: str = "",
+        label_dtype: str | None = None,
+        timeout_ms: float = 5000,
+    ) -> None:
+        """Tell ``app`` the true label of an earlier query (by ``query_id`` or input ``x``)."""
+        rid = next(self._ids)
+        self._sock.send_multipart(self._feedback(app, label, rid, query_id, x, context, label_dtype), copy=False)
+        results: dict[int, Any] = {}
+        self._collect({rid}, time.perf_counter() + timeout_ms / 1000, results)
+        if isinstance(results[rid], Exception):
+            raise results[rid]
+
+
+class AsyncClient(_Base):
+    """asyncio client with the same methods as ``Client``, as coroutines."""
+
+    def __init__(self, address: str | None = None, *, context: zmq.asyncio.Context | None = None) -> None:
+        super().__init__(address)
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.connect(self.address)
+        self._futures: dict[int, asyncio.Future] = {}
+        self._sent_at: dict[int, float] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._reader = None
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                answers = _parse(frames, self._sent_at)
+            except errors.RequestError as exc:  # message-level error: fail everything waiting
+                for fut in self._futures.values():
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for rid, answer in answers:
+                self._sent_at.pop(rid, None)
+                fut = self._futures.pop(rid, None)
+                if fut is not None and not fut.done():
+                    if isinstance(answer, Exception):
+                        fut.set_exception(answer)
+                    else:
+                        fut.set_result(answer)
+
+    async def _await(self, ids: list[int], timeout_ms: float | None, return_exceptions: bool) -> list[Any]:
+        futs = [self._futures[rid] for rid in ids]
+        try:
+            async with asyncio.timeout(_wait_s(timeout_ms)):
+                return await asyncio.gather(*futs, return_exceptions=return_exceptions)
+        except TimeoutError:
+            raise errors.Timeout(f"no answer from the broker at {self.address} in time") from None
+        finally:
+            for rid in ids:
+                self._futures.pop(rid, None)
+                self._sent_at.pop(rid, None)
+
+    def _register(self, n: int) -> list[int]:
+        loop = asyncio.get_running_loop()
+        ids = [next(self._ids) for _ in range(n)]
+        now = time.perf_counter()
+        for rid in ids:
+            self._futures[rid] = loop.create_future()
+            self._sent_at[rid] = now
+        return ids
+
+    async def predict(
+        self,
+        app: str,
+        x: Any,
+        timeout_ms: float | None = None,
+        *,
+        dtype: str | None = None,
+        priority: int = 0,
+        context: str = "",
+    ) -> Prediction:
+        self._ensure_reader()
+        code, shape, payload = encode_input(x, dtype)
+        ids = self._register(1)
+        await self._sock.send_multipart([self._query(app, code, shape, ids, timeout_ms, priority, context), payload])
+        return (await self._await(ids, timeout_ms, False))[0]
+
+    async def predict_many(
+        self,
+        app: str,
+        xs: Sequence[Any],
+        timeout_ms: float | None = None,
+        *,
+        dtype: str | None = None,
+        chunk: int = 32,
+        return_exceptions: bool = False,
+        priority: int = 0,
+        context: str = "",
+    ) -> list[Prediction | errors.RequestError]:
+        self._ensure_reader()
+        all_ids: list[int] = []
+        for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
+            ids = self._register(len(payloads))
+            all_ids.extend(ids)
+            await self._sock.send_multipart(
+                [self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads]
+            )
+        return await self._await(all_ids, timeout_ms, return_exceptions)
+
+    async def feedback(
+        self,
+        app: str,
+        label: Any,
+        *,
+        query_id: int | None = None,
+        x: Any = None,
+        context: str = "",
+        label_dtype: str | None = None,
+        timeout_ms: float = 5000,
+    ) -> None:
+        self._ensure_reader()
+        ids = self._register(1)
+        await self._sock.send_multipart(self._feedback(app, label, ids[0], query_id, x, context, label_dtype))
+        await self._await(ids, timeout_ms - _GRACE_S * 1000, False)

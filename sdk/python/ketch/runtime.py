@@ -1,0 +1,367 @@
+"""The model side: run a Python model as a replica of the broker's backend.
+
+    ketch.serve(predict, name="iris", version="1", input_type="float64", broker=...)
+
+``predict`` is a function ``predict(inputs: list) -> list`` (one output per input), an
+object with such a ``predict`` method, or a scikit-learn estimator. The replica runs
+docs/protocol.md section 5: hello with a stable replica id, batches computed on a worker
+thread while the I/O thread keeps heartbeating (a long batch is never taken for death),
+reconnection with backoff when the broker goes silent or restarts, and a clean drain on
+SIGTERM or ``stop()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import structlog
+import zmq
+
+from ketch import __version__
+from ketch import _errors as errors
+from ketch import _protocol as proto
+from ketch.wire.ErrorCode import ErrorCode
+from ketch.wire.Status import Status
+
+log = structlog.get_logger("ketch.runtime")
+
+DEFAULT_BACKEND = "tcp://127.0.0.1:7000"
+PredictFn = Callable[[list[Any]], list[Any]]
+_WIRE_OF_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
+
+
+def as_predict(model: Any) -> PredictFn:
+    """The batch predict function of a function, an object with ``predict``, or an estimator."""
+    if hasattr(model, "fit") and hasattr(model, "predict"):
+        from ketch.models import SklearnModel
+
+        return SklearnModel(model).predict
+    if hasattr(model, "predict") and callable(model.predict):
+        return model.predict
+    if callable(model):
+        return model
+    raise TypeError(f"{type(model).__name__} is neither callable nor has a predict method")
+
+
+def encode_output(value: Any) -> tuple[int, tuple[int, ...], Any]:
+    """(wire dtype, shape, payload) for one model output."""
+    if isinstance(value, str):
+        return proto.STRING, (), value.encode("utf-8")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return proto.BYTES, (), bytes(value)
+    if isinstance(value, bool | np.bool_):
+        return proto.BOOL, (), np.bool_(value).tobytes()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return proto.INT64, (), np.int64(value).tobytes()
+    if isinstance(value, float):
+        return proto.FLOAT64, (), np.float64(value).tobytes()
+    if isinstance(value, np.ndarray | np.generic):
+        arr = np.asarray(value)
+        code = _WIRE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+        if code is not None:
+            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+            return code, arr.shape, arr.tobytes()
+        value = arr.tolist()
+    return proto.JSON, (), json.dumps(value, default=_json_default, separators=(",", ":")).encode("utf-8")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot send a {type(obj).__name__} as output")
+
+
+class _Task:
+    __slots__ = ("batch_id", "budgets", "inputs", "received")
+
+    def __init__(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> None:
+        self.batch_id = batch_id
+        self.inputs = inputs
+        self.budgets = budgets
+        self.received = received
+
+
+class Replica:
+    """One replica's connection to the broker; ``run()`` blocks until stopped."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        version: str = "1",
+        input_type: str = "float64",
+        input_shape: list[int] | tuple[int, ...] | None = None,
+        broker: str | None = None,
+        replica_id: str | None = None,
+        credits: int = 2,
+        max_batch: int = 0,
+        deterministic: bool = True,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.predict = as_predict(model)
+        self.name = name
+        self.version = str(version)
+        self.input_dtype = proto.dtype_code(input_type)
+        if input_shape is None:
+            input_shape = () if self.input_dtype in proto.TEXT_DTYPES else (-1,)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.broker = broker or os.environ.get("KETCH_BACKEND") or DEFAULT_BACKEND
+        index = os.environ.get("KETCH_REPLICA_INDEX", str(os.getpid()))
+        self.replica_id = replica_id or f"{socket.gethostname()}/{name}/{self.version}/{index}"
+        self.credits = credits
+        self.max_batch = max_batch
+        self.deterministic = deterministic
+        self._ctx = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self._tasks: queue.Queue[_Task | None] = queue.Queue()
+        self._pipe_addr = f"inproc://ketch-replica-{id(self)}"
+        self.heartbeat_s = 1.0
+        self.dead_after_s = 5.0
+        self.batches = 0
+        self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
+
+    # ------------------------------------------------------------ public
+
+    def stop(self) -> None:
+        """Finish held batches, say goodbye and return from ``run`` (thread- and signal-safe)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        pipe = self._ctx.socket(zmq.PAIR)
+        pipe.linger = 0
+        pipe.bind(self._pipe_addr)
+        worker = threading.Thread(target=self._work, name=f"ketch-predict-{self.name}", daemon=True)
+        worker.start()
+        sock = None
+        try:
+            sock = self._loop(pipe)
+        finally:
+            self._tasks.put(None)
+            worker.join(timeout=5)
+            if sock is not None:
+                sock.close(linger=0)
+            pipe.close(linger=0)
+
+    # ------------------------------------------------------------ I/O thread
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self.broker)
+        return sock
+
+    def _hello(self, sock: zmq.Socket) -> None:
+        sock.send(
+            proto.encode(
+                "Hello",
+                {
+                    "model": self.name,
+                    "model_version": self.version,
+                    "input": {"dtype": self.input_dtype, "shape": list(self.input_shape)},
+                    "sdk": f"python/{__version__}",
+                    "replica_id": self.replica_id,
+                    "credits": self.credits,
+                    "max_batch": self.max_batch,
+                    "deterministic": self.deterministic,
+                    "pid": os.getpid(),
+                },
+            )
+        )
+
+    def _loop(self, pipe: zmq.Socket) -> zmq.Socket:
+        sock = self._connect()
+        self._hello(sock)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(pipe, zmq.POLLIN)
+        now = time.monotonic()
+        last_recv = last_send = hello_at = now
+        welcomed = draining = False
+        backoff = 0.1
+        held: set[int] = set()
+        heartbeat = proto.encode("Heartbeat", {})
+        busy_heartbeat = proto.encode("Heartbeat", {"busy": True})
+        while True:
+            timeout = min(100, int(self.heartbeat_s * 500))
+            events = dict(poller.poll(timeout))
+            now = time.monotonic()
+            if pipe in events:
+                while True:
+                    try:
+                        frames = pipe.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    held.discard(int.from_bytes(frames[0].bytes, "little"))
+                    sock.send_multipart(frames[1:], copy=False)
+                    last_send = now
+            if sock in events:
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    last_recv = now
+                    action = self._on_message(frames, held, now)
+                    if action == "welcome":
+                        welcomed, backoff = True, 0.1
+                    elif action == "hello":
+                        welcomed = False
+                        self._hello(sock)
+                        hello_at = last_send = now
+                    elif action == "shutdown":
+                        self._stop.set()
+            if self._stop.is_set() and not draining:
+                draining = True
+                self.log.info("replica draining", held=len(held))
+                sock.send(proto.encode("Ready", {"credits": 0}))
+                last_send = now
+            if draining and not held:
+                sock.send(proto.encode("Goodbye", {"reason": "drained"}))
+                self.log.info("replica stopped", batches=self.batches)
+                return sock
+            if not welcomed and now - hello_at > max(backoff, 1.0):
+                # no welcome: the broker may be down; keep saying hello, backing off
+                self._hello(sock)
+                hello_at = last_send = now
+                backoff = min(backoff * 2, 5.0)
+            elif welcomed and now - last_recv > self.dead_after_s:
+                self.log.warning("broker silent, reconnecting", silent_s=round(now - last_recv, 2))
+                poller.unregister(sock)
+                sock.close(linger=0)
+                sock = self._connect()
+                poller.register(sock, zmq.POLLIN)
+                self._hello(sock)
+                welcomed = False
+                hello_at = last_send = last_recv = now
+            elif welcomed and now - last_send > self.heartbeat_s:
+                sock.send(busy_heartbeat if held else heartbeat)
+                last_send = now
+
+    def _on_message(self, frames: list[zmq.Frame], held: set[int], now: float) -> str:
+        try:
+            version, name, body = proto.decode(frames[0].buffer)
+        except proto.DecodeError as exc:
+            self.log.warning("undecodable message from broker", error=str(exc))
+            return ""
+        if name == "Welcome":
+            self.heartbeat_s = max(0.01, (body.HeartbeatMs() or 1000) / 1000)
+            self.dead_after_s = max(self.heartbeat_s * 2, (body.DeadAfterMs() or 5000) / 1000)
+            self.log.info("replica registered", broker=self.broker)
+            return "welcome"
+        if name == "PredictRequest":
+            batch_id = body.BatchId()
+            held.add(batch_id)
+            try:
+                inputs = self._inputs(body, frames[1:])
+            except Exception as exc:
+                self.log.warning("undecodable batch", batch=batch_id, error=errors.describe(exc))
+                self._tasks.put(_Task(batch_id, [], [], -1.0))  # the worker fails it whole
+                return ""
+            budgets = proto.numpy_vector(body, "BudgetsUs", np.dtype("<u4")).tolist()
+            self._tasks.put(_Task(batch_id, inputs, budgets, now))
+            return ""
+        if name == "Heartbeat":
+            return ""
+        if name == "Shutdown":
+            return "shutdown"
+        if name == "Error":
+            code, message = body.Code(), (body.Message() or b"").decode("utf-8", "replace")
+            if code == ErrorCode.UNSUPPORTED_VERSION:
+                raise errors.UnsupportedVersion(message)
+            if code == ErrorCode.BAD_MESSAGE and "hello" in message.lower():
+                self.log.info("broker asks for hello (restarted?)")
+                return "hello"
+            self.log.warning("error from broker", code=errors.code_name(code), message=message)
+            return ""
+        self.log.warning("unexpected message from broker", type=name)
+        return ""
+
+    def _inputs(self, body: Any, payloads: list[zmq.Frame]) -> list[Any]:
+        dtype = body.Dtype()
+        ndim = body.Ndim()
+        shapes = proto.numpy_vector(body, "Shapes", np.dtype("<i8")).tolist()
+        n = body.BudgetsUsLength()
+        if len(payloads) != n or len(shapes) != ndim * n:
+            raise errors.ProtocolError(f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries")
+        return [
+            proto.payload_to_value(dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer) for i in range(n)
+        ]
+
+    # ------------------------------------------------------------ worker thread
+
+    def _work(self) -> None:
+        pipe = self._ctx.socket(zmq.PAIR)
+        pipe.linger = 1000
+        pipe.connect(self._pipe_addr)
+        try:
+            while True:
+                task = self._tasks.get()
+                if task is None:
+                    return
+                frames = self._compute(task)
+                pipe.send_multipart([task.batch_id.to_bytes(8, "little"), *frames], copy=False)
+                self.batches += 1
+        finally:
+            pipe.close()
+
+    def _compute(self, task: _Task) -> list[Any]:
+        n = len(task.inputs)
+        if task.received < 0:  # an undecodable batch: fail it whole
+            return [proto.build_predict_reply(task.batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")]
+        waited_us = (time.monotonic() - task.received) * 1e6
+        live = [i for i in range(n) if task.budgets[i] > waited_us] if task.budgets else list(range(n))
+        results: list[Any] = [None] * n
+        t0 = time.perf_counter()
+        failure = ""
+        if live:
+            try:
+                outs = self.predict([task.inputs[i] for i in live])
+                outs = list(outs) if not isinstance(outs, list) else outs
+                if len(outs) != len(live):
+                    failure = f"ValueError: predict returned {len(outs)} outputs for {len(live)} inputs"
+                else:
+                    for i, out in zip(live, outs, strict=True):
+                        results[i] = out
+            except Exception as exc:
+                failure = errors.describe(exc)
+        compute_us = int((time.perf_counter() - t0) * 1e6)
+        if failure:
+            self.log.warning("predict failed", batch=task.batch_id, error=failure)
+            return [proto.build_predict_reply(task.batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
+        live_set = set(live)
+        metas, payloads = [], []
+        for i in range(n):
+            if i not in live_set:
+                metas.append((Status.ERROR, None, (), ErrorCode.DEADLINE, "deadline passed before compute"))
+                payloads.append(b"")
+                continue
+            try:
+                dtype, shape, payload = encode_output(results[i])
+            except (TypeError, ValueError) as exc:
+                metas.append((Status.ERROR, None, (), ErrorCode.MODEL_ERROR, errors.describe(exc)))
+                payloads.append(b"")
+                continue
+            metas.append((Status.OK, dtype, shape, 0, ""))
+            payloads.append(payload)
+        return [proto.build_predict_reply(task.batch_id, compute_us, metas), *payloads]
+
+
+def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> None:
+    """Run ``model`` as a replica until SIGTERM/SIGINT (or the broker's Shutdown)."""
+    replica = Replica(model, name=name, **kw)
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: replica.stop())
+    replica.run()
