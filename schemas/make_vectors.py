@@ -42,7 +42,7 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
             "priority": -3,
             "context": "user-42",
         },
-        ["good".encode(), "bad".encode(), "日本".encode()],
+        [b"good", b"bad", "日本".encode()],
     ),
     "reply_ok": (
         "Reply",
@@ -127,7 +127,13 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
     ),
     "hello_defaults": (
         "Hello",
-        {"model": "echo", "model_version": "1", "input": {"dtype": "BYTES"}, "sdk": "java/0.1.0", "replica_id": "r1"},
+        {
+            "model": "echo",
+            "model_version": "1",
+            "input": {"dtype": "BYTES"},
+            "sdk": "java/0.1.0",
+            "replica_id": "r1",
+        },
         [],
     ),
     "welcome": ("Welcome", {"heartbeat_ms": 1000, "dead_after_ms": 5000}, []),
@@ -168,10 +174,18 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
     "shutdown": ("Shutdown", {"reason": "broker stopping"}, []),
     "error": (
         "Error",
-        {"code": "UNSUPPORTED_VERSION", "message": "protocol version 9 is not supported (speaks 1)", "request_id": 3},
+        {
+            "code": "UNSUPPORTED_VERSION",
+            "message": "protocol version 9 is not supported (speaks 1)",
+            "request_id": 3,
+        },
         [],
     ),
-    "error_overloaded": ("Error", {"code": "OVERLOADED", "message": "too many outstanding queries", "retry_after_ms": 25}, []),
+    "error_overloaded": (
+        "Error",
+        {"code": "OVERLOADED", "message": "too many outstanding queries", "retry_after_ms": 25},
+        [],
+    ),
 }
 
 

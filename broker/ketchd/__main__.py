@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import click
-
 from ketch import _log
+
 from ketchd.broker import Broker
 from ketchd.config import BrokerConfig
 
@@ -34,23 +34,64 @@ def broker_options(f):
     defaults = BrokerConfig()
     for decorator in reversed(
         [
-            click.option("--frontend", envvar="KETCH_FRONTEND", default=defaults.frontend, show_default=True,
-                         help="Address clients connect to."),
-            click.option("--backend", envvar="KETCH_BACKEND", default=defaults.backend, show_default=True,
-                         help="Address model containers connect to."),
-            click.option("--admin", envvar="KETCH_ADMIN", default=defaults.admin, show_default=True,
-                         help="Address of the admin socket (keep it on loopback)."),
-            click.option("--state", "state_path", default=defaults.state_path, show_default=True,
-                         help="SQLite file for apps and models (':memory:' keeps nothing)."),
-            click.option("--heartbeat-ms", default=defaults.heartbeat_ms, show_default=True, type=click.IntRange(10)),
-            click.option("--dead-after-ms", default=defaults.dead_after_ms, show_default=True, type=click.IntRange(50)),
-            click.option("--max-batch", default=defaults.max_batch, show_default=True, type=click.IntRange(1),
-                         help="Largest batch sent to a replica unless a model sets less."),
-            click.option("--max-queue", default=defaults.max_queue, show_default=True, type=click.IntRange(1),
-                         help="Queries a model's queue holds before refusing with OVERLOADED."),
-            click.option("--max-message-mb", default=64, show_default=True, type=click.IntRange(1),
-                         help="Largest message taken on any socket."),
-            click.option("--ready-file", default=None, help="Write the bound endpoints here as JSON once listening."),
+            click.option(
+                "--frontend",
+                envvar="KETCH_FRONTEND",
+                default=defaults.frontend,
+                show_default=True,
+                help="Address clients connect to.",
+            ),
+            click.option(
+                "--backend",
+                envvar="KETCH_BACKEND",
+                default=defaults.backend,
+                show_default=True,
+                help="Address model containers connect to.",
+            ),
+            click.option(
+                "--admin",
+                envvar="KETCH_ADMIN",
+                default=defaults.admin,
+                show_default=True,
+                help="Address of the admin socket (keep it on loopback).",
+            ),
+            click.option(
+                "--state",
+                "state_path",
+                default=defaults.state_path,
+                show_default=True,
+                help="SQLite file for apps and models (':memory:' keeps nothing).",
+            ),
+            click.option(
+                "--heartbeat-ms", default=defaults.heartbeat_ms, show_default=True, type=click.IntRange(10)
+            ),
+            click.option(
+                "--dead-after-ms", default=defaults.dead_after_ms, show_default=True, type=click.IntRange(50)
+            ),
+            click.option(
+                "--max-batch",
+                default=defaults.max_batch,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Largest batch sent to a replica unless a model sets less.",
+            ),
+            click.option(
+                "--max-queue",
+                default=defaults.max_queue,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Queries a model's queue holds before refusing with OVERLOADED.",
+            ),
+            click.option(
+                "--max-message-mb",
+                default=64,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Largest message taken on any socket.",
+            ),
+            click.option(
+                "--ready-file", default=None, help="Write the bound endpoints here as JSON once listening."
+            ),
         ]
     ):
         f = decorator(f)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ketch import _errors as errors
 from ketch import _protocol as proto
+
 from ketchd.registry import App, Model, ReplicaState
 
 if TYPE_CHECKING:
@@ -211,7 +212,9 @@ class AdminOps:
         self.broker.mark_dirty(model)
         return self._model_doc(model)
 
-    def op_model_configure(self, name: str, max_batch: int | None = None, max_queue: int | None = None) -> dict[str, Any]:
+    def op_model_configure(
+        self, name: str, max_batch: int | None = None, max_queue: int | None = None
+    ) -> dict[str, Any]:
         model = self._model(name)
         if max_batch is not None:
             if int(max_batch) < 0:
@@ -238,7 +241,8 @@ class AdminOps:
         return {
             "apps": {name: {**a.figures(), "models": list(a.models)} for name, a in sorted(b.apps.items())},
             "models": {
-                name: {**m.figures(), "active_version": m.active_version} for name, m in sorted(b.models.items())
+                name: {**m.figures(), "active_version": m.active_version}
+                for name, m in sorted(b.models.items())
             },
             "counters": dict(b.counters),
         }

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import structlog
 import zmq
-
 from ketch import _errors as errors
 from ketch import _protocol as proto
 from ketch.wire.ErrorCode import ErrorCode
 from ketch.wire.Status import Status
+
 from ketchd.admin import AdminOps
 from ketchd.config import BrokerConfig
 from ketchd.registry import App, Batch, Model, Pending, Replica, ReplicaState, next_batch_id
@@ -122,7 +122,11 @@ class Broker:
         poller = zmq.Poller()
         for sock in (self.backend, self.frontend, self.admin):
             poller.register(sock, zmq.POLLIN)
-        handlers = {self.backend: self._on_backend, self.frontend: self._on_frontend, self.admin: self._on_admin}
+        handlers = {
+            self.backend: self._on_backend,
+            self.frontend: self._on_frontend,
+            self.admin: self._on_admin,
+        }
         try:
             while not (self._stopping and self.pending_count() == 0):
                 events = poller.poll(self._poll_timeout_ms())
@@ -168,7 +172,9 @@ class Broker:
 
     # ------------------------------------------------------------ frontend
 
-    def _client_error(self, client: bytes, code: int, message: str, request_id: int = 0, retry: int = 0) -> None:
+    def _client_error(
+        self, client: bytes, code: int, message: str, request_id: int = 0, retry: int = 0
+    ) -> None:
         self.counters[f"client_error_{errors.code_name(code).lower()}"] += 1
         header = proto.encode(
             "Error",
@@ -210,13 +216,20 @@ class Broker:
         def refuse(code: int, message: str, retry: int = 0) -> None:
             self.counters[f"refused_{errors.code_name(code).lower()}"] += 1
             for rid in ids:
-                self._reply(client, proto.ReplyFields(rid, Status.ERROR, error=code, message=message, retry_after_ms=retry), _EMPTY)
+                self._reply(
+                    client,
+                    proto.ReplyFields(rid, Status.ERROR, error=code, message=message, retry_after_ms=retry),
+                    _EMPTY,
+                )
 
         if self._stopping:
             refuse(ErrorCode.SHUTTING_DOWN, "the broker is shutting down", self.config.retry_after_ms)
             return
         if len(payloads) != len(ids):
-            refuse(ErrorCode.BAD_MESSAGE, f"query names {len(ids)} request ids but carries {len(payloads)} payload frames")
+            refuse(
+                ErrorCode.BAD_MESSAGE,
+                f"query names {len(ids)} request ids but carries {len(payloads)} payload frames",
+            )
             return
         app_name = (q.App() or b"").decode("utf-8", "replace")
         app = self.apps.get(app_name)
@@ -269,7 +282,9 @@ class Broker:
         if nbytes is not None:
             for i, frame in enumerate(payloads):
                 if len(frame) != nbytes:
-                    return f"item {i}: payload of {len(frame)} bytes, shape {_shape_text(shape)} needs {nbytes}"
+                    return (
+                        f"item {i}: payload of {len(frame)} bytes, shape {_shape_text(shape)} needs {nbytes}"
+                    )
         return ""
 
     def _answer_without_model(self, client: bytes, app: App, ids: list[int], now: float, why: str) -> None:
@@ -282,7 +297,9 @@ class Broker:
         app_name = (fb.App() or b"").decode("utf-8", "replace")
         app = self.apps.get(app_name)
         if app is None:
-            item = proto.ReplyFields(rid, Status.ERROR, error=ErrorCode.UNKNOWN_APP, message=f"no app named {app_name!r}")
+            item = proto.ReplyFields(
+                rid, Status.ERROR, error=ErrorCode.UNKNOWN_APP, message=f"no app named {app_name!r}"
+            )
         else:
             item = proto.ReplyFields(
                 rid,
@@ -315,7 +332,9 @@ class Broker:
         p.app.latency.add(ms)
         return ms
 
-    def _answer_output(self, p: Pending, replica: Replica, dtype: int, shape: tuple[int, ...], payload: Any) -> None:
+    def _answer_output(
+        self, p: Pending, replica: Replica, dtype: int, shape: tuple[int, ...], payload: Any
+    ) -> None:
         ms = self._finish(p)
         item = proto.ReplyFields(
             p.request_id,
@@ -332,7 +351,9 @@ class Broker:
     def _answer_error(self, p: Pending, code: int, message: str) -> None:
         ms = self._finish(p)
         p.app.errors += 1
-        item = proto.ReplyFields(p.request_id, Status.ERROR, error=code, message=message, latency_us=int(ms * 1000))
+        item = proto.ReplyFields(
+            p.request_id, Status.ERROR, error=code, message=message, latency_us=int(ms * 1000)
+        )
         self._reply(p.client, item, _EMPTY)
 
     def _answer_default(self, p: Pending, why: str, code: int = ErrorCode.DEADLINE) -> None:
@@ -366,7 +387,11 @@ class Broker:
                 why = f"deadline: model {p.model!r} did not answer within {slo:.0f} ms"
             elif model is None or not any(model.live_replicas()):
                 version = model.active_version if model else None
-                why = f"no replica: model {p.model!r}" + (f" version {version!r}" if version else "") + " has no live replica"
+                why = (
+                    f"no replica: model {p.model!r}"
+                    + (f" version {version!r}" if version else "")
+                    + " has no live replica"
+                )
             else:
                 why = f"deadline: query waited {slo:.0f} ms in the queue of model {p.model!r}"
             self.counters["deadline_defaults"] += 1
@@ -473,7 +498,9 @@ class Broker:
             self._backend_error(identity, ErrorCode.BAD_MESSAGE, "hello needs model, model_version and input")
             return
         if tensor.Dtype() not in proto.DTYPE_NAMES:
-            self._backend_error(identity, ErrorCode.BAD_MESSAGE, f"hello names unknown dtype {tensor.Dtype()}")
+            self._backend_error(
+                identity, ErrorCode.BAD_MESSAGE, f"hello names unknown dtype {tensor.Dtype()}"
+            )
             return
         old = self.replicas.get(identity)
         if old is not None:
@@ -515,7 +542,14 @@ class Broker:
         replica.move(ReplicaState.READY)
         replica.refresh_state()
         self._dirty.add(model)
-        log.info("replica joined", model=name, version=version, replica=replica_id, sdk=replica.sdk, pid=replica.pid)
+        log.info(
+            "replica joined",
+            model=name,
+            version=version,
+            replica=replica_id,
+            sdk=replica.sdk,
+            pid=replica.pid,
+        )
 
     def _on_predict_reply(self, replica: Replica, r: Any, payloads: list[zmq.Frame], now: float) -> None:
         batch_id = r.BatchId()
@@ -552,7 +586,9 @@ class Broker:
             if out.Status() == Status.OK:
                 tensor = out.Output()
                 if tensor is None:
-                    self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i} has no type")
+                    self._answer_error(
+                        p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i} has no type"
+                    )
                     continue
                 shape = tuple(proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist())
                 self._answer_output(p, replica, tensor.Dtype(), shape, payloads[i])
@@ -585,9 +621,18 @@ class Broker:
                     requeued += 1
                 else:
                     failed += 1
-                    self._answer_default(p, f"replica {replica.replica_id} of model {replica.model!r} died: {reason}")
+                    self._answer_default(
+                        p, f"replica {replica.replica_id} of model {replica.model!r} died: {reason}"
+                    )
         replica.inflight.clear()
-        log.info("replica left", model=replica.model, replica=replica.replica_id, reason=reason, requeued=requeued, failed=failed)
+        log.info(
+            "replica left",
+            model=replica.model,
+            replica=replica.replica_id,
+            reason=reason,
+            requeued=requeued,
+            failed=failed,
+        )
 
     def _housekeeping(self, now: float) -> None:
         cfg = self.config

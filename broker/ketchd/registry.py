@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-
 from ketch import _protocol as proto
+
 from ketchd.queue import ModelQueue
 from ketchd.stats import LatencyWindow
 
@@ -192,7 +192,9 @@ class Model:
 
     def live_replicas(self, version: str | None = None) -> Iterable[Replica]:
         version = self.active_version if version is None else version
-        return (r for r in self.replicas.values() if r.version == version and r.state is not ReplicaState.DEAD)
+        return (
+            r for r in self.replicas.values() if r.version == version and r.state is not ReplicaState.DEAD
+        )
 
     def set_version(self, version: str) -> None:
         if version == self.active_version:

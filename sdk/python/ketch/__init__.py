@@ -6,7 +6,7 @@ Clients: ``Client``, ``AsyncClient``; control: ``Admin``; the model side: ``serv
 
 __version__ = "0.1.0"
 
-from ketch._errors import (  # noqa: E402
+from ketch._errors import (
     BadInput,
     Conflict,
     DeadlineExceeded,
@@ -23,10 +23,10 @@ from ketch._errors import (  # noqa: E402
     Unavailable,
     UnknownApp,
 )
-from ketch.admin import Admin  # noqa: E402
-from ketch.client import AsyncClient, Client, Prediction  # noqa: E402
-from ketch.models import NumpyModel, SklearnModel, numpy_model  # noqa: E402
-from ketch.runtime import Replica, serve  # noqa: E402
+from ketch.admin import Admin
+from ketch.client import AsyncClient, Client, Prediction
+from ketch.models import NumpyModel, SklearnModel, numpy_model
+from ketch.runtime import Replica, serve
 
 __all__ = [
     "Admin",
@@ -52,6 +52,6 @@ __all__ = [
     "Unavailable",
     "UnknownApp",
     "__version__",
-    "serve",
     "numpy_model",
+    "serve",
 ]

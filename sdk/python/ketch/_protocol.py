@@ -320,14 +320,18 @@ def dtype_code(name: str) -> int:
     try:
         return DTYPE_CODES[name.upper()]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; one of {', '.join(d.lower() for d in DTYPE_CODES)}") from None
+        raise ValueError(
+            f"unknown dtype {name!r}; one of {', '.join(d.lower() for d in DTYPE_CODES)}"
+        ) from None
 
 
 def dtype_name(code: int) -> str:
     return DTYPE_NAMES.get(code, str(code)).lower()
 
 
-def value_to_payload(value: Any, dtype: int, shape: Sequence[int] | None = None) -> tuple[tuple[int, ...], bytes | memoryview]:
+def value_to_payload(
+    value: Any, dtype: int, shape: Sequence[int] | None = None
+) -> tuple[tuple[int, ...], bytes | memoryview]:
     """Encode one input or output as (shape, payload) for a wire dtype."""
     if dtype == JSON:
         return (), json.dumps(value, separators=(",", ":")).encode("utf-8")
@@ -347,7 +351,7 @@ def value_to_payload(value: Any, dtype: int, shape: Sequence[int] | None = None)
         if arr.dtype.kind in "OUSV" or (arr.dtype.kind == "f" and want.kind in "iub"):
             raise TypeError(f"input of dtype {arr.dtype} cannot be sent as {dtype_name(dtype)}")
         arr = arr.astype(want)
-    arr = np.ascontiguousarray(arr)
+    arr = arr.astype(want, order="C", copy=False)
     if shape is not None and tuple(shape) != arr.shape and not _shape_matches(shape, arr.shape):
         raise ValueError(f"input shape {arr.shape} does not match {tuple(shape)}")
     return arr.shape, memoryview(arr).cast("B")
@@ -519,8 +523,16 @@ def build_reply(items: Sequence[ReplyFields]) -> bytes:
         msg_off = s(it.message)
         model_off = s(it.model)
         ver_off = s(it.model_version)
-        ans_off = _string_vector(b, it.models_answered, strings, _RI.StartModelsAnsweredVector) if it.models_answered else None
-        mis_off = _string_vector(b, it.models_missing, strings, _RI.StartModelsMissingVector) if it.models_missing else None
+        ans_off = (
+            _string_vector(b, it.models_answered, strings, _RI.StartModelsAnsweredVector)
+            if it.models_answered
+            else None
+        )
+        mis_off = (
+            _string_vector(b, it.models_missing, strings, _RI.StartModelsMissingVector)
+            if it.models_missing
+            else None
+        )
         _RI.Start(b)
         if it.request_id:
             _RI.AddRequestId(b, it.request_id)

@@ -17,7 +17,9 @@ DEFAULT_ADMIN = "tcp://127.0.0.1:7002"
 class Admin:
     """Create and inspect apps, models and replicas. ``Admin(address)``; default ``$KETCH_ADMIN``."""
 
-    def __init__(self, address: str | None = None, *, timeout_ms: float = 5000, context: zmq.Context | None = None):
+    def __init__(
+        self, address: str | None = None, *, timeout_ms: float = 5000, context: zmq.Context | None = None
+    ):
         self.address = address or os.environ.get("KETCH_ADMIN") or DEFAULT_ADMIN
         self.timeout_ms = timeout_ms
         self._ctx = context or zmq.Context.instance()
@@ -58,7 +60,9 @@ class Admin:
         if reply.get("ok"):
             return reply.get("result")
         err = reply.get("error") or {}
-        raise errors.raise_for(errors.code_of_name(err.get("code", "INTERNAL")), err.get("message", "admin op failed"))
+        raise errors.raise_for(
+            errors.code_of_name(err.get("code", "INTERNAL")), err.get("message", "admin op failed")
+        )
 
     # convenience wrappers, one per op
     def ping(self) -> dict[str, Any]:
@@ -114,7 +118,9 @@ class Admin:
     def rollback(self, name: str) -> dict[str, Any]:
         return self.call("model.rollback", name=name)
 
-    def configure_model(self, name: str, *, max_batch: int | None = None, max_queue: int | None = None) -> dict[str, Any]:
+    def configure_model(
+        self, name: str, *, max_batch: int | None = None, max_queue: int | None = None
+    ) -> dict[str, Any]:
         return self.call("model.configure", name=name, max_batch=max_batch, max_queue=max_queue)
 
     def replicas(self, model: str | None = None) -> list[dict[str, Any]]:

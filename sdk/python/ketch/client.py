@@ -11,6 +11,7 @@ thread (or one ``AsyncClient`` per event loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
@@ -60,23 +61,24 @@ def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...]
     if isinstance(x, bytes | bytearray | memoryview):
         return proto.BYTES, (), bytes(x)
     if isinstance(x, np.ndarray | np.generic):
-        arr = np.ascontiguousarray(x)
+        arr = np.asarray(x)
         code = _NUMPY_TO_WIRE.get(arr.dtype.newbyteorder("="))
         if code is None:
             raise TypeError(f"numpy dtype {arr.dtype} has no wire dtype; convert it first")
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        return code, arr.shape, memoryview(arr).cast("B") if arr.size else b""
+        arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)
+        return code, arr.shape, arr.tobytes() if arr.ndim == 0 or not arr.size else memoryview(arr).cast("B")
     if isinstance(x, list | tuple | int | float):
         arr = np.asarray(x, dtype=np.float64)
         return proto.FLOAT64, arr.shape, arr.tobytes()
     raise TypeError(f"cannot send a {type(x).__name__}: use a numpy array, a list of numbers, str or bytes")
 
 
-def _parse(frames: list[bytes], sent_at: dict[int, float] | None = None) -> list[tuple[int, Prediction | errors.RequestError]]:
+def _parse(
+    frames: list[bytes], sent_at: dict[int, float] | None = None
+) -> list[tuple[int, Prediction | errors.RequestError]]:
     """Decode a frontend message into (request id, answer) pairs; raises for an Error message."""
     now = time.perf_counter()
-    version, name, body = proto.decode(frames[0])
+    _, name, body = proto.decode(frames[0])
     if name == "Error":
         code = body.Code()
         raise errors.raise_for(
@@ -96,7 +98,12 @@ def _parse(frames: list[bytes], sent_at: dict[int, float] | None = None) -> list
         message = (item.Message() or b"").decode("utf-8", "replace")
         if status == Status.ERROR:
             out.append(
-                (rid, errors.raise_for(item.Error(), message, request_id=rid, retry_after_ms=item.RetryAfterMs()))
+                (
+                    rid,
+                    errors.raise_for(
+                        item.Error(), message, request_id=rid, retry_after_ms=item.RetryAfterMs()
+                    ),
+                )
             )
             continue
         tensor = item.Output()
@@ -136,7 +143,9 @@ def _wait_s(timeout_ms: float | None) -> float:
     return _WAIT_NO_TIMEOUT_S if timeout_ms is None else timeout_ms / 1000 + _GRACE_S
 
 
-def _chunks(xs: Sequence[Any], dtype: str | None, size: int) -> Iterable[tuple[int, tuple[int, ...], list[Any], range]]:
+def _chunks(
+    xs: Sequence[Any], dtype: str | None, size: int
+) -> Iterable[tuple[int, tuple[int, ...], list[Any], range]]:
     """Group consecutive inputs of one dtype and shape into Query-sized chunks."""
     start = 0
     current: tuple[int, tuple[int, ...]] | None = None
@@ -158,13 +167,29 @@ class _Base:
         # ids start at a random point so a restarted client does not reuse recent ones
         self._ids = itertools.count(int.from_bytes(os.urandom(3), "little") << 20 | 1)
 
-    def _query(self, app: str, code: int, shape: Sequence[int], ids: Sequence[int], timeout_ms: float | None,
-               priority: int, context: str) -> bytes:
+    def _query(
+        self,
+        app: str,
+        code: int,
+        shape: Sequence[int],
+        ids: Sequence[int],
+        timeout_ms: float | None,
+        priority: int,
+        context: str,
+    ) -> bytes:
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
         return proto.build_query(app, code, shape, ids, timeout_us, priority, context)
 
-    def _feedback(self, app: str, label: Any, rid: int, query_id: int | None, x: Any, context: str,
-                  label_dtype: str | None) -> list[Any]:
+    def _feedback(
+        self,
+        app: str,
+        label: Any,
+        rid: int,
+        query_id: int | None,
+        x: Any,
+        context: str,
+        label_dtype: str | None,
+    ) -> list[Any]:
         if (query_id is None) == (x is None):
             raise ValueError("name the query by query_id or by its input x (one of them)")
         l_code, l_shape, l_payload = encode_input(label, label_dtype)
@@ -213,7 +238,9 @@ class Client(_Base):
                 if deadline - time.perf_counter() <= 0:
                     for rid in want:
                         self._sent_at.pop(rid, None)
-                    raise errors.Timeout(f"no answer from the broker at {self.address} in time for {len(want)} queries")
+                    raise errors.Timeout(
+                        f"no answer from the broker at {self.address} in time for {len(want)} queries"
+                    )
                 continue
             frames = self._sock.recv_multipart()
             for rid, answer in _parse(frames, self._sent_at):
@@ -315,7 +342,9 @@ class Client(_Base):
     ) -> None:
         """Tell ``app`` the true label of an earlier query (by ``query_id`` or input ``x``)."""
         rid = next(self._ids)
-        self._sock.send_multipart(self._feedback(app, label, rid, query_id, x, context, label_dtype), copy=False)
+        self._sock.send_multipart(
+            self._feedback(app, label, rid, query_id, x, context, label_dtype), copy=False
+        )
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + timeout_ms / 1000, results)
         if isinstance(results[rid], Exception):
@@ -338,10 +367,8 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
             self._reader = None
         if not self._sock.closed:
             self._sock.close(linger=0)
@@ -409,7 +436,9 @@ class AsyncClient(_Base):
         self._ensure_reader()
         code, shape, payload = encode_input(x, dtype)
         ids = self._register(1)
-        await self._sock.send_multipart([self._query(app, code, shape, ids, timeout_ms, priority, context), payload])
+        await self._sock.send_multipart(
+            [self._query(app, code, shape, ids, timeout_ms, priority, context), payload]
+        )
         return (await self._await(ids, timeout_ms, False))[0]
 
     async def predict_many(

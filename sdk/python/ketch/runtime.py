@@ -68,7 +68,7 @@ def encode_output(value: Any) -> tuple[int, tuple[int, ...], Any]:
         arr = np.asarray(value)
         code = _WIRE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
         if code is not None:
-            arr = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False))
+            arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)  # keeps 0-d as 0-d
             return code, arr.shape, arr.tobytes()
         value = arr.tolist()
     return proto.JSON, (), json.dumps(value, default=_json_default, separators=(",", ":")).encode("utf-8")
@@ -251,7 +251,7 @@ class Replica:
 
     def _on_message(self, frames: list[zmq.Frame], held: set[int], now: float) -> str:
         try:
-            version, name, body = proto.decode(frames[0].buffer)
+            _, name, body = proto.decode(frames[0].buffer)
         except proto.DecodeError as exc:
             self.log.warning("undecodable message from broker", error=str(exc))
             return ""
@@ -294,9 +294,12 @@ class Replica:
         shapes = proto.numpy_vector(body, "Shapes", np.dtype("<i8")).tolist()
         n = body.BudgetsUsLength()
         if len(payloads) != n or len(shapes) != ndim * n:
-            raise errors.ProtocolError(f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries")
+            raise errors.ProtocolError(
+                f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries"
+            )
         return [
-            proto.payload_to_value(dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer) for i in range(n)
+            proto.payload_to_value(dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer)
+            for i in range(n)
         ]
 
     # ------------------------------------------------------------ worker thread
@@ -319,7 +322,9 @@ class Replica:
     def _compute(self, task: _Task) -> list[Any]:
         n = len(task.inputs)
         if task.received < 0:  # an undecodable batch: fail it whole
-            return [proto.build_predict_reply(task.batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")]
+            return [
+                proto.build_predict_reply(task.batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")
+            ]
         waited_us = (time.monotonic() - task.received) * 1e6
         live = [i for i in range(n) if task.budgets[i] > waited_us] if task.budgets else list(range(n))
         results: list[Any] = [None] * n

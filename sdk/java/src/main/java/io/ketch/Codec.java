@@ -1,0 +1,332 @@
+package io.ketch;
+
+import com.google.flatbuffers.FlatBufferBuilder;
+import com.google.flatbuffers.Table;
+import com.google.gson.JsonObject;
+import java.nio.ByteBuffer;
+import java.util.List;
+import java.util.Objects;
+import ketch.wire.Envelope;
+
+/**
+ * Codec of the Ketch wire protocol (schemas/ketch.fbs, docs/protocol.md).
+ *
+ * <p>A message is {@code [header][payload...]}: the header is one flatbuffer whose root is an
+ * {@code Envelope} (file identifier "KTCH") holding a protocol version and one body; payloads
+ * are raw frames. {@link #decode} reads a header; the static builders write the messages a
+ * container sends (and the ones tests play the broker with); {@link #toJson} and
+ * {@link #fromJson} convert any of the twelve bodies to and from the canonical JSON form of
+ * the golden vectors in {@code schemas/vectors/}.
+ *
+ * <p>Fields are written in schema order, skipping absent strings and vectors and scalars equal
+ * to their default, as the Python reference encoder does, so both produce the same bytes.
+ */
+public final class Codec {
+    /** The protocol version this SDK speaks. */
+    public static final int PROTOCOL_VERSION = 1;
+    /** The flatbuffers file identifier of every header. */
+    public static final String IDENTIFIER = "KTCH";
+
+    private Codec() {}
+
+    /** A decoded header: protocol version, body type and the generated accessor of the body. */
+    public record Message(int version, MessageType type, Table body) {
+        /** The body as its generated class, e.g. {@code message.body(ketch.wire.Hello.class)}. */
+        public <T extends Table> T body(Class<T> cls) {
+            if (!cls.isInstance(body)) {
+                throw new ProtocolException(ErrorCode.UNKNOWN_MESSAGE,
+                        "expected " + cls.getSimpleName() + ", got " + type.wireName());
+            }
+            return cls.cast(body);
+        }
+    }
+
+    // ---------------------------------------------------------------- decoding
+
+    /**
+     * Parses a header frame. Field access on the returned body is lazy: flatbuffers-java has
+     * no verifier, so a corrupt buffer may still throw a RuntimeException when a field is read.
+     *
+     * @throws ProtocolException when the frame is not a Ketch envelope or its body type is unknown
+     */
+    public static Message decode(byte[] frame) {
+        return decode(ByteBuffer.wrap(frame));
+    }
+
+    /** Parses a header frame held in {@code frame}'s remaining bytes. */
+    public static Message decode(ByteBuffer frame) {
+        ByteBuffer bb = frame.slice();
+        if (bb.remaining() < 12 || !Envelope.EnvelopeBufferHasIdentifier(bb)) {
+            throw new ProtocolException("header is not a Ketch envelope (missing KTCH identifier)");
+        }
+        try {
+            Envelope env = Envelope.getRootAsEnvelope(bb);
+            int version = env.version();
+            int code = env.bodyType() & 0xFF;
+            MessageType type = MessageType.fromCode(code);
+            if (type == null) {
+                throw new ProtocolException(ErrorCode.UNKNOWN_MESSAGE, "unknown message type " + code);
+            }
+            Table body = env.body(newBody(type));
+            if (body == null) {
+                throw new ProtocolException(type.wireName() + " without a body");
+            }
+            return new Message(version, type, body);
+        } catch (ProtocolException e) {
+            throw e;
+        } catch (RuntimeException e) {
+            throw new ProtocolException("header does not decode: " + e, e);
+        }
+    }
+
+    static Table newBody(MessageType type) {
+        return switch (type) {
+            case QUERY -> new ketch.wire.Query();
+            case REPLY -> new ketch.wire.Reply();
+            case FEEDBACK -> new ketch.wire.Feedback();
+            case HELLO -> new ketch.wire.Hello();
+            case WELCOME -> new ketch.wire.Welcome();
+            case READY -> new ketch.wire.Ready();
+            case HEARTBEAT -> new ketch.wire.Heartbeat();
+            case PREDICT_REQUEST -> new ketch.wire.PredictRequest();
+            case PREDICT_REPLY -> new ketch.wire.PredictReply();
+            case GOODBYE -> new ketch.wire.Goodbye();
+            case SHUTDOWN -> new ketch.wire.Shutdown();
+            case ERROR -> new ketch.wire.Error();
+        };
+    }
+
+    /** A string field as the protocol reads it: absent is empty. */
+    public static String str(String s) {
+        return s == null ? "" : s;
+    }
+
+    // ---------------------------------------------------------------- JSON form
+
+    /** A header frame as {@code {"type", "version", "body"}}, the canonical form of the JSON twins. */
+    public static JsonObject toJson(byte[] frame) {
+        return JsonForm.toJson(decode(frame));
+    }
+
+    /** Inverse of {@link #toJson}: the header frame for {@code {"type", "version"?, "body"?}}. */
+    public static byte[] fromJson(JsonObject message) {
+        return JsonForm.fromJson(message);
+    }
+
+    // ---------------------------------------------------------------- builders
+
+    /** Wraps a finished body table in the Envelope and returns the header bytes. */
+    static byte[] finish(FlatBufferBuilder b, MessageType type, int body, int version) {
+        Envelope.startEnvelope(b);
+        Envelope.addVersion(b, version);
+        Envelope.addBodyType(b, type.code());
+        Envelope.addBody(b, body);
+        Envelope.finishEnvelopeBuffer(b, Envelope.endEnvelope(b));
+        return b.sizedByteArray();
+    }
+
+    static byte[] finish(FlatBufferBuilder b, MessageType type, int body) {
+        return finish(b, type, body, PROTOCOL_VERSION);
+    }
+
+    static int tensor(FlatBufferBuilder b, DType dtype, long[] shape) {
+        int shapeOff = shape != null && shape.length > 0 ? ketch.wire.Tensor.createShapeVector(b, shape) : 0;
+        ketch.wire.Tensor.startTensor(b);
+        ketch.wire.Tensor.addDtype(b, dtype.code());
+        if (shapeOff != 0) {
+            ketch.wire.Tensor.addShape(b, shapeOff);
+        }
+        return ketch.wire.Tensor.endTensor(b);
+    }
+
+    static int string(FlatBufferBuilder b, String s) {
+        return s == null || s.isEmpty() ? 0 : b.createString(s);
+    }
+
+    /** Hello: the first message of a container ({@code shape}: -1 is any size). */
+    public static byte[] hello(String model, String modelVersion, DType dtype, long[] shape, String sdk,
+                               String replicaId, long credits, long maxBatch, boolean deterministic, long pid) {
+        FlatBufferBuilder b = new FlatBufferBuilder(256);
+        int modelOff = string(b, model);
+        int versionOff = string(b, modelVersion);
+        int inputOff = tensor(b, dtype, shape);
+        int sdkOff = string(b, sdk);
+        int replicaOff = string(b, replicaId);
+        ketch.wire.Hello.startHello(b);
+        if (modelOff != 0) {
+            ketch.wire.Hello.addModel(b, modelOff);
+        }
+        if (versionOff != 0) {
+            ketch.wire.Hello.addModelVersion(b, versionOff);
+        }
+        ketch.wire.Hello.addInput(b, inputOff);
+        if (sdkOff != 0) {
+            ketch.wire.Hello.addSdk(b, sdkOff);
+        }
+        if (replicaOff != 0) {
+            ketch.wire.Hello.addReplicaId(b, replicaOff);
+        }
+        ketch.wire.Hello.addCredits(b, credits);
+        ketch.wire.Hello.addMaxBatch(b, maxBatch);
+        ketch.wire.Hello.addDeterministic(b, deterministic);
+        ketch.wire.Hello.addPid(b, pid);
+        return finish(b, MessageType.HELLO, ketch.wire.Hello.endHello(b));
+    }
+
+    /** Welcome: the broker accepts a Hello. */
+    public static byte[] welcome(long heartbeatMs, long deadAfterMs) {
+        FlatBufferBuilder b = new FlatBufferBuilder(64);
+        ketch.wire.Welcome.startWelcome(b);
+        ketch.wire.Welcome.addHeartbeatMs(b, heartbeatMs);
+        ketch.wire.Welcome.addDeadAfterMs(b, deadAfterMs);
+        return finish(b, MessageType.WELCOME, ketch.wire.Welcome.endWelcome(b));
+    }
+
+    /** Ready: the container can hold {@code credits} batches (0 pauses dispatch). */
+    public static byte[] ready(long credits) {
+        FlatBufferBuilder b = new FlatBufferBuilder(64);
+        ketch.wire.Ready.startReady(b);
+        ketch.wire.Ready.addCredits(b, credits);
+        return finish(b, MessageType.READY, ketch.wire.Ready.endReady(b));
+    }
+
+    /** Heartbeat; {@code busy} while a batch computes. */
+    public static byte[] heartbeat(boolean busy) {
+        FlatBufferBuilder b = new FlatBufferBuilder(64);
+        ketch.wire.Heartbeat.startHeartbeat(b);
+        ketch.wire.Heartbeat.addBusy(b, busy);
+        return finish(b, MessageType.HEARTBEAT, ketch.wire.Heartbeat.endHeartbeat(b));
+    }
+
+    /** Goodbye: the container leaves. */
+    public static byte[] goodbye(String reason) {
+        FlatBufferBuilder b = new FlatBufferBuilder(64);
+        int reasonOff = string(b, reason);
+        ketch.wire.Goodbye.startGoodbye(b);
+        if (reasonOff != 0) {
+            ketch.wire.Goodbye.addReason(b, reasonOff);
+        }
+        return finish(b, MessageType.GOODBYE, ketch.wire.Goodbye.endGoodbye(b));
+    }
+
+    /** Shutdown: the broker asks a container to drain and leave. */
+    public static byte[] shutdown(String reason) {
+        FlatBufferBuilder b = new FlatBufferBuilder(64);
+        int reasonOff = string(b, reason);
+        ketch.wire.Shutdown.startShutdown(b);
+        if (reasonOff != 0) {
+            ketch.wire.Shutdown.addReason(b, reasonOff);
+        }
+        return finish(b, MessageType.SHUTDOWN, ketch.wire.Shutdown.endShutdown(b));
+    }
+
+    /** Error: a message-level error. */
+    public static byte[] error(ErrorCode code, String message, long requestId, long retryAfterMs) {
+        return error(code, message, requestId, retryAfterMs, PROTOCOL_VERSION);
+    }
+
+    static byte[] error(ErrorCode code, String message, long requestId, long retryAfterMs, int version) {
+        FlatBufferBuilder b = new FlatBufferBuilder(128);
+        int messageOff = string(b, message);
+        ketch.wire.Error.startError(b);
+        ketch.wire.Error.addCode(b, code.code());
+        if (messageOff != 0) {
+            ketch.wire.Error.addMessage(b, messageOff);
+        }
+        ketch.wire.Error.addRequestId(b, requestId);
+        ketch.wire.Error.addRetryAfterMs(b, retryAfterMs);
+        return finish(b, MessageType.ERROR, ketch.wire.Error.endError(b), version);
+    }
+
+    /**
+     * PredictRequest: a batch for a container. {@code shapes} holds {@code ndim} entries per
+     * item; the batch has {@code budgetsUs.length} items.
+     */
+    public static byte[] predictRequest(long batchId, String model, String modelVersion, DType dtype, int ndim,
+                                        long[] shapes, long[] budgetsUs) {
+        FlatBufferBuilder b = new FlatBufferBuilder(256);
+        int modelOff = string(b, model);
+        int versionOff = string(b, modelVersion);
+        int shapesOff = shapes.length > 0 ? ketch.wire.PredictRequest.createShapesVector(b, shapes) : 0;
+        int budgetsOff = budgetsUs.length > 0 ? ketch.wire.PredictRequest.createBudgetsUsVector(b, budgetsUs) : 0;
+        ketch.wire.PredictRequest.startPredictRequest(b);
+        ketch.wire.PredictRequest.addBatchId(b, batchId);
+        if (modelOff != 0) {
+            ketch.wire.PredictRequest.addModel(b, modelOff);
+        }
+        if (versionOff != 0) {
+            ketch.wire.PredictRequest.addModelVersion(b, versionOff);
+        }
+        ketch.wire.PredictRequest.addDtype(b, dtype.code());
+        ketch.wire.PredictRequest.addNdim(b, ndim);
+        if (shapesOff != 0) {
+            ketch.wire.PredictRequest.addShapes(b, shapesOff);
+        }
+        if (budgetsOff != 0) {
+            ketch.wire.PredictRequest.addBudgetsUs(b, budgetsOff);
+        }
+        return finish(b, MessageType.PREDICT_REQUEST, ketch.wire.PredictRequest.endPredictRequest(b));
+    }
+
+    /** One Output of a PredictReply: OK with the tensor type of its payload, or ERROR with a code. */
+    public record OutputItem(Status status, DType dtype, long[] shape, ErrorCode error, String message) {
+        public OutputItem {
+            Objects.requireNonNull(status, "status");
+            Objects.requireNonNull(error, "error");
+        }
+
+        /** An OK output typing a payload. */
+        public static OutputItem ok(DType dtype, long[] shape) {
+            return new OutputItem(Status.OK, Objects.requireNonNull(dtype, "dtype"), shape, ErrorCode.NONE, "");
+        }
+
+        /** An ERROR output (its payload frame is empty). */
+        public static OutputItem error(ErrorCode code, String message) {
+            return new OutputItem(Status.ERROR, null, null, code, message);
+        }
+    }
+
+    /**
+     * PredictReply: one {@link OutputItem} per input, or {@code outputs} empty with {@code error}
+     * and {@code message} for a whole-batch failure.
+     */
+    public static byte[] predictReply(long batchId, long computeUs, List<OutputItem> outputs, ErrorCode error,
+                                      String message) {
+        FlatBufferBuilder b = new FlatBufferBuilder(128 + 64 * outputs.size());
+        int outputsOff = 0;
+        if (!outputs.isEmpty()) {
+            int[] offs = new int[outputs.size()];
+            for (int i = 0; i < offs.length; i++) {
+                offs[i] = output(b, outputs.get(i));
+            }
+            outputsOff = ketch.wire.PredictReply.createOutputsVector(b, offs);
+        }
+        int messageOff = string(b, message);
+        ketch.wire.PredictReply.startPredictReply(b);
+        ketch.wire.PredictReply.addBatchId(b, batchId);
+        ketch.wire.PredictReply.addComputeUs(b, computeUs);
+        if (outputsOff != 0) {
+            ketch.wire.PredictReply.addOutputs(b, outputsOff);
+        }
+        ketch.wire.PredictReply.addError(b, error.code());
+        if (messageOff != 0) {
+            ketch.wire.PredictReply.addMessage(b, messageOff);
+        }
+        return finish(b, MessageType.PREDICT_REPLY, ketch.wire.PredictReply.endPredictReply(b));
+    }
+
+    private static int output(FlatBufferBuilder b, OutputItem item) {
+        int tensorOff = item.dtype() != null ? tensor(b, item.dtype(), item.shape()) : 0;
+        int messageOff = string(b, item.message());
+        ketch.wire.Output.startOutput(b);
+        ketch.wire.Output.addStatus(b, item.status().code());
+        if (tensorOff != 0) {
+            ketch.wire.Output.addOutput(b, tensorOff);
+        }
+        ketch.wire.Output.addError(b, item.error().code());
+        if (messageOff != 0) {
+            ketch.wire.Output.addMessage(b, messageOff);
+        }
+        return ketch.wire.Output.endOutput(b);
+    }
+}

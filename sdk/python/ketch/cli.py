@@ -1,0 +1,550 @@
+"""``ketch``: run and operate a Ketch broker from the shell.
+
+Addresses come from options or ``KETCH_FRONTEND``, ``KETCH_BACKEND``, ``KETCH_ADMIN``.
+Exit codes: 0 success, 1 the broker refused (the message says why), 2 usage error,
+3 the broker cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import wraps
+from typing import Any
+
+import click
+
+from ketch import _errors as errors
+from ketch import _log
+from ketch.admin import DEFAULT_ADMIN, Admin
+from ketch.client import DEFAULT_FRONTEND, Client
+from ketch.runtime import DEFAULT_BACKEND
+
+EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 3
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn Ketch errors into a message and an exit code instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except errors.Unavailable as exc:
+            _fail(f"{exc}\n  is the broker running? start one with: ketch broker start", EXIT_UNAVAILABLE)
+        except errors.Timeout as exc:
+            _fail(str(exc), EXIT_UNAVAILABLE)
+        except errors.RequestError as exc:
+            _fail(f"{exc.code_name}: {exc.message}", EXIT_REFUSED)
+        except (ValueError, TypeError) as exc:
+            raise click.UsageError(str(exc)) from None
+
+    return wrapper
+
+
+def _admin(ctx: click.Context) -> Admin:
+    return Admin(ctx.obj["admin"])
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if n == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def _shape(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: a shape is sizes separated by commas, -1 for any (e.g. 4 or -1,28,28)"
+        ) from None
+
+
+def _json_value(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} must be JSON ({exc}); quote strings: '\"text\"'") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--admin", envvar="KETCH_ADMIN", default=DEFAULT_ADMIN, show_default=True, help="Broker admin address."
+)
+@click.option(
+    "--frontend",
+    envvar="KETCH_FRONTEND",
+    default=DEFAULT_FRONTEND,
+    show_default=True,
+    help="Broker frontend address (queries).",
+)
+@click.version_option(package_name="ketch")
+@click.pass_context
+def main(ctx: click.Context, admin: str, frontend: str) -> None:
+    """Ketch: low-latency prediction serving."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(admin=admin, frontend=frontend)
+
+
+# ---------------------------------------------------------------- broker
+
+
+@main.group()
+def broker() -> None:
+    """Start, stop and check the broker."""
+
+
+def _broker_start_command() -> click.Command:
+    from ketchd.__main__ import broker_options, config_from_options, run_broker
+
+    @broker.command("start")
+    @broker_options
+    def start(**kw: Any) -> None:
+        """Run the broker in the foreground (Ctrl-C or SIGTERM drains and stops it)."""
+        config, ready_file = config_from_options(**kw)
+        run_broker(config, ready_file)
+
+    return start
+
+
+_broker_start_command()
+
+
+@broker.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@handles_errors
+def broker_status(ctx: click.Context, as_json: bool) -> None:
+    """Exit 0 when the broker answers; 3 with a message when it does not."""
+    with _admin(ctx) as admin:
+        status = admin.status()
+    if as_json:
+        _print_json(status)
+        return
+    click.echo(
+        f"broker up {status['uptime_s']:.0f} s, pid {status['pid']}: {status['apps']} apps, "
+        f"{status['models']} models, {status['replicas']} replicas, {status['pending']} queries pending"
+    )
+    for role, endpoint in sorted(status["endpoints"].items()):
+        click.echo(f"  {role:9} {endpoint}")
+
+
+@broker.command("stop")
+@click.pass_context
+@handles_errors
+def broker_stop(ctx: click.Context) -> None:
+    """Ask the broker to answer what it holds and exit."""
+    with _admin(ctx) as admin:
+        admin.stop_broker()
+    click.echo("broker stopping")
+
+
+# ---------------------------------------------------------------- apps
+
+
+@main.group()
+def app() -> None:
+    """Create and inspect applications."""
+
+
+@app.command("create")
+@click.argument("name")
+@click.option("--input-type", required=True, help="Input dtype: float64, float32, int64, ..., string, bytes.")
+@click.option("--input-shape", default="", help="Per-query input shape, e.g. 4 or -1,28,28 (-1: any size).")
+@click.option(
+    "--slo-ms", type=float, default=None, help="Latency objective; the default answer comes at this time."
+)
+@click.option(
+    "--default", "default", default=None, help="Default output as JSON, returned when no model answers."
+)
+@click.option("--model", "models", multiple=True, help="Model to link (may not be deployed yet).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def app_create(ctx, name, input_type, input_shape, slo_ms, default, models, as_json) -> None:
+    """Create app NAME."""
+    default_value = _json_value(default, "--default") if default is not None else None
+    with _admin(ctx) as admin:
+        doc = admin.call(
+            "app.create",
+            name=name,
+            input_type=input_type,
+            input_shape=_shape(input_shape),
+            slo_ms=slo_ms,
+            default=default_value,
+            has_default=default is not None,
+            models=list(models),
+        )
+    _print_json(doc) if as_json else click.echo(f"created app {name}")
+
+
+@app.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def app_list(ctx, as_json) -> None:
+    """List apps."""
+    with _admin(ctx) as admin:
+        apps = admin.list_apps()
+    if as_json:
+        _print_json(apps)
+        return
+    _table(
+        [
+            (
+                a["name"],
+                a["input_type"],
+                a["input_shape"],
+                a["slo_ms"],
+                json.dumps(a["default"]) if a["has_default"] else "-",
+                ",".join(a["models"]) or "-",
+            )
+            for a in apps
+        ],
+        ("NAME", "INPUT", "SHAPE", "SLO_MS", "DEFAULT", "MODELS"),
+    )
+
+
+@app.command("show")
+@click.argument("name")
+@click.pass_context
+@handles_errors
+def app_show(ctx, name) -> None:
+    """Show one app with its figures (JSON)."""
+    with _admin(ctx) as admin:
+        _print_json(admin.show_app(name))
+
+
+@app.command("delete")
+@click.argument("name")
+@click.pass_context
+@handles_errors
+def app_delete(ctx, name) -> None:
+    """Delete app NAME."""
+    with _admin(ctx) as admin:
+        admin.delete_app(name)
+    click.echo(f"deleted app {name}")
+
+
+@app.command("link")
+@click.argument("app_name")
+@click.argument("model")
+@click.pass_context
+@handles_errors
+def app_link(ctx, app_name, model) -> None:
+    """Route APP's queries to MODEL (deployed now or later)."""
+    with _admin(ctx) as admin:
+        admin.link(app_name, model)
+    click.echo(f"linked {app_name} -> {model}")
+
+
+@app.command("unlink")
+@click.argument("app_name")
+@click.argument("model")
+@click.pass_context
+@handles_errors
+def app_unlink(ctx, app_name, model) -> None:
+    """Stop routing APP's queries to MODEL."""
+    with _admin(ctx) as admin:
+        admin.unlink(app_name, model)
+    click.echo(f"unlinked {app_name} -> {model}")
+
+
+# ---------------------------------------------------------------- models
+
+
+@main.group()
+def model() -> None:
+    """Serve models and manage their versions."""
+
+
+def replica_options(f: Callable) -> Callable:
+    for decorator in reversed(
+        [
+            click.argument("target"),
+            click.option("--name", required=True, help="Model name."),
+            click.option("--version", "model_version", default="1", show_default=True, help="Model version."),
+            click.option("--input-type", default="float64", show_default=True, help="Input dtype."),
+            click.option("--input-shape", default=None, help="Per-item input shape (-1: any size)."),
+            click.option(
+                "--backend",
+                envvar="KETCH_BACKEND",
+                default=DEFAULT_BACKEND,
+                show_default=True,
+                help="Broker backend address.",
+            ),
+            click.option(
+                "--credits",
+                default=2,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Batches a replica holds at once.",
+            ),
+            click.option(
+                "--max-batch",
+                default=0,
+                show_default=True,
+                type=click.IntRange(0),
+                help="Largest batch a replica takes (0: no limit of its own).",
+            ),
+            click.option("--nondeterministic", is_flag=True, help="Answers vary for one input (no caching)."),
+        ]
+    ):
+        f = decorator(f)
+    return f
+
+
+def _replica_cli_options(kw: dict[str, Any]) -> list[str]:
+    out = [
+        "--name",
+        kw["name"],
+        "--version",
+        kw["model_version"],
+        "--input-type",
+        kw["input_type"],
+        "--backend",
+        kw["backend"],
+        "--credits",
+        str(kw["credits"]),
+        "--max-batch",
+        str(kw["max_batch"]),
+    ]
+    if kw["input_shape"] is not None:
+        out += ["--input-shape", kw["input_shape"]]
+    if kw["nondeterministic"]:
+        out.append("--nondeterministic")
+    return out
+
+
+@model.command("run")
+@replica_options
+@handles_errors
+def model_run(
+    target, name, model_version, input_type, input_shape, backend, credits, max_batch, nondeterministic
+):
+    """Run one replica of TARGET (MODULE:ATTR or FILE.py:ATTR) in the foreground."""
+    from ketch._targets import load_target
+    from ketch.runtime import serve
+
+    _log.configure()
+    serve(
+        load_target(target),
+        name=name,
+        version=model_version,
+        input_type=input_type,
+        input_shape=_shape(input_shape) if input_shape is not None else None,
+        broker=backend,
+        credits=credits,
+        max_batch=max_batch,
+        deterministic=not nondeterministic,
+    )
+
+
+@model.command("serve")
+@replica_options
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Replica processes.")
+@handles_errors
+def model_serve(replicas, **kw):
+    """Run REPLICAS supervised processes of TARGET (restarted if they crash) until Ctrl-C/SIGTERM.
+
+    TARGET is MODULE:ATTR or FILE.py:ATTR naming a batch function predict(inputs) -> outputs,
+    a class or factory giving an object with predict, or a scikit-learn estimator.
+    """
+    from ketch._targets import load_target
+    from ketch.supervisor import Supervisor, replica_argv
+
+    _log.configure()
+    load_target(kw["target"])  # fail here, once, rather than in every replica
+    sys.exit(Supervisor(replica_argv(kw["target"], _replica_cli_options(kw)), replicas).run())
+
+
+@model.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+@handles_errors
+def model_list(ctx, as_json) -> None:
+    """List models, their versions and replicas."""
+    with _admin(ctx) as admin:
+        models = admin.list_models()
+    if as_json:
+        _print_json(models)
+        return
+    _table(
+        [
+            (
+                m["name"],
+                m["active_version"] or "-",
+                ",".join(m["versions"]) or "-",
+                m["figures"]["replicas"],
+                m["figures"]["queue_depth"],
+                m["figures"]["mean_batch"],
+            )
+            for m in models
+        ],
+        ("NAME", "ACTIVE", "VERSIONS", "REPLICAS", "QUEUE", "MEAN_BATCH"),
+    )
+
+
+@model.command("show")
+@click.argument("name")
+@click.pass_context
+@handles_errors
+def model_show(ctx, name) -> None:
+    """Show one model with its replicas (JSON)."""
+    with _admin(ctx) as admin:
+        _print_json(admin.show_model(name))
+
+
+@model.command("set-version")
+@click.argument("name")
+@click.argument("version")
+@click.pass_context
+@handles_errors
+def model_set_version(ctx, name, version) -> None:
+    """Make VERSION of model NAME the one that answers (at once)."""
+    with _admin(ctx) as admin:
+        admin.set_version(name, version)
+    click.echo(f"model {name}: active version {version}")
+
+
+@model.command("rollback")
+@click.argument("name")
+@click.pass_context
+@handles_errors
+def model_rollback(ctx, name) -> None:
+    """Go back to the version that was active before."""
+    with _admin(ctx) as admin:
+        doc = admin.rollback(name)
+    click.echo(f"model {name}: active version {doc['active_version']}")
+
+
+# ---------------------------------------------------------------- queries
+
+
+@main.command("predict")
+@click.argument("app_name")
+@click.option("--input", "input_text", required=True, help="Input as JSON: a list of numbers, or a string.")
+@click.option("--dtype", default=None, help="Input dtype; by default the app's own (asked of the broker).")
+@click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
+@click.pass_context
+@handles_errors
+def predict(ctx, app_name, input_text, dtype, timeout_ms) -> None:
+    """Ask APP for one prediction and print it as JSON."""
+    value = _json_value(input_text, "--input")
+    if dtype is None:
+        with _admin(ctx) as admin:
+            dtype = admin.show_app(app_name)["input_type"]
+    if dtype == "bytes" and isinstance(value, str):
+        value = value.encode("utf-8")
+    with Client(ctx.obj["frontend"]) as client:
+        pred = client.predict(app_name, value, timeout_ms, dtype=dtype)
+    output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
+    if isinstance(output, bytes):
+        output = output.decode("utf-8", "backslashreplace")
+    _print_json(
+        {
+            "output": output,
+            "default": pred.default,
+            "default_explanation": pred.default_explanation,
+            "model": pred.model,
+            "version": pred.version,
+            "latency_ms": round(pred.latency_ms, 3),
+        }
+    )
+
+
+@main.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", type=float, default=None, help="Refresh every N seconds until Ctrl-C.")
+@click.pass_context
+@handles_errors
+def stats(ctx, as_json, watch) -> None:
+    """Per app and model figures: queries, defaults, errors, latency, batches, queues, replicas."""
+    with _admin(ctx) as admin:
+        while True:
+            figures = admin.stats()
+            if as_json:
+                _print_json(figures)
+            else:
+                if watch:
+                    click.clear()
+                _stats_tables(figures)
+            if not watch:
+                return
+            time.sleep(watch)
+
+
+def _stats_tables(figures: dict[str, Any]) -> None:
+    _table(
+        [
+            (
+                name,
+                a["queries"],
+                a["answered"],
+                a["defaults"],
+                a["errors"],
+                a["p50_ms"],
+                a["p99_ms"],
+                ",".join(a["models"]) or "-",
+            )
+            for name, a in figures["apps"].items()
+        ],
+        ("APP", "QUERIES", "ANSWERED", "DEFAULTS", "ERRORS", "P50_MS", "P99_MS", "MODELS"),
+    )
+    click.echo()
+    _table(
+        [
+            (
+                name,
+                m["active_version"] or "-",
+                m["replicas"],
+                m["queue_depth"],
+                m["batches"],
+                m["mean_batch"],
+                m["errors"],
+            )
+            for name, m in figures["models"].items()
+        ],
+        ("MODEL", "VERSION", "REPLICAS", "QUEUE", "BATCHES", "MEAN_BATCH", "ERRORS"),
+    )
+
+
+@main.command("demo")
+@click.option(
+    "--queries",
+    default=5000,
+    show_default=True,
+    type=click.IntRange(100, 1_000_000),
+    help="Queries in the throughput phase.",
+)
+@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 16))
+@click.option("--slo-ms", default=50.0, show_default=True)
+def demo(queries: int, replicas: int, slo_ms: float) -> None:
+    """Start a broker and a scikit-learn model with replicas, send real queries, print a summary.
+
+    Everything runs on 127.0.0.1 on free ports and is stopped at the end.
+    """
+    from ketch.demo import run_demo
+
+    sys.exit(run_demo(queries=queries, replicas=replicas, slo_ms=slo_ms))
+
+
+if __name__ == "__main__":
+    main()

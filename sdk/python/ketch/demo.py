@@ -1,0 +1,97 @@
+"""``ketch demo``: the main job in one command.
+
+Starts a broker, serves a scikit-learn logistic regression (iris) with N replica
+processes, creates an app, sends real queries (one at a time for latency, then
+pipelined for throughput), checks every answer against the model computed here, prints
+a summary, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import numpy as np
+
+from ketch import _errors as errors
+from ketch.client import Client
+from ketch.local import LocalBroker, LocalModel
+
+
+def _quantiles(ms: list[float]) -> dict[str, float]:
+    arr = np.asarray(ms)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in (50, 90, 99)}
+
+
+def run_demo(queries: int = 5000, replicas: int = 2, slo_ms: float = 50.0) -> int:
+    from ketch.examples import iris
+
+    rows = iris.features()
+    expected = iris.estimator().predict(rows)
+    click.echo(f"starting a broker and {replicas} replicas of a scikit-learn model (iris) ...")
+    with LocalBroker() as broker:
+        model = LocalModel(
+            "ketch.examples.iris:model",
+            "iris",
+            backend=broker.backend,
+            version="1",
+            replicas=replicas,
+            input_shape="4",
+        )
+        with model, broker.admin_client() as admin:
+            admin.create_app(
+                "iris", input_type="float64", input_shape=[4], slo_ms=slo_ms, default=-1, models=["iris"]
+            )
+            model.wait_ready(admin, timeout_s=60)
+            click.echo(f"broker {broker.frontend}, app 'iris' (SLO {slo_ms:g} ms), {replicas} replicas ready")
+            with Client(broker.frontend) as client:
+                for i in range(200):  # warm-up
+                    client.predict("iris", rows[i % len(rows)])
+                # latency: one query at a time
+                n_single = min(1000, queries)
+                single_ms, wrong, defaults, failed = [], 0, 0, 0
+                for i in range(n_single):
+                    j = i % len(rows)
+                    try:
+                        pred = client.predict("iris", rows[j])
+                    except errors.RequestError:
+                        failed += 1
+                        continue
+                    single_ms.append(pred.latency_ms)
+                    defaults += pred.default
+                    wrong += (not pred.default) and int(pred.output) != int(expected[j])
+                # throughput: pipelined
+                idx = np.arange(queries) % len(rows)
+                t0 = time.perf_counter()
+                preds = client.predict_many("iris", [rows[j] for j in idx], return_exceptions=True)
+                elapsed = time.perf_counter() - t0
+            many_ms = []
+            for j, pred in zip(idx, preds, strict=True):
+                if isinstance(pred, Exception):
+                    failed += 1
+                    continue
+                many_ms.append(pred.broker_latency_ms)
+                defaults += pred.default
+                wrong += (not pred.default) and int(pred.output) != int(expected[j])
+            stats = admin.stats()
+    single = _quantiles(single_ms)
+    many = _quantiles(many_ms)
+    mstats = stats["models"]["iris"]
+    total = n_single + queries
+    click.echo("")
+    click.echo(f"{'phase':34} {'queries':>8} {'q/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+    click.echo(
+        f"{'one at a time (round trip)':34} {n_single:8d} {n_single / (sum(single_ms) / 1000):9.0f} "
+        f"{single['p50']:8.3f} {single['p90']:8.3f} {single['p99']:8.3f}"
+    )
+    click.echo(
+        f"{'pipelined (time in broker)':34} {queries:8d} {queries / elapsed:9.0f} "
+        f"{many['p50']:8.3f} {many['p90']:8.3f} {many['p99']:8.3f}"
+    )
+    click.echo("")
+    click.echo(
+        f"answers: {total - failed} of {total}, defaults {defaults}, errors {failed}, "
+        f"wrong vs local model {wrong}; mean batch {mstats['mean_batch']}, batches {mstats['batches']}"
+    )
+    click.echo("stopped the broker and the replicas")
+    return 0 if failed == 0 and wrong == 0 else 1

@@ -1,0 +1,1 @@
+"""Small real models used by ``ketch demo``, the tests and the docs."""

@@ -1,0 +1,95 @@
+"""Run N replica processes of one model and keep them running.
+
+A crashed replica is restarted with exponential backoff (reset once it has run for a
+while). SIGTERM or SIGINT stops every replica with SIGTERM (they drain and say goodbye),
+then SIGKILL for any still alive after ``grace_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger("ketch.supervisor")
+
+
+@dataclass
+class _Child:
+    index: int
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+class Supervisor:
+    def __init__(
+        self, argv: list[str], replicas: int, *, grace_s: float = 10.0, stable_s: float = 30.0
+    ) -> None:
+        self.argv = argv  # the command of one replica
+        self.children = [_Child(i) for i in range(replicas)]
+        self.grace_s = grace_s
+        self.stable_s = stable_s
+        self._stopping = False
+
+    def _start(self, child: _Child) -> None:
+        env = {**os.environ, "KETCH_REPLICA_INDEX": str(child.index)}
+        child.proc = subprocess.Popen(self.argv, env=env)
+        child.started = time.monotonic()
+        log.info("replica started", index=child.index, pid=child.proc.pid)
+
+    def stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.stop)
+        for child in self.children:
+            self._start(child)
+        while not self._stopping:
+            now = time.monotonic()
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    code = child.proc.returncode
+                    lived = now - child.started
+                    child.failures = 0 if lived > self.stable_s else child.failures + 1
+                    delay = min(30.0, 0.5 * 2 ** max(0, child.failures - 1)) if child.failures else 0.5
+                    log.warning(
+                        "replica exited",
+                        index=child.index,
+                        code=code,
+                        lived_s=round(lived, 1),
+                        restart_in_s=delay,
+                    )
+                    child.proc = None
+                    child.restart_at = now + delay
+                if child.proc is None and now >= child.restart_at:
+                    self._start(child)
+            time.sleep(0.1)
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("replica did not stop in time, killing", pid=proc.pid)
+                proc.kill()
+                proc.wait()
+        log.info("replicas stopped", count=len(live))
+        return 0
+
+
+def replica_argv(target: str, options: list[str]) -> list[str]:
+    """The command line of one replica: ``ketch model run TARGET OPTIONS``."""
+    return [sys.executable, "-m", "ketch.cli", "model", "run", target, *options]
