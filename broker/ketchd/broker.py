@@ -59,6 +59,7 @@ class Broker:
         self._seq = itertools.count()
         self._dirty: set[Model] = set()
         self._out: dict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
+        self._held_admin: dict[int, tuple[bytes, bytes]] = {}
         self._stopping = False
         self._stop_reason = ""
         self._next_housekeeping = 0.0
@@ -87,7 +88,11 @@ class Broker:
         return sock
 
     def load_state(self) -> None:
-        self.store = StateStore(self.config.state_path)
+        self._durable = self.ctx.socket(zmq.PAIR)
+        self._durable.linger = 0
+        address = f"inproc://ketchd-store-{id(self)}"
+        self._durable.bind(address)
+        self.store = StateStore(self.config.state_path, self.ctx, address)
         for doc in self.store.load("models"):
             model = Model.from_json(doc)
             model.queue = type(model.queue)()
@@ -120,12 +125,13 @@ class Broker:
         if ready is not None:
             ready(self.endpoints)
         poller = zmq.Poller()
-        for sock in (self.backend, self.frontend, self.admin):
+        for sock in (self.backend, self.frontend, self.admin, self._durable):
             poller.register(sock, zmq.POLLIN)
         handlers = {
             self.backend: self._on_backend,
             self.frontend: self._on_frontend,
             self.admin: self._on_admin,
+            self._durable: self._on_durable,
         }
         try:
             while not (self._stopping and self.pending_count() == 0):
@@ -142,13 +148,13 @@ class Broker:
             self.close()
 
     def close(self) -> None:
-        for name in ("frontend", "backend", "admin"):
-            sock = getattr(self, name, None)
-            if sock is not None and not sock.closed:
-                sock.close(linger=0)
         if self.store is not None:
             self.store.close()
             self.store = None
+        for name in ("frontend", "backend", "admin", "_durable"):
+            sock = getattr(self, name, None)
+            if sock is not None and not sock.closed:
+                sock.close(linger=0)
         log.info("broker stopped", reason=self._stop_reason or "closed")
 
     def _poll_timeout_ms(self) -> int:
@@ -472,6 +478,8 @@ class Broker:
             return
         replica = self.replicas.get(identity)
         if replica is None:
+            if name == "PredictReply":  # from a connection declared dead or replaced: discarded
+                self.counters["late_or_unknown_replies"] += 1
             self._backend_error(identity, ErrorCode.BAD_MESSAGE, "send Hello first")
             return
         replica.last_seen = now
@@ -650,8 +658,22 @@ class Broker:
 
     def _on_admin(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
-        reply = self.admin_ops.handle(frames[-1].bytes if len(frames) > 1 else b"")
-        self.admin.send_multipart([identity, json.dumps(reply).encode("utf-8")])
+        writes = self.store.writes_queued if self.store is not None else 0
+        reply = json.dumps(self.admin_ops.handle(frames[-1].bytes if len(frames) > 1 else b"")).encode(
+            "utf-8"
+        )
+        if self.store is not None and self.store.writes_queued != writes:
+            # acknowledge a change only once it is on disk
+            token = next(self._seq)
+            self._held_admin[token] = (identity, reply)
+            self.store.notify(token)
+        else:
+            self.admin.send_multipart([identity, reply])
+
+    def _on_durable(self, frames: list[zmq.Frame]) -> None:
+        held = self._held_admin.pop(int.from_bytes(frames[0].bytes, "little"), None)
+        if held is not None:
+            self.admin.send_multipart(list(held))
 
     def persist_app(self, app: App) -> None:
         if self.store is not None:

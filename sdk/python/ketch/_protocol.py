@@ -185,6 +185,8 @@ def _build_table(b: flatbuffers.Builder, table: str, fields: Mapping[str, Any]) 
         value = fields.get(name)
         if value is None:
             continue
+        if kind.startswith("[") and len(value) == 0:
+            continue  # an empty vector is written as absent: both decode as []
         if kind == "str":
             if value != "":
                 offsets[name] = b.CreateString(value)
@@ -408,7 +410,7 @@ _U32 = np.dtype("<u4")
 
 
 def _tensor(b: flatbuffers.Builder, dtype: int, shape: Sequence[int]) -> int:
-    shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64)) if shape is not None else None
+    shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64)) if len(shape) else None
     _T.Start(b)
     if dtype:
         _T.AddDtype(b, dtype)
@@ -428,7 +430,7 @@ def build_query(
 ) -> bytes:
     b = flatbuffers.Builder(96 + 8 * len(request_ids))
     app_off = b.CreateString(app) if app else None
-    shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64))
+    shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64)) if len(shape) else None
     ids_off = b.CreateNumpyVector(np.asarray(request_ids, dtype=_U64))
     ctx_off = b.CreateString(context) if context else None
     _Q.Start(b)
@@ -436,7 +438,8 @@ def build_query(
         _Q.AddApp(b, app_off)
     if dtype:
         _Q.AddDtype(b, dtype)
-    _Q.AddShape(b, shape_off)
+    if shape_off is not None:
+        _Q.AddShape(b, shape_off)
     _Q.AddRequestIds(b, ids_off)
     if timeout_us:
         _Q.AddTimeoutUs(b, timeout_us)
@@ -580,7 +583,7 @@ def build_predict_request(
     b = flatbuffers.Builder(128 + 8 * len(shapes) + 4 * len(budgets_us))
     model_off = b.CreateString(model) if model else None
     ver_off = b.CreateString(model_version) if model_version else None
-    shapes_off = b.CreateNumpyVector(np.asarray(shapes, dtype=_I64))
+    shapes_off = b.CreateNumpyVector(np.asarray(shapes, dtype=_I64)) if len(shapes) else None
     budgets_off = b.CreateNumpyVector(np.asarray(budgets_us, dtype=_U32))
     _PReq.Start(b)
     if batch_id:
@@ -593,7 +596,8 @@ def build_predict_request(
         _PReq.AddDtype(b, dtype)
     if ndim:
         _PReq.AddNdim(b, ndim)
-    _PReq.AddShapes(b, shapes_off)
+    if shapes_off is not None:
+        _PReq.AddShapes(b, shapes_off)
     _PReq.AddBudgetsUs(b, budgets_off)
     return _finish(b, _B.PredictRequest, _PReq.End(b))
 

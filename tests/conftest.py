@@ -1,0 +1,99 @@
+"""Shared fixtures: real brokers and replicas on free loopback ports, cleaned up by pid.
+
+Every socket a test opens is closed with linger 0; the zmq context of the test process
+must terminate at the end of the session (a leaked socket fails the run instead of
+hanging it).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import zmq
+from ketch.local import LocalBroker, LocalModel
+from ketchd import Broker, BrokerConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zmq_context_terminates() -> Iterator[None]:
+    yield
+    ctx = zmq.Context.instance()
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    threading.Thread(target=term, daemon=True).start()
+    assert done.wait(10), "zmq context did not terminate: a socket was left open"
+
+
+class ThreadBroker:
+    """A Broker running on a thread of the test process (fast, same real sockets)."""
+
+    def __init__(self, **overrides) -> None:
+        cfg = BrokerConfig(
+            frontend="tcp://127.0.0.1:*",
+            backend="tcp://127.0.0.1:*",
+            admin="tcp://127.0.0.1:*",
+            state_path=overrides.pop("state_path", ":memory:"),
+            **overrides,
+        )
+        self.broker = Broker(cfg)
+        self.endpoints = self.broker.bind()
+        self.thread = threading.Thread(target=self.broker.run, name="test-broker", daemon=True)
+        self.thread.start()
+
+    @property
+    def frontend(self) -> str:
+        return self.endpoints["frontend"]
+
+    @property
+    def backend(self) -> str:
+        return self.endpoints["backend"]
+
+    @property
+    def admin(self) -> str:
+        return self.endpoints["admin"]
+
+    def stop(self) -> None:
+        self.broker.request_stop("test over")
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "broker thread did not stop"
+
+
+@pytest.fixture
+def thread_broker() -> Iterator[ThreadBroker]:
+    tb = ThreadBroker(heartbeat_ms=100, dead_after_ms=1000)
+    yield tb
+    tb.stop()
+
+
+@pytest.fixture
+def broker_process(tmp_path) -> Iterator[LocalBroker]:
+    broker = LocalBroker(
+        state_path=str(tmp_path / "state.db"),
+        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "1500"],
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+    broker._tmp.cleanup()
+
+
+@pytest.fixture
+def start_model(broker_process, tmp_path) -> Iterator:
+    """Start ``ketch model serve`` process groups; all are stopped at the end."""
+    started: list[LocalModel] = []
+
+    def start(target: str, name: str, **kw) -> LocalModel:
+        kw.setdefault("log_path", str(tmp_path / f"model-{name}-{len(started)}.log"))
+        model = LocalModel(target, name, backend=broker_process.backend, **kw).start()
+        started.append(model)
+        return model
+
+    yield start
+    for model in started:
+        model.stop()

@@ -1,0 +1,360 @@
+"""The broker loop with real sockets, driven from the test process.
+
+The broker runs on a thread; replicas are either ``ketch.Replica`` threads or a raw
+DEALER (``RawReplica``) that the test drives frame by frame.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import ketch
+import numpy as np
+import pytest
+import zmq
+from ketch import _protocol as proto
+from ketch.local import wait_for
+from ketch.wire.Status import Status
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def recv(sock: zmq.Socket, timeout_ms: int = 5000) -> list[bytes]:
+    assert sock.poll(timeout_ms), "no message in time"
+    return sock.recv_multipart()
+
+
+class RawReplica:
+    """A container speaking the protocol by hand."""
+
+    def __init__(
+        self, backend: str, name: str = "m", version: str = "1", replica_id: str = "raw-1", credits: int = 2
+    ) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(backend)
+        self.name, self.version, self.replica_id, self.credits = name, version, replica_id, credits
+
+    def hello(self) -> None:
+        self.sock.send(
+            proto.encode(
+                "Hello",
+                {
+                    "model": self.name,
+                    "model_version": self.version,
+                    "input": {"dtype": "FLOAT64", "shape": [-1]},
+                    "sdk": "test",
+                    "replica_id": self.replica_id,
+                    "credits": self.credits,
+                },
+            )
+        )
+        assert proto.to_dict(recv(self.sock)[0])["type"] == "Welcome"
+
+    def next_batch(self, timeout_ms: int = 5000):
+        while True:
+            frames = recv(self.sock, timeout_ms)
+            _, name, body = proto.decode(frames[0])
+            if name == "PredictRequest":
+                return body, frames[1:]
+
+    def answer_sums(self, body, payloads) -> None:
+        outs = [(Status.OK, proto.FLOAT64, (), 0, "") for _ in payloads]
+        sums = [np.float64(np.frombuffer(p, "<f8").sum()).tobytes() for p in payloads]
+        self.sock.send_multipart([proto.build_predict_reply(body.BatchId(), 10, outs), *sums])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def admin(thread_broker):
+    with ketch.Admin(thread_broker.admin) as a:
+        yield a
+
+
+@pytest.fixture
+def client(thread_broker):
+    with ketch.Client(thread_broker.frontend) as c:
+        yield c
+
+
+@pytest.fixture
+def replica_threads(thread_broker):
+    started: list[tuple[ketch.Replica, threading.Thread]] = []
+
+    def start(model, name: str = "m", **kw) -> ketch.Replica:
+        r = ketch.Replica(model, name=name, broker=thread_broker.backend, **kw)
+        t = threading.Thread(target=r.run, daemon=True)
+        t.start()
+        started.append((r, t))
+        return r
+
+    yield start
+    for r, t in started:
+        r.stop()
+        t.join(5)
+
+
+def sums(xs):
+    return [float(x.sum()) for x in xs]
+
+
+def wait_replicas(admin, n: int, model: str = "m") -> None:
+    wait_for(lambda: len(admin.replicas(model)) >= n, 10, f"{n} replicas of {model}")
+
+
+def test_answers_match_the_model_for_random_inputs(thread_broker, admin, client, replica_threads):
+    admin.create_app("a", input_type="float64", input_shape=[8], slo_ms=2000, models=["m"])
+    replica_threads(sums, replica_id="r1")
+    replica_threads(sums, replica_id="r2")
+    wait_replicas(admin, 2)
+    rng = np.random.default_rng(7)
+    xs = [rng.normal(size=8) for _ in range(500)]
+    preds = client.predict_many("a", xs)
+    assert [p.output for p in preds] == pytest.approx([x.sum() for x in xs])
+    assert all(p.model == "m" and p.version == "1" and not p.default for p in preds)
+    one = client.predict("a", xs[0])
+    assert one.output == pytest.approx(xs[0].sum()) and one.latency_ms > 0
+
+
+def test_string_and_bytes_apps(thread_broker, admin, client, replica_threads):
+    admin.create_app("s", input_type="string", slo_ms=2000, models=["upper"])
+    admin.create_app("b", input_type="bytes", slo_ms=2000, models=["echo"])
+    replica_threads(lambda xs: [x.upper() for x in xs], name="upper", input_type="string")
+    replica_threads(lambda xs: [bytes(reversed(x)) for x in xs], name="echo", input_type="bytes")
+    wait_replicas(admin, 1, "upper")
+    wait_replicas(admin, 1, "echo")
+    assert client.predict("s", "héllo wörld").output == "HÉLLO WÖRLD"
+    assert client.predict("b", b"\x00\x01\xff").output == b"\xff\x01\x00"
+    words = [f"w{i}" for i in range(50)]
+    assert [p.output for p in client.predict_many("s", words)] == [w.upper() for w in words]
+
+
+def test_unknown_app_and_bad_input_get_explicit_errors(thread_broker, admin, client):
+    admin.create_app("a", input_type="float64", input_shape=[4], slo_ms=100, models=["m"])
+    with pytest.raises(ketch.UnknownApp, match="no app named 'zzz'"):
+        client.predict("zzz", [1.0])
+    with pytest.raises(
+        ketch.BadInput, match=r"takes float64 inputs of shape \(4,\), got float64 of shape \(3,\)"
+    ):
+        client.predict("a", [1.0, 2.0, 3.0])
+    with pytest.raises(ketch.BadInput, match="got int32"):
+        client.predict("a", np.arange(4, dtype=np.int32))
+    # a payload whose size does not match its declared shape
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(thread_broker.frontend)
+    try:
+        sock.send_multipart([proto.build_query("a", proto.FLOAT64, [4], [11]), b"\x00" * 31])
+        item = proto.to_dict(recv(sock)[0])["body"]["items"][0]
+        assert item["status"] == "ERROR" and item["error"] == "BAD_INPUT" and "31 bytes" in item["message"]
+        sock.send_multipart([proto.build_query("a", proto.FLOAT64, [4], [12, 13]), b"\x00" * 32])
+        items = proto.to_dict(recv(sock)[0])["body"]["items"]
+        assert {i["request_id"] for i in items} == {12, 13} and all(
+            i["error"] == "BAD_MESSAGE" for i in items
+        )
+    finally:
+        sock.close()
+    assert admin.stats()["counters"]["refused_bad_input"] >= 3
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ([b"not a flatbuffer"], "BAD_MESSAGE"),
+        ([b""], "BAD_MESSAGE"),
+        ([proto.encode("Heartbeat", {})], "UNKNOWN_MESSAGE"),
+        ([proto.encode("Query", {"app": "a", "request_ids": [1]}, version=9), b""], "UNSUPPORTED_VERSION"),
+        ([proto.encode("Query", {"app": "a"})], "BAD_MESSAGE"),
+    ],
+)
+def test_malformed_frontend_messages_get_an_error_and_the_broker_keeps_serving(
+    thread_broker, admin, frames, code
+):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(thread_broker.frontend)
+    try:
+        sock.send_multipart(frames)
+        reply = proto.to_dict(recv(sock)[0])
+        assert reply["type"] == "Error" and reply["body"]["code"] == code
+    finally:
+        sock.close()
+    assert admin.ping()["version"] == 1
+
+
+def test_backend_requires_hello_and_refuses_garbage(thread_broker):
+    raw = RawReplica(thread_broker.backend)
+    try:
+        raw.sock.send(proto.encode("Heartbeat", {}))
+        err = proto.to_dict(recv(raw.sock)[0])
+        assert err["body"]["code"] == "BAD_MESSAGE" and "Hello" in err["body"]["message"]
+        raw.sock.send(b"\x01\x02")
+        assert proto.to_dict(recv(raw.sock)[0])["body"]["code"] == "BAD_MESSAGE"
+        raw.sock.send(proto.encode("Hello", {"model": "m"}, version=2))
+        assert proto.to_dict(recv(raw.sock)[0])["body"]["code"] == "UNSUPPORTED_VERSION"
+        raw.hello()
+    finally:
+        raw.close()
+
+
+def test_no_replica_answers_the_default_within_the_slo(thread_broker, admin, client):
+    admin.create_app(
+        "a", input_type="float64", input_shape=[2], slo_ms=50, default={"label": "unknown"}, models=["ghost"]
+    )
+    admin.create_app("nodefault", input_type="float64", input_shape=[2], slo_ms=50, models=["ghost"])
+    pred = client.predict("a", [1.0, 2.0])
+    assert pred.default and pred.output == {"label": "unknown"}
+    assert "no replica" in pred.default_explanation and "ghost" in pred.default_explanation
+    assert 45 <= pred.latency_ms < 500
+    with pytest.raises(ketch.DeadlineExceeded, match="no default"):
+        client.predict("nodefault", [1.0, 2.0])
+
+
+def test_app_without_model_answers_at_once(thread_broker, admin, client):
+    admin.create_app("lonely", input_type="float64", input_shape=[1], slo_ms=1000, default=0)
+    pred = client.predict("lonely", [1.0])
+    assert pred.default and "links no model" in pred.default_explanation and pred.latency_ms < 500
+
+
+def test_model_error_fails_its_batch_and_the_replica_keeps_serving(
+    thread_broker, admin, client, replica_threads
+):
+    def picky(xs):
+        if any(x[0] < 0 for x in xs):
+            raise ValueError("negative input")
+        return sums(xs)
+
+    admin.create_app("a", input_type="float64", input_shape=[2], slo_ms=2000, models=["m"])
+    replica_threads(picky)
+    wait_replicas(admin, 1)
+    with pytest.raises(ketch.ModelError, match="ValueError: negative input"):
+        client.predict("a", [-1.0, 2.0])
+    assert client.predict("a", [1.0, 2.0]).output == 3.0
+    assert admin.stats()["models"]["m"]["errors"] == 1
+
+
+def test_wrong_output_count_is_a_model_error(thread_broker, admin, client, replica_threads):
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=2000, models=["m"])
+    replica_threads(lambda xs: [1.0] * (len(xs) + 1))
+    wait_replicas(admin, 1)
+    with pytest.raises(ketch.ModelError, match="returned 2 outputs for 1 inputs"):
+        client.predict("a", [1.0])
+
+
+def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, client, replica_threads):
+    seen: list[int] = []
+
+    def slow_sums(xs):
+        seen.append(len(xs))
+        time.sleep(0.005)
+        return sums(xs)
+
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=5000, models=["m"])
+    admin.configure_model("m", max_batch=16)
+    replica_threads(slow_sums, credits=1)
+    wait_replicas(admin, 1)
+    xs = [np.array([float(i)]) for i in range(400)]
+    assert [p.output for p in client.predict_many("a", xs)] == [float(i) for i in range(400)]
+    assert max(seen) == 16 and sum(seen) == 400
+    assert admin.stats()["models"]["m"]["mean_batch"] > 1
+
+
+def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, replica_threads):
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=8000, models=["m"])
+    raw = RawReplica(thread_broker.backend, credits=1)
+    raw.hello()
+    wait_replicas(admin, 1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(thread_broker.frontend)
+    try:
+        sock.send_multipart(
+            [
+                proto.build_query("a", proto.FLOAT64, [1], [1, 2, 3]),
+                *(np.float64(v).tobytes() for v in (1.0, 2.0, 3.0)),
+            ]
+        )
+        raw.next_batch()  # it takes the work ... and dies silently
+        raw.close()
+        replica_threads(sums, replica_id="healthy")
+        answers = {}
+        while len(answers) < 3:
+            for item in proto.to_dict(recv(sock, 8000)[0])["body"]["items"]:
+                assert item["request_id"] not in answers, "answered twice"
+                answers[item["request_id"]] = item
+        assert all(a["status"] == "OK" for a in answers.values())
+    finally:
+        sock.close()
+
+
+def test_late_reply_from_a_replaced_replica_is_discarded(thread_broker, admin, client):
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=3000, models=["m"])
+    old = RawReplica(thread_broker.backend, replica_id="same")
+    old.hello()
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("p", client.predict("a", [5.0])))
+    t.start()
+    body, payloads = old.next_batch()
+    new = RawReplica(thread_broker.backend, replica_id="same")  # same replica id reconnects
+    try:
+        new.hello()
+        old.answer_sums(body, payloads)  # too late: the batch went back to the queue
+        body2, payloads2 = new.next_batch()
+        new.answer_sums(body2, payloads2)
+        t.join(5)
+        assert result["p"].output == 5.0
+        wait_for(
+            lambda: admin.stats()["counters"].get("late_or_unknown_replies") == 1, 5, "late reply counted"
+        )
+    finally:
+        old.close()
+        new.close()
+
+
+def test_version_switch_and_rollback(thread_broker, admin, client, replica_threads):
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=2000, models=["m"])
+    replica_threads(lambda xs: [1.0] * len(xs), version="1", replica_id="v1")
+    wait_replicas(admin, 1)
+    replica_threads(lambda xs: [2.0] * len(xs), version="2", replica_id="v2")
+    wait_replicas(admin, 2)
+    assert client.predict("a", [0.0]).output == 1.0  # the first version seen stays active
+    admin.set_version("m", "2")
+    pred = client.predict("a", [0.0])
+    assert (pred.output, pred.version) == (2.0, "2")
+    admin.rollback("m")
+    assert client.predict("a", [0.0]).version == "1"
+    with pytest.raises(ketch.NotFound, match="no version '7'"):
+        admin.set_version("m", "7")
+
+
+def test_admin_validates_its_arguments(thread_broker, admin):
+    admin.create_app("a", input_type="float64", input_shape=[4], slo_ms=20)
+    with pytest.raises(ketch.Conflict):
+        admin.create_app("a", input_type="float64")
+    with pytest.raises(ketch.Invalid, match="unknown dtype"):
+        admin.create_app("b", input_type="complex128")
+    with pytest.raises(ketch.Invalid, match="name"):
+        admin.create_app("bad name!", input_type="float64")
+    with pytest.raises(ketch.Invalid, match="slo_ms"):
+        admin.create_app("c", input_type="float64", slo_ms=-1)
+    with pytest.raises(ketch.NotFound):
+        admin.show_app("nope")
+    with pytest.raises(ketch.KetchError, match="unknown admin op"):
+        admin.call("app.explode")
+    admin.link("a", "m1")
+    with pytest.raises(ketch.Invalid, match="single-model policy"):
+        admin.link("a", "m2")
+    assert [a["name"] for a in admin.list_apps()] == ["a"]
+    admin.delete_app("a")
+    assert admin.list_apps() == []
+
+
+def test_feedback_is_answered_explicitly(thread_broker, admin, client):
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=20)
+    with pytest.raises(ketch.Invalid, match="learns nothing from feedback"):
+        client.feedback("a", 1, query_id=5)
+    with pytest.raises(ketch.UnknownApp):
+        client.feedback("zz", 1, x=[1.0])

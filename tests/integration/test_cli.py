@@ -1,0 +1,103 @@
+"""The ``ketch`` CLI against a real broker process (click's CliRunner in this process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from ketch.cli import main
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def ketch_cli(broker_process):
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0) -> str:
+        result = runner.invoke(
+            main, ["--admin", broker_process.admin, "--frontend", broker_process.frontend, *args]
+        )
+        assert result.exit_code == code, f"ketch {' '.join(args)} -> {result.exit_code}: {result.output}"
+        return result.output
+
+    return run
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for args in (
+        [],
+        ["broker"],
+        ["broker", "start"],
+        ["broker", "status"],
+        ["app"],
+        ["app", "create"],
+        ["model"],
+        ["model", "serve"],
+        ["model", "run"],
+        ["model", "set-version"],
+        ["predict"],
+        ["stats"],
+        ["demo"],
+    ):
+        result = runner.invoke(main, [*args, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, args
+
+
+def test_broker_status_exit_codes(broker_process, ketch_cli):
+    out = ketch_cli("broker", "status")
+    assert "broker up" in out and "frontend" in out
+    assert json.loads(ketch_cli("broker", "status", "--json"))["apps"] == 0
+    result = CliRunner().invoke(
+        main, ["--admin", "tcp://127.0.0.1:1", "broker", "status"], env={"KETCH_ADMIN": ""}
+    )
+    assert result.exit_code == 3 and "is the broker running" in result.output
+
+
+def test_app_model_predict_and_stats(broker_process, ketch_cli, start_model):
+    ketch_cli(
+        "app",
+        "create",
+        "iris",
+        "--input-type",
+        "float64",
+        "--input-shape",
+        "4",
+        "--slo-ms",
+        "1000",
+        "--default",
+        "-1",
+    )
+    ketch_cli("app", "link", "iris", "iris")
+    assert "already links" in ketch_cli("app", "link", "iris", "iris", code=1)
+    listed = json.loads(ketch_cli("app", "list", "--json"))
+    assert listed[0]["name"] == "iris" and listed[0]["models"] == ["iris"] and listed[0]["default"] == -1
+    assert "iris" in ketch_cli("app", "list")
+    from ketch.admin import Admin
+
+    with Admin(broker_process.admin) as admin:
+        start_model("ketch.examples.iris:model", "iris", input_shape="4").wait_ready(admin, timeout_s=60)
+    out = json.loads(ketch_cli("predict", "iris", "--input", "[5.1, 3.5, 1.4, 0.2]"))
+    assert out["output"] == 0 and out["default"] is False and out["model"] == "iris"
+    assert "BAD_INPUT" in ketch_cli("predict", "iris", "--input", "[1, 2]", code=1)
+    assert "UNKNOWN_APP" in ketch_cli("predict", "nope", "--input", "[1]", "--dtype", "float64", code=1)
+    models = json.loads(ketch_cli("model", "list", "--json"))
+    assert models[0]["active_version"] == "1" and models[0]["figures"]["replicas"] == 1
+    assert "NOT_FOUND" in ketch_cli("model", "set-version", "iris", "9", code=1)
+    stats = ketch_cli("stats")
+    assert "APP" in stats and "iris" in stats and "MEAN_BATCH" in stats
+    assert json.loads(ketch_cli("stats", "--json"))["apps"]["iris"]["queries"] >= 2
+    ketch_cli("app", "delete", "iris")
+    assert json.loads(ketch_cli("app", "list", "--json")) == []
+
+
+def test_bad_arguments_are_usage_errors(ketch_cli):
+    assert "must be JSON" in ketch_cli(
+        "app", "create", "x", "--input-type", "float64", "--default", "nope", code=2
+    )
+    assert "shape" in ketch_cli(
+        "app", "create", "x", "--input-type", "float64", "--input-shape", "a,b", code=2
+    )
+    assert "INVALID" in ketch_cli("app", "create", "x", "--input-type", "complex", code=1)

@@ -1,0 +1,144 @@
+"""The codec against the golden vectors, and the hot-path builders against the codec."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ketch import _protocol as proto
+from ketch.wire.Status import Status
+
+ROOT = Path(__file__).resolve().parents[2]
+VECTORS = sorted((ROOT / "schemas" / "vectors").glob("*.json"))
+
+
+def test_every_message_type_has_a_vector():
+    types = {json.loads(p.read_text("utf-8"))["type"] for p in VECTORS}
+    assert types == set(proto.BODY_CODES)
+
+
+@pytest.mark.parametrize("twin", VECTORS, ids=lambda p: p.stem)
+def test_golden_vector_decodes_to_its_twin(twin: Path):
+    expected = json.loads(twin.read_text("utf-8"))
+    decoded = proto.to_dict(twin.with_suffix(".bin").read_bytes())
+    assert decoded == {k: expected[k] for k in ("type", "version", "body")}
+
+
+@pytest.mark.parametrize("twin", VECTORS, ids=lambda p: p.stem)
+def test_reference_encoder_reproduces_golden_bytes(twin: Path):
+    expected = json.loads(twin.read_text("utf-8"))
+    assert proto.from_dict(expected) == twin.with_suffix(".bin").read_bytes()
+
+
+def test_vectors_and_generated_code_are_current():
+    for script in ("schemas/make_vectors.py", "scripts/gen_schema.py"):
+        done = subprocess.run([sys.executable, script, "--check"], cwd=ROOT, capture_output=True, text=True)
+        assert done.returncode == 0, f"{script} --check: {done.stdout}{done.stderr}"
+
+
+def test_build_query_matches_generic_encoder():
+    fast = proto.build_query("iris", proto.FLOAT64, [4], [1, 2, 3], 20000, -2, "user")
+    slow = proto.encode(
+        "Query",
+        {
+            "app": "iris",
+            "dtype": "FLOAT64",
+            "shape": [4],
+            "request_ids": [1, 2, 3],
+            "timeout_us": 20000,
+            "priority": -2,
+            "context": "user",
+        },
+    )
+    assert fast == slow
+
+
+def test_build_reply_decodes_to_what_was_built():
+    items = [
+        proto.ReplyFields(
+            5,
+            Status.DEFAULT,
+            proto.JSON,
+            (),
+            message="why",
+            latency_us=7,
+            confidence=0.0,
+            models_missing=("m",),
+        ),
+        proto.ReplyFields(
+            6,
+            Status.OK,
+            proto.DTYPE_CODES["FLOAT32"],
+            (2, 3),
+            model="m",
+            model_version="2",
+            models_answered=("m",),
+        ),
+        proto.ReplyFields(7, Status.ERROR, error=9, message="ValueError: x"),
+    ]
+    body = proto.to_dict(proto.build_reply(items))["body"]["items"]
+    assert [i["request_id"] for i in body] == [5, 6, 7]
+    assert (
+        body[0]["status"] == "DEFAULT" and body[0]["confidence"] == 0.0 and body[0]["models_missing"] == ["m"]
+    )
+    assert body[1]["output"] == {"dtype": "FLOAT32", "shape": [2, 3]} and body[1]["model_version"] == "2"
+    assert body[2]["error"] == "MODEL_ERROR" and body[2]["output"] is None
+
+
+def test_build_predict_messages_round_trip():
+    req = proto.to_dict(proto.build_predict_request(9, "m", "1", proto.FLOAT64, 2, [2, 2, 3, 1], [10, 20]))
+    assert req["body"] == {
+        "batch_id": 9,
+        "model": "m",
+        "model_version": "1",
+        "dtype": "FLOAT64",
+        "ndim": 2,
+        "shapes": [2, 2, 3, 1],
+        "budgets_us": [10, 20],
+    }
+    rep = proto.to_dict(
+        proto.build_predict_reply(
+            9, 150, [(Status.OK, proto.INT64, (), 0, ""), (Status.ERROR, None, (), 9, "boom")]
+        )
+    )
+    outs = rep["body"]["outputs"]
+    assert rep["body"]["compute_us"] == 150
+    assert outs[0]["output"]["dtype"] == "INT64" and outs[1]["message"] == "boom"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"KTCH", b"\x00" * 3, b"garbage that is long enough", b"\x0c\x00\x00\x00KTCH\xff\xff\xff\xff"],
+)
+def test_garbage_headers_raise_decode_error(frame: bytes):
+    with pytest.raises(proto.DecodeError):
+        proto.decode(frame)
+
+
+def test_payload_values_round_trip():
+    rng = np.random.default_rng(1)
+    for code, np_dtype in proto.NUMPY_DTYPES.items():
+        arr = (rng.random((2, 3)) * 100).astype(np_dtype)
+        shape, payload = proto.value_to_payload(arr, code)
+        back = proto.payload_to_value(code, shape, bytes(payload))
+        assert back.dtype == np_dtype and np.array_equal(back, arr)
+    assert proto.payload_to_value(proto.STRING, (), "héllo".encode()) == "héllo"
+    assert proto.payload_to_value(proto.JSON, (), b'{"a":[1,2]}') == {"a": [1, 2]}
+    assert proto.payload_to_value(proto.JSON, (), b"") is None
+    assert proto.payload_to_value(proto.FLOAT64, (), np.float64(2.5).tobytes()) == 2.5
+
+
+def test_float_input_is_not_silently_truncated_to_int():
+    with pytest.raises(TypeError):
+        proto.value_to_payload([1.5, 2.5], proto.INT64)
+
+
+def test_twins_carry_payloads_as_base64():
+    twin = json.loads((ROOT / "schemas" / "vectors" / "query_float64.json").read_text())
+    payload = base64.b64decode(twin["payloads"][0])
+    assert np.frombuffer(payload, "<f8").tolist() == [5.1, 3.5, 1.4, 0.2]
