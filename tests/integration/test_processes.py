@@ -6,10 +6,9 @@ import os
 import signal
 import threading
 
+import ketch
 import numpy as np
 import pytest
-
-import ketch
 from ketch.local import LocalModel, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,7 +18,9 @@ def test_iris_replicas_answer_like_the_model(broker_process, start_model):
     from ketch.examples import iris
 
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
-        admin.create_app("iris", input_type="float64", input_shape=[4], slo_ms=1000, default=-1, models=["iris"])
+        admin.create_app(
+            "iris", input_type="float64", input_shape=[4], slo_ms=1000, default=-1, models=["iris"]
+        )
         model = start_model("ketch.examples.iris:model", "iris", replicas=2, input_shape="4")
         model.wait_ready(admin, timeout_s=60)
         rows = iris.features()
@@ -33,7 +34,9 @@ def test_iris_replicas_answer_like_the_model(broker_process, start_model):
 
 def test_broker_restart_keeps_configuration_and_replicas_come_back(broker_process, start_model):
     with broker_process.admin_client() as admin:
-        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=2000, default=0, models=["total"])
+        admin.create_app(
+            "sum", input_type="float64", input_shape=[-1], slo_ms=2000, default=0, models=["total"]
+        )
         start_model("ketch.examples.basic:total", "total", version="1").wait_ready(admin)
         start_model("ketch.examples.basic:total", "total", version="2").wait_ready(admin)
         admin.set_version("total", "2")
@@ -41,7 +44,12 @@ def test_broker_restart_keeps_configuration_and_replicas_come_back(broker_proces
     broker_process.restart()
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
         app = admin.show_app("sum")
-        assert (app["input_shape"], app["slo_ms"], app["default"], app["models"]) == ([-1], 2000.0, 0, ["total"])
+        assert (app["input_shape"], app["slo_ms"], app["default"], app["models"]) == (
+            [-1],
+            2000.0,
+            0,
+            ["total"],
+        )
         assert admin.show_model("total")["active_version"] == "2"
         wait_for(lambda: len(admin.replicas("total")) == 2, 30, "replicas to reconnect")
         pred = client.predict("sum", np.arange(5.0))
@@ -51,8 +59,13 @@ def test_broker_restart_keeps_configuration_and_replicas_come_back(broker_proces
 def test_killed_replica_mid_batch_loses_no_query(broker_process, start_model):
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
         admin.create_app("slow", input_type="float64", input_shape=[1], slo_ms=15000, models=["slow"])
-        model = start_model("ketch.examples.basic:slow", "slow", replicas=2, env={"KETCH_SLOW_MS": "400"},
-                            extra_args=["--max-batch", "4"])
+        model = start_model(
+            "ketch.examples.basic:slow",
+            "slow",
+            replicas=2,
+            env={"KETCH_SLOW_MS": "400"},
+            extra_args=["--max-batch", "4"],
+        )
         model.wait_ready(admin)
         xs = [np.array([float(i)]) for i in range(40)]
         rng = np.random.default_rng()
@@ -84,14 +97,22 @@ def test_killed_replica_mid_batch_loses_no_query(broker_process, start_model):
 def test_sigterm_drains_a_replica_without_losing_its_batch(broker_process, tmp_path):
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
         admin.create_app("slow", input_type="float64", input_shape=[1], slo_ms=10000, models=["slow"])
-        model = LocalModel("ketch.examples.basic:slow", "slow", backend=broker_process.backend, supervised=False,
-                           env={"KETCH_SLOW_MS": "700"}, log_path=str(tmp_path / "replica.log")).start()
+        model = LocalModel(
+            "ketch.examples.basic:slow",
+            "slow",
+            backend=broker_process.backend,
+            supervised=False,
+            env={"KETCH_SLOW_MS": "700"},
+            log_path=str(tmp_path / "replica.log"),
+        ).start()
         try:
             model.wait_ready(admin)
-                result = {}
+            result = {}
             t = threading.Thread(target=lambda: result.setdefault("p", client.predict("slow", [3.0])))
             t.start()
-            wait_for(lambda: any(r["inflight"] for r in admin.replicas("slow")), 10, "the batch to be in flight")
+            wait_for(
+                lambda: any(r["inflight"] for r in admin.replicas("slow")), 10, "the batch to be in flight"
+            )
             model.proc.send_signal(signal.SIGTERM)
             assert model.proc.wait(10) == 0
             t.join(10)
