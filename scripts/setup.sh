@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install what Ketch needs on a fresh Debian machine, idempotently.
+#   scripts/setup.sh            Python package and its runtime deps in .venv
+#   scripts/setup.sh --test     also test tools, a JDK with Maven and R with its packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+
+apt_install() {
+  # install the named Debian packages that are missing
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "Ketch needs Python 3.11 or newer (found: $("$PY" --version 2>&1))" >&2
+  exit 1
+fi
+if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+  apt_install python3-venv
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+if [ "$want_test" = 1 ]; then
+  .venv/bin/python -m pip install -q -e '.[test]'
+  command -v mvn >/dev/null && command -v javac >/dev/null || apt_install default-jdk-headless maven
+  Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite)' >/dev/null 2>&1 \
+    || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite
+else
+  .venv/bin/python -m pip install -q -e '.[sklearn]'
+fi
