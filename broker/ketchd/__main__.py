@@ -90,6 +90,20 @@ def broker_options(f):
                 help="Largest message taken on any socket.",
             ),
             click.option(
+                "--cache-mb",
+                default=256,
+                show_default=True,
+                type=click.IntRange(0),
+                help="Prediction cache size (0 turns it off).",
+            ),
+            click.option(
+                "--cache-ttl-s",
+                default=0.0,
+                show_default=True,
+                type=click.FloatRange(0),
+                help="Seconds a cached prediction lives (0: until evicted).",
+            ),
+            click.option(
                 "--ready-file", default=None, help="Write the bound endpoints here as JSON once listening."
             ),
         ]
@@ -101,6 +115,7 @@ def broker_options(f):
 def config_from_options(**kw) -> tuple[BrokerConfig, str | None]:
     ready_file = kw.pop("ready_file", None)
     kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
+    kw["cache_bytes"] = kw.pop("cache_mb") * 1024 * 1024
     return BrokerConfig(**kw), ready_file
 
 

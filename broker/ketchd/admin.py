@@ -99,6 +99,7 @@ class AdminOps:
         default: Any = None,
         has_default: bool | None = None,
         models: list[str] | None = None,
+        cache: bool = True,
     ) -> dict[str, Any]:
         _check_name("app", name)
         if name in self.broker.apps:
@@ -122,10 +123,25 @@ class AdminOps:
             slo_ms=slo,
             default=default,
             has_default=default is not None if has_default is None else bool(has_default),
+            cache=bool(cache),
         )
         for model in models or []:
             self._link(app, model)
         self.broker.apps[name] = app
+        self.broker.persist_app(app)
+        return self._app_doc(app)
+
+    def op_app_configure(
+        self, name: str, cache: bool | None = None, slo_ms: float | None = None
+    ) -> dict[str, Any]:
+        app = self._app(name)
+        if slo_ms is not None:
+            slo = float(slo_ms)
+            if not (math.isfinite(slo) and 0 < slo <= 3_600_000):
+                raise errors.Invalid(f"slo_ms {slo_ms!r} must be a positive number of milliseconds")
+            app.slo_ms = slo
+        if cache is not None:
+            app.cache = bool(cache)
         self.broker.persist_app(app)
         return self._app_doc(app)
 
@@ -243,6 +259,12 @@ class AdminOps:
             "models": {
                 name: {**m.figures(), "active_version": m.active_version}
                 for name, m in sorted(b.models.items())
+            },
+            "cache": {
+                **b.cache.figures.to_json(),
+                "entries": len(b.cache),
+                "bytes": b.cache.bytes_used,
+                "max_bytes": b.cache.max_bytes,
             },
             "counters": dict(b.counters),
         }

@@ -33,6 +33,7 @@ from ketch.wire.ErrorCode import ErrorCode
 from ketch.wire.Status import Status
 
 from ketchd.admin import AdminOps
+from ketchd.cache import PredictionCache
 from ketchd.config import BrokerConfig
 from ketchd.registry import App, Batch, Model, Pending, Replica, ReplicaState, next_batch_id
 from ketchd.store import StateStore
@@ -60,6 +61,8 @@ class Broker:
         self._dirty: set[Model] = set()
         self._out: dict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
         self._held_admin: dict[int, tuple[bytes, bytes]] = {}
+        self.cache = PredictionCache(self.config.cache_bytes, self.config.cache_ttl_s)
+        self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
         self._stopping = False
         self._stop_reason = ""
         self._next_housekeeping = 0.0
@@ -267,10 +270,76 @@ class Broker:
         timeout_us = q.TimeoutUs()
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
         priority = q.Priority()
+        caching = app.cache and model.deterministic and self.cache.max_bytes > 0 and model.active_version
         for rid, payload in zip(ids, payloads, strict=True):
             p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
+            if caching and self._from_cache_or_flight(p, model):
+                continue
             model.queue.push(p)
             heapq.heappush(self._deadlines, (deadline, next(self._seq), p))
+        self._dirty.add(model)
+
+    def _from_cache_or_flight(self, p: Pending, model: Model) -> bool:
+        """Answer ``p`` from the cache, or make it wait on an identical query in flight.
+
+        Returns False when ``p`` must be computed; it is then the leader of its flight.
+        """
+        data = p.payload.buffer
+        key = self.cache.key(model.name, model.active_version, p.dtype, p.shape, data)
+        entry = self.cache.get(key, data)
+        if entry is not None:
+            model.cache_hits += 1
+            p.app.cache_hits += 1
+            ms = self._finish(p)
+            item = proto.ReplyFields(
+                p.request_id,
+                Status.OK,
+                entry.dtype,
+                entry.shape,
+                model=model.name,
+                model_version=key[1],
+                latency_us=int(ms * 1000),
+                models_answered=(model.name,),
+            )
+            self._reply(p.client, item, entry.output)
+            return True
+        leaders = self._flights.setdefault(key, [])
+        for leader in leaders:
+            if leader.payload.buffer == data:
+                leader.followers.append(p)
+                model.coalesced += 1
+                self.cache.figures.coalesced += 1
+                heapq.heappush(self._deadlines, (p.deadline, next(self._seq), p))
+                return True
+        p.cache_key, p.followers = key, []
+        leaders.append(p)
+        return False
+
+    def _release_flight(self, p: Pending) -> list[Pending]:
+        """End ``p``'s flight; returns its followers still waiting."""
+        leaders = self._flights.get(p.cache_key)
+        if leaders is not None:
+            if p in leaders:
+                leaders.remove(p)
+            if not leaders:
+                del self._flights[p.cache_key]
+        followers = [f for f in p.followers or () if not f.done]
+        p.cache_key, p.followers = None, None
+        return followers
+
+    def _promote(self, followers: list[Pending], key: Any) -> None:
+        """The leader got no prediction: the first follower computes for the rest."""
+        if not followers:
+            return
+        lead, rest = followers[0], followers[1:]
+        model = self.models.get(lead.model)
+        if model is None:
+            for f in followers:
+                self._answer_error(f, ErrorCode.NO_MODEL, f"model {lead.model!r} is gone")
+            return
+        lead.cache_key, lead.followers = key, rest
+        self._flights.setdefault(key, []).append(lead)
+        model.queue.push(lead)
         self._dirty.add(model)
 
     def _check_input(self, app: App, dtype: int, shape: tuple[int, ...], payloads: list[zmq.Frame]) -> str:
@@ -330,6 +399,9 @@ class Broker:
 
     def _finish(self, p: Pending) -> float:
         """Mark a query answered; returns its latency in ms."""
+        if p.cache_key is not None:
+            # reached only when an answer path did not release the flight itself
+            self._promote(self._release_flight(p), p.cache_key)
         p.done = True
         if p.queued:
             self.models[p.model].queue.discard(p)
@@ -341,6 +413,13 @@ class Broker:
     def _answer_output(
         self, p: Pending, replica: Replica, dtype: int, shape: tuple[int, ...], payload: Any
     ) -> None:
+        if p.cache_key is not None:
+            key = p.cache_key
+            followers = self._release_flight(p)
+            out = payload.buffer if isinstance(payload, zmq.Frame) else payload
+            self.cache.put((*key[:1], replica.version, *key[2:]), p.payload.buffer, dtype, shape, out)
+            for f in followers:
+                self._answer_output(f, replica, dtype, shape, bytes(out))
         ms = self._finish(p)
         item = proto.ReplyFields(
             p.request_id,
@@ -355,6 +434,10 @@ class Broker:
         self._reply(p.client, item, payload)
 
     def _answer_error(self, p: Pending, code: int, message: str) -> None:
+        if p.cache_key is not None and code == ErrorCode.MODEL_ERROR:
+            # the model fails this input: identical queries waiting on it share the error
+            for f in self._release_flight(p):
+                self._answer_error(f, code, message)
         ms = self._finish(p)
         p.app.errors += 1
         item = proto.ReplyFields(
@@ -519,6 +602,8 @@ class Broker:
         model = self.models.get(name)
         if model is None:
             model = self.models[name] = Model(name)
+        if not h.Deterministic():
+            model.deterministic = False
         if version not in model.known_versions:
             model.known_versions.append(version)
         if model.active_version is None:

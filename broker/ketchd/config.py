@@ -26,3 +26,5 @@ class BrokerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     default_slo_ms: float = 100.0
     retry_after_ms: int = 50
+    cache_bytes: int = 256 * 1024 * 1024  # prediction cache bound; 0 turns the cache off
+    cache_ttl_s: float = 0.0  # 0: cached predictions do not expire

@@ -28,7 +28,9 @@ class App:
     default: Any = None  # a JSON value, or None for "no default: answer DEADLINE"
     has_default: bool = False
     models: list[str] = field(default_factory=list)
+    cache: bool = True  # answer repeated inputs from the prediction cache
     # figures
+    cache_hits: int = 0
     queries: int = 0
     answered: int = 0
     defaults: int = 0
@@ -44,6 +46,7 @@ class App:
             "default": self.default if self.has_default else None,
             "has_default": self.has_default,
             "models": list(self.models),
+            "cache": self.cache,
         }
 
     @classmethod
@@ -56,11 +59,13 @@ class App:
             default=d.get("default"),
             has_default=bool(d.get("has_default", d.get("default") is not None)),
             models=list(d.get("models", [])),
+            cache=bool(d.get("cache", True)),
         )
 
     def figures(self) -> dict[str, Any]:
         return {
             "queries": self.queries,
+            "cache_hits": self.cache_hits,
             "answered": self.answered,
             "defaults": self.defaults,
             "errors": self.errors,
@@ -108,6 +113,9 @@ class Pending:
     queued: bool = False
     requeued: bool = False
     replica: Replica | None = None
+    # single-flight: a leader computes for identical queries that wait as its followers
+    cache_key: Any = None
+    followers: list[Pending] | None = None
 
 
 @dataclass
@@ -182,13 +190,15 @@ class Model:
     known_versions: list[str] = field(default_factory=list)
     max_batch: int = 0  # 0: the broker's default
     max_queue: int = 0  # 0: the broker's default
-    deterministic: bool = True
+    deterministic: bool = True  # false once any replica says its answers vary
     queue: ModelQueue = field(default_factory=ModelQueue)
     replicas: dict[bytes, Replica] = field(default_factory=dict)
     # figures
     batches: int = 0
     batched_items: int = 0
     errors: int = 0
+    cache_hits: int = 0
+    coalesced: int = 0
 
     def live_replicas(self, version: str | None = None) -> Iterable[Replica]:
         version = self.active_version if version is None else version
@@ -236,6 +246,9 @@ class Model:
             "batches": self.batches,
             "mean_batch": round(self.batched_items / self.batches, 2) if self.batches else 0.0,
             "errors": self.errors,
+            "cache_hits": self.cache_hits,
+            "coalesced": self.coalesced,
+            "deterministic": self.deterministic,
         }
 
 

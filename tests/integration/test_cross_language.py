@@ -19,10 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ketch
 import numpy as np
 import pytest
-
-import ketch
 from ketch import _protocol as proto
 from ketch.local import wait_for
 
@@ -108,16 +107,36 @@ def test_python_reads_golden_bytes_of_java_and_r_unchanged(tmp_path):
         out = tmp_path / sdk
         run_vectors(sdk, "decode", VECTORS, out)
         for name, twin in twins().items():
-            assert normalise(json.loads((out / f"{name}.json").read_text("utf-8"))) == normalise(twin), (sdk, name)
+            got = json.loads((out / f"{name}.json").read_text("utf-8"))
+            assert normalise(got) == normalise(twin), (sdk, name)
 
 
 CONTAINERS = {
     "java": lambda backend, name, kind, rid: java_cmd(
-        "io.ketch.examples.Serve", "--broker", backend, "--name", name, "--version", "1", "--kind", kind,
-        "--replica-id", rid,
+        "io.ketch.examples.Serve",
+        "--broker",
+        backend,
+        "--name",
+        name,
+        "--version",
+        "1",
+        "--kind",
+        kind,
+        "--replica-id",
+        rid,
     ),
     "r": lambda backend, name, kind, rid: r_cmd(
-        "serve_example.R", "--broker", backend, "--name", name, "--version", "1", "--kind", kind, "--replica-id", rid
+        "serve_example.R",
+        "--broker",
+        backend,
+        "--name",
+        name,
+        "--version",
+        "1",
+        "--kind",
+        kind,
+        "--replica-id",
+        rid,
     ),
 }
 

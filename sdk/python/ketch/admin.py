@@ -80,6 +80,7 @@ class Admin:
         slo_ms: float | None = None,
         default: Any = None,
         models: list[str] | None = None,
+        cache: bool = True,
     ) -> dict[str, Any]:
         return self.call(
             "app.create",
@@ -89,7 +90,13 @@ class Admin:
             slo_ms=slo_ms,
             default=default,
             models=models or [],
+            cache=cache,
         )
+
+    def configure_app(
+        self, name: str, *, cache: bool | None = None, slo_ms: float | None = None
+    ) -> dict[str, Any]:
+        return self.call("app.configure", name=name, cache=cache, slo_ms=slo_ms)
 
     def list_apps(self) -> list[dict[str, Any]]:
         return self.call("app.list")

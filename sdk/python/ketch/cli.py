@@ -175,10 +175,13 @@ def app() -> None:
     "--default", "default", default=None, help="Default output as JSON, returned when no model answers."
 )
 @click.option("--model", "models", multiple=True, help="Model to link (may not be deployed yet).")
+@click.option(
+    "--cache/--no-cache", default=True, show_default=True, help="Answer repeated inputs from the cache."
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handles_errors
-def app_create(ctx, name, input_type, input_shape, slo_ms, default, models, as_json) -> None:
+def app_create(ctx, name, input_type, input_shape, slo_ms, default, models, cache, as_json) -> None:
     """Create app NAME."""
     default_value = _json_value(default, "--default") if default is not None else None
     with _admin(ctx) as admin:
@@ -191,8 +194,22 @@ def app_create(ctx, name, input_type, input_shape, slo_ms, default, models, as_j
             default=default_value,
             has_default=default is not None,
             models=list(models),
+            cache=cache,
         )
     _print_json(doc) if as_json else click.echo(f"created app {name}")
+
+
+@app.command("configure")
+@click.argument("name")
+@click.option("--cache/--no-cache", default=None, help="Switch the prediction cache for this app.")
+@click.option("--slo-ms", type=float, default=None, help="New latency objective.")
+@click.pass_context
+@handles_errors
+def app_configure(ctx, name, cache, slo_ms) -> None:
+    """Change an app's cache switch or SLO."""
+    with _admin(ctx) as admin:
+        doc = admin.configure_app(name, cache=cache, slo_ms=slo_ms)
+    click.echo(f"app {name}: slo {doc['slo_ms']:g} ms, cache {'on' if doc['cache'] else 'off'}")
 
 
 @app.command("list")
@@ -502,11 +519,12 @@ def _stats_tables(figures: dict[str, Any]) -> None:
                 a["errors"],
                 a["p50_ms"],
                 a["p99_ms"],
+                a["cache_hits"],
                 ",".join(a["models"]) or "-",
             )
             for name, a in figures["apps"].items()
         ],
-        ("APP", "QUERIES", "ANSWERED", "DEFAULTS", "ERRORS", "P50_MS", "P99_MS", "MODELS"),
+        ("APP", "QUERIES", "ANSWERED", "DEFAULTS", "ERRORS", "P50_MS", "P99_MS", "CACHE_HITS", "MODELS"),
     )
     click.echo()
     _table(
@@ -519,11 +537,32 @@ def _stats_tables(figures: dict[str, Any]) -> None:
                 m["batches"],
                 m["mean_batch"],
                 m["errors"],
+                m["cache_hits"],
+                m["coalesced"],
             )
             for name, m in figures["models"].items()
         ],
-        ("MODEL", "VERSION", "REPLICAS", "QUEUE", "BATCHES", "MEAN_BATCH", "ERRORS"),
+        (
+            "MODEL",
+            "VERSION",
+            "REPLICAS",
+            "QUEUE",
+            "BATCHES",
+            "MEAN_BATCH",
+            "ERRORS",
+            "CACHE_HITS",
+            "COALESCED",
+        ),
     )
+    cache = figures.get("cache")
+    if cache:
+        click.echo()
+        click.echo(
+            f"cache: {cache['entries']} entries, {cache['bytes'] / 2**20:.1f} of"
+            f" {cache['max_bytes'] / 2**20:.0f} MiB;"
+            f" hits {cache['hits']}, misses {cache['misses']}, coalesced {cache['coalesced']},"
+            f" evictions {cache['evictions']}, expired {cache['expired']}"
+        )
 
 
 @main.command("demo")
