@@ -90,7 +90,9 @@ def start_model(broker_process, tmp_path) -> Iterator:
 
     def start(target: str, name: str, **kw) -> LocalModel:
         kw.setdefault("log_path", str(tmp_path / f"model-{name}-{len(started)}.log"))
-        model = LocalModel(target, name, backend=broker_process.backend, **kw).start()
+        model = LocalModel(
+            target, name, backend=broker_process.backend, admin=broker_process.admin, **kw
+        ).start()
         started.append(model)
         return model
 

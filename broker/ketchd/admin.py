@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ketch import _errors as errors
 from ketch import _protocol as proto
 
+from ketchd.batching import MODES
 from ketchd.registry import App, Model, ReplicaState
 
 if TYPE_CHECKING:
@@ -229,8 +230,18 @@ class AdminOps:
         return self._model_doc(model)
 
     def op_model_configure(
-        self, name: str, max_batch: int | None = None, max_queue: int | None = None
+        self,
+        name: str,
+        max_batch: int | None = None,
+        max_queue: int | None = None,
+        batching: str | None = None,
+        batch_delay_ms: float | None = None,
+        create: bool = False,
     ) -> dict[str, Any]:
+        """Queue policy of a model: max batch, max queue, batching mode, batch delay."""
+        if create and name not in self.broker.models:
+            _check_name("model", name)
+            self.broker.models[name] = Model(name)
         model = self._model(name)
         if max_batch is not None:
             if int(max_batch) < 0:
@@ -240,7 +251,17 @@ class AdminOps:
             if int(max_queue) < 0:
                 raise errors.Invalid("max_queue must be 0 (broker default) or more")
             model.max_queue = int(max_queue)
+        if batching is not None:
+            if batching not in MODES:
+                raise errors.Invalid(f"batching {batching!r}: one of {', '.join(MODES)}")
+            model.batching = batching
+        if batch_delay_ms is not None:
+            delay = float(batch_delay_ms)
+            if not (math.isfinite(delay) and 0 <= delay <= 10_000):
+                raise errors.Invalid("batch_delay_ms must be between 0 and 10000")
+            model.batch_delay_ms = delay
         self.broker.persist_model(model)
+        self.broker.reconfigure(model)
         return self._model_doc(model)
 
     def op_replica_list(self, model: str | None = None) -> list[dict[str, Any]]:
@@ -260,6 +281,7 @@ class AdminOps:
                 name: {**m.figures(), "active_version": m.active_version}
                 for name, m in sorted(b.models.items())
             },
+            "replicas": [r.to_json() for r in b.replicas.values() if r.state is not ReplicaState.DEAD],
             "cache": {
                 **b.cache.figures.to_json(),
                 "entries": len(b.cache),

@@ -33,6 +33,7 @@ from ketch.wire.ErrorCode import ErrorCode
 from ketch.wire.Status import Status
 
 from ketchd.admin import AdminOps
+from ketchd.batching import BatchController, decide
 from ketchd.cache import PredictionCache
 from ketchd.config import BrokerConfig
 from ketchd.registry import App, Batch, Model, Pending, Replica, ReplicaState, next_batch_id
@@ -63,6 +64,7 @@ class Broker:
         self._held_admin: dict[int, tuple[bytes, bytes]] = {}
         self.cache = PredictionCache(self.config.cache_bytes, self.config.cache_ttl_s)
         self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
+        self._batch_timers: dict[Model, float] = {}  # model -> when to look at its queue again
         self._stopping = False
         self._stop_reason = ""
         self._next_housekeeping = 0.0
@@ -165,6 +167,8 @@ class Broker:
         nxt = self._next_housekeeping
         if self._deadlines:
             nxt = min(nxt, self._deadlines[0][0])
+        if self._batch_timers:
+            nxt = min(nxt, min(self._batch_timers.values()))
         return max(0, min(1000, int((nxt - now) * 1000) + 1))
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], None]) -> None:
@@ -261,6 +265,7 @@ class Broker:
         limit = model.max_queue or self.config.max_queue
         if len(model.queue) + len(ids) > limit:
             app.errors += len(ids)
+            model.refused += len(ids)
             refuse(
                 ErrorCode.OVERLOADED,
                 f"queue of model {model.name!r} is full ({limit} queries)",
@@ -483,12 +488,17 @@ class Broker:
                 )
             else:
                 why = f"deadline: query waited {slo:.0f} ms in the queue of model {p.model!r}"
+                if p.queued or p.followers is not None:
+                    model.dropped += 1
             self.counters["deadline_defaults"] += 1
             self._answer_default(p, why)
 
     # ------------------------------------------------------------ dispatch
 
     def _dispatch(self, now: float) -> None:
+        for model, at in list(self._batch_timers.items()):
+            if at <= now:
+                self._dirty.add(model)
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
@@ -496,19 +506,37 @@ class Broker:
             self._dispatch_model(model, now)
 
     def _dispatch_model(self, model: Model, now: float) -> None:
+        """Send batches while a replica has credit and the batch controller says go."""
         queue = model.queue
+        self._batch_timers.pop(model, None)
         while len(queue):
             replica = max(model.live_replicas(), key=lambda r: r.free_credit, default=None)
             if replica is None or replica.free_credit <= 0:
                 return
-            limit = model.max_batch or self.config.max_batch
-            if replica.max_batch:
-                limit = min(limit, replica.max_batch)
-            items = [p for p in queue.take(limit) if p.deadline > now]
+            head = queue.peek()
+            busy = replica.busy_ms(now)
+            decision = decide(
+                replica.controller,
+                len(queue),
+                (head.deadline - now) * 1000,
+                (now - head.arrived) * 1000,
+                busy,
+            )
+            if decision.send == 0:  # wait a little to fill the batch
+                self._batch_timers[model] = now + decision.wait_ms / 1000
+                return
+            items = []
+            for p in queue.take(decision.send):
+                if p.deadline > now:
+                    items.append(p)
+                    model.queue_wait_ms.add((now - p.arrived) * 1000)
             if items:
-                self._send_batch(model, replica, items, now)
+                budget = (min(p.deadline for p in items) - now) * 1000 - busy
+                self._send_batch(model, replica, items, now, budget)
 
-    def _send_batch(self, model: Model, replica: Replica, items: list[Pending], now: float) -> None:
+    def _send_batch(
+        self, model: Model, replica: Replica, items: list[Pending], now: float, budget_ms: float
+    ) -> None:
         batch_id = next_batch_id()
         ndim = len(items[0].shape)
         if all(p.shape == items[0].shape for p in items):
@@ -519,7 +547,8 @@ class Broker:
         header = proto.build_predict_request(
             batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
         )
-        batch = Batch(batch_id, replica, items, now)
+        batch = Batch(batch_id, replica, items, now, budget_ms)
+        replica.sizes.add(len(items))
         for p in items:
             p.replica = replica
         self.batches[batch_id] = batch
@@ -625,6 +654,7 @@ class Broker:
             last_seen=now,
             last_sent=now,
         )
+        replica.controller = BatchController(model.policy(self.config.max_batch, replica.max_batch))
         self.replicas[identity] = replica
         self.replica_ids[replica_id] = identity
         model.replicas[identity] = replica
@@ -655,6 +685,15 @@ class Broker:
         model = self.models[replica.model]
         self._dirty.add(model)
         items = batch.items
+        # feed the controller with compute + RPC; time spent queued behind an earlier
+        # batch at the replica is neither (the replica computes one batch at a time)
+        compute_ms = r.ComputeUs() / 1000
+        started = max(batch.sent, replica.last_reply)
+        rpc_ms = max(0.0, (now - started) * 1000 - compute_ms)
+        replica.last_reply = now
+        replica.compute_ms.add(compute_ms)
+        replica.rpc_ms.add(rpc_ms)
+        replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)
         n = r.OutputsLength()
         failure = ""
         if n == 0:
@@ -773,6 +812,12 @@ class Broker:
             self.store.delete("apps", name)
 
     def mark_dirty(self, model: Model) -> None:
+        self._dirty.add(model)
+
+    def reconfigure(self, model: Model) -> None:
+        """Give every replica of ``model`` the model's current batching policy."""
+        for replica in model.replicas.values():
+            replica.controller.policy = model.policy(self.config.max_batch, replica.max_batch)
         self._dirty.add(model)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import zmq
 from ketch import _protocol as proto
 
+from ketchd.batching import BatchController, BatchPolicy
 from ketchd.queue import ModelQueue
-from ketchd.stats import LatencyWindow
+from ketchd.stats import LatencyWindow, SizeHistogram
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Batch:
     replica: Replica
     items: list[Pending]
     sent: float
+    budget_ms: float = math.inf  # time the batch had to its earliest deadline when sent
 
 
 @dataclass(eq=False)
@@ -144,9 +147,24 @@ class Replica:
     last_sent: float
     state: ReplicaState = ReplicaState.CONNECTING
     inflight: dict[int, Batch] = field(default_factory=dict)
+    controller: BatchController = field(default_factory=lambda: BatchController(BatchPolicy()))
+    last_reply: float = 0.0
     batches: int = 0
     items: int = 0
     errors: int = 0
+    sizes: SizeHistogram = field(default_factory=SizeHistogram)
+    compute_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
+    rpc_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
+
+    def busy_ms(self, now: float) -> float:
+        """Predicted time before this replica can start one more batch."""
+        total = 0.0
+        for batch in self.inflight.values():
+            predicted = self.controller.predict_ms(len(batch.items))
+            if predicted is None:
+                predicted = self.compute_ms.quantiles(0.5)[0] if len(self.compute_ms) else 0.0
+            total += max(0.0, predicted - (now - batch.sent) * 1000)
+        return total
 
     def move(self, new: ReplicaState) -> None:
         if new is self.state:
@@ -179,6 +197,10 @@ class Replica:
             "batches": self.batches,
             "items": self.items,
             "errors": self.errors,
+            "batch_size": self.controller.current_size,
+            "batch_sizes": self.sizes.to_json(),
+            "compute_ms": self.compute_ms.summary(),
+            "rpc_ms": self.rpc_ms.summary(),
         }
 
 
@@ -190,6 +212,8 @@ class Model:
     known_versions: list[str] = field(default_factory=list)
     max_batch: int = 0  # 0: the broker's default
     max_queue: int = 0  # 0: the broker's default
+    batching: str = "model"  # model | aimd | fixed (ketchd.batching)
+    batch_delay_ms: float = 0.0
     deterministic: bool = True  # false once any replica says its answers vary
     queue: ModelQueue = field(default_factory=ModelQueue)
     replicas: dict[bytes, Replica] = field(default_factory=dict)
@@ -199,6 +223,9 @@ class Model:
     errors: int = 0
     cache_hits: int = 0
     coalesced: int = 0
+    dropped: int = 0  # deadline passed while queued
+    refused: int = 0  # OVERLOADED
+    queue_wait_ms: LatencyWindow = field(default_factory=LatencyWindow)
 
     def live_replicas(self, version: str | None = None) -> Iterable[Replica]:
         version = self.active_version if version is None else version
@@ -224,7 +251,15 @@ class Model:
             "versions": list(self.known_versions),
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
+            "batching": self.batching,
+            "batch_delay_ms": self.batch_delay_ms,
         }
+
+    def policy(self, default_max_batch: int, replica_max: int = 0) -> BatchPolicy:
+        limit = self.max_batch or default_max_batch
+        if replica_max:
+            limit = min(limit, replica_max)
+        return BatchPolicy(mode=self.batching, max_batch=limit, batch_delay_ms=self.batch_delay_ms)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Model:
@@ -235,6 +270,8 @@ class Model:
             known_versions=list(d.get("versions", [])),
             max_batch=int(d.get("max_batch", 0)),
             max_queue=int(d.get("max_queue", 0)),
+            batching=str(d.get("batching", "model")),
+            batch_delay_ms=float(d.get("batch_delay_ms", 0.0)),
         )
 
     def figures(self) -> dict[str, Any]:
@@ -249,6 +286,10 @@ class Model:
             "cache_hits": self.cache_hits,
             "coalesced": self.coalesced,
             "deterministic": self.deterministic,
+            "dropped": self.dropped,
+            "refused": self.refused,
+            "queue_wait_ms": self.queue_wait_ms.summary(),
+            "batching": self.batching,
         }
 
 

@@ -28,3 +28,25 @@ class LatencyWindow:
     def summary(self) -> dict[str, float]:
         p50, p99 = self.quantiles(0.5, 0.99)
         return {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
+
+    def mean(self) -> float:
+        n = len(self)
+        return float(self._ring[:n].mean()) if n else 0.0
+
+
+class SizeHistogram:
+    """Counts of batch sizes in power-of-two buckets: 1, 2, 3-4, 5-8, ..."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+
+    def add(self, size: int) -> None:
+        bucket = 1 << max(0, (size - 1).bit_length())
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+
+    def to_json(self) -> dict[str, int]:
+        out = {}
+        for upper in sorted(self.counts):
+            lower = upper // 2 + 1 if upper > 1 else 1
+            out[str(upper) if lower == upper else f"{lower}-{upper}"] = self.counts[upper]
+        return out

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import threading
 
+import ketch
 import numpy as np
 import pytest
-
-import ketch
 from ketch.local import wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -126,9 +126,28 @@ class Admin:
         return self.call("model.rollback", name=name)
 
     def configure_model(
-        self, name: str, *, max_batch: int | None = None, max_queue: int | None = None
+        self,
+        name: str,
+        *,
+        max_batch: int | None = None,
+        max_queue: int | None = None,
+        batching: str | None = None,
+        batch_delay_ms: float | None = None,
+        create: bool = False,
     ) -> dict[str, Any]:
-        return self.call("model.configure", name=name, max_batch=max_batch, max_queue=max_queue)
+        """Set a model's queue policy; ``batching`` is "model", "aimd" or "fixed".
+
+        ``create``: register the model first if the broker does not know it yet.
+        """
+        return self.call(
+            "model.configure",
+            name=name,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            batching=batching,
+            batch_delay_ms=batch_delay_ms,
+            create=create,
+        )
 
     def replicas(self, model: str | None = None) -> list[dict[str, Any]]:
         return self.call("replica.list", model=model)

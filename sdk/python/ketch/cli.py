@@ -377,18 +377,41 @@ def model_run(
 @model.command("serve")
 @replica_options
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1), help="Replica processes.")
+@click.option(
+    "--batching",
+    type=click.Choice(["model", "aimd", "fixed"]),
+    default=None,
+    help="Batch size control of the model (broker default: model, a per-replica latency model).",
+)
+@click.option(
+    "--batch-delay-ms", type=click.FloatRange(0, 10_000), default=None, help="Wait to fill a batch."
+)
+@click.option("--max-queue", type=click.IntRange(1), default=None, help="Queries the model's queue holds.")
+@click.pass_context
 @handles_errors
-def model_serve(replicas, **kw):
+def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
     """Run REPLICAS supervised processes of TARGET (restarted if they crash) until Ctrl-C/SIGTERM.
 
     TARGET is MODULE:ATTR or FILE.py:ATTR naming a batch function predict(inputs) -> outputs,
     a class or factory giving an object with predict, or a scikit-learn estimator.
+    --batching, --batch-delay-ms, --max-queue and --max-batch set the model's queue policy
+    in the broker (through its admin socket) before the replicas start.
     """
     from ketch._targets import load_target
     from ketch.supervisor import Supervisor, replica_argv
 
     _log.configure()
     load_target(kw["target"])  # fail here, once, rather than in every replica
+    if batching is not None or batch_delay_ms is not None or max_queue is not None or kw["max_batch"]:
+        with _admin(ctx) as admin:
+            admin.configure_model(
+                kw["name"],
+                batching=batching,
+                batch_delay_ms=batch_delay_ms,
+                max_queue=max_queue,
+                max_batch=kw["max_batch"] or None,
+                create=True,
+            )
     sys.exit(Supervisor(replica_argv(kw["target"], _replica_cli_options(kw)), replicas).run())
 
 
@@ -509,51 +532,43 @@ def stats(ctx, as_json, watch) -> None:
 
 
 def _stats_tables(figures: dict[str, Any]) -> None:
+    app_columns = {
+        "APP": None, "QUERIES": "queries", "ANSWERED": "answered", "DEFAULTS": "defaults", "ERRORS": "errors",
+        "P50_MS": "p50_ms", "P99_MS": "p99_ms", "CACHE_HITS": "cache_hits",
+    }  # fmt: skip
     _table(
         [
-            (
-                name,
-                a["queries"],
-                a["answered"],
-                a["defaults"],
-                a["errors"],
-                a["p50_ms"],
-                a["p99_ms"],
-                a["cache_hits"],
-                ",".join(a["models"]) or "-",
-            )
+            (name, *(a[k] for k in list(app_columns.values())[1:]), ",".join(a["models"]) or "-")
             for name, a in figures["apps"].items()
         ],
-        ("APP", "QUERIES", "ANSWERED", "DEFAULTS", "ERRORS", "P50_MS", "P99_MS", "CACHE_HITS", "MODELS"),
+        (*app_columns, "MODELS"),
     )
+    model_columns = {
+        "MODEL": None, "VERSION": "active_version", "REPLICAS": "replicas", "QUEUE": "queue_depth",
+        "BATCHES": "batches", "MEAN_BATCH": "mean_batch", "ERRORS": "errors", "CACHE_HITS": "cache_hits",
+        "COALESCED": "coalesced", "DROPPED": "dropped", "REFUSED": "refused", "BATCHING": "batching",
+    }  # fmt: skip
     click.echo()
     _table(
         [
-            (
-                name,
-                m["active_version"] or "-",
-                m["replicas"],
-                m["queue_depth"],
-                m["batches"],
-                m["mean_batch"],
-                m["errors"],
-                m["cache_hits"],
-                m["coalesced"],
-            )
+            (name, *(m[k] for k in list(model_columns.values())[1:]), m["queue_wait_ms"]["p99_ms"])
             for name, m in figures["models"].items()
         ],
-        (
-            "MODEL",
-            "VERSION",
-            "REPLICAS",
-            "QUEUE",
-            "BATCHES",
-            "MEAN_BATCH",
-            "ERRORS",
-            "CACHE_HITS",
-            "COALESCED",
-        ),
+        (*model_columns, "QUEUE_WAIT_P99"),
     )
+    if figures.get("replicas"):
+        click.echo()
+        _table(
+            [
+                (
+                    r["replica_id"], r["model"], r["version"], r["state"], r["inflight"], r["batch_size"],
+                    r["batches"], r["items"], r["compute_ms"]["p50_ms"], r["rpc_ms"]["p50_ms"],
+                )
+                for r in figures["replicas"]
+            ],
+            ("REPLICA", "MODEL", "VERSION", "STATE", "INFLIGHT", "BATCH_SIZE", "BATCHES", "ITEMS",
+             "COMPUTE_P50", "RPC_P50"),
+        )  # fmt: skip
     cache = figures.get("cache")
     if cache:
         click.echo()

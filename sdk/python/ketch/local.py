@@ -152,7 +152,11 @@ class LocalBroker:
 
 
 class LocalModel:
-    """``ketch model serve TARGET`` as a supervised process group of ``replicas`` replicas."""
+    """``ketch model serve TARGET`` as a supervised process group of ``replicas`` replicas.
+
+    ``admin`` is the broker's admin address, needed when ``extra_args`` set the model's
+    queue policy (``--batching``, ``--batch-delay-ms``, ``--max-queue``, ``--max-batch``).
+    """
 
     def __init__(
         self,
@@ -168,12 +172,14 @@ class LocalModel:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         log_path: str | None = None,
+        admin: str | None = None,
     ) -> None:
         cmd = "serve" if supervised else "run"
         self.argv = [
             sys.executable,
             "-m",
             "ketch.cli",
+            *(["--admin", admin] if admin else []),
             "model",
             cmd,
             target,

@@ -1,0 +1,167 @@
+"""Batch formation: when to send a batch to a replica, and how many queries to put in it.
+
+Pure code (no sockets, no clock of its own): the broker asks ``decide`` with the state of
+a model's queue and one replica's ``BatchController``, and feeds each finished batch back
+through ``BatchController.observe``. Three modes, chosen per model:
+
+``fixed``
+    Always up to ``max_batch`` queries (with ``batch_delay_ms``, wait to fill it).
+``aimd``
+    Additive increase, multiplicative decrease, as in Clipper: the size grows by
+    ``step`` while the observed latency of a batch (compute + RPC, never queue wait) stays
+    under the latency budget, and shrinks by 10% when it goes over.
+``model`` (the default)
+    A latency model per replica: for each batch size seen, a high quantile (p95) of its
+    recent latencies; a line fitted through those points predicts the latency of any
+    size, and the batch is the largest size whose predicted completion meets the earliest
+    deadline in the queue. Until it has points for two sizes it behaves as ``aimd``,
+    which explores; it never jumps to more than twice the largest size it has seen.
+
+The budget of a batch is the time left to the earliest deadline among the queries it
+would carry, less the time the replica still needs for the batch it is computing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MODES = ("model", "aimd", "fixed")
+
+
+@dataclass
+class BatchPolicy:
+    """A model's batching settings (queue policy as data)."""
+
+    mode: str = "model"
+    max_batch: int = 64  # hard ceiling
+    batch_delay_ms: float = 0.0  # wait this long at most to fill a batch, if deadlines allow
+    aimd_step: int = 2
+    aimd_backoff: float = 0.9
+    quantile: float = 0.95
+    window: int = 32  # latencies kept per batch size
+    safety: float = 0.9  # use this share of a deadline's time left
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"batching mode {self.mode!r}: one of {', '.join(MODES)}")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if self.batch_delay_ms < 0:
+            raise ValueError("batch_delay_ms must be 0 or more")
+
+
+@dataclass
+class BatchController:
+    """One replica's batch size: AIMD state and the latency model."""
+
+    policy: BatchPolicy
+    aimd_size: float = 1.0
+    _samples: dict[int, deque[float]] = field(default_factory=dict)
+    _fit: tuple[float, float] | None = None  # (intercept ms, ms per item)
+    _largest_seen: int = 0
+
+    def observe(self, size: int, latency_ms: float, budget_ms: float) -> None:
+        """A batch of ``size`` took ``latency_ms`` (compute + RPC) against ``budget_ms``."""
+        p = self.policy
+        if latency_ms <= budget_ms:
+            self.aimd_size = min(float(p.max_batch), self.aimd_size + p.aimd_step)
+        else:
+            self.aimd_size = max(1.0, self.aimd_size * p.aimd_backoff)
+        window = self._samples.get(size)
+        if window is None:
+            window = self._samples[size] = deque(maxlen=p.window)
+        window.append(latency_ms)
+        self._largest_seen = max(self._largest_seen, size)
+        self._fit = None
+
+    def quantile_points(self) -> list[tuple[int, float]]:
+        q = self.policy.quantile
+        return sorted(
+            (size, float(np.quantile(np.fromiter(w, float), q))) for size, w in self._samples.items() if w
+        )
+
+    def fit(self) -> tuple[float, float] | None:
+        """(intercept, slope) of latency against batch size, or None without two sizes."""
+        if self._fit is None:
+            points = self.quantile_points()
+            if len(points) < 2:
+                return None
+            sizes = np.array([s for s, _ in points], dtype=float)
+            lat = np.array([v for _, v in points], dtype=float)
+            weights = np.array([len(self._samples[s]) for s, _ in points], dtype=float)
+            slope, intercept = np.polyfit(sizes, lat, 1, w=np.sqrt(weights))
+            # the line must not promise less than the worst small batch seen
+            intercept = max(intercept, float(lat.min()) - max(slope, 0.0) * float(sizes.min()))
+            self._fit = (float(intercept), max(float(slope), 1e-6))
+        return self._fit
+
+    def predict_ms(self, size: int) -> float | None:
+        fit = self.fit()
+        if fit is None:
+            return None
+        return fit[0] + fit[1] * size
+
+    def size_for(self, budget_ms: float) -> int:
+        """The batch size to send when the earliest deadline leaves ``budget_ms``."""
+        p = self.policy
+        if p.mode == "fixed":
+            return p.max_batch
+        aimd = max(1, min(p.max_batch, int(self.aimd_size)))
+        if p.mode == "aimd":
+            return aimd
+        fit = self.fit()
+        if fit is None:
+            return aimd
+        intercept, slope = fit
+        ceiling = min(p.max_batch, max(2 * self._largest_seen, 2))
+        usable = budget_ms * p.safety
+        if math.isinf(usable):
+            return ceiling
+        if usable <= intercept:
+            return 1
+        return max(1, min(ceiling, int((usable - intercept) / slope)))
+
+    @property
+    def current_size(self) -> int:
+        """The size it would choose with no deadline pressing (for figures)."""
+        return self.size_for(math.inf)
+
+
+@dataclass
+class Decision:
+    send: int  # queries to send now (0: wait)
+    wait_ms: float  # when send is 0: how long to wait at most before asking again
+
+
+def decide(
+    controller: BatchController,
+    queued: int,
+    earliest_left_ms: float,
+    oldest_waited_ms: float,
+    replica_busy_ms: float = 0.0,
+) -> Decision:
+    """How many of ``queued`` queries to send to this replica now.
+
+    ``earliest_left_ms``: time left to the earliest deadline in the queue;
+    ``oldest_waited_ms``: how long the oldest queued query has waited;
+    ``replica_busy_ms``: predicted time before the replica can start this batch.
+    """
+    if queued <= 0:
+        return Decision(0, math.inf)
+    p = controller.policy
+    budget = earliest_left_ms - replica_busy_ms
+    target = controller.size_for(budget)
+    if queued >= target or p.batch_delay_ms <= 0:
+        return Decision(min(queued, target), 0.0)
+    # fewer queued than we could send: wait to fill, while the delay and the deadline allow
+    wait = p.batch_delay_ms - oldest_waited_ms
+    predicted = controller.predict_ms(target) or 0.0
+    slack = budget * p.safety - predicted
+    wait = min(wait, slack)
+    if wait <= 0:
+        return Decision(queued, 0.0)
+    return Decision(0, wait)

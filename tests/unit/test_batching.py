@@ -1,0 +1,94 @@
+"""The batch controller and the send/wait decision on synthetic latency curves."""
+
+import math
+
+import numpy as np
+import pytest
+from ketchd.batching import BatchController, BatchPolicy, decide
+
+
+def curve(overhead_ms: float, per_item_ms: float, noise: float = 0.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return lambda n: overhead_ms + per_item_ms * n + abs(rng.normal(0, noise))
+
+
+def drive(ctl: BatchController, latency, budget_ms: float, steps: int) -> list[int]:
+    sizes = []
+    for _ in range(steps):
+        n = ctl.size_for(budget_ms)
+        sizes.append(n)
+        ctl.observe(n, latency(n), budget_ms)
+    return sizes
+
+
+@pytest.mark.parametrize("mode", ["aimd", "model"])
+def test_converges_near_the_largest_feasible_size(mode):
+    # 2 ms overhead + 0.25 ms per item, 20 ms budget: the largest feasible batch is 72
+    ctl = BatchController(BatchPolicy(mode=mode, max_batch=512))
+    sizes = drive(ctl, curve(2.0, 0.25, noise=0.05), 20.0, 300)
+    tail = sizes[-50:]
+    feasible = (20.0 * (0.9 if mode == "model" else 1.0) - 2.0) / 0.25
+    assert max(tail) <= 73
+    assert np.mean(tail) >= 0.75 * feasible, (mode, np.mean(tail), feasible)
+
+
+@pytest.mark.parametrize("mode", ["aimd", "model"])
+def test_backs_off_when_latency_jumps(mode):
+    ctl = BatchController(BatchPolicy(mode=mode, max_batch=512, window=8))
+    drive(ctl, curve(1.0, 0.1), 20.0, 200)
+    before = ctl.size_for(20.0)
+    sizes = drive(ctl, curve(1.0, 1.0), 20.0, 100)  # the model became 10x slower per item
+    after = np.mean(sizes[-20:])
+    assert after < before / 3
+    assert after <= 20  # 1 + 1.0 * n <= 20
+
+
+@pytest.mark.parametrize("mode", ["aimd", "model", "fixed"])
+def test_never_exceeds_max_batch(mode):
+    ctl = BatchController(BatchPolicy(mode=mode, max_batch=8))
+    sizes = drive(ctl, curve(0.1, 0.001), 1000.0, 100)
+    assert max(sizes) <= 8
+    assert sizes[-1] == 8
+
+
+def test_model_never_jumps_past_twice_what_it_has_seen():
+    ctl = BatchController(BatchPolicy(mode="model", max_batch=4096))
+    ctl.observe(1, 1.0, 100)
+    ctl.observe(2, 1.1, 100)
+    assert ctl.size_for(1000.0) == 4
+    assert ctl.size_for(math.inf) == 4
+
+
+def test_tight_deadline_sends_small_batches():
+    ctl = BatchController(BatchPolicy(mode="model", max_batch=256))
+    drive(ctl, curve(2.0, 0.25), 50.0, 200)
+    assert ctl.size_for(2.5) == 1  # only the overhead fits: one query at a time
+    assert 10 <= ctl.size_for(10.0) <= 30
+
+
+def test_decide_waits_to_fill_only_while_the_delay_and_deadline_allow():
+    ctl = BatchController(BatchPolicy(mode="fixed", max_batch=32, batch_delay_ms=5.0))
+    d = decide(ctl, queued=4, earliest_left_ms=100.0, oldest_waited_ms=1.0)
+    assert d.send == 0 and d.wait_ms == pytest.approx(4.0)
+    d = decide(ctl, queued=4, earliest_left_ms=100.0, oldest_waited_ms=6.0)
+    assert d.send == 4  # waited long enough
+    d = decide(ctl, queued=32, earliest_left_ms=100.0, oldest_waited_ms=0.0)
+    assert d.send == 32  # full: go now
+    d = decide(ctl, queued=4, earliest_left_ms=2.0, oldest_waited_ms=0.0, replica_busy_ms=2.0)
+    assert d.send == 4  # the replica is busy until the deadline: no time to wait
+    ctl.observe(1, 1.0, 100.0)
+    ctl.observe(32, 3.0, 100.0)
+    d = decide(ctl, queued=4, earliest_left_ms=3.2, oldest_waited_ms=0.0)
+    assert d.send == 4  # a full batch would take 3 ms: waiting would miss the deadline
+    no_delay = BatchController(BatchPolicy(mode="fixed", max_batch=32))
+    assert decide(no_delay, queued=3, earliest_left_ms=100.0, oldest_waited_ms=0.0).send == 3
+    assert decide(no_delay, queued=0, earliest_left_ms=100.0, oldest_waited_ms=0.0).send == 0
+
+
+def test_policy_rejects_nonsense():
+    with pytest.raises(ValueError):
+        BatchPolicy(mode="magic")
+    with pytest.raises(ValueError):
+        BatchPolicy(max_batch=0)
+    with pytest.raises(ValueError):
+        BatchPolicy(batch_delay_ms=-1)
