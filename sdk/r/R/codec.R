@@ -251,18 +251,23 @@ ketch_read_table <- function(tab, table) {
 #' @param frame raw vector (frame 0 of a message).
 #' @return list(type, version, body) with every field of the body (see top of file).
 #'   Signals an error of class "ketch_decode_error" for anything that is not a Ketch
-#'   envelope (wrong identifier, truncated, bad offsets, unknown body type).
+#'   envelope (wrong identifier, truncated, bad offsets), with the extra class
+#'   "ketch_unknown_message" for a body type this SDK does not know.
 ketch_decode <- function(frame) {
   tryCatch({
     env <- fb_root(frame, KETCH_IDENTIFIER)
     version <- fb_get_scalar(env, 0L, "u16", 0)
     code <- fb_get_scalar(env, 1L, "u8", 0)
     type <- names(KETCH_BODIES)[match(code, KETCH_BODIES)]
-    if (is.na(type)) fb_error(sprintf("unknown message type %d", code))
+    if (is.na(type)) {
+      fb_error(sprintf("unknown message type %d (protocol version %d)", code, version),
+               class = "ketch_unknown_message")
+    }
     body <- fb_get_table(env, 2L)
     if (is.null(body)) fb_error(sprintf("%s without a body", type))
     list(type = type, version = version, body = ketch_read_table(body, type))
-  }, ketch_decode_error = function(e) stop(e), error = function(e) {
+  }, error = function(e) {
+    if (inherits(e, "ketch_decode_error")) stop(e)
     fb_error("header does not decode: ", conditionMessage(e))
   })
 }

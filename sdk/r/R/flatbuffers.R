@@ -24,14 +24,16 @@
 FB_SIZES <- c(bool = 1L, i8 = 1L, u8 = 1L, i16 = 2L, u16 = 2L, i32 = 4L, u32 = 4L,
               i64 = 8L, u64 = 8L, f32 = 4L, f64 = 8L)
 
-fb_error <- function(...) {
-  stop(structure(class = c("ketch_decode_error", "error", "condition"),
+fb_error <- function(..., class = NULL) {
+  stop(structure(class = c(class, "ketch_decode_error", "error", "condition"),
                  list(message = paste0(...), call = NULL)))
 }
 
 # ---------------------------------------------------------------- scalar codecs
 
 # Raw bytes of little-endian scalars -> R values (numeric, or logical for bool).
+# 32- and 64-bit integers are assembled from unsigned 16-bit halves: R's integer type
+# cannot hold -2^31 (it is NA_integer_), so readBin(size = 4) would lose that value.
 fb_unpack <- function(bytes, kind, n = length(bytes) %/% FB_SIZES[[kind]]) {
   if (n == 0L) return(if (kind == "bool") logical(0) else numeric(0))
   switch(kind,
@@ -40,23 +42,34 @@ fb_unpack <- function(bytes, kind, n = length(bytes) %/% FB_SIZES[[kind]]) {
     u8 = as.numeric(readBin(bytes, "integer", n = n, size = 1L, signed = FALSE)),
     i16 = as.numeric(readBin(bytes, "integer", n = n, size = 2L, signed = TRUE, endian = "little")),
     u16 = as.numeric(readBin(bytes, "integer", n = n, size = 2L, signed = FALSE, endian = "little")),
-    i32 = as.numeric(readBin(bytes, "integer", n = n, size = 4L, endian = "little")),
-    u32 = {
-      v <- as.numeric(readBin(bytes, "integer", n = n, size = 4L, endian = "little"))
-      ifelse(v < 0, v + 4294967296, v)
+    i32 = {
+      u <- fb_words(bytes, n)
+      ifelse(u >= 2147483648, u - 4294967296, u)
     },
+    u32 = fb_words(bytes, n),
     i64 = , u64 = {
-      w <- as.numeric(readBin(bytes, "integer", n = 2L * n, size = 4L, endian = "little"))
+      w <- fb_words(bytes, 2L * n)
       lo <- w[c(TRUE, FALSE)]
       hi <- w[c(FALSE, TRUE)]
-      lo <- ifelse(lo < 0, lo + 4294967296, lo)
-      if (kind == "u64") hi <- ifelse(hi < 0, hi + 4294967296, hi)
+      if (kind == "i64") hi <- ifelse(hi >= 2147483648, hi - 4294967296, hi)
       hi * 4294967296 + lo
     },
     f32 = readBin(bytes, "double", n = n, size = 4L, endian = "little"),
     f64 = readBin(bytes, "double", n = n, size = 8L, endian = "little"),
     stop("unknown scalar kind ", kind)
   )
+}
+
+# n unsigned 32-bit little-endian words as doubles.
+fb_words <- function(bytes, n) {
+  h <- as.numeric(readBin(bytes, "integer", n = 2L * n, size = 2L, signed = FALSE, endian = "little"))
+  h[c(TRUE, FALSE)] + 65536 * h[c(FALSE, TRUE)]
+}
+
+# Whole doubles in [0, 256^size) as `size` little-endian bytes each.
+fb_le_bytes <- function(u, size) {
+  m <- vapply(seq_len(size) - 1, function(k) (u %/% 256^k) %% 256, numeric(length(u)))
+  as.raw(t(matrix(m, nrow = length(u))))
 }
 
 FB_RANGES <- list(i8 = c(-128, 127), u8 = c(0, 255), i16 = c(-32768, 32767), u16 = c(0, 65535),
@@ -73,36 +86,23 @@ fb_pack <- function(values, kind) {
   if (kind == "f64") return(writeBin(as.double(values), raw(), size = 8L, endian = "little"))
   v <- as.double(values)
   range <- FB_RANGES[[kind]]
-  if (anyNA(v) || any(v != floor(v)) || any(v < range[1] | v > range[2])) {
-    bad <- v[is.na(v) | v != floor(v) | v < range[1] | v > range[2]][1]
-    stop(sprintf("value %s does not fit %s", format(bad, digits = 17), kind))
-  }
-  switch(kind,
-    i8 = , u8 = as.raw(ifelse(v < 0, v + 256, v)),
-    i16 = , u16 = writeBin(as.integer(ifelse(v > 32767, v - 65536, v)), raw(), size = 2L,
-                           endian = "little"),
-    i32 = writeBin(as.integer(v), raw(), size = 4L, endian = "little"),
-    u32 = writeBin(fb_as_int32(v), raw(), size = 4L, endian = "little"),
-    i64 = , u64 = {
-      hi <- floor(v / 4294967296)      # negative values: two's complement by floor
-      lo <- v - hi * 4294967296        # always in [0, 2^32)
-      if (kind == "u64") hi <- ifelse(hi > 2147483647, hi - 4294967296, hi)
-      words <- as.vector(rbind(fb_as_int32(lo), as.integer(hi)))
-      writeBin(words, raw(), size = 4L, endian = "little")
-    },
-    stop("unknown scalar kind ", kind)
-  )
+  if (is.null(range)) stop("unknown scalar kind ", kind)
+  bad <- is.na(v) | v != floor(v) | v < range[1] | v > range[2]
+  if (any(bad)) stop(sprintf("value %s does not fit %s", format(v[bad][1], digits = 17), kind))
+  size <- FB_SIZES[[kind]]
+  if (size <= 4) return(fb_le_bytes(ifelse(v < 0, v + 256^size, v), size))
+  hi <- floor(v / 4294967296)  # negative values: two's complement through floor
+  lo <- v - hi * 4294967296    # always in [0, 2^32)
+  hi <- ifelse(hi < 0, hi + 4294967296, hi)
+  fb_le_bytes(as.vector(rbind(lo, hi)), 4L)
 }
-
-# An unsigned 32-bit value (0..2^32-1, as double) as the R integer with the same bits.
-fb_as_int32 <- function(v) as.integer(ifelse(v > 2147483647, v - 4294967296, v))
 
 # ---------------------------------------------------------------- reader
 
 fb_bytes <- function(buf, pos, n) {
   if (pos < 0 || n < 0 || pos + n > length(buf)) {
-    fb_error(sprintf("read of %d bytes at %d is past the end of a %d-byte buffer",
-                     as.integer(n), as.integer(pos), length(buf)))
+    fb_error(sprintf("read of %.0f bytes at %.0f is past the end of a %d-byte buffer",
+                     n, pos, length(buf)))
   }
   buf[seq.int(pos + 1, length.out = n)]
 }
@@ -113,7 +113,7 @@ fb_read <- function(buf, pos, kind) fb_unpack(fb_bytes(buf, pos, FB_SIZES[[kind]
 fb_table <- function(buf, pos) {
   vt <- pos - fb_read(buf, pos, "i32")
   vt_size <- fb_read(buf, vt, "u16")
-  if (vt_size < 4 || vt_size %% 2 != 0) fb_error(sprintf("bad vtable size %d at %d", vt_size, vt))
+  if (vt_size < 4 || vt_size %% 2 != 0) fb_error(sprintf("bad vtable size %.0f at %.0f", vt_size, vt))
   fb_bytes(buf, vt, vt_size)
   list(buf = buf, pos = pos, vt = vt, vt_size = vt_size)
 }

@@ -79,7 +79,8 @@ ketch_payload_to_value <- function(dtype, shape, payload) {
     half_to_double(fb_unpack(payload, "u16", n))
   } else {
     v <- fb_unpack(payload, KETCH_SCALAR_KIND[[dtype]], n)
-    if (dtype %in% c("INT8", "INT16", "INT32", "UINT8", "UINT16")) as.integer(v) else v
+    # INT32 -2^31 is R's NA_integer_: it decodes as NA
+    if (dtype %in% c("INT8", "INT16", "INT32", "UINT8", "UINT16")) suppressWarnings(as.integer(v)) else v
   }
   if (length(shape) < 2) return(values)
   if (n == 0) return(array(values, dim = shape))
@@ -144,6 +145,9 @@ ketch_value_to_payload <- function(value) {
 }
 
 ketch_infer_dtype <- function(value) {
+  if (is.function(value) || is.environment(value) || isS4(value) || inherits(value, "condition")) {
+    stop(sprintf("an output of class %s cannot be sent", class(value)[1]))
+  }
   if (is.raw(value)) return("BYTES")
   if (is.character(value) && length(value) == 1 && is.null(dim(value))) return("STRING")
   if (is.logical(value) && length(value) > 0 && !is.list(value)) return("BOOL")

@@ -1,0 +1,65 @@
+#!/usr/bin/env Rscript
+# Example R model containers, runnable without installing the package:
+#
+#   Rscript sdk/r/inst/serve_example.R --broker tcp://127.0.0.1:7000 --name NAME \
+#       --version V --kind KIND [--replica-id ID] [--input-type DTYPE] [--delay-ms MS]
+#
+# KIND: sum   float64 vector in, float64 scalar out (the sum)
+#       echo  each input back with the batch's dtype (bytes, string, ...); declares
+#             --input-type (default bytes) in its Hello
+#       fail  always stop("boom"): every batch fails with "simpleError: boom"
+# --delay-ms sleeps that long in predict before answering (to test heartbeats).
+
+load_ketch <- function() {
+  file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
+  here <- dirname(normalizePath(sub("^--file=", "", file_arg[1])))
+  sources <- sort(list.files(file.path(here, "..", "R"), pattern = "\\.R$", full.names = TRUE))
+  if (length(sources)) for (f in sources) sys.source(f, envir = globalenv())
+  else suppressPackageStartupMessages(library(ketch))
+}
+load_ketch()
+
+parse_args <- function(args, defaults) {
+  out <- defaults
+  i <- 1
+  while (i <= length(args)) {
+    key <- sub("^--", "", args[i])
+    if (!startsWith(args[i], "--") || !key %in% names(defaults) || i == length(args)) {
+      stop("usage: serve_example.R --broker ADDR --name NAME --version V --kind sum|echo|fail ",
+           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS]", call. = FALSE)
+    }
+    out[[key]] <- args[i + 1]
+    i <- i + 2
+  }
+  out
+}
+
+opts <- parse_args(commandArgs(trailingOnly = TRUE),
+                   list(broker = "tcp://127.0.0.1:7000", name = NA, version = "1", kind = NA,
+                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0"))
+if (is.na(opts$name) || is.na(opts$kind)) stop("--name and --kind are required", call. = FALSE)
+delay <- as.numeric(opts$`delay-ms`) / 1000
+
+kinds <- list(
+  sum = list(type = "float64", shape = -1, predict = function(inputs) {
+    lapply(inputs, function(x) sum(x))
+  }),
+  echo = list(type = "bytes", shape = integer(0), predict = function(inputs) {
+    dtype <- attr(inputs, "dtype")
+    lapply(inputs, function(x) ketch_tensor(x, dtype = dtype))
+  }),
+  fail = list(type = "float64", shape = -1, predict = function(inputs) stop("boom"))
+)
+kind <- kinds[[opts$kind]]
+if (is.null(kind)) stop("unknown --kind ", opts$kind, "; one of sum, echo, fail", call. = FALSE)
+input_type <- if (is.na(opts$`input-type`)) kind$type else opts$`input-type`
+input_shape <- if (toupper(input_type) %in% c("BYTES", "STRING", "JSON")) integer(0) else kind$shape
+
+predict <- function(inputs) {
+  if (delay > 0) Sys.sleep(delay)
+  kind$predict(inputs)
+}
+
+ketch_serve(predict, name = opts$name, version = opts$version, input_type = input_type,
+            input_shape = input_shape, broker = opts$broker,
+            replica_id = if (is.na(opts$`replica-id`)) NULL else opts$`replica-id`)

@@ -1,0 +1,58 @@
+# The pure parts of the container runtime (R/serve.R), without sockets.
+
+test_that("a model error fails the whole batch with Class: message", {
+  res <- ketch_run_predict(function(inputs) stop("boom"), list(1, 2))
+  expect_false(res$ok)
+  expect_identical(res$error, "MODEL_ERROR")
+  expect_identical(res$message, "simpleError: boom")
+  reply <- ketch_predict_reply(5, res)
+  expect_identical(reply$payloads, list())
+  msg <- ketch_decode(ketch_encode("PredictReply", reply$body))
+  expect_identical(msg$body$outputs, list())
+  expect_identical(msg$body$message, "simpleError: boom")
+  custom <- ketch_run_predict(function(inputs) stop(ketch_condition("shape_error", "bad shape")), list(1))
+  expect_identical(custom$message, "shape_error: bad shape")
+})
+
+test_that("a wrong number of outputs fails the whole batch", {
+  res <- ketch_run_predict(function(inputs) list(1), list(1, 2))
+  expect_false(res$ok)
+  expect_match(res$message, "^BatchSizeError: predict_fn returned 1 outputs for a batch of 2")
+  res <- ketch_run_predict(function(inputs) data.frame(a = 1:2), list(1, 2))
+  expect_match(res$message, "^BatchSizeError")
+})
+
+test_that("one output per input, with per-item errors", {
+  res <- ketch_run_predict(function(inputs) {
+    list(sum(inputs[[1]]), simpleError("bad row"), function() 1, ketch_tensor(inputs[[4]], "float32"))
+  }, list(c(1, 2), 0, 0, c(0.5, 2)))
+  expect_true(res$ok)
+  reply <- ketch_predict_reply(7, res)
+  expect_identical(vapply(reply$body$outputs, `[[`, "", "status"), c("OK", "ERROR", "ERROR", "OK"))
+  expect_identical(reply$body$outputs[[2]]$message, "simpleError: bad row")
+  expect_identical(reply$body$outputs[[3]]$message, "simpleError: an output of class function cannot be sent")
+  expect_identical(reply$payloads[[1]], f64(3))
+  expect_identical(reply$payloads[[2]], raw(0))
+  expect_identical(reply$payloads[[4]], writeBin(c(0.5, 2), raw(), size = 4, endian = "little"))
+  msg <- ketch_decode(ketch_encode("PredictReply", reply$body))
+  expect_identical(msg$body$outputs[[4]]$output, list(dtype = "FLOAT32", shape = 2))
+  expect_null(msg$body$outputs[[2]]$output)
+})
+
+test_that("an atomic vector counts as one output per input", {
+  res <- ketch_run_predict(function(inputs) vapply(inputs, sum, 0), list(1:2, 3:4))
+  expect_true(res$ok)
+  expect_identical(lapply(res$items, `[[`, "payload"), list(f64(3), f64(7)))
+})
+
+test_that("batch inputs are checked against frames and shapes", {
+  body <- list(batch_id = 1, dtype = "FLOAT64", ndim = 1, shapes = c(2, 1), budgets_us = c(10, 10))
+  inputs <- ketch_batch_inputs(body, list(f64(1:2), f64(3)))
+  expect_identical(unclass(inputs)[1:2], list(c(1, 2), 3))
+  expect_identical(attr(inputs, "dtype"), "FLOAT64")
+  expect_identical(attr(inputs, "budgets_us"), c(10, 10))
+  expect_error(ketch_batch_inputs(body, list(f64(1:2))), class = "ketch_bad_frames")
+  expect_error(ketch_batch_inputs(modifyList(body, list(shapes = 2)), list(f64(1:2), f64(3))),
+               class = "ketch_bad_frames")
+  expect_error(ketch_batch_inputs(body, list(f64(1:2), f64(1:2))), "item 1: payload of 16 bytes")
+})
