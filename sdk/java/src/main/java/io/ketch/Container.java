@@ -1,0 +1,733 @@
+package io.ketch;
+
+import java.io.IOException;
+import java.lang.System.Logger.Level;
+import java.net.InetAddress;
+import java.nio.ByteBuffer;
+import java.nio.channels.Pipe;
+import java.time.Duration;
+import java.util.ArrayList;
+import java.util.HashMap;
+import java.util.List;
+import java.util.Map;
+import java.util.Objects;
+import java.util.Queue;
+import java.util.concurrent.ConcurrentLinkedQueue;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicBoolean;
+import ketch.wire.PredictRequest;
+import ketch.wire.Welcome;
+import org.zeromq.SocketType;
+import org.zeromq.ZMQ;
+
+/**
+ * A model container: serves one {@link Model} to a Ketch broker (protocol.md section 5).
+ *
+ * <pre>{@code
+ * Container c = Container.builder(inputs -> ...)
+ *         .broker("tcp://127.0.0.1:7000").name("sum").version("1")
+ *         .input(DType.FLOAT64, -1)
+ *         .build();
+ * c.run();   // blocks until the broker's Shutdown or c.stop(), then says Goodbye
+ * }</pre>
+ *
+ * <p><b>Threads.</b> {@link #run()} is the I/O loop: it alone owns the DEALER socket, polls it
+ * with a timeout equal to the next deadline (heartbeat, broker silence, Hello timeout, reconnect,
+ * drain), and answers the broker. Batches go to a single model thread through an executor;
+ * results come back through a queue plus a wake-up byte on a {@link Pipe} that the I/O loop
+ * polls next to the socket (the same pipe wakes it for {@link #stop()}), so heartbeats keep
+ * flowing while the model computes.
+ *
+ * <p><b>Lifecycle.</b>
+ * <pre>
+ *  CONNECTING --Welcome--> READY --Shutdown / stop()--> DRAINING --held batches done--> Goodbye, DONE
+ *      |  ^                  |
+ *      |  +--- BACKOFF <-----+  broker silent past dead_after_ms (or no Welcome in time):
+ *      |                        close the socket, wait, new socket, Hello again
+ *      +-- Error UNSUPPORTED_VERSION (or an Error answering the Hello) --> DONE, run() throws RefusedException
+ *  READY --Error BAD_MESSAGE ("send Hello first")--> Hello again on the same socket --> CONNECTING
+ * </pre>
+ * Replies are sent only on the registration (Hello) their batch came in on; a reply for a batch
+ * of an earlier registration is dropped, since the broker re-queued that batch.
+ */
+public final class Container {
+    /** The sdk string sent in Hello. */
+    public static final String SDK = "java/0.1.0";
+
+    private static final System.Logger LOG = System.getLogger(Container.class.getName());
+
+    enum State { CONNECTING, READY, DRAINING, BACKOFF, DONE }
+
+    // ------------------------------------------------------------ configuration
+
+    private final Model model;
+    private final String broker;
+    private final String name;
+    private final String version;
+    private final DType inputDtype;
+    private final long[] inputShape;
+    private final String replicaId;
+    private final long credits;
+    private final long maxBatch;
+    private final boolean deterministic;
+    private final long helloTimeoutMs;
+    private final long reconnectMinMs;
+    private final long reconnectMaxMs;
+    private final long drainTimeoutMs;
+    private final long goodbyeLingerMs;
+    private final BatchRunner runner;
+
+    // ------------------------------------------------------------ shared with other threads
+
+    private final AtomicBoolean started = new AtomicBoolean();
+    private final CountDownLatch finished = new CountDownLatch(1);
+    private final Queue<BatchRunner.Result> results = new ConcurrentLinkedQueue<>();
+    private volatile boolean stopRequested;
+    private volatile Pipe wakeup;
+    private volatile State publicState = State.CONNECTING;
+
+    // ------------------------------------------------------------ owned by the I/O loop
+
+    private ZMQ.Context ctx;
+    private ZMQ.Poller poller;
+    private ZMQ.Socket socket;
+    private ExecutorService worker;
+    private State state = State.CONNECTING;
+    private long generation;            // bumped by every Hello
+    private long nextSeq;
+    private final Map<Long, Long> inflight = new HashMap<>();   // job seq -> generation it came in on
+    private long lastSendNs;
+    private long lastRecvNs;
+    private long helloSentNs;
+    private long heartbeatMs;
+    private long deadAfterMs;
+    private long backoffMs;
+    private long reconnectAtNs;
+    private long drainDeadlineNs;
+    private boolean stopHandled;
+    private String goodbyeReason = "drained";
+    private RefusedException refusal;
+
+    private Container(Builder b) {
+        this.model = b.model;
+        this.broker = b.broker;
+        this.name = b.name;
+        this.version = b.version;
+        this.inputDtype = b.inputDtype;
+        this.inputShape = b.inputShape.clone();
+        this.replicaId = b.replicaId != null ? b.replicaId : defaultReplicaId(b.name, b.index);
+        this.credits = b.credits;
+        this.maxBatch = b.maxBatch;
+        this.deterministic = b.deterministic;
+        this.helloTimeoutMs = b.helloTimeout.toMillis();
+        this.reconnectMinMs = b.reconnectMin.toMillis();
+        this.reconnectMaxMs = b.reconnectMax.toMillis();
+        this.drainTimeoutMs = b.drainTimeout.toMillis();
+        this.goodbyeLingerMs = b.goodbyeLinger.toMillis();
+        this.runner = new BatchRunner(model, b.skipExpired, System::nanoTime);
+    }
+
+    /** A builder for a container serving {@code model}. */
+    public static Builder builder(Model model) {
+        return new Builder(model);
+    }
+
+    /** The replica id sent in Hello (stable across reconnects). */
+    public String replicaId() {
+        return replicaId;
+    }
+
+    /** The broker backend address this container connects to. */
+    public String broker() {
+        return broker;
+    }
+
+    /** True once the broker has welcomed this container and until it starts draining. */
+    public boolean isReady() {
+        return publicState == State.READY;
+    }
+
+    /**
+     * {@code hostname/model/index}, the default replica id: the same for every start of the
+     * same replica on the same host.
+     */
+    static String defaultReplicaId(String model, int index) {
+        String host = System.getenv("HOSTNAME");
+        try {
+            host = InetAddress.getLocalHost().getHostName();
+        } catch (IOException | RuntimeException e) {
+            // fall back to $HOSTNAME below
+        }
+        if (host == null || host.isEmpty()) {
+            host = "localhost";
+        }
+        return host + "/" + model + "/" + index;
+    }
+
+    // ------------------------------------------------------------ public control
+
+    /**
+     * Asks the container to stop: it sends {@code Ready{credits: 0}}, finishes the batches it
+     * holds, sends Goodbye and {@link #run()} returns. Safe to call from any thread, more than
+     * once, and before {@code run()} (which then returns at once). Does not wait; see
+     * {@link #awaitTermination}.
+     */
+    public void stop() {
+        stopRequested = true;
+        wake();
+    }
+
+    /** Waits until {@link #run()} has returned; true if it did within {@code timeout}. */
+    public boolean awaitTermination(Duration timeout) throws InterruptedException {
+        return finished.await(timeout.toNanos(), TimeUnit.NANOSECONDS);
+    }
+
+    private void wake() {
+        Pipe p = wakeup;
+        if (p == null) {
+            return;
+        }
+        try {
+            p.sink().write(ByteBuffer.wrap(new byte[] {1}));
+        } catch (IOException | RuntimeException e) {
+            // closed: run() has ended, nothing to wake
+        }
+    }
+
+    // ------------------------------------------------------------ the I/O loop
+
+    /**
+     * Connects, says Hello and serves batches until the broker sends Shutdown or {@link #stop()}
+     * is called; then drains, says Goodbye and returns. Reconnects by itself when the broker goes
+     * silent.
+     *
+     * @throws RefusedException when the broker refuses the Hello (for example UNSUPPORTED_VERSION)
+     * @throws IllegalStateException when called twice
+     */
+    public void run() {
+        if (!started.compareAndSet(false, true)) {
+            throw new IllegalStateException("Container.run() may be called once");
+        }
+        try {
+            open();
+            if (stopRequested) {
+                state = State.DONE;
+            } else {
+                connect();
+            }
+            while (state != State.DONE) {
+                long now = System.nanoTime();
+                poller.poll(pollTimeoutMs(now));
+                if (poller.pollin(0)) {
+                    drainWakeups();
+                }
+                forwardResults();
+                if (socket != null && poller.getSize() > 1 && poller.pollin(1)) {
+                    receive();
+                }
+                if (stopRequested && !stopHandled && state != State.DONE) {
+                    beginDrain("stopped");
+                }
+                timers(System.nanoTime());
+            }
+        } finally {
+            close();
+            publicState = State.DONE;
+            finished.countDown();
+        }
+        if (refusal != null) {
+            throw refusal;
+        }
+    }
+
+    private void open() {
+        ctx = ZMQ.context(1);
+        poller = ctx.poller(2);
+        try {
+            Pipe p = Pipe.open();
+            p.source().configureBlocking(false);
+            p.sink().configureBlocking(false);
+            wakeup = p;
+        } catch (IOException e) {
+            throw new KetchException(ErrorCode.INTERNAL, "cannot open the wake-up pipe: " + e, e);
+        }
+        poller.register(wakeup.source(), ZMQ.Poller.POLLIN);
+        worker = Executors.newSingleThreadExecutor(r -> {
+            Thread t = new Thread(r, "ketch-model-" + name);
+            t.setDaemon(true);
+            return t;
+        });
+    }
+
+    private void close() {
+        if (worker != null) {
+            worker.shutdownNow();
+        }
+        if (socket != null) {
+            closeSocket(0);
+        }
+        Pipe p = wakeup;
+        wakeup = null;
+        if (p != null) {
+            try {
+                p.sink().close();
+                p.source().close();
+            } catch (IOException | RuntimeException e) {
+                log(Level.DEBUG, "closing the wake-up pipe: " + e);
+            }
+        }
+        if (poller != null) {
+            poller.close();
+        }
+        if (ctx != null) {
+            ctx.close();  // waits for the linger of a Goodbye, if one was sent
+        }
+    }
+
+    /** New DEALER socket, Hello, state CONNECTING. */
+    private void connect() {
+        socket = ctx.socket(SocketType.DEALER);
+        socket.setLinger(0);
+        socket.setReconnectIVL(100);
+        socket.setReconnectIVLMax(Math.max(100, (int) reconnectMaxMs));
+        socket.connect(broker);
+        poller.register(socket, ZMQ.Poller.POLLIN);
+        lastRecvNs = System.nanoTime();
+        sendHello();
+    }
+
+    private void sendHello() {
+        generation++;
+        long pid = ProcessHandle.current().pid();
+        send(Codec.hello(name, version, inputDtype, inputShape, SDK, replicaId, credits, maxBatch, deterministic,
+                pid & 0xFFFFFFFFL), List.of());
+        helloSentNs = System.nanoTime();
+        setState(State.CONNECTING);
+        log(Level.INFO, "hello sent to " + broker);
+    }
+
+    private void closeSocket(long lingerMs) {
+        if (socket != null) {
+            poller.unregister(socket);
+            socket.setLinger(lingerMs);
+            socket.close();
+            socket = null;
+        }
+    }
+
+    /** Broker silent or no Welcome: drop the socket and try again after a backoff. */
+    private void reconnectLater(String why) {
+        closeSocket(0);
+        long delay = backoffMs == 0 ? reconnectMinMs : backoffMs;
+        backoffMs = Math.min(Math.max(delay * 2, 1), reconnectMaxMs);
+        reconnectAtNs = System.nanoTime() + delay * 1_000_000;
+        setState(State.BACKOFF);
+        log(Level.WARNING, why + "; reconnecting in " + delay + " ms");
+    }
+
+    private void setState(State s) {
+        state = s;
+        publicState = s;
+    }
+
+    private long pollTimeoutMs(long now) {
+        long due = Long.MAX_VALUE;
+        switch (state) {
+            case CONNECTING -> due = helloSentNs + helloTimeoutMs * 1_000_000;
+            case READY, DRAINING -> {
+                if (heartbeatMs > 0) {
+                    due = Math.min(due, lastSendNs + heartbeatMs * 1_000_000);
+                }
+                if (state == State.READY && deadAfterMs > 0) {
+                    due = Math.min(due, lastRecvNs + deadAfterMs * 1_000_000 + 1);
+                }
+                if (state == State.DRAINING) {
+                    due = Math.min(due, drainDeadlineNs);
+                }
+            }
+            case BACKOFF -> due = reconnectAtNs;
+            default -> due = now;
+        }
+        if (due == Long.MAX_VALUE) {
+            return -1;
+        }
+        return Math.max(0, (due - now + 999_999) / 1_000_000);
+    }
+
+    private void timers(long now) {
+        switch (state) {
+            case CONNECTING -> {
+                if (now - helloSentNs >= helloTimeoutMs * 1_000_000) {
+                    reconnectLater("no Welcome within " + helloTimeoutMs + " ms");
+                }
+            }
+            case READY, DRAINING -> {
+                if (state == State.DRAINING && (now >= drainDeadlineNs || heldNow() == 0)) {
+                    if (heldNow() > 0) {
+                        log(Level.WARNING, "drain timeout: leaving with " + heldNow() + " batch(es) unanswered");
+                    }
+                    finish();
+                    return;
+                }
+                if (state == State.READY && deadAfterMs > 0 && now - lastRecvNs > deadAfterMs * 1_000_000) {
+                    reconnectLater("broker silent for " + deadAfterMs + " ms");
+                    return;
+                }
+                if (heartbeatMs > 0 && now - lastSendNs >= heartbeatMs * 1_000_000) {
+                    send(Codec.heartbeat(!inflight.isEmpty()), List.of());
+                }
+            }
+            case BACKOFF -> {
+                if (now >= reconnectAtNs) {
+                    connect();
+                }
+            }
+            default -> { }
+        }
+    }
+
+    /** Batches of the current registration still computing. */
+    private int heldNow() {
+        int n = 0;
+        for (long gen : inflight.values()) {
+            if (gen == generation) {
+                n++;
+            }
+        }
+        return n;
+    }
+
+    private void drainWakeups() {
+        ByteBuffer buf = ByteBuffer.allocate(64);
+        try {
+            while (wakeup.source().read(buf) > 0) {
+                buf.clear();
+            }
+        } catch (IOException e) {
+            log(Level.WARNING, "reading the wake-up pipe: " + e);
+        }
+    }
+
+    private void forwardResults() {
+        BatchRunner.Result r;
+        while ((r = results.poll()) != null) {
+            Long gen = inflight.remove(r.seq());
+            if (gen == null || gen != generation || socket == null) {
+                log(Level.INFO, "dropping the reply to batch " + Long.toUnsignedString(r.batchId())
+                        + " of an earlier registration");
+                continue;
+            }
+            send(r.header(), r.payloads());
+        }
+    }
+
+    private void receive() {
+        while (socket != null) {
+            byte[] header = socket.recv(ZMQ.DONTWAIT);
+            if (header == null) {
+                return;
+            }
+            List<byte[]> payloads = new ArrayList<>();
+            while (socket.hasReceiveMore()) {
+                payloads.add(socket.recv(0));
+            }
+            lastRecvNs = System.nanoTime();
+            try {
+                handle(header, payloads);
+            } catch (ProtocolException e) {
+                log(Level.WARNING, "bad message from the broker: " + e.getMessage());
+                send(Codec.error(e.code(), e.getMessage(), 0, 0), List.of());
+            } catch (RuntimeException e) {  // a corrupt flatbuffer read lazily
+                log(Level.WARNING, "bad message from the broker: " + e);
+                send(Codec.error(ErrorCode.BAD_MESSAGE, "header does not decode: " + BatchRunner.describe(e), 0, 0),
+                        List.of());
+            }
+            if (state == State.DONE || state == State.BACKOFF) {
+                return;
+            }
+        }
+    }
+
+    private void handle(byte[] header, List<byte[]> payloads) {
+        Codec.Message m = Codec.decode(header);
+        if (m.version() != Codec.PROTOCOL_VERSION) {
+            String text = "protocol version " + m.version() + " is not supported (speaks " + Codec.PROTOCOL_VERSION + ")";
+            if (m.type() == MessageType.ERROR) {
+                log(Level.WARNING, "ignoring an Error of " + text);
+            } else {
+                log(Level.WARNING, "ignoring " + m.type().wireName() + ": " + text);
+                send(Codec.error(ErrorCode.UNSUPPORTED_VERSION, text, 0, 0), List.of());
+            }
+            return;
+        }
+        switch (m.type()) {
+            case WELCOME -> onWelcome(m.body(Welcome.class));
+            case HEARTBEAT -> { }
+            case PREDICT_REQUEST -> onPredictRequest(m.body(PredictRequest.class), payloads);
+            case SHUTDOWN -> {
+                String reason = Codec.str(m.body(ketch.wire.Shutdown.class).reason());
+                log(Level.INFO, "shutdown from the broker: " + reason);
+                beginDrain("drained");
+            }
+            case ERROR -> onError(m.body(ketch.wire.Error.class));
+            default -> throw new ProtocolException(ErrorCode.UNKNOWN_MESSAGE,
+                    m.type().wireName() + " is not valid from the broker to a container");
+        }
+    }
+
+    private void onWelcome(Welcome w) {
+        heartbeatMs = w.heartbeatMs();
+        deadAfterMs = w.deadAfterMs();
+        if (state == State.CONNECTING) {
+            backoffMs = 0;
+            setState(State.READY);
+            log(Level.INFO, "welcomed: heartbeat " + heartbeatMs + " ms, dead after " + deadAfterMs + " ms");
+            if (stopRequested && !stopHandled) {
+                beginDrain("stopped");
+            }
+        }
+    }
+
+    private void onPredictRequest(PredictRequest req, List<byte[]> payloads) {
+        long seq = nextSeq++;
+        BatchRunner.Job job = BatchRunner.parse(seq, req, payloads, System.nanoTime());
+        inflight.put(seq, generation);
+        worker.execute(() -> {
+            BatchRunner.Result r;
+            try {
+                r = runner.run(job);
+            } catch (RuntimeException | Error e) {  // an SDK bug: still answer the batch
+                byte[] h = Codec.predictReply(job.batchId(), 0, List.of(), ErrorCode.INTERNAL, BatchRunner.describe(e));
+                r = new BatchRunner.Result(job.seq(), job.batchId(), h, List.of(), true);
+            }
+            if (r.failed()) {
+                log(Level.WARNING, "batch " + Long.toUnsignedString(job.batchId()) + " failed: "
+                        + Codec.str(Codec.decode(r.header()).body(ketch.wire.PredictReply.class).message()));
+            }
+            results.add(r);
+            wake();
+        });
+    }
+
+    private void onError(ketch.wire.Error e) {
+        ErrorCode code;
+        try {
+            code = ErrorCode.fromCode(e.code());
+        } catch (IllegalArgumentException ex) {
+            code = ErrorCode.INTERNAL;
+        }
+        String text = Codec.str(e.message());
+        if (code == ErrorCode.UNSUPPORTED_VERSION) {
+            refuse(code, text);
+        } else if (code == ErrorCode.BAD_MESSAGE && state == State.READY) {
+            log(Level.WARNING, "broker says '" + text + "': saying Hello again");
+            sendHello();
+        } else if (state == State.CONNECTING) {
+            if (code == ErrorCode.BAD_MESSAGE && text.startsWith("send Hello first")) {
+                log(Level.DEBUG, "broker says '" + text + "' to a message sent before the Hello in flight");
+            } else {
+                refuse(code, text);
+            }
+        } else {
+            log(Level.WARNING, "error from the broker: " + code + ": " + text);
+        }
+    }
+
+    private void refuse(ErrorCode code, String text) {
+        log(Level.ERROR, "the broker refused this container: " + code + ": " + text);
+        refusal = new RefusedException(code, "broker refused " + replicaId + ": " + code + ": " + text);
+        closeSocket(0);
+        setState(State.DONE);
+    }
+
+    /** Shutdown or stop(): Ready{0}, finish held batches, then Goodbye. */
+    private void beginDrain(String reason) {
+        stopHandled = true;
+        goodbyeReason = reason;
+        switch (state) {
+            case READY -> {
+                send(Codec.ready(0), List.of());
+                drainDeadlineNs = System.nanoTime() + drainTimeoutMs * 1_000_000;
+                setState(State.DRAINING);
+                log(Level.INFO, "draining " + heldNow() + " batch(es)");
+                timers(System.nanoTime());
+            }
+            case CONNECTING -> finish();
+            case BACKOFF -> setState(State.DONE);
+            default -> { }
+        }
+    }
+
+    private void finish() {
+        send(Codec.goodbye(goodbyeReason), List.of());
+        log(Level.INFO, "goodbye: " + goodbyeReason);
+        closeSocket(goodbyeLingerMs);
+        setState(State.DONE);
+    }
+
+    /** Sends {@code [header][payloads...]} without blocking; a full queue drops the message. */
+    private void send(byte[] header, List<byte[]> payloads) {
+        if (socket == null) {
+            return;
+        }
+        boolean ok = socket.send(header, payloads.isEmpty() ? ZMQ.DONTWAIT : ZMQ.DONTWAIT | ZMQ.SNDMORE);
+        if (!ok) {
+            log(Level.WARNING, "send queue full: dropped a message to the broker");
+            return;
+        }
+        for (int i = 0; i < payloads.size(); i++) {
+            socket.send(payloads.get(i), i == payloads.size() - 1 ? 0 : ZMQ.SNDMORE);
+        }
+        lastSendNs = System.nanoTime();
+    }
+
+    private void log(Level level, String msg) {
+        LOG.log(level, "[ketch " + name + " " + replicaId + "] " + msg);
+    }
+
+    // ------------------------------------------------------------ builder
+
+    /** Settings of a {@link Container}; only the broker address, name and input type have no default. */
+    public static final class Builder {
+        private final Model model;
+        private String broker = "tcp://127.0.0.1:7000";
+        private String name;
+        private String version = "1";
+        private DType inputDtype;
+        private long[] inputShape = new long[0];
+        private String replicaId;
+        private int index;
+        private long credits = 2;
+        private long maxBatch;
+        private boolean deterministic = true;
+        private boolean skipExpired = true;
+        private Duration helloTimeout = Duration.ofSeconds(5);
+        private Duration reconnectMin = Duration.ofMillis(100);
+        private Duration reconnectMax = Duration.ofSeconds(5);
+        private Duration drainTimeout = Duration.ofSeconds(60);
+        private Duration goodbyeLinger = Duration.ofSeconds(1);
+
+        private Builder(Model model) {
+            this.model = Objects.requireNonNull(model, "model");
+        }
+
+        /** The broker's backend address (default {@code tcp://127.0.0.1:7000}). */
+        public Builder broker(String address) {
+            this.broker = Objects.requireNonNull(address, "address");
+            return this;
+        }
+
+        /** The model name (required). */
+        public Builder name(String name) {
+            this.name = Objects.requireNonNull(name, "name");
+            return this;
+        }
+
+        /** The model version (default "1"). */
+        public Builder version(String version) {
+            this.version = Objects.requireNonNull(version, "version");
+            return this;
+        }
+
+        /** The per-item input type; {@code -1} in the shape is any size; text kinds have no shape. */
+        public Builder input(DType dtype, long... shape) {
+            if (dtype.isText() && shape.length > 0) {
+                throw new IllegalArgumentException(dtype + " inputs have an empty shape");
+            }
+            this.inputDtype = dtype;
+            this.inputShape = shape.clone();
+            return this;
+        }
+
+        /** The replica id, stable across restarts (default {@code hostname/name/index}). */
+        public Builder replicaId(String replicaId) {
+            this.replicaId = replicaId;
+            return this;
+        }
+
+        /** The replica index used in the default replica id (default 0). */
+        public Builder index(int index) {
+            this.index = index;
+            return this;
+        }
+
+        /** Batches the container holds at once (default 2). */
+        public Builder credits(long credits) {
+            this.credits = checkU32("credits", credits);
+            return this;
+        }
+
+        /** Largest batch accepted; 0 (default) is no limit of its own. */
+        public Builder maxBatch(long maxBatch) {
+            this.maxBatch = checkU32("maxBatch", maxBatch);
+            return this;
+        }
+
+        /** False turns the broker's prediction cache off for this model (default true). */
+        public Builder deterministic(boolean deterministic) {
+            this.deterministic = deterministic;
+            return this;
+        }
+
+        /** Answer items whose budget ran out with ERROR/DEADLINE instead of computing them (default true). */
+        public Builder skipExpired(boolean skipExpired) {
+            this.skipExpired = skipExpired;
+            return this;
+        }
+
+        /** How long to wait for Welcome before trying a new connection (default 5 s). */
+        public Builder helloTimeout(Duration d) {
+            this.helloTimeout = positive("helloTimeout", d);
+            return this;
+        }
+
+        /** First and largest wait before reconnecting; doubles in between (default 100 ms to 5 s). */
+        public Builder reconnectBackoff(Duration min, Duration max) {
+            this.reconnectMin = positive("reconnect min", min);
+            this.reconnectMax = positive("reconnect max", max);
+            if (max.compareTo(min) < 0) {
+                throw new IllegalArgumentException("reconnect max below min");
+            }
+            return this;
+        }
+
+        /** Longest wait for held batches when draining (default 60 s). */
+        public Builder drainTimeout(Duration d) {
+            this.drainTimeout = positive("drainTimeout", d);
+            return this;
+        }
+
+        /** How long the last messages (Goodbye) may take to leave when closing (default 1 s). */
+        public Builder goodbyeLinger(Duration d) {
+            this.goodbyeLinger = Objects.requireNonNull(d, "goodbyeLinger");
+            return this;
+        }
+
+        public Container build() {
+            if (name == null || name.isEmpty()) {
+                throw new IllegalStateException("a container needs a model name");
+            }
+            if (inputDtype == null) {
+                throw new IllegalStateException("a container needs an input dtype");
+            }
+            return new Container(this);
+        }
+
+        private static long checkU32(String what, long v) {
+            if (v < 0 || v > 0xFFFFFFFFL) {
+                throw new IllegalArgumentException(what + " must fit in 32 unsigned bits, not " + v);
+            }
+            return v;
+        }
+
+        private static Duration positive(String what, Duration d) {
+            if (d.isNegative() || d.isZero()) {
+                throw new IllegalArgumentException(what + " must be positive");
+            }
+            return d;
+        }
+    }
+}
