@@ -78,6 +78,16 @@ class BatchController:
         self._largest_seen = max(self._largest_seen, size)
         self._fit = None
 
+    def fastest_ms(self) -> float | None:
+        """The quickest recent batch of any size: an optimistic floor on any batch's latency.
+
+        Used to give up on queries that cannot make their deadline; being optimistic keeps
+        a stale, pessimistic estimate from starving the replica of the work that would
+        correct it.
+        """
+        lows = [min(w) for w in self._samples.values() if w]
+        return min(lows) if lows else None
+
     def quantile_points(self) -> list[tuple[int, float]]:
         q = self.policy.quantile
         return sorted(
@@ -100,9 +110,13 @@ class BatchController:
         return self._fit
 
     def predict_ms(self, size: int) -> float | None:
+        """Predicted latency (high quantile) of a batch of ``size``; None without data."""
         fit = self.fit()
         if fit is None:
-            return None
+            window = self._samples.get(size)
+            if not window:
+                return None
+            return float(np.quantile(np.fromiter(window, float), self.policy.quantile))
         return fit[0] + fit[1] * size
 
     def size_for(self, budget_ms: float) -> int:

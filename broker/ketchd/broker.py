@@ -510,11 +510,19 @@ class Broker:
         queue = model.queue
         self._batch_timers.pop(model, None)
         while len(queue):
-            replica = max(model.live_replicas(), key=lambda r: r.free_credit, default=None)
-            if replica is None or replica.free_credit <= 0:
+            # pull: the replica that can start soonest takes the next batch
+            ready = [(r.busy_ms(now), -r.free_credit, r) for r in model.live_replicas() if r.free_credit > 0]
+            if not ready:
                 return
+            busy, _, replica = min(ready, key=lambda t: t[:2])
+            if replica.inflight:
+                # pipelining: send the next batch just in time to hide the round trip,
+                # not earlier, so it carries what arrives while the current one computes
+                lead = max(1.0, 2 * replica.rpc_ms.quantiles(0.5)[0])
+                if busy > lead:
+                    self._batch_timers[model] = now + (busy - lead) / 1000
+                    return
             head = queue.peek()
-            busy = replica.busy_ms(now)
             decision = decide(
                 replica.controller,
                 len(queue),
@@ -526,10 +534,24 @@ class Broker:
                 self._batch_timers[model] = now + decision.wait_ms / 1000
                 return
             items = []
+            # a query that cannot finish in time even alone is not computed for nothing:
+            # it gets its answer (the default) now, and its place goes to one that can
+            fastest = replica.controller.fastest_ms()
+            needs = busy + max(1.5 * fastest, fastest + 1.0) if fastest is not None else 0.0
+            hopeless = now + needs / 1000
             for p in queue.take(decision.send):
-                if p.deadline > now:
-                    items.append(p)
-                    model.queue_wait_ms.add((now - p.arrived) * 1000)
+                if p.deadline <= now:
+                    continue  # answered by _expire
+                if p.deadline < hopeless:
+                    model.dropped += 1
+                    left = (p.deadline - now) * 1000
+                    self._answer_default(
+                        p,
+                        f"deadline: {left:.1f} ms left, model {model.name!r} needs about {needs:.1f} ms",
+                    )
+                    continue
+                items.append(p)
+                model.queue_wait_ms.add((now - p.arrived) * 1000)
             if items:
                 budget = (min(p.deadline for p in items) - now) * 1000 - busy
                 self._send_batch(model, replica, items, now, budget)

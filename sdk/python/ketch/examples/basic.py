@@ -41,3 +41,18 @@ def slow(inputs: list[Any]) -> list[float]:
     """Sleeps KETCH_SLOW_MS (default 200) per batch, then sums."""
     time.sleep(float(os.environ.get("KETCH_SLOW_MS", "200")) / 1000)
     return [float(x.sum()) for x in inputs]
+
+
+def overhead(inputs: list[Any]) -> list[float]:
+    """A fixed cost per call plus a small cost per item, like a framework with a launch cost.
+
+    KETCH_OVERHEAD_MS (default 2) per batch and KETCH_PER_ITEM_MS (default 0.02) per input.
+    """
+    time.sleep(
+        (
+            float(os.environ.get("KETCH_OVERHEAD_MS", "2"))
+            + float(os.environ.get("KETCH_PER_ITEM_MS", "0.02")) * len(inputs)
+        )
+        / 1000
+    )
+    return [float(x.sum()) for x in inputs]

@@ -1,0 +1,160 @@
+"""HTTP through the gateway next to the native ZeroMQ client, in one run.
+
+Starts a broker, a small model (``ketch.examples.basic:total``: the sum of 4 floats) with
+its replicas and ``ketch gateway``, all on free loopback ports; then, for each concurrency
+level, drives the same app in closed loop (each of C workers sends its next query when the
+last is answered) for a fixed time through:
+
+    zmq      ketch.AsyncClient.predict, the native client (the baseline)
+    clipper  POST /{app}/predict with httpx.AsyncClient (keep-alive, C connections)
+    kserve   POST /v2/models/{app}/infer, a JSON tensor [1, 4], same client
+
+and prints throughput and p50/p99 latency per mode, with HTTP as a share of zmq. Every
+query carries a distinct random input and every answer is checked. The load generator
+runs in this process on the same machine: its own CPU use counts against every mode.
+
+    python perf/http.py                          # C = 1, 8, 32; 3 s each
+    python perf/http.py --concurrency 1,4 --duration 5 --workers 2 --replicas 2
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# this file is perf/http.py: keep its folder from shadowing the standard library's ``http``
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+import numpy as np
+from ketch import AsyncClient
+from ketch.gateway.local import LocalGateway
+from ketch.local import LocalBroker, LocalModel
+
+APP = "bench"
+
+
+async def closed_loop(
+    call: Callable[[np.ndarray], Awaitable[float]], concurrency: int, duration_s: float, warmup_s: float
+) -> tuple[int, list[float], int]:
+    """(answered, latencies in ms, errors) over ``duration_s`` after ``warmup_s``."""
+    rng = np.random.default_rng(concurrency)
+    latencies: list[float] = []
+    counted = [0, 0]  # answered, errors
+    start = time.perf_counter()
+    measure_from, end = start + warmup_s, start + warmup_s + duration_s
+
+    async def worker() -> None:
+        while True:
+            x = rng.normal(size=4)
+            t0 = time.perf_counter()
+            if t0 >= end:
+                return
+            try:
+                got = await call(x)
+                ok = abs(got - x.sum()) < 1e-9
+            except Exception:
+                ok = False
+            t1 = time.perf_counter()
+            if t0 >= measure_from and t1 <= end:
+                if ok:
+                    counted[0] += 1
+                    latencies.append((t1 - t0) * 1000)
+                else:
+                    counted[1] += 1
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return counted[0], latencies, counted[1]
+
+
+async def run_mode(mode: str, frontend: str, url: str, concurrency: int, duration_s: float, warmup_s: float):
+    if mode == "zmq":
+        client = AsyncClient(frontend)
+
+        async def call(x: np.ndarray) -> float:
+            return float((await client.predict(APP, x)).output)
+
+        try:
+            return await closed_loop(call, concurrency, duration_s, warmup_s)
+        finally:
+            await client.close()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as http:
+        if mode == "clipper":
+
+            async def call(x: np.ndarray) -> float:
+                r = await http.post(f"/{APP}/predict", json={"input": x.tolist()})
+                r.raise_for_status()
+                return r.json()["output"]
+
+        else:
+
+            async def call(x: np.ndarray) -> float:
+                doc = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 4], "data": x.tolist()}]}
+                r = await http.post(f"/v2/models/{APP}/infer", json=doc)
+                r.raise_for_status()
+                return r.json()["outputs"][0]["data"][0]
+
+        return await closed_loop(call, concurrency, duration_s, warmup_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated concurrency levels.")
+    parser.add_argument("--duration", type=float, default=3.0, help="Measured seconds per mode and level.")
+    parser.add_argument("--warmup", type=float, default=0.5, help="Unmeasured seconds before each run.")
+    parser.add_argument("--workers", type=int, default=1, help="Gateway worker processes.")
+    parser.add_argument("--replicas", type=int, default=1, help="Model replica processes.")
+    parser.add_argument("--modes", default="zmq,clipper,kserve")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+
+    with LocalBroker() as broker:
+        model = LocalModel(
+            "ketch.examples.basic:total",
+            "total",
+            backend=broker.backend,
+            replicas=args.replicas,
+            input_shape="4",
+        )
+        with model, broker.admin_client() as admin:
+            admin.create_app(APP, input_type="float64", input_shape=[4], slo_ms=5000, models=["total"])
+            model.wait_ready(admin, timeout_s=60)
+            with LocalGateway(broker.frontend, broker.admin, workers=args.workers) as gw:
+                print(
+                    f"model: sum of 4 floats, {args.replicas} replica(s); gateway: {args.workers} worker(s); "
+                    f"{args.duration:g} s per run after {args.warmup:g} s warm-up; closed loop"
+                )
+                rows = []
+                for c in levels:
+                    base = None
+                    for mode in modes:
+                        n, lat, errs = asyncio.run(
+                            run_mode(mode, broker.frontend, gw.url, c, args.duration, args.warmup)
+                        )
+                        qps = n / args.duration
+                        p50, p99 = np.percentile(lat, [50, 99]) if lat else (float("nan"),) * 2
+                        base = qps if mode == "zmq" else base
+                        share = f"{qps / base:.0%}" if base else "-"
+                        rows.append((c, mode, f"{qps:,.0f}", f"{p50:.2f}", f"{p99:.2f}", share, errs))
+                        print(
+                            f"  c={c:<3} {mode:8} {qps:9,.0f} q/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms",
+                            flush=True,
+                        )
+    header = ("concurrency", "client", "queries/s", "p50 ms", "p99 ms", "vs zmq", "errors")
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---:" if i in (0, 2, 3, 4, 5, 6) else "---" for i in range(len(header))) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(v) for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""Load generation against a broker: open loop (Poisson arrivals) and closed loop.
+
+Both run on one DEALER socket in the calling thread, are bounded in time and count, and
+record every query's outcome. Open-loop latency is measured from each query's scheduled
+arrival time, so a client that falls behind is charged for it (no coordinated omission).
+Used by ``ketch bench`` and the benchmarks in ``perf/``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ketch import _protocol as proto
+from ketch.client import encode_input
+from ketch.wire.Status import Status
+
+
+@dataclass
+class LoadResult:
+    """What happened to every query of one load level."""
+
+    sent: int = 0
+    ok: int = 0
+    defaults: int = 0
+    errors: int = 0
+    lost: int = 0  # no answer before the end (should stay 0)
+    elapsed_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)  # every answered query
+    ok_latencies_ms: list[float] = field(default_factory=list)
+    error_codes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        """Predictions (not defaults, not errors) per second."""
+        return self.ok / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def answered_per_s(self) -> float:
+        return (self.ok + self.defaults + self.errors) / self.elapsed_s if self.elapsed_s else 0.0
+
+    def quantile(self, q: float, ok_only: bool = False) -> float:
+        data = self.ok_latencies_ms if ok_only else self.latencies_ms
+        return float(np.percentile(data, q)) if data else float("nan")
+
+    def within(self, slo_ms: float) -> float:
+        """Share of sent queries answered with a prediction within ``slo_ms``."""
+        if not self.sent:
+            return 0.0
+        return sum(1 for v in self.ok_latencies_ms if v <= slo_ms) / self.sent
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "ok": self.ok,
+            "defaults": self.defaults,
+            "errors": self.errors,
+            "lost": self.lost,
+            "throughput": round(self.throughput, 1),
+            "p50_ms": round(self.quantile(50), 3),
+            "p90_ms": round(self.quantile(90), 3),
+            "p99_ms": round(self.quantile(99), 3),
+            "p999_ms": round(self.quantile(99.9), 3),
+        }
+
+
+class _Session:
+    """One socket, the queries in flight, and the bookkeeping of their answers."""
+
+    def __init__(self, frontend: str, app: str, timeout_ms: float | None) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvhwm = self.sock.sndhwm = 1_000_000
+        self.sock.connect(frontend)
+        self.app = app
+        self.timeout_us = 0 if timeout_ms is None else int(timeout_ms * 1000)
+        self.started: dict[int, float] = {}
+        self.result = LoadResult()
+        self._ids = int.from_bytes(os.urandom(3), "little") << 24
+
+    def send(self, inputs: list[Any], at: list[float]) -> None:
+        code, shape, _ = encode_input(inputs[0])
+        payloads = [encode_input(x)[2] for x in inputs]
+        ids = list(range(self._ids + 1, self._ids + 1 + len(inputs)))
+        self._ids += len(inputs)
+        for rid, t in zip(ids, at, strict=True):
+            self.started[rid] = t
+        self.sock.send_multipart(
+            [proto.build_query(self.app, code, shape, ids, self.timeout_us), *payloads], copy=False
+        )
+        self.result.sent += len(inputs)
+
+    def receive(self, timeout_ms: float) -> int:
+        """Take the answers that arrive within ``timeout_ms``; returns how many."""
+        got = 0
+        if not self.sock.poll(max(0, int(timeout_ms))):
+            return 0
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return got
+            now = time.perf_counter()
+            _, name, body = proto.decode(frames[0])
+            if name != "Reply":
+                self.result.errors += 1
+                continue
+            r = self.result
+            for i in range(body.ItemsLength()):
+                item = body.Items(i)
+                t0 = self.started.pop(item.RequestId(), None)
+                if t0 is None:
+                    continue
+                got += 1
+                ms = (now - t0) * 1000
+                r.latencies_ms.append(ms)
+                status = item.Status()
+                if status == Status.OK:
+                    r.ok += 1
+                    r.ok_latencies_ms.append(ms)
+                elif status == Status.DEFAULT:
+                    r.defaults += 1
+                else:
+                    r.errors += 1
+                    code = proto.ERROR_NAMES.get(item.Error(), str(item.Error()))
+                    r.error_codes[code] = r.error_codes.get(code, 0) + 1
+
+    def drain(self, grace_s: float) -> None:
+        end = time.perf_counter() + grace_s
+        while self.started and time.perf_counter() < end:
+            self.receive((end - time.perf_counter()) * 1000)
+        self.result.lost = len(self.started)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def open_loop(
+    frontend: str,
+    app: str,
+    make_input: Callable[[int], Any],
+    rate: float,
+    duration_s: float,
+    *,
+    timeout_ms: float | None = None,
+    grace_s: float = 5.0,
+    seed: int = 0,
+    progress: Callable[[LoadResult], None] | None = None,
+) -> LoadResult:
+    """Poisson arrivals at ``rate`` per second for ``duration_s``; arrivals due at the same
+    moment go out in one message, as a client with many users would send them."""
+    rng = np.random.default_rng(seed)
+    n = int(rate * duration_s)
+    arrivals = np.cumsum(rng.exponential(1 / rate, size=n))
+    session = _Session(frontend, app, timeout_ms)
+    try:
+        t0 = time.perf_counter()
+        i = 0
+        next_progress = t0 + 1
+        while i < n:
+            now = time.perf_counter()
+            due = i
+            while due < n and t0 + arrivals[due] <= now:
+                due += 1
+            if due > i:
+                session.send(
+                    [make_input(k) for k in range(i, due)], [t0 + arrivals[k] for k in range(i, due)]
+                )
+                i = due
+            wait_ms = ((t0 + arrivals[i]) - time.perf_counter()) * 1000 if i < n else 0
+            session.receive(max(0.0, wait_ms))
+            if progress is not None and now >= next_progress:
+                progress(session.result)
+                next_progress = now + 1
+        session.result.elapsed_s = time.perf_counter() - t0
+        session.drain(grace_s)
+        return session.result
+    finally:
+        session.close()
+
+
+def closed_loop(
+    frontend: str,
+    app: str,
+    make_input: Callable[[int], Any],
+    concurrency: int,
+    duration_s: float,
+    *,
+    timeout_ms: float | None = None,
+    max_queries: int = 10_000_000,
+    grace_s: float = 5.0,
+    progress: Callable[[LoadResult], None] | None = None,
+) -> LoadResult:
+    """Keep ``concurrency`` queries in flight for ``duration_s`` (or ``max_queries``)."""
+    session = _Session(frontend, app, timeout_ms)
+    try:
+        t0 = time.perf_counter()
+        end = t0 + duration_s
+        k = 0
+        next_progress = t0 + 1
+        while True:
+            now = time.perf_counter()
+            if now >= end or k >= max_queries:
+                break
+            free = concurrency - len(session.started)
+            if free > 0:
+                count = min(free, max_queries - k)
+                session.send([make_input(k + j) for j in range(count)], [now] * count)
+                k += count
+            session.receive(max(0.0, min(50.0, (end - now) * 1000)))
+            if progress is not None and now >= next_progress:
+                progress(session.result)
+                next_progress = now + 1
+        session.drain(grace_s)
+        session.result.elapsed_s = time.perf_counter() - t0
+        return session.result
+    finally:
+        session.close()
