@@ -151,7 +151,7 @@ class Replica:
             self._tasks.put(None)
             worker.join(timeout=5)
             if sock is not None:
-                sock.close(linger=0)
+                sock.close(linger=1000)  # let the Goodbye leave, within a bound
             pipe.close(linger=0)
 
     # ------------------------------------------------------------ I/O thread
