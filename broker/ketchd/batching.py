@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MODES = ("model", "aimd", "fixed")
+REFIT_EVERY = 8  # observations between two fits of the latency model
 
 
 @dataclass
@@ -63,6 +64,7 @@ class BatchController:
     _samples: dict[int, deque[float]] = field(default_factory=dict)
     _fit: tuple[float, float] | None = None  # (intercept ms, ms per item)
     _largest_seen: int = 0
+    _stale: int = 0  # observations since the fit was computed
 
     def observe(self, size: int, latency_ms: float, budget_ms: float) -> None:
         """A batch of ``size`` took ``latency_ms`` (compute + RPC) against ``budget_ms``."""
@@ -75,8 +77,12 @@ class BatchController:
         if window is None:
             window = self._samples[size] = deque(maxlen=p.window)
         window.append(latency_ms)
-        self._largest_seen = max(self._largest_seen, size)
-        self._fit = None
+        if size > self._largest_seen:
+            self._largest_seen = size
+            self._fit = None
+        self._stale += 1
+        if self._stale >= REFIT_EVERY:  # refitting costs ~100 us: not on every batch
+            self._fit = None
 
     def fastest_ms(self) -> float | None:
         """The quickest recent batch of any size: an optimistic floor on any batch's latency.
@@ -97,6 +103,7 @@ class BatchController:
     def fit(self) -> tuple[float, float] | None:
         """(intercept, slope) of latency against batch size, or None without two sizes."""
         if self._fit is None:
+            self._stale = 0
             points = self.quantile_points()
             if len(points) < 2:
                 return None

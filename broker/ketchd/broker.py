@@ -399,7 +399,20 @@ class Broker:
             return
         out, self._out = self._out, defaultdict(list)
         for client, entries in out.items():
-            header = proto.build_reply([item for item, _ in entries])
+            item = entries[0][0]
+            if (
+                len(entries) == 1
+                and item.status == Status.OK
+                and not item.message
+                and not item.models_missing
+                and item.confidence == 1.0
+                and item.models_answered == (item.model,)
+            ):  # the common case: one plain prediction, from a prebuilt template
+                header = proto.reply_ok_template(
+                    item.model, item.model_version, item.dtype, item.shape
+                ).render(item.request_id, item.latency_us)
+            else:
+                header = proto.build_reply([item for item, _ in entries])
             self.frontend.send_multipart([client, header, *(payload for _, payload in entries)], copy=False)
 
     def _finish(self, p: Pending) -> float:
@@ -518,7 +531,7 @@ class Broker:
             if replica.inflight:
                 # pipelining: send the next batch just in time to hide the round trip,
                 # not earlier, so it carries what arrives while the current one computes
-                lead = max(1.0, 2 * replica.rpc_ms.quantiles(0.5)[0])
+                lead = max(1.0, 2 * replica.rpc_ewma_ms)
                 if busy > lead:
                     self._batch_timers[model] = now + (busy - lead) / 1000
                     return
@@ -566,9 +579,13 @@ class Broker:
         else:
             shapes = [d for p in items for d in p.shape]
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
-        header = proto.build_predict_request(
-            batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
-        )
+        if len(items) == 1:
+            template = proto.predict_one_template(model.name, replica.version, items[0].dtype, items[0].shape)
+            header = template.render(batch_id, budgets[0])
+        else:
+            header = proto.build_predict_request(
+                batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
+            )
         batch = Batch(batch_id, replica, items, now, budget_ms)
         replica.sizes.add(len(items))
         for p in items:
@@ -715,6 +732,8 @@ class Broker:
         replica.last_reply = now
         replica.compute_ms.add(compute_ms)
         replica.rpc_ms.add(rpc_ms)
+        replica.rpc_ewma_ms += 0.1 * (rpc_ms - replica.rpc_ewma_ms)
+        replica.compute_ewma_ms += 0.1 * (compute_ms - replica.compute_ewma_ms)
         replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)
         n = r.OutputsLength()
         failure = ""

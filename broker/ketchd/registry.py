@@ -155,6 +155,8 @@ class Replica:
     sizes: SizeHistogram = field(default_factory=SizeHistogram)
     compute_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
     rpc_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
+    rpc_ewma_ms: float = 1.0  # smoothed RPC time, for the pipelining lead
+    compute_ewma_ms: float = 0.0
 
     def busy_ms(self, now: float) -> float:
         """Predicted time before this replica can start one more batch."""
@@ -162,7 +164,7 @@ class Replica:
         for batch in self.inflight.values():
             predicted = self.controller.predict_ms(len(batch.items))
             if predicted is None:
-                predicted = self.compute_ms.quantiles(0.5)[0] if len(self.compute_ms) else 0.0
+                predicted = self.compute_ewma_ms
             total += max(0.0, predicted - (now - batch.sent) * 1000)
         return total
 

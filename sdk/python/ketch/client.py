@@ -263,9 +263,9 @@ class Client(_Base):
         code, shape, payload = encode_input(x, dtype)
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
-        self._sock.send_multipart(
-            [self._query(app, code, shape, [rid], timeout_ms, priority, context), payload], copy=False
-        )
+        timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
+        header = proto.query_one_template(app, code, tuple(shape), timeout_us, priority, context).render(rid)
+        self._sock.send_multipart([header, payload], copy=False)
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
         answer = results[rid]

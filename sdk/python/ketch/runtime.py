@@ -360,7 +360,13 @@ class Replica:
                 continue
             metas.append((Status.OK, dtype, shape, 0, ""))
             payloads.append(payload)
-        return [proto.build_predict_reply(task.batch_id, compute_us, metas), *payloads]
+        if n == 1 and metas[0][0] == Status.OK:
+            header = proto.predict_reply_one_template(metas[0][1], tuple(metas[0][2])).render(
+                task.batch_id, compute_us
+            )
+        else:
+            header = proto.build_predict_reply(task.batch_id, compute_us, metas)
+        return [header, *payloads]
 
 
 def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> None:
