@@ -72,6 +72,21 @@ def thread_broker() -> Iterator[ThreadBroker]:
 
 
 @pytest.fixture
+def make_thread_broker() -> Iterator:
+    """A factory of ThreadBrokers with given settings; all are stopped at the end."""
+    made: list[ThreadBroker] = []
+
+    def make(**overrides) -> ThreadBroker:
+        tb = ThreadBroker(**overrides)
+        made.append(tb)
+        return tb
+
+    yield make
+    for tb in made:
+        tb.stop()
+
+
+@pytest.fixture
 def broker_process(tmp_path) -> Iterator[LocalBroker]:
     broker = LocalBroker(
         state_path=str(tmp_path / "state.db"),

@@ -104,6 +104,25 @@ def broker_options(f):
                 help="Seconds a cached prediction lives (0: until evicted).",
             ),
             click.option(
+                "--max-client-outstanding",
+                default=defaults.max_client_outstanding,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Queries one client may have in the broker at once; past it, OVERLOADED.",
+            ),
+            click.option(
+                "--curve-secret",
+                default=None,
+                help="The broker's .key_secret file: turns CurveZMQ on for all three sockets.",
+            ),
+            click.option(
+                "--curve-clients", default=None, help="Folder of client public keys let in (frontend)."
+            ),
+            click.option(
+                "--curve-containers", default=None, help="Folder of container public keys let in (backend)."
+            ),
+            click.option("--curve-admins", default=None, help="Folder of admin public keys let in (admin)."),
+            click.option(
                 "--ready-file", default=None, help="Write the bound endpoints here as JSON once listening."
             ),
         ]

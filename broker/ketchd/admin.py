@@ -101,6 +101,7 @@ class AdminOps:
         has_default: bool | None = None,
         models: list[str] | None = None,
         cache: bool = True,
+        finite_only: bool = False,
     ) -> dict[str, Any]:
         _check_name("app", name)
         if name in self.broker.apps:
@@ -125,6 +126,7 @@ class AdminOps:
             default=default,
             has_default=default is not None if has_default is None else bool(has_default),
             cache=bool(cache),
+            finite_only=bool(finite_only),
         )
         for model in models or []:
             self._link(app, model)
@@ -263,6 +265,20 @@ class AdminOps:
         self.broker.persist_model(model)
         self.broker.reconfigure(model)
         return self._model_doc(model)
+
+    def op_model_drain(self, name: str, replica: str | None = None) -> dict[str, Any]:
+        """Ask a model's replicas (or one, by replica id) to finish their work and leave."""
+        model = self._model(name)
+        targets = [
+            r
+            for r in model.replicas.values()
+            if r.state is not ReplicaState.DEAD and (replica is None or r.replica_id == replica)
+        ]
+        if replica is not None and not targets:
+            raise errors.NotFound(f"model {name!r} has no live replica {replica!r}")
+        for r in targets:
+            self.broker.drain(r, "drain requested")
+        return {"draining": [r.replica_id for r in targets]}
 
     def op_replica_list(self, model: str | None = None) -> list[dict[str, Any]]:
         return [

@@ -65,6 +65,7 @@ class Broker:
         self.cache = PredictionCache(self.config.cache_bytes, self.config.cache_ttl_s)
         self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
         self._batch_timers: dict[Model, float] = {}  # model -> when to look at its queue again
+        self._outstanding: dict[bytes, int] = {}  # client identity -> queries held for it
         self._stopping = False
         self._stop_reason = ""
         self._next_housekeeping = 0.0
@@ -76,14 +77,42 @@ class Broker:
     def bind(self) -> dict[str, str]:
         """Create and bind the three sockets; returns the bound endpoints."""
         cfg = self.config
+        self._start_curve()
         self.frontend = self._router(cfg.frontend, "frontend")
         self.backend = self._router(cfg.backend, "backend")
         self.admin = self._router(cfg.admin, "admin")
         return self.endpoints
 
+    def _start_curve(self) -> None:
+        self._auth = None
+        cfg = self.config
+        if not cfg.curve_secret:
+            return
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        folders = {"frontend": cfg.curve_clients, "backend": cfg.curve_containers, "admin": cfg.curve_admins}
+        flags = {"frontend": "--curve-clients", "backend": "--curve-containers", "admin": "--curve-admins"}
+        missing = [flags[role] for role, folder in folders.items() if not folder]
+        if missing:
+            raise ValueError(f"Curve is on: {', '.join(missing)} must name folders of allowed public keys")
+        self._curve_public, self._curve_secret = zmq.auth.load_certificate(cfg.curve_secret)
+        if self._curve_secret is None:
+            raise ValueError(f"{cfg.curve_secret} holds no secret key (use the .key_secret file)")
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        for role, folder in folders.items():
+            self._auth.configure_curve(domain=role, location=folder)
+        log.info("curve on", **folders)
+
     def _router(self, address: str, role: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
+        if self._auth is not None:
+            sock.zap_domain = role.encode()
+            sock.curve_secretkey = self._curve_secret
+            sock.curve_publickey = self._curve_public
+            sock.curve_server = True
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.sndhwm = 100_000
@@ -160,6 +189,9 @@ class Broker:
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
+            self._auth = None
         log.info("broker stopped", reason=self._stop_reason or "closed")
 
     def _poll_timeout_ms(self) -> int:
@@ -212,12 +244,15 @@ class Broker:
                 f"protocol version {version} is not supported (this broker speaks {proto.PROTOCOL_VERSION})",
             )
             return
-        if name == "Query":
-            self._on_query(client, body, frames[2:])
-        elif name == "Feedback":
-            self._on_feedback(client, body)
-        else:
-            self._client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
+        try:
+            if name == "Query":
+                self._on_query(client, body, frames[2:])
+            elif name == "Feedback":
+                self._on_feedback(client, body)
+            else:
+                self._client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
+        except proto.FIELD_ERRORS as exc:  # a corrupt table: fields are read lazily
+            self._client_error(client, ErrorCode.BAD_MESSAGE, f"{name} does not decode: {type(exc).__name__}")
 
     def _on_query(self, client: bytes, q: Any, payloads: list[zmq.Frame]) -> None:
         now = time.monotonic()
@@ -261,6 +296,16 @@ class Broker:
         if not app.models:
             self._answer_without_model(client, app, ids, now, f"app {app.name!r} links no model")
             return
+        outstanding = self._outstanding.get(client, 0)
+        if outstanding + len(ids) > self.config.max_client_outstanding:
+            app.errors += len(ids)
+            refuse(
+                ErrorCode.OVERLOADED,
+                f"this client has {outstanding} queries outstanding"
+                f" (limit {self.config.max_client_outstanding})",
+                self.config.retry_after_ms,
+            )
+            return
         model = self.models[app.models[0]]
         limit = model.max_queue or self.config.max_queue
         if len(model.queue) + len(ids) > limit:
@@ -276,6 +321,7 @@ class Broker:
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
         priority = q.Priority()
         caching = app.cache and model.deterministic and self.cache.max_bytes > 0 and model.active_version
+        self._outstanding[client] = outstanding + len(ids)
         for rid, payload in zip(ids, payloads, strict=True):
             p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
             if caching and self._from_cache_or_flight(p, model):
@@ -365,6 +411,10 @@ class Broker:
                     return (
                         f"item {i}: payload of {len(frame)} bytes, shape {_shape_text(shape)} needs {nbytes}"
                     )
+        if app.finite_only and dtype in proto.NUMPY_DTYPES and proto.NUMPY_DTYPES[dtype].kind == "f":
+            for i, frame in enumerate(payloads):
+                if not np.isfinite(np.frombuffer(frame.buffer, proto.NUMPY_DTYPES[dtype])).all():
+                    return f"item {i}: NaN or infinity, and app {app.name!r} takes finite numbers only"
         return ""
 
     def _answer_without_model(self, client: bytes, app: App, ids: list[int], now: float, why: str) -> None:
@@ -423,6 +473,12 @@ class Broker:
         p.done = True
         if p.queued:
             self.models[p.model].queue.discard(p)
+        left = self._outstanding.get(p.client)
+        if left is not None:
+            if left <= 1:
+                del self._outstanding[p.client]
+            else:
+                self._outstanding[p.client] = left - 1
         ms = (time.monotonic() - p.arrived) * 1000
         p.app.answered += 1
         p.app.latency.add(ms)
@@ -623,6 +679,14 @@ class Broker:
                 f"protocol version {version} is not supported (this broker speaks {proto.PROTOCOL_VERSION})",
             )
             return
+        try:
+            self._on_container_message(identity, name, body, frames)
+        except proto.FIELD_ERRORS as exc:  # a corrupt table: fields are read lazily
+            self._backend_error(
+                identity, ErrorCode.BAD_MESSAGE, f"{name} does not decode: {type(exc).__name__}"
+            )
+
+    def _on_container_message(self, identity: bytes, name: str, body: Any, frames: list[zmq.Frame]) -> None:
         now = time.monotonic()
         if name == "Hello":
             self._on_hello(identity, body, now)
@@ -724,9 +788,12 @@ class Broker:
         model = self.models[replica.model]
         self._dirty.add(model)
         items = batch.items
+        try:  # read the whole reply before answering anyone: a corrupt one fails as a whole
+            compute_ms, outputs, failure = _read_predict_reply(r, len(items), len(payloads))
+        except proto.FIELD_ERRORS as exc:
+            compute_ms, outputs, failure = 0.0, [], f"reply does not decode ({type(exc).__name__})"
         # feed the controller with compute + RPC; time spent queued behind an earlier
         # batch at the replica is neither (the replica computes one batch at a time)
-        compute_ms = r.ComputeUs() / 1000
         started = max(batch.sent, replica.last_reply)
         rpc_ms = max(0.0, (now - started) * 1000 - compute_ms)
         replica.last_reply = now
@@ -735,40 +802,25 @@ class Broker:
         replica.rpc_ewma_ms += 0.1 * (rpc_ms - replica.rpc_ewma_ms)
         replica.compute_ewma_ms += 0.1 * (compute_ms - replica.compute_ewma_ms)
         replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)
-        n = r.OutputsLength()
-        failure = ""
-        if n == 0:
-            message = (r.Message() or b"").decode("utf-8", "replace") or "the model failed without a message"
-            failure = f"model {replica.model!r} failed the batch: {message}"
-        elif n != len(items) or len(payloads) != n:
-            failure = (
-                f"model {replica.model!r} returned {n} outputs and {len(payloads)} payloads "
-                f"for a batch of {len(items)}"
-            )
         if failure:
             replica.errors += 1
             model.errors += 1
             for p in items:
                 if not p.done:
-                    self._answer_error(p, ErrorCode.MODEL_ERROR, failure)
+                    self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} {failure}")
             return
-        for i, p in enumerate(items):
+        for i, (p, (ok, dtype, shape, code, message)) in enumerate(zip(items, outputs, strict=True)):
             if p.done:
                 continue
-            out = r.Outputs(i)
-            if out.Status() == Status.OK:
-                tensor = out.Output()
-                if tensor is None:
-                    self._answer_error(
-                        p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i} has no type"
-                    )
-                    continue
-                shape = tuple(proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist())
-                self._answer_output(p, replica, tensor.Dtype(), shape, payloads[i])
-            else:
-                message = (out.Message() or b"").decode("utf-8", "replace")
-                code = out.Error() or ErrorCode.MODEL_ERROR
+            if not ok:
                 self._answer_error(p, code, f"model {replica.model!r}: {message}")
+                continue
+            problem = "has no type" if dtype is None else _output_problem(dtype, shape, len(payloads[i]))
+            if problem:
+                self.counters["bad_outputs"] += 1
+                self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i}: {problem}")
+                continue
+            self._answer_output(p, replica, dtype, shape, payloads[i])
 
     def _replica_gone(self, replica: Replica, reason: str, now: float) -> None:
         """Forget a replica; re-queue (once) or answer exactly the queries it held."""
@@ -855,6 +907,14 @@ class Broker:
     def mark_dirty(self, model: Model) -> None:
         self._dirty.add(model)
 
+    def drain(self, replica: Replica, reason: str) -> None:
+        """Stop sending work to ``replica`` and ask it to finish what it holds and leave."""
+        if replica.state in (ReplicaState.READY, ReplicaState.BUSY):
+            replica.move(ReplicaState.DRAINING)
+        self.backend.send_multipart([replica.identity, proto.encode("Shutdown", {"reason": reason})])
+        replica.last_sent = time.monotonic()
+        log.info("replica draining", model=replica.model, replica=replica.replica_id, reason=reason)
+
     def reconfigure(self, model: Model) -> None:
         """Give every replica of ``model`` the model's current batching policy."""
         for replica in model.replicas.values():
@@ -864,3 +924,42 @@ class Broker:
 
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join("any" if d < 0 else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _output_problem(dtype: int, shape: tuple[int, ...], nbytes: int) -> str:
+    """Why a model's output does not hold together ('' when it does)."""
+    if dtype not in proto.DTYPE_NAMES:
+        return f"unknown dtype {dtype}"
+    if any(d < 0 for d in shape):
+        return f"negative dimension in shape {_shape_text(shape)}"
+    want = proto.expected_nbytes(dtype, shape)
+    if want is not None and want != nbytes:
+        shape_text = _shape_text(shape)
+        return f"{nbytes} bytes do not fit {proto.dtype_name(dtype)} of shape {shape_text} ({want} bytes)"
+    return ""
+
+
+def _read_predict_reply(r: Any, size: int, payloads: int) -> tuple[float, list[tuple], str]:
+    """(compute ms, per output (ok, dtype, shape, code, message), whole-batch failure)."""
+    compute_ms = r.ComputeUs() / 1000
+    n = r.OutputsLength()
+    if n == 0:
+        message = (r.Message() or b"").decode("utf-8", "replace") or "the model failed without a message"
+        return compute_ms, [], f"failed the batch: {message}"
+    if n != size or payloads != n:
+        return compute_ms, [], f"returned {n} outputs and {payloads} payloads for a batch of {size}"
+    outputs = []
+    for i in range(n):
+        out = r.Outputs(i)
+        if out.Status() == Status.OK:
+            tensor = out.Output()
+            if tensor is None:
+                outputs.append((True, None, (), 0, ""))
+            else:
+                shape = tuple(proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist())
+                outputs.append((True, tensor.Dtype(), shape, 0, ""))
+        else:
+            code = out.Error()
+            code = code if code in proto.ERROR_NAMES and code != ErrorCode.NONE else ErrorCode.MODEL_ERROR
+            outputs.append((False, None, (), code, (out.Message() or b"").decode("utf-8", "replace")))
+    return compute_ms, outputs, ""

@@ -28,3 +28,10 @@ class BrokerConfig:
     retry_after_ms: int = 50
     cache_bytes: int = 256 * 1024 * 1024  # prediction cache bound; 0 turns the cache off
     cache_ttl_s: float = 0.0  # 0: cached predictions do not expire
+    max_client_outstanding: int = 10_000  # queries one client may have in the broker at once
+    # CurveZMQ: the broker's secret key file turns it on; each role lets in the public
+    # keys found in its folder
+    curve_secret: str | None = None
+    curve_clients: str | None = None
+    curve_containers: str | None = None
+    curve_admins: str | None = None

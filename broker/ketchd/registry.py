@@ -31,6 +31,7 @@ class App:
     has_default: bool = False
     models: list[str] = field(default_factory=list)
     cache: bool = True  # answer repeated inputs from the prediction cache
+    finite_only: bool = False  # refuse NaN and infinity in float inputs
     # figures
     cache_hits: int = 0
     queries: int = 0
@@ -49,6 +50,7 @@ class App:
             "has_default": self.has_default,
             "models": list(self.models),
             "cache": self.cache,
+            "finite_only": self.finite_only,
         }
 
     @classmethod
@@ -62,6 +64,7 @@ class App:
             has_default=bool(d.get("has_default", d.get("default") is not None)),
             models=list(d.get("models", [])),
             cache=bool(d.get("cache", True)),
+            finite_only=bool(d.get("finite_only", False)),
         )
 
     def figures(self) -> dict[str, Any]:

@@ -159,6 +159,18 @@ class DecodeError(ValueError):
     """A header frame that is not a valid Ketch envelope."""
 
 
+# what reading a field of a corrupt flatbuffer can raise (accessors are lazy, unchecked)
+FIELD_ERRORS: tuple[type[BaseException], ...] = (
+    IndexError,
+    ValueError,
+    TypeError,
+    OverflowError,
+    AttributeError,
+    UnicodeDecodeError,
+    __import__("struct").error,
+)
+
+
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
@@ -305,9 +317,16 @@ def table_to_dict(table: str, obj: Any) -> dict[str, Any]:
 
 
 def to_dict(frame: bytes) -> dict[str, Any]:
-    """A header frame as ``{"type", "version", "body"}``, the shape of the JSON twins."""
+    """A header frame as ``{"type", "version", "body"}``, the shape of the JSON twins.
+
+    Raises DecodeError for anything that does not decode, down to the last field.
+    """
     version, name, obj = decode(frame)
-    return {"type": name, "version": version, "body": table_to_dict(name, obj)}
+    try:
+        body = table_to_dict(name, obj)
+    except FIELD_ERRORS as exc:
+        raise DecodeError(f"{name} does not decode: {type(exc).__name__}: {exc}") from None
+    return {"type": name, "version": version, "body": body}
 
 
 def from_dict(message: Mapping[str, Any]) -> bytes:

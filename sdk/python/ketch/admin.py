@@ -10,6 +10,7 @@ from typing import Any
 import zmq
 
 from ketch import _errors as errors
+from ketch._curve import PeerKeys
 
 DEFAULT_ADMIN = "tcp://127.0.0.1:7002"
 
@@ -18,9 +19,15 @@ class Admin:
     """Create and inspect apps, models and replicas. ``Admin(address)``; default ``$KETCH_ADMIN``."""
 
     def __init__(
-        self, address: str | None = None, *, timeout_ms: float = 5000, context: zmq.Context | None = None
+        self,
+        address: str | None = None,
+        *,
+        timeout_ms: float = 5000,
+        context: zmq.Context | None = None,
+        curve: PeerKeys | None = None,
     ):
         self.address = address or os.environ.get("KETCH_ADMIN") or DEFAULT_ADMIN
+        self._curve = curve or PeerKeys.load()
         self.timeout_ms = timeout_ms
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count(1)
@@ -30,6 +37,8 @@ class Admin:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.linger = 0
+            if self._curve is not None:
+                self._curve.apply(self._sock)
             self._sock.connect(self.address)
         return self._sock
 
@@ -81,6 +90,7 @@ class Admin:
         default: Any = None,
         models: list[str] | None = None,
         cache: bool = True,
+        finite_only: bool = False,
     ) -> dict[str, Any]:
         return self.call(
             "app.create",
@@ -91,6 +101,7 @@ class Admin:
             default=default,
             models=models or [],
             cache=cache,
+            finite_only=finite_only,
         )
 
     def configure_app(
@@ -148,6 +159,10 @@ class Admin:
             batch_delay_ms=batch_delay_ms,
             create=create,
         )
+
+    def drain(self, model: str, replica: str | None = None) -> dict[str, Any]:
+        """Ask the replicas of ``model`` (or one) to finish what they hold and leave."""
+        return self.call("model.drain", name=model, replica=replica)
 
     def replicas(self, model: str | None = None) -> list[dict[str, Any]]:
         return self.call("replica.list", model=model)

@@ -31,6 +31,7 @@ class LoadResult:
     defaults: int = 0
     errors: int = 0
     lost: int = 0  # no answer before the end (should stay 0)
+    duplicates: int = 0  # answers for a query already answered (must stay 0)
     elapsed_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)  # every answered query
     ok_latencies_ms: list[float] = field(default_factory=list)
@@ -62,6 +63,7 @@ class LoadResult:
             "defaults": self.defaults,
             "errors": self.errors,
             "lost": self.lost,
+            "duplicates": self.duplicates,
             "throughput": round(self.throughput, 1),
             "p50_ms": round(self.quantile(50), 3),
             "p90_ms": round(self.quantile(90), 3),
@@ -81,6 +83,7 @@ class _Session:
         self.app = app
         self.timeout_us = 0 if timeout_ms is None else int(timeout_ms * 1000)
         self.started: dict[int, float] = {}
+        self.answered: set[int] = set()
         self.result = LoadResult()
         self._ids = int.from_bytes(os.urandom(3), "little") << 24
 
@@ -114,9 +117,13 @@ class _Session:
             r = self.result
             for i in range(body.ItemsLength()):
                 item = body.Items(i)
-                t0 = self.started.pop(item.RequestId(), None)
+                rid = item.RequestId()
+                t0 = self.started.pop(rid, None)
                 if t0 is None:
+                    if rid in self.answered:
+                        r.duplicates += 1
                     continue
+                self.answered.add(rid)
                 got += 1
                 ms = (now - t0) * 1000
                 r.latencies_ms.append(ms)

@@ -7,11 +7,18 @@ Exit codes: 0 success, 1 the broker refused (the message says why), 2 usage erro
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -116,12 +123,113 @@ def _broker_start_command() -> click.Command:
 
     @broker.command("start")
     @broker_options
-    def start(**kw: Any) -> None:
-        """Run the broker in the foreground (Ctrl-C or SIGTERM drains and stops it)."""
+    @click.option(
+        "--http",
+        "http_listen",
+        default="127.0.0.1:8080",
+        show_default=True,
+        help="Also run the HTTP gateway on HOST:PORT (a child process, `ketch gateway`).",
+    )
+    @click.option("--no-http", is_flag=True, help="Run no HTTP gateway.")
+    @click.option(
+        "--http-workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Gateway workers."
+    )
+    def start(http_listen: str, no_http: bool, http_workers: int, **kw: Any) -> None:
+        """Run the broker in the foreground (Ctrl-C or SIGTERM drains and stops it).
+
+        The HTTP gateway starts once the broker listens and is stopped when it exits.
+        """
         config, ready_file = config_from_options(**kw)
-        run_broker(config, ready_file)
+        if no_http:
+            run_broker(config, ready_file)
+            return
+        _check_listen(http_listen, "--http")
+        if not _gateway_installed():
+            click.echo(
+                "warning: no HTTP gateway: it needs the http extra (pip install 'ketch[http]'); "
+                "pass --no-http to silence this",
+                err=True,
+            )
+            run_broker(config, ready_file)
+            return
+        with tempfile.TemporaryDirectory(prefix="ketch-broker-") as tmp:
+            ready_path = Path(ready_file or os.path.join(tmp, "ready.json"))
+            ready_path.unlink(missing_ok=True)
+            child = _GatewayChild(ready_path, http_listen, http_workers)
+            child.start()
+            try:
+                run_broker(config, str(ready_path))
+            finally:
+                child.stop()
 
     return start
+
+
+def _gateway_installed() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("starlette", "uvicorn", "prometheus_client"))
+
+
+def _check_listen(text: str, option: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{text!r}: give HOST:PORT, e.g. 127.0.0.1:8080", param_hint=option)
+    return host.strip("[]"), int(port)
+
+
+class _GatewayChild:
+    """``ketch gateway`` as a child of ``ketch broker start``: started once the broker's ready
+    file appears (so it connects to the addresses actually bound), stopped by its pid."""
+
+    def __init__(self, ready_path: Path, listen: str, workers: int) -> None:
+        self.ready_path, self.listen, self.workers = ready_path, listen, workers
+        self.proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._watch, name="gateway-child", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self.ready_path.exists():
+            if self._stopping.wait(0.02):
+                return
+        endpoints = json.loads(self.ready_path.read_text())
+        argv = [
+            sys.executable,
+            "-m",
+            "ketch.cli",
+            "--admin",
+            endpoints["admin"],
+            "gateway",
+            "--broker",
+            endpoints["frontend"],
+            "--listen",
+            self.listen,
+            "--workers",
+            str(self.workers),
+        ]
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self.proc = subprocess.Popen(argv)
+        click.echo(f"HTTP gateway on http://{self.listen} (pid {self.proc.pid})", err=True)
+        code = self.proc.wait()
+        if not self._stopping.is_set():
+            click.echo(f"warning: the HTTP gateway exited with code {code}; the broker runs on", err=True)
+
+    def stop(self, grace_s: float = 15) -> None:
+        with self._lock:
+            self._stopping.set()
+            proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._thread.join(5)
 
 
 _broker_start_command()
@@ -178,10 +286,13 @@ def app() -> None:
 @click.option(
     "--cache/--no-cache", default=True, show_default=True, help="Answer repeated inputs from the cache."
 )
+@click.option("--finite-only", is_flag=True, help="Refuse NaN and infinity in float inputs (BAD_INPUT).")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 @handles_errors
-def app_create(ctx, name, input_type, input_shape, slo_ms, default, models, cache, as_json) -> None:
+def app_create(
+    ctx, name, input_type, input_shape, slo_ms, default, models, cache, finite_only, as_json
+) -> None:
     """Create app NAME."""
     default_value = _json_value(default, "--default") if default is not None else None
     with _admin(ctx) as admin:
@@ -195,6 +306,7 @@ def app_create(ctx, name, input_type, input_shape, slo_ms, default, models, cach
             has_default=default is not None,
             models=list(models),
             cache=cache,
+            finite_only=finite_only,
         )
     _print_json(doc) if as_json else click.echo(f"created app {name}")
 
@@ -415,6 +527,39 @@ def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
     sys.exit(Supervisor(replica_argv(kw["target"], _replica_cli_options(kw)), replicas).run())
 
 
+@model.command("drain")
+@click.argument("name")
+@click.option("--replica", default=None, help="Only this replica id (default: every replica of the model).")
+@click.pass_context
+@handles_errors
+def model_drain(ctx, name, replica) -> None:
+    """Stop new work to NAME's replicas; they finish what they hold and leave."""
+    with _admin(ctx) as admin:
+        ids = admin.drain(name, replica)["draining"]
+    click.echo(f"draining {len(ids)} replica(s) of {name}: {', '.join(ids) or '-'}")
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ keys for the broker, clients, containers and admins."""
+
+
+@keys.command("generate")
+@click.argument("directory")
+@click.option("--name", required=True, help="Key name: writes NAME.key (public) and NAME.key_secret.")
+def keys_generate(directory, name) -> None:
+    """Create a Curve key pair in DIRECTORY.
+
+    Give the broker its .key_secret (--curve-secret) and folders holding the .key files of
+    the clients, containers and admins it lets in; give each peer the broker's .key and its
+    own .key_secret (KETCH_CURVE_SERVER_KEY, KETCH_CURVE_SECRET).
+    """
+    from ketch._curve import generate
+
+    public, secret = generate(directory, name)
+    click.echo(f"public key {public}\nsecret key {secret} (keep it private)")
+
+
 @model.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -578,6 +723,90 @@ def _stats_tables(figures: dict[str, Any]) -> None:
             f" hits {cache['hits']}, misses {cache['misses']}, coalesced {cache['coalesced']},"
             f" evictions {cache['evictions']}, expired {cache['expired']}"
         )
+
+
+@main.command("gateway")
+@click.option(
+    "--broker",
+    "frontend",
+    default=None,
+    help="Broker frontend address [default: ketch --frontend, $KETCH_FRONTEND or tcp://127.0.0.1:7001].",
+)
+@click.option(
+    "--admin",
+    "admin_address",
+    default=None,
+    help="Broker admin address [default: ketch --admin, $KETCH_ADMIN or tcp://127.0.0.1:7002].",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="HOST:PORT to serve HTTP on (port 0: any free port).",
+)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Bearer tokens, one a line; every route but health then needs one (also $KETCH_GATEWAY_TOKENS).",
+)
+@click.option(
+    "--metadata-ttl",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds app metadata and readiness are cached.",
+)
+@click.option(
+    "--max-body-mb", default=64, show_default=True, type=click.IntRange(1), help="Largest request body."
+)
+@click.option("--ready-file", default=None, help="Write the bound URL here as JSON once listening.")
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="uvicorn's log level.",
+)
+@click.pass_context
+def gateway(
+    ctx,
+    frontend,
+    admin_address,
+    listen,
+    workers,
+    token_file,
+    metadata_ttl,
+    max_body_mb,
+    ready_file,
+    log_level,
+) -> None:
+    """Serve HTTP (Clipper's REST API, KServe V2, /metrics) in front of a broker until Ctrl-C/SIGTERM.
+
+    A separate process that is a Ketch client of the broker; routes in docs/http.md.
+    """
+    host, port = _check_listen(listen, "--listen")
+    if not _gateway_installed():
+        _fail("the HTTP gateway needs the http extra: pip install 'ketch[http]'", 2)
+    from ketch.gateway import GatewayConfig, serve
+    from ketch.gateway.auth import load_tokens
+
+    config = GatewayConfig(
+        frontend=frontend or ctx.obj["frontend"],
+        admin=admin_address or ctx.obj["admin"],
+        tokens=load_tokens(token_file),
+        metadata_ttl_s=metadata_ttl,
+        max_body_bytes=max_body_mb * 1024 * 1024,
+    )
+    _log.configure()
+    try:
+        code = serve(
+            config, host=host, port=port, workers=workers, ready_file=ready_file, log_level=log_level
+        )
+    except OSError as exc:
+        _fail(f"cannot serve HTTP on {listen}: {exc.strerror or exc}", EXIT_REFUSED)
+    sys.exit(code)
 
 
 @main.command("demo")

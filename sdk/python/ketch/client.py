@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from ketch import _errors as errors
 from ketch import _protocol as proto
+from ketch._curve import PeerKeys
 from ketch.wire.Status import Status
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:7001"
@@ -161,6 +162,12 @@ def _chunks(
         yield current[0], current[1], payloads, range(start, len(xs))
 
 
+class _NoCurve:
+    @staticmethod
+    def apply(sock: zmq.Socket) -> None:
+        pass
+
+
 class _Base:
     def __init__(self, address: str | None) -> None:
         self.address = address or os.environ.get("KETCH_FRONTEND") or DEFAULT_FRONTEND
@@ -211,11 +218,20 @@ class _Base:
 class Client(_Base):
     """Blocking client. ``Client(address)``; ``address`` defaults to ``$KETCH_FRONTEND``."""
 
-    def __init__(self, address: str | None = None, *, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        context: zmq.Context | None = None,
+        curve: PeerKeys | None = None,
+        retries: int = 0,
+    ) -> None:
         super().__init__(address)
+        self.retries = retries  # predict is idempotent: resend this many times after a Timeout
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        (curve or PeerKeys.load() or _NoCurve).apply(self._sock)
         self._sock.connect(self.address)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -259,8 +275,30 @@ class Client(_Base):
         priority: int = 0,
         context: str = "",
     ) -> Prediction:
-        """Ask ``app`` for one prediction. ``timeout_ms`` overrides the app's SLO."""
+        """Ask ``app`` for one prediction. ``timeout_ms`` overrides the app's SLO.
+
+        With ``retries`` set on the client, a query that gets no answer in time (the
+        broker restarted, say) is sent again, as a new query, that many times.
+        """
         code, shape, payload = encode_input(x, dtype)
+        for attempt in range(self.retries + 1):
+            try:
+                return self._predict_once(app, code, shape, payload, timeout_ms, priority, context)
+            except errors.Timeout:
+                if attempt == self.retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _predict_once(
+        self,
+        app: str,
+        code: int,
+        shape: tuple[int, ...],
+        payload: Any,
+        timeout_ms: float | None,
+        priority: int,
+        context: str,
+    ) -> Prediction:
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
@@ -354,11 +392,18 @@ class Client(_Base):
 class AsyncClient(_Base):
     """asyncio client with the same methods as ``Client``, as coroutines."""
 
-    def __init__(self, address: str | None = None, *, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        context: zmq.asyncio.Context | None = None,
+        curve: PeerKeys | None = None,
+    ) -> None:
         super().__init__(address)
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        (curve or PeerKeys.load() or _NoCurve).apply(self._sock)
         self._sock.connect(self.address)
         self._futures: dict[int, asyncio.Future] = {}
         self._sent_at: dict[int, float] = {}

@@ -29,6 +29,7 @@ import zmq
 from ketch import __version__
 from ketch import _errors as errors
 from ketch import _protocol as proto
+from ketch._curve import PeerKeys
 from ketch.wire.ErrorCode import ErrorCode
 from ketch.wire.Status import Status
 
@@ -109,8 +110,10 @@ class Replica:
         max_batch: int = 0,
         deterministic: bool = True,
         context: zmq.Context | None = None,
+        curve: PeerKeys | None = None,
     ) -> None:
         self.predict = as_predict(model)
+        self.curve = curve or PeerKeys.load()
         self.name = name
         self.version = str(version)
         self.input_dtype = proto.dtype_code(input_type)
@@ -159,11 +162,14 @@ class Replica:
     def _connect(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        if self.curve is not None:
+            self.curve.apply(sock)
         sock.connect(self.broker)
         return sock
 
     def _hello(self, sock: zmq.Socket) -> None:
-        sock.send(
+        _send(
+            sock,
             proto.encode(
                 "Hello",
                 {
@@ -177,7 +183,7 @@ class Replica:
                     "deterministic": self.deterministic,
                     "pid": os.getpid(),
                 },
-            )
+            ),
         )
 
     def _loop(self, pipe: zmq.Socket) -> zmq.Socket:
@@ -204,7 +210,7 @@ class Replica:
                     except zmq.Again:
                         break
                     held.discard(int.from_bytes(frames[0].bytes, "little"))
-                    sock.send_multipart(frames[1:], copy=False)
+                    _send(sock, frames[1:])
                     last_send = now
             if sock in events:
                 while True:
@@ -225,10 +231,10 @@ class Replica:
             if self._stop.is_set() and not draining:
                 draining = True
                 self.log.info("replica draining", held=len(held))
-                sock.send(proto.encode("Ready", {"credits": 0}))
+                _send(sock, proto.encode("Ready", {"credits": 0}))
                 last_send = now
             if draining and not held:
-                sock.send(proto.encode("Goodbye", {"reason": "drained"}))
+                _send(sock, proto.encode("Goodbye", {"reason": "drained"}))
                 self.log.info("replica stopped", batches=self.batches)
                 return sock
             if not welcomed and now - hello_at > max(backoff, 1.0):
@@ -246,7 +252,7 @@ class Replica:
                 welcomed = False
                 hello_at = last_send = last_recv = now
             elif welcomed and now - last_send > self.heartbeat_s:
-                sock.send(busy_heartbeat if held else heartbeat)
+                _send(sock, busy_heartbeat if held else heartbeat)
                 last_send = now
 
     def _on_message(self, frames: list[zmq.Frame], held: set[int], now: float) -> str:
@@ -367,6 +373,21 @@ class Replica:
         else:
             header = proto.build_predict_reply(task.batch_id, compute_us, metas)
         return [header, *payloads]
+
+
+def _send(sock: zmq.Socket, message: bytes | list[Any]) -> bool:
+    """Send without ever blocking: with no usable connection (broker down, handshake
+    refused) the message is dropped; hellos and heartbeats are repeated, and the broker
+    re-queues work whose results never arrive."""
+    try:
+        if isinstance(message, list):
+            sock.send_multipart(message, zmq.NOBLOCK, copy=False)
+        else:
+            sock.send(message, zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        log.debug("send dropped: no connection to the broker")
+        return False
 
 
 def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> None:
