@@ -17,6 +17,7 @@ from ketch import _errors as errors
 from ketch import _protocol as proto
 
 from ketchd.batching import MODES
+from ketchd.policies import make_policy
 from ketchd.registry import App, Model, ReplicaState
 
 if TYPE_CHECKING:
@@ -164,11 +165,6 @@ class AdminOps:
         _check_name("model", model_name)
         if model_name in app.models:
             raise errors.Conflict(f"app {app.name!r} already links model {model_name!r}")
-        if app.models:
-            raise errors.Invalid(
-                f"app {app.name!r} already links model {app.models[0]!r}; the single-model policy takes one "
-                "(unlink it first)"
-            )
         model = self.broker.models.get(model_name)
         if model is None:
             model = self.broker.models[model_name] = Model(model_name)
@@ -190,7 +186,29 @@ class AdminOps:
         return self._app_doc(a)
 
     def _app_doc(self, app: App) -> dict[str, Any]:
-        return {**app.to_json(), "figures": app.figures()}
+        return {**app.to_json(), "figures": app.figures(), "selection": app.policy.describe()}
+
+    def op_app_set_policy(
+        self, name: str, policy: str, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Choose how an app's linked models are used: single, weighted, shadow, exp3, exp4, ensemble.
+
+        The same policy again keeps what it learned and takes the new options; another starts
+        afresh.
+        """
+        app = self._app(name)
+        options = dict(options or {})
+        try:
+            if policy == app.policy.name:
+                app.policy = app.policy.reconfigure(**options)
+            else:
+                app.policy = make_policy(policy, **options)
+        except (ValueError, TypeError) as exc:
+            raise errors.Invalid(str(exc)) from None
+        app.policy_dirty = True
+        self.broker.persist_app(app)
+        self.broker.save_policies()
+        return self._app_doc(app)
 
     # ------------------------------------------------------------ models
 

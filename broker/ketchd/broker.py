@@ -20,7 +20,7 @@ import json
 import os
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +36,8 @@ from ketchd.admin import AdminOps
 from ketchd.batching import BatchController, decide
 from ketchd.cache import PredictionCache
 from ketchd.config import BrokerConfig
-from ketchd.registry import App, Batch, Model, Pending, Replica, ReplicaState, next_batch_id
+from ketchd.policies import Policy, Single
+from ketchd.registry import App, Batch, Fanout, Model, Pending, Replica, ReplicaState, next_batch_id
 from ketchd.store import StateStore
 
 log = structlog.get_logger("ketchd")
@@ -66,9 +67,14 @@ class Broker:
         self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
         self._batch_timers: dict[Model, float] = {}  # model -> when to look at its queue again
         self._outstanding: dict[bytes, int] = {}  # client identity -> queries held for it
+        # recent multi-model queries, for feedback: (client, request id) and (app, input digest)
+        self._recent: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
+        self._recent_inputs: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
+        self._recent_ids: OrderedDict[int, Fanout] = OrderedDict()  # by request id alone (another client)
         self._stopping = False
         self._stop_reason = ""
         self._next_housekeeping = 0.0
+        self._next_policy_save = 0.0
         self.store: StateStore | None = None
         self.admin_ops = AdminOps(self)
 
@@ -131,8 +137,14 @@ class Broker:
             model = Model.from_json(doc)
             model.queue = type(model.queue)()
             self.models[model.name] = model
+        states = {doc["app"]: doc["state"] for doc in self.store.load("policies")}
         for doc in self.store.load("apps"):
             app = App.from_json(doc)
+            if app.name in states:
+                try:
+                    app.policy = Policy.from_state(states[app.name])
+                except ValueError as exc:
+                    log.warning("policy state not loaded", app=app.name, error=str(exc))
             self.apps[app.name] = app
         log.info("state loaded", path=self.config.state_path, apps=len(self.apps), models=len(self.models))
 
@@ -183,6 +195,7 @@ class Broker:
 
     def close(self) -> None:
         if self.store is not None:
+            self.save_policies()
             self.store.close()
             self.store = None
         for name in ("frontend", "backend", "admin", "_durable"):
@@ -248,7 +261,7 @@ class Broker:
             if name == "Query":
                 self._on_query(client, body, frames[2:])
             elif name == "Feedback":
-                self._on_feedback(client, body)
+                self._on_feedback(client, body, frames[2:])
             else:
                 self._client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
         except proto.FIELD_ERRORS as exc:  # a corrupt table: fields are read lazily
@@ -306,7 +319,11 @@ class Broker:
                 self.config.retry_after_ms,
             )
             return
-        model = self.models[app.models[0]]
+        context = (q.Context() or b"").decode("utf-8", "replace")
+        if not isinstance(app.policy, Single):
+            self._fan_out(client, app, ids, payloads, dtype, shape, q, context, now, outstanding)
+            return
+        model = self.models[app.policy.select(app.models, context).send_to[0]]
         limit = model.max_queue or self.config.max_queue
         if len(model.queue) + len(ids) > limit:
             app.errors += len(ids)
@@ -330,6 +347,220 @@ class Broker:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), p))
         self._dirty.add(model)
 
+    def _fan_out(
+        self,
+        client: bytes,
+        app: App,
+        ids: list[int],
+        payloads: list[zmq.Frame],
+        dtype: int,
+        shape: tuple[int, ...],
+        q: Any,
+        context: str,
+        now: float,
+        outstanding: int,
+    ) -> None:
+        """Queries of an app with a selection policy: one Pending per selected model."""
+        timeout_us = q.TimeoutUs()
+        deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
+        priority = q.Priority()
+        for rid, payload in zip(ids, payloads, strict=True):
+            sel = app.policy.select(app.models, context)
+            full = [
+                m
+                for m in sel.send_to
+                if len(self.models[m].queue) >= (self.models[m].max_queue or self.config.max_queue)
+            ]
+            if set(sel.answer_from) <= set(full):
+                app.errors += 1
+                self.counters["refused_overloaded"] += 1
+                item = proto.ReplyFields(
+                    rid,
+                    Status.ERROR,
+                    error=ErrorCode.OVERLOADED,
+                    message=f"queues of {', '.join(full)} are full",
+                    retry_after_ms=self.config.retry_after_ms,
+                )
+                self._reply(client, item, _EMPTY)
+                continue
+            f = Fanout(
+                client, rid, app, sel, context, payload, dtype, shape, now, deadline, priority=priority
+            )
+            self._outstanding[client] = self._outstanding.get(client, 0) + 1
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), f))
+            for m in sel.send_to:
+                model = self.models[m]
+                if m in full:
+                    f.failed[m] = f"queue of model {m!r} is full"
+                    continue
+                sub = Pending(b"", rid, app, m, payload, shape, dtype, now, deadline, priority, parent=f)
+                caching = (
+                    app.cache and model.deterministic and self.cache.max_bytes > 0 and model.active_version
+                )
+                if caching and self._from_cache_or_flight(sub, model):
+                    continue
+                model.queue.push(sub)
+                heapq.heappush(self._deadlines, (deadline, next(self._seq), sub))
+                self._dirty.add(model)
+
+    def _sub_answered(self, p: Pending, item: proto.ReplyFields, payload: Any) -> None:
+        """One model's part of a Fanout got its answer (prediction, error or default)."""
+        f = p.parent
+        if item.status == Status.OK:
+            data = payload.buffer if isinstance(payload, zmq.Frame) else payload
+            f.outputs[p.model] = (item.dtype, tuple(item.shape or ()), bytes(data), item.model_version)
+        else:
+            f.failed[p.model] = item.message
+        if not f.done:
+            sel = f.selection
+            if not sel.wait_all and item.status == Status.OK and p.model in sel.answer_from:
+                self._complete(f, first=p.model)
+            elif f.settled(sel.answer_from):
+                self._complete(f)
+        if f.done and not f.shadows_recorded and f.settled(f.selection.send_to):
+            self._record_shadows(f)
+
+    def _decoded(self, f: Fanout, models: list[str]) -> dict[str, Any]:
+        out = {}
+        for m in models:
+            raw = f.outputs.get(m)
+            if raw is not None:
+                try:
+                    out[m] = proto.payload_to_value(raw[0], raw[1], raw[2])
+                except (proto.DecodeError, *proto.FIELD_ERRORS):
+                    continue
+        return out
+
+    def _record_shadows(self, f: Fanout) -> None:
+        f.shadows_recorded = True
+        sel = f.selection
+        shadows = [m for m in sel.send_to if m not in sel.answer_from]
+        if not shadows:
+            return
+        primary = self._decoded(f, sel.answer_from)
+        if not primary:
+            return
+        answers = self._decoded(f, shadows)
+        f.app.policy.record_shadow(
+            next(iter(primary.values())), answers, [m for m in shadows if m not in answers]
+        )
+
+    def _complete(self, f: Fanout, first: str | None = None, at_deadline: bool = False) -> None:
+        """Reply to the client from what has arrived."""
+        f.done = True
+        app = f.app
+        sel = f.selection
+        left = self._outstanding.get(f.client)
+        if left is not None:
+            if left <= 1:
+                del self._outstanding[f.client]
+            else:
+                self._outstanding[f.client] = left - 1
+        ms = (time.monotonic() - f.arrived) * 1000
+        app.answered += 1
+        app.latency.add(ms)
+        self._remember(f)
+        if first is not None:  # the first answer goes as it came, undecoded
+            dtype, shape, payload, version = f.outputs[first]
+            item = proto.ReplyFields(
+                f.request_id,
+                Status.OK,
+                dtype,
+                shape,
+                model=first,
+                model_version=version,
+                latency_us=int(ms * 1000),
+                models_answered=(first,),
+            )
+            self._reply(f.client, item, payload)
+            return
+        answers = self._decoded(f, sel.answer_from)
+        combined = app.policy.combine(answers, sel.answer_from, f.context)
+        if app.policy.use_default(combined):
+            if not combined.answered:
+                reasons = "; ".join(f"{m}: {why}" for m, why in f.failed.items() if m in sel.answer_from)
+                why = (
+                    f"deadline: no model answered within {(f.deadline - f.arrived) * 1000:.0f} ms"
+                    if at_deadline
+                    else f"no model answered ({reasons})"
+                )
+            else:
+                why = (
+                    f"confidence {combined.confidence:.2f} is below the app's minimum "
+                    f"{app.policy.options().get('min_confidence', 0):.2f}"
+                )
+            self._default_reply(f, why, ms, combined.answered, combined.missing, combined.confidence)
+            return
+        try:
+            from ketch.runtime import encode_output
+
+            dtype, shape, payload = encode_output(combined.output)
+        except (TypeError, ValueError) as exc:
+            app.errors += 1
+            item = proto.ReplyFields(
+                f.request_id,
+                Status.ERROR,
+                error=ErrorCode.MODEL_ERROR,
+                message=f"answers do not combine: {exc}",
+            )
+            self._reply(f.client, item, _EMPTY)
+            return
+        model = combined.model or (combined.answered[0] if combined.answered else "")
+        item = proto.ReplyFields(
+            f.request_id,
+            Status.OK,
+            dtype,
+            shape,
+            model=model,
+            model_version=f.outputs[model][3] if model in f.outputs else "",
+            latency_us=int(ms * 1000),
+            confidence=float(combined.confidence),
+            models_answered=tuple(combined.answered),
+            models_missing=tuple(combined.missing),
+        )
+        self._reply(f.client, item, payload)
+
+    def _default_reply(
+        self, f: Fanout, why: str, ms: float, answered: list[str], missing: list[str], confidence: float
+    ) -> None:
+        app = f.app
+        if not app.has_default:
+            app.errors += 1
+            item = proto.ReplyFields(
+                f.request_id,
+                Status.ERROR,
+                error=ErrorCode.DEADLINE,
+                message=f"{why}; app {app.name!r} has no default output",
+                latency_us=int(ms * 1000),
+                models_answered=tuple(answered),
+                models_missing=tuple(missing),
+            )
+            self._reply(f.client, item, _EMPTY)
+            return
+        app.defaults += 1
+        item = proto.ReplyFields(
+            f.request_id,
+            Status.DEFAULT,
+            proto.JSON,
+            (),
+            message=why,
+            latency_us=int(ms * 1000),
+            confidence=float(confidence),
+            models_answered=tuple(answered),
+            models_missing=tuple(missing),
+        )
+        self._reply(f.client, item, json.dumps(app.default).encode("utf-8"))
+
+    def _remember(self, f: Fanout) -> None:
+        """Keep a bounded number of answered queries for feedback (by id and by input)."""
+        limit = self.config.feedback_memory
+        self._recent[(f.client, f.request_id)] = f
+        self._recent_inputs[(f.app.name, _digest(f.payload))] = f
+        self._recent_ids[f.request_id] = f
+        for recent in (self._recent, self._recent_inputs, self._recent_ids):
+            while len(recent) > limit:
+                recent.popitem(last=False)
+
     def _from_cache_or_flight(self, p: Pending, model: Model) -> bool:
         """Answer ``p`` from the cache, or make it wait on an identical query in flight.
 
@@ -352,7 +583,7 @@ class Broker:
                 latency_us=int(ms * 1000),
                 models_answered=(model.name,),
             )
-            self._reply(p.client, item, entry.output)
+            self._deliver(p, item, entry.output)
             return True
         leaders = self._flights.setdefault(key, [])
         for leader in leaders:
@@ -422,27 +653,69 @@ class Broker:
             p = Pending(client, rid, app, "", _EMPTY, (), 0, now, now)
             self._answer_default(p, why, code=ErrorCode.NO_MODEL)
 
-    def _on_feedback(self, client: bytes, fb: Any) -> None:
+    def _on_feedback(self, client: bytes, fb: Any, frames: list[zmq.Frame]) -> None:
         rid = fb.RequestId()
         app_name = (fb.App() or b"").decode("utf-8", "replace")
         app = self.apps.get(app_name)
+
+        def answer(code: int, message: str = "") -> None:
+            status = Status.OK if code == ErrorCode.NONE else Status.ERROR
+            self._reply(client, proto.ReplyFields(rid, status, error=code, message=message), _EMPTY)
+
         if app is None:
-            item = proto.ReplyFields(
-                rid, Status.ERROR, error=ErrorCode.UNKNOWN_APP, message=f"no app named {app_name!r}"
+            answer(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r}")
+            return
+        if isinstance(app.policy, Single):
+            answer(
+                ErrorCode.INVALID,
+                f"app {app_name!r} uses the single policy, which learns nothing from feedback; "
+                f"choose one that does: ketch app set-policy {app_name} exp3 (or exp4, weighted, shadow)",
             )
+            return
+        label_t = fb.Label()
+        input_t = fb.Input()
+        if label_t is None or len(frames) != (2 if input_t is not None else 1):
+            answer(
+                ErrorCode.BAD_MESSAGE, "feedback needs a label (and its input frame when it names the input)"
+            )
+            return
+        if input_t is not None:
+            f = self._recent_inputs.get((app_name, _digest(frames[0].buffer)))
         else:
-            item = proto.ReplyFields(
-                rid,
-                Status.ERROR,
-                error=ErrorCode.INVALID,
-                message=f"app {app_name!r} uses the single-model policy, which learns nothing from feedback",
+            # the same client first; then any client (feedback often comes from elsewhere)
+            f = self._recent.get((client, fb.QueryId())) or self._recent_ids.get(fb.QueryId())
+        if f is None or f.app is not app:
+            answer(
+                ErrorCode.NOT_FOUND,
+                "no recent query of this app matches (answered queries are kept for a while)",
             )
-        self._reply(client, item, _EMPTY)
+            return
+        try:
+            shape = tuple(proto.numpy_vector(label_t, "Shape", np.dtype("<i8")).tolist())
+            label = proto.payload_to_value(label_t.Dtype(), shape, frames[-1].buffer)
+        except (proto.DecodeError, *proto.FIELD_ERRORS) as exc:
+            answer(ErrorCode.BAD_INPUT, f"label does not decode: {exc}")
+            return
+        answers = self._decoded(f, list(f.outputs))
+        try:
+            app.policy.feedback(answers, label, f.context, selection=f.selection)
+        except (ValueError, TypeError) as exc:
+            answer(ErrorCode.BAD_INPUT, f"feedback not taken: {exc}")
+            return
+        app.policy_dirty = True
+        answer(ErrorCode.NONE)
 
     # ------------------------------------------------------------ answers
 
     def _reply(self, client: bytes, item: proto.ReplyFields, payload: Any) -> None:
         self._out[client].append((item, payload))
+
+    def _deliver(self, p: Pending, item: proto.ReplyFields, payload: Any) -> None:
+        """A query's answer goes to its client, or to its Fanout when it is one model's part."""
+        if p.parent is None:
+            self._reply(p.client, item, payload)
+        else:
+            self._sub_answered(p, item, payload)
 
     def _flush(self) -> None:
         if not self._out:
@@ -480,8 +753,9 @@ class Broker:
             else:
                 self._outstanding[p.client] = left - 1
         ms = (time.monotonic() - p.arrived) * 1000
-        p.app.answered += 1
-        p.app.latency.add(ms)
+        if p.parent is None:  # a Fanout keeps the figures of its parts itself
+            p.app.answered += 1
+            p.app.latency.add(ms)
         return ms
 
     def _answer_output(
@@ -505,7 +779,7 @@ class Broker:
             latency_us=int(ms * 1000),
             models_answered=(replica.model,),
         )
-        self._reply(p.client, item, payload)
+        self._deliver(p, item, payload)
 
     def _answer_error(self, p: Pending, code: int, message: str) -> None:
         if p.cache_key is not None and code == ErrorCode.MODEL_ERROR:
@@ -513,14 +787,19 @@ class Broker:
             for f in self._release_flight(p):
                 self._answer_error(f, code, message)
         ms = self._finish(p)
-        p.app.errors += 1
+        if p.parent is None:
+            p.app.errors += 1
         item = proto.ReplyFields(
             p.request_id, Status.ERROR, error=code, message=message, latency_us=int(ms * 1000)
         )
-        self._reply(p.client, item, _EMPTY)
+        self._deliver(p, item, _EMPTY)
 
     def _answer_default(self, p: Pending, why: str, code: int = ErrorCode.DEADLINE) -> None:
         app = p.app
+        if p.parent is not None:  # one model of several gave no answer: its Fanout decides
+            self._finish(p)
+            self._deliver(p, proto.ReplyFields(p.request_id, Status.DEFAULT, message=why), _EMPTY)
+            return
         if not app.has_default:
             self._answer_error(p, code, f"{why}; app {app.name!r} has no default output")
             return
@@ -543,6 +822,9 @@ class Broker:
         while heap and heap[0][0] <= now:
             _, _, p = heapq.heappop(heap)
             if p.done:
+                continue
+            if isinstance(p, Fanout):
+                self._complete(p, at_deadline=True)
                 continue
             model = self.models.get(p.model)
             slo = (p.deadline - p.arrived) * 1000
@@ -862,6 +1144,9 @@ class Broker:
     def _housekeeping(self, now: float) -> None:
         cfg = self.config
         self._next_housekeeping = now + cfg.heartbeat_ms / 4000
+        if now >= self._next_policy_save:
+            self._next_policy_save = now + 1.0
+            self.save_policies()
         heartbeat = None
         for replica in list(self.replicas.values()):
             if now - replica.last_seen > cfg.dead_after_ms / 1000:
@@ -895,6 +1180,15 @@ class Broker:
     def persist_app(self, app: App) -> None:
         if self.store is not None:
             self.store.put("apps", app.name, app.to_json())
+
+    def save_policies(self, everything: bool = False) -> None:
+        """Write the learned state of the policies that changed (at most once a second)."""
+        if self.store is None:
+            return
+        for app in self.apps.values():
+            if app.policy_dirty or everything:
+                app.policy_dirty = False
+                self.store.put("policies", app.name, {"app": app.name, "state": app.policy.state()})
 
     def persist_model(self, model: Model) -> None:
         if self.store is not None:
@@ -963,3 +1257,9 @@ def _read_predict_reply(r: Any, size: int, payloads: int) -> tuple[float, list[t
             code = code if code in proto.ERROR_NAMES and code != ErrorCode.NONE else ErrorCode.MODEL_ERROR
             outputs.append((False, None, (), code, (out.Message() or b"").decode("utf-8", "replace")))
     return compute_ms, outputs, ""
+
+
+def _digest(data: Any) -> bytes:
+    from ketchd.cache import digest128
+
+    return digest128(data)

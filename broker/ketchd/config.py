@@ -29,6 +29,7 @@ class BrokerConfig:
     cache_bytes: int = 256 * 1024 * 1024  # prediction cache bound; 0 turns the cache off
     cache_ttl_s: float = 0.0  # 0: cached predictions do not expire
     max_client_outstanding: int = 10_000  # queries one client may have in the broker at once
+    feedback_memory: int = 100_000  # answered multi-model queries kept for feedback
     # CurveZMQ: the broker's secret key file turns it on; each role lets in the public
     # keys found in its folder
     curve_secret: str | None = None

@@ -17,6 +17,7 @@ import zmq
 from ketch import _protocol as proto
 
 from ketchd.batching import BatchController, BatchPolicy
+from ketchd.policies import Policy, Selection, make_policy
 from ketchd.queue import ModelQueue
 from ketchd.stats import LatencyWindow, SizeHistogram
 
@@ -32,6 +33,8 @@ class App:
     models: list[str] = field(default_factory=list)
     cache: bool = True  # answer repeated inputs from the prediction cache
     finite_only: bool = False  # refuse NaN and infinity in float inputs
+    policy: Policy = field(default_factory=lambda: make_policy("single"))
+    policy_dirty: bool = False  # learned state to persist
     # figures
     cache_hits: int = 0
     queries: int = 0
@@ -51,6 +54,8 @@ class App:
             "models": list(self.models),
             "cache": self.cache,
             "finite_only": self.finite_only,
+            "policy": self.policy.name,
+            "policy_options": self.policy.options(),
         }
 
     @classmethod
@@ -65,6 +70,7 @@ class App:
             models=list(d.get("models", [])),
             cache=bool(d.get("cache", True)),
             finite_only=bool(d.get("finite_only", False)),
+            policy=make_policy(d.get("policy", "single"), **d.get("policy_options", {})),
         )
 
     def figures(self) -> dict[str, Any]:
@@ -121,6 +127,37 @@ class Pending:
     # single-flight: a leader computes for identical queries that wait as its followers
     cache_key: Any = None
     followers: list[Pending] | None = None
+    parent: Fanout | None = None  # set when this is one model's part of a multi-model query
+
+
+@dataclass(eq=False)
+class Fanout:
+    """One client query that a selection policy sends to several models (or learns from).
+
+    Each model gets its own ``Pending`` (``parent`` = this); their answers gather here until
+    the policy's rule is met (first answer, or all of ``selection.answer_from``) or the
+    deadline passes, whichever is first: stragglers never hold the reply.
+    """
+
+    client: bytes
+    request_id: int
+    app: App
+    selection: Selection
+    context: str
+    payload: Any
+    dtype: int
+    shape: tuple[int, ...]
+    arrived: float
+    deadline: float
+    done: bool = False  # the client has its reply
+    priority: int = 0
+    queued: bool = False
+    outputs: dict[str, tuple[int, tuple[int, ...], Any, str]] = field(default_factory=dict)  # model -> raw
+    failed: dict[str, str] = field(default_factory=dict)  # model -> why it gave no answer
+    shadows_recorded: bool = False
+
+    def settled(self, models: list[str]) -> bool:
+        return all(m in self.outputs or m in self.failed for m in models)
 
 
 @dataclass

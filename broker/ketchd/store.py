@@ -23,8 +23,9 @@ log = structlog.get_logger("ketchd.store")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, doc TEXT NOT NULL);
 """
-_TABLES = ("apps", "models")
+_TABLES = ("apps", "models", "policies")
 _STOP = object()
 
 

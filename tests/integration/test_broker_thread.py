@@ -345,8 +345,11 @@ def test_admin_validates_its_arguments(thread_broker, admin):
     with pytest.raises(ketch.KetchError, match="unknown admin op"):
         admin.call("app.explode")
     admin.link("a", "m1")
-    with pytest.raises(ketch.Invalid, match="single-model policy"):
-        admin.link("a", "m2")
+    admin.link("a", "m2")  # an app may link several models; its policy says how they are used
+    with pytest.raises(ketch.Invalid, match="unknown policy"):
+        admin.set_policy("a", "nonsense")
+    with pytest.raises(ketch.Invalid):
+        admin.set_policy("a", "exp3", gamma=7)
     assert [a["name"] for a in admin.list_apps()] == ["a"]
     admin.delete_app("a")
     assert admin.list_apps() == []

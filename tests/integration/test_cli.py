@@ -101,3 +101,29 @@ def test_bad_arguments_are_usage_errors(ketch_cli):
         "app", "create", "x", "--input-type", "float64", "--input-shape", "a,b", code=2
     )
     assert "INVALID" in ketch_cli("app", "create", "x", "--input-type", "complex", code=1)
+
+
+def test_policy_feedback_and_show_from_the_shell(broker_process, ketch_cli, start_model):
+    ketch_cli("app", "create", "vote", "--input-type", "float64", "--input-shape", "1", "--slo-ms", "2000",
+              "--default", '"none"', "--model", "a", "--model", "b")  # fmt: skip
+    out = ketch_cli("app", "set-policy", "vote", "exp4", "-o", "eta=0.5")
+    assert "policy exp4 over a, b" in out
+    assert "KEY=JSON" in ketch_cli("app", "set-policy", "vote", "exp4", "-o", "eta", code=2)
+    assert "INVALID" in ketch_cli("app", "set-policy", "vote", "exp4", "-o", "eta=-1", code=1)
+    from ketch.admin import Admin
+
+    with Admin(broker_process.admin) as admin:
+        start_model("ketch.examples.basic:total", "a").wait_ready(admin)
+        start_model("ketch.examples.basic:total", "b").wait_ready(admin)
+    pred = json.loads(ketch_cli("predict", "vote", "--input", "[2.5]"))
+    assert (
+        pred["output"] == 2.5 and sorted(pred["models_answered"]) == ["a", "b"] and pred["confidence"] == 1.0
+    )
+    assert "feedback taken" in ketch_cli(
+        "feedback", "vote", "--label", "2.5", "--query-id", str(pred["request_id"])
+    )
+    assert "feedback taken" in ketch_cli("feedback", "vote", "--label", "2.5", "--input", "[2.5]")
+    assert "NOT_FOUND" in ketch_cli("feedback", "vote", "--label", "1", "--input", "[9.5]", code=1)
+    shown = json.loads(ketch_cli("app", "show", "vote"))
+    assert shown["selection"]["policy"] == "exp4"
+    assert shown["selection"]["models"]["a"]["feedback"] == 2

@@ -521,11 +521,13 @@ def test_several_workers_share_the_port_and_their_metrics(broker, apps):
         for i in range(12):  # a fresh connection each time, so both workers take some
             r = httpx.post(gw.url + "/sum/predict", json={"input": [float(i), 1.0]}, timeout=10)
             assert r.status_code == 200 and r.json()["output"] == i + 1.0
-        pids = {p.pid for p in psutil.Process(gw.pid).children()}
-        assert len(pids) >= 2
+        workers = [p for p in psutil.Process(gw.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        assert len(workers) == 2
         with httpx.Client(base_url=gw.url, timeout=10) as c:
             m = scrape(c)
         assert m["ketch_http_requests_total"][(("app", "sum"), ("code", "200"), ("route", "predict"))] == 12
+        assert gw.stop() == 0  # SIGTERM: a graceful, clean exit
+        wait_for(lambda: not any(w.is_running() for w in workers), 10, "the workers to exit")
 
 
 # ---------------------------------------------------------------- auth and OpenAPI
@@ -552,6 +554,7 @@ def test_bearer_tokens_guard_every_route_but_health(broker, apps):
             assert client.get_server_metadata(headers={"Authorization": "Bearer s3cret"})["name"] == "ketch"
         finally:
             client.close()
+        assert gw.stop() == 0
 
 
 def test_openapi_describes_every_route(http):

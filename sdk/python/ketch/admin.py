@@ -124,6 +124,10 @@ class Admin:
     def unlink(self, app: str, model: str) -> dict[str, Any]:
         return self.call("app.unlink", app=app, model=model)
 
+    def set_policy(self, app: str, policy: str, **options: Any) -> dict[str, Any]:
+        """How ``app`` uses its models: "single", "weighted", "shadow", "exp3", "exp4"/"ensemble"."""
+        return self.call("app.set_policy", name=app, policy=policy, options=options)
+
     def list_models(self) -> list[dict[str, Any]]:
         return self.call("model.list")
 

@@ -215,7 +215,7 @@ class _GatewayChild:
             self.proc = subprocess.Popen(argv)
         click.echo(f"HTTP gateway on http://{self.listen} (pid {self.proc.pid})", err=True)
         code = self.proc.wait()
-        if not self._stopping.is_set():
+        if code and not self._stopping.is_set():
             click.echo(f"warning: the HTTP gateway exited with code {code}; the broker runs on", err=True)
 
     def stop(self, grace_s: float = 15) -> None:
@@ -322,6 +322,43 @@ def app_configure(ctx, name, cache, slo_ms) -> None:
     with _admin(ctx) as admin:
         doc = admin.configure_app(name, cache=cache, slo_ms=slo_ms)
     click.echo(f"app {name}: slo {doc['slo_ms']:g} ms, cache {'on' if doc['cache'] else 'off'}")
+
+
+@app.command("set-policy")
+@click.argument("name")
+@click.argument("policy", type=click.Choice(["single", "weighted", "shadow", "exp3", "exp4", "ensemble"]))
+@click.option(
+    "--option",
+    "-o",
+    "options",
+    multiple=True,
+    metavar="KEY=JSON",
+    help='A policy option, e.g. -o gamma=0.1, -o \'weights={"a": 0.9, "b": 0.1}\', -o min_confidence=0.6.',
+)
+@click.pass_context
+@handles_errors
+def app_set_policy(ctx, name, policy, options) -> None:
+    """Choose how app NAME uses its linked models.
+
+    \b
+    single    one model (option model=NAME; default the first linked)
+    weighted  traffic split by weights (canary, A/B); stable per --context key
+    shadow    the primary answers, shadows are compared (option primary=NAME)
+    exp3      one model per query, learned from feedback (option gamma)
+    exp4      all models per query, combined with weights learned from feedback (option eta);
+              'ensemble' is the same; the reply comes at the SLO with the answers that arrived
+    """
+    parsed = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: write KEY=JSON", param_hint="--option")
+        parsed[key] = _json_value(value, f"--option {key}")
+    with _admin(ctx) as admin:
+        doc = admin.set_policy(name, policy, **parsed)
+    click.echo(
+        f"app {name}: policy {doc['selection']['policy']} over {', '.join(doc['models']) or 'no models'}"
+    )
 
 
 @app.command("list")
@@ -628,9 +665,10 @@ def model_rollback(ctx, name) -> None:
 @click.option("--input", "input_text", required=True, help="Input as JSON: a list of numbers, or a string.")
 @click.option("--dtype", default=None, help="Input dtype; by default the app's own (asked of the broker).")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
+@click.option("--context", default="", help="Selection key (a user id): weighted splits and bandits use it.")
 @click.pass_context
 @handles_errors
-def predict(ctx, app_name, input_text, dtype, timeout_ms) -> None:
+def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
     """Ask APP for one prediction and print it as JSON."""
     value = _json_value(input_text, "--input")
     if dtype is None:
@@ -639,7 +677,7 @@ def predict(ctx, app_name, input_text, dtype, timeout_ms) -> None:
     if dtype == "bytes" and isinstance(value, str):
         value = value.encode("utf-8")
     with Client(ctx.obj["frontend"]) as client:
-        pred = client.predict(app_name, value, timeout_ms, dtype=dtype)
+        pred = client.predict(app_name, value, timeout_ms, dtype=dtype, context=context)
     output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
     if isinstance(output, bytes):
         output = output.decode("utf-8", "backslashreplace")
@@ -651,8 +689,41 @@ def predict(ctx, app_name, input_text, dtype, timeout_ms) -> None:
             "model": pred.model,
             "version": pred.version,
             "latency_ms": round(pred.latency_ms, 3),
+            "confidence": round(pred.confidence, 4),
+            "models_answered": list(pred.models_answered),
+            "models_missing": list(pred.models_missing),
+            "request_id": pred.request_id,
         }
     )
+
+
+@main.command("feedback")
+@click.argument("app_name")
+@click.option("--label", required=True, help="The true answer, as JSON.")
+@click.option("--query-id", type=int, default=None, help="Request id of the query (from its prediction).")
+@click.option("--input", "input_text", default=None, help="Or the query's input, as JSON.")
+@click.option("--dtype", default=None, help="Input dtype; by default the app's own.")
+@click.pass_context
+@handles_errors
+def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
+    """Tell APP the true label of an earlier query, named by --query-id or --input."""
+    if (query_id is None) == (input_text is None):
+        raise click.UsageError("name the query by --query-id or by --input (one of them)")
+    x = None
+    if input_text is not None:
+        import numpy as np
+
+        value = _json_value(input_text, "--input")
+        if dtype is None:
+            with _admin(ctx) as admin:
+                dtype = admin.show_app(app_name)["input_type"]
+        from ketch import _protocol as proto
+
+        x = value if dtype in ("string", "bytes", "json") else np.asarray(value, dtype=proto.NUMPY_DTYPES[
+            proto.dtype_code(dtype)])  # fmt: skip
+    with Client(ctx.obj["frontend"]) as client:
+        client.feedback(app_name, _json_value(label, "--label"), query_id=query_id, x=x)
+    click.echo("feedback taken")
 
 
 @main.command("stats")

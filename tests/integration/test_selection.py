@@ -1,0 +1,180 @@
+"""Selection policies through a real broker loop: ensembles at the deadline, bandits that
+learn from feedback, canaries, shadows, version switches under load, persisted state."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import ketch
+import pytest
+from ketch.local import wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def env(make_thread_broker, tmp_path):
+    state = str(tmp_path / "state.db")
+    tb = make_thread_broker(state_path=state, heartbeat_ms=100, dead_after_ms=1000)
+    admin = ketch.Admin(tb.admin)
+    client = ketch.Client(tb.frontend)
+    started: list[tuple[ketch.Replica, threading.Thread]] = []
+
+    def serve(name: str, fn, **kw) -> ketch.Replica:
+        r = ketch.Replica(fn, name=name, broker=tb.backend, replica_id=f"{name}-{len(started)}", **kw)
+        t = threading.Thread(target=r.run, daemon=True)
+        t.start()
+        started.append((r, t))
+        wait_for(lambda: admin.replicas(name), 10, f"replica of {name}")
+        return r
+
+    yield tb, admin, client, serve, state
+    for r, t in started:
+        r.stop()
+        t.join(5)
+    client.close()
+    admin.close()
+
+
+def labeller(label: str, delay_s: float = 0.0):
+    def predict(xs):
+        if delay_s:
+            time.sleep(delay_s)
+        return [label for _ in xs]
+
+    return predict
+
+
+def test_ensemble_answers_at_the_deadline_without_the_straggler(env):
+    _, admin, client, serve, _ = env
+    admin.create_app("vote", input_type="float64", input_shape=[2], slo_ms=100, default="none",
+                     models=["a", "b", "slow"])  # fmt: skip
+    admin.set_policy("vote", "ensemble")
+    serve("a", labeller("cat"))
+    serve("b", labeller("cat"))
+    serve("slow", labeller("dog", delay_s=2.0))
+    for i in range(3):
+        p = client.predict("vote", [float(i), 1.0])
+        assert p.output == "cat" and not p.default
+        assert set(p.models_answered) == {"a", "b"} and p.models_missing == ("slow",)
+        assert p.confidence == pytest.approx(2 / 3)
+        assert p.latency_ms < 100 + 80  # the SLO plus a small margin
+    shown = admin.show_app("vote")
+    assert shown["selection"]["policy"] == "ensemble"
+
+
+def test_ensemble_with_all_models_dead_answers_the_default_in_time(env):
+    _, admin, client, _, _ = env
+    admin.create_app("vote", input_type="float64", input_shape=[1], slo_ms=80, default="unknown",
+                     models=["x", "y"])  # fmt: skip
+    admin.set_policy("vote", "exp4")
+    p = client.predict("vote", [1.0])
+    assert p.default and p.output == "unknown" and "no model answered" in p.default_explanation
+    assert p.latency_ms < 80 + 80
+
+
+def test_ensemble_of_numbers_is_a_weighted_mean(env):
+    _, admin, client, serve, _ = env
+    admin.create_app("mean", input_type="float64", input_shape=[1], slo_ms=500, models=["m1", "m2"])
+    admin.set_policy("mean", "ensemble")
+    serve("m1", lambda xs: [float(x[0]) + 1.0 for x in xs])
+    serve("m2", lambda xs: [float(x[0]) + 3.0 for x in xs])
+    p = client.predict("mean", [10.0])
+    assert float(p.output) == pytest.approx(12.0) and 0 < p.confidence < 1
+
+
+def test_exp3_feedback_moves_traffic_to_the_accurate_model(env):
+    _, admin, client, serve, _ = env
+    admin.create_app("bandit", input_type="float64", input_shape=[1], slo_ms=1000, models=["good", "bad"],
+                     cache=False)  # fmt: skip
+    admin.set_policy("bandit", "exp3", gamma=0.1, seed=3)
+    serve("good", lambda xs: [int(x[0]) % 2 for x in xs])
+    serve("bad", lambda xs: [1 - int(x[0]) % 2 for x in xs])
+    chosen = []
+    for i in range(400):
+        p = client.predict("bandit", [float(i)])
+        chosen.append(p.model)
+        client.feedback("bandit", i % 2, query_id=p.request_id)
+    assert chosen[-100:].count("good") > 70, chosen[-100:].count("good")
+    selection = admin.show_app("bandit")["selection"]
+    assert selection["policy"] == "exp3"
+    assert selection["models"]["good"]["weight"] > 0.7 > selection["models"]["bad"]["weight"]
+
+
+def test_feedback_by_input_and_errors(env):
+    _, admin, client, serve, _ = env
+    admin.create_app("e", input_type="float64", input_shape=[1], slo_ms=500, models=["a", "b"])
+    admin.create_app("plain", input_type="float64", input_shape=[1], slo_ms=500, models=["a"])
+    admin.set_policy("e", "exp4")
+    serve("a", labeller("yes"))
+    serve("b", labeller("no"))
+    client.predict("e", [5.0])
+    client.feedback("e", "yes", x=[5.0])
+    with pytest.raises(ketch.NotFound):
+        client.feedback("e", "yes", x=[6.0])
+    with pytest.raises(ketch.NotFound):
+        client.feedback("e", "yes", query_id=123456789)
+    with pytest.raises(ketch.Invalid, match="single policy"):
+        client.feedback("plain", "yes", query_id=1)
+
+
+def test_weighted_split_holds_its_ratio_and_is_stable_per_user(env):
+    _, admin, client, serve, _ = env
+    models = ["stable", "canary"]
+    admin.create_app("canary", input_type="float64", input_shape=[1], slo_ms=1000, models=models, cache=False)
+    admin.set_policy("canary", "weighted", weights={"stable": 0.8, "canary": 0.2}, seed=1)
+    serve("stable", labeller("s"))
+    serve("canary", labeller("c"))
+    preds = client.predict_many("canary", [[float(i)] for i in range(1000)])
+    share = sum(p.model == "canary" for p in preds) / len(preds)
+    assert 0.15 < share < 0.25
+    same_user = {client.predict("canary", [float(i)], context="user-7").model for i in range(20)}
+    assert len(same_user) == 1
+
+
+def test_shadow_answers_from_the_primary_and_records_agreement(env):
+    _, admin, client, serve, _ = env
+    admin.create_app("sh", input_type="float64", input_shape=[1], slo_ms=1000, models=["prod", "next"])
+    admin.set_policy("sh", "shadow", primary="prod")
+    serve("prod", labeller("p"))
+    serve("next", labeller("n"))
+    for i in range(20):
+        p = client.predict("sh", [float(i)])
+        assert (p.output, p.model) == ("p", "prod")
+    wait_for(lambda: admin.show_app("sh")["selection"]["models"].get("next", {}).get("agreement") is not None,
+             5, "shadow agreement figures")  # fmt: skip
+    assert admin.show_app("sh")["selection"]["models"]["next"]["agreement"] == 0.0
+
+
+def test_version_switch_under_load_loses_no_query(env):
+    _, admin, client, serve, _ = env
+    admin.create_app("v", input_type="float64", input_shape=[1], slo_ms=5000, models=["m"], cache=False)
+    serve("m", lambda xs: [1.0 for _ in xs], version="1")
+    serve("m", lambda xs: [2.0 for _ in xs], version="2")
+    wait_for(lambda: len(admin.replicas("m")) == 2, 10, "both versions")
+    result = {}
+    xs = [[float(i)] for i in range(3000)]
+    t = threading.Thread(target=lambda: result.setdefault("p", client.predict_many("v", xs)))
+    t.start()
+    with ketch.Admin(env[0].admin) as other:
+        for k in range(10):
+            other.set_version("m", "2" if k % 2 == 0 else "1")
+    t.join(60)
+    preds = result["p"]
+    assert len(preds) == 3000 and not any(p.default for p in preds)
+    assert {p.output for p in preds} <= {1.0, 2.0}
+
+
+def test_learned_state_survives_a_broker_restart(make_thread_broker, tmp_path):
+    state = str(tmp_path / "s.db")
+    tb = make_thread_broker(state_path=state)
+    with ketch.Admin(tb.admin) as admin:
+        admin.create_app("b", input_type="float64", input_shape=[1], slo_ms=100, models=["a", "c"])
+        admin.set_policy("b", "exp3", gamma=0.2, seed=5)
+        before = admin.show_app("b")["selection"]
+    tb.stop()
+    again = make_thread_broker(state_path=state)
+    with ketch.Admin(again.admin) as admin:
+        after = admin.show_app("b")["selection"]
+    assert after == before and after["policy"] == "exp3"
