@@ -293,3 +293,14 @@ def test_bounded_fuzz_run_leaves_the_broker_serving():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "all answered right" in done.stdout
+
+
+def test_an_oversize_message_is_dropped_and_the_broker_keeps_serving(make_thread_broker):
+    tb = make_thread_broker(max_message_bytes=1024 * 1024)
+    with ketch.Admin(tb.admin) as admin:
+        admin.create_app("big", input_type="uint8", input_shape=[-1], slo_ms=100, default=0)
+        with ketch.Client(tb.frontend) as client, pytest.raises(ketch.Timeout):
+            client.predict("big", np.zeros(2 * 1024 * 1024, dtype=np.uint8), timeout_ms=200)
+        with ketch.Client(tb.frontend) as client:
+            assert client.predict("big", np.zeros(1000, dtype=np.uint8)).default  # small ones still served
+        assert admin.ping()["version"] == 1
