@@ -127,3 +127,24 @@ def test_policy_feedback_and_show_from_the_shell(broker_process, ketch_cli, star
     shown = json.loads(ketch_cli("app", "show", "vote"))
     assert shown["selection"]["policy"] == "exp4"
     assert shown["selection"]["models"]["a"]["feedback"] == 2
+
+
+def test_bench_prints_a_table_per_level(broker_process, ketch_cli, start_model, tmp_path):
+    ketch_cli("app", "create", "sum", "--input-type", "float64", "--input-shape", "3", "--model", "total")
+    from ketch.admin import Admin
+
+    with Admin(broker_process.admin) as admin:
+        start_model("ketch.examples.basic:total", "total").wait_ready(admin)
+    out = ketch_cli(
+        "bench", "sum", "--concurrency", "1,4", "--rate", "200", "--duration", "0.6", "--input", "[1,2,3]"
+    )
+    assert "concurrency 1" in out and "concurrency 4" in out and "rate 200" in out and "PRED/S" in out
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text("[1,2,3]\n[4,5,6]\n")
+    rows = json.loads(
+        ketch_cli(
+            "bench", "sum", "--concurrency", "2", "--duration", "0.5", "--input-file", str(inputs), "--json"
+        )
+    )
+    assert rows[0]["lost"] == 0 and rows[0]["ok"] > 0 and rows[0]["errors"] == 0
+    assert "one of them" in ketch_cli("bench", "sum", code=2)

@@ -726,6 +726,87 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
     click.echo("feedback taken")
 
 
+@main.command("bench")
+@click.argument("app_name")
+@click.option(
+    "--concurrency", default="1,8,64", show_default=True, help="Closed-loop levels: queries in flight."
+)
+@click.option(
+    "--rate", type=float, multiple=True, help="Open-loop Poisson levels, queries per second (repeatable)."
+)
+@click.option("--duration", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
+              help="Seconds per level.")  # fmt: skip
+@click.option("--input", "input_text", default=None, help="One input as JSON (sent every time).")
+@click.option("--input-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Inputs as JSON lines, used in turn.")  # fmt: skip
+@click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+@handles_errors
+def bench(ctx, app_name, concurrency, rate, duration, input_text, input_file, timeout_ms, as_json) -> None:
+    """Load APP like perf_analyzer: closed loop at each --concurrency, open loop at each --rate.
+
+    Shows progress every second, then a table per level: throughput (predictions per
+    second, defaults and errors not counted), latency quantiles, defaults and errors.
+    """
+    import numpy as np
+
+    from ketch import _protocol as proto
+    from ketch.bench import closed_loop, open_loop
+
+    if (input_text is None) == (input_file is None):
+        raise click.UsageError("give --input or --input-file (one of them)")
+    with _admin(ctx) as admin:
+        doc = admin.show_app(app_name)
+    dtype = doc["input_type"]
+    if input_text is not None:
+        raw = [_json_value(input_text, "--input")]
+    else:
+        with open(input_file, encoding="utf-8") as fh:
+            raw = [_json_value(line, f"{input_file} line") for line in fh if line.strip()]
+        if not raw:
+            raise click.BadParameter(f"{input_file} holds no inputs", param_hint="--input-file")
+    if dtype in ("string", "json"):
+        inputs = [v if isinstance(v, str) else json.dumps(v) for v in raw]
+    elif dtype == "bytes":
+        inputs = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in raw]
+    else:
+        inputs = [np.asarray(v, dtype=proto.NUMPY_DTYPES[proto.dtype_code(dtype)]) for v in raw]
+    try:
+        levels = [("concurrency", int(c)) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{concurrency!r}: numbers separated by commas", param_hint="--concurrency"
+        ) from None
+    levels += [("rate", r) for r in rate]
+
+    def progress(result) -> None:
+        if not as_json:
+            click.echo(f"  ... {result.sent} sent, {result.ok} predictions, {result.defaults} defaults,"
+                       f" {result.errors} errors", err=True)  # fmt: skip
+
+    rows = []
+    for kind, level in levels:
+        if not as_json:
+            click.echo(f"{kind} {level:g} for {duration:g} s", err=True)
+        make = lambda k: inputs[k % len(inputs)]  # noqa: E731
+        run = closed_loop if kind == "concurrency" else open_loop
+        frontend = ctx.obj["frontend"]
+        res = run(frontend, app_name, make, level, duration, timeout_ms=timeout_ms, progress=progress)
+        rows.append({"load": f"{kind} {level:g}", **res.summary(), "error_codes": res.error_codes})
+    if as_json:
+        _print_json(rows)
+        return
+    _table(
+        [
+            (r["load"], r["sent"], r["throughput"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"],
+             r["defaults"], r["errors"], r["lost"])
+            for r in rows
+        ],
+        ("LOAD", "SENT", "PRED/S", "P50_MS", "P90_MS", "P99_MS", "P99.9_MS", "DEFAULTS", "ERRORS", "LOST"),
+    )  # fmt: skip
+
+
 @main.command("stats")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--watch", type=float, default=None, help="Refresh every N seconds until Ctrl-C.")
