@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
+from ketch import Replica
 from ketch.local import LocalBroker, LocalModel
 from ketchd import Broker, BrokerConfig
 
@@ -62,6 +63,25 @@ class ThreadBroker:
         self.broker.request_stop("test over")
         self.thread.join(10)
         assert not self.thread.is_alive(), "broker thread did not stop"
+
+
+@pytest.fixture
+def replica_threads() -> Iterator:
+    """Start ``ketch.Replica`` threads: ``start(model, backend=..., name=..., **kw)``; all are
+    stopped (drained) at the end."""
+    started: list[tuple[Replica, threading.Thread]] = []
+
+    def start(model, *, backend: str, name: str = "m", **kw) -> Replica:
+        r = Replica(model, name=name, broker=backend, **kw)
+        t = threading.Thread(target=r.run, name=f"replica-{name}", daemon=True)
+        t.start()
+        started.append((r, t))
+        return r
+
+    yield start
+    for r, t in started:
+        r.stop()
+        t.join(5)
 
 
 @pytest.fixture

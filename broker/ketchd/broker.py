@@ -240,23 +240,33 @@ class Broker:
         )
         self.frontend.send_multipart([client, header])
 
-    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
-        client = frames[0].bytes
+    @staticmethod
+    def _header(frames: list[zmq.Frame], refuse: Callable[[bytes, int, str], None]) -> tuple[str, Any] | None:
+        """(body name, body) of a message in the current version, or None once refused."""
+        peer = frames[0].bytes
         if len(frames) < 2:
-            self._client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
-            return
+            refuse(peer, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
+            return None
         try:
             version, name, body = proto.decode(frames[1].buffer)
         except proto.DecodeError as exc:
-            self._client_error(client, ErrorCode.BAD_MESSAGE, str(exc))
-            return
+            refuse(peer, ErrorCode.BAD_MESSAGE, str(exc))
+            return None
         if version != proto.PROTOCOL_VERSION:
-            self._client_error(
-                client,
+            refuse(
+                peer,
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {version} is not supported (this broker speaks {proto.PROTOCOL_VERSION})",
             )
+            return None
+        return name, body
+
+    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        header = self._header(frames, self._client_error)
+        if header is None:
             return
+        name, body = header
         try:
             if name == "Query":
                 self._on_query(client, body, frames[2:])
@@ -946,21 +956,10 @@ class Broker:
 
     def _on_backend(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
-        if len(frames) < 2:
-            self._backend_error(identity, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
+        header = self._header(frames, self._backend_error)
+        if header is None:
             return
-        try:
-            version, name, body = proto.decode(frames[1].buffer)
-        except proto.DecodeError as exc:
-            self._backend_error(identity, ErrorCode.BAD_MESSAGE, str(exc))
-            return
-        if version != proto.PROTOCOL_VERSION:
-            self._backend_error(
-                identity,
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"protocol version {version} is not supported (this broker speaks {proto.PROTOCOL_VERSION})",
-            )
-            return
+        name, body = header
         try:
             self._on_container_message(identity, name, body, frames)
         except proto.FIELD_ERRORS as exc:  # a corrupt table: fields are read lazily

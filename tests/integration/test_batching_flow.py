@@ -22,22 +22,17 @@ def recv(sock: zmq.Socket, timeout_ms: int = 5000) -> list[bytes]:
 
 
 @pytest.fixture
-def env(thread_broker):
+def env(thread_broker, replica_threads):
     admin = ketch.Admin(thread_broker.admin)
     client = ketch.Client(thread_broker.frontend)
-    started: list[tuple[ketch.Replica, threading.Thread]] = []
+    count = [0]
 
     def serve(model, **kw):
-        r = ketch.Replica(model, name="m", broker=thread_broker.backend, **kw)
-        t = threading.Thread(target=r.run, daemon=True)
-        t.start()
-        started.append((r, t))
-        wait_for(lambda: len(admin.replicas("m")) >= len(started), 10, "replica")
+        replica_threads(model, backend=thread_broker.backend, **kw)
+        count[0] += 1
+        wait_for(lambda: len(admin.replicas("m")) >= count[0], 10, "replica")
 
     yield thread_broker, admin, client, serve
-    for r, t in started:
-        r.stop()
-        t.join(5)
     client.close()
     admin.close()
 

@@ -81,20 +81,11 @@ def client(thread_broker):
 
 
 @pytest.fixture
-def replica_threads(thread_broker):
-    started: list[tuple[ketch.Replica, threading.Thread]] = []
-
+def serve(thread_broker, replica_threads):
     def start(model, name: str = "m", **kw) -> ketch.Replica:
-        r = ketch.Replica(model, name=name, broker=thread_broker.backend, **kw)
-        t = threading.Thread(target=r.run, daemon=True)
-        t.start()
-        started.append((r, t))
-        return r
+        return replica_threads(model, backend=thread_broker.backend, name=name, **kw)
 
-    yield start
-    for r, t in started:
-        r.stop()
-        t.join(5)
+    return start
 
 
 def sums(xs):
@@ -105,10 +96,10 @@ def wait_replicas(admin, n: int, model: str = "m") -> None:
     wait_for(lambda: len(admin.replicas(model)) >= n, 10, f"{n} replicas of {model}")
 
 
-def test_answers_match_the_model_for_random_inputs(thread_broker, admin, client, replica_threads):
+def test_answers_match_the_model_for_random_inputs(thread_broker, admin, client, serve):
     admin.create_app("a", input_type="float64", input_shape=[8], slo_ms=2000, models=["m"])
-    replica_threads(sums, replica_id="r1")
-    replica_threads(sums, replica_id="r2")
+    serve(sums, replica_id="r1")
+    serve(sums, replica_id="r2")
     wait_replicas(admin, 2)
     rng = np.random.default_rng(7)
     xs = [rng.normal(size=8) for _ in range(500)]
@@ -119,11 +110,11 @@ def test_answers_match_the_model_for_random_inputs(thread_broker, admin, client,
     assert one.output == pytest.approx(xs[0].sum()) and one.latency_ms > 0
 
 
-def test_string_and_bytes_apps(thread_broker, admin, client, replica_threads):
+def test_string_and_bytes_apps(thread_broker, admin, client, serve):
     admin.create_app("s", input_type="string", slo_ms=2000, models=["upper"])
     admin.create_app("b", input_type="bytes", slo_ms=2000, models=["echo"])
-    replica_threads(lambda xs: [x.upper() for x in xs], name="upper", input_type="string")
-    replica_threads(lambda xs: [bytes(reversed(x)) for x in xs], name="echo", input_type="bytes")
+    serve(lambda xs: [x.upper() for x in xs], name="upper", input_type="string")
+    serve(lambda xs: [bytes(reversed(x)) for x in xs], name="echo", input_type="bytes")
     wait_replicas(admin, 1, "upper")
     wait_replicas(admin, 1, "echo")
     assert client.predict("s", "héllo wörld").output == "HÉLLO WÖRLD"
@@ -219,16 +210,14 @@ def test_app_without_model_answers_at_once(thread_broker, admin, client):
     assert pred.default and "links no model" in pred.default_explanation and pred.latency_ms < 500
 
 
-def test_model_error_fails_its_batch_and_the_replica_keeps_serving(
-    thread_broker, admin, client, replica_threads
-):
+def test_model_error_fails_its_batch_and_the_replica_keeps_serving(thread_broker, admin, client, serve):
     def picky(xs):
         if any(x[0] < 0 for x in xs):
             raise ValueError("negative input")
         return sums(xs)
 
     admin.create_app("a", input_type="float64", input_shape=[2], slo_ms=2000, models=["m"])
-    replica_threads(picky)
+    serve(picky)
     wait_replicas(admin, 1)
     with pytest.raises(ketch.ModelError, match="ValueError: negative input"):
         client.predict("a", [-1.0, 2.0])
@@ -236,15 +225,15 @@ def test_model_error_fails_its_batch_and_the_replica_keeps_serving(
     assert admin.stats()["models"]["m"]["errors"] == 1
 
 
-def test_wrong_output_count_is_a_model_error(thread_broker, admin, client, replica_threads):
+def test_wrong_output_count_is_a_model_error(thread_broker, admin, client, serve):
     admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=2000, models=["m"])
-    replica_threads(lambda xs: [1.0] * (len(xs) + 1))
+    serve(lambda xs: [1.0] * (len(xs) + 1))
     wait_replicas(admin, 1)
     with pytest.raises(ketch.ModelError, match="returned 2 outputs for 1 inputs"):
         client.predict("a", [1.0])
 
 
-def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, client, replica_threads):
+def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, client, serve):
     seen: list[int] = []
 
     def slow_sums(xs):
@@ -254,7 +243,7 @@ def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, cli
 
     admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=5000, models=["m"])
     admin.configure_model("m", max_batch=16)
-    replica_threads(slow_sums, credits=1)
+    serve(slow_sums, credits=1)
     wait_replicas(admin, 1)
     xs = [np.array([float(i)]) for i in range(400)]
     assert [p.output for p in client.predict_many("a", xs)] == [float(i) for i in range(400)]
@@ -262,7 +251,7 @@ def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, cli
     assert admin.stats()["models"]["m"]["mean_batch"] > 1
 
 
-def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, replica_threads):
+def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, serve):
     admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=8000, models=["m"])
     raw = RawReplica(thread_broker.backend, credits=1)
     raw.hello()
@@ -279,7 +268,7 @@ def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, 
         )
         raw.next_batch()  # it takes the work ... and dies silently
         raw.close()
-        replica_threads(sums, replica_id="healthy")
+        serve(sums, replica_id="healthy")
         answers = {}
         while len(answers) < 3:
             for item in proto.to_dict(recv(sock, 8000)[0])["body"]["items"]:
@@ -314,11 +303,11 @@ def test_late_reply_from_a_replaced_replica_is_discarded(thread_broker, admin, c
         new.close()
 
 
-def test_version_switch_and_rollback(thread_broker, admin, client, replica_threads):
+def test_version_switch_and_rollback(thread_broker, admin, client, serve):
     admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=2000, models=["m"])
-    replica_threads(lambda xs: [1.0] * len(xs), version="1", replica_id="v1")
+    serve(lambda xs: [1.0] * len(xs), version="1", replica_id="v1")
     wait_replicas(admin, 1)
-    replica_threads(lambda xs: [2.0] * len(xs), version="2", replica_id="v2")
+    serve(lambda xs: [2.0] * len(xs), version="2", replica_id="v2")
     wait_replicas(admin, 2)
     assert client.predict("a", [0.0]).output == 1.0  # the first version seen stays active
     admin.set_version("m", "2")

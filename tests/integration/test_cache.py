@@ -34,23 +34,18 @@ class Counting:
 
 
 @pytest.fixture
-def setup(thread_broker):
+def setup(thread_broker, replica_threads):
     admin = ketch.Admin(thread_broker.admin)
     client = ketch.Client(thread_broker.frontend)
-    replicas: list[tuple[ketch.Replica, threading.Thread]] = []
+    count = [0]
 
     def serve(model, **kw):
-        r = ketch.Replica(model, name="m", broker=thread_broker.backend, **kw)
-        t = threading.Thread(target=r.run, daemon=True)
-        t.start()
-        replicas.append((r, t))
-        wait_for(lambda: len(admin.replicas("m")) >= len(replicas), 10, "replica")
+        r = replica_threads(model, backend=thread_broker.backend, **kw)
+        count[0] += 1
+        wait_for(lambda: len(admin.replicas("m")) >= count[0], 10, "replica")
         return r
 
     yield admin, client, serve
-    for r, t in replicas:
-        r.stop()
-        t.join(5)
     client.close()
     admin.close()
 

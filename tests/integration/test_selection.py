@@ -14,25 +14,20 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def env(make_thread_broker, tmp_path):
+def env(make_thread_broker, replica_threads, tmp_path):
     state = str(tmp_path / "state.db")
     tb = make_thread_broker(state_path=state, heartbeat_ms=100, dead_after_ms=1000)
     admin = ketch.Admin(tb.admin)
     client = ketch.Client(tb.frontend)
-    started: list[tuple[ketch.Replica, threading.Thread]] = []
+    count = [0]
 
     def serve(name: str, fn, **kw) -> ketch.Replica:
-        r = ketch.Replica(fn, name=name, broker=tb.backend, replica_id=f"{name}-{len(started)}", **kw)
-        t = threading.Thread(target=r.run, daemon=True)
-        t.start()
-        started.append((r, t))
+        r = replica_threads(fn, backend=tb.backend, name=name, replica_id=f"{name}-{count[0]}", **kw)
+        count[0] += 1
         wait_for(lambda: admin.replicas(name), 10, f"replica of {name}")
         return r
 
     yield tb, admin, client, serve, state
-    for r, t in started:
-        r.stop()
-        t.join(5)
     client.close()
     admin.close()
 
