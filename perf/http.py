@@ -5,16 +5,21 @@ its replicas and ``ketch gateway``, all on free loopback ports; then, for each c
 level, drives the same app in closed loop (each of C workers sends its next query when the
 last is answered) for a fixed time through:
 
-    zmq      ketch.AsyncClient.predict, the native client (the baseline)
-    clipper  POST /{app}/predict with httpx.AsyncClient (keep-alive, C connections)
-    kserve   POST /v2/models/{app}/infer, a JSON tensor [1, 4], same client
+    zmq            ketch.AsyncClient.predict, the native client (the baseline)
+    zmq-sync       ketch.Client.predict, the blocking native client, one per thread
+    clipper        POST /{app}/predict, one keep-alive connection per worker
+    kserve         POST /v2/models/{app}/infer with a JSON tensor [1, 4], likewise
+    clipper-httpx  POST /{app}/predict with httpx.AsyncClient (C pooled connections)
 
-and prints throughput and p50/p99 latency per mode, with HTTP as a share of zmq. Every
-query carries a distinct random input and every answer is checked. The load generator
-runs in this process on the same machine: its own CPU use counts against every mode.
+``clipper`` and ``kserve`` use a minimal HTTP/1.1 client written on asyncio streams, so the
+figures are the gateway's rather than the client library's; ``clipper-httpx`` shows what a
+typical Python client adds. It prints throughput and p50/p99 latency per mode, with each as
+a share of zmq's throughput. Every query carries a distinct random input and every answer is
+checked. The load generator runs in this process on the same machine: its CPU use counts
+against every mode.
 
-    python perf/http.py                          # C = 1, 8, 32; 3 s each
-    python perf/http.py --concurrency 1,4 --duration 5 --workers 2 --replicas 2
+    python -m perf.http                          # C = 1, 8, 32; 3 s each (or: python perf/http.py)
+    python -m perf.http --concurrency 1,4 --duration 5 --workers 2 --replicas 2
 """
 
 from __future__ import annotations
@@ -28,12 +33,17 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 
 import argparse
 import asyncio
+import json
+import platform
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
 import httpx
 import numpy as np
-from ketch import AsyncClient
+import psutil
+from ketch import AsyncClient, Client
 from ketch.gateway.local import LocalGateway
 from ketch.local import LocalBroker, LocalModel
 
@@ -73,7 +83,66 @@ async def closed_loop(
     return counted[0], latencies, counted[1]
 
 
+class RawHTTP:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one request at a time."""
+
+    def __init__(self, url: str) -> None:
+        host, _, port = url.removeprefix("http://").rpartition(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, doc: object) -> object:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+            self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        body = json.dumps(doc).encode()
+        self.writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        payload = await self.reader.readexactly(length)
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
+        return json.loads(payload)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+def _kserve_doc(x: np.ndarray) -> dict:
+    return {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 4], "data": x.tolist()}]}
+
+
 async def run_mode(mode: str, frontend: str, url: str, concurrency: int, duration_s: float, warmup_s: float):
+    if mode in ("clipper", "kserve"):
+        pool = [RawHTTP(url) for _ in range(concurrency)]
+        idle = list(pool)
+
+        async def call(x: np.ndarray) -> float:
+            conn = idle.pop()
+            try:
+                if mode == "clipper":
+                    return (await conn.post(f"/{APP}/predict", {"input": x.tolist()}))["output"]
+                return (await conn.post(f"/v2/models/{APP}/infer", _kserve_doc(x)))["outputs"][0]["data"][0]
+            finally:
+                idle.append(conn)
+
+        try:
+            return await closed_loop(call, concurrency, duration_s, warmup_s)
+        finally:
+            for conn in pool:
+                await conn.close()
     if mode == "zmq":
         client = AsyncClient(frontend)
 
@@ -86,22 +155,50 @@ async def run_mode(mode: str, frontend: str, url: str, concurrency: int, duratio
             await client.close()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as http:
-        if mode == "clipper":
 
-            async def call(x: np.ndarray) -> float:
-                r = await http.post(f"/{APP}/predict", json={"input": x.tolist()})
-                r.raise_for_status()
-                return r.json()["output"]
-
-        else:
-
-            async def call(x: np.ndarray) -> float:
-                doc = {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 4], "data": x.tolist()}]}
-                r = await http.post(f"/v2/models/{APP}/infer", json=doc)
-                r.raise_for_status()
-                return r.json()["outputs"][0]["data"][0]
+        async def call(x: np.ndarray) -> float:
+            r = await http.post(f"/{APP}/predict", json={"input": x.tolist()})
+            r.raise_for_status()
+            return r.json()["output"]
 
         return await closed_loop(call, concurrency, duration_s, warmup_s)
+
+
+def run_sync(
+    frontend: str, concurrency: int, duration_s: float, warmup_s: float
+) -> tuple[int, list[float], int]:
+    """The blocking client, one per thread, in closed loop (same accounting as ``closed_loop``)."""
+    latencies: list[float] = []
+    counted = [0, 0]
+    lock = threading.Lock()
+    start = time.perf_counter()
+    measure_from, end = start + warmup_s, start + warmup_s + duration_s
+
+    def worker(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with Client(frontend) as client:
+            while True:
+                x = rng.normal(size=4)
+                t0 = time.perf_counter()
+                if t0 >= end:
+                    return
+                try:
+                    ok = abs(float(client.predict(APP, x).output) - x.sum()) < 1e-9
+                except Exception:
+                    ok = False
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= end:
+                    with lock:
+                        counted[0 if ok else 1] += 1
+                        if ok:
+                            latencies.append((t1 - t0) * 1000)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counted[0], latencies, counted[1]
 
 
 def main() -> None:
@@ -111,7 +208,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="Unmeasured seconds before each run.")
     parser.add_argument("--workers", type=int, default=1, help="Gateway worker processes.")
     parser.add_argument("--replicas", type=int, default=1, help="Model replica processes.")
-    parser.add_argument("--modes", default="zmq,clipper,kserve")
+    parser.add_argument("--modes", default="zmq,zmq-sync,clipper,kserve,clipper-httpx")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
@@ -129,6 +226,10 @@ def main() -> None:
             model.wait_ready(admin, timeout_s=60)
             with LocalGateway(broker.frontend, broker.admin, workers=args.workers) as gw:
                 print(
+                    f"{platform.node()}: {psutil.cpu_count()} cpus, Python {platform.python_version()}, "
+                    f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC"
+                )
+                print(
                     f"model: sum of 4 floats, {args.replicas} replica(s); gateway: {args.workers} worker(s); "
                     f"{args.duration:g} s per run after {args.warmup:g} s warm-up; closed loop"
                 )
@@ -136,9 +237,12 @@ def main() -> None:
                 for c in levels:
                     base = None
                     for mode in modes:
-                        n, lat, errs = asyncio.run(
-                            run_mode(mode, broker.frontend, gw.url, c, args.duration, args.warmup)
-                        )
+                        if mode == "zmq-sync":
+                            n, lat, errs = run_sync(broker.frontend, c, args.duration, args.warmup)
+                        else:
+                            n, lat, errs = asyncio.run(
+                                run_mode(mode, broker.frontend, gw.url, c, args.duration, args.warmup)
+                            )
                         qps = n / args.duration
                         p50, p99 = np.percentile(lat, [50, 99]) if lat else (float("nan"),) * 2
                         base = qps if mode == "zmq" else base
