@@ -40,5 +40,5 @@ if [ "$want_test" = 1 ]; then
   Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite)' >/dev/null 2>&1 \
     || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite
 else
-  .venv/bin/python -m pip install -q -e '.[sklearn]'
+  .venv/bin/python -m pip install -q -e '.[sklearn,http]'
 fi

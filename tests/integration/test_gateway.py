@@ -215,11 +215,24 @@ def test_a_bad_item_in_a_batch_fails_alone(http):
     assert bad["code"] == "BAD_INPUT" and "shape" in bad["error"]
 
 
-def test_clipper_update_is_answered(http):
+def test_clipper_update_is_answered(http, admin, replicas):
     assert post(http, "/nope/update", {"input": [1.0], "label": 1}).status_code == 404
     r = post(http, "/sum/update", {"input": [1.0, 2.0], "label": 3.0, "uid": 7})
-    # the single-model policy learns nothing from feedback and says so; a learning policy takes it
-    assert (r.status_code, r.json().get("code")) in ((400, "INVALID"), (200, None)), r.text
+    # the single-model policy learns nothing from feedback and says so
+    assert r.status_code == 400 and r.json()["code"] == "INVALID", r.text
+    admin.create_app("bandit", input_type="float64", input_shape=[-1], slo_ms=2000, models=["total"])
+    admin.link("bandit", "total_b")
+    admin.set_policy("bandit", "exp3")
+    replicas(sums, "total_b")
+    wait_for(lambda: http.get("/v2/models/bandit/ready").status_code == 200, 10, "the bandit app")
+    answer = post(http, "/bandit/predict", {"input": [1.0, 2.0]}).json()
+    assert answer["output"] == 3.0 and answer["model"] in ("total", "total_b")
+    for body in ({"query_id": answer["query_id"], "label": 1.0}, {"input": [1.0, 2.0], "label": 0.0}):
+        r = post(http, "/bandit/update", body)
+        assert r.status_code == 200 and r.json() == {"app": "bandit", "accepted": True}, r.text
+    assert post(http, "/bandit/update", {"query_id": 1, "label": 1.0}).status_code == 404  # no such query
+    versions = http.get("/v2/models/bandit").json()["versions"]
+    assert sorted(versions) == ["total:1", "total_b:1"]
 
 
 def test_unknown_apps_and_routes_are_404(http):

@@ -1,0 +1,150 @@
+"""The ASGI application: routes, the per-worker broker link, errors and metrics in one place.
+
+``create_app(config)`` builds a Starlette app; ``app_from_env()`` is the factory uvicorn's
+worker processes call (the config travels in ``KETCH_GATEWAY_CONFIG``). Every route runs
+through ``Gateway.endpoint``, which turns any exception into its HTTP answer with the one
+table in ``errors.py`` and records the request's metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ketch import _errors as errors
+from ketch import _log
+from ketch.admin import DEFAULT_ADMIN
+from ketch.client import DEFAULT_FRONTEND
+from ketch.gateway import clipper, v2
+from ketch.gateway.auth import BearerAuth
+from ketch.gateway.backend import BrokerLink
+from ketch.gateway.errors import HTTPError, http_error_for
+from ketch.gateway.http import Call, error_response, json_response
+from ketch.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from ketch.gateway.openapi import build_spec
+
+CONFIG_ENV = "KETCH_GATEWAY_CONFIG"
+
+
+@dataclass
+class GatewayConfig:
+    frontend: str = DEFAULT_FRONTEND
+    admin: str = DEFAULT_ADMIN
+    tokens: list[str] = field(default_factory=list)
+    metadata_ttl_s: float = 1.0  # app metadata and readiness are cached this long
+    admin_timeout_ms: float = 1000
+    max_body_bytes: int = 64 * 1024 * 1024
+
+    def to_env(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        text = os.environ.get(CONFIG_ENV)
+        return cls(**json.loads(text)) if text else cls()
+
+
+Handler = Callable[[Call], Awaitable[Response]]
+
+
+class Gateway:
+    """What one worker holds: its config, its link to the broker and its metrics."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = GatewayMetrics()
+        self.link: BrokerLink | None = None
+        self.outputs_seen: dict[str, tuple[str, list[int]]] = {}
+        self.spec = build_spec(auth=bool(config.tokens))
+        self.log = structlog.get_logger("ketch.gateway")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.link = BrokerLink(
+            self.config.frontend,
+            self.config.admin,
+            ttl_s=self.config.metadata_ttl_s,
+            admin_timeout_ms=self.config.admin_timeout_ms,
+        )
+        try:
+            yield
+        finally:
+            await self.link.close()
+
+    def endpoint(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            call = Call(request, self)
+            started = time.perf_counter()
+            try:
+                response = await handler(call)
+            except Exception as exc:
+                err = http_error_for(exc)
+                if not isinstance(exc, errors.KetchError | HTTPError):
+                    self.log.exception("gateway_bug", route=route, path=request.url.path)
+                response = error_response(err)
+            self.metrics.observe(
+                route, call.app, response.status_code, time.perf_counter() - started, call.queries
+            )
+            return response
+
+        return handle
+
+    async def metrics_route(self, call: Call) -> Response:
+        try:
+            figures = await self.link.figures()
+        except errors.KetchError:
+            figures = None  # ketch_broker_up 0 says so; the gateway's own figures still count
+        return Response(self.metrics.render(figures), media_type=CONTENT_TYPE)
+
+    async def openapi_route(self, call: Call) -> Response:
+        return json_response(self.spec)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {
+        404: f"no route {request.url.path}",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
+    err = HTTPError(exc.status_code, message.get(exc.status_code, str(exc.detail)), headers=exc.headers)
+    return error_response(err)
+
+
+def create_app(config: GatewayConfig | None = None) -> Any:
+    """The gateway as an ASGI app (wrapped in bearer auth when ``config.tokens`` is set)."""
+    config = config or GatewayConfig()
+    gw = Gateway(config)
+    e = gw.endpoint
+    routes = [
+        Route("/v2", e("server_metadata", v2.server_metadata), methods=["GET"]),
+        Route("/v2/health/live", e("live", v2.live), methods=["GET"]),
+        Route("/v2/health/ready", e("ready", v2.ready), methods=["GET"]),
+        Route("/v2/models/{name}", e("model_metadata", v2.model_metadata), methods=["GET"]),
+        Route("/v2/models/{name}/ready", e("model_ready", v2.model_ready), methods=["GET"]),
+        Route("/v2/models/{name}/infer", e("infer", v2.infer), methods=["POST"]),
+        Route("/metrics", e("metrics", gw.metrics_route), methods=["GET"]),
+        Route("/openapi.json", e("openapi", gw.openapi_route), methods=["GET"]),
+        Route("/{app}/predict", e("predict", clipper.predict), methods=["POST"]),
+        Route("/{app}/update", e("update", clipper.update), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_exception})
+    app.state.gateway = gw
+    return BearerAuth(app, config.tokens) if config.tokens else app
+
+
+def app_from_env() -> Any:
+    """Factory for uvicorn workers: the config comes from ``KETCH_GATEWAY_CONFIG``."""
+    _log.configure()
+    return create_app(GatewayConfig.from_env())

@@ -1,0 +1,111 @@
+"""Clipper's REST API: ``POST /{app}/predict`` and ``POST /{app}/update``.
+
+    POST /{app}/predict  {"input": X}              -> {"query_id", "output", "default",
+                                                       "default_explanation", "model", "version"}
+    POST /{app}/predict  {"input_batch": [X, ...]} -> {"batch_predictions": [answer, ...]}
+    POST /{app}/update   {"label": Y, "input": X}  -> {"app", "accepted": true}
+                         {"label": Y, "query_id": Q}
+
+``X`` is converted to the app's input type (``values.clipper_input``): numbers to its dtype,
+base64 text to bytes. A query past its deadline gets the app's default (``"default": true``
+with the reason), or 504 when the app has none. In a batch, an item that failed is
+``{"query_id", "error", "code"}`` in its place; when every item failed, the answer is the
+first item's error status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.responses import Response
+
+from ketch import _errors as errors
+from ketch.client import Prediction
+from ketch.gateway.backend import GRACE_S
+from ketch.gateway.errors import bad_request, http_error_for
+from ketch.gateway.http import Call, json_response, parse_json, read_body
+from ketch.gateway.values import clipper_input, jsonable, send_dtype
+
+FEEDBACK_TIMEOUT_MS = 5000
+
+
+def answer(pred: Prediction) -> dict[str, Any]:
+    return {
+        "query_id": pred.request_id,
+        "output": jsonable(pred.output),
+        "default": pred.default,
+        "default_explanation": pred.default_explanation,
+        "model": pred.model,
+        "version": pred.version,
+    }
+
+
+def failed(exc: BaseException) -> dict[str, Any]:
+    err = http_error_for(exc)
+    return {"query_id": getattr(exc, "request_id", 0), "error": err.message, "code": err.code}
+
+
+async def predict(call: Call) -> Response:
+    body = await read_body(call)
+    info = await call.gw.link.app(call.request.path_params["app"])  # an unknown app is 404 first
+    call.app = info.name
+    doc = parse_json(body)
+    if not isinstance(doc, dict) or ("input" in doc) == ("input_batch" in doc):
+        raise bad_request('send {"input": ...} for one query or {"input_batch": [...]} for several')
+    dtype = send_dtype(info.input_type)
+    if "input" in doc:
+        x = clipper_input(doc["input"], info.input_type)
+        call.queries = 1
+        pred = await call.gw.link.predict(info, x, timeout_ms=None, priority=0, dtype=dtype)
+        return json_response(answer(pred))
+    batch = doc["input_batch"]
+    if not isinstance(batch, list) or not batch:
+        raise bad_request("input_batch must be a non-empty list of inputs")
+    xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
+    call.queries = len(xs)
+    answers = await call.gw.link.predict_many(info, xs, timeout_ms=None, priority=0, dtype=dtype)
+    if all(isinstance(a, BaseException) for a in answers):
+        raise answers[0]
+    return json_response(
+        {"batch_predictions": [failed(a) if isinstance(a, BaseException) else answer(a) for a in answers]}
+    )
+
+
+async def update(call: Call) -> Response:
+    body = await read_body(call)
+    info = await call.gw.link.app(call.request.path_params["app"])
+    call.app = info.name
+    doc = parse_json(body)
+    if not isinstance(doc, dict) or "label" not in doc:
+        raise bad_request('send {"label": ..., "input": ...} or {"label": ..., "query_id": ...}')
+    query_id = doc.get("query_id")
+    if ("input" in doc) == (query_id is not None):
+        raise bad_request("name the query by 'input' or by 'query_id' (one of them)")
+    if query_id is not None and (
+        isinstance(query_id, bool) or not isinstance(query_id, int) or not 0 < query_id < 1 << 64
+    ):
+        raise bad_request("query_id must be a whole number from an earlier answer")
+    x = None
+    if "input" in doc:
+        if info.input_type == "json":
+            raise bad_request("feedback for a json app names the query by query_id")
+        x = clipper_input(doc["input"], info.input_type)
+    label = doc["label"]
+    label_dtype = None if isinstance(label, int | float) and not isinstance(label, bool) else "json"
+    uid = doc.get("uid")
+    call.queries = 1
+    try:
+        async with asyncio.timeout(FEEDBACK_TIMEOUT_MS / 1000 + GRACE_S):
+            await call.gw.link.client.feedback(
+                info.name,
+                label,
+                query_id=query_id,
+                x=x,
+                context="" if uid is None else str(uid),
+                label_dtype=label_dtype,
+                timeout_ms=FEEDBACK_TIMEOUT_MS,
+            )
+    except TimeoutError:
+        raise errors.Timeout("no answer from the broker in time for the feedback") from None
+    return json_response({"app": info.name, "accepted": True})

@@ -1,0 +1,77 @@
+"""What every route shares: the per-request ``Call``, body reading and JSON answers."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from ketch.gateway.errors import HTTPError, bad_request
+from ketch.gateway.values import dumps
+
+if TYPE_CHECKING:
+    from ketch.gateway.app import Gateway
+
+
+@dataclass
+class Call:
+    """One HTTP request on its way through a route; ``app`` and ``queries`` label its metrics."""
+
+    request: Request
+    gw: Gateway
+    app: str = ""  # set once the app is known to exist (unknown names never become labels)
+    queries: int = 0
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(dumps(doc), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(err: HTTPError) -> Response:
+    return json_response(err.body(), err.status, err.headers)
+
+
+async def read_body(call: Call) -> bytes:
+    """The request body, at most ``max_body_bytes`` (413 past it), gzip/deflate undone."""
+    limit = call.gw.config.max_body_bytes
+    request = call.request
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"the body is {declared} bytes, over the gateway's limit of {limit}")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"the body is over the gateway's limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise bad_request("the client went away before sending the whole body") from None
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise HTTPError(415, f"Content-Encoding {encoding!r}: the gateway takes gzip, deflate or identity")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise bad_request(f"the body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise HTTPError(413, f"the decompressed body is over the gateway's limit of {limit} bytes")
+    if not inflater.eof:
+        raise bad_request(f"the {encoding} body is cut short")
+    return out
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"the body is not JSON: {exc}") from None

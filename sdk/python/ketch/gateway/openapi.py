@@ -1,0 +1,394 @@
+"""The OpenAPI 3.1 description of the gateway's routes, served at ``/openapi.json``.
+
+Written by hand, next to the routes it describes (``clipper.py``, ``v2.py``); the tests fuzz
+the running gateway from this very document, so a route whose description drifts from its
+behaviour shows up there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ketch import __version__
+from ketch.gateway.tensors import DATATYPES, MAX_TIMEOUT_US
+
+NAME = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "The request is malformed or its input does not fit the app.",
+        401: "A bearer token is required (only when the gateway has tokens).",
+        404: "No such app.",
+        413: "The request is too large.",
+        415: "The body's Content-Encoding is not gzip, deflate or identity.",
+        502: "The model failed on this input.",
+        503: "Overloaded (see Retry-After), draining, or the broker does not answer.",
+        504: "No answer within the deadline and the app has no default.",
+    }
+    return {str(c): _json(_ref("Error"), text[c]) for c in codes}
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": NAME}
+
+
+_QUERY_ERRORS = (400, 401, 404, 413, 415, 502, 503, 504)
+
+
+def build_spec(*, auth: bool = False) -> dict[str, Any]:
+    """The document; with ``auth``, every route but health declares the bearer scheme."""
+    app_param = _path_param("app", "A Ketch app.")
+    model_param = _path_param("name", "A Ketch app (the protocol calls it a model).")
+    paths: dict[str, Any] = {
+        "/{app}/predict": {
+            "post": {
+                "summary": "Clipper-compatible prediction: one input or a batch.",
+                "operationId": "clipper_predict",
+                "parameters": [app_param],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("ClipperRequest"),
+                            "example": {"input": [5.1, 3.5, 1.4, 0.2]},
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {"oneOf": [_ref("ClipperPrediction"), _ref("ClipperBatch")]},
+                        "The prediction (or the app's default, marked so).",
+                    ),
+                    **_errors(*_QUERY_ERRORS),
+                },
+            }
+        },
+        "/{app}/update": {
+            "post": {
+                "summary": "Clipper-compatible feedback: the true label of an earlier query.",
+                "operationId": "clipper_update",
+                "parameters": [app_param],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ClipperFeedback")}},
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {"app": {"type": "string"}, "accepted": {"type": "boolean"}},
+                        },
+                        "The app took the feedback.",
+                    ),
+                    **_errors(*_QUERY_ERRORS),
+                },
+            }
+        },
+        "/v2": {
+            "get": {
+                "summary": "Server metadata.",
+                "operationId": "server_metadata",
+                "responses": {
+                    "200": _json(_ref("ServerMetadata"), "Name, version and extensions."),
+                    **_errors(401),
+                },
+            }
+        },
+        "/v2/health/live": {
+            "get": {
+                "summary": "200 while the gateway process works.",
+                "operationId": "server_live",
+                "security": [],
+                "responses": {"200": _json(_ref("Live"), "Live.")},
+            }
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "200 when the broker answers.",
+                "operationId": "server_ready",
+                "security": [],
+                "responses": {"200": _json(_ref("Ready"), "Ready."), **_errors(503)},
+            }
+        },
+        "/v2/models/{name}": {
+            "get": {
+                "summary": "An app's metadata: input datatype and shape, versions.",
+                "operationId": "model_metadata",
+                "parameters": [model_param],
+                "responses": {"200": _json(_ref("ModelMetadata"), "The app."), **_errors(401, 404, 503)},
+            }
+        },
+        "/v2/models/{name}/ready": {
+            "get": {
+                "summary": "200 when the app has at least one live replica.",
+                "operationId": "model_ready",
+                "parameters": [model_param],
+                "responses": {"200": _json(_ref("ModelReady"), "Ready."), **_errors(401, 404, 503)},
+            }
+        },
+        "/v2/models/{name}/infer": {
+            "post": {
+                "summary": "Open Inference Protocol inference; JSON tensors or the binary data extension.",
+                "operationId": "model_infer",
+                "parameters": [
+                    model_param,
+                    {
+                        "name": "Inference-Header-Content-Length",
+                        "in": "header",
+                        "required": False,
+                        "description": "Bytes of JSON before the binary tensor data.",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": _ref("InferenceRequest"),
+                            "example": {
+                                "inputs": [
+                                    {
+                                        "name": "input",
+                                        "datatype": "FP64",
+                                        "shape": [1, 4],
+                                        "data": [5.1, 3.5, 1.4, 0.2],
+                                    }
+                                ]
+                            },
+                        },
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The outputs: JSON, or JSON then binary data "
+                        "(Inference-Header-Content-Length says where the JSON ends).",
+                        "content": {
+                            "application/json": {"schema": _ref("InferenceResponse")},
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    **_errors(*_QUERY_ERRORS),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus text: the broker's figures and the gateway's own.",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format 0.0.4.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors(401),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document.",
+                "operationId": "openapi",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1."), **_errors(401)},
+            }
+        },
+    }
+    spec: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Ketch HTTP gateway",
+            "version": __version__,
+            "description": "Clipper's REST API and the Open Inference Protocol (KServe V2) in front of a "
+            "Ketch broker. An app is what the V2 routes call a model.",
+        },
+        "paths": paths,
+        "components": {"schemas": _schemas()},
+    }
+    if auth:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearer": []}]
+    else:
+        for item in paths.values():
+            for op in item.values():
+                op.pop("security", None)
+                op["responses"].pop("401", None)
+    return spec
+
+
+def _schemas() -> dict[str, Any]:
+    datatype = {"type": "string", "enum": [*DATATYPES, "BYTES"]}
+    shape = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    tensor_meta = {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": datatype,
+            "shape": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {"type": "string"},
+                "code": {"type": "string"},
+                "retry_after_ms": {"type": "integer"},
+            },
+        },
+        "ClipperRequest": {
+            "oneOf": [
+                {"type": "object", "required": ["input"], "properties": {"input": {}}},
+                {
+                    "type": "object",
+                    "required": ["input_batch"],
+                    "properties": {"input_batch": {"type": "array", "minItems": 1}},
+                },
+            ]
+        },
+        "ClipperPrediction": {
+            "type": "object",
+            "required": ["query_id", "output", "default", "default_explanation"],
+            "properties": {
+                "query_id": {"type": "integer"},
+                "output": {},
+                "default": {"type": "boolean"},
+                "default_explanation": {"type": "string"},
+                "model": {"type": "string"},
+                "version": {"type": "string"},
+            },
+        },
+        "ClipperBatch": {
+            "type": "object",
+            "required": ["batch_predictions"],
+            "properties": {"batch_predictions": {"type": "array", "items": {"type": "object"}}},
+        },
+        "ClipperFeedback": {
+            "type": "object",
+            "required": ["label"],
+            "properties": {
+                "label": {},
+                "input": {},
+                "query_id": {"type": "integer", "minimum": 1, "maximum": 2**64 - 1},
+                "uid": {"type": ["integer", "string"]},
+            },
+        },
+        "ServerMetadata": {
+            "type": "object",
+            "required": ["name", "version", "extensions"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "extensions": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "Live": {"type": "object", "required": ["live"], "properties": {"live": {"type": "boolean"}}},
+        "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+        "ModelReady": {
+            "type": "object",
+            "required": ["name", "ready"],
+            "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
+        },
+        "ModelMetadata": {
+            "type": "object",
+            "required": ["name", "platform", "inputs", "outputs"],
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": tensor_meta},
+                "outputs": {"type": "array", "items": tensor_meta},
+            },
+        },
+        "InferenceRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "timeout": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "maximum": MAX_TIMEOUT_US,
+                            "description": "Microseconds; 0 is the app's SLO.",
+                        },
+                        "priority": {
+                            "type": "integer",
+                            "minimum": -128,
+                            "maximum": 127,
+                            "description": "Higher is served first.",
+                        },
+                        "binary_data_output": {"type": "boolean"},
+                    },
+                },
+                "inputs": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "shape", "datatype"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "shape": shape,
+                            "datatype": datatype,
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+                            },
+                            "data": {"type": "array"},
+                        },
+                    },
+                },
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "enum": ["output", "default"]},
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"binary_data": {"type": "boolean"}},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "InferenceResponse": {
+            "type": "object",
+            "required": ["model_name", "outputs"],
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "parameters": {"type": "object"},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "datatype", "shape"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "datatype": {"type": "string"},
+                            "shape": {"type": "array", "items": {"type": "integer"}},
+                            "parameters": {"type": "object"},
+                            "data": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+    }

@@ -1,0 +1,113 @@
+"""Run the gateway: uvicorn with N worker processes sharing one listening socket.
+
+The socket is bound here, before any worker starts, so ``--listen 127.0.0.1:0`` works and
+the bound address can be written to a ready file. With one worker the server runs in this
+process; with more, uvicorn's supervisor spawns them (each imports ``app_from_env`` and
+opens its own connections to the broker) and prometheus-client keeps their figures in a
+temporary multiprocess directory, removed at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from pathlib import Path
+
+import structlog
+
+from ketch.gateway.app import CONFIG_ENV, GatewayConfig
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+log = structlog.get_logger("ketch.gateway")
+
+
+def _exit_quietly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for uvicorn's workers.
+
+    Made with ``IPPROTO_TCP`` rather than uvicorn's protocol 0: asyncio turns Nagle off
+    (TCP_NODELAY) only on sockets that say they are TCP, and without that every response
+    written in two parts waits for the client's delayed ACK (about 40 ms).
+    """
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    config: GatewayConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    workers: int = 1,
+    ready_file: str | None = None,
+    log_level: str = "warning",
+) -> int:
+    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[CONFIG_ENV] = config.to_env()
+    metrics_dir = None
+    if workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        metrics_dir = tempfile.mkdtemp(prefix="ketch-gateway-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    uv_config = uvicorn.Config(
+        "ketch.gateway.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        lifespan="on",
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    try:
+        sock = bind(host, port)
+        bound_host, bound_port = sock.getsockname()[:2]
+        log.info(
+            "gateway listening", url=f"http://{host}:{bound_port}", workers=workers, broker=config.frontend
+        )
+        if ready_file:
+            path = Path(ready_file)
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+            tmp.write_text(
+                json.dumps({"pid": os.getpid(), "url": f"http://{url_host}:{bound_port}", "workers": workers})
+            )
+            tmp.replace(path)
+        # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again:
+        # make that a clean exit rather than a traceback or a death by signal
+        signal.signal(signal.SIGTERM, _exit_quietly)
+        if workers > 1:
+            # uvicorn before 0.36 wants the worker's entry point; later ones make it themselves
+            wants_target = "target" in inspect.signature(Multiprocess.__init__).parameters
+            extra = {"target": uvicorn.Server(uv_config).run} if wants_target else {}
+            Multiprocess(uv_config, sockets=[sock], **extra).run()
+            return 0
+        server = uvicorn.Server(uv_config)
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=[sock])
+        return 0 if server.started else 1
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

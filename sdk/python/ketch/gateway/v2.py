@@ -1,0 +1,141 @@
+"""The Open Inference Protocol (KServe V2) REST routes, where a model is a Ketch app.
+
+    GET  /v2                         server metadata
+    GET  /v2/health/live             200 {"live": true} while this process works
+    GET  /v2/health/ready            200 {"ready": true} when the broker answers, else 503
+    GET  /v2/models/{name}           the app: input datatype and shape, versions, outputs
+    GET  /v2/models/{name}/ready     200 when the app has a live replica, 503 if not, 404 unknown
+    POST /v2/models/{name}/infer     one input tensor in, ``output`` and ``default`` out
+
+Request parameters honoured: ``timeout`` (microseconds, as Triton's; 0 is the app's SLO),
+``priority`` (Ketch's: higher first, -128..127) and ``binary_data_output``. The tensor
+rules are in ``tensors.py``. A Ketch app does not declare its output type, so the
+metadata reports the datatype of the last answer this worker returned (BYTES before any).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from starlette.responses import Response
+
+from ketch import __version__
+from ketch import _errors as errors
+from ketch.gateway.errors import HTTPError, bad_request
+from ketch.gateway.http import Call, json_response, read_body
+from ketch.gateway.tensors import (
+    KETCH_DATATYPES,
+    encode_infer_response,
+    output_tensor,
+    parse_infer_request,
+    query_options,
+    split_queries,
+)
+from ketch.gateway.values import send_dtype
+
+EXTENSIONS = ["binary_tensor_data", "parameters"]
+
+
+async def server_metadata(call: Call) -> Response:
+    return json_response({"name": "ketch", "version": __version__, "extensions": EXTENSIONS})
+
+
+async def live(call: Call) -> Response:
+    return json_response({"live": True})
+
+
+async def ready(call: Call) -> Response:
+    try:
+        await call.gw.link.ping()
+    except errors.KetchError as exc:
+        raise HTTPError(
+            503,
+            f"the broker does not answer: {exc}",
+            code="NOT_READY",
+            retry_after_ms=1000,
+            extra={"ready": False},
+        ) from None
+    return json_response({"ready": True})
+
+
+async def model_metadata(call: Call) -> Response:
+    info = await call.gw.link.app(call.request.path_params["name"])
+    call.app = info.name
+    versions = []
+    for model in info.models:
+        try:
+            doc = await call.gw.link.model(model)
+        except errors.NotFound:
+            continue
+        if doc.get("active_version"):
+            version = str(doc["active_version"])
+            versions.append(version if len(info.models) == 1 else f"{model}:{version}")
+    seen_type, seen_shape = call.gw.outputs_seen.get(info.name, ("BYTES", []))
+    return json_response(
+        {
+            "name": info.name,
+            "versions": versions,
+            "platform": "ketch",
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": KETCH_DATATYPES.get(info.input_type, "BYTES"),
+                    "shape": [-1, *info.input_shape],
+                }
+            ],
+            "outputs": [
+                {"name": "output", "datatype": seen_type, "shape": [-1, *seen_shape]},
+                {"name": "default", "datatype": "BOOL", "shape": [-1]},
+            ],
+        }
+    )
+
+
+async def model_ready(call: Call) -> Response:
+    name = call.request.path_params["name"]
+    info, reasons = await call.gw.link.app_readiness(name)
+    call.app = info.name
+    if reasons:
+        raise HTTPError(
+            503,
+            "; ".join(reasons),
+            code="NOT_READY",
+            retry_after_ms=1000,
+            extra={"name": name, "ready": False},
+        )
+    return json_response({"name": name, "ready": True})
+
+
+async def infer(call: Call) -> Response:
+    body = await read_body(call)
+    info = await call.gw.link.app(call.request.path_params["name"])
+    call.app = info.name
+    request = parse_infer_request(body, call.request.headers.get("inference-header-content-length"))
+    if len(request.inputs) != 1:
+        raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
+    timeout_ms, priority = query_options(request.parameters)
+    xs, _ = split_queries(request.inputs[0], info.input_type, info.input_shape)
+    call.queries = len(xs)
+    dtype = send_dtype(info.input_type)
+    link = call.gw.link
+    if len(xs) == 1:
+        preds = [await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)]
+    else:
+        preds = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+        for p in preds:
+            if isinstance(p, BaseException):
+                raise p
+    output = output_tensor([p.output for p in preds])
+    call.gw.outputs_seen[info.name] = (output[0], output[1][1:])
+    defaults = [p.default for p in preds]
+    parameters = {}
+    if any(defaults):
+        parameters["defaults"] = sum(defaults)
+        parameters["default_explanation"] = next(p.default_explanation for p in preds if p.default)
+    body, headers = encode_infer_response(
+        model_name=info.name,
+        model_version=next((p.version for p in preds if not p.default and p.version), ""),
+        request=request,
+        outputs={"output": output, "default": ("BOOL", [len(preds)], np.asarray(defaults, dtype=bool))},
+        parameters=parameters,
+    )
+    return Response(body, headers=headers)
