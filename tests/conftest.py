@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 from ketch import Replica
-from ketch.local import LocalBroker, LocalModel
+from ketch.local import Endpoints, LocalBroker, LocalModel
 from ketchd import Broker, BrokerConfig
 
 
@@ -31,7 +31,7 @@ def _zmq_context_terminates() -> Iterator[None]:
     assert done.wait(10), "zmq context did not terminate: a socket was left open"
 
 
-class ThreadBroker:
+class ThreadBroker(Endpoints):
     """A Broker running on a thread of the test process (fast, same real sockets)."""
 
     def __init__(self, **overrides) -> None:
@@ -46,18 +46,6 @@ class ThreadBroker:
         self.endpoints = self.broker.bind()
         self.thread = threading.Thread(target=self.broker.run, name="test-broker", daemon=True)
         self.thread.start()
-
-    @property
-    def frontend(self) -> str:
-        return self.endpoints["frontend"]
-
-    @property
-    def backend(self) -> str:
-        return self.endpoints["backend"]
-
-    @property
-    def admin(self) -> str:
-        return self.endpoints["admin"]
 
     def stop(self) -> None:
         self.broker.request_stop("test over")

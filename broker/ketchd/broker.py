@@ -533,33 +533,10 @@ class Broker:
     def _default_reply(
         self, f: Fanout, why: str, ms: float, answered: list[str], missing: list[str], confidence: float
     ) -> None:
-        app = f.app
-        if not app.has_default:
-            app.errors += 1
-            item = proto.ReplyFields(
-                f.request_id,
-                Status.ERROR,
-                error=ErrorCode.DEADLINE,
-                message=f"{why}; app {app.name!r} has no default output",
-                latency_us=int(ms * 1000),
-                models_answered=tuple(answered),
-                models_missing=tuple(missing),
-            )
-            self._reply(f.client, item, _EMPTY)
-            return
-        app.defaults += 1
-        item = proto.ReplyFields(
-            f.request_id,
-            Status.DEFAULT,
-            proto.JSON,
-            (),
-            message=why,
-            latency_us=int(ms * 1000),
-            confidence=float(confidence),
-            models_answered=tuple(answered),
-            models_missing=tuple(missing),
+        item, payload = _default_answer(
+            f.app, f.request_id, why, ms, ErrorCode.DEADLINE, answered, missing, confidence
         )
-        self._reply(f.client, item, json.dumps(app.default).encode("utf-8"))
+        self._reply(f.client, item, payload)
 
     def _remember(self, f: Fanout) -> None:
         """Keep a bounded number of answered queries for feedback (by id and by input)."""
@@ -805,27 +782,14 @@ class Broker:
         self._deliver(p, item, _EMPTY)
 
     def _answer_default(self, p: Pending, why: str, code: int = ErrorCode.DEADLINE) -> None:
-        app = p.app
         if p.parent is not None:  # one model of several gave no answer: its Fanout decides
             self._finish(p)
             self._deliver(p, proto.ReplyFields(p.request_id, Status.DEFAULT, message=why), _EMPTY)
             return
-        if not app.has_default:
-            self._answer_error(p, code, f"{why}; app {app.name!r} has no default output")
-            return
         ms = self._finish(p)
-        app.defaults += 1
-        item = proto.ReplyFields(
-            p.request_id,
-            Status.DEFAULT,
-            proto.JSON,
-            (),
-            message=why,
-            latency_us=int(ms * 1000),
-            confidence=0.0,
-            models_missing=(p.model,) if p.model else (),
-        )
-        self._reply(p.client, item, json.dumps(app.default).encode("utf-8"))
+        missing = [p.model] if p.model else []
+        item, payload = _default_answer(p.app, p.request_id, why, ms, code, [], missing, 0.0)
+        self._deliver(p, item, payload)
 
     def _expire(self, now: float) -> None:
         heap = self._deadlines
@@ -1262,3 +1226,41 @@ def _digest(data: Any) -> bytes:
     from ketchd.cache import digest128
 
     return digest128(data)
+
+
+def _default_answer(
+    app: App,
+    request_id: int,
+    why: str,
+    ms: float,
+    code: int,
+    answered: list[str],
+    missing: list[str],
+    confidence: float,
+) -> tuple[proto.ReplyFields, bytes]:
+    """The app's default output with the reason, or the error ``code`` when it has none."""
+    if not app.has_default:
+        app.errors += 1
+        item = proto.ReplyFields(
+            request_id,
+            Status.ERROR,
+            error=code,
+            message=f"{why}; app {app.name!r} has no default output",
+            latency_us=int(ms * 1000),
+            models_answered=tuple(answered),
+            models_missing=tuple(missing),
+        )
+        return item, _EMPTY
+    app.defaults += 1
+    item = proto.ReplyFields(
+        request_id,
+        Status.DEFAULT,
+        proto.JSON,
+        (),
+        message=why,
+        latency_us=int(ms * 1000),
+        confidence=float(confidence),
+        models_answered=tuple(answered),
+        models_missing=tuple(missing),
+    )
+    return item, json.dumps(app.default).encode("utf-8")

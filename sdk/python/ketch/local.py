@@ -49,7 +49,25 @@ def _stop(proc: subprocess.Popen | None, grace_s: float) -> int | None:
         return proc.wait()
 
 
-class LocalBroker:
+class Endpoints:
+    """The three addresses of a broker, from its ``endpoints`` dict."""
+
+    endpoints: dict[str, str]
+
+    @property
+    def frontend(self) -> str:
+        return self.endpoints["frontend"]
+
+    @property
+    def backend(self) -> str:
+        return self.endpoints["backend"]
+
+    @property
+    def admin(self) -> str:
+        return self.endpoints["admin"]
+
+
+class LocalBroker(Endpoints):
     """A ``ketchd`` process bound to free ports on 127.0.0.1."""
 
     def __init__(
@@ -67,18 +85,6 @@ class LocalBroker:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.endpoints: dict[str, str] = {}
-
-    @property
-    def frontend(self) -> str:
-        return self.endpoints["frontend"]
-
-    @property
-    def backend(self) -> str:
-        return self.endpoints["backend"]
-
-    @property
-    def admin(self) -> str:
-        return self.endpoints["admin"]
 
     def start(
         self,
