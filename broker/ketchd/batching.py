@@ -63,8 +63,10 @@ class BatchController:
     aimd_size: float = 1.0
     _samples: dict[int, deque[float]] = field(default_factory=dict)
     _fit: tuple[float, float] | None = None  # (intercept ms, ms per item)
+    _fitted: bool = False  # _fit is current (None then means: fewer than two sizes)
     _largest_seen: int = 0
     _stale: int = 0  # observations since the fit was computed
+    _quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)  # size -> (q, value)
 
     def observe(self, size: int, latency_ms: float, budget_ms: float) -> None:
         """A batch of ``size`` took ``latency_ms`` (compute + RPC) against ``budget_ms``."""
@@ -76,13 +78,16 @@ class BatchController:
         window = self._samples.get(size)
         if window is None:
             window = self._samples[size] = deque(maxlen=p.window)
+            if self._fit is None:  # a second size makes a fit possible at once
+                self._fitted = False
         window.append(latency_ms)
+        self._quantiles.pop(size, None)
         if size > self._largest_seen:
             self._largest_seen = size
-            self._fit = None
+            self._fit, self._fitted = None, False
         self._stale += 1
         if self._stale >= REFIT_EVERY:  # refitting costs ~100 us: not on every batch
-            self._fit = None
+            self._fit, self._fitted = None, False
 
     def fastest_ms(self) -> float | None:
         """The quickest recent batch of any size: an optimistic floor on any batch's latency.
@@ -94,18 +99,27 @@ class BatchController:
         lows = [min(w) for w in self._samples.values() if w]
         return min(lows) if lows else None
 
-    def quantile_points(self) -> list[tuple[int, float]]:
+    def _quantile(self, size: int) -> float:
+        """The policy's quantile of the recent latencies of ``size`` (cached until one is added)."""
         q = self.policy.quantile
-        return sorted(
-            (size, float(np.quantile(np.fromiter(w, float), q))) for size, w in self._samples.items() if w
-        )
+        cached = self._quantiles.get(size)
+        if cached is not None and cached[0] == q:
+            return cached[1]
+        value = float(np.quantile(np.fromiter(self._samples[size], float), q))
+        self._quantiles[size] = (q, value)
+        return value
+
+    def quantile_points(self) -> list[tuple[int, float]]:
+        return sorted((size, self._quantile(size)) for size, w in self._samples.items() if w)
 
     def fit(self) -> tuple[float, float] | None:
         """(intercept, slope) of latency against batch size, or None without two sizes."""
-        if self._fit is None:
+        if not self._fitted:
             self._stale = 0
+            self._fitted = True
             points = self.quantile_points()
             if len(points) < 2:
+                self._fit = None
                 return None
             sizes = np.array([s for s, _ in points], dtype=float)
             lat = np.array([v for _, v in points], dtype=float)
@@ -120,10 +134,9 @@ class BatchController:
         """Predicted latency (high quantile) of a batch of ``size``; None without data."""
         fit = self.fit()
         if fit is None:
-            window = self._samples.get(size)
-            if not window:
+            if not self._samples.get(size):
                 return None
-            return float(np.quantile(np.fromiter(window, float), self.policy.quantile))
+            return self._quantile(size)
         return fit[0] + fit[1] * size
 
     def size_for(self, budget_ms: float) -> int:

@@ -44,6 +44,7 @@ log = structlog.get_logger("ketchd")
 
 _DRAIN = 512  # messages taken from one socket per turn, so no socket starves the others
 _EMPTY = b""
+_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
 
 
 class Broker:
@@ -217,6 +218,7 @@ class Broker:
         return max(0, min(1000, int((nxt - now) * 1000) + 1))
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[zmq.Frame]], None]) -> None:
+        # ZMQ_EVENTS says whether another message waits; cheaper than a raised zmq.Again
         for _ in range(_DRAIN):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -227,6 +229,8 @@ class Broker:
             except Exception:  # a bug must not take the broker down with it
                 self.counters["internal_errors"] += 1
                 log.exception("handler failed")
+            if not sock.getsockopt(_EVENTS) & _POLLIN:
+                return
 
     # ------------------------------------------------------------ frontend
 
@@ -279,7 +283,9 @@ class Broker:
 
     def _on_query(self, client: bytes, q: Any, payloads: list[zmq.Frame]) -> None:
         now = time.monotonic()
-        ids = proto.numpy_vector(q, "RequestIds", np.dtype("<u8")).tolist()
+        buf, pos = proto.where(q)  # fields read straight from the bytes (proto.slots)
+        fields = proto.slots(buf, pos)
+        ids = list(proto.read_vector(buf, pos, proto.slot(fields, 3), "Q"))
         if not ids:
             self._client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
             return
@@ -302,15 +308,16 @@ class Broker:
                 f"query names {len(ids)} request ids but carries {len(payloads)} payload frames",
             )
             return
-        app_name = (q.App() or b"").decode("utf-8", "replace")
+        app_name = (proto.read_str(buf, pos, proto.slot(fields, 0)) or b"").decode("utf-8", "replace")
         app = self.apps.get(app_name)
         if app is None:
             known = ", ".join(sorted(self.apps)) or "none"
             refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known})")
             return
         app.queries += len(ids)
-        dtype = q.Dtype()
-        shape = tuple(proto.numpy_vector(q, "Shape", np.dtype("<i8")).tolist())
+        off = proto.slot(fields, 1)
+        dtype = proto.read_u8(buf, pos + off) if off else 0
+        shape = proto.read_vector(buf, pos, proto.slot(fields, 2), "q")
         problem = self._check_input(app, dtype, shape, payloads)
         if problem:
             app.errors += len(ids)
@@ -329,7 +336,7 @@ class Broker:
                 self.config.retry_after_ms,
             )
             return
-        context = (q.Context() or b"").decode("utf-8", "replace")
+        context = (proto.read_str(buf, pos, proto.slot(fields, 6)) or b"").decode("utf-8", "replace")
         if not isinstance(app.policy, Single):
             self._fan_out(client, app, ids, payloads, dtype, shape, q, context, now, outstanding)
             return
@@ -709,18 +716,17 @@ class Broker:
             return
         out, self._out = self._out, defaultdict(list)
         for client, entries in out.items():
-            item = entries[0][0]
-            if (
-                len(entries) == 1
-                and item.status == Status.OK
-                and not item.message
-                and not item.models_missing
-                and item.confidence == 1.0
-                and item.models_answered == (item.model,)
-            ):  # the common case: one plain prediction, from a prebuilt template
-                header = proto.reply_ok_template(
-                    item.model, item.model_version, item.dtype, item.shape
-                ).render(item.request_id, item.latency_us)
+            values = _plain_values(entries)
+            if values is not None:  # the common case: plain predictions, from a prebuilt template
+                item = entries[0][0]
+                shape = tuple(item.shape or ())
+                if len(entries) == 1:
+                    template = proto.reply_ok_template(item.model, item.model_version, item.dtype, shape)
+                else:
+                    template = proto.reply_ok_many_template(
+                        item.model, item.model_version, item.dtype, shape, len(entries)
+                    )
+                header = template.render(*values)
             else:
                 header = proto.build_reply([item for item, _ in entries])
             self.frontend.send_multipart([client, header, *(payload for _, payload in entries)], copy=False)
@@ -885,16 +891,16 @@ class Broker:
         self, model: Model, replica: Replica, items: list[Pending], now: float, budget_ms: float
     ) -> None:
         batch_id = next_batch_id()
-        ndim = len(items[0].shape)
-        if all(p.shape == items[0].shape for p in items):
-            shapes = list(items[0].shape) * len(items)
-        else:
-            shapes = [d for p in items for d in p.shape]
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
         if len(items) == 1:
             template = proto.predict_one_template(model.name, replica.version, items[0].dtype, items[0].shape)
             header = template.render(batch_id, budgets[0])
         else:
+            ndim = len(items[0].shape)
+            if all(p.shape == items[0].shape for p in items):
+                shapes = list(items[0].shape) * len(items)
+            else:
+                shapes = [d for p in items for d in p.shape]
             header = proto.build_predict_request(
                 batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
             )
@@ -1179,6 +1185,36 @@ class Broker:
         self._dirty.add(model)
 
 
+def _plain_values(entries: list[tuple[proto.ReplyFields, Any]]) -> list[int] | None:
+    """(request id, latency) of each answer, in order, when every one is a plain prediction of
+    one model version and output type (a reply template renders them); None otherwise.
+
+    Ids and latencies of 0 are left to the builder, which omits fields at their default."""
+    first = entries[0][0]
+    if first.dtype is None or first.models_answered != (first.model,):
+        return None
+    values = []
+    for item, _ in entries:
+        if (
+            item.status != Status.OK
+            or not item.request_id
+            or not item.latency_us
+            or item.message
+            or item.error
+            or item.retry_after_ms
+            or item.models_missing
+            or item.confidence != 1.0
+            or item.model != first.model
+            or item.model_version != first.model_version
+            or item.dtype != first.dtype
+            or item.shape != first.shape
+            or item.models_answered != first.models_answered
+        ):
+            return None
+        values += (item.request_id, item.latency_us)
+    return values
+
+
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "(" + ", ".join("any" if d < 0 else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -1187,7 +1223,7 @@ def _output_problem(dtype: int, shape: tuple[int, ...], nbytes: int) -> str:
     """Why a model's output does not hold together ('' when it does)."""
     if dtype not in proto.DTYPE_NAMES:
         return f"unknown dtype {dtype}"
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         return f"negative dimension in shape {_shape_text(shape)}"
     want = proto.expected_nbytes(dtype, shape)
     if want is not None and want != nbytes:
@@ -1198,27 +1234,33 @@ def _output_problem(dtype: int, shape: tuple[int, ...], nbytes: int) -> str:
 
 def _read_predict_reply(r: Any, size: int, payloads: int) -> tuple[float, list[tuple], str]:
     """(compute ms, per output (ok, dtype, shape, code, message), whole-batch failure)."""
-    compute_ms = r.ComputeUs() / 1000
-    n = r.OutputsLength()
+    buf, pos = proto.where(r)
+    fields = proto.slots(buf, pos)
+    off = proto.slot(fields, 1)
+    compute_ms = (proto.read_u32(buf, pos + off) if off else 0) / 1000
+    n = proto.read_length(buf, pos, proto.slot(fields, 2))
     if n == 0:
-        message = (r.Message() or b"").decode("utf-8", "replace") or "the model failed without a message"
-        return compute_ms, [], f"failed the batch: {message}"
+        message = (proto.read_str(buf, pos, proto.slot(fields, 4)) or b"").decode("utf-8", "replace")
+        return compute_ms, [], f"failed the batch: {message or 'the model failed without a message'}"
     if n != size or payloads != n:
         return compute_ms, [], f"returned {n} outputs and {payloads} payloads for a batch of {size}"
     outputs = []
-    for i in range(n):
-        out = r.Outputs(i)
-        if out.Status() == Status.OK:
-            tensor = out.Output()
+    for at in proto.read_tables(buf, pos, proto.slot(fields, 2)):
+        out = proto.slots(buf, at)
+        off = proto.slot(out, 0)
+        if (proto.read_u8(buf, at + off) if off else 0) == Status.OK:
+            tensor = proto.read_table(buf, at, proto.slot(out, 1))
             if tensor is None:
                 outputs.append((True, None, (), 0, ""))
             else:
-                shape = tuple(proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist())
-                outputs.append((True, tensor.Dtype(), shape, 0, ""))
+                dtype, shape = proto.read_tensor(buf, tensor)
+                outputs.append((True, dtype, shape, 0, ""))
         else:
-            code = out.Error()
+            off = proto.slot(out, 2)
+            code = proto.read_u16(buf, at + off) if off else 0
             code = code if code in proto.ERROR_NAMES and code != ErrorCode.NONE else ErrorCode.MODEL_ERROR
-            outputs.append((False, None, (), code, (out.Message() or b"").decode("utf-8", "replace")))
+            message = (proto.read_str(buf, at, proto.slot(out, 3)) or b"").decode("utf-8", "replace")
+            outputs.append((False, None, (), code, message))
     return compute_ms, outputs, ""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -170,3 +171,64 @@ def test_templates_render_the_same_bytes_as_the_builders():
         ]
         == 0
     )
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_many_item_templates_render_the_builders_bytes(n):
+    ok, f32 = Status.OK, proto.DTYPE_CODES["FLOAT32"]
+    ids = [1000 + 3 * i for i in range(n)]
+    lat = [50 + i for i in range(n)]
+    rendered = proto.reply_ok_many_template("m", "4", f32, (2,), n).render(
+        *[v for pair in zip(ids, lat, strict=True) for v in pair]
+    )
+    built = proto.build_reply(
+        [
+            proto.ReplyFields(
+                r, ok, f32, (2,), model="m", model_version="4", latency_us=t, models_answered=("m",)
+            )
+            for r, t in zip(ids, lat, strict=True)
+        ]
+    )
+    assert rendered == built
+    assert proto.predict_reply_many_template(proto.INT64, (), n).render(
+        77, 1234
+    ) == proto.build_predict_reply(77, 1234, [(ok, proto.INT64, (), 0, "")] * n)
+
+
+def test_the_client_reads_every_reply_vector_like_the_generic_decoder():
+    from ketch.client import _parse
+
+    for twin in VECTORS:
+        expected = json.loads(twin.read_text("utf-8"))
+        if expected["type"] != "Reply":
+            continue
+        frames = [twin.with_suffix(".bin").read_bytes(), *map(base64.b64decode, expected["payloads"])]
+        parsed = _parse(frames)
+        items = expected["body"]["items"]
+        assert [rid for rid, _ in parsed] == [i["request_id"] for i in items]
+        for (_, answer), item in zip(parsed, items, strict=True):
+            if item["status"] == "ERROR":
+                assert answer.code_name == item["error"] and answer.message == item["message"]
+            else:
+                assert answer.default == (item["status"] == "DEFAULT")
+                assert answer.model == item["model"] and answer.version == item["model_version"]
+                assert list(answer.models_missing) == item["models_missing"]
+                assert answer.confidence == pytest.approx(item["confidence"])
+
+
+def test_fast_readers_fail_only_cleanly_on_corrupt_replies():
+    import random
+
+    from ketch import _errors
+    from ketch.client import _parse
+
+    rng = random.Random(5)
+    frames = [
+        p.with_suffix(".bin").read_bytes() for p in VECTORS if json.loads(p.read_text())["type"] == "Reply"
+    ]
+    for _ in range(3000):
+        buf = bytearray(rng.choice(frames))
+        for _ in range(rng.randrange(1, 6)):
+            buf[rng.randrange(len(buf))] = rng.randrange(256)
+        with contextlib.suppress(_errors.KetchError):  # anything else escaping fails the test
+            _parse([bytes(buf), b"", b"", b""])

@@ -22,7 +22,6 @@ import numpy as np
 
 from ketch.wire import Body, DType, ErrorCode, Status
 from ketch.wire import Envelope as EnvelopeMod
-from ketch.wire.Envelope import Envelope
 
 PROTOCOL_VERSION = 1
 IDENTIFIER = b"KTCH"
@@ -266,17 +265,24 @@ def decode(frame: bytes | memoryview) -> tuple[int, str, Any]:
     if len(buf) < 12 or buf[4:8] != IDENTIFIER:
         raise DecodeError("header is not a Ketch envelope (missing KTCH identifier)")
     try:
-        env = Envelope.GetRootAs(buf, 0)
-        version = env.Version()
-        body_type = env.BodyType()
+        # the Envelope's three fields, read as the generated accessors read them
+        pos = _RU32(buf, 0)[0]
+        vt = pos - _RI32(buf, pos)[0]
+        if vt < 0:  # struct would read from the end; flatbuffers refuses a negative offset
+            raise IndexError(f"vtable at negative offset {vt}")
+        vt_end = _RU16(buf, vt)[0]
+        off = _RU16(buf, vt + 4)[0] if vt_end > 4 else 0
+        version = _RU16(buf, pos + off)[0] if off else 0
+        off = _RU16(buf, vt + 6)[0] if vt_end > 6 else 0
+        body_type = _RU8(buf, pos + off)[0] if off else 0
         name = BODY_NAMES.get(body_type)
         if name is None:
             raise DecodeError(f"unknown message type {body_type}")
-        table = env.Body()
-        if table is None:
+        off = _RU16(buf, vt + 8)[0] if vt_end > 8 else 0
+        if not off:
             raise DecodeError(f"{name} without a body")
         obj = _CLASSES[name]()
-        obj.Init(table.Bytes, table.Pos)
+        obj.Init(buf, pos + off + _RU32(buf, pos + off)[0])
     except DecodeError:
         raise
     except Exception as exc:  # flatbuffers raises struct/index errors on bad offsets
@@ -737,6 +743,34 @@ def reply_ok_template(model: str, model_version: str, dtype: int, shape: tuple[i
     return Template(data, ((_field_pos(item, 0), "<Q"), (_field_pos(item, 7), "<I")))
 
 
+@lru_cache(maxsize=1024)
+def reply_ok_many_template(
+    model: str, model_version: str, dtype: int, shape: tuple[int, ...], n: int
+) -> Template:
+    """A Reply of ``n`` OK items of one model and output type; render(id_0, latency_0, id_1, ...)."""
+    data = build_reply(
+        [
+            ReplyFields(
+                _SENTINEL,
+                Status.Status.OK,
+                dtype,
+                shape,
+                model=model,
+                model_version=model_version,
+                latency_us=_SENTINEL,
+                models_answered=(model,),
+            )
+        ]
+        * n
+    )
+    _, _, reply = decode(data)
+    positions = []
+    for i in range(n):
+        item = reply.Items(i)
+        positions += [(_field_pos(item, 0), "<Q"), (_field_pos(item, 7), "<I")]
+    return Template(data, tuple(positions))
+
+
 @lru_cache(maxsize=4096)
 def predict_one_template(model: str, model_version: str, dtype: int, shape: tuple[int, ...]) -> Template:
     """A one-item PredictRequest; render(batch_id, budget_us)."""
@@ -759,5 +793,155 @@ def query_one_template(
 def predict_reply_one_template(dtype: int, shape: tuple[int, ...]) -> Template:
     """A PredictReply with one OK output; render(batch_id, compute_us)."""
     data = build_predict_reply(_SENTINEL, _SENTINEL, [(Status.Status.OK, dtype, shape, 0, "")])
+    _, _, rep = decode(data)
+    return Template(data, ((_field_pos(rep, 0), "<Q"), (_field_pos(rep, 1), "<I")))
+
+
+# ---------------------------------------------------------------- hot-path readers
+#
+# The generated accessors walk the vtable again for every field (three or four Python
+# calls each). The readers below take a table's vtable once, as a tuple of field offsets
+# (``slots``; 0 for an absent field), and read fields with ``struct``. They read the same
+# bytes the generated code reads, return the schema default for an absent field, and raise
+# struct.error or IndexError (both in FIELD_ERRORS) where the buffer is too short.
+
+_RI32 = struct.Struct("<i").unpack_from
+_RU8 = struct.Struct("<B").unpack_from
+_RI8 = struct.Struct("<b").unpack_from
+_RU16 = struct.Struct("<H").unpack_from
+_RU32 = struct.Struct("<I").unpack_from
+_RU64 = struct.Struct("<Q").unpack_from
+_RF32 = struct.Struct("<f").unpack_from
+_VT: dict[int, Any] = {n: struct.Struct(f"<{n}H").unpack_from for n in range(16)}
+_VEC_ITEM = {"q": 8, "Q": 8, "I": 4}
+
+
+_BEYOND = 1 << 62  # offset of a field whose vtable entry lies past the buffer: reading it fails
+
+
+def slots(buf: bytes, pos: int) -> tuple[int, ...]:
+    """Offsets of a table's fields (vtable order), 0 for fields it does not hold."""
+    vt = pos - _RI32(buf, pos)[0]
+    if vt < 0:
+        raise IndexError(f"vtable at negative offset {vt}")
+    n = (_RU16(buf, vt)[0] - 3) >> 1  # fields whose entry starts before the vtable's end
+    if n <= 0:
+        return ()
+    reader = _VT.get(n) or struct.Struct(f"<{n}H").unpack_from
+    try:
+        return reader(buf, vt + 4)
+    except struct.error:
+        # a corrupt vtable running past the end: as with the generated accessors, the
+        # fields it does hold read normally and only reading one of the others fails
+        out = []
+        for k in range(n):
+            try:
+                out.append(_RU16(buf, vt + 4 + 2 * k)[0])
+            except struct.error:
+                out.append(_BEYOND)
+        return tuple(out)
+
+
+def slot(s: tuple[int, ...], i: int) -> int:
+    return s[i] if i < len(s) else 0
+
+
+def read_str(buf: bytes, pos: int, off: int) -> bytes | None:
+    """A string field (``off`` from ``slots``), None when absent, like the generated code."""
+    if not off:
+        return None
+    at = pos + off
+    at += _RU32(buf, at)[0]
+    n = _RU32(buf, at)[0]
+    return buf[at + 4 : at + 4 + n]
+
+
+def read_vector(buf: bytes, pos: int, off: int, code: str) -> tuple[int, ...]:
+    """A vector of scalars (struct code q, Q or I) as a tuple; () when absent."""
+    if not off:
+        return ()
+    at = pos + off
+    at += _RU32(buf, at)[0]
+    n = _RU32(buf, at)[0]
+    if not n:
+        return ()
+    if at + 4 + n * _VEC_ITEM[code] > len(buf):
+        raise IndexError("vector runs past the end of the buffer")
+    return struct.unpack_from(f"<{n}{code}", buf, at + 4)
+
+
+def read_table(buf: bytes, pos: int, off: int) -> int | None:
+    """Position of a sub-table field, None when absent."""
+    if not off:
+        return None
+    at = pos + off
+    return at + _RU32(buf, at)[0]
+
+
+def read_length(buf: bytes, pos: int, off: int) -> int:
+    """Number of elements of a vector field (0 when absent)."""
+    if not off:
+        return 0
+    at = pos + off
+    return _RU32(buf, at + _RU32(buf, at)[0])[0]
+
+
+def read_tables(buf: bytes, pos: int, off: int) -> list[int]:
+    """Positions of the tables of a vector-of-tables field."""
+    if not off:
+        return []
+    at = pos + off
+    at += _RU32(buf, at)[0]
+    n = _RU32(buf, at)[0]
+    if at + 4 + 4 * n > len(buf):
+        raise IndexError("vector runs past the end of the buffer")
+    first = at + 4
+    return [first + 4 * i + _RU32(buf, first + 4 * i)[0] for i in range(n)]
+
+
+def read_strings(buf: bytes, pos: int, off: int) -> tuple[str, ...]:
+    """A vector of UTF-8 strings as a tuple of str; () when absent."""
+    return tuple(
+        buf[at + 4 : at + 4 + _RU32(buf, at)[0]].decode("utf-8") for at in read_tables(buf, pos, off)
+    )
+
+
+def read_tensor(buf: bytes, pos: int) -> tuple[int, tuple[int, ...]]:
+    """(dtype, shape) of a Tensor table at ``pos``."""
+    s = slots(buf, pos)
+    off = slot(s, 0)
+    return (_RU8(buf, pos + off)[0] if off else 0), read_vector(buf, pos, slot(s, 1), "q")
+
+
+def read_u8(buf: bytes, at: int) -> int:
+    return _RU8(buf, at)[0]
+
+
+def read_f32(buf: bytes, at: int) -> float:
+    return _RF32(buf, at)[0]
+
+
+def read_u16(buf: bytes, at: int) -> int:
+    return _RU16(buf, at)[0]
+
+
+def read_u32(buf: bytes, at: int) -> int:
+    return _RU32(buf, at)[0]
+
+
+def read_u64(buf: bytes, at: int) -> int:
+    return _RU64(buf, at)[0]
+
+
+def where(obj: Any) -> tuple[bytes, int]:
+    """(buffer, table position) of a generated accessor."""
+    tab = obj._tab
+    return tab.Bytes, tab.Pos
+
+
+@lru_cache(maxsize=1024)
+def predict_reply_many_template(dtype: int, shape: tuple[int, ...], n: int) -> Template:
+    """A PredictReply with ``n`` OK outputs of one type; render(batch_id, compute_us)."""
+    data = build_predict_reply(_SENTINEL, _SENTINEL, [(Status.Status.OK, dtype, shape, 0, "")] * n)
     _, _, rep = decode(data)
     return Template(data, ((_field_pos(rep, 0), "<Q"), (_field_pos(rep, 1), "<I")))

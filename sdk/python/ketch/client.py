@@ -77,7 +77,19 @@ def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...]
 def _parse(
     frames: list[bytes], sent_at: dict[int, float] | None = None
 ) -> list[tuple[int, Prediction | errors.RequestError]]:
-    """Decode a frontend message into (request id, answer) pairs; raises for an Error message."""
+    """Decode a frontend message into (request id, answer) pairs; raises for an Error message.
+
+    A message that does not decode raises ProtocolError (a KetchError), never a raw error.
+    """
+    try:
+        return _parse_message(frames, sent_at)
+    except proto.FIELD_ERRORS as exc:
+        raise errors.ProtocolError(f"reply from the broker does not decode: {type(exc).__name__}") from None
+
+
+def _parse_message(
+    frames: list[bytes], sent_at: dict[int, float] | None
+) -> list[tuple[int, Prediction | errors.RequestError]]:
     now = time.perf_counter()
     _, name, body = proto.decode(frames[0])
     if name == "Error":
@@ -92,29 +104,34 @@ def _parse(
         raise errors.ProtocolError(f"unexpected {name} from the broker")
     out = []
     payloads = frames[1:]
-    for i in range(body.ItemsLength()):
-        item = body.Items(i)
-        rid = item.RequestId()
-        status = item.Status()
-        message = (item.Message() or b"").decode("utf-8", "replace")
+    # fields are read straight from the bytes (proto.slots): a reply is on every query's path
+    buf, pos = proto.where(body)
+    for i, at in enumerate(proto.read_tables(buf, pos, proto.slot(proto.slots(buf, pos), 0))):
+        f = proto.slots(buf, at)
+        off = proto.slot(f, 0)
+        rid = proto.read_u64(buf, at + off) if off else 0
+        off = proto.slot(f, 1)
+        status = proto.read_u8(buf, at + off) if off else 0
+        message = (proto.read_str(buf, at, proto.slot(f, 4)) or b"").decode("utf-8", "replace")
         if status == Status.ERROR:
-            out.append(
-                (
-                    rid,
-                    errors.raise_for(
-                        item.Error(), message, request_id=rid, retry_after_ms=item.RetryAfterMs()
-                    ),
-                )
-            )
+            off = proto.slot(f, 3)
+            code = proto.read_u16(buf, at + off) if off else 0
+            off = proto.slot(f, 11)
+            retry = proto.read_u32(buf, at + off) if off else 0
+            out.append((rid, errors.raise_for(code, message, request_id=rid, retry_after_ms=retry)))
             continue
-        tensor = item.Output()
+        tensor = proto.read_table(buf, at, proto.slot(f, 2))
         payload = payloads[i] if i < len(payloads) else b""
         if tensor is None:
             value = None
         else:
-            shape = proto.numpy_vector(tensor, "Shape", np.dtype("<i8")).tolist()
-            value = proto.payload_to_value(tensor.Dtype(), shape, payload)
+            dtype, shape = proto.read_tensor(buf, tensor)
+            value = proto.payload_to_value(dtype, shape, payload)
         started = sent_at.get(rid) if sent_at else None
+        off = proto.slot(f, 7)
+        latency_us = proto.read_u32(buf, at + off) if off else 0
+        off = proto.slot(f, 8)
+        confidence = proto.read_f32(buf, at + off) if off else 1.0
         out.append(
             (
                 rid,
@@ -122,17 +139,13 @@ def _parse(
                     output=value,
                     default=status == Status.DEFAULT,
                     default_explanation=message if status == Status.DEFAULT else "",
-                    model=(item.Model() or b"").decode("utf-8", "replace"),
-                    version=(item.ModelVersion() or b"").decode("utf-8", "replace"),
+                    model=(proto.read_str(buf, at, proto.slot(f, 5)) or b"").decode("utf-8", "replace"),
+                    version=(proto.read_str(buf, at, proto.slot(f, 6)) or b"").decode("utf-8", "replace"),
                     latency_ms=(now - started) * 1000 if started else 0.0,
-                    broker_latency_ms=item.LatencyUs() / 1000,
-                    confidence=item.Confidence(),
-                    models_answered=tuple(
-                        item.ModelsAnswered(j).decode("utf-8") for j in range(item.ModelsAnsweredLength())
-                    ),
-                    models_missing=tuple(
-                        item.ModelsMissing(j).decode("utf-8") for j in range(item.ModelsMissingLength())
-                    ),
+                    broker_latency_ms=latency_us / 1000,
+                    confidence=confidence,
+                    models_answered=proto.read_strings(buf, at, proto.slot(f, 9)),
+                    models_missing=proto.read_strings(buf, at, proto.slot(f, 10)),
                     request_id=rid,
                 ),
             )

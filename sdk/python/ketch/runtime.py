@@ -270,12 +270,11 @@ class Replica:
             batch_id = body.BatchId()
             held.add(batch_id)
             try:
-                inputs = self._inputs(body, frames[1:])
+                inputs, budgets = self._inputs(body, frames[1:])
             except Exception as exc:
                 self.log.warning("undecodable batch", batch=batch_id, error=errors.describe(exc))
                 self._tasks.put(_Task(batch_id, [], [], -1.0))  # the worker fails it whole
                 return ""
-            budgets = proto.numpy_vector(body, "BudgetsUs", np.dtype("<u4")).tolist()
             self._tasks.put(_Task(batch_id, inputs, budgets, now))
             return ""
         if name == "Heartbeat":
@@ -294,19 +293,25 @@ class Replica:
         self.log.warning("unexpected message from broker", type=name)
         return ""
 
-    def _inputs(self, body: Any, payloads: list[zmq.Frame]) -> list[Any]:
-        dtype = body.Dtype()
-        ndim = body.Ndim()
-        shapes = proto.numpy_vector(body, "Shapes", np.dtype("<i8")).tolist()
-        n = body.BudgetsUsLength()
+    def _inputs(self, body: Any, payloads: list[zmq.Frame]) -> tuple[list[Any], list[int]]:
+        """(inputs, budgets in us) of a PredictRequest, read straight from its bytes."""
+        buf, pos = proto.where(body)
+        f = proto.slots(buf, pos)
+        off = proto.slot(f, 3)
+        dtype = proto.read_u8(buf, pos + off) if off else 0
+        off = proto.slot(f, 4)
+        ndim = proto.read_u8(buf, pos + off) if off else 0
+        shapes = proto.read_vector(buf, pos, proto.slot(f, 5), "q")
+        n = proto.read_length(buf, pos, proto.slot(f, 6))
         if len(payloads) != n or len(shapes) != ndim * n:
             raise errors.ProtocolError(
                 f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries"
             )
-        return [
+        inputs = [
             proto.payload_to_value(dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer)
             for i in range(n)
         ]
+        return inputs, list(proto.read_vector(buf, pos, proto.slot(f, 6), "I"))
 
     # ------------------------------------------------------------ worker thread
 
@@ -366,10 +371,19 @@ class Replica:
                 continue
             metas.append((Status.OK, dtype, shape, 0, ""))
             payloads.append(payload)
-        if n == 1 and metas[0][0] == Status.OK:
-            header = proto.predict_reply_one_template(metas[0][1], tuple(metas[0][2])).render(
-                task.batch_id, compute_us
-            )
+        first = metas[0] if metas else (Status.ERROR,)
+        if (
+            task.batch_id
+            and compute_us
+            and first[0] == Status.OK
+            and all(m[0] == Status.OK and m[1] == first[1] and m[2] == first[2] for m in metas)
+        ):  # the common case: every output OK and of one type, from a prebuilt template
+            shape = tuple(first[2])
+            if n == 1:
+                template = proto.predict_reply_one_template(first[1], shape)
+            else:
+                template = proto.predict_reply_many_template(first[1], shape, n)
+            header = template.render(task.batch_id, compute_us)
         else:
             header = proto.build_predict_reply(task.batch_id, compute_us, metas)
         return [header, *payloads]
