@@ -720,12 +720,9 @@ class Broker:
             if values is not None:  # the common case: plain predictions, from a prebuilt template
                 item = entries[0][0]
                 shape = tuple(item.shape or ())
-                if len(entries) == 1:
-                    template = proto.reply_ok_template(item.model, item.model_version, item.dtype, shape)
-                else:
-                    template = proto.reply_ok_many_template(
-                        item.model, item.model_version, item.dtype, shape, len(entries)
-                    )
+                template = proto.reply_ok_many_template(
+                    item.model, item.model_version, item.dtype, shape, len(entries)
+                )
                 header = template.render(*values)
             else:
                 header = proto.build_reply([item for item, _ in entries])

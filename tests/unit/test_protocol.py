@@ -148,7 +148,7 @@ def test_twins_carry_payloads_as_base64():
 def test_templates_render_the_same_bytes_as_the_builders():
     ok = Status.OK
     f64 = proto.FLOAT64
-    assert proto.reply_ok_template("m", "1", f64, (3,)).render(12345, 678) == proto.build_reply(
+    assert proto.reply_ok_many_template("m", "1", f64, (3,), 1).render(12345, 678) == proto.build_reply(
         [
             proto.ReplyFields(
                 12345, ok, f64, (3,), model="m", model_version="1", latency_us=678, models_answered=("m",)
@@ -161,12 +161,12 @@ def test_templates_render_the_same_bytes_as_the_builders():
     assert proto.query_one_template("iris", f64, (4,), 500, 1, "u").render(77) == proto.build_query(
         "iris", f64, (4,), [77], 500, 1, "u"
     )
-    assert proto.predict_reply_one_template(proto.INT64, ()).render(5, 10) == proto.build_predict_reply(
+    assert proto.predict_reply_many_template(proto.INT64, (), 1).render(5, 10) == proto.build_predict_reply(
         5, 10, [(ok, proto.INT64, (), 0, "")]
     )
     # a rendered template is an ordinary message
     assert (
-        proto.to_dict(proto.reply_ok_template("m", "1", f64, ()).render(0, 0))["body"]["items"][0][
+        proto.to_dict(proto.reply_ok_many_template("m", "1", f64, (), 1).render(0, 0))["body"]["items"][0][
             "request_id"
         ]
         == 0

@@ -722,28 +722,6 @@ def _vector_pos(obj: Any, slot: int) -> int:
 
 
 @lru_cache(maxsize=4096)
-def reply_ok_template(model: str, model_version: str, dtype: int, shape: tuple[int, ...]) -> Template:
-    """A one-item OK Reply; render(request_id, latency_us)."""
-    data = build_reply(
-        [
-            ReplyFields(
-                _SENTINEL,
-                Status.Status.OK,
-                dtype,
-                shape,
-                model=model,
-                model_version=model_version,
-                latency_us=_SENTINEL,
-                models_answered=(model,),
-            )
-        ]
-    )
-    _, _, reply = decode(data)
-    item = reply.Items(0)
-    return Template(data, ((_field_pos(item, 0), "<Q"), (_field_pos(item, 7), "<I")))
-
-
-@lru_cache(maxsize=1024)
 def reply_ok_many_template(
     model: str, model_version: str, dtype: int, shape: tuple[int, ...], n: int
 ) -> Template:
@@ -787,14 +765,6 @@ def query_one_template(
     data = build_query(app, dtype, shape, [_SENTINEL], timeout_us, priority, context)
     _, _, q = decode(data)
     return Template(data, ((_vector_pos(q, 3), "<Q"),))
-
-
-@lru_cache(maxsize=1024)
-def predict_reply_one_template(dtype: int, shape: tuple[int, ...]) -> Template:
-    """A PredictReply with one OK output; render(batch_id, compute_us)."""
-    data = build_predict_reply(_SENTINEL, _SENTINEL, [(Status.Status.OK, dtype, shape, 0, "")])
-    _, _, rep = decode(data)
-    return Template(data, ((_field_pos(rep, 0), "<Q"), (_field_pos(rep, 1), "<I")))
 
 
 # ---------------------------------------------------------------- hot-path readers

@@ -378,11 +378,7 @@ class Replica:
             and first[0] == Status.OK
             and all(m[0] == Status.OK and m[1] == first[1] and m[2] == first[2] for m in metas)
         ):  # the common case: every output OK and of one type, from a prebuilt template
-            shape = tuple(first[2])
-            if n == 1:
-                template = proto.predict_reply_one_template(first[1], shape)
-            else:
-                template = proto.predict_reply_many_template(first[1], shape, n)
+            template = proto.predict_reply_many_template(first[1], tuple(first[2]), n)
             header = template.render(task.batch_id, compute_us)
         else:
             header = proto.build_predict_reply(task.batch_id, compute_us, metas)
