@@ -84,7 +84,8 @@ async def closed_loop(
 
 
 class RawHTTP:
-    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one request at a time."""
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams: one request at a time;
+    replies with Content-Length or chunked."""
 
     def __init__(self, url: str) -> None:
         host, _, port = url.removeprefix("http://").rpartition(":")
@@ -104,12 +105,21 @@ class RawHTTP:
         )
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
+        headers = dict(
+            (k.strip().lower(), v.strip())
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
         )
-        payload = await self.reader.readexactly(length)
+        if b"content-length" in headers:
+            payload = await self.reader.readexactly(int(headers[b"content-length"]))
+        else:  # Transfer-Encoding: chunked (Ray Serve's proxy answers so)
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                data = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                parts.append(data[:-2])
+            payload = b"".join(parts)
         if status != 200:
             raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
         return json.loads(payload)

@@ -20,7 +20,7 @@ then Ketch on the same machine: a broker, one replica process of the model, cach
 through the native client (``ketch.bench.closed_loop``: one ZeroMQ socket, C queries in
 flight) and through the HTTP gateway (Clipper route, ``ketch.gateway.local.LocalGateway``).
 The HTTP load is closed loop: C workers on asyncio, one keep-alive connection each, the
-minimal HTTP/1.1 client of perf/http.py (here also reading chunked replies, which Ray
+minimal HTTP/1.1 client of perf/http.py (which also reads chunked replies, which Ray
 Serve's proxy sends). Every HTTP answer is checked against the label computed here. It
 prints one table (throughput, p50, p99, share answered with a prediction within 20 ms) and
 Ketch's ratio to the best peer among the levels where p99 <= 20 ms. A peer that is not
@@ -79,44 +79,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class HTTP(RawHTTP):
-    """perf.http's RawHTTP, also reading ``Transfer-Encoding: chunked`` replies."""
-
-    async def post(self, path: str, doc: object) -> object:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-            self.writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = json.dumps(doc).encode()
-        self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        headers = dict(
-            (k.strip().lower(), v.strip())
-            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:] if line)
-        )
-        if b"content-length" in headers:
-            payload = await self.reader.readexactly(int(headers[b"content-length"]))
-        else:  # chunked
-            parts = []
-            while True:
-                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                data = await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-                parts.append(data[:-2])
-            payload = b"".join(parts)
-        if status != 200:
-            raise RuntimeError(f"HTTP {status}: {payload[:200]!r}")
-        return json.loads(payload)
-
-
 async def http_closed_loop(
     url: str,
-    call: Callable[[HTTP, int], Awaitable[bool]],
+    call: Callable[[RawHTTP, int], Awaitable[bool]],
     concurrency: int,
     duration_s: float,
     warmup_s: float,
@@ -128,7 +93,7 @@ async def http_closed_loop(
     measure_from, end = start + warmup_s, start + warmup_s + duration_s
 
     async def worker(w: int) -> None:
-        conn = HTTP(url)
+        conn = RawHTTP(url)
         k = w * 7919
         try:
             while True:
@@ -140,7 +105,7 @@ async def http_closed_loop(
                 except Exception:
                     ok = False
                     await conn.close()
-                    conn = HTTP(url)
+                    conn = RawHTTP(url)
                 k += 1
                 t1 = time.perf_counter()
                 if t0 >= measure_from and t1 <= end:
@@ -356,7 +321,7 @@ class MLServer(Peer):
 def measure_peer(peer: Peer, pool: np.ndarray, expected: np.ndarray, args, levels) -> list[tuple]:
     rows = []
 
-    async def call(conn: HTTP, k: int) -> bool:
+    async def call(conn: RawHTTP, k: int) -> bool:
         i = k % POOL
         return peer.label(await conn.post(peer.path, peer.doc(pool[i]))) == expected[i]
 
@@ -410,7 +375,7 @@ def measure_ketch(pool: np.ndarray, expected: np.ndarray, args, levels) -> list[
 
             with LocalGateway(broker.frontend, broker.admin, workers=args.gateway_workers) as gw:
 
-                async def call(conn: HTTP, k: int) -> bool:
+                async def call(conn: RawHTTP, k: int) -> bool:
                     i = k % POOL
                     reply = await conn.post(f"/{APP}/predict", {"input": pool[i].tolist()})
                     return not reply.get("default") and int(reply["output"]) == expected[i]
