@@ -251,6 +251,24 @@ def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, cli
     assert admin.stats()["models"]["m"]["mean_batch"] > 1
 
 
+def test_a_batch_longer_than_the_dead_interval_keeps_its_replica(thread_broker, admin, client, serve):
+    # the broker declares a silent replica dead after 1 s; this batch takes 2.5 s, and the
+    # replica's heartbeat thread must speak for it while it computes
+    def slow(xs):
+        time.sleep(2.5)
+        return sums(xs)
+
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=10_000, models=["m"])
+    serve(slow, replica_id="patient")
+    wait_replicas(admin, 1)
+    before = admin.replicas("m")[0]
+    assert client.predict("a", [4.0]).output == 4.0
+    after = admin.replicas("m")
+    assert len(after) == 1 and after[0]["replica_id"] == "patient"
+    assert after[0]["pid"] == before["pid"] and after[0]["batches"] == before["batches"] + 1, after
+    assert admin.stats()["counters"].get("late_or_unknown_replies", 0) == 0
+
+
 def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, serve):
     admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=8000, models=["m"])
     raw = RawReplica(thread_broker.backend, credits=1)

@@ -4,8 +4,9 @@
 
 ``predict`` is a function ``predict(inputs: list) -> list`` (one output per input), an
 object with such a ``predict`` method, or a scikit-learn estimator. The replica runs
-docs/protocol.md section 5: hello with a stable replica id, batches computed on a worker
-thread while the I/O thread keeps heartbeating (a long batch is never taken for death),
+docs/protocol.md section 5: hello with a stable replica id, batches computed where they
+are received (no hand-off between threads on the query's path) while a heartbeat thread
+speaks for the replica during a long batch (so it is never taken for dead),
 reconnection with backoff when the broker goes silent or restarts, and a clean drain on
 SIGTERM or ``stop()``.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
 import threading
@@ -36,6 +36,7 @@ from ketch.wire.Status import Status
 log = structlog.get_logger("ketch.runtime")
 
 DEFAULT_BACKEND = "tcp://127.0.0.1:7000"
+_DRAIN_QUIET_S = 0.05  # a draining replica says goodbye after this long without a batch
 PredictFn = Callable[[list[Any]], list[Any]]
 _WIRE_OF_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
 
@@ -83,16 +84,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot send a {type(obj).__name__} as output")
 
 
-class _Task:
-    __slots__ = ("batch_id", "budgets", "inputs", "received")
-
-    def __init__(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> None:
-        self.batch_id = batch_id
-        self.inputs = inputs
-        self.budgets = budgets
-        self.received = received
-
-
 class Replica:
     """One replica's connection to the broker; ``run()`` blocks until stopped."""
 
@@ -128,8 +119,13 @@ class Replica:
         self.deterministic = deterministic
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
-        self._tasks: queue.Queue[_Task | None] = queue.Queue()
-        self._pipe_addr = f"inproc://ketch-replica-{id(self)}"
+        # The socket belongs to whichever thread holds this lock: the I/O thread, except
+        # while it computes a batch, when the heartbeat thread may borrow it (a zmq socket
+        # may move between threads across a full memory barrier, which a lock gives).
+        self._sock_lock = threading.Lock()
+        self._sock: zmq.Socket | None = None
+        self._computing_since: float | None = None
+        self._last_send = 0.0
         self.heartbeat_s = 1.0
         self.dead_after_s = 5.0
         self.batches = 0
@@ -142,20 +138,33 @@ class Replica:
         self._stop.set()
 
     def run(self) -> None:
-        pipe = self._ctx.socket(zmq.PAIR)
-        pipe.linger = 0
-        pipe.bind(self._pipe_addr)
-        worker = threading.Thread(target=self._work, name=f"ketch-predict-{self.name}", daemon=True)
-        worker.start()
-        sock = None
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(done,), name=f"ketch-beat-{self.name}", daemon=True)
+        beat.start()
+        self._sock_lock.acquire()
         try:
-            sock = self._loop(pipe)
+            self._loop()
         finally:
-            self._tasks.put(None)
-            worker.join(timeout=5)
+            done.set()
+            sock, self._sock = self._sock, None
+            self._sock_lock.release()
+            beat.join(timeout=5)
             if sock is not None:
                 sock.close(linger=1000)  # let the Goodbye leave, within a bound
-            pipe.close(linger=0)
+
+    # ------------------------------------------------------------ heartbeat thread
+
+    def _beat(self, done: threading.Event) -> None:
+        """Heartbeat while the I/O thread computes a long batch (it beats itself otherwise)."""
+        busy = proto.encode("Heartbeat", {"busy": True})
+        while not done.wait(min(self.heartbeat_s / 2, 0.5)):
+            since = self._computing_since
+            if since is None or time.monotonic() - self._last_send < self.heartbeat_s:
+                continue
+            with self._sock_lock:
+                if self._computing_since is not None and self._sock is not None:
+                    _send(self._sock, busy)
+                    self._last_send = time.monotonic()
 
     # ------------------------------------------------------------ I/O thread
 
@@ -186,97 +195,87 @@ class Replica:
             ),
         )
 
-    def _loop(self, pipe: zmq.Socket) -> zmq.Socket:
-        sock = self._connect()
+    def _loop(self) -> None:
+        sock = self._sock = self._connect()
         self._hello(sock)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(pipe, zmq.POLLIN)
         now = time.monotonic()
-        last_recv = last_send = hello_at = now
-        welcomed = draining = False
+        last_recv = last_batch = hello_at = self._last_send = now
+        welcomed = False
+        draining_since: float | None = None
         backoff = 0.1
-        held: set[int] = set()
         heartbeat = proto.encode("Heartbeat", {})
-        busy_heartbeat = proto.encode("Heartbeat", {"busy": True})
         while True:
-            timeout = min(100, int(self.heartbeat_s * 500))
-            events = dict(poller.poll(timeout))
-            now = time.monotonic()
-            if pipe in events:
-                while True:
-                    try:
-                        frames = pipe.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    held.discard(int.from_bytes(frames[0].bytes, "little"))
-                    _send(sock, frames[1:])
-                    last_send = now
-            if sock in events:
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    last_recv = now
-                    action = self._on_message(frames, held, now)
-                    if action == "welcome":
+            timeout = min(100 if draining_since is None else 10, int(self.heartbeat_s * 500))
+            if sock.poll(timeout, zmq.POLLIN):
+                for _ in range(64):  # then look at the clock, the stop flag and the heartbeat
+                    frames = sock.recv_multipart(copy=False)
+                    last_recv = time.monotonic()
+                    action = self._on_message(sock, frames, last_recv)
+                    if action == "batch":
+                        last_batch = last_recv
+                    elif action == "welcome":
                         welcomed, backoff = True, 0.1
                     elif action == "hello":
                         welcomed = False
                         self._hello(sock)
-                        hello_at = last_send = now
+                        hello_at = self._last_send = last_recv
                     elif action == "shutdown":
                         self._stop.set()
-            if self._stop.is_set() and not draining:
-                draining = True
-                self.log.info("replica draining", held=len(held))
+                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        break
+            now = time.monotonic()
+            if self._stop.is_set() and draining_since is None:
+                draining_since = now
+                self.log.info("replica draining")
                 _send(sock, proto.encode("Ready", {"credits": 0}))
-                last_send = now
-            if draining and not held:
+                self._last_send = now
+            if draining_since is not None and now - max(draining_since, last_batch) > _DRAIN_QUIET_S:
+                # batches are computed as they arrive, so none is held here; the quiet
+                # spell lets batches the broker sent before it read Ready(0) arrive
                 _send(sock, proto.encode("Goodbye", {"reason": "drained"}))
                 self.log.info("replica stopped", batches=self.batches)
-                return sock
+                return
             if not welcomed and now - hello_at > max(backoff, 1.0):
                 # no welcome: the broker may be down; keep saying hello, backing off
                 self._hello(sock)
-                hello_at = last_send = now
+                hello_at = self._last_send = now
                 backoff = min(backoff * 2, 5.0)
-            elif welcomed and now - last_recv > self.dead_after_s:
+            elif welcomed and now - last_recv > self.dead_after_s and not sock.poll(0, zmq.POLLIN):
                 self.log.warning("broker silent, reconnecting", silent_s=round(now - last_recv, 2))
-                poller.unregister(sock)
                 sock.close(linger=0)
-                sock = self._connect()
-                poller.register(sock, zmq.POLLIN)
+                sock = self._sock = self._connect()
                 self._hello(sock)
                 welcomed = False
-                hello_at = last_send = last_recv = now
-            elif welcomed and now - last_send > self.heartbeat_s:
-                _send(sock, busy_heartbeat if held else heartbeat)
-                last_send = now
+                hello_at = self._last_send = last_recv = now
+            elif welcomed and now - self._last_send > self.heartbeat_s:
+                _send(sock, heartbeat)
+                self._last_send = now
 
-    def _on_message(self, frames: list[zmq.Frame], held: set[int], now: float) -> str:
+    def _on_message(self, sock: zmq.Socket, frames: list[zmq.Frame], now: float) -> str:
         try:
             _, name, body = proto.decode(frames[0].buffer)
         except proto.DecodeError as exc:
             self.log.warning("undecodable message from broker", error=str(exc))
             return ""
+        if name == "PredictRequest":
+            batch_id = body.BatchId()
+            try:
+                inputs, budgets = self._inputs(body, frames[1:])
+            except Exception as exc:
+                self.log.warning("undecodable batch", batch=batch_id, error=errors.describe(exc))
+                reply = [
+                    proto.build_predict_reply(batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")
+                ]
+            else:
+                reply = self._compute_unlocked(batch_id, inputs, budgets, now)
+            if _send(sock, reply):
+                self._last_send = time.monotonic()
+            return "batch"
         if name == "Welcome":
             self.heartbeat_s = max(0.01, (body.HeartbeatMs() or 1000) / 1000)
             self.dead_after_s = max(self.heartbeat_s * 2, (body.DeadAfterMs() or 5000) / 1000)
             self.log.info("replica registered", broker=self.broker)
             return "welcome"
-        if name == "PredictRequest":
-            batch_id = body.BatchId()
-            held.add(batch_id)
-            try:
-                inputs, budgets = self._inputs(body, frames[1:])
-            except Exception as exc:
-                self.log.warning("undecodable batch", batch=batch_id, error=errors.describe(exc))
-                self._tasks.put(_Task(batch_id, [], [], -1.0))  # the worker fails it whole
-                return ""
-            self._tasks.put(_Task(batch_id, inputs, budgets, now))
-            return ""
         if name == "Heartbeat":
             return ""
         if name == "Shutdown":
@@ -313,37 +312,31 @@ class Replica:
         ]
         return inputs, list(proto.read_vector(buf, pos, proto.slot(f, 6), "I"))
 
-    # ------------------------------------------------------------ worker thread
+    # ------------------------------------------------------------ compute
 
-    def _work(self) -> None:
-        pipe = self._ctx.socket(zmq.PAIR)
-        pipe.linger = 1000
-        pipe.connect(self._pipe_addr)
+    def _compute_unlocked(
+        self, batch_id: int, inputs: list[Any], budgets: list[int], received: float
+    ) -> list[Any]:
+        """Compute a batch with the socket lent to the heartbeat thread meanwhile."""
+        self._computing_since = received
+        self._sock_lock.release()
         try:
-            while True:
-                task = self._tasks.get()
-                if task is None:
-                    return
-                frames = self._compute(task)
-                pipe.send_multipart([task.batch_id.to_bytes(8, "little"), *frames], copy=False)
-                self.batches += 1
+            return self._compute(batch_id, inputs, budgets, received)
         finally:
-            pipe.close()
+            self._sock_lock.acquire()
+            self._computing_since = None
+            self.batches += 1
 
-    def _compute(self, task: _Task) -> list[Any]:
-        n = len(task.inputs)
-        if task.received < 0:  # an undecodable batch: fail it whole
-            return [
-                proto.build_predict_reply(task.batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")
-            ]
-        waited_us = (time.monotonic() - task.received) * 1e6
-        live = [i for i in range(n) if task.budgets[i] > waited_us] if task.budgets else list(range(n))
+    def _compute(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> list[Any]:
+        n = len(inputs)
+        waited_us = (time.monotonic() - received) * 1e6
+        live = [i for i in range(n) if budgets[i] > waited_us] if budgets else list(range(n))
         results: list[Any] = [None] * n
         t0 = time.perf_counter()
         failure = ""
         if live:
             try:
-                outs = self.predict([task.inputs[i] for i in live])
+                outs = self.predict([inputs[i] for i in live])
                 outs = list(outs) if not isinstance(outs, list) else outs
                 if len(outs) != len(live):
                     failure = f"ValueError: predict returned {len(outs)} outputs for {len(live)} inputs"
@@ -354,8 +347,8 @@ class Replica:
                 failure = errors.describe(exc)
         compute_us = int((time.perf_counter() - t0) * 1e6)
         if failure:
-            self.log.warning("predict failed", batch=task.batch_id, error=failure)
-            return [proto.build_predict_reply(task.batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
+            self.log.warning("predict failed", batch=batch_id, error=failure)
+            return [proto.build_predict_reply(batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
         live_set = set(live)
         metas, payloads = [], []
         for i in range(n):
@@ -373,15 +366,15 @@ class Replica:
             payloads.append(payload)
         first = metas[0] if metas else (Status.ERROR,)
         if (
-            task.batch_id
+            batch_id
             and compute_us
             and first[0] == Status.OK
             and all(m[0] == Status.OK and m[1] == first[1] and m[2] == first[2] for m in metas)
         ):  # the common case: every output OK and of one type, from a prebuilt template
             template = proto.predict_reply_many_template(first[1], tuple(first[2]), n)
-            header = template.render(task.batch_id, compute_us)
+            header = template.render(batch_id, compute_us)
         else:
-            header = proto.build_predict_reply(task.batch_id, compute_us, metas)
+            header = proto.build_predict_reply(batch_id, compute_us, metas)
         return [header, *payloads]
 
 
