@@ -105,7 +105,7 @@ class BatchController:
         cached = self._quantiles.get(size)
         if cached is not None and cached[0] == q:
             return cached[1]
-        value = float(np.quantile(np.fromiter(self._samples[size], float), q))
+        value = _quantile_of(self._samples[size], q)
         self._quantiles[size] = (q, value)
         return value
 
@@ -165,6 +165,15 @@ class BatchController:
         return self.size_for(math.inf)
 
 
+def _quantile_of(values: deque[float], q: float) -> float:
+    """numpy's default ("linear") quantile, in plain Python: ~10x quicker on a short window."""
+    ordered = sorted(values)
+    at = q * (len(ordered) - 1)
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
 @dataclass
 class Decision:
     send: int  # queries to send now (0: wait)
@@ -187,6 +196,8 @@ def decide(
     if queued <= 0:
         return Decision(0, math.inf)
     p = controller.policy
+    if queued == 1 and p.batch_delay_ms <= 0:
+        return Decision(1, 0.0)  # whatever the size, one query is all there is to send
     budget = earliest_left_ms - replica_busy_ms
     target = controller.size_for(budget)
     if queued >= target or p.batch_delay_ms <= 0:

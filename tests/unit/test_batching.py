@@ -1,10 +1,13 @@
 """The batch controller and the send/wait decision on synthetic latency curves."""
 
 import math
+from collections import deque
 
 import numpy as np
 import pytest
-from ketchd.batching import BatchController, BatchPolicy, decide
+from hypothesis import given
+from hypothesis import strategies as st
+from ketchd.batching import BatchController, BatchPolicy, _quantile_of, decide
 
 
 def curve(overhead_ms: float, per_item_ms: float, noise: float = 0.0, seed: int = 0):
@@ -92,3 +95,18 @@ def test_policy_rejects_nonsense():
         BatchPolicy(max_batch=0)
     with pytest.raises(ValueError):
         BatchPolicy(batch_delay_ms=-1)
+
+
+@given(
+    st.lists(st.floats(0, 1e4, allow_nan=False), min_size=1, max_size=64),
+    st.floats(0, 1),
+)
+def test_window_quantile_equals_numpys(values, q):
+    assert _quantile_of(deque(values), q) == pytest.approx(float(np.quantile(values, q)), rel=1e-9, abs=1e-9)
+
+
+def test_one_queued_query_is_sent_at_once_without_a_delay():
+    ctl = BatchController(BatchPolicy(mode="model", max_batch=64))
+    assert decide(ctl, 1, earliest_left_ms=50.0, oldest_waited_ms=0.0).send == 1
+    delayed = BatchController(BatchPolicy(mode="fixed", max_batch=8, batch_delay_ms=2.0))
+    assert decide(delayed, 1, earliest_left_ms=50.0, oldest_waited_ms=0.0).send == 0

@@ -345,7 +345,8 @@ class Replica:
                         results[i] = out
             except Exception as exc:
                 failure = errors.describe(exc)
-        compute_us = int((time.perf_counter() - t0) * 1e6)
+        # at least 1 us: a zero is left out of the table and would miss the template below
+        compute_us = max(1, int((time.perf_counter() - t0) * 1e6))
         if failure:
             self.log.warning("predict failed", batch=batch_id, error=failure)
             return [proto.build_predict_reply(batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
@@ -367,7 +368,6 @@ class Replica:
         first = metas[0] if metas else (Status.ERROR,)
         if (
             batch_id
-            and compute_us
             and first[0] == Status.OK
             and all(m[0] == Status.OK and m[1] == first[1] and m[2] == first[2] for m in metas)
         ):  # the common case: every output OK and of one type, from a prebuilt template
