@@ -1,11 +1,13 @@
 """Round trips: Ketch against the raw relay, one query at a time and 100 in flight.
 
-    python -m perf.roundtrip [--queries 1000]
+    python -m perf.roundtrip [--queries 2000] [--rounds 10] [--duration 3]
 
 Ketch: a broker process and one replica process of the no-op model
 (``ketch.examples.basic:noop``), cache off. Baseline, in the same run: the raw pyzmq
-relay of perf/relay.py (same two hops, no decoding). Prints p50/p99 of single round trips
-(median of ``--queries``) and the throughput with 100 in flight, with Ketch's ratios.
+relay of perf/relay.py (same two hops, no decoding). Both run side by side and are
+measured in alternating rounds, so that a noisy moment on a shared machine falls on both
+alike. Prints p50/p99 of single round trips, the throughput with 100 in flight, and
+Ketch's p50/p99 under open-loop Poisson load at a quarter and half of its own peak, with Ketch's ratios.
 """
 
 from __future__ import annotations
@@ -16,31 +18,31 @@ import time
 import numpy as np
 import zmq
 from ketch import Client
-from ketch.bench import closed_loop
+from ketch.bench import closed_loop, open_loop
 from ketch.local import LocalBroker, LocalModel
 
 from perf._harness import closed_loop_one, machine, quantiles_ms, table
 from perf.relay import RawRelay
 
 
-def relay_figures(address: str, n: int, duration: float) -> dict[str, float]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
-    payload = np.zeros(4).tobytes()
-    try:
+class _RelayClient:
+    def __init__(self, address: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(address)
+        self.payload = np.zeros(4).tobytes()
 
-        def one(_: int) -> None:
-            sock.send_multipart([b"header", payload])
-            sock.recv_multipart()
+    def one(self, _: int) -> None:
+        self.sock.send_multipart([b"header", self.payload])
+        self.sock.recv_multipart()
 
-        _, lat = closed_loop_one(one, n)
-        # 100 in flight
-        inflight, done = 0, 0
+    def inflight(self, duration: float, depth: int = 100) -> float:
+        sock, payload = self.sock, self.payload
+        inflight = done = 0
         t0 = time.perf_counter()
         end = t0 + duration
         while time.perf_counter() < end:
-            while inflight < 100:
+            while inflight < depth:
                 sock.send_multipart([b"header", payload])
                 inflight += 1
             sock.recv_multipart()
@@ -50,48 +52,76 @@ def relay_figures(address: str, n: int, duration: float) -> dict[str, float]:
             sock.recv_multipart()
             inflight -= 1
             done += 1
-        qps = done / (time.perf_counter() - t0)
-    finally:
-        sock.close()
-    q = quantiles_ms(lat)
-    return {"system": "raw pyzmq relay", "p50 ms": q["p50"], "p99 ms": q["p99"], "100 in flight q/s": qps}
+        return done / (time.perf_counter() - t0)
 
-
-def ketch_figures(n: int, duration: float) -> dict[str, float]:
-    with LocalBroker(extra_args=["--cache-mb", "0"]) as broker:
-        model = LocalModel("ketch.examples.basic:noop", "noop", backend=broker.backend, supervised=False)
-        with model, broker.admin_client() as admin, Client(broker.frontend) as client:
-            admin.create_app("noop", input_type="float64", input_shape=[4], slo_ms=1000, models=["noop"])
-            model.wait_ready(admin)
-            x = np.zeros(4)
-            _, lat = closed_loop_one(lambda _: client.predict("noop", x), n)
-            res = closed_loop(broker.frontend, "noop", lambda _: x, 100, duration)
-            mean_batch = admin.stats()["models"]["noop"]["mean_batch"]
-    q = quantiles_ms(lat)
-    return {
-        "system": "ketch (broker + replica)",
-        "p50 ms": q["p50"],
-        "p99 ms": q["p99"],
-        "100 in flight q/s": res.throughput,
-        "mean batch": mean_batch,
-    }
+    def close(self) -> None:
+        self.sock.close()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--queries", type=int, default=2000, help="single round trips per system")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds with 100 in flight, per system")
     args = parser.parse_args()
     print(machine())
-    with RawRelay() as relay:
-        base = relay_figures(relay.address, args.queries, args.duration)
-    ours = ketch_figures(args.queries, args.duration)
-    print(table([base, ours], ["system", "p50 ms", "p99 ms", "100 in flight q/s", "mean batch"]))
+    per_round = max(1, args.queries // args.rounds)
+    x = np.zeros(4)
+    lat: dict[str, list[float]] = {"relay": [], "ketch": []}
+    qps: dict[str, list[float]] = {"relay": [], "ketch": []}
+    with RawRelay() as relay, LocalBroker(extra_args=["--cache-mb", "0"]) as broker:
+        model = LocalModel("ketch.examples.basic:noop", "noop", backend=broker.backend, supervised=False)
+        with model, broker.admin_client() as admin, Client(broker.frontend) as client:
+            admin.create_app("noop", input_type="float64", input_shape=[4], slo_ms=1000, models=["noop"])
+            model.wait_ready(admin)
+            raw = _RelayClient(relay.address)
+            try:
+                for r in range(args.rounds):
+                    _, got = closed_loop_one(raw.one, per_round, warmup=50 if r else 500)
+                    lat["relay"] += got
+                    _, got = closed_loop_one(
+                        lambda _: client.predict("noop", x), per_round, warmup=50 if r else 500
+                    )
+                    lat["ketch"] += got
+                for _ in range(2):
+                    qps["relay"].append(raw.inflight(args.duration / 2))
+                    res = closed_loop(broker.frontend, "noop", lambda _: x, 100, args.duration / 2)
+                    qps["ketch"].append(res.throughput)
+            finally:
+                raw.close()
+            mean_batch = admin.stats()["models"]["noop"]["mean_batch"]
+            peak = float(np.mean(qps["ketch"]))
+            opened = {
+                share: open_loop(broker.frontend, "noop", lambda _: x, peak * share, args.duration)
+                for share in (0.25, 0.5)
+            }
+    rows = []
+    for name, label in (("relay", "raw pyzmq relay"), ("ketch", "ketch (broker + replica)")):
+        q = quantiles_ms(lat[name])
+        rows.append(
+            {
+                "system": label,
+                "p50 ms": q["p50"],
+                "p99 ms": q["p99"],
+                "100 in flight q/s": float(np.mean(qps[name])),
+            }
+        )
+    rows[1]["mean batch"] = mean_batch
+    print(table(rows, ["system", "p50 ms", "p99 ms", "100 in flight q/s", "mean batch"]))
+    base, ours = rows
     print(
         f"\nketch/relay: p50 x{ours['p50 ms'] / base['p50 ms']:.2f}, "
         f"throughput with 100 in flight x{ours['100 in flight q/s'] / base['100 in flight q/s']:.2f}"
     )
-    return 0
+    lost = 0
+    for share, res in opened.items():
+        lost += res.lost
+        print(
+            f"ketch open loop at {share:.0%} of its peak ({peak * share:.0f} q/s, {args.duration:.0f} s): "
+            f"p50 {res.quantile(50):.3f} ms, p99 {res.quantile(99):.3f} ms, "
+            f"{res.ok}/{res.sent} predictions, {res.lost} lost"
+        )
+    return 0 if lost == 0 else 1
 
 
 if __name__ == "__main__":

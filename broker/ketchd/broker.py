@@ -351,9 +351,11 @@ class Broker:
                 self.config.retry_after_ms,
             )
             return
-        timeout_us = q.TimeoutUs()
+        off = proto.slot(fields, 4)
+        timeout_us = proto.read_u32(buf, pos + off) if off else 0
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
-        priority = q.Priority()
+        off = proto.slot(fields, 5)
+        priority = proto.read_i8(buf, pos + off) if off else 0
         caching = app.cache and model.deterministic and self.cache.max_bytes > 0 and model.active_version
         self._outstanding[client] = outstanding + len(ids)
         for rid, payload in zip(ids, payloads, strict=True):
@@ -1026,7 +1028,9 @@ class Broker:
         )
 
     def _on_predict_reply(self, replica: Replica, r: Any, payloads: list[zmq.Frame], now: float) -> None:
-        batch_id = r.BatchId()
+        buf, pos = proto.where(r)
+        off = proto.slot(proto.slots(buf, pos), 0)
+        batch_id = proto.read_u64(buf, pos + off) if off else 0
         batch = replica.inflight.pop(batch_id, None)
         if batch is None:
             self.counters["late_or_unknown_replies"] += 1

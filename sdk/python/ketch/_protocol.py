@@ -887,6 +887,10 @@ def read_u8(buf: bytes, at: int) -> int:
     return _RU8(buf, at)[0]
 
 
+def read_i8(buf: bytes, at: int) -> int:
+    return _RI8(buf, at)[0]
+
+
 def read_f32(buf: bytes, at: int) -> float:
     return _RF32(buf, at)[0]
 

@@ -246,8 +246,7 @@ class Client(_Base):
         self._sock.linger = 0
         (curve or PeerKeys.load() or _NoCurve).apply(self._sock)
         self._sock.connect(self.address)
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
+        self._rcvtimeo = -1
         self._sent_at: dict[int, float] = {}
 
     def close(self) -> None:
@@ -260,10 +259,24 @@ class Client(_Base):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _recv(self, deadline: float) -> list[bytes] | None:
+        """The next message, or None at ``deadline``: a blocking receive with a timeout,
+        one system call fewer than a poll followed by a receive."""
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return None
+        ms = max(1, int(left * 1000))
+        if ms != self._rcvtimeo:
+            self._sock.rcvtimeo = self._rcvtimeo = ms
+        try:
+            return self._sock.recv_multipart()
+        except zmq.Again:
+            return None
+
     def _collect(self, want: set[int], deadline: float, results: dict[int, Any]) -> None:
         while want:
-            left = deadline - time.perf_counter()
-            if left <= 0 or not self._poller.poll(max(1, int(left * 1000))):
+            frames = self._recv(deadline)
+            if frames is None:
                 if deadline - time.perf_counter() <= 0:
                     for rid in want:
                         self._sent_at.pop(rid, None)
@@ -271,7 +284,6 @@ class Client(_Base):
                         f"no answer from the broker at {self.address} in time for {len(want)} queries"
                     )
                 continue
-            frames = self._sock.recv_multipart()
             for rid, answer in _parse(frames, self._sent_at):
                 if rid in want:
                     want.discard(rid)
@@ -371,10 +383,10 @@ class Client(_Base):
 
     def _collect_some(self, outstanding: set[int], deadline: float, results: dict[int, Any]) -> None:
         """Take at least one message of answers (or time out)."""
-        left = deadline - time.perf_counter()
-        if left <= 0 or not self._poller.poll(max(1, int(left * 1000))):
+        frames = self._recv(deadline)
+        if frames is None:
             raise errors.Timeout(f"no answer from the broker at {self.address} in time")
-        for rid, answer in _parse(self._sock.recv_multipart(), self._sent_at):
+        for rid, answer in _parse(frames, self._sent_at):
             if rid in outstanding:
                 outstanding.discard(rid)
                 self._sent_at.pop(rid, None)

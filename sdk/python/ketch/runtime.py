@@ -13,6 +13,7 @@ SIGTERM or ``stop()``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -396,6 +397,9 @@ def _send(sock: zmq.Socket, message: bytes | list[Any]) -> bool:
 def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> None:
     """Run ``model`` as a replica until SIGTERM/SIGINT (or the broker's Shutdown)."""
     replica = Replica(model, name=name, **kw)
+    # the model's objects (often a large heap) move out of the collector's sight, so a
+    # full collection does not walk them while a batch waits
+    gc.freeze()
     if handle_signals and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: replica.stop())
