@@ -318,11 +318,25 @@ class Broker:
         off = proto.slot(fields, 1)
         dtype = proto.read_u8(buf, pos + off) if off else 0
         shape = proto.read_vector(buf, pos, proto.slot(fields, 2), "q")
-        problem = self._check_input(app, dtype, shape, payloads)
+        problem = self._check_input(app, dtype, shape)
         if problem:
             app.errors += len(ids)
             refuse(ErrorCode.BAD_INPUT, problem)
             return
+        bad = self._bad_items(app, dtype, shape, payloads)
+        if bad:  # those items fail alone: a message may carry many callers' queries
+            app.errors += len(bad)
+            self.counters["refused_bad_input"] += len(bad)
+            for i, why in bad.items():
+                self._reply(
+                    client,
+                    proto.ReplyFields(ids[i], Status.ERROR, error=ErrorCode.BAD_INPUT, message=why),
+                    _EMPTY,
+                )
+            keep = [i for i in range(len(ids)) if i not in bad]
+            if not keep:
+                return
+            ids, payloads = [ids[i] for i in keep], [payloads[i] for i in keep]
         if not app.models:
             self._answer_without_model(client, app, ids, now, f"app {app.name!r} links no model")
             return
@@ -620,7 +634,8 @@ class Broker:
         model.queue.push(lead)
         self._dirty.add(model)
 
-    def _check_input(self, app: App, dtype: int, shape: tuple[int, ...], payloads: list[zmq.Frame]) -> str:
+    def _check_input(self, app: App, dtype: int, shape: tuple[int, ...]) -> str:
+        """What is wrong with a whole message's input type for ``app`` ("" when nothing)."""
         want = app.input_shape
         if dtype != app.input_dtype or not (
             len(want) == len(shape) and all(w < 0 or w == s for w, s in zip(want, shape, strict=True))
@@ -631,18 +646,28 @@ class Broker:
             )
         if any(s < 0 for s in shape):
             return f"shape {_shape_text(shape)} has a negative dimension"
+        return ""
+
+    @staticmethod
+    def _bad_items(app: App, dtype: int, shape: tuple[int, ...], payloads: list[zmq.Frame]) -> dict[int, str]:
+        """The items whose payload does not fit the shape, or is not finite where the app
+        takes finite numbers only, with the reason."""
+        bad = {}
         nbytes = proto.expected_nbytes(dtype, shape)
         if nbytes is not None:
             for i, frame in enumerate(payloads):
                 if len(frame) != nbytes:
-                    return (
+                    bad[i] = (
                         f"item {i}: payload of {len(frame)} bytes, shape {_shape_text(shape)} needs {nbytes}"
                     )
         if app.finite_only and dtype in proto.NUMPY_DTYPES and proto.NUMPY_DTYPES[dtype].kind == "f":
             for i, frame in enumerate(payloads):
-                if not np.isfinite(np.frombuffer(frame.buffer, proto.NUMPY_DTYPES[dtype])).all():
-                    return f"item {i}: NaN or infinity, and app {app.name!r} takes finite numbers only"
-        return ""
+                if (
+                    i not in bad
+                    and not np.isfinite(np.frombuffer(frame.buffer, proto.NUMPY_DTYPES[dtype])).all()
+                ):
+                    bad[i] = f"NaN or infinity, and app {app.name!r} takes finite numbers only"
+        return bad
 
     def _answer_without_model(self, client: bytes, app: App, ids: list[int], now: float, why: str) -> None:
         for rid in ids:

@@ -415,7 +415,14 @@ class Client(_Base):
 
 
 class AsyncClient(_Base):
-    """asyncio client with the same methods as ``Client``, as coroutines."""
+    """asyncio client with the same methods as ``Client``, as coroutines.
+
+    Queries issued in one turn of the event loop (many requests of a server, say) go out
+    together: those of one app and input type share a Query message, so the broker and
+    this socket handle one message for many queries.
+    """
+
+    _MAX_PER_MESSAGE = 64
 
     def __init__(
         self,
@@ -430,11 +437,19 @@ class AsyncClient(_Base):
         self._sock.linger = 0
         (curve or PeerKeys.load() or _NoCurve).apply(self._sock)
         self._sock.connect(self.address)
+        # the same socket, used without futures where a call cannot block
+        self._now = zmq.Socket.shadow(self._sock.underlying)
         self._futures: dict[int, asyncio.Future] = {}
         self._sent_at: dict[int, float] = {}
         self._reader: asyncio.Task | None = None
+        self._outbox: dict[tuple, list[tuple[int, Any]]] = {}
+        self._flush_soon: asyncio.Handle | None = None
+        self._sending: set[asyncio.Task] = set()
 
     async def close(self) -> None:
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -455,27 +470,78 @@ class AsyncClient(_Base):
 
     async def _read(self) -> None:
         while True:
-            frames = await self._sock.recv_multipart()
-            try:
-                answers = _parse(frames, self._sent_at)
-            except errors.RequestError as exc:  # message-level error: fail everything waiting
-                for fut in self._futures.values():
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for rid, answer in answers:
-                self._sent_at.pop(rid, None)
-                fut = self._futures.pop(rid, None)
-                if fut is not None and not fut.done():
-                    if isinstance(answer, Exception):
-                        fut.set_exception(answer)
-                    else:
-                        fut.set_result(answer)
+            self._take(await self._sock.recv_multipart())
+            self._take_waiting()
+
+    def _take_waiting(self) -> None:
+        """Take the messages that have arrived, without a future per message.
+
+        Also needed after every direct send: an operation on a ZeroMQ socket may consume the
+        descriptor's signal of a message that arrived meanwhile, and the waiting reader
+        would then sleep until some later message."""
+        sock = self._now
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._take(sock.recv_multipart(zmq.NOBLOCK))
+
+    def _take(self, frames: list[bytes]) -> None:
+        try:
+            answers = _parse(frames, self._sent_at)
+        except errors.RequestError as exc:  # message-level error: fail everything waiting
+            for fut in self._futures.values():
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for rid, answer in answers:
+            self._sent_at.pop(rid, None)
+            fut = self._futures.pop(rid, None)
+            if fut is not None and not fut.done():
+                if isinstance(answer, Exception):
+                    fut.set_exception(answer)
+                else:
+                    fut.set_result(answer)
+
+    def _post(self, key: tuple, rid: int, payload: Any) -> None:
+        """Queue one query for the message sent at the end of this turn of the loop."""
+        self._outbox.setdefault(key, []).append((rid, payload))
+        if self._flush_soon is None:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_soon = None
+        outbox, self._outbox = self._outbox, {}
+        for (app, code, shape, timeout_ms, priority, context), items in outbox.items():
+            for start in range(0, len(items), self._MAX_PER_MESSAGE):
+                part = items[start : start + self._MAX_PER_MESSAGE]
+                if len(part) == 1:
+                    timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
+                    template = proto.query_one_template(app, code, shape, timeout_us, priority, context)
+                    header = template.render(part[0][0])
+                else:
+                    header = self._query(
+                        app, code, shape, [r for r, _ in part], timeout_ms, priority, context
+                    )
+                self._send_now([header, *(p for _, p in part)])
+        self._take_waiting()
+
+    def _send_now(self, frames: list[Any]) -> None:
+        try:
+            self._now.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no broker connected yet, or a full queue: wait for it
+            task = asyncio.get_running_loop().create_task(self._sock.send_multipart(frames, copy=False))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _await(self, ids: list[int], timeout_ms: float | None, return_exceptions: bool) -> list[Any]:
         futs = [self._futures[rid] for rid in ids]
         try:
             async with asyncio.timeout(_wait_s(timeout_ms)):
+                if len(futs) == 1:
+                    try:
+                        return [await futs[0]]
+                    except errors.RequestError as exc:
+                        if return_exceptions:
+                            return [exc]
+                        raise
                 return await asyncio.gather(*futs, return_exceptions=return_exceptions)
         except TimeoutError:
             raise errors.Timeout(f"no answer from the broker at {self.address} in time") from None
@@ -506,9 +572,7 @@ class AsyncClient(_Base):
         self._ensure_reader()
         code, shape, payload = encode_input(x, dtype)
         ids = self._register(1)
-        await self._sock.send_multipart(
-            [self._query(app, code, shape, ids, timeout_ms, priority, context), payload]
-        )
+        self._post((app, code, tuple(shape), timeout_ms, priority, context), ids[0], payload)
         return (await self._await(ids, timeout_ms, False))[0]
 
     async def predict_many(
@@ -528,9 +592,8 @@ class AsyncClient(_Base):
         for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
             ids = self._register(len(payloads))
             all_ids.extend(ids)
-            await self._sock.send_multipart(
-                [self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads]
-            )
+            self._send_now([self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads])
+        self._take_waiting()
         return await self._await(all_ids, timeout_ms, return_exceptions)
 
     async def feedback(
