@@ -394,7 +394,9 @@ def best_at_slo(rows: list[tuple], system: str) -> tuple[float, int | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--concurrency", default="1,4,8,16,32,64,128", help="Comma-separated concurrency levels.")
+    parser.add_argument(
+        "--concurrency", default="1,4,8,16,32,64,128", help="Comma-separated concurrency levels."
+    )
     parser.add_argument("--duration", type=float, default=3.0, help="Measured seconds per level.")
     parser.add_argument("--warmup", type=float, default=0.5, help="Unmeasured seconds before each level.")
     parser.add_argument("--settle", type=float, default=5.0, help="Idle seconds after a peer is ready.")
