@@ -439,7 +439,8 @@ class AsyncClient(_Base):
         self._sock.connect(self.address)
         # the same socket, used without futures where a call cannot block
         self._now = zmq.Socket.shadow(self._sock.underlying)
-        self._futures: dict[int, asyncio.Future] = {}
+        self._futures: dict[int, asyncio.Future] = {}  # unanswered queries
+        self._registered: dict[int, asyncio.Future] = {}  # registered, not yet awaited
         self._sent_at: dict[int, float] = {}
         self._reader: asyncio.Task | None = None
         self._outbox: dict[tuple, list[tuple[int, Any]]] = {}
@@ -532,7 +533,9 @@ class AsyncClient(_Base):
             task.add_done_callback(self._sending.discard)
 
     async def _await(self, ids: list[int], timeout_ms: float | None, return_exceptions: bool) -> list[Any]:
-        futs = [self._futures[rid] for rid in ids]
+        # the futures as registered: an answer taken meanwhile (a direct send also takes
+        # the replies waiting) has already removed its own from ``_futures``
+        futs = [self._registered.pop(rid) for rid in ids]
         try:
             async with asyncio.timeout(_wait_s(timeout_ms)):
                 if len(futs) == 1:
@@ -555,7 +558,7 @@ class AsyncClient(_Base):
         ids = [next(self._ids) for _ in range(n)]
         now = time.perf_counter()
         for rid in ids:
-            self._futures[rid] = loop.create_future()
+            self._futures[rid] = self._registered[rid] = loop.create_future()
             self._sent_at[rid] = now
         return ids
 
@@ -589,10 +592,17 @@ class AsyncClient(_Base):
     ) -> list[Prediction | errors.RequestError]:
         self._ensure_reader()
         all_ids: list[int] = []
-        for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
-            ids = self._register(len(payloads))
-            all_ids.extend(ids)
-            self._send_now([self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads])
+        try:
+            for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
+                ids = self._register(len(payloads))
+                all_ids.extend(ids)
+                self._send_now([self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads])
+        except BaseException:  # an input that does not encode: forget what was registered
+            for rid in all_ids:
+                self._registered.pop(rid, None)
+                self._futures.pop(rid, None)
+                self._sent_at.pop(rid, None)
+            raise
         self._take_waiting()
         return await self._await(all_ids, timeout_ms, return_exceptions)
 
