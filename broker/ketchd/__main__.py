@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 from pathlib import Path
@@ -26,11 +25,7 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(json.dumps({"pid": os.getpid(), **endpoints}))
             tmp.replace(path)
-        # start-up objects (modules, state) move out of the collector's sight, and the
-        # youngest generation is collected less often: a full collection over a busy
-        # broker's heap is a pause that every query in flight waits for
-        gc.freeze()
-        gc.set_threshold(10_000, 20, 20)
+        _log.quiet_gc()
 
     broker.run(ready)
 

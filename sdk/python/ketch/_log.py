@@ -6,6 +6,7 @@ when it is. ``KETCH_LOG_LEVEL`` (debug, info, warning, error) sets the level.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -36,3 +37,12 @@ def configure(level: str | None = None, *, json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def quiet_gc() -> None:
+    """For a server process once it has started: what start-up made (modules, state, a
+    model) moves out of the collector's sight, and the youngest generation is collected
+    less often. A full collection over a busy server's heap is a pause that every request
+    in flight waits for."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)

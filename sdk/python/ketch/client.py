@@ -197,7 +197,11 @@ class _Base:
         priority: int,
         context: str,
     ) -> bytes:
+        """A Query header; one query's comes from a prebuilt template."""
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
+        if len(ids) == 1:
+            template = proto.query_one_template(app, code, tuple(shape), timeout_us, priority, context)
+            return template.render(ids[0])
         return proto.build_query(app, code, shape, ids, timeout_us, priority, context)
 
     def _feedback(
@@ -326,8 +330,7 @@ class Client(_Base):
     ) -> Prediction:
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
-        timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-        header = proto.query_one_template(app, code, tuple(shape), timeout_us, priority, context).render(rid)
+        header = self._query(app, code, shape, [rid], timeout_ms, priority, context)
         self._sock.send_multipart([header, payload], copy=False)
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
@@ -513,14 +516,8 @@ class AsyncClient(_Base):
         for (app, code, shape, timeout_ms, priority, context), items in outbox.items():
             for start in range(0, len(items), self._MAX_PER_MESSAGE):
                 part = items[start : start + self._MAX_PER_MESSAGE]
-                if len(part) == 1:
-                    timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-                    template = proto.query_one_template(app, code, shape, timeout_us, priority, context)
-                    header = template.render(part[0][0])
-                else:
-                    header = self._query(
-                        app, code, shape, [r for r, _ in part], timeout_ms, priority, context
-                    )
+                ids = [r for r, _ in part]
+                header = self._query(app, code, shape, ids, timeout_ms, priority, context)
                 self._send_now([header, *(p for _, p in part)])
         self._take_waiting()
 

@@ -9,7 +9,6 @@ table in ``errors.py`` and records the request's metrics.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import time
@@ -73,11 +72,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # what start-up made (modules, routes, the spec) moves out of the collector's sight,
-        # and the youngest generation is collected less often: full collections are pauses
-        # that every request in flight waits for
-        gc.freeze()
-        gc.set_threshold(10_000, 20, 20)
+        _log.quiet_gc()
         self.link = BrokerLink(
             self.config.frontend,
             self.config.admin,
