@@ -28,6 +28,7 @@ import numpy as np
 import structlog
 import zmq
 from ketch import _errors as errors
+from ketch import _multipart as multipart
 from ketch import _protocol as proto
 from ketch.wire.ErrorCode import ErrorCode
 from ketch.wire.Status import Status
@@ -44,7 +45,7 @@ log = structlog.get_logger("ketchd")
 
 _DRAIN = 512  # messages taken from one socket per turn, so no socket starves the others
 _EMPTY = b""
-_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
+_NOBLOCK = multipart.NOBLOCK
 
 
 class Broker:
@@ -221,7 +222,7 @@ class Broker:
         # ZMQ_EVENTS says whether another message waits; cheaper than a raised zmq.Again
         for _ in range(_DRAIN):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = multipart.recv(sock, _NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -229,7 +230,7 @@ class Broker:
             except Exception:  # a bug must not take the broker down with it
                 self.counters["internal_errors"] += 1
                 log.exception("handler failed")
-            if not sock.getsockopt(_EVENTS) & _POLLIN:
+            if not multipart.waiting(sock):
                 return
 
     # ------------------------------------------------------------ frontend
@@ -753,7 +754,7 @@ class Broker:
                 header = template.render(*values)
             else:
                 header = proto.build_reply([item for item, _ in entries])
-            self.frontend.send_multipart([client, header, *(payload for _, payload in entries)], copy=False)
+            multipart.send(self.frontend, [client, header, *[payload for _, payload in entries]])
 
     def _finish(self, p: Pending) -> float:
         """Mark a query answered; returns its latency in ms."""
@@ -940,7 +941,7 @@ class Broker:
         replica.items += len(items)
         model.batches += 1
         model.batched_items += len(items)
-        self.backend.send_multipart([replica.identity, header, *(p.payload for p in items)], copy=False)
+        multipart.send(self.backend, [replica.identity, header, *[p.payload for p in items]])
 
     # ------------------------------------------------------------ backend
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ketch import _multipart as multipart
 from ketch import _protocol as proto
 from ketch.client import encode_input
 from ketch.wire.Status import Status
@@ -102,7 +103,7 @@ class _Session:
             )
         else:
             header = proto.build_query(self.app, code, shape, ids, self.timeout_us)
-        self.sock.send_multipart([header, *payloads], copy=False)
+        multipart.send(self.sock, [header, *payloads])
         self.result.sent += len(inputs)
 
     def receive(self, timeout_ms: float) -> int:
@@ -112,11 +113,11 @@ class _Session:
             return 0
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = multipart.recv(self.sock, multipart.NOBLOCK)
             except zmq.Again:
                 return got
             now = time.perf_counter()
-            _, name, body = proto.decode(frames[0])
+            _, name, body = proto.decode(frames[0].bytes)
             if name != "Reply":
                 self.result.errors += 1
                 continue
@@ -155,11 +156,11 @@ class _Session:
         under test) or send the next arrival late. select() on the socket's descriptor waits
         to the microsecond; the descriptor only signals a change, so the socket's event
         state is read before sleeping and after waking."""
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if multipart.waiting(self.sock):
             return True
         if timeout_s > 0:
             select.select([self._fd], [], [], timeout_s)
-        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return multipart.waiting(self.sock)
 
     def drain(self, grace_s: float) -> None:
         end = time.perf_counter() + grace_s

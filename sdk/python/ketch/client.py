@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from ketch import _errors as errors
+from ketch import _multipart as multipart
 from ketch import _protocol as proto
 from ketch._curve import PeerKeys
 from ketch.wire.Status import Status
@@ -273,9 +274,11 @@ class Client(_Base):
         if ms != self._rcvtimeo:
             self._sock.rcvtimeo = self._rcvtimeo = ms
         try:
-            return self._sock.recv_multipart()
+            frames = multipart.recv(self._sock)
         except zmq.Again:
             return None
+        frames[0] = frames[0].bytes  # the header; payloads stay Frames (numpy reads them in place)
+        return frames
 
     def _collect(self, want: set[int], deadline: float, results: dict[int, Any]) -> None:
         while want:
@@ -331,7 +334,7 @@ class Client(_Base):
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
         header = self._query(app, code, shape, [rid], timeout_ms, priority, context)
-        self._sock.send_multipart([header, payload], copy=False)
+        multipart.send(self._sock, (header, payload))
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
         answer = results[rid]

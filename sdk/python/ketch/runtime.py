@@ -29,6 +29,7 @@ import zmq
 
 from ketch import __version__
 from ketch import _errors as errors
+from ketch import _multipart as multipart
 from ketch import _protocol as proto
 from ketch._curve import PeerKeys
 from ketch.wire.ErrorCode import ErrorCode
@@ -209,7 +210,7 @@ class Replica:
             timeout = min(100 if draining_since is None else 10, int(self.heartbeat_s * 500))
             if sock.poll(timeout, zmq.POLLIN):
                 for _ in range(64):  # then look at the clock, the stop flag and the heartbeat
-                    frames = sock.recv_multipart(copy=False)
+                    frames = multipart.recv(sock)
                     last_recv = time.monotonic()
                     action = self._on_message(sock, frames, last_recv)
                     if action == "batch":
@@ -222,7 +223,7 @@ class Replica:
                         hello_at = self._last_send = last_recv
                     elif action == "shutdown":
                         self._stop.set()
-                    if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if not multipart.waiting(sock):
                         break
             now = time.monotonic()
             if self._stop.is_set() and draining_since is None:
@@ -385,7 +386,7 @@ def _send(sock: zmq.Socket, message: bytes | list[Any]) -> bool:
     re-queues work whose results never arrive."""
     try:
         if isinstance(message, list):
-            sock.send_multipart(message, zmq.NOBLOCK, copy=False)
+            multipart.send(sock, message, multipart.NOBLOCK)
         else:
             sock.send(message, zmq.NOBLOCK)
         return True
