@@ -46,6 +46,8 @@ log = structlog.get_logger("ketchd")
 _DRAIN = 512  # messages taken from one socket per turn, so no socket starves the others
 _EMPTY = b""
 _NOBLOCK = multipart.NOBLOCK
+_QUERY_TEMPLATES = 1024  # one-query templates learnt, at most
+_REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
 
 
 class Broker:
@@ -69,6 +71,14 @@ class Broker:
         self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
         self._batch_timers: dict[Model, float] = {}  # model -> when to look at its queue again
         self._outstanding: dict[bytes, int] = {}  # client identity -> queries held for it
+        # one-query messages as clients render them (proto.query_one_template), learnt from
+        # messages parsed the long way: header length -> [(template, parsed fields)]
+        self._one_queries: dict[int, list[tuple[proto.Template, tuple]]] = {}
+        self._learnt_queries = 0
+        # the same for replicas' replies of plain outputs (proto.predict_reply_many_template):
+        # header length -> [(template, the output's (ok, dtype, shape, code, message), count)]
+        self._plain_replies: dict[int, list[tuple[proto.Template, tuple, int]]] = {}
+        self._learnt_replies = 0
         # recent multi-model queries, for feedback: (client, request id) and (app, input digest)
         self._recent: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
         self._recent_inputs: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
@@ -186,6 +196,8 @@ class Broker:
                 events = poller.poll(self._poll_timeout_ms())
                 for sock, _ in events:
                     self._drain(sock, handlers[sock])
+                    if sock is self.backend:
+                        self._flush()  # answers leave before the rest of the turn's work
                 now = time.monotonic()
                 self._expire(now)
                 if now >= self._next_housekeeping:
@@ -268,6 +280,15 @@ class Broker:
 
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
+        if len(frames) == 3:
+            known = self._one_queries.get(len(frames[1]))
+            if known is not None:
+                data = frames[1].bytes
+                for template, query in known:
+                    values = template.match(data)
+                    if values is not None:  # a one-query message as a client renders it: no parse
+                        self._admit(client, *query, values, frames[2:])
+                        return
         header = self._header(frames, self._client_error)
         if header is None:
             return
@@ -283,13 +304,50 @@ class Broker:
             self._client_error(client, ErrorCode.BAD_MESSAGE, f"{name} does not decode: {type(exc).__name__}")
 
     def _on_query(self, client: bytes, q: Any, payloads: list[zmq.Frame]) -> None:
-        now = time.monotonic()
         buf, pos = proto.where(q)  # fields read straight from the bytes (proto.slots)
         fields = proto.slots(buf, pos)
         ids = list(proto.read_vector(buf, pos, proto.slot(fields, 3), "Q"))
         if not ids:
             self._client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
             return
+        app_name = (proto.read_str(buf, pos, proto.slot(fields, 0)) or b"").decode("utf-8", "replace")
+        off = proto.slot(fields, 1)
+        dtype = proto.read_u8(buf, pos + off) if off else 0
+        shape = proto.read_vector(buf, pos, proto.slot(fields, 2), "q")
+        off = proto.slot(fields, 4)
+        timeout_us = proto.read_u32(buf, pos + off) if off else 0
+        off = proto.slot(fields, 5)
+        priority = proto.read_i8(buf, pos + off) if off else 0
+        context = (proto.read_str(buf, pos, proto.slot(fields, 6)) or b"").decode("utf-8", "replace")
+        query = (app_name, dtype, tuple(shape), timeout_us, priority, context)
+        self._admit(client, *query, ids, payloads)
+        if len(ids) == 1 and self._learnt_queries < _QUERY_TEMPLATES:
+            self._learn_query(buf, query)
+
+    def _learn_query(self, header: bytes, query: tuple[str, int, tuple[int, ...], int, int, str]) -> None:
+        """Keep the template of a one-query message, if the client rendered it from one."""
+        template = proto.query_one_template(*query)
+        if template.match(header) is None:
+            return
+        known = self._one_queries.setdefault(len(header), [])
+        if len(known) < 8 and all(t is not template for t, _ in known):  # each costs a look
+            known.append((template, query))
+            self._learnt_queries += 1
+
+    def _admit(
+        self,
+        client: bytes,
+        app_name: str,
+        dtype: int,
+        shape: tuple[int, ...],
+        timeout_us: int,
+        priority: int,
+        context: str,
+        ids: list[int],
+        payloads: list[zmq.Frame],
+    ) -> None:
+        """Queue (or answer) the queries of one message: checks, then the app's policy."""
+        now = time.monotonic()
 
         def refuse(code: int, message: str, retry: int = 0) -> None:
             self.counters[f"refused_{errors.code_name(code).lower()}"] += 1
@@ -309,16 +367,12 @@ class Broker:
                 f"query names {len(ids)} request ids but carries {len(payloads)} payload frames",
             )
             return
-        app_name = (proto.read_str(buf, pos, proto.slot(fields, 0)) or b"").decode("utf-8", "replace")
         app = self.apps.get(app_name)
         if app is None:
             known = ", ".join(sorted(self.apps)) or "none"
             refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known})")
             return
         app.queries += len(ids)
-        off = proto.slot(fields, 1)
-        dtype = proto.read_u8(buf, pos + off) if off else 0
-        shape = proto.read_vector(buf, pos, proto.slot(fields, 2), "q")
         problem = self._check_input(app, dtype, shape)
         if problem:
             app.errors += len(ids)
@@ -351,9 +405,10 @@ class Broker:
                 self.config.retry_after_ms,
             )
             return
-        context = (proto.read_str(buf, pos, proto.slot(fields, 6)) or b"").decode("utf-8", "replace")
         if not isinstance(app.policy, Single):
-            self._fan_out(client, app, ids, payloads, dtype, shape, q, context, now, outstanding)
+            self._fan_out(
+                client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now, outstanding
+            )
             return
         model = self.models[app.policy.select(app.models, context).send_to[0]]
         limit = model.max_queue or self.config.max_queue
@@ -366,11 +421,7 @@ class Broker:
                 self.config.retry_after_ms,
             )
             return
-        off = proto.slot(fields, 4)
-        timeout_us = proto.read_u32(buf, pos + off) if off else 0
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
-        off = proto.slot(fields, 5)
-        priority = proto.read_i8(buf, pos + off) if off else 0
         caching = app.cache and model.deterministic and self.cache.max_bytes > 0 and model.active_version
         self._outstanding[client] = outstanding + len(ids)
         for rid, payload in zip(ids, payloads, strict=True):
@@ -389,15 +440,14 @@ class Broker:
         payloads: list[zmq.Frame],
         dtype: int,
         shape: tuple[int, ...],
-        q: Any,
+        timeout_us: int,
+        priority: int,
         context: str,
         now: float,
         outstanding: int,
     ) -> None:
         """Queries of an app with a selection policy: one Pending per selected model."""
-        timeout_us = q.TimeoutUs()
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
-        priority = q.Priority()
         for rid, payload in zip(ids, payloads, strict=True):
             sel = app.policy.select(app.models, context)
             full = [
@@ -929,6 +979,8 @@ class Broker:
             header = proto.build_predict_request(
                 batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
             )
+        multipart.send(self.backend, [replica.identity, header, *[p.payload for p in items]])
+        # the books after the send: the replica computes meanwhile
         batch = Batch(batch_id, replica, items, now, budget_ms)
         replica.sizes.add(len(items))
         for p in items:
@@ -941,7 +993,6 @@ class Broker:
         replica.items += len(items)
         model.batches += 1
         model.batched_items += len(items)
-        multipart.send(self.backend, [replica.identity, header, *[p.payload for p in items]])
 
     # ------------------------------------------------------------ backend
 
@@ -951,6 +1002,20 @@ class Broker:
 
     def _on_backend(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
+        if len(frames) > 2:
+            known = self._plain_replies.get(len(frames[1]))
+            replica = self.replicas.get(identity)
+            if known is not None and replica is not None:
+                data = frames[1].bytes
+                for template, output, n in known:
+                    values = template.match(data)
+                    if values is not None and len(frames) == 2 + n:  # plain outputs: no parse
+                        now = replica.last_seen = time.monotonic()
+                        batch_id, compute_us = values
+                        self._batch_done(
+                            replica, batch_id, compute_us / 1000, [output] * n, "", frames[2:], now
+                        )
+                        return
         header = self._header(frames, self._backend_error)
         if header is None:
             return
@@ -1057,6 +1122,43 @@ class Broker:
         buf, pos = proto.where(r)
         off = proto.slot(proto.slots(buf, pos), 0)
         batch_id = proto.read_u64(buf, pos + off) if off else 0
+        batch = replica.inflight.get(batch_id)
+        if batch is None:
+            self.counters["late_or_unknown_replies"] += 1
+            return
+        try:  # read the whole reply before answering anyone: a corrupt one fails as a whole
+            compute_ms, outputs, failure = _read_predict_reply(r, len(batch.items), len(payloads))
+        except proto.FIELD_ERRORS as exc:
+            compute_ms, outputs, failure = 0.0, [], f"reply does not decode ({type(exc).__name__})"
+        if outputs and not failure and self._learnt_replies < _REPLY_TEMPLATES:
+            self._learn_reply(buf, outputs)
+        self._batch_done(replica, batch_id, compute_ms, outputs, failure, payloads, now)
+
+    def _learn_reply(self, header: bytes, outputs: list[tuple]) -> None:
+        """Keep the template of a reply whose outputs are all OK and of one type, if the
+        replica rendered it from one (proto.predict_reply_many_template)."""
+        first = outputs[0]
+        if first[1] is None or any(o != first for o in outputs):
+            return
+        template = proto.predict_reply_many_template(first[1], first[2], len(outputs))
+        if template.match(header) is None:
+            return
+        known = self._plain_replies.setdefault(len(header), [])
+        if len(known) < 8 and all(t is not template for t, _, _ in known):
+            known.append((template, first, len(outputs)))
+            self._learnt_replies += 1
+
+    def _batch_done(
+        self,
+        replica: Replica,
+        batch_id: int,
+        compute_ms: float,
+        outputs: list[tuple],
+        failure: str,
+        payloads: list[zmq.Frame],
+        now: float,
+    ) -> None:
+        """Answer the queries of a batch from its reply, and learn from its timing."""
         batch = replica.inflight.pop(batch_id, None)
         if batch is None:
             self.counters["late_or_unknown_replies"] += 1
@@ -1066,10 +1168,8 @@ class Broker:
         model = self.models[replica.model]
         self._dirty.add(model)
         items = batch.items
-        try:  # read the whole reply before answering anyone: a corrupt one fails as a whole
-            compute_ms, outputs, failure = _read_predict_reply(r, len(items), len(payloads))
-        except proto.FIELD_ERRORS as exc:
-            compute_ms, outputs, failure = 0.0, [], f"reply does not decode ({type(exc).__name__})"
+        if not failure and len(outputs) != len(items):
+            failure = f"returned {len(outputs)} outputs for a batch of {len(items)}"
         # feed the controller with compute + RPC; time spent queued behind an earlier
         # batch at the replica is neither (the replica computes one batch at a time)
         started = max(batch.sent, replica.last_reply)

@@ -368,3 +368,41 @@ def test_feedback_is_answered_explicitly(thread_broker, admin, client):
         client.feedback("a", 1, query_id=5)
     with pytest.raises(ketch.UnknownApp):
         client.feedback("zz", 1, x=[1.0])
+
+
+def test_learnt_message_templates_answer_as_the_long_way(thread_broker, admin, client, serve):
+    """Client, broker and replica read a message that matches a template learnt from an
+    earlier one from its fixed slots. A message that differs anywhere else (another shape
+    of the same length, a payload of the wrong size, an app since deleted) must still get
+    the answer the long way gives."""
+    admin.create_app("v", input_type="float64", input_shape=[-1], slo_ms=2000, models=["double"])
+    replica = serve(lambda xs: [x * 2 for x in xs], name="double")
+    wait_replicas(admin, 1, "double")
+    rng = np.random.default_rng(3)
+    for n in [4, 4, 5, 3, 4, 6]:  # one-dimensional shapes: headers of one length, other values
+        x = rng.normal(size=n)
+        for _ in range(3):  # learnt on the first, matched on the next
+            p = client.predict("v", x)
+            assert p.output.shape == (n,) and np.array_equal(p.output, x * 2)
+            assert p.model == "double" and p.version == "1" and p.models_answered == ("double",)
+    broker = thread_broker.broker
+    assert broker._learnt_queries >= 1 and broker._learnt_replies >= 1 and replica._one
+    assert ketch.client._PLAIN
+    # a learnt query with a payload of the wrong size, then for an app deleted since
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(thread_broker.frontend)
+    template = proto.query_one_template("v", proto.FLOAT64, (4,), 0, 0, "")
+    try:
+        sock.send_multipart([template.render(21), np.ones(4).tobytes()])
+        item = proto.to_dict(recv(sock)[0])["body"]["items"][0]
+        assert item["status"] == "OK" and item["request_id"] == 21
+        sock.send_multipart([template.render(22), b"\x00" * 31])
+        item = proto.to_dict(recv(sock)[0])["body"]["items"][0]
+        assert item["request_id"] == 22 and item["error"] == "BAD_INPUT" and "31 bytes" in item["message"]
+        admin.delete_app("v")
+        sock.send_multipart([template.render(23), np.ones(4).tobytes()])
+        item = proto.to_dict(recv(sock)[0])["body"]["items"][0]
+        assert item["request_id"] == 23 and item["error"] == "UNKNOWN_APP"
+    finally:
+        sock.close()

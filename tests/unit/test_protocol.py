@@ -232,3 +232,34 @@ def test_fast_readers_fail_only_cleanly_on_corrupt_replies():
             buf[rng.randrange(len(buf))] = rng.randrange(256)
         with contextlib.suppress(_errors.KetchError):  # anything else escaping fails the test
             _parse([bytes(buf), b"", b"", b""])
+
+
+def test_template_match_reads_back_what_render_wrote_and_nothing_else():
+    t = proto.reply_ok_many_template("m", "1", proto.FLOAT64, (2,), 2)
+    data = t.render(11, 22, 33, 44)
+    assert t.match(data) == [11, 22, 33, 44]
+    assert t.match(data[:-1]) is None
+    other = proto.reply_ok_many_template("n", "1", proto.FLOAT64, (2,), 2)  # same length, other model
+    assert len(other.data) == len(t.data) and t.match(other.render(11, 22, 33, 44)) is None
+    q = proto.query_one_template("app", proto.FLOAT64, (4,), 0, 0, "")
+    assert q.match(q.render(7)) == [7]
+    assert q.match(proto.query_one_template("app", proto.FLOAT64, (5,), 0, 0, "").render(7)) is None
+
+
+def test_client_reads_a_templated_reply_as_it_parses_one():
+    from ketch import client
+
+    payloads = [np.float64(i).tobytes() for i in range(3)]
+    header = proto.reply_ok_many_template("m", "2", proto.FLOAT64, (), 3).render(5, 1500, 6, 1600, 7, 1700)
+    sent_at = {5: 0.0, 6: 0.0, 7: 0.0}
+    client._PLAIN.clear()
+    parsed = client._parse([header, *payloads], sent_at)  # the long way; learns the template
+    assert client._PLAIN
+    fast = client._plain_reply([header, *payloads], sent_at)
+    assert fast is not None
+    for (rid_a, a), (rid_b, b) in zip(parsed, fast, strict=True):
+        assert rid_a == rid_b and a.output == b.output and type(a.output) is type(b.output)
+        for name in ("default", "model", "version", "broker_latency_ms", "confidence", "models_answered"):
+            assert getattr(a, name) == getattr(b, name), name
+    # an error reply of the same length is not mistaken for it
+    assert client._plain_reply([b"x" * len(header), *payloads], sent_at) is None

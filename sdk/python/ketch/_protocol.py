@@ -694,17 +694,39 @@ _SENTINEL = 0x5A5A5A5A  # non-zero, so the builder writes the field; overwritten
 
 
 class Template:
-    __slots__ = ("data", "slots")
+    """A message prebuilt once, with slots for the values that change (ids, times).
+
+    ``render`` writes values into a copy; ``match`` is the reverse, for a receiver that
+    has learnt which messages a peer sends: the values of a message that is this template
+    rendered, found with one copy and one comparison instead of a parse.
+    """
+
+    __slots__ = ("_restore", "data", "slots")
 
     def __init__(self, data: bytes, slots: tuple[tuple[int, str], ...]) -> None:
         self.data = data
         self.slots = slots  # (byte position, struct format) per patched value, in order
+        self._restore = tuple(
+            (struct.Struct(fmt), pos, pos + struct.calcsize(fmt), data[pos : pos + struct.calcsize(fmt)])
+            for pos, fmt in slots
+        )
 
     def render(self, *values: int) -> bytes:
         buf = bytearray(self.data)
         for (pos, fmt), value in zip(self.slots, values, strict=True):
             struct.pack_into(fmt, buf, pos, value)
         return bytes(buf)
+
+    def match(self, data: bytes) -> list[int] | None:
+        """The slot values when ``data`` is this template rendered with them, else None."""
+        if len(data) != len(self.data):
+            return None
+        buf = bytearray(data)
+        values = []
+        for fmt, start, end, original in self._restore:
+            values.append(fmt.unpack_from(buf, start)[0])
+            buf[start:end] = original
+        return values if buf == self.data else None
 
 
 def _field_pos(obj: Any, slot: int) -> int:
