@@ -67,6 +67,8 @@ class BatchController:
     _largest_seen: int = 0
     _stale: int = 0  # observations since the fit was computed
     _quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)  # size -> (q, value)
+    _fastest: float | None = None  # fastest_ms, kept for REFIT_EVERY observations
+    _fastest_age: int = 0
 
     def observe(self, size: int, latency_ms: float, budget_ms: float) -> None:
         """A batch of ``size`` took ``latency_ms`` (compute + RPC) against ``budget_ms``."""
@@ -82,6 +84,11 @@ class BatchController:
                 self._fitted = False
         window.append(latency_ms)
         self._quantiles.pop(size, None)
+        self._fastest_age += 1
+        if self._fastest_age >= REFIT_EVERY:  # a latency that left its window may leave the floor
+            self._fastest, self._fastest_age = None, 0
+        elif self._fastest is not None and latency_ms < self._fastest:
+            self._fastest = latency_ms
         if size > self._largest_seen:
             self._largest_seen = size
             self._fit, self._fitted = None, False
@@ -94,10 +101,13 @@ class BatchController:
 
         Used to give up on queries that cannot make their deadline; being optimistic keeps
         a stale, pessimistic estimate from starving the replica of the work that would
-        correct it.
+        correct it. Kept for REFIT_EVERY observations: a minimum that has left its window
+        may count until then.
         """
-        lows = [min(w) for w in self._samples.values() if w]
-        return min(lows) if lows else None
+        if self._fastest is None:
+            lows = [min(w) for w in self._samples.values() if w]
+            self._fastest = min(lows) if lows else None
+        return self._fastest
 
     def _quantile(self, size: int) -> float:
         """The policy's quantile of the recent latencies of ``size`` (cached until one is added)."""

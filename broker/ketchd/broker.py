@@ -916,11 +916,17 @@ class Broker:
         queue = model.queue
         self._batch_timers.pop(model, None)
         while len(queue):
-            # pull: the replica that can start soonest takes the next batch
-            ready = [(r.busy_ms(now), -r.free_credit, r) for r in model.live_replicas() if r.free_credit > 0]
-            if not ready:
+            # pull: the replica that can start soonest (then: with most credit) takes the next batch
+            replica, best = None, (0.0, 0)
+            for r in model.live_replicas():
+                credit = r.free_credit
+                if credit > 0:
+                    key = (r.busy_ms(now) if r.inflight else 0.0, -credit)
+                    if replica is None or key < best:
+                        replica, best = r, key
+            if replica is None:
                 return
-            busy, _, replica = min(ready, key=lambda t: t[:2])
+            busy = best[0]
             if replica.inflight:
                 # pipelining: send the next batch just in time to hide the round trip,
                 # not earlier, so it carries what arrives while the current one computes
@@ -928,24 +934,25 @@ class Broker:
                 if busy > lead:
                     self._batch_timers[model] = now + (busy - lead) / 1000
                     return
-            head = queue.peek()
-            decision = decide(
-                replica.controller,
-                len(queue),
-                (head.deadline - now) * 1000,
-                (now - head.arrived) * 1000,
-                busy,
-            )
-            if decision.send == 0:  # wait a little to fill the batch
-                self._batch_timers[model] = now + decision.wait_ms / 1000
-                return
+            controller = replica.controller
+            if len(queue) == 1 and controller.policy.batch_delay_ms <= 0:
+                send = 1  # one query is all there is to send (as decide() says, without asking)
+            else:
+                head = queue.peek()
+                decision = decide(
+                    controller, len(queue), (head.deadline - now) * 1000, (now - head.arrived) * 1000, busy
+                )
+                if decision.send == 0:  # wait a little to fill the batch
+                    self._batch_timers[model] = now + decision.wait_ms / 1000
+                    return
+                send = decision.send
             items = []
             # a query that cannot finish in time even alone is not computed for nothing:
             # it gets its answer (the default) now, and its place goes to one that can
-            fastest = replica.controller.fastest_ms()
+            fastest = controller.fastest_ms()
             needs = busy + max(1.5 * fastest, fastest + 1.0) if fastest is not None else 0.0
             hopeless = now + needs / 1000
-            for p in queue.take(decision.send):
+            for p in queue.take(send):
                 if p.deadline <= now:
                     continue  # answered by _expire
                 if p.deadline < hopeless:

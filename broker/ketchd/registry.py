@@ -106,7 +106,7 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
     """One query waiting for its answer."""
 
@@ -160,7 +160,7 @@ class Fanout:
         return all(m in self.outputs or m in self.failed for m in models)
 
 
-@dataclass
+@dataclass(slots=True)
 class Batch:
     batch_id: int
     replica: Replica
