@@ -7,7 +7,8 @@ Ketch: a broker process and one replica process of the no-op model
 relay of perf/relay.py (same two hops, no decoding). Both run side by side and are
 measured in alternating rounds, so that a noisy moment on a shared machine falls on both
 alike. Prints p50/p99 of single round trips, the throughput with 100 in flight, and
-Ketch's p50/p99 under open-loop Poisson load at a quarter and half of its own peak, with Ketch's ratios.
+p50/p99 under open-loop Poisson load at a quarter and half of Ketch's peak (Ketch, and the
+relay under the same arrivals, for scale), with Ketch's ratios.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import time
 import numpy as np
 import zmq
 from ketch import Client
-from ketch.bench import closed_loop, open_loop
+from ketch import _protocol as proto
+from ketch.bench import _Session, closed_loop, open_loop
 from ketch.local import LocalBroker, LocalModel
 
 from perf._harness import closed_loop_one, machine, quantiles_ms, table
@@ -58,6 +60,28 @@ class _RelayClient:
         self.sock.close()
 
 
+class _RelaySession(_Session):
+    """The open-loop generator against the raw relay, whose echo worker sends each Query
+    back as it came: the answered ids are read from the echoed headers."""
+
+    def _take(self, header: bytes, now: float) -> int:
+        _, name, body = proto.decode(header)
+        if name != "Query":
+            self.result.errors += 1
+            return 0
+        buf, pos = proto.where(body)
+        fields = proto.slots(buf, pos)
+        ids = list(proto.read_vector(buf, pos, proto.slot(fields, 3), "Q"))
+        if len(ids) == 1 and not self._plain:  # then read as Ketch's replies are: by template
+            off = proto.slot(fields, 1)
+            dtype = proto.read_u8(buf, pos + off) if off else 0
+            shape = tuple(proto.read_vector(buf, pos, proto.slot(fields, 2), "q"))
+            template = proto.query_one_template(self.app, dtype, shape, self.timeout_us, 0, "")
+            if template.match(header) is not None:
+                self._plain[len(header)] = [template]
+        return self._answered_ok(ids, now)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=2000, help="single round trips per system")
@@ -91,10 +115,19 @@ def main() -> int:
                 raw.close()
             mean_batch = admin.stats()["models"]["noop"]["mean_batch"]
             peak = float(np.mean(qps["ketch"]))
-            opened = {
-                share: open_loop(broker.frontend, "noop", lambda _: x, peak * share, args.duration)
-                for share in (0.25, 0.5)
-            }
+            opened = {}
+            for share in (0.25, 0.5):  # the relay under the same arrivals, for scale
+                opened[share] = {
+                    "relay": open_loop(
+                        relay.address,
+                        "noop",
+                        lambda _: x,
+                        peak * share,
+                        args.duration,
+                        session_type=_RelaySession,
+                    ),
+                    "ketch": open_loop(broker.frontend, "noop", lambda _: x, peak * share, args.duration),
+                }
     rows = []
     for name, label in (("relay", "raw pyzmq relay"), ("ketch", "ketch (broker + replica)")):
         q = quantiles_ms(lat[name])
@@ -114,13 +147,17 @@ def main() -> int:
         f"throughput with 100 in flight x{ours['100 in flight q/s'] / base['100 in flight q/s']:.2f}"
     )
     lost = 0
-    for share, res in opened.items():
-        lost += res.lost
+    for share, both in opened.items():
         print(
-            f"ketch open loop at {share:.0%} of its peak ({peak * share:.0f} q/s, {args.duration:.0f} s): "
-            f"p50 {res.quantile(50):.3f} ms, p99 {res.quantile(99):.3f} ms, "
-            f"{res.ok}/{res.sent} predictions, {res.lost} lost"
+            f"open loop (Poisson) at {share:.0%} of ketch's peak, {peak * share:.0f} q/s"
+            f" for {args.duration:.0f} s:"
         )
+        for name, res in both.items():
+            lost += res.lost
+            print(
+                f"  {name:5s} p50 {res.quantile(50):.3f} ms, p99 {res.quantile(99):.3f} ms, "
+                f"p99.9 {res.quantile(99.9):.3f} ms, {res.ok}/{res.sent} answered, {res.lost} lost"
+            )
     return 0 if lost == 0 else 1
 
 

@@ -14,7 +14,6 @@ thread.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import json
 import os
@@ -37,6 +36,7 @@ from ketchd.admin import AdminOps
 from ketchd.batching import BatchController, decide
 from ketchd.cache import PredictionCache
 from ketchd.config import BrokerConfig
+from ketchd.deadlines import Deadlines
 from ketchd.policies import Policy, Single
 from ketchd.registry import App, Batch, Fanout, Model, Pending, Replica, ReplicaState, next_batch_id
 from ketchd.store import StateStore
@@ -62,7 +62,7 @@ class Broker:
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.endpoints: dict[str, str] = {}
-        self._deadlines: list[tuple[float, int, Pending]] = []
+        self._deadlines = Deadlines()  # every query held, answered or not, until its deadline
         self._seq = itertools.count()
         self._dirty: set[Model] = set()
         self._out: dict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
@@ -168,7 +168,7 @@ class Broker:
             log.info("broker draining", reason=reason, pending=self.pending_count())
 
     def pending_count(self) -> int:
-        return sum(1 for _, _, p in self._deadlines if not p.done)
+        return sum(1 for p in self._deadlines.items() if not p.done)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -224,8 +224,9 @@ class Broker:
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
         nxt = self._next_housekeeping
-        if self._deadlines:
-            nxt = min(nxt, self._deadlines[0][0])
+        due = self._deadlines.next_due()
+        if due is not None:
+            nxt = min(nxt, due)
         if self._batch_timers:
             nxt = min(nxt, min(self._batch_timers.values()))
         return max(0, min(1000, int((nxt - now) * 1000) + 1))
@@ -429,7 +430,7 @@ class Broker:
             if caching and self._from_cache_or_flight(p, model):
                 continue
             model.queue.push(p)
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), p))
+            self._deadlines.add(deadline, p)
         self._dirty.add(model)
 
     def _fan_out(
@@ -471,7 +472,7 @@ class Broker:
                 client, rid, app, sel, context, payload, dtype, shape, now, deadline, priority=priority
             )
             self._outstanding[client] = self._outstanding.get(client, 0) + 1
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), f))
+            self._deadlines.add(deadline, f)
             for m in sel.send_to:
                 model = self.models[m]
                 if m in full:
@@ -484,7 +485,7 @@ class Broker:
                 if caching and self._from_cache_or_flight(sub, model):
                     continue
                 model.queue.push(sub)
-                heapq.heappush(self._deadlines, (deadline, next(self._seq), sub))
+                self._deadlines.add(deadline, sub)
                 self._dirty.add(model)
 
     def _sub_answered(self, p: Pending, item: proto.ReplyFields, payload: Any) -> None:
@@ -652,7 +653,7 @@ class Broker:
                 leader.followers.append(p)
                 model.coalesced += 1
                 self.cache.figures.coalesced += 1
-                heapq.heappush(self._deadlines, (p.deadline, next(self._seq), p))
+                self._deadlines.add(p.deadline, p)
                 return True
         p.cache_key, p.followers = key, []
         leaders.append(p)
@@ -873,9 +874,7 @@ class Broker:
         self._deliver(p, item, payload)
 
     def _expire(self, now: float) -> None:
-        heap = self._deadlines
-        while heap and heap[0][0] <= now:
-            _, _, p = heapq.heappop(heap)
+        for p in self._deadlines.due(now):
             if p.done:
                 continue
             if isinstance(p, Fanout):

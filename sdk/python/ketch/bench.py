@@ -233,13 +233,16 @@ def open_loop(
     grace_s: float = 5.0,
     seed: int = 0,
     progress: Callable[[LoadResult], None] | None = None,
+    session_type: type[_Session] | None = None,
 ) -> LoadResult:
     """Poisson arrivals at ``rate`` per second for ``duration_s``; arrivals due at the same
-    moment go out in one message, as a client with many users would send them."""
+    moment go out in one message, as a client with many users would send them.
+    ``session_type``: a ``_Session`` subclass that reads another peer's answers (perf's
+    raw relay)."""
     rng = np.random.default_rng(seed)
     n = int(rate * duration_s)
     arrivals = np.cumsum(rng.exponential(1 / rate, size=n))
-    session = _Session(frontend, app, timeout_ms)
+    session = (session_type or _Session)(frontend, app, timeout_ms)
     try:
         t0 = time.perf_counter()
         i = 0
