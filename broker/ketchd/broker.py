@@ -813,6 +813,7 @@ class Broker:
             # reached only when an answer path did not release the flight itself
             self._promote(self._release_flight(p), p.cache_key)
         p.done = True
+        p.payload = _EMPTY  # its entry waits for the deadline; the input need not
         if p.queued:
             self.models[p.model].queue.discard(p)
         left = self._outstanding.get(p.client)
