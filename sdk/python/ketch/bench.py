@@ -127,20 +127,26 @@ class _Session:
             else:
                 got += self._take(header, now)
 
+    def _latency(self, rid: int, now: float) -> float | None:
+        """The round trip of ``rid`` in ms, recorded; None for an id not in flight."""
+        t0 = self.started.pop(rid, None)
+        if t0 is None:
+            if rid in self.answered:
+                self.result.duplicates += 1
+            return None
+        self.answered.add(rid)
+        ms = (now - t0) * 1000
+        self.result.latencies_ms.append(ms)
+        return ms
+
     def _answered_ok(self, ids: list[int], now: float) -> int:
         r, got = self.result, 0
         for rid in ids:
-            t0 = self.started.pop(rid, None)
-            if t0 is None:
-                if rid in self.answered:
-                    r.duplicates += 1
-                continue
-            self.answered.add(rid)
-            got += 1
-            ms = (now - t0) * 1000
-            r.latencies_ms.append(ms)
-            r.ok += 1
-            r.ok_latencies_ms.append(ms)
+            ms = self._latency(rid, now)
+            if ms is not None:
+                got += 1
+                r.ok += 1
+                r.ok_latencies_ms.append(ms)
         return got
 
     def _take(self, header: bytes, now: float) -> int:
@@ -158,15 +164,10 @@ class _Session:
             off = proto.slot(f, 1)
             status = proto.read_u8(buf, at + off) if off else 0
             plain = plain and status == Status.OK
-            t0 = self.started.pop(rid, None)
-            if t0 is None:
-                if rid in self.answered:
-                    r.duplicates += 1
+            ms = self._latency(rid, now)
+            if ms is None:
                 continue
-            self.answered.add(rid)
             got += 1
-            ms = (now - t0) * 1000
-            r.latencies_ms.append(ms)
             if status == Status.OK:
                 r.ok += 1
                 r.ok_latencies_ms.append(ms)
