@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from ketch import _protocol as proto
 from ketch.wire.Status import Status
 
@@ -263,3 +266,21 @@ def test_client_reads_a_templated_reply_as_it_parses_one():
             assert getattr(a, name) == getattr(b, name), name
     # an error reply of the same length is not mistaken for it
     assert client._plain_reply([b"x" * len(header), *payloads], sent_at) is None
+
+
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.data())
+def test_template_match_sees_any_change_outside_the_slots(rid, latency, data):
+    """A receiver reads a matching message from the slots alone: so a message that differs
+    from the template in any other byte must not match."""
+    t = proto.reply_ok_many_template("m", "1", proto.FLOAT64, (3,), 1)
+    rendered = t.render(rid, latency)
+    assert t.match(rendered) == [rid, latency]
+    slot_bytes = {p + i for p, fmt in t.slots for i in range(struct.calcsize(fmt))}
+    at = data.draw(st.integers(0, len(rendered) - 1))
+    flipped = bytearray(rendered)
+    flipped[at] ^= data.draw(st.integers(1, 255))
+    got = t.match(bytes(flipped))
+    if at in slot_bytes:
+        assert got is not None and got != [rid, latency]
+    else:
+        assert got is None
