@@ -46,7 +46,8 @@ log = structlog.get_logger("ketchd")
 _DRAIN = 512  # messages taken from one socket per turn, so no socket starves the others
 _EMPTY = b""
 _NOBLOCK = multipart.NOBLOCK
-_QUERY_TEMPLATES = 1024  # one-query templates learnt, at most
+_QUERY_TEMPLATES = 1024  # Query templates learnt, at most
+_QUERY_TEMPLATE_IDS = 64  # ids in a learnt Query template, at most
 _REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
 
 
@@ -71,9 +72,9 @@ class Broker:
         self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
         self._batch_timers: dict[Model, float] = {}  # model -> when to look at its queue again
         self._outstanding: dict[bytes, int] = {}  # client identity -> queries held for it
-        # one-query messages as clients render them (proto.query_one_template), learnt from
-        # messages parsed the long way: header length -> [(template, parsed fields)]
-        self._one_queries: dict[int, list[tuple[proto.Template, tuple]]] = {}
+        # Query messages as clients render them (proto.query_template), learnt from messages
+        # parsed the long way: header length -> [(template, parsed fields)]
+        self._query_templates: dict[int, list[tuple[proto.Template, tuple]]] = {}
         self._learnt_queries = 0
         # the same for replicas' replies of plain outputs (proto.predict_reply_many_template):
         # header length -> [(template, the output's (ok, dtype, shape, code, message), count)]
@@ -281,13 +282,13 @@ class Broker:
 
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
-        if len(frames) == 3:
-            known = self._one_queries.get(len(frames[1]))
+        if len(frames) >= 3:
+            known = self._query_templates.get(len(frames[1]))
             if known is not None:
                 data = frames[1].bytes
                 for template, query in known:
                     values = template.match(data)
-                    if values is not None:  # a one-query message as a client renders it: no parse
+                    if values is not None:  # a Query as a client renders it: no parse
                         self._admit(client, *query, values, frames[2:])
                         return
         header = self._header(frames, self._client_error)
@@ -322,15 +323,17 @@ class Broker:
         context = (proto.read_str(buf, pos, proto.slot(fields, 6)) or b"").decode("utf-8", "replace")
         query = (app_name, dtype, tuple(shape), timeout_us, priority, context)
         self._admit(client, *query, ids, payloads)
-        if len(ids) == 1 and self._learnt_queries < _QUERY_TEMPLATES:
-            self._learn_query(buf, query)
+        if len(ids) <= _QUERY_TEMPLATE_IDS and self._learnt_queries < _QUERY_TEMPLATES:
+            self._learn_query(buf, query, len(ids))
 
-    def _learn_query(self, header: bytes, query: tuple[str, int, tuple[int, ...], int, int, str]) -> None:
-        """Keep the template of a one-query message, if the client rendered it from one."""
-        template = proto.query_one_template(*query)
+    def _learn_query(
+        self, header: bytes, query: tuple[str, int, tuple[int, ...], int, int, str], n: int
+    ) -> None:
+        """Keep the template of a Query message, if the client rendered it from one."""
+        template = proto.query_template(*query, n)
         if template.match(header) is None:
             return
-        known = self._one_queries.setdefault(len(header), [])
+        known = self._query_templates.setdefault(len(header), [])
         if len(known) < 8 and all(t is not template for t, _ in known):  # each costs a look
             known.append((template, query))
             self._learnt_queries += 1

@@ -392,7 +392,7 @@ def test_learnt_message_templates_answer_as_the_long_way(thread_broker, admin, c
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(thread_broker.frontend)
-    template = proto.query_one_template("v", proto.FLOAT64, (4,), 0, 0, "")
+    template = proto.query_template("v", proto.FLOAT64, (4,), 0, 0, "")
     try:
         sock.send_multipart([template.render(21), np.ones(4).tobytes()])
         item = proto.to_dict(recv(sock)[0])["body"]["items"][0]

@@ -161,8 +161,11 @@ def test_templates_render_the_same_bytes_as_the_builders():
     assert proto.predict_one_template("m", "2", f64, (4,)).render(99, 1234) == proto.build_predict_request(
         99, "m", "2", f64, 1, [4], [1234]
     )
-    assert proto.query_one_template("iris", f64, (4,), 500, 1, "u").render(77) == proto.build_query(
+    assert proto.query_template("iris", f64, (4,), 500, 1, "u").render(77) == proto.build_query(
         "iris", f64, (4,), [77], 500, 1, "u"
+    )
+    assert proto.query_template("iris", f64, (4,), 0, 0, "", 3).render(7, 8, 9) == proto.build_query(
+        "iris", f64, (4,), [7, 8, 9]
     )
     assert proto.predict_reply_many_template(proto.INT64, (), 1).render(5, 10) == proto.build_predict_reply(
         5, 10, [(ok, proto.INT64, (), 0, "")]
@@ -244,9 +247,9 @@ def test_template_match_reads_back_what_render_wrote_and_nothing_else():
     assert t.match(data[:-1]) is None
     other = proto.reply_ok_many_template("n", "1", proto.FLOAT64, (2,), 2)  # same length, other model
     assert len(other.data) == len(t.data) and t.match(other.render(11, 22, 33, 44)) is None
-    q = proto.query_one_template("app", proto.FLOAT64, (4,), 0, 0, "")
+    q = proto.query_template("app", proto.FLOAT64, (4,), 0, 0, "")
     assert q.match(q.render(7)) == [7]
-    assert q.match(proto.query_one_template("app", proto.FLOAT64, (5,), 0, 0, "").render(7)) is None
+    assert q.match(proto.query_template("app", proto.FLOAT64, (5,), 0, 0, "").render(7)) is None
 
 
 def test_client_reads_a_templated_reply_as_it_parses_one():

@@ -780,13 +780,14 @@ def predict_one_template(model: str, model_version: str, dtype: int, shape: tupl
 
 
 @lru_cache(maxsize=1024)
-def query_one_template(
-    app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str
+def query_template(
+    app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str, n: int = 1
 ) -> Template:
-    """A one-item Query; render(request_id)."""
-    data = build_query(app, dtype, shape, [_SENTINEL], timeout_us, priority, context)
+    """A Query of ``n`` queries of one type; render(request_id_0, ..., request_id_n-1)."""
+    data = build_query(app, dtype, shape, [_SENTINEL] * n, timeout_us, priority, context)
     _, _, q = decode(data)
-    return Template(data, ((_vector_pos(q, 3), "<Q"),))
+    first = _vector_pos(q, 3)
+    return Template(data, tuple((first + 8 * i, "<Q") for i in range(n)))
 
 
 # ---------------------------------------------------------------- hot-path readers

@@ -20,7 +20,7 @@ import zmq
 
 from ketch import _multipart as multipart
 from ketch import _protocol as proto
-from ketch.client import encode_input
+from ketch.client import _TEMPLATE_IDS, encode_input
 from ketch.wire.Status import Status
 
 
@@ -89,19 +89,19 @@ class _Session:
         self.answered: set[int] = set()
         self.result = LoadResult()
         self._ids = int.from_bytes(os.urandom(3), "little") << 24
-        self._plain: dict[int, list[proto.Template]] = {}  # header length -> reply templates
+        # header length -> [(reply template, slots per answer: the id comes first)]
+        self._plain: dict[int, list[tuple[proto.Template, int]]] = {}
 
     def send(self, inputs: list[Any], at: list[float]) -> None:
-        code, shape, _ = encode_input(inputs[0])
-        payloads = [encode_input(x)[2] for x in inputs]
+        code, shape, first = encode_input(inputs[0])
+        payloads = [first, *[encode_input(x)[2] for x in inputs[1:]]]
         ids = list(range(self._ids + 1, self._ids + 1 + len(inputs)))
         self._ids += len(inputs)
         for rid, t in zip(ids, at, strict=True):
             self.started[rid] = t
-        if len(ids) == 1:
-            header = proto.query_one_template(self.app, code, tuple(shape), self.timeout_us, 0, "").render(
-                ids[0]
-            )
+        if len(ids) <= _TEMPLATE_IDS:
+            template = proto.query_template(self.app, code, tuple(shape), self.timeout_us, 0, "", len(ids))
+            header = template.render(*ids)
         else:
             header = proto.build_query(self.app, code, shape, ids, self.timeout_us)
         multipart.send(self.sock, [header, *payloads])
@@ -119,10 +119,10 @@ class _Session:
                 return got
             now = time.perf_counter()
             header = frames[0].bytes
-            for template in self._plain.get(len(header), ()):
+            for template, stride in self._plain.get(len(header), ()):
                 values = template.match(header)
                 if values is not None:  # plain predictions, as learnt: ids from fixed slots
-                    got += self._answered_ok(values[0::2], now)
+                    got += self._answered_ok(values[0::stride], now)
                     break
             else:
                 got += self._take(header, now)
@@ -198,8 +198,8 @@ class _Session:
         template = proto.reply_ok_many_template(model, version, dtype, tuple(shape), len(items))
         if template.match(header) is not None:
             known = self._plain.setdefault(len(header), [])
-            if template not in known:
-                known.append(template)
+            if (template, 2) not in known:
+                known.append((template, 2))  # (request id, latency) per answer
 
     def _wait(self, timeout_s: float) -> bool:
         """Whether a message waits, after at most ``timeout_s``. ZeroMQ's own poll counts in

@@ -33,6 +33,7 @@ DEFAULT_FRONTEND = "tcp://127.0.0.1:7001"
 _NUMPY_TO_WIRE = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
 _GRACE_S = 0.5  # wait past the query's own timeout before calling the broker silent
 _WAIT_NO_TIMEOUT_S = 10.0  # when the app's SLO applies, wait this long for the broker
+_TEMPLATE_IDS = 64  # Query headers of up to this many ids are rendered from templates
 
 
 @dataclass(frozen=True)
@@ -261,11 +262,11 @@ class _Base:
         priority: int,
         context: str,
     ) -> bytes:
-        """A Query header; one query's comes from a prebuilt template."""
+        """A Query header, from a prebuilt template up to _TEMPLATE_IDS ids."""
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-        if len(ids) == 1:
-            template = proto.query_one_template(app, code, tuple(shape), timeout_us, priority, context)
-            return template.render(ids[0])
+        if len(ids) <= _TEMPLATE_IDS:
+            template = proto.query_template(app, code, tuple(shape), timeout_us, priority, context, len(ids))
+            return template.render(*ids)
         return proto.build_query(app, code, shape, ids, timeout_us, priority, context)
 
     def _feedback(
