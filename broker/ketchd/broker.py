@@ -48,6 +48,7 @@ _EMPTY = b""
 _NOBLOCK = multipart.NOBLOCK
 _QUERY_TEMPLATES = 1024  # Query templates learnt, at most
 _QUERY_TEMPLATE_IDS = 64  # ids in a learnt Query template, at most
+_REQUEST_TEMPLATE_ITEMS = 128  # batches up to this size are rendered from a template
 _REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
 
 
@@ -977,17 +978,14 @@ class Broker:
     ) -> None:
         batch_id = next_batch_id()
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
-        if len(items) == 1:
-            template = proto.predict_one_template(model.name, replica.version, items[0].dtype, items[0].shape)
-            header = template.render(batch_id, budgets[0])
+        shape = items[0].shape
+        if len(items) <= _REQUEST_TEMPLATE_ITEMS and all(p.shape == shape for p in items):
+            template = proto.predict_template(model.name, replica.version, items[0].dtype, shape, len(items))
+            header = template.render(batch_id, *budgets)
         else:
-            ndim = len(items[0].shape)
-            if all(p.shape == items[0].shape for p in items):
-                shapes = list(items[0].shape) * len(items)
-            else:
-                shapes = [d for p in items for d in p.shape]
+            shapes = [d for p in items for d in p.shape]
             header = proto.build_predict_request(
-                batch_id, model.name, replica.version, items[0].dtype, ndim, shapes, budgets
+                batch_id, model.name, replica.version, items[0].dtype, len(shape), shapes, budgets
             )
         multipart.send(self.backend, [replica.identity, header, *[p.payload for p in items]])
         # the books after the send: the replica computes meanwhile

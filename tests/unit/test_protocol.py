@@ -158,8 +158,11 @@ def test_templates_render_the_same_bytes_as_the_builders():
             )
         ]
     )
-    assert proto.predict_one_template("m", "2", f64, (4,)).render(99, 1234) == proto.build_predict_request(
+    assert proto.predict_template("m", "2", f64, (4,)).render(99, 1234) == proto.build_predict_request(
         99, "m", "2", f64, 1, [4], [1234]
+    )
+    assert proto.predict_template("m", "2", f64, (4,), 3).render(9, 1, 2, 3) == proto.build_predict_request(
+        9, "m", "2", f64, 1, [4, 4, 4], [1, 2, 3]
     )
     assert proto.query_template("iris", f64, (4,), 500, 1, "u").render(77) == proto.build_query(
         "iris", f64, (4,), [77], 500, 1, "u"

@@ -772,11 +772,16 @@ def reply_ok_many_template(
 
 
 @lru_cache(maxsize=4096)
-def predict_one_template(model: str, model_version: str, dtype: int, shape: tuple[int, ...]) -> Template:
-    """A one-item PredictRequest; render(batch_id, budget_us)."""
-    data = build_predict_request(_SENTINEL, model, model_version, dtype, len(shape), list(shape), [_SENTINEL])
+def predict_template(
+    model: str, model_version: str, dtype: int, shape: tuple[int, ...], n: int = 1
+) -> Template:
+    """A PredictRequest of ``n`` items of one shape; render(batch_id, budget_us_0, ...)."""
+    data = build_predict_request(
+        _SENTINEL, model, model_version, dtype, len(shape), list(shape) * n, [_SENTINEL] * n
+    )
     _, _, req = decode(data)
-    return Template(data, ((_field_pos(req, 0), "<Q"), (_vector_pos(req, 6), "<I")))
+    first = _vector_pos(req, 6)
+    return Template(data, ((_field_pos(req, 0), "<Q"), *((first + 4 * i, "<I") for i in range(n))))
 
 
 @lru_cache(maxsize=1024)

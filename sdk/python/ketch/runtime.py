@@ -131,7 +131,7 @@ class Replica:
         self.heartbeat_s = 1.0
         self.dead_after_s = 5.0
         self.batches = 0
-        # one-item requests, as the broker renders them (proto.predict_one_template): header
+        # one-item requests, as the broker renders them (proto.predict_template): header
         # length -> (template, dtype, shape), learnt from requests parsed the long way
         self._one: dict[int, tuple[proto.Template, int, tuple[int, ...]]] = {}
         self._long_way = 0
@@ -323,7 +323,7 @@ class Replica:
         shape = tuple(proto.read_vector(buf, pos, proto.slot(f, 5), "q"))
         model = (body.Model() or b"").decode("utf-8", "replace")
         version = (body.ModelVersion() or b"").decode("utf-8", "replace")
-        template = proto.predict_one_template(model, version, dtype, shape)
+        template = proto.predict_template(model, version, dtype, shape)
         if template.match(header) is not None:
             self._one[len(header)] = (template, dtype, shape)
 
