@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ketch
 import numpy as np
 import pytest
 from hypothesis import given
@@ -272,6 +273,9 @@ def test_client_reads_a_templated_reply_as_it_parses_one():
             assert getattr(a, name) == getattr(b, name), name
     # an error reply of the same length is not mistaken for it
     assert client._plain_reply([b"x" * len(header), *payloads], sent_at) is None
+    # a payload that does not fit the learnt shape is a ProtocolError, as the long way says
+    with pytest.raises(ketch.ProtocolError):
+        client._parse([header, b"\x00" * 7, *payloads[1:]], sent_at)
 
 
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1), st.data())

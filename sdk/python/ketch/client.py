@@ -83,10 +83,10 @@ def _parse(
 
     A message that does not decode raises ProtocolError (a KetchError), never a raw error.
     """
-    plain = _plain_reply(frames, sent_at)
-    if plain is not None:
-        return plain
     try:
+        plain = _plain_reply(frames, sent_at)
+        if plain is not None:
+            return plain
         out = _parse_message(frames, sent_at)
     except proto.FIELD_ERRORS as exc:
         raise errors.ProtocolError(f"reply from the broker does not decode: {type(exc).__name__}") from None

@@ -262,8 +262,11 @@ class Replica:
         one = self._one.get(len(header))
         if one is not None and len(frames) == 2:
             values = one[0].match(header)
-            if values is not None:  # a one-item batch: no parse
-                inputs = [proto.payload_to_value(one[1], one[2], frames[1].buffer)]
+            try:
+                inputs = [proto.payload_to_value(one[1], one[2], frames[1].buffer)] if values else []
+            except (ValueError, proto.DecodeError):
+                inputs = []  # a payload that does not fit: the long way answers for it
+            if inputs:  # a one-item batch: no parse
                 reply = self._compute_unlocked(values[0], inputs, values[1:], now)
                 if _send(sock, reply):
                     self._last_send = time.monotonic()
