@@ -290,7 +290,12 @@ class Broker:
                 for template, query in known:
                     values = template.match(data)
                     if values is not None:  # a Query as a client renders it: no parse
-                        self._admit(client, *query, values, frames[2:])
+                        try:
+                            self._admit(client, *query, values, frames[2:])
+                        except proto.FIELD_ERRORS as exc:  # as the long way below answers
+                            self._client_error(
+                                client, ErrorCode.BAD_MESSAGE, f"Query does not decode: {type(exc).__name__}"
+                            )
                         return
         header = self._header(frames, self._client_error)
         if header is None:
@@ -1020,9 +1025,16 @@ class Broker:
                     if values is not None and len(frames) == 2 + n:  # plain outputs: no parse
                         now = replica.last_seen = time.monotonic()
                         batch_id, compute_us = values
-                        self._batch_done(
-                            replica, batch_id, compute_us / 1000, [output] * n, "", frames[2:], now
-                        )
+                        try:
+                            self._batch_done(
+                                replica, batch_id, compute_us / 1000, [output] * n, "", frames[2:], now
+                            )
+                        except proto.FIELD_ERRORS as exc:  # as the long way below answers
+                            self._backend_error(
+                                identity,
+                                ErrorCode.BAD_MESSAGE,
+                                f"PredictReply does not decode: {type(exc).__name__}",
+                            )
                         return
         header = self._header(frames, self._backend_error)
         if header is None:
