@@ -7,8 +7,9 @@ Ketch: a broker process and one replica process of the no-op model
 relay of perf/relay.py (same two hops, no decoding). Both run side by side and are
 measured in alternating rounds, so that a noisy moment on a shared machine falls on both
 alike. Prints p50/p99 of single round trips, the throughput with 100 in flight, and
-p50/p99 under open-loop Poisson load at a quarter and half of Ketch's peak (Ketch, and the
-relay under the same arrivals, for scale), with Ketch's ratios.
+p50/p99 under open-loop Poisson load (Ketch, and the relay under the same arrivals, for
+scale) at half the rate one client reaches one query at a time (1/p50), and at a quarter
+and half of Ketch's peak with 100 in flight; with Ketch's ratios.
 """
 
 from __future__ import annotations
@@ -115,19 +116,29 @@ def main() -> int:
                 raw.close()
             mean_batch = admin.stats()["models"]["noop"]["mean_batch"]
             peak = float(np.mean(qps["ketch"]))
+            # one at a time, a client's peak is 1/p50; half of it, as independent arrivals
+            one_peak = 1000 / float(np.percentile(lat["ketch"], 50) * 1000)
+            loads = {
+                f"half of one-at-a-time peak (1/p50 = {one_peak:.0f} q/s)": one_peak / 2,
+                "25% of ketch's peak (100 in flight)": peak / 4,
+                "50% of ketch's peak (100 in flight)": peak / 2,
+            }
             opened = {}
-            for share in (0.25, 0.5):  # the relay under the same arrivals, for scale
-                opened[share] = {
-                    "relay": open_loop(
-                        relay.address,
-                        "noop",
-                        lambda _: x,
-                        peak * share,
-                        args.duration,
-                        session_type=_RelaySession,
-                    ),
-                    "ketch": open_loop(broker.frontend, "noop", lambda _: x, peak * share, args.duration),
-                }
+            for label, rate in loads.items():  # the relay under the same arrivals, for scale
+                opened[label] = (
+                    rate,
+                    {
+                        "relay": open_loop(
+                            relay.address,
+                            "noop",
+                            lambda _: x,
+                            rate,
+                            args.duration,
+                            session_type=_RelaySession,
+                        ),
+                        "ketch": open_loop(broker.frontend, "noop", lambda _: x, rate, args.duration),
+                    },
+                )
     rows = []
     for name, label in (("relay", "raw pyzmq relay"), ("ketch", "ketch (broker + replica)")):
         q = quantiles_ms(lat[name])
@@ -147,11 +158,8 @@ def main() -> int:
         f"throughput with 100 in flight x{ours['100 in flight q/s'] / base['100 in flight q/s']:.2f}"
     )
     lost = 0
-    for share, both in opened.items():
-        print(
-            f"open loop (Poisson) at {share:.0%} of ketch's peak, {peak * share:.0f} q/s"
-            f" for {args.duration:.0f} s:"
-        )
+    for label, (rate, both) in opened.items():
+        print(f"open loop (Poisson), {label}: {rate:.0f} q/s for {args.duration:.0f} s:")
         for name, res in both.items():
             lost += res.lost
             print(
