@@ -784,7 +784,7 @@ def predict_template(
     return Template(data, ((_field_pos(req, 0), "<Q"), *((first + 4 * i, "<I") for i in range(n))))
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=4096)  # up to 64 sizes per app and query type
 def query_template(
     app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str, n: int = 1
 ) -> Template:
