@@ -73,13 +73,12 @@ class _RelaySession(_Session):
         buf, pos = proto.where(body)
         fields = proto.slots(buf, pos)
         ids = list(proto.read_vector(buf, pos, proto.slot(fields, 3), "Q"))
-        if len(self._plain) < 64:  # then read as Ketch's replies are: by template
+        if not self._plain.full:  # then read as Ketch's replies are: by template
             off = proto.slot(fields, 1)
             dtype = proto.read_u8(buf, pos + off) if off else 0
             shape = tuple(proto.read_vector(buf, pos, proto.slot(fields, 2), "q"))
             template = proto.query_template(self.app, dtype, shape, self.timeout_us, 0, "", len(ids))
-            if template.match(header) is not None:
-                self._plain.setdefault(len(header), []).append((template, 1))  # ids only
+            self._plain.learn(header, template, 1)  # ids only
         return self._answered_ok(ids, now)
 
 

@@ -74,13 +74,11 @@ class Broker:
         self._batch_timers: dict[Model, float] = {}  # model -> when to look at its queue again
         self._outstanding: dict[bytes, int] = {}  # client identity -> queries held for it
         # Query messages as clients render them (proto.query_template), learnt from messages
-        # parsed the long way: header length -> [(template, parsed fields)]
-        self._query_templates: dict[int, list[tuple[proto.Template, tuple]]] = {}
-        self._learnt_queries = 0
-        # the same for replicas' replies of plain outputs (proto.predict_reply_many_template):
-        # header length -> [(template, the output's (ok, dtype, shape, code, message), count)]
-        self._plain_replies: dict[int, list[tuple[proto.Template, tuple, int]]] = {}
-        self._learnt_replies = 0
+        # parsed the long way, with their parsed fields; and replicas' replies of plain outputs
+        # (proto.predict_reply_many_template), with the output's (ok, dtype, shape, code,
+        # message) and count
+        self._query_templates = proto.LearntTemplates(_QUERY_TEMPLATES)
+        self._plain_replies = proto.LearntTemplates(_REPLY_TEMPLATES)
         # recent multi-model queries, for feedback: (client, request id) and (app, input digest)
         self._recent: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
         self._recent_inputs: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
@@ -283,20 +281,16 @@ class Broker:
 
     def _on_frontend(self, frames: list[zmq.Frame]) -> None:
         client = frames[0].bytes
-        if len(frames) >= 3:
-            known = self._query_templates.get(len(frames[1]))
-            if known is not None:
-                data = frames[1].bytes
-                for template, query in known:
-                    values = template.match(data)
-                    if values is not None:  # a Query as a client renders it: no parse
-                        try:
-                            self._admit(client, *query, values, frames[2:])
-                        except proto.FIELD_ERRORS as exc:  # as the long way below answers
-                            self._client_error(
-                                client, ErrorCode.BAD_MESSAGE, f"Query does not decode: {type(exc).__name__}"
-                            )
-                        return
+        found = self._query_templates.match(frames[1]) if len(frames) >= 3 else None
+        if found is not None:  # a Query as a client renders it: no parse
+            ids, query = found
+            try:
+                self._admit(client, *query, ids, frames[2:])
+            except proto.FIELD_ERRORS as exc:  # as the long way below answers
+                self._client_error(
+                    client, ErrorCode.BAD_MESSAGE, f"Query does not decode: {type(exc).__name__}"
+                )
+            return
         header = self._header(frames, self._client_error)
         if header is None:
             return
@@ -329,20 +323,8 @@ class Broker:
         context = (proto.read_str(buf, pos, proto.slot(fields, 6)) or b"").decode("utf-8", "replace")
         query = (app_name, dtype, tuple(shape), timeout_us, priority, context)
         self._admit(client, *query, ids, payloads)
-        if len(ids) <= _QUERY_TEMPLATE_IDS and self._learnt_queries < _QUERY_TEMPLATES:
-            self._learn_query(buf, query, len(ids))
-
-    def _learn_query(
-        self, header: bytes, query: tuple[str, int, tuple[int, ...], int, int, str], n: int
-    ) -> None:
-        """Keep the template of a Query message, if the client rendered it from one."""
-        template = proto.query_template(*query, n)
-        if template.match(header) is None:
-            return
-        known = self._query_templates.setdefault(len(header), [])
-        if len(known) < 8 and all(t is not template for t, _ in known):  # each costs a look
-            known.append((template, query))
-            self._learnt_queries += 1
+        if len(ids) <= _QUERY_TEMPLATE_IDS and not self._query_templates.full:
+            self._query_templates.learn(buf, proto.query_template(*query, len(ids)), query)
 
     def _admit(
         self,
@@ -1015,27 +997,18 @@ class Broker:
 
     def _on_backend(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
-        if len(frames) > 2:
-            known = self._plain_replies.get(len(frames[1]))
-            replica = self.replicas.get(identity)
-            if known is not None and replica is not None:
-                data = frames[1].bytes
-                for template, output, n in known:
-                    values = template.match(data)
-                    if values is not None and len(frames) == 2 + n:  # plain outputs: no parse
-                        now = replica.last_seen = time.monotonic()
-                        batch_id, compute_us = values
-                        try:
-                            self._batch_done(
-                                replica, batch_id, compute_us / 1000, [output] * n, "", frames[2:], now
-                            )
-                        except proto.FIELD_ERRORS as exc:  # as the long way below answers
-                            self._backend_error(
-                                identity,
-                                ErrorCode.BAD_MESSAGE,
-                                f"PredictReply does not decode: {type(exc).__name__}",
-                            )
-                        return
+        replica = self.replicas.get(identity)
+        found = self._plain_replies.match(frames[1]) if replica is not None and len(frames) > 2 else None
+        if found is not None and len(frames) == 2 + found[1][1]:  # plain outputs: no parse
+            (batch_id, compute_us), (output, n) = found
+            now = replica.last_seen = time.monotonic()
+            try:
+                self._batch_done(replica, batch_id, compute_us / 1000, [output] * n, "", frames[2:], now)
+            except proto.FIELD_ERRORS as exc:  # as the long way below answers
+                self._backend_error(
+                    identity, ErrorCode.BAD_MESSAGE, f"PredictReply does not decode: {type(exc).__name__}"
+                )
+            return
         header = self._header(frames, self._backend_error)
         if header is None:
             return
@@ -1150,23 +1123,17 @@ class Broker:
             compute_ms, outputs, failure = _read_predict_reply(r, len(batch.items), len(payloads))
         except proto.FIELD_ERRORS as exc:
             compute_ms, outputs, failure = 0.0, [], f"reply does not decode ({type(exc).__name__})"
-        if outputs and not failure and self._learnt_replies < _REPLY_TEMPLATES:
-            self._learn_reply(buf, outputs)
+        first = outputs[0] if outputs and not failure else None
+        if (
+            first
+            and first[1] is not None
+            and not self._plain_replies.full
+            and all(o == first for o in outputs)
+        ):
+            # outputs all OK and of one type: the replica may have rendered them from a template
+            template = proto.predict_reply_many_template(first[1], first[2], len(outputs))
+            self._plain_replies.learn(buf, template, (first, len(outputs)))
         self._batch_done(replica, batch_id, compute_ms, outputs, failure, payloads, now)
-
-    def _learn_reply(self, header: bytes, outputs: list[tuple]) -> None:
-        """Keep the template of a reply whose outputs are all OK and of one type, if the
-        replica rendered it from one (proto.predict_reply_many_template)."""
-        first = outputs[0]
-        if first[1] is None or any(o != first for o in outputs):
-            return
-        template = proto.predict_reply_many_template(first[1], first[2], len(outputs))
-        if template.match(header) is None:
-            return
-        known = self._plain_replies.setdefault(len(header), [])
-        if len(known) < 8 and all(t is not template for t, _, _ in known):
-            known.append((template, first, len(outputs)))
-            self._learnt_replies += 1
 
     def _batch_done(
         self,

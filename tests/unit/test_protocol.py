@@ -256,13 +256,14 @@ def test_template_match_reads_back_what_render_wrote_and_nothing_else():
     assert q.match(proto.query_template("app", proto.FLOAT64, (5,), 0, 0, "").render(7)) is None
 
 
-def test_client_reads_a_templated_reply_as_it_parses_one():
+def test_client_reads_a_templated_reply_as_it_parses_one(monkeypatch):
     from ketch import client
 
     payloads = [np.float64(i).tobytes() for i in range(3)]
     header = proto.reply_ok_many_template("m", "2", proto.FLOAT64, (), 3).render(5, 1500, 6, 1600, 7, 1700)
     sent_at = {5: 0.0, 6: 0.0, 7: 0.0}
-    client._PLAIN.clear()
+    monkeypatch.setattr(client, "_PLAIN", proto.LearntTemplates(total=256))  # none learnt yet
+    assert client._plain_reply([header, *payloads], sent_at) is None
     parsed = client._parse([header, *payloads], sent_at)  # the long way; learns the template
     assert client._PLAIN
     fast = client._plain_reply([header, *payloads], sent_at)
@@ -294,3 +295,21 @@ def test_template_match_sees_any_change_outside_the_slots(rid, latency, data):
         assert got is not None and got != [rid, latency]
     else:
         assert got is None
+
+
+def test_learnt_templates_keep_only_what_a_message_proves_and_stay_bounded():
+    book = proto.LearntTemplates(total=3, per_length=2)
+    shapes = [(i,) for i in range(1, 5)]  # one-dimensional: Query headers of one length
+    templates = [proto.query_template("app", proto.FLOAT64, shape, 0, 0, "") for shape in shapes]
+    assert not book and book.match(templates[0].render(1)) is None
+    assert not book.learn(templates[1].render(1), templates[0], "no")  # not that template rendered
+    assert book.learn(templates[0].render(1), templates[0], shapes[0])
+    assert not book.learn(templates[0].render(2), templates[0], shapes[0])  # known already
+    assert book.learn(templates[1].render(1), templates[1], shapes[1])
+    assert not book.learn(templates[2].render(1), templates[2], shapes[2])  # two of that length
+    assert book.match(templates[1].render(9)) == ([9], shapes[1])
+    assert book.match(templates[2].render(9)) is None
+    other = proto.query_template("application", proto.FLOAT64, (4,), 0, 0, "")
+    assert book.learn(other.render(1), other, "other") and book.full
+    last = proto.query_template("a-third-length", proto.FLOAT64, (4,), 0, 0, "")
+    assert not book.learn(last.render(1), last, "full")

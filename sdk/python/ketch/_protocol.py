@@ -717,8 +717,8 @@ class Template:
             struct.pack_into(fmt, buf, pos, value)
         return bytes(buf)
 
-    def match(self, data: bytes) -> list[int] | None:
-        """The slot values when ``data`` is this template rendered with them, else None."""
+    def match(self, data: Any) -> list[int] | None:
+        """The slot values when ``data`` (any buffer) is this template rendered with them."""
         if len(data) != len(self.data):
             return None
         buf = bytearray(data)
@@ -727,6 +727,50 @@ class Template:
             values.append(fmt.unpack_from(buf, start)[0])
             buf[start:end] = original
         return values if buf == self.data else None
+
+
+class LearntTemplates:
+    """The templates a receiver has seen its peer render, by message length, each with what
+    the receiver learnt alongside it (the parsed fields a match stands for).
+
+    ``learn`` keeps a template only when the message just read the long way is that
+    template rendered; ``match`` is then a dict lookup and one ``Template.match`` per
+    template of that length. Bounded in all and per length: a peer that varies what it
+    sends (shapes, models) costs at most ``per_length`` looks per message.
+    """
+
+    __slots__ = ("_by_length", "count", "per_length", "total")
+
+    def __init__(self, total: int = 1024, per_length: int = 8) -> None:
+        self._by_length: dict[int, list[tuple[Template, Any]]] = {}
+        self.count = 0
+        self.total, self.per_length = total, per_length
+
+    def match(self, data: Any) -> tuple[list[int], Any] | None:
+        """(slot values, what was learnt) of the template ``data`` (any buffer) renders."""
+        for template, learnt in self._by_length.get(len(data), ()):
+            values = template.match(data)
+            if values is not None:
+                return values, learnt
+        return None
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.total
+
+    def learn(self, data: bytes, template: Template, learnt: Any) -> bool:
+        """Keep ``template`` (with ``learnt``) if ``data`` is it rendered; whether it is kept."""
+        known = self._by_length.get(len(data), [])
+        if self.full or len(known) >= self.per_length or any(t is template for t, _ in known):
+            return False
+        if template.match(data) is None:
+            return False
+        self._by_length[len(data)] = [*known, (template, learnt)]
+        self.count += 1
+        return True
+
+    def __bool__(self) -> bool:
+        return self.count > 0
 
 
 def _field_pos(obj: Any, slot: int) -> int:

@@ -95,8 +95,8 @@ class _Session:
         self.answered: set[int] = set()
         self.result = LoadResult()
         self._ids = int.from_bytes(os.urandom(3), "little") << 24
-        # header length -> [(reply template, slots per answer: the id comes first)]
-        self._plain: dict[int, list[tuple[proto.Template, int]]] = {}
+        # reply templates learnt, each with its slots per answer (the id comes first)
+        self._plain = proto.LearntTemplates(total=64)
 
     def send(self, inputs: list[Any], at: list[float]) -> None:
         code, shape, first = encode_input(inputs[0])
@@ -124,14 +124,12 @@ class _Session:
             except zmq.Again:
                 return got
             now = time.perf_counter()
-            header = frames[0].bytes
-            for template, stride in self._plain.get(len(header), ()):
-                values = template.match(header)
-                if values is not None:  # plain predictions, as learnt: ids from fixed slots
-                    got += self._answered_ok(values[0::stride], now)
-                    break
+            found = self._plain.match(frames[0]) if self._plain else None
+            if found is not None:  # plain predictions, as learnt: ids from fixed slots
+                values, stride = found
+                got += self._answered_ok(values[0::stride], now)
             else:
-                got += self._take(header, now)
+                got += self._take(frames[0].bytes, now)
 
     def _latency(self, rid: int, now: float) -> float | None:
         """The round trip of ``rid`` in ms, recorded; None for an id not in flight."""
@@ -185,7 +183,7 @@ class _Session:
                 error = proto.read_u16(buf, at + off) if off else 0
                 code = proto.ERROR_NAMES.get(error, str(error))
                 r.error_codes[code] = r.error_codes.get(code, 0) + 1
-        if plain and len(self._plain) < 64:
+        if plain and not self._plain.full:
             self._learn(header, buf, pos)
         return got
 
@@ -202,10 +200,7 @@ class _Session:
         model = (proto.read_str(buf, items[0], proto.slot(f, 5)) or b"").decode("utf-8", "replace")
         version = (proto.read_str(buf, items[0], proto.slot(f, 6)) or b"").decode("utf-8", "replace")
         template = proto.reply_ok_many_template(model, version, dtype, tuple(shape), len(items))
-        if template.match(header) is not None:
-            known = self._plain.setdefault(len(header), [])
-            if (template, 2) not in known:
-                known.append((template, 2))  # (request id, latency) per answer
+        self._plain.learn(header, template, 2)  # (request id, latency) per answer
 
     def _wait(self, timeout_s: float) -> bool:
         """Whether a message waits, after at most ``timeout_s``. ZeroMQ's own poll counts in

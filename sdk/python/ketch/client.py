@@ -96,46 +96,42 @@ def _parse(
 
 # Replies of plain predictions (every item OK, of one model version and output type) are
 # rendered by the broker from a template (proto.reply_ok_many_template). Once one has been
-# parsed, its template is kept here, by header length, and later replies that match it
-# are read from their fixed slots: a copy and a comparison, not a parse of every field.
-_PLAIN: dict[int, list[tuple[proto.Template, str, str, int, tuple[int, ...]]]] = {}
-_PLAIN_MAX = 256  # templates kept, over all lengths
+# parsed, its template is kept here, and later replies that match it are read from their
+# fixed slots: a copy and a comparison, not a parse of every field.
+_PLAIN = proto.LearntTemplates(total=256)
 
 
 def _plain_reply(
     frames: list[Any], sent_at: dict[int, float] | None
 ) -> list[tuple[int, Prediction | errors.RequestError]] | None:
-    known = _PLAIN.get(len(frames[0]))
-    if not known:
+    found = _PLAIN.match(frames[0]) if _PLAIN else None
+    if found is None:
         return None
-    header = frames[0]
-    for template, model, version, dtype, shape in known:
-        values = template.match(header)
-        if values is None or len(frames) != 1 + len(values) // 2:
-            continue
-        now = time.perf_counter()
-        out = []
-        answered = (model,)
-        for i in range(0, len(values), 2):
-            rid = values[i]
-            started = sent_at.get(rid) if sent_at else None
-            prediction = Prediction(
-                output=proto.payload_to_value(dtype, shape, frames[1 + i // 2]),
-                model=model,
-                version=version,
-                latency_ms=(now - started) * 1000 if started else 0.0,
-                broker_latency_ms=values[i + 1] / 1000,
-                models_answered=answered,
-                request_id=rid,
-            )
-            out.append((rid, prediction))
-        return out
-    return None
+    values, (model, version, dtype, shape) = found
+    if len(frames) != 1 + len(values) // 2:
+        return None
+    now = time.perf_counter()
+    out = []
+    answered = (model,)
+    for i in range(0, len(values), 2):
+        rid = values[i]
+        started = sent_at.get(rid) if sent_at else None
+        prediction = Prediction(
+            output=proto.payload_to_value(dtype, shape, frames[1 + i // 2]),
+            model=model,
+            version=version,
+            latency_ms=(now - started) * 1000 if started else 0.0,
+            broker_latency_ms=values[i + 1] / 1000,
+            models_answered=answered,
+            request_id=rid,
+        )
+        out.append((rid, prediction))
+    return out
 
 
 def _learn(header: bytes, out: list[tuple[int, Prediction | errors.RequestError]]) -> None:
     """Keep the template of a reply of plain predictions, if this one was rendered from it."""
-    if not out or sum(map(len, _PLAIN.values())) >= _PLAIN_MAX:
+    if not out or _PLAIN.full:
         return
     first = out[0][1]
     if not isinstance(first, Prediction) or not isinstance(first.output, np.ndarray | np.generic):
@@ -145,11 +141,7 @@ def _learn(header: bytes, out: list[tuple[int, Prediction | errors.RequestError]
         return
     shape = tuple(np.shape(first.output))
     template = proto.reply_ok_many_template(first.model, first.version, dtype, shape, len(out))
-    if template.match(header) is None:
-        return
-    known = _PLAIN.setdefault(len(header), [])
-    if not any(t is template for t, *_ in known):
-        known.append((template, first.model, first.version, dtype, shape))
+    _PLAIN.learn(header, template, (first.model, first.version, dtype, shape))
 
 
 def _parse_message(

@@ -131,9 +131,9 @@ class Replica:
         self.heartbeat_s = 1.0
         self.dead_after_s = 5.0
         self.batches = 0
-        # one-item requests, as the broker renders them (proto.predict_template): header
-        # length -> (template, dtype, shape), learnt from requests parsed the long way
-        self._one: dict[int, tuple[proto.Template, int, tuple[int, ...]]] = {}
+        # one-item requests, as the broker renders them (proto.predict_template), learnt
+        # from requests parsed the long way, each with its input's (dtype, shape)
+        self._one = proto.LearntTemplates(total=256)
         self._long_way = 0
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
 
@@ -259,11 +259,11 @@ class Replica:
 
     def _on_message(self, sock: zmq.Socket, frames: list[zmq.Frame], now: float) -> str:
         header = frames[0].bytes
-        one = self._one.get(len(header))
-        if one is not None and len(frames) == 2:
-            values = one[0].match(header)
+        found = self._one.match(header) if self._one and len(frames) == 2 else None
+        if found is not None:
+            values, (dtype, shape) = found
             try:
-                inputs = [proto.payload_to_value(one[1], one[2], frames[1].buffer)] if values else []
+                inputs = [proto.payload_to_value(dtype, shape, frames[1].buffer)]
             except (ValueError, proto.DecodeError):
                 inputs = []  # a payload that does not fit: the long way answers for it
             if inputs:  # a one-item batch: no parse
@@ -317,7 +317,7 @@ class Replica:
         """Keep the template of a one-item request that came the long way (now and then:
         inputs whose shape varies would miss it every time)."""
         self._long_way += 1
-        if self._long_way % 64 != 1:
+        if self._long_way % 64 != 1 or self._one.full:
             return
         buf, pos = proto.where(body)
         f = proto.slots(buf, pos)
@@ -326,9 +326,7 @@ class Replica:
         shape = tuple(proto.read_vector(buf, pos, proto.slot(f, 5), "q"))
         model = (body.Model() or b"").decode("utf-8", "replace")
         version = (body.ModelVersion() or b"").decode("utf-8", "replace")
-        template = proto.predict_template(model, version, dtype, shape)
-        if template.match(header) is not None:
-            self._one[len(header)] = (template, dtype, shape)
+        self._one.learn(header, proto.predict_template(model, version, dtype, shape), (dtype, shape))
 
     def _inputs(self, body: Any, payloads: list[zmq.Frame]) -> tuple[list[Any], list[int]]:
         """(inputs, budgets in us) of a PredictRequest, read straight from its bytes."""
