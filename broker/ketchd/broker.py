@@ -50,6 +50,8 @@ _QUERY_TEMPLATES = 1024  # Query templates learnt, at most
 _QUERY_TEMPLATE_IDS = 64  # ids in a learnt Query template, at most
 _REQUEST_TEMPLATE_ITEMS = 128  # batches up to this size are rendered from a template
 _REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
+_REPLY_ITEMS = 64  # answers in one Reply at most (more go in several)
+_PREBUILT_SIZES = range(1, _REPLY_ITEMS + 1)  # templates built ahead of need, when idle
 
 
 class Broker:
@@ -64,7 +66,7 @@ class Broker:
         self.counters: Counter[str] = Counter()
         self.started = time.time()
         self.endpoints: dict[str, str] = {}
-        self._deadlines = Deadlines()  # every query held, answered or not, until its deadline
+        self._deadlines = Deadlines()  # every query held, until it is answered or its deadline passes
         self._seq = itertools.count()
         self._dirty: set[Model] = set()
         self._out: dict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
@@ -79,6 +81,7 @@ class Broker:
         # message) and count
         self._query_templates = proto.LearntTemplates(_QUERY_TEMPLATES)
         self._plain_replies = proto.LearntTemplates(_REPLY_TEMPLATES)
+        self._prebuilds = proto.Prebuilds()  # client replies and batch requests, other sizes
         # recent multi-model queries, for feedback: (client, request id) and (app, input digest)
         self._recent: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
         self._recent_inputs: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
@@ -193,7 +196,10 @@ class Broker:
         }
         try:
             while not (self._stopping and self.pending_count() == 0):
-                events = poller.poll(self._poll_timeout_ms())
+                prebuild = bool(self._prebuilds)
+                events = poller.poll(0 if prebuild else self._poll_timeout_ms())
+                if prebuild and not events:  # idle: build a template before a burst needs it
+                    self._prebuilds.step()
                 for sock, _ in events:
                     self._drain(sock, handlers[sock])
                     if sock is self.backend:
@@ -524,6 +530,7 @@ class Broker:
     def _complete(self, f: Fanout, first: str | None = None, at_deadline: bool = False) -> None:
         """Reply to the client from what has arrived."""
         f.done = True
+        self._deadlines.discard(f.deadline, f)
         app = f.app
         sel = f.selection
         left = self._outstanding.get(f.client)
@@ -785,18 +792,24 @@ class Broker:
         if not self._out:
             return
         out, self._out = self._out, defaultdict(list)
-        for client, entries in out.items():
-            values = _plain_values(entries)
-            if values is not None:  # the common case: plain predictions, from a prebuilt template
-                item = entries[0][0]
-                shape = tuple(item.shape or ())
-                template = proto.reply_ok_many_template(
-                    item.model, item.model_version, item.dtype, shape, len(entries)
-                )
-                header = template.render(*values)
-            else:
-                header = proto.build_reply([item for item, _ in entries])
-            multipart.send(self.frontend, [client, header, *[payload for _, payload in entries]])
+        for client, answers in out.items():
+            if len(answers) <= _REPLY_ITEMS:
+                self._send_reply(client, answers)
+                continue
+            for at in range(0, len(answers), _REPLY_ITEMS):  # a prebuilt size each
+                self._send_reply(client, answers[at : at + _REPLY_ITEMS])
+
+    def _send_reply(self, client: bytes, entries: list[tuple[proto.ReplyFields, Any]]) -> None:
+        values = _plain_values(entries)
+        if values is not None:  # the common case: plain predictions, from a prebuilt template
+            item = entries[0][0]
+            shape = tuple(item.shape or ())
+            family = (item.model, item.model_version, item.dtype, shape)
+            header = proto.reply_ok_many_template(*family, len(entries)).render(*values)
+            self._prebuilds.want(proto.reply_ok_many_template, family, _PREBUILT_SIZES)
+        else:
+            header = proto.build_reply([item for item, _ in entries])
+        multipart.send(self.frontend, [client, header, *[payload for _, payload in entries]])
 
     def _finish(self, p: Pending) -> float:
         """Mark a query answered; returns its latency in ms."""
@@ -804,7 +817,8 @@ class Broker:
             # reached only when an answer path did not release the flight itself
             self._promote(self._release_flight(p), p.cache_key)
         p.done = True
-        p.payload = _EMPTY  # its entry waits for the deadline; the input need not
+        p.payload = _EMPTY  # whatever still holds the query need not hold its input
+        self._deadlines.discard(p.deadline, p)  # so that its objects go now, not at the deadline
         if p.queued:
             self.models[p.model].queue.discard(p)
         left = self._outstanding.get(p.client)
@@ -967,8 +981,9 @@ class Broker:
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
         shape = items[0].shape
         if len(items) <= _REQUEST_TEMPLATE_ITEMS and all(p.shape == shape for p in items):
-            template = proto.predict_template(model.name, replica.version, items[0].dtype, shape, len(items))
-            header = template.render(batch_id, *budgets)
+            family = (model.name, replica.version, items[0].dtype, shape)
+            header = proto.predict_template(*family, len(items)).render(batch_id, *budgets)
+            self._prebuilds.want(proto.predict_template, family, _PREBUILT_SIZES)
         else:
             shapes = [d for p in items for d in p.shape]
             header = proto.build_predict_request(
@@ -1130,9 +1145,13 @@ class Broker:
             and not self._plain_replies.full
             and all(o == first for o in outputs)
         ):
-            # outputs all OK and of one type: the replica may have rendered them from a template
-            template = proto.predict_reply_many_template(first[1], first[2], len(outputs))
-            self._plain_replies.learn(buf, template, (first, len(outputs)))
+            # outputs all OK and of one type: a later reply equal to this one outside the
+            # batch id and the compute time is the same reply, so it is its own template
+            fields = proto.slots(buf, pos)
+            id_off, us_off = proto.slot(fields, 0), proto.slot(fields, 1)
+            if id_off and us_off:
+                template = proto.Template(bytes(buf), ((pos + id_off, "<Q"), (pos + us_off, "<I")))
+                self._plain_replies.learn(buf, template, (first, len(outputs)))
         self._batch_done(replica, batch_id, compute_ms, outputs, failure, payloads, now)
 
     def _batch_done(

@@ -406,3 +406,39 @@ def test_learnt_message_templates_answer_as_the_long_way(thread_broker, admin, c
         assert item["request_id"] == 23 and item["error"] == "UNKNOWN_APP"
     finally:
         sock.close()
+
+
+def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(thread_broker, admin):
+    """100 queries in one message, computed in one batch: their answers leave in Replies
+    of 64 at most (the sizes a broker prebuilds templates for), and no answered query is
+    held until its deadline."""
+    admin.create_app("a", input_type="float64", input_shape=[-1], slo_ms=30_000, models=["m"])
+    admin.configure_model("m", max_batch=100, batching="fixed", create=True)
+    replica = RawReplica(thread_broker.backend, credits=1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(thread_broker.frontend)
+    try:
+        replica.hello()
+        wait_replicas(admin, 1)
+        ids = list(range(1000, 1100))
+        xs = [np.arange(3.0) + i for i in range(100)]
+        sock.send_multipart([proto.build_query("a", proto.FLOAT64, (3,), ids), *[x.tobytes() for x in xs]])
+        body, payloads = replica.next_batch()
+        assert body.BudgetsUsLength() == 100
+        replica.answer_sums(body, payloads)
+        answered: dict[int, float] = {}
+        sizes = []
+        while len(answered) < 100:
+            frames = recv(sock)
+            items = proto.to_dict(frames[0])["body"]["items"]
+            sizes.append(len(items))
+            for item, payload in zip(items, frames[1:], strict=True):
+                assert item["status"] == "OK" and item["request_id"] not in answered
+                answered[item["request_id"]] = float(np.frombuffer(payload, "<f8")[0])
+        assert sizes == [64, 36]
+        assert answered == {rid: float(x.sum()) for rid, x in zip(ids, xs, strict=True)}
+        assert len(thread_broker.broker._deadlines) == 0  # a 30 s SLO, yet nothing is held
+    finally:
+        sock.close()
+        replica.close()

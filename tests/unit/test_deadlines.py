@@ -50,3 +50,30 @@ def test_items_added_while_expiring_are_seen_in_order():
             d.add(0.0205, "late-add")  # within the window still being expired
     assert seen[: seen.index("late-add")] == list(range(22)) and seen[-1] == 30
     assert len(seen) == 32
+
+
+@given(st.lists(st.tuples(st.floats(0, 10, allow_nan=False), st.booleans()), max_size=200))
+def test_discarded_items_never_fall_due(entries):
+    d = Deadlines()
+    items = [(t, object(), answered) for t, answered in entries]
+    for t, item, _ in items:
+        d.add(t, item)
+    for t, item, answered in items:
+        if answered:
+            d.discard(t, item)
+    kept = [item for _, item, answered in items if not answered]
+    assert len(d) == len(kept)
+    due = d.next_due()
+    if kept:
+        assert due == min(math.ceil(t * 1000) for t, _, answered in items if not answered) / 1000
+    else:
+        assert due is None
+    assert {id(x) for x in d.due(11)} == {id(x) for x in kept}
+
+
+def test_discard_of_an_item_not_held_changes_nothing():
+    d = Deadlines()
+    d.add(1.0, "a")
+    d.discard(2.0, "a")  # not its deadline
+    d.discard(1.0, "b")  # not held
+    assert list(d.due(1.0)) == ["a"]

@@ -313,3 +313,79 @@ def test_learnt_templates_keep_only_what_a_message_proves_and_stay_bounded():
     assert book.learn(other.render(1), other, "other") and book.full
     last = proto.query_template("a-third-length", proto.FLOAT64, (4,), 0, 0, "")
     assert not book.learn(last.render(1), last, "full")
+
+
+def _plain_items(n: int, **change) -> list[proto.ReplyFields]:
+    """n plain predictions; ``change`` sets fields of the second one."""
+    items = []
+    for i in range(n):
+        fields = {"model": "m", "model_version": "1", "latency_us": 500 + i, "models_answered": ("m",)}
+        status, dtype, shape, rid = Status.OK, proto.FLOAT64, (2,), 100 + i
+        if i == 1:
+            status = change.pop("status", status)
+            dtype = change.pop("dtype", dtype)
+            shape = change.pop("shape", shape)
+            rid = change.pop("request_id", rid)
+            fields.update(change)
+        items.append(proto.ReplyFields(rid, status, dtype, shape, **fields))
+    return items
+
+
+def test_a_plain_reply_is_a_template_of_itself():
+    data = proto.build_reply(_plain_items(3))
+    template, meaning = proto.plain_reply_template(data)
+    assert meaning == ("m", "1", proto.FLOAT64, (2,))
+    assert template.match(data) == [100, 500, 101, 501, 102, 502]
+    # what the broker renders for these answers has the same bytes outside the slots
+    rendered = proto.reply_ok_many_template("m", "1", proto.FLOAT64, (2,), 3).render(7, 8, 9, 10, 11, 12)
+    assert template.match(rendered) == [7, 8, 9, 10, 11, 12]
+    assert template.match(proto.build_reply(_plain_items(4))) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"status": Status.DEFAULT, "message": "deadline"},
+        {"status": Status.ERROR, "error": proto.ErrorCode.ErrorCode.MODEL_ERROR, "dtype": None},
+        {"message": "a note"},
+        {"confidence": 0.5},
+        {"models_missing": ("n",)},
+        {"models_answered": ("m", "n")},
+        {"model": "n", "models_answered": ("n",)},
+        {"model_version": "2"},
+        {"shape": (3,)},
+        {"dtype": proto.dtype_code("float32")},
+        {"latency_us": 0},  # not written: no slot for it
+        {"request_id": 0},
+        {"retry_after_ms": 5},
+    ],
+    ids=lambda c: ",".join(c),
+)
+def test_a_reply_with_an_item_that_is_not_plain_is_not_learnt(change):
+    assert proto.plain_reply_template(proto.build_reply(_plain_items(3, **change))) is None
+
+
+def test_only_replies_are_learnt_as_replies():
+    query = proto.build_query("a", proto.FLOAT64, (2,), [1, 2])
+    assert proto.plain_reply_template(query) is None
+    assert proto.plain_reply_template(b"\x00" * 40) is None
+    assert proto.plain_reply_template(proto.build_reply([])) is None
+
+
+def test_prebuilds_queue_each_family_once_and_build_one_per_step():
+    built = []
+
+    def build(*args):
+        built.append(args)
+
+    pre = proto.Prebuilds(limit=2)
+    assert not pre
+    pre.want(build, ("a",), range(1, 4))
+    pre.want(build, ("a",), range(1, 4))  # queued already
+    pre.want(build, ("b",), range(1, 2))
+    pre.want(build, ("c",), range(1, 2))  # over the limit of families
+    steps = 0
+    while pre:
+        pre.step()
+        steps += 1
+    assert built == [("a", 1), ("a", 2), ("a", 3), ("b", 1)] and steps == 4

@@ -184,23 +184,14 @@ class _Session:
                 code = proto.ERROR_NAMES.get(error, str(error))
                 r.error_codes[code] = r.error_codes.get(code, 0) + 1
         if plain and not self._plain.full:
-            self._learn(header, buf, pos)
+            self._learn(header)
         return got
 
-    def _learn(self, header: bytes, buf: bytes, pos: int) -> None:
-        """Keep the template of a reply of plain predictions (as ketch.client does)."""
-        items = list(proto.read_tables(buf, pos, proto.slot(proto.slots(buf, pos), 0)))
-        if not items:
-            return
-        f = proto.slots(buf, items[0])
-        tensor = proto.read_table(buf, items[0], proto.slot(f, 2))
-        if tensor is None:
-            return
-        dtype, shape = proto.read_tensor(buf, tensor)
-        model = (proto.read_str(buf, items[0], proto.slot(f, 5)) or b"").decode("utf-8", "replace")
-        version = (proto.read_str(buf, items[0], proto.slot(f, 6)) or b"").decode("utf-8", "replace")
-        template = proto.reply_ok_many_template(model, version, dtype, tuple(shape), len(items))
-        self._plain.learn(header, template, 2)  # (request id, latency) per answer
+    def _learn(self, header: bytes) -> None:
+        """Keep a reply of plain predictions as a template of itself (as ketch.client does)."""
+        found = proto.plain_reply_template(header)
+        if found is not None:
+            self._plain.learn(header, found[0], 2)  # (request id, latency) per answer
 
     def _wait(self, timeout_s: float) -> bool:
         """Whether a message waits, after at most ``timeout_s``. ZeroMQ's own poll counts in

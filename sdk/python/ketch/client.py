@@ -95,9 +95,9 @@ def _parse(
 
 
 # Replies of plain predictions (every item OK, of one model version and output type) are
-# rendered by the broker from a template (proto.reply_ok_many_template). Once one has been
-# parsed, its template is kept here, and later replies that match it are read from their
-# fixed slots: a copy and a comparison, not a parse of every field.
+# rendered by the broker from a template. Once one has been parsed, it is kept here as a
+# template of itself (proto.plain_reply_template), and later replies that match it are read
+# from their fixed slots: a copy and a comparison, not a parse of every field.
 _PLAIN = proto.LearntTemplates(total=256)
 
 
@@ -130,18 +130,12 @@ def _plain_reply(
 
 
 def _learn(header: bytes, out: list[tuple[int, Prediction | errors.RequestError]]) -> None:
-    """Keep the template of a reply of plain predictions, if this one was rendered from it."""
-    if not out or _PLAIN.full:
+    """Keep a reply of plain predictions, read the long way, as a template of itself."""
+    if not out or _PLAIN.full or not all(isinstance(p, Prediction) and not p.default for _, p in out):
         return
-    first = out[0][1]
-    if not isinstance(first, Prediction) or not isinstance(first.output, np.ndarray | np.generic):
-        return
-    dtype = _NUMPY_TO_WIRE.get(np.asarray(first.output).dtype.newbyteorder("="))
-    if dtype is None:
-        return
-    shape = tuple(np.shape(first.output))
-    template = proto.reply_ok_many_template(first.model, first.version, dtype, shape, len(out))
-    _PLAIN.learn(header, template, (first.model, first.version, dtype, shape))
+    found = proto.plain_reply_template(header)
+    if found is not None:
+        _PLAIN.learn(header, *found)
 
 
 def _parse_message(

@@ -39,6 +39,7 @@ log = structlog.get_logger("ketch.runtime")
 
 DEFAULT_BACKEND = "tcp://127.0.0.1:7000"
 _DRAIN_QUIET_S = 0.05  # a draining replica says goodbye after this long without a batch
+_PREBUILT_SIZES = 64  # batch sizes whose reply template is built ahead of need
 PredictFn = Callable[[list[Any]], list[Any]]
 _WIRE_OF_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
 
@@ -135,6 +136,7 @@ class Replica:
         # from requests parsed the long way, each with its input's (dtype, shape)
         self._one = proto.LearntTemplates(total=256)
         self._long_way = 0
+        self._prebuilds = proto.Prebuilds()  # reply templates of other batch sizes
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
 
     # ------------------------------------------------------------ public
@@ -212,7 +214,8 @@ class Replica:
         heartbeat = proto.encode("Heartbeat", {})
         while True:
             timeout = min(100 if draining_since is None else 10, int(self.heartbeat_s * 500))
-            if sock.poll(timeout, zmq.POLLIN):
+            prebuild = bool(self._prebuilds)
+            if sock.poll(0 if prebuild else timeout, zmq.POLLIN):
                 for _ in range(64):  # then look at the clock, the stop flag and the heartbeat
                     frames = multipart.recv(sock)
                     last_recv = time.monotonic()
@@ -229,6 +232,8 @@ class Replica:
                         self._stop.set()
                     if not multipart.waiting(sock):
                         break
+            elif prebuild:  # idle: build a reply template before a burst needs it
+                self._prebuilds.step()
             now = time.monotonic()
             if self._stop.is_set() and draining_since is None:
                 draining_since = now
@@ -363,6 +368,12 @@ class Replica:
             self._computing_since = None
             self.batches += 1
 
+    def _reply_template(self, dtype: int, shape: tuple[int, ...], n: int) -> proto.Template:
+        """The PredictReply template of ``n`` OK outputs; the other sizes are built when idle."""
+        sizes = range(1, min(self.max_batch or _PREBUILT_SIZES, _PREBUILT_SIZES) + 1)
+        self._prebuilds.want(proto.predict_reply_many_template, (dtype, shape), sizes)
+        return proto.predict_reply_many_template(dtype, shape, n)
+
     def _compute(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> list[Any]:
         n = len(inputs)
         waited_us = (time.monotonic() - received) * 1e6
@@ -397,7 +408,7 @@ class Replica:
             if encoded:
                 dtype, shape, _ = encoded[0]
                 if all(e[0] == dtype and e[1] == shape for e in encoded):  # from a prebuilt template
-                    template = proto.predict_reply_many_template(dtype, tuple(shape), n)
+                    template = self._reply_template(dtype, tuple(shape), n)
                     return [template.render(batch_id, compute_us), *[e[2] for e in encoded]]
         live_set = set(live)
         metas, payloads = [], []
@@ -420,8 +431,7 @@ class Replica:
             and first[0] == Status.OK
             and all(m[0] == Status.OK and m[1] == first[1] and m[2] == first[2] for m in metas)
         ):  # the common case: every output OK and of one type, from a prebuilt template
-            template = proto.predict_reply_many_template(first[1], tuple(first[2]), n)
-            header = template.render(batch_id, compute_us)
+            header = self._reply_template(first[1], tuple(first[2]), n).render(batch_id, compute_us)
         else:
             header = proto.build_predict_reply(batch_id, compute_us, metas)
         return [header, *payloads]
