@@ -70,6 +70,8 @@ class Broker:
         self._seq = itertools.count()
         self._dirty: set[Model] = set()
         self._out: dict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
+        # plain predictions by (client, (model, version, dtype, shape)): ([id, latency_us, ...], payloads)
+        self._plain_out: dict[tuple[bytes, tuple], tuple[list[int], list[Any]]] = {}
         self._held_admin: dict[int, tuple[bytes, bytes]] = {}
         self.cache = PredictionCache(self.config.cache_bytes, self.config.cache_ttl_s)
         self._flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
@@ -789,6 +791,15 @@ class Broker:
             self._sub_answered(p, item, payload)
 
     def _flush(self) -> None:
+        if self._plain_out:
+            plain, self._plain_out = self._plain_out, {}
+            for (client, family), (values, payloads) in plain.items():
+                n = len(payloads)
+                for at in range(0, n, _REPLY_ITEMS):  # a prebuilt size each
+                    end = min(n, at + _REPLY_ITEMS)
+                    header = proto.reply_ok_many_template(*family, end - at).render(*values[2 * at : 2 * end])
+                    multipart.send(self.frontend, [client, header, *payloads[at:end]])
+                self._prebuilds.want(proto.reply_ok_many_template, family, _PREBUILT_SIZES)
         if not self._out:
             return
         out, self._out = self._out, defaultdict(list)
@@ -1193,18 +1204,57 @@ class Broker:
                 if not p.done:
                     self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} {failure}")
             return
-        for i, (p, (ok, dtype, shape, code, message)) in enumerate(zip(items, outputs, strict=True)):
+        first = outputs[0]
+        if first[0] and first[1] is not None and all(o == first for o in outputs):
+            self._answer_plain(replica, items, first, payloads)
+            return
+        for i, (p, output) in enumerate(zip(items, outputs, strict=True)):
+            if not p.done:
+                self._answer_item(p, replica, i, output, payloads[i])
+
+    def _answer_item(self, p: Pending, replica: Replica, i: int, output: tuple, payload: Any) -> None:
+        """Answer ``p`` from output ``i`` of its batch: the prediction, or why there is none."""
+        ok, dtype, shape, code, message = output
+        if not ok:
+            self._answer_error(p, code, f"model {replica.model!r}: {message}")
+            return
+        problem = "has no type" if dtype is None else _output_problem(dtype, shape, len(payload))
+        if problem:
+            self.counters["bad_outputs"] += 1
+            self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i}: {problem}")
+            return
+        self._answer_output(p, replica, dtype, shape, payload)
+
+    def _answer_plain(
+        self, replica: Replica, items: list[Pending], output: tuple, payloads: list[Any]
+    ) -> None:
+        """A batch whose outputs are all OK and of one type (the common case). A query that is
+        a client's own (not one model's part of an ensemble, not a cache leader) with an
+        output of the right size is answered as two values of a reply template, its id and
+        latency (flushed by ``_flush``), without a ReplyFields and its checks of its own."""
+        _, dtype, shape, _, _ = output
+        typed = dtype in proto.DTYPE_NAMES and not (shape and min(shape) < 0)
+        want = proto.expected_nbytes(dtype, shape) if typed else None  # None: any size fits
+        family = (replica.model, replica.version, dtype, shape)
+        plain = self._plain_out
+        for i, (p, payload) in enumerate(zip(items, payloads, strict=True)):
             if p.done:
                 continue
-            if not ok:
-                self._answer_error(p, code, f"model {replica.model!r}: {message}")
+            if (
+                not typed
+                or (want is not None and len(payload) != want)
+                or p.parent is not None
+                or p.cache_key is not None
+                or not p.request_id
+            ):  # the way of any other answer, which says what is wrong, if anything
+                self._answer_item(p, replica, i, output, payload)
                 continue
-            problem = "has no type" if dtype is None else _output_problem(dtype, shape, len(payloads[i]))
-            if problem:
-                self.counters["bad_outputs"] += 1
-                self._answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} output {i}: {problem}")
-                continue
-            self._answer_output(p, replica, dtype, shape, payloads[i])
+            latency_us = max(1, int(self._finish(p) * 1000))
+            answers = plain.get((p.client, family))
+            if answers is None:
+                answers = plain[(p.client, family)] = ([], [])
+            answers[0].extend((p.request_id, latency_us))
+            answers[1].append(payload)
 
     def _replica_gone(self, replica: Replica, reason: str, now: float) -> None:
         """Forget a replica; re-queue (once) or answer exactly the queries it held."""

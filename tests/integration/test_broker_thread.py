@@ -442,3 +442,38 @@ def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(t
     finally:
         sock.close()
         replica.close()
+
+
+def test_a_batch_of_one_output_type_still_checks_every_answer(thread_broker, admin):
+    """Outputs that all declare one type are answered in bulk, but an output whose payload
+    does not fit that type is still that query's MODEL_ERROR, and a request id of 0 (which a
+    reply template cannot carry) still gets its answer."""
+    admin.create_app("a", input_type="float64", input_shape=[-1], slo_ms=30_000, models=["m"])
+    admin.configure_model("m", max_batch=3, batching="fixed", create=True)
+    replica = RawReplica(thread_broker.backend, credits=1)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(thread_broker.frontend)
+    try:
+        replica.hello()
+        wait_replicas(admin, 1)
+        xs = [np.full(2, float(i)) for i in range(3)]
+        sock.send_multipart(
+            [proto.build_query("a", proto.FLOAT64, (2,), [0, 5, 6]), *[x.tobytes() for x in xs]]
+        )
+        body, inputs = replica.next_batch()
+        assert body.BudgetsUsLength() == 3 and [bytes(f) for f in inputs] == [x.tobytes() for x in xs]
+        outs = [(Status.OK, proto.FLOAT64, (), 0, "")] * 3
+        sums = [np.float64(10.0).tobytes(), b"\x00" * 7, np.float64(12.0).tobytes()]
+        replica.sock.send_multipart([proto.build_predict_reply(body.BatchId(), 10, outs), *sums])
+        answers = {}
+        while len(answers) < 3:
+            frames = recv(sock)
+            for item, payload in zip(proto.to_dict(frames[0])["body"]["items"], frames[1:], strict=True):
+                answers[item.get("request_id", 0)] = (item, payload)
+        assert answers[0][0]["status"] == "OK" and np.frombuffer(answers[0][1], "<f8")[0] == 10.0
+        assert answers[6][0]["status"] == "OK" and np.frombuffer(answers[6][1], "<f8")[0] == 12.0
+        assert answers[5][0]["error"] == "MODEL_ERROR" and "7 bytes" in answers[5][0]["message"]
+    finally:
+        sock.close()
+        replica.close()
