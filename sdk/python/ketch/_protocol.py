@@ -12,6 +12,7 @@ read the generated accessors directly through the small helpers at the bottom.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from collections import deque
@@ -802,7 +803,8 @@ class Prebuilds:
     def step(self) -> None:
         """Build the next template (its builder caches it)."""
         build, args, n = self._todo.popleft()
-        build(*args, n)
+        with contextlib.suppress(Exception):  # built on first use instead, where errors are reported
+            build(*args, n)
 
     def __bool__(self) -> bool:
         return bool(self._todo)
