@@ -143,7 +143,16 @@ def test_bench_prints_a_table_per_level(broker_process, ketch_cli, start_model, 
     inputs.write_text("[1,2,3]\n[4,5,6]\n")
     rows = json.loads(
         ketch_cli(
-            "bench", "sum", "--concurrency", "2", "--duration", "0.5", "--input-file", str(inputs), "--json"
+            "bench",
+            "sum",
+            "--concurrency",
+            "2",
+            "--duration",
+            "0.5",
+            "--input-file",
+            str(inputs),
+            "--json",
+            "--one-per-message",
         )
     )
     assert rows[0]["lost"] == 0 and rows[0]["ok"] > 0 and rows[0]["errors"] == 0

@@ -305,8 +305,13 @@ def closed_loop(
     max_queries: int = 10_000_000,
     grace_s: float = 5.0,
     progress: Callable[[LoadResult], None] | None = None,
+    one_per_message: bool = False,
 ) -> LoadResult:
-    """Keep ``concurrency`` queries in flight for ``duration_s`` (or ``max_queries``)."""
+    """Keep ``concurrency`` queries in flight for ``duration_s`` (or ``max_queries``).
+
+    The queries that refill the level go out in one message, as a client with many users
+    would send them; with ``one_per_message`` each goes in a message of its own, as
+    independent callers, each with one query at a time, send them."""
     session = _Session(frontend, app, timeout_ms)
     with contextlib.closing(session), _measuring():
         t0 = time.perf_counter()
@@ -320,7 +325,11 @@ def closed_loop(
             free = concurrency - len(session.started)
             if free > 0:
                 count = min(free, max_queries - k)
-                session.send([make_input(k + j) for j in range(count)], [now] * count)
+                if one_per_message:
+                    for j in range(count):
+                        session.send([make_input(k + j)], [now])
+                else:
+                    session.send([make_input(k + j) for j in range(count)], [now] * count)
                 k += count
             session.receive(max(0.0, min(50.0, (end - now) * 1000)))
             if progress is not None and now >= next_progress:

@@ -740,10 +740,14 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 @click.option("--input-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Inputs as JSON lines, used in turn.")  # fmt: skip
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO.")
+@click.option("--one-per-message", is_flag=True,
+              help="Closed loop: each query in a message of its own (independent callers).")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @click.pass_context
 @handles_errors
-def bench(ctx, app_name, concurrency, rate, duration, input_text, input_file, timeout_ms, as_json) -> None:
+def bench(
+    ctx, app_name, concurrency, rate, duration, input_text, input_file, timeout_ms, one_per_message, as_json
+) -> None:
     """Load APP like perf_analyzer: closed loop at each --concurrency, open loop at each --rate.
 
     Shows progress every second, then a table per level: throughput (predictions per
@@ -790,9 +794,13 @@ def bench(ctx, app_name, concurrency, rate, duration, input_text, input_file, ti
         if not as_json:
             click.echo(f"{kind} {level:g} for {duration:g} s", err=True)
         make = lambda k: inputs[k % len(inputs)]  # noqa: E731
-        run = closed_loop if kind == "concurrency" else open_loop
         frontend = ctx.obj["frontend"]
-        res = run(frontend, app_name, make, level, duration, timeout_ms=timeout_ms, progress=progress)
+        options: dict[str, Any] = {"timeout_ms": timeout_ms, "progress": progress}
+        if kind == "concurrency":
+            options["one_per_message"] = one_per_message
+            res = closed_loop(frontend, app_name, make, level, duration, **options)
+        else:
+            res = open_loop(frontend, app_name, make, level, duration, **options)
         rows.append({"load": f"{kind} {level:g}", **res.summary(), "error_codes": res.error_codes})
     if as_json:
         _print_json(rows)
