@@ -794,33 +794,32 @@ class Broker:
         if self._plain_out:
             plain, self._plain_out = self._plain_out, {}
             for (client, family), (values, payloads) in plain.items():
-                n = len(payloads)
-                for at in range(0, n, _REPLY_ITEMS):  # a prebuilt size each
-                    end = min(n, at + _REPLY_ITEMS)
-                    header = proto.reply_ok_many_template(*family, end - at).render(*values[2 * at : 2 * end])
-                    multipart.send(self.frontend, [client, header, *payloads[at:end]])
-                self._prebuilds.want(proto.reply_ok_many_template, family, _PREBUILT_SIZES)
+                self._send_plain(client, family, values, payloads)
         if not self._out:
             return
         out, self._out = self._out, defaultdict(list)
-        for client, answers in out.items():
-            if len(answers) <= _REPLY_ITEMS:
-                self._send_reply(client, answers)
+        for client, entries in out.items():
+            values = _plain_values(entries)
+            if values is not None:  # plain predictions after all (a cache leader's, an ensemble's first)
+                item = entries[0][0]
+                family = (item.model, item.model_version, item.dtype, tuple(item.shape or ()))
+                self._send_plain(client, family, values, [payload for _, payload in entries])
                 continue
-            for at in range(0, len(answers), _REPLY_ITEMS):  # a prebuilt size each
-                self._send_reply(client, answers[at : at + _REPLY_ITEMS])
+            for at in range(0, len(entries), _REPLY_ITEMS):
+                chunk = entries[at : at + _REPLY_ITEMS]
+                header = proto.build_reply([item for item, _ in chunk])
+                multipart.send(self.frontend, [client, header, *[payload for _, payload in chunk]])
 
-    def _send_reply(self, client: bytes, entries: list[tuple[proto.ReplyFields, Any]]) -> None:
-        values = _plain_values(entries)
-        if values is not None:  # the common case: plain predictions, from a prebuilt template
-            item = entries[0][0]
-            shape = tuple(item.shape or ())
-            family = (item.model, item.model_version, item.dtype, shape)
-            header = proto.reply_ok_many_template(*family, len(entries)).render(*values)
-            self._prebuilds.want(proto.reply_ok_many_template, family, _PREBUILT_SIZES)
-        else:
-            header = proto.build_reply([item for item, _ in entries])
-        multipart.send(self.frontend, [client, header, *[payload for _, payload in entries]])
+    def _send_plain(self, client: bytes, family: tuple, values: list[int], payloads: list[Any]) -> None:
+        """Plain predictions of one model version and output type (``family``), rendered
+        from its reply templates with an (id, latency) pair per answer, in Replies of at
+        most 64 (the sizes built ahead)."""
+        n = len(payloads)
+        for at in range(0, n, _REPLY_ITEMS):
+            end = min(n, at + _REPLY_ITEMS)
+            header = proto.reply_ok_many_template(*family, end - at).render(*values[2 * at : 2 * end])
+            multipart.send(self.frontend, [client, header, *payloads[at:end]])
+        self._prebuilds.want(proto.reply_ok_many_template, family, _PREBUILT_SIZES)
 
     def _finish(self, p: Pending) -> float:
         """Mark a query answered; returns its latency in ms."""

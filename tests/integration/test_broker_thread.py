@@ -6,6 +6,7 @@ DEALER (``RawReplica``) that the test drives frame by frame.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -408,12 +409,12 @@ def test_learnt_message_templates_answer_as_the_long_way(thread_broker, admin, c
         sock.close()
 
 
-def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(thread_broker, admin):
-    """100 queries in one message, computed in one batch: their answers leave in Replies
-    of 64 at most (the sizes a broker prebuilds templates for), and no answered query is
-    held until its deadline."""
+@contextlib.contextmanager
+def one_batch_setup(thread_broker, admin, size: int):
+    """App "a" on model "m", whose batches are of ``size`` exactly, served by one raw
+    replica; yields (replica, a client DEALER)."""
     admin.create_app("a", input_type="float64", input_shape=[-1], slo_ms=30_000, models=["m"])
-    admin.configure_model("m", max_batch=100, batching="fixed", create=True)
+    admin.configure_model("m", max_batch=size, batching="fixed", create=True)
     replica = RawReplica(thread_broker.backend, credits=1)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
@@ -421,6 +422,17 @@ def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(t
     try:
         replica.hello()
         wait_replicas(admin, 1)
+        yield replica, sock
+    finally:
+        sock.close()
+        replica.close()
+
+
+def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(thread_broker, admin):
+    """100 queries in one message, computed in one batch: their answers leave in Replies
+    of 64 at most (the sizes a broker prebuilds templates for), and no answered query is
+    held until its deadline."""
+    with one_batch_setup(thread_broker, admin, 100) as (replica, sock):
         ids = list(range(1000, 1100))
         xs = [np.arange(3.0) + i for i in range(100)]
         sock.send_multipart([proto.build_query("a", proto.FLOAT64, (3,), ids), *[x.tobytes() for x in xs]])
@@ -439,24 +451,13 @@ def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(t
         assert sizes == [64, 36]
         assert answered == {rid: float(x.sum()) for rid, x in zip(ids, xs, strict=True)}
         assert len(thread_broker.broker._deadlines) == 0  # a 30 s SLO, yet nothing is held
-    finally:
-        sock.close()
-        replica.close()
 
 
 def test_a_batch_of_one_output_type_still_checks_every_answer(thread_broker, admin):
     """Outputs that all declare one type are answered in bulk, but an output whose payload
     does not fit that type is still that query's MODEL_ERROR, and a request id of 0 (which a
     reply template cannot carry) still gets its answer."""
-    admin.create_app("a", input_type="float64", input_shape=[-1], slo_ms=30_000, models=["m"])
-    admin.configure_model("m", max_batch=3, batching="fixed", create=True)
-    replica = RawReplica(thread_broker.backend, credits=1)
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(thread_broker.frontend)
-    try:
-        replica.hello()
-        wait_replicas(admin, 1)
+    with one_batch_setup(thread_broker, admin, 3) as (replica, sock):
         xs = [np.full(2, float(i)) for i in range(3)]
         sock.send_multipart(
             [proto.build_query("a", proto.FLOAT64, (2,), [0, 5, 6]), *[x.tobytes() for x in xs]]
@@ -474,6 +475,3 @@ def test_a_batch_of_one_output_type_still_checks_every_answer(thread_broker, adm
         assert answers[0][0]["status"] == "OK" and np.frombuffer(answers[0][1], "<f8")[0] == 10.0
         assert answers[6][0]["status"] == "OK" and np.frombuffer(answers[6][1], "<f8")[0] == 12.0
         assert answers[5][0]["error"] == "MODEL_ERROR" and "7 bytes" in answers[5][0]["message"]
-    finally:
-        sock.close()
-        replica.close()

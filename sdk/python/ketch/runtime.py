@@ -137,6 +137,7 @@ class Replica:
         self._one = proto.LearntTemplates(total=256)
         self._long_way = 0
         self._prebuilds = proto.Prebuilds()  # reply templates of other batch sizes
+        self._prebuilt_sizes = range(1, min(max_batch or _PREBUILT_SIZES, _PREBUILT_SIZES) + 1)
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
 
     # ------------------------------------------------------------ public
@@ -370,8 +371,7 @@ class Replica:
 
     def _reply_template(self, dtype: int, shape: tuple[int, ...], n: int) -> proto.Template:
         """The PredictReply template of ``n`` OK outputs; the other sizes are built when idle."""
-        sizes = range(1, min(self.max_batch or _PREBUILT_SIZES, _PREBUILT_SIZES) + 1)
-        self._prebuilds.want(proto.predict_reply_many_template, (dtype, shape), sizes)
+        self._prebuilds.want(proto.predict_reply_many_template, (dtype, shape), self._prebuilt_sizes)
         return proto.predict_reply_many_template(dtype, shape, n)
 
     def _compute(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> list[Any]:
