@@ -695,6 +695,12 @@ from functools import lru_cache  # noqa: E402
 _SENTINEL = 0x5A5A5A5A  # non-zero, so the builder writes the field; overwritten on render
 
 
+@lru_cache(maxsize=16)
+def _struct(fmt: str) -> struct.Struct:
+    """One Struct per format for every template's slots (templates are many, formats two)."""
+    return struct.Struct(fmt)
+
+
 class Template:
     """A message prebuilt once, with slots for the values that change (ids, times).
 
@@ -709,7 +715,7 @@ class Template:
         self.data = data
         self.slots = slots  # (byte position, struct format) per patched value, in order
         self._restore = tuple(
-            (struct.Struct(fmt), pos, pos + struct.calcsize(fmt), data[pos : pos + struct.calcsize(fmt)])
+            (_struct(fmt), pos, pos + _struct(fmt).size, data[pos : pos + _struct(fmt).size])
             for pos, fmt in slots
         )
 
