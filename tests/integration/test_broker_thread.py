@@ -387,7 +387,7 @@ def test_learnt_message_templates_answer_as_the_long_way(thread_broker, admin, c
             assert p.output.shape == (n,) and np.array_equal(p.output, x * 2)
             assert p.model == "double" and p.version == "1" and p.models_answered == ("double",)
     broker = thread_broker.broker
-    assert broker._query_templates and broker._plain_replies and replica._one
+    assert broker._query_templates and broker._plain_replies and replica._requests
     assert ketch.client._PLAIN
     # a learnt query with a payload of the wrong size, then for an app deleted since
     sock = zmq.Context.instance().socket(zmq.DEALER)

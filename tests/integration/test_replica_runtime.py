@@ -32,15 +32,14 @@ def driven():
     identity = router.recv_multipart()[0]  # its Hello
     router.send_multipart([identity, proto.encode("Welcome", {"heartbeat_ms": 1000, "dead_after_ms": 5000})])
 
-    def ask(batch_id: int, payload: bytes) -> dict:
-        router.send_multipart(
-            [identity, proto.predict_template("m", "1", proto.FLOAT64, (4,)).render(batch_id, 10**6), payload]
-        )
+    def ask(batch_id: int, *payloads: bytes) -> dict:
+        template = proto.predict_template("m", "1", proto.FLOAT64, (4,), len(payloads))
+        router.send_multipart([identity, template.render(batch_id, *[10**6] * len(payloads)), *payloads])
         while True:
             frames = router.recv_multipart()
             message = proto.to_dict(frames[1])
             if message["type"] == "PredictReply":
-                return message["body"]
+                return {**message["body"], "payloads": frames[2:]}
 
     yield replica, ask
     replica.stop()
@@ -51,8 +50,22 @@ def driven():
 def test_a_learnt_one_item_request_with_a_payload_that_does_not_fit_fails_alone(driven):
     replica, ask = driven
     assert ask(1, np.ones(4).tobytes())["outputs"][0]["status"] == "OK"
-    assert replica._one  # one-item requests are now read by template
+    assert replica._requests  # such requests are now read by template
     failed = ask(2, b"\x00" * 31)
     assert failed["batch_id"] == 2 and failed["error"] == "BAD_MESSAGE"
     again = ask(3, np.arange(4.0).tobytes())
     assert again["outputs"][0]["status"] == "OK" and again["batch_id"] == 3
+
+
+def test_learnt_requests_of_several_items_answer_as_the_long_way(driven):
+    replica, ask = driven
+    xs = [np.arange(4.0) + i for i in range(3)]
+    first = ask(7, *[x.tobytes() for x in xs])  # read the long way, then learnt
+    rendered = proto.predict_template("m", "1", proto.FLOAT64, (4,), 3).render(8, 1, 2, 3)
+    assert replica._requests.match(rendered) == ([8, 1, 2, 3], (proto.FLOAT64, (4,), 3))
+    again = ask(8, *[(x * 2).tobytes() for x in xs])  # read by template
+    assert first["batch_id"] == 7 and again["batch_id"] == 8
+    assert [o["status"] for o in again["outputs"]] == ["OK"] * 3
+    assert [np.frombuffer(p, "<f8")[0] for p in again["payloads"]] == [float((x * 2).sum()) for x in xs]
+    failed = ask(9, xs[0].tobytes(), b"\x00" * 31, xs[2].tobytes())  # as the long way: the batch fails
+    assert failed["batch_id"] == 9 and failed["error"] == "BAD_MESSAGE"

@@ -132,10 +132,9 @@ class Replica:
         self.heartbeat_s = 1.0
         self.dead_after_s = 5.0
         self.batches = 0
-        # one-item requests, as the broker renders them (proto.predict_template), learnt
-        # from requests parsed the long way, each with its input's (dtype, shape)
-        self._one = proto.LearntTemplates(total=256)
-        self._long_way = 0
+        # requests of items of one shape, each learnt from a request read the long way as a
+        # template of itself (batch id and budgets in the slots), with (dtype, shape, items)
+        self._requests = proto.LearntTemplates(total=256)
         self._prebuilds = proto.Prebuilds()  # reply templates of other batch sizes
         self._prebuilt_sizes = range(1, min(max_batch or _PREBUILT_SIZES, _PREBUILT_SIZES) + 1)
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
@@ -265,14 +264,14 @@ class Replica:
 
     def _on_message(self, sock: zmq.Socket, frames: list[zmq.Frame], now: float) -> str:
         header = frames[0].bytes
-        found = self._one.match(header) if self._one and len(frames) == 2 else None
-        if found is not None:
-            values, (dtype, shape) = found
+        found = self._requests.match(header) if self._requests else None
+        if found is not None and len(frames) == 1 + found[1][2]:
+            values, (dtype, shape, _) = found
             try:
-                inputs = [proto.payload_to_value(dtype, shape, frames[1].buffer)]
+                inputs = [proto.payload_to_value(dtype, shape, f.buffer) for f in frames[1:]]
             except (ValueError, proto.DecodeError):
                 inputs = []  # a payload that does not fit: the long way answers for it
-            if inputs:  # a one-item batch: no parse
+            if inputs:  # a batch as learnt: no parse
                 reply = self._compute_unlocked(values[0], inputs, values[1:], now)
                 if _send(sock, reply):
                     self._last_send = time.monotonic()
@@ -292,8 +291,8 @@ class Replica:
                     proto.build_predict_reply(batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")
                 ]
             else:
-                if len(inputs) == 1:
-                    self._learn_one(header, body)
+                if not self._requests.full:
+                    self._learn_request(header, body)
                 reply = self._compute_unlocked(batch_id, inputs, budgets, now)
             if _send(sock, reply):
                 self._last_send = time.monotonic()
@@ -319,20 +318,25 @@ class Replica:
         self.log.warning("unexpected message from broker", type=name)
         return ""
 
-    def _learn_one(self, header: bytes, body: Any) -> None:
-        """Keep the template of a one-item request that came the long way (now and then:
-        inputs whose shape varies would miss it every time)."""
-        self._long_way += 1
-        if self._long_way % 64 != 1 or self._one.full:
-            return
+    def _learn_request(self, header: bytes, body: Any) -> None:
+        """Keep a request whose items are of one shape, just read the long way, as a template
+        of itself: a later request equal to it outside the batch id and the budgets is the
+        same request for other items of that shape (the broker is its only sender)."""
         buf, pos = proto.where(body)
         f = proto.slots(buf, pos)
+        id_off, budgets = proto.slot(f, 0), proto.slot(f, 6)
+        n = proto.read_length(buf, pos, budgets)
+        off = proto.slot(f, 4)
+        ndim = proto.read_u8(buf, pos + off) if off else 0
+        shapes = proto.read_vector(buf, pos, proto.slot(f, 5), "q")
+        shape = tuple(shapes[:ndim])
+        if not id_off or not n or shapes != shape * n:
+            return
         off = proto.slot(f, 3)
         dtype = proto.read_u8(buf, pos + off) if off else 0
-        shape = tuple(proto.read_vector(buf, pos, proto.slot(f, 5), "q"))
-        model = (body.Model() or b"").decode("utf-8", "replace")
-        version = (body.ModelVersion() or b"").decode("utf-8", "replace")
-        self._one.learn(header, proto.predict_template(model, version, dtype, shape), (dtype, shape))
+        first = pos + budgets + proto.read_u32(buf, pos + budgets) + 4  # the vector's first element
+        slots = ((pos + id_off, "<Q"), *((first + 4 * i, "<I") for i in range(n)))
+        self._requests.learn(header, proto.Template(header, slots), (dtype, shape, n))
 
     def _inputs(self, body: Any, payloads: list[zmq.Frame]) -> tuple[list[Any], list[int]]:
         """(inputs, budgets in us) of a PredictRequest, read straight from its bytes."""
