@@ -1232,8 +1232,8 @@ class Broker:
         output of the right size is answered as two values of a reply template, its id and
         latency (flushed by ``_flush``), without a ReplyFields and its checks of its own."""
         _, dtype, shape, _, _ = output
-        typed = dtype in proto.DTYPE_NAMES and not (shape and min(shape) < 0)
-        want = proto.expected_nbytes(dtype, shape) if typed else None  # None: any size fits
+        want = proto.expected_nbytes(dtype, shape)  # None: any size fits (or an unknown dtype)
+        typed = not _output_problem(dtype, shape, want or 0)  # the per-item check, minus the size
         family = (replica.model, replica.version, dtype, shape)
         plain = self._plain_out
         for i, (p, payload) in enumerate(zip(items, payloads, strict=True)):
