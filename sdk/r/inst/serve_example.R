@@ -8,6 +8,7 @@
 #       echo  each input back with the batch's dtype (bytes, string, ...); declares
 #             --input-type (default bytes) in its Hello
 #       fail  always stop("boom"): every batch fails with "simpleError: boom"
+#       noop  float64 vector in, the float64 scalar 0 out (for benchmarks)
 # --delay-ms sleeps that long in predict before answering (to test heartbeats).
 
 load_ketch <- function() {
@@ -48,10 +49,11 @@ kinds <- list(
     dtype <- attr(inputs, "dtype")
     lapply(inputs, function(x) ketch_tensor(x, dtype = dtype))
   }),
-  fail = list(type = "float64", shape = -1, predict = function(inputs) stop("boom"))
+  fail = list(type = "float64", shape = -1, predict = function(inputs) stop("boom")),
+  noop = list(type = "float64", shape = -1, predict = function(inputs) rep(0, length(inputs)))
 )
 kind <- kinds[[opts$kind]]
-if (is.null(kind)) stop("unknown --kind ", opts$kind, "; one of sum, echo, fail", call. = FALSE)
+if (is.null(kind)) stop("unknown --kind ", opts$kind, "; one of sum, echo, fail, noop", call. = FALSE)
 input_type <- if (is.na(opts$`input-type`)) kind$type else opts$`input-type`
 input_shape <- if (toupper(input_type) %in% c("BYTES", "STRING", "JSON")) integer(0) else kind$shape
 

@@ -3,21 +3,15 @@ package io.ketch;
 import java.io.IOException;
 import java.lang.System.Logger.Level;
 import java.net.InetAddress;
-import java.nio.ByteBuffer;
-import java.nio.channels.Pipe;
 import java.time.Duration;
 import java.util.ArrayList;
-import java.util.HashMap;
 import java.util.List;
-import java.util.Map;
 import java.util.Objects;
-import java.util.Queue;
-import java.util.concurrent.ConcurrentLinkedQueue;
 import java.util.concurrent.CountDownLatch;
-import java.util.concurrent.ExecutorService;
-import java.util.concurrent.Executors;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicBoolean;
+import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.locks.ReentrantLock;
 import ketch.wire.PredictRequest;
 import ketch.wire.Welcome;
 import org.zeromq.SocketType;
@@ -31,33 +25,43 @@ import org.zeromq.ZMQ;
  *         .broker("tcp://127.0.0.1:7000").name("sum").version("1")
  *         .input(DType.FLOAT64, -1)
  *         .build();
- * c.run();   // blocks until the broker's Shutdown or c.stop(), then says Goodbye
+ * c.serve();   // run() with SIGTERM and SIGINT handled: drains, says Goodbye, returns
  * }</pre>
  *
- * <p><b>Threads.</b> {@link #run()} is the I/O loop: it alone owns the DEALER socket, polls it
- * with a timeout equal to the next deadline (heartbeat, broker silence, Hello timeout, reconnect,
- * drain), and answers the broker. Batches go to a single model thread through an executor;
- * results come back through a queue plus a wake-up byte on a {@link Pipe} that the I/O loop
- * polls next to the socket (the same pipe wakes it for {@link #stop()}), so heartbeats keep
- * flowing while the model computes.
+ * <p><b>Threads.</b> {@link #run()} is the I/O loop: it owns the DEALER socket, polls it with
+ * a timeout equal to the next deadline (heartbeat, broker silence, Hello timeout, reconnect,
+ * drain; at most 100 ms, so that {@link #stop()} is seen soon), and computes each batch where
+ * it was received, with no hand-off between threads on the query's path (as the Python
+ * runtime does). While a batch computes, the socket is lent to a heartbeat thread under a
+ * lock (a ZeroMQ socket may move between threads across a full memory barrier), which sends
+ * {@code Heartbeat{busy: true}} whenever nothing else went out for {@code heartbeat_ms}, so a
+ * long batch is never taken for death.
  *
  * <p><b>Lifecycle.</b>
  * <pre>
- *  CONNECTING --Welcome--> READY --Shutdown / stop()--> DRAINING --held batches done--> Goodbye, DONE
+ *  CONNECTING --Welcome--> READY --Shutdown / stop()--> DRAINING --quiet for 50 ms--> Goodbye, DONE
  *      |  ^                  |
  *      |  +--- BACKOFF <-----+  broker silent past dead_after_ms (or no Welcome in time):
  *      |                        close the socket, wait, new socket, Hello again
  *      +-- Error UNSUPPORTED_VERSION (or an Error answering the Hello) --> DONE, run() throws RefusedException
  *  READY --Error BAD_MESSAGE ("send Hello first")--> Hello again on the same socket --> CONNECTING
  * </pre>
- * Replies are sent only on the registration (Hello) their batch came in on; a reply for a batch
- * of an earlier registration is dropped, since the broker re-queued that batch.
+ * Draining: {@code Ready{credits: 0}} goes out at once; batches that arrive afterwards (the
+ * broker sent them before it read the Ready) are computed and answered as usual; Goodbye goes
+ * out once no batch has arrived for 50 ms, so nothing the broker sent is handed back.
  */
 public final class Container {
     /** The sdk string sent in Hello. */
     public static final String SDK = "java/0.1.0";
 
-    private static final System.Logger LOG = System.getLogger(Container.class.getName());
+    /** A draining container says Goodbye after this long without a batch (the Python runtime's figure). */
+    static final long DRAIN_QUIET_NS = 50_000_000L;
+    /** The longest poll, so that a stop() from another thread is seen soon. */
+    private static final long MAX_POLL_MS = 100;
+    /** Messages handled per wake-up before the clock, the stop flag and the heartbeat are looked at. */
+    private static final int BURST = 64;
+
+    private static final System.Logger DEFAULT_LOG = System.getLogger(Container.class.getName());
 
     enum State { CONNECTING, READY, DRAINING, BACKOFF, DONE }
 
@@ -79,37 +83,38 @@ public final class Container {
     private final long drainTimeoutMs;
     private final long goodbyeLingerMs;
     private final BatchRunner runner;
+    private final System.Logger logger;
 
     // ------------------------------------------------------------ shared with other threads
 
     private final AtomicBoolean started = new AtomicBoolean();
     private final CountDownLatch finished = new CountDownLatch(1);
-    private final Queue<BatchRunner.Result> results = new ConcurrentLinkedQueue<>();
+    /** Held by whichever thread uses the socket: the I/O loop, or the heartbeat thread during a batch. */
+    private final ReentrantLock socketLock = new ReentrantLock();
+    private final AtomicLong batchesDone = new AtomicLong();
     private volatile boolean stopRequested;
-    private volatile Pipe wakeup;
+    private volatile boolean computing;
+    private volatile long lastSendNs;
+    private volatile long heartbeatMs;
     private volatile State publicState = State.CONNECTING;
 
     // ------------------------------------------------------------ owned by the I/O loop
 
     private ZMQ.Context ctx;
-    private ZMQ.Poller poller;
     private ZMQ.Socket socket;
-    private ExecutorService worker;
     private State state = State.CONNECTING;
-    private long generation;            // bumped by every Hello
-    private long nextSeq;
-    private final Map<Long, Long> inflight = new HashMap<>();   // job seq -> generation it came in on
-    private long lastSendNs;
     private long lastRecvNs;
+    private long lastBatchNs;
     private long helloSentNs;
-    private long heartbeatMs;
     private long deadAfterMs;
     private long backoffMs;
     private long reconnectAtNs;
-    private long drainDeadlineNs;
+    private long drainStartNs;
     private boolean stopHandled;
     private String goodbyeReason = "drained";
     private RefusedException refusal;
+    private final byte[] heartbeatIdle = Codec.heartbeat(false);
+    private final byte[] heartbeatBusy = Codec.heartbeat(true);
 
     private Container(Builder b) {
         this.model = b.model;
@@ -128,6 +133,7 @@ public final class Container {
         this.drainTimeoutMs = b.drainTimeout.toMillis();
         this.goodbyeLingerMs = b.goodbyeLinger.toMillis();
         this.runner = new BatchRunner(model, b.skipExpired, System::nanoTime);
+        this.logger = b.logger != null ? b.logger : DEFAULT_LOG;
     }
 
     /** A builder for a container serving {@code model}. */
@@ -150,6 +156,11 @@ public final class Container {
         return publicState == State.READY;
     }
 
+    /** Batches answered so far (whole-batch failures included). */
+    public long batches() {
+        return batchesDone.get();
+    }
+
     /**
      * {@code hostname/model/index}, the default replica id: the same for every start of the
      * same replica on the same host.
@@ -170,14 +181,13 @@ public final class Container {
     // ------------------------------------------------------------ public control
 
     /**
-     * Asks the container to stop: it sends {@code Ready{credits: 0}}, finishes the batches it
-     * holds, sends Goodbye and {@link #run()} returns. Safe to call from any thread, more than
-     * once, and before {@code run()} (which then returns at once). Does not wait; see
-     * {@link #awaitTermination}.
+     * Asks the container to stop: it sends {@code Ready{credits: 0}}, finishes the batches the
+     * broker sent it, sends Goodbye and {@link #run()} returns. Safe to call from any thread
+     * (a signal handler included), more than once, and before {@code run()} (which then
+     * returns at once). Does not wait; see {@link #awaitTermination}.
      */
     public void stop() {
         stopRequested = true;
-        wake();
     }
 
     /** Waits until {@link #run()} has returned; true if it did within {@code timeout}. */
@@ -185,16 +195,28 @@ public final class Container {
         return finished.await(timeout.toNanos(), TimeUnit.NANOSECONDS);
     }
 
-    private void wake() {
-        Pipe p = wakeup;
-        if (p == null) {
-            return;
+    /**
+     * {@link #run()} with SIGTERM and SIGINT handled: either signal calls {@link #stop()}, so the
+     * container drains and says Goodbye, and this method returns normally. The signals are
+     * caught before the JVM starts its shutdown (no shutdown hook is involved), so logging
+     * still works while the container drains. Where the JVM offers no signal handling
+     * ({@code sun.misc.Signal} missing), a shutdown hook stops the container and waits for it.
+     *
+     * @throws RefusedException when the broker refuses the Hello
+     */
+    public void serve() {
+        if (!Signals.install(this::stop)) {
+            Thread hook = new Thread(() -> {
+                stop();
+                try {
+                    awaitTermination(Duration.ofMillis(drainTimeoutMs + goodbyeLingerMs + 1000));
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                }
+            }, "ketch-shutdown-" + name);
+            Runtime.getRuntime().addShutdownHook(hook);
         }
-        try {
-            p.sink().write(ByteBuffer.wrap(new byte[] {1}));
-        } catch (IOException | RuntimeException e) {
-            // closed: run() has ended, nothing to wake
-        }
+        run();
     }
 
     // ------------------------------------------------------------ the I/O loop
@@ -211,22 +233,31 @@ public final class Container {
         if (!started.compareAndSet(false, true)) {
             throw new IllegalStateException("Container.run() may be called once");
         }
+        Thread beat = null;
+        socketLock.lock();
         try {
-            open();
+            ctx = ZMQ.context(1);
             if (stopRequested) {
                 state = State.DONE;
             } else {
+                beat = new Thread(this::beat, "ketch-heartbeat-" + name);
+                beat.setDaemon(true);
+                beat.start();
                 connect();
             }
             while (state != State.DONE) {
                 long now = System.nanoTime();
-                poller.poll(pollTimeoutMs(now));
-                if (poller.pollin(0)) {
-                    drainWakeups();
-                }
-                forwardResults();
-                if (socket != null && poller.getSize() > 1 && poller.pollin(1)) {
-                    receive();
+                long timeout = pollTimeoutMs(now);
+                if (socket == null) {
+                    sleepMs(timeout);
+                } else {
+                    // a blocking receive with a timeout: one wait on the socket's mailbox, where
+                    // a Poller would set up a selector for every call
+                    socket.setReceiveTimeOut((int) Math.min(timeout, Integer.MAX_VALUE));
+                    byte[] header = socket.recv(0);
+                    if (header != null) {
+                        receive(header);
+                    }
                 }
                 if (stopRequested && !stopHandled && state != State.DONE) {
                     beginDrain("stopped");
@@ -234,8 +265,17 @@ public final class Container {
                 timers(System.nanoTime());
             }
         } finally {
+            setState(State.DONE);
+            socketLock.unlock();
+            if (beat != null) {
+                beat.interrupt();
+                try {
+                    beat.join(1000);
+                } catch (InterruptedException e) {
+                    Thread.currentThread().interrupt();
+                }
+            }
             close();
-            publicState = State.DONE;
             finished.countDown();
         }
         if (refusal != null) {
@@ -243,44 +283,40 @@ public final class Container {
         }
     }
 
-    private void open() {
-        ctx = ZMQ.context(1);
-        poller = ctx.poller(2);
+    private static void sleepMs(long ms) {
         try {
-            Pipe p = Pipe.open();
-            p.source().configureBlocking(false);
-            p.sink().configureBlocking(false);
-            wakeup = p;
-        } catch (IOException e) {
-            throw new KetchException(ErrorCode.INTERNAL, "cannot open the wake-up pipe: " + e, e);
+            Thread.sleep(Math.max(1, ms));
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
         }
-        poller.register(wakeup.source(), ZMQ.Poller.POLLIN);
-        worker = Executors.newSingleThreadExecutor(r -> {
-            Thread t = new Thread(r, "ketch-model-" + name);
-            t.setDaemon(true);
-            return t;
-        });
+    }
+
+    /** The heartbeat thread: speaks for the container while the I/O thread computes a batch. */
+    private void beat() {
+        while (publicState != State.DONE) {
+            long hb = heartbeatMs > 0 ? heartbeatMs : 1000;
+            try {
+                Thread.sleep(Math.max(5, Math.min(hb / 2, 500)));
+            } catch (InterruptedException e) {
+                return;
+            }
+            if (!computing || System.nanoTime() - lastSendNs < hb * 1_000_000) {
+                continue;
+            }
+            socketLock.lock();
+            try {
+                if (computing && socket != null && publicState != State.DONE) {
+                    send(heartbeatBusy, List.of());
+                }
+            } finally {
+                socketLock.unlock();
+            }
+        }
     }
 
     private void close() {
-        if (worker != null) {
-            worker.shutdownNow();
-        }
         if (socket != null) {
             closeSocket(0);
-        }
-        Pipe p = wakeup;
-        wakeup = null;
-        if (p != null) {
-            try {
-                p.sink().close();
-                p.source().close();
-            } catch (IOException | RuntimeException e) {
-                log(Level.DEBUG, "closing the wake-up pipe: " + e);
-            }
-        }
-        if (poller != null) {
-            poller.close();
         }
         if (ctx != null) {
             ctx.close();  // waits for the linger of a Goodbye, if one was sent
@@ -294,13 +330,11 @@ public final class Container {
         socket.setReconnectIVL(100);
         socket.setReconnectIVLMax(Math.max(100, (int) reconnectMaxMs));
         socket.connect(broker);
-        poller.register(socket, ZMQ.Poller.POLLIN);
         lastRecvNs = System.nanoTime();
         sendHello();
     }
 
     private void sendHello() {
-        generation++;
         long pid = ProcessHandle.current().pid();
         send(Codec.hello(name, version, inputDtype, inputShape, SDK, replicaId, credits, maxBatch, deterministic,
                 pid & 0xFFFFFFFFL), List.of());
@@ -311,7 +345,6 @@ public final class Container {
 
     private void closeSocket(long lingerMs) {
         if (socket != null) {
-            poller.unregister(socket);
             socket.setLinger(lingerMs);
             socket.close();
             socket = null;
@@ -334,9 +367,9 @@ public final class Container {
     }
 
     private long pollTimeoutMs(long now) {
-        long due = Long.MAX_VALUE;
+        long due = now + MAX_POLL_MS * 1_000_000;
         switch (state) {
-            case CONNECTING -> due = helloSentNs + helloTimeoutMs * 1_000_000;
+            case CONNECTING -> due = Math.min(due, helloSentNs + helloTimeoutMs * 1_000_000);
             case READY, DRAINING -> {
                 if (heartbeatMs > 0) {
                     due = Math.min(due, lastSendNs + heartbeatMs * 1_000_000);
@@ -345,14 +378,11 @@ public final class Container {
                     due = Math.min(due, lastRecvNs + deadAfterMs * 1_000_000 + 1);
                 }
                 if (state == State.DRAINING) {
-                    due = Math.min(due, drainDeadlineNs);
+                    due = Math.min(due, Math.max(drainStartNs, lastBatchNs) + DRAIN_QUIET_NS);
                 }
             }
-            case BACKOFF -> due = reconnectAtNs;
+            case BACKOFF -> due = Math.min(due, reconnectAtNs);
             default -> due = now;
-        }
-        if (due == Long.MAX_VALUE) {
-            return -1;
         }
         return Math.max(0, (due - now + 999_999) / 1_000_000);
     }
@@ -365,19 +395,24 @@ public final class Container {
                 }
             }
             case READY, DRAINING -> {
-                if (state == State.DRAINING && (now >= drainDeadlineNs || heldNow() == 0)) {
-                    if (heldNow() > 0) {
-                        log(Level.WARNING, "drain timeout: leaving with " + heldNow() + " batch(es) unanswered");
+                if (state == State.DRAINING) {
+                    if (now - Math.max(drainStartNs, lastBatchNs) >= DRAIN_QUIET_NS) {
+                        finish();
+                        return;
                     }
-                    finish();
-                    return;
+                    if (now - drainStartNs >= drainTimeoutMs * 1_000_000) {
+                        log(Level.WARNING, "drain timeout: the broker still sends batches after "
+                                + drainTimeoutMs + " ms");
+                        finish();
+                        return;
+                    }
                 }
                 if (state == State.READY && deadAfterMs > 0 && now - lastRecvNs > deadAfterMs * 1_000_000) {
                     reconnectLater("broker silent for " + deadAfterMs + " ms");
                     return;
                 }
                 if (heartbeatMs > 0 && now - lastSendNs >= heartbeatMs * 1_000_000) {
-                    send(Codec.heartbeat(!inflight.isEmpty()), List.of());
+                    send(heartbeatIdle, List.of());
                 }
             }
             case BACKOFF -> {
@@ -389,50 +424,22 @@ public final class Container {
         }
     }
 
-    /** Batches of the current registration still computing. */
-    private int heldNow() {
-        int n = 0;
-        for (long gen : inflight.values()) {
-            if (gen == generation) {
-                n++;
+    /** Handles {@code first} and up to BURST - 1 more messages that are already waiting. */
+    private void receive(byte[] first) {
+        byte[] header = first;
+        for (int k = 0; k < BURST && socket != null; k++) {
+            if (k > 0) {
+                header = socket.recv(ZMQ.DONTWAIT);
+                if (header == null) {
+                    return;
+                }
             }
-        }
-        return n;
-    }
-
-    private void drainWakeups() {
-        ByteBuffer buf = ByteBuffer.allocate(64);
-        try {
-            while (wakeup.source().read(buf) > 0) {
-                buf.clear();
-            }
-        } catch (IOException e) {
-            log(Level.WARNING, "reading the wake-up pipe: " + e);
-        }
-    }
-
-    private void forwardResults() {
-        BatchRunner.Result r;
-        while ((r = results.poll()) != null) {
-            Long gen = inflight.remove(r.seq());
-            if (gen == null || gen != generation || socket == null) {
-                log(Level.INFO, "dropping the reply to batch " + Long.toUnsignedString(r.batchId())
-                        + " of an earlier registration");
-                continue;
-            }
-            send(r.header(), r.payloads());
-        }
-    }
-
-    private void receive() {
-        while (socket != null) {
-            byte[] header = socket.recv(ZMQ.DONTWAIT);
-            if (header == null) {
-                return;
-            }
-            List<byte[]> payloads = new ArrayList<>();
-            while (socket.hasReceiveMore()) {
-                payloads.add(socket.recv(0));
+            List<byte[]> payloads = List.of();
+            if (socket.hasReceiveMore()) {
+                payloads = new ArrayList<>();
+                do {
+                    payloads.add(socket.recv(0));
+                } while (socket.hasReceiveMore());
             }
             lastRecvNs = System.nanoTime();
             try {
@@ -479,37 +486,43 @@ public final class Container {
     }
 
     private void onWelcome(Welcome w) {
-        heartbeatMs = w.heartbeatMs();
-        deadAfterMs = w.deadAfterMs();
+        heartbeatMs = w.heartbeatMs() > 0 ? Math.max(10, w.heartbeatMs()) : 1000;
+        deadAfterMs = w.deadAfterMs() > 0 ? Math.max(2 * heartbeatMs, w.deadAfterMs()) : 5000;
         if (state == State.CONNECTING) {
             backoffMs = 0;
-            setState(State.READY);
+            setState(stopHandled ? State.DRAINING : State.READY);
             log(Level.INFO, "welcomed: heartbeat " + heartbeatMs + " ms, dead after " + deadAfterMs + " ms");
-            if (stopRequested && !stopHandled) {
+            if (stopHandled) {  // a new registration while draining: say it again
+                send(Codec.ready(0), List.of());
+            } else if (stopRequested) {
                 beginDrain("stopped");
             }
         }
     }
 
+    /** Computes the batch here, with the socket lent to the heartbeat thread meanwhile. */
     private void onPredictRequest(PredictRequest req, List<byte[]> payloads) {
-        long seq = nextSeq++;
-        BatchRunner.Job job = BatchRunner.parse(seq, req, payloads, System.nanoTime());
-        inflight.put(seq, generation);
-        worker.execute(() -> {
-            BatchRunner.Result r;
-            try {
-                r = runner.run(job);
-            } catch (RuntimeException | Error e) {  // an SDK bug: still answer the batch
-                byte[] h = Codec.predictReply(job.batchId(), 0, List.of(), ErrorCode.INTERNAL, BatchRunner.describe(e));
-                r = new BatchRunner.Result(job.seq(), job.batchId(), h, List.of(), true);
-            }
-            if (r.failed()) {
-                log(Level.WARNING, "batch " + Long.toUnsignedString(job.batchId()) + " failed: "
-                        + Codec.str(Codec.decode(r.header()).body(ketch.wire.PredictReply.class).message()));
-            }
-            results.add(r);
-            wake();
-        });
+        long received = System.nanoTime();
+        BatchRunner.Job job = BatchRunner.parse(0, req, payloads, received);
+        BatchRunner.Result r;
+        computing = true;
+        socketLock.unlock();
+        try {
+            r = runner.run(job);
+        } catch (RuntimeException | Error e) {  // an SDK bug: still answer the batch
+            byte[] h = Codec.predictReply(job.batchId(), 0, List.of(), ErrorCode.INTERNAL, BatchRunner.describe(e));
+            r = new BatchRunner.Result(job.seq(), job.batchId(), h, List.of(), true);
+        } finally {
+            socketLock.lock();
+            computing = false;
+        }
+        batchesDone.incrementAndGet();
+        lastBatchNs = System.nanoTime();
+        if (r.failed()) {
+            log(Level.WARNING, "batch " + Long.toUnsignedString(job.batchId()) + " failed: "
+                    + Codec.str(Codec.decode(r.header()).body(ketch.wire.PredictReply.class).message()));
+        }
+        send(r.header(), r.payloads());
     }
 
     private void onError(ketch.wire.Error e) {
@@ -522,7 +535,7 @@ public final class Container {
         String text = Codec.str(e.message());
         if (code == ErrorCode.UNSUPPORTED_VERSION) {
             refuse(code, text);
-        } else if (code == ErrorCode.BAD_MESSAGE && state == State.READY) {
+        } else if (code == ErrorCode.BAD_MESSAGE && (state == State.READY || state == State.DRAINING)) {
             log(Level.WARNING, "broker says '" + text + "': saying Hello again");
             sendHello();
         } else if (state == State.CONNECTING) {
@@ -543,17 +556,17 @@ public final class Container {
         setState(State.DONE);
     }
 
-    /** Shutdown or stop(): Ready{0}, finish held batches, then Goodbye. */
+    /** Shutdown or stop(): Ready{0}, answer what the broker already sent, then Goodbye. */
     private void beginDrain(String reason) {
         stopHandled = true;
         goodbyeReason = reason;
         switch (state) {
             case READY -> {
                 send(Codec.ready(0), List.of());
-                drainDeadlineNs = System.nanoTime() + drainTimeoutMs * 1_000_000;
+                drainStartNs = System.nanoTime();
                 setState(State.DRAINING);
-                log(Level.INFO, "draining " + heldNow() + " batch(es)");
-                timers(System.nanoTime());
+                log(Level.INFO, "draining: Ready{credits: 0} sent, answering the batches already sent ("
+                        + batchesDone.get() + " answered so far)");
             }
             case CONNECTING -> finish();
             case BACKOFF -> setState(State.DONE);
@@ -563,7 +576,7 @@ public final class Container {
 
     private void finish() {
         send(Codec.goodbye(goodbyeReason), List.of());
-        log(Level.INFO, "goodbye: " + goodbyeReason);
+        log(Level.INFO, "drained: goodbye (" + goodbyeReason + ") after " + batchesDone.get() + " batch(es)");
         closeSocket(goodbyeLingerMs);
         setState(State.DONE);
     }
@@ -578,14 +591,15 @@ public final class Container {
             log(Level.WARNING, "send queue full: dropped a message to the broker");
             return;
         }
-        for (int i = 0; i < payloads.size(); i++) {
-            socket.send(payloads.get(i), i == payloads.size() - 1 ? 0 : ZMQ.SNDMORE);
+        int n = payloads.size();
+        for (int i = 0; i < n; i++) {
+            socket.send(payloads.get(i), i == n - 1 ? 0 : ZMQ.SNDMORE);
         }
         lastSendNs = System.nanoTime();
     }
 
     private void log(Level level, String msg) {
-        LOG.log(level, "[ketch " + name + " " + replicaId + "] " + msg);
+        logger.log(level, "[ketch " + name + " " + replicaId + "] " + msg);
     }
 
     // ------------------------------------------------------------ builder
@@ -609,6 +623,7 @@ public final class Container {
         private Duration reconnectMax = Duration.ofSeconds(5);
         private Duration drainTimeout = Duration.ofSeconds(60);
         private Duration goodbyeLinger = Duration.ofSeconds(1);
+        private System.Logger logger;
 
         private Builder(Model model) {
             this.model = Objects.requireNonNull(model, "model");
@@ -694,7 +709,7 @@ public final class Container {
             return this;
         }
 
-        /** Longest wait for held batches when draining (default 60 s). */
+        /** Longest a drain may last while the broker keeps sending batches (default 60 s). */
         public Builder drainTimeout(Duration d) {
             this.drainTimeout = positive("drainTimeout", d);
             return this;
@@ -703,6 +718,12 @@ public final class Container {
         /** How long the last messages (Goodbye) may take to leave when closing (default 1 s). */
         public Builder goodbyeLinger(Duration d) {
             this.goodbyeLinger = Objects.requireNonNull(d, "goodbyeLinger");
+            return this;
+        }
+
+        /** Where lifecycle lines go (default {@code System.getLogger("io.ketch.Container")}). */
+        public Builder logger(System.Logger logger) {
+            this.logger = Objects.requireNonNull(logger, "logger");
             return this;
         }
 

@@ -5,7 +5,6 @@ import io.ketch.DType;
 import io.ketch.Model;
 import io.ketch.RefusedException;
 import io.ketch.Value;
-import java.time.Duration;
 import java.util.ArrayList;
 import java.util.List;
 
@@ -14,14 +13,15 @@ import java.util.List;
  *
  * <pre>
  * java -cp ketch-sdk-0.1.0-all.jar io.ketch.examples.Serve --broker tcp://127.0.0.1:7000 \
- *      --name NAME --version V --kind sum|echo|fail [--replica-id ID] [--dtype D] \
+ *      --name NAME --version V --kind sum|echo|fail|noop [--replica-id ID] [--dtype D] \
  *      [--credits N] [--max-batch N]
  * </pre>
  *
  * <ul>
  *   <li>{@code sum}: input FLOAT64 vector of any length, output the FLOAT64 scalar sum;
  *   <li>{@code echo}: input BYTES (or {@code --dtype string}, any dtype), echoed back as is;
- *   <li>{@code fail}: always throws {@code IllegalStateException("boom")}.
+ *   <li>{@code fail}: always throws {@code IllegalStateException("boom")};
+ *   <li>{@code noop}: input FLOAT64 vector of any length, output the FLOAT64 scalar 0 (for benchmarks).
  * </ul>
  * Logs go to stderr. SIGTERM drains and says Goodbye; exit status 2 when the broker refuses.
  */
@@ -73,6 +73,11 @@ public final class Serve {
                 model = inputs -> new ArrayList<>(inputs);
                 dtype = DType.BYTES;
             }
+            case "noop" -> {
+                Value zero = Value.scalar(0.0);
+                model = inputs -> java.util.Collections.nCopies(inputs.size(), zero);
+                dtype = DType.FLOAT64;
+            }
             case "fail" -> {
                 model = inputs -> {
                     throw new IllegalStateException("boom");
@@ -80,7 +85,7 @@ public final class Serve {
                 dtype = DType.FLOAT64;
             }
             default -> {
-                usage("unknown kind " + kind + " (sum, echo or fail)");
+                usage("unknown kind " + kind + " (sum, echo, fail or noop)");
                 return;
             }
         }
@@ -96,18 +101,10 @@ public final class Serve {
                 .credits(credits)
                 .maxBatch(maxBatch)
                 .build();
-        Runtime.getRuntime().addShutdownHook(new Thread(() -> {
-            container.stop();
-            try {
-                container.awaitTermination(Duration.ofSeconds(30));
-            } catch (InterruptedException e) {
-                Thread.currentThread().interrupt();
-            }
-        }, "ketch-shutdown"));
         System.err.println("serving " + name + " v" + version + " (" + kind + ") as " + container.replicaId()
                 + " via " + broker);
         try {
-            container.run();
+            container.serve();  // SIGTERM / SIGINT: drain, Goodbye, return
         } catch (RefusedException e) {
             System.err.println("refused: " + e.getMessage());
             System.exit(2);
@@ -131,7 +128,7 @@ public final class Serve {
         if (error != null) {
             System.err.println("error: " + error);
         }
-        System.err.println("usage: Serve --broker ADDR --name NAME [--version V] --kind sum|echo|fail"
+        System.err.println("usage: Serve --broker ADDR --name NAME [--version V] --kind sum|echo|fail|noop"
                 + " [--replica-id ID] [--dtype D] [--credits N] [--max-batch N]");
         System.exit(error == null ? 0 : 64);
     }

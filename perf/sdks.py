@@ -1,0 +1,177 @@
+"""Replicas of the three SDKs side by side: Python, Java and R serving a no-op model.
+
+    python -m perf.sdks [--rounds 3] [--duration 3] [--sdks python,java,r]
+
+One broker process (cache off) and one replica process per SDK, each serving its own
+no-op model (float64 vector in, one scalar out) behind its own app. In alternating rounds
+(python, java, r, python, java, r, ...) so that a noisy moment on a shared machine falls on
+all alike, each replica gets, closed loop through ``ketch.bench``:
+
+- c=1: one query at a time for ``--duration`` s: queries per second and p50;
+- c=64: 64 queries in flight (refills in one message, as ``ketch bench`` sends them):
+  queries per second, and the replica's CPU time (user + system, its reaped children
+  included) per 1000 answers, read with psutil around that phase.
+
+Prints one row per SDK and round, then the median and the range over the rounds with
+each SDK's ratio to Python's median. Java needs ``mvn -f sdk/java/pom.xml package``
+(the shaded jar); R needs Rscript with pbdZMQ and jsonlite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import psutil
+from ketch import Admin
+from ketch.bench import closed_loop
+from ketch.local import LocalBroker, wait_for
+
+from perf._harness import machine, table
+
+ROOT = Path(__file__).resolve().parent.parent
+JAR = ROOT / "sdk" / "java" / "target" / "ketch-sdk-0.1.0-all.jar"
+R_EXAMPLE = ROOT / "sdk" / "r" / "inst" / "serve_example.R"
+
+
+def replica_argv(sdk: str, backend: str) -> list[str]:
+    name = f"{sdk}-noop"
+    if sdk == "python":
+        return [
+            sys.executable, "-m", "ketch.cli", "model", "run", "ketch.examples.basic:noop",
+            "--name", name, "--version", "1", "--input-type", "float64", "--backend", backend,
+        ]  # fmt: skip
+    if sdk == "java":
+        return [
+            "java", "-cp", str(JAR), "io.ketch.examples.Serve", "--broker", backend,
+            "--name", name, "--version", "1", "--kind", "noop", "--replica-id", f"bench/{name}",
+        ]  # fmt: skip
+    return [
+        "Rscript", str(R_EXAMPLE), "--broker", backend, "--name", name, "--version", "1",
+        "--kind", "noop", "--replica-id", f"bench/{name}",
+    ]  # fmt: skip
+
+
+def available(sdk: str) -> str | None:
+    """Why an SDK cannot run here, or None."""
+    if sdk == "java" and (shutil.which("java") is None or not JAR.exists()):
+        return f"java and {JAR.relative_to(ROOT)} (mvn -f sdk/java/pom.xml package)"
+    if sdk == "r" and shutil.which("Rscript") is None:
+        return "Rscript"
+    return None
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds of a replica: its own and those of its reaped children (R's forks)."""
+    t = proc.cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float) -> dict:
+    app = f"{sdk}-noop"
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=4) for _ in range(256)]
+
+    def make_input(k: int) -> np.ndarray:
+        return inputs[k % len(inputs)]
+
+    closed_loop(frontend, app, make_input, 8, 0.5)  # warm-up (JIT, templates)
+    one = closed_loop(frontend, app, make_input, 1, duration)
+    before = cpu_s(proc)
+    many = closed_loop(frontend, app, make_input, 64, duration)
+    used = cpu_s(proc) - before
+    answered = many.ok + many.defaults + many.errors
+    bad = one.sent - one.ok + many.sent - many.ok
+    return {
+        "sdk": sdk,
+        "c1_qps": one.throughput,
+        "c1_p50_ms": one.quantile(50),
+        "c1_p99_ms": one.quantile(99),
+        "c64_qps": many.throughput,
+        "cpu_ms_per_1k": used * 1e6 / answered if answered else float("nan"),
+        "not_ok": bad,
+    }
+
+
+def summarise(rows: list[dict], sdks: list[str]) -> list[dict]:
+    keys = ("c1_qps", "c1_p50_ms", "c64_qps", "cpu_ms_per_1k")
+    med = {s: {k: statistics.median(r[k] for r in rows if r["sdk"] == s) for k in keys} for s in sdks}
+    out = []
+    for s in sdks:
+        mine = [r for r in rows if r["sdk"] == s]
+        row: dict = {"sdk": s}
+        for k in keys:
+            lo, hi = min(r[k] for r in mine), max(r[k] for r in mine)
+            row[k] = f"{med[s][k]:.4g} ({lo:.3g}-{hi:.3g})"
+        if "python" in med and s != "python":
+            base = med["python"]
+            row["p50_x_py"] = med[s]["c1_p50_ms"] / base["c1_p50_ms"]
+            row["c64_x_py"] = med[s]["c64_qps"] / base["c64_qps"]
+            row["cpu_x_py"] = med[s]["cpu_ms_per_1k"] / base["cpu_ms_per_1k"]
+        out.append(row)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per load level")
+    parser.add_argument("--sdks", default="python,java,r")
+    args = parser.parse_args()
+    sdks = [s.strip() for s in args.sdks.split(",") if s.strip()]
+    for s in sdks:
+        why = available(s)
+        if why:
+            print(f"{s}: needs {why}", file=sys.stderr)
+            return 2
+    print(machine())
+    logs = tempfile.TemporaryDirectory(prefix="ketch-sdks-")
+    procs: dict[str, subprocess.Popen] = {}
+    with LocalBroker(extra_args=["--cache-mb", "0"]) as broker:
+        try:
+            with Admin(broker.admin) as admin:
+                for s in sdks:
+                    admin.create_app(
+                        f"{s}-noop", input_type="float64", input_shape=[-1], slo_ms=5000,
+                        models=[f"{s}-noop"], cache=False,
+                    )  # fmt: skip
+                    log = open(os.path.join(logs.name, f"{s}.log"), "wb")  # noqa: SIM115
+                    procs[s] = subprocess.Popen(replica_argv(s, broker.backend), stdout=log, stderr=log, cwd=ROOT)
+                    log.close()
+                for s in sdks:
+                    wait_for(lambda s=s: admin.replicas(f"{s}-noop"), 60, f"the {s} replica")
+            rows = []
+            for r in range(args.rounds):
+                for s in sdks:
+                    row = measure(broker.frontend, s, psutil.Process(procs[s].pid), args.duration)
+                    row["round"] = r + 1
+                    rows.append(row)
+                    print(table([row], ["round", "sdk", "c1_qps", "c1_p50_ms", "c1_p99_ms", "c64_qps",
+                                        "cpu_ms_per_1k", "not_ok"]), flush=True)  # fmt: skip
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs.values():
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            logs.cleanup()
+    print()
+    print(f"median (min-max) over {args.rounds} rounds, {args.duration:g} s per level; ratios of medians to Python's")
+    print(table(summarise(rows, sdks), ["sdk", "c1_qps", "c1_p50_ms", "c64_qps", "cpu_ms_per_1k",
+                                         "p50_x_py", "c64_x_py", "cpu_x_py"]))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
