@@ -69,9 +69,17 @@ def available(sdk: str) -> str | None:
 
 
 def cpu_s(proc: psutil.Process) -> float:
-    """CPU seconds of a replica: its own and those of its reaped children (R's forks)."""
+    """CPU seconds of a replica: its own, its live children's (R's predict worker) and
+    those of its reaped children."""
     t = proc.cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in proc.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            total += c.user + c.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float) -> dict:

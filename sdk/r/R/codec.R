@@ -69,6 +69,25 @@ KETCH_SPEC <- list(
   Error = c(code = "code", message = "str", request_id = "u64", retry_after_ms = "u32")
 )
 
+# ---------------------------------------------------------------- schema numbering
+# Union member codes (KETCH_BODIES above) and field ids are the only numbers the codec
+# takes from the schema's order; they are set here, once. A field id is the 0-based index
+# of the field in its table, in schema order (the order of KETCH_SPEC). The hot path
+# (R/batch.R) reads and writes by these ids.
+
+KETCH_ENVELOPE <- c(version = 0L, body_type = 1L, body = 2L)
+KETCH_IDENTIFIER_RAW <- charToRaw(KETCH_IDENTIFIER)
+
+ketch_field_ids <- function(table) {
+  ids <- seq_along(KETCH_SPEC[[table]]) - 1L
+  names(ids) <- names(KETCH_SPEC[[table]])
+  ids
+}
+KETCH_REQUEST_FIELDS <- ketch_field_ids("PredictRequest")
+KETCH_REPLY_FIELDS <- ketch_field_ids("PredictReply")
+KETCH_OUTPUT_FIELDS <- ketch_field_ids("Output")
+KETCH_TENSOR_FIELDS <- ketch_field_ids("Tensor")
+
 # Schema defaults that are not zero.
 KETCH_DEFAULTS <- list(ReplyItem.confidence = 1, Hello.credits = 2, Hello.deterministic = TRUE)
 
@@ -208,9 +227,9 @@ ketch_encode <- function(type, body = list(), version = KETCH_PROTOCOL_VERSION) 
   body <- ketch_normalize(type, body)
   fb_finish(function(b) {
     fb_write_table(b, list(
-      list(id = 0L, kind = "u16", value = version),
-      list(id = 1L, kind = "u8", value = unname(code)),
-      list(id = 2L, kind = "offset", value = ketch_table_writer(type, body))
+      list(id = KETCH_ENVELOPE[["version"]], kind = "u16", value = version),
+      list(id = KETCH_ENVELOPE[["body_type"]], kind = "u8", value = unname(code)),
+      list(id = KETCH_ENVELOPE[["body"]], kind = "offset", value = ketch_table_writer(type, body))
     ))
   }, identifier = KETCH_IDENTIFIER)
 }
@@ -256,14 +275,14 @@ ketch_read_table <- function(tab, table) {
 ketch_decode <- function(frame) {
   tryCatch({
     env <- fb_root(frame, KETCH_IDENTIFIER)
-    version <- fb_get_scalar(env, 0L, "u16", 0)
-    code <- fb_get_scalar(env, 1L, "u8", 0)
+    version <- fb_get_scalar(env, KETCH_ENVELOPE[["version"]], "u16", 0)
+    code <- fb_get_scalar(env, KETCH_ENVELOPE[["body_type"]], "u8", 0)
     type <- names(KETCH_BODIES)[match(code, KETCH_BODIES)]
     if (is.na(type)) {
       fb_error(sprintf("unknown message type %d (protocol version %d)", code, version),
                class = "ketch_unknown_message")
     }
-    body <- fb_get_table(env, 2L)
+    body <- fb_get_table(env, KETCH_ENVELOPE[["body"]])
     if (is.null(body)) fb_error(sprintf("%s without a body", type))
     list(type = type, version = version, body = ketch_read_table(body, type))
   }, error = function(e) {

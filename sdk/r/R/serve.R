@@ -1,34 +1,42 @@
 # Model container runtime: the container side of docs/protocol.md section 5.
 #
 #   connect --Hello--> [Welcome] --> ready <--PredictRequest / PredictReply--> ...
-#   ready --Shutdown or SIGINT--> draining (Ready{0}) --held batches done--> Goodbye --> return
+#   ready --Shutdown or SIGINT--> draining (Ready{0}) --quiet, nothing held--> Goodbye --> return
 #
-# One loop owns the state (an environment `rt`): it polls the DEALER socket with a timeout
-# that is the next deadline (heartbeat due, broker silent too long, Welcome overdue).
+# One loop owns the state (an environment `rt`): it polls the DEALER socket (and the
+# worker's socket) with a timeout that is the next deadline (heartbeat due, broker silent
+# too long, Welcome overdue, drain quiet).
 #
-# R has one thread, yet heartbeats must keep flowing while a batch computes. Each batch's
-# predict therefore runs in a forked child (parallel::mcparallel): the child inherits the
-# model and the inputs without copying, converts the outputs to payloads, and sends the
-# result back through its pipe. The parent never blocks on the child: while a batch
-# computes it alternates a non-blocking poll of the socket with
-# mccollect(wait = FALSE, timeout <= 10 ms), which returns as soon as the child is done.
-# The child never touches the ZeroMQ sockets (it exits with _exit, so no finalizer runs).
-# Consequences: state that predict_fn changes (a counter, a cache in a closure) is lost
-# with the child; load the model before ketch_serve(). Batches run one at a time in the
-# order they came; up to `credits` batches are held (one computing, the rest queued).
+# R has one thread, yet heartbeats must keep flowing while a batch computes. So predict
+# runs in a worker process forked once, when ketch_serve() starts (parallel::mcparallel,
+# before this process opens any ZeroMQ context): the worker holds the model, binds a PAIR
+# socket on an ipc:// path, and answers each batch the loop forwards to it (the request's
+# frames as received) with the reply's frames, which the loop forwards to the broker
+# unchanged. The loop reads only the type of each message; the worker decodes and
+# encodes (R/batch.R). State that predict_fn keeps (a counter, a cache in a closure)
+# lives in the worker and lasts across batches. A worker that dies (a crash in native
+# code, a kill) fails the batches it held with MODEL_ERROR and is forked again. The
+# worker exits when the loop tells it to, or when this process has gone.
 # With fork = FALSE (the only choice on Windows) predict runs inline and no heartbeat is
 # sent while it computes, so batches must stay shorter than dead_after_ms.
+#
+# Draining: Ready{credits: 0} goes out at once; batches that arrive afterwards (the broker
+# sent them before it read the Ready) are computed and answered as usual; Goodbye goes out
+# once nothing is held and no batch has come for 50 ms, so nothing is handed back.
 #
 # Signals: R has no R-level SIGTERM handler (SIGTERM ends R at once), so SIGTERM cannot
 # drain. SIGINT does: it sets a flag (the interrupt is resumed, so no multipart send is
 # cut in half) and the loop drains exactly as on Shutdown. inst/sigterm_to_sigint.sh runs
-# a container and turns a SIGTERM into a SIGINT for it (Docker: or STOPSIGNAL SIGINT).
+# a container and turns a SIGTERM into a SIGINT for it (Docker: or STOPSIGNAL SIGINT). The
+# worker ignores SIGINT (a Ctrl-C in a terminal reaches both): the loop stops it.
 #
 # Clock: base R has no monotonic clock; timers use proc.time()["elapsed"], a wall clock,
-# so a jump of the system clock can cause an early heartbeat or a reconnect.
+# so a jump of the system clock can cause an early heartbeat or a reconnect. compute_us
+# is measured with Sys.time(), to the microsecond.
 
 KETCH_SDK <- "r/0.1.0"
 KETCH_MAX_U32 <- 4294967295
+KETCH_DRAIN_QUIET_S <- 0.05  # a draining replica says Goodbye after this long without a batch
 
 #' Serve an R model as a Ketch model container.
 #'
@@ -38,7 +46,8 @@ KETCH_MAX_U32 <- 4294967295
 #'   return a list (or an atomic vector) with one output per input; an output may be a
 #'   ketch_tensor() to choose the dtype, or a condition object to fail that item alone.
 #'   An error, or a wrong number of outputs, fails the whole batch with MODEL_ERROR and
-#'   "Class: message".
+#'   "Class: message". An item whose payload does not fit its dtype and shape is answered
+#'   BAD_INPUT and not given to predict_fn.
 #' @param name,version model name and version sent in Hello.
 #' @param input_type wire dtype name of the input ("float64", "string", "bytes", ...).
 #' @param input_shape per-item input shape, -1 for any size; empty for text kinds.
@@ -46,7 +55,8 @@ KETCH_MAX_U32 <- 4294967295
 #' @param replica_id stable id of this replica; default "host/name/pid".
 #' @param credits batches held at once; max_batch 0 means no limit; deterministic FALSE
 #'   turns the broker's prediction cache off for this model.
-#' @param fork run each predict in a forked child so heartbeats keep flowing (Unix).
+#' @param fork run predict in a worker process forked once, so heartbeats keep flowing
+#'   while it computes (Unix).
 #' @param welcome_timeout_ms how long to wait for Welcome before reconnecting (doubles on
 #'   each further try, up to 30 s).
 #' @return invisibly "drained" after Shutdown or SIGINT; signals an error of class
@@ -76,14 +86,23 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   rt$heartbeat <- 1
   rt$dead_after <- Inf
   rt$attempts <- 0
-  rt$queue <- list()
-  rt$job <- NULL
+  rt$generation <- 0
+  rt$inflight <- list()   # batches with the worker, oldest first: list(generation, header)
   rt$draining <- FALSE
+  rt$drain_from <- 0
+  rt$last_batch <- 0
   rt$interrupted <- FALSE
   rt$outcome <- NULL
-  rt$ctx <- pbdZMQ::zmq.ctx.new()
   rt$sock <- NULL
+  rt$worker <- NULL
+  rt$flags <- list(sndmore = pbdZMQ::ZMQ.SR()$SNDMORE, block = pbdZMQ::ZMQ.SR()$BLOCK,
+                   rcvmore = pbdZMQ::ZMQ.SO()$RCVMORE, pollin = pbdZMQ::ZMQ.PO()$POLLIN)
+  rt$beat_busy <- ketch_encode("Heartbeat", list(busy = TRUE))
+  rt$beat_idle <- ketch_encode("Heartbeat", list(busy = FALSE))
   on.exit(rt_close(rt))
+  if (rt$fork) rt_worker_start(rt)  # before this process has a ZeroMQ context
+  rt$ctx <- pbdZMQ::zmq.ctx.new()
+  if (rt$fork) rt_worker_connect(rt)
   rt_connect(rt)
   # SIGINT: note it and resume where R was interrupted; the loop then drains.
   repeat {
@@ -102,20 +121,14 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
 rt_loop <- function(rt) {
   repeat {
     if (rt$interrupted && !rt$draining) rt_drain(rt, "SIGINT")
-    if (is.null(rt$job) && length(rt$queue)) rt_start_next(rt)
     if (!is.null(rt$outcome)) return(rt$outcome)
-    if (rt$draining && is.null(rt$job) && !length(rt$queue)) {
-      rt_send(rt, "Goodbye", list(reason = "drained"))
+    if (rt$draining && !length(rt$inflight) &&
+        rt_now() - max(rt$drain_from, rt$last_batch) >= KETCH_DRAIN_QUIET_S) {
+      rt_send(rt, list(ketch_encode("Goodbye", list(reason = "drained"))))
       rt_log(rt, "drained, goodbye")
       return("drained")
     }
-    wait <- rt_next_deadline(rt) - rt_now()
-    if (is.null(rt$job)) {
-      rt_poll(rt, wait)
-    } else {
-      rt_poll(rt, 0)
-      if (is.null(rt$outcome) && !is.null(rt$job)) rt_collect(rt, min(max(wait, 0), 0.01))
-    }
+    rt_poll(rt, rt_next_deadline(rt) - rt_now())
     if (!is.null(rt$outcome)) return(rt$outcome)
     rt_timers(rt)
   }
@@ -137,6 +150,8 @@ rt_next_deadline <- function(rt) {
   } else {
     due <- min(due, rt$connected_at + rt_welcome_wait(rt))
   }
+  if (rt$draining) due <- min(due, max(rt$drain_from, rt$last_batch) + KETCH_DRAIN_QUIET_S)
+  if (length(rt$inflight)) due <- min(due, now + 0.2)  # look after the worker now and then
   due
 }
 
@@ -144,12 +159,13 @@ rt_welcome_wait <- function(rt) min(30, rt$welcome_timeout * 2^max(0, rt$attempt
 
 rt_timers <- function(rt) {
   now <- rt_now()
+  if (!is.null(rt$worker) && length(rt$inflight) && now - rt$worker_checked >= 0.2) rt_worker_check(rt)
   if (rt$phase == "ready") {
     if (now - rt$last_recv > rt$dead_after) {
       rt_log(rt, sprintf("broker silent for %.1f s, reconnecting", now - rt$last_recv))
       rt_reconnect(rt)
     } else if (now - rt$last_sent >= rt$heartbeat) {
-      rt_send(rt, "Heartbeat", list(busy = !is.null(rt$job)))
+      rt_send(rt, list(if (length(rt$inflight)) rt$beat_busy else rt$beat_idle))
     }
   } else if (now - rt$connected_at > rt_welcome_wait(rt)) {
     rt_log(rt, sprintf("no Welcome after %.1f s, reconnecting", now - rt$connected_at))
@@ -157,7 +173,7 @@ rt_timers <- function(rt) {
   }
 }
 
-# ---------------------------------------------------------------- socket
+# ---------------------------------------------------------------- sockets
 
 rt_connect <- function(rt) {
   sock <- pbdZMQ::zmq.socket(rt$ctx, pbdZMQ::ZMQ.ST()$DEALER)
@@ -167,48 +183,65 @@ rt_connect <- function(rt) {
   pbdZMQ::zmq.setsockopt(sock, so$RCVTIMEO, 1000L)
   if (pbdZMQ::zmq.connect(sock, rt$broker) != 0) stop("cannot connect to ", rt$broker)
   rt$sock <- sock
-  rt$phase <- "connecting"
-  rt$connected_at <- rt_now()
-  rt$last_recv <- rt_now()
   rt$attempts <- rt$attempts + 1
-  rt_send(rt, "Hello", rt$hello)
+  rt_hello(rt)
+  rt$last_recv <- rt_now()
   rt_log(rt, "hello sent to ", rt$broker)
 }
 
+# Hello on the current socket: a new registration, whose batches are the only ones answered.
+rt_hello <- function(rt) {
+  rt$generation <- rt$generation + 1
+  rt$phase <- "connecting"
+  rt$connected_at <- rt_now()
+  rt_send(rt, list(ketch_encode("Hello", rt$hello)))
+}
+
 rt_reconnect <- function(rt) {
-  rt_drop_held(rt)
   pbdZMQ::zmq.close(rt$sock)
   rt_connect(rt)
 }
 
 rt_close <- function(rt) {
-  rt_drop_held(rt, quiet = TRUE)
   if (!is.null(rt$sock)) {
     # give a Goodbye that was just sent a moment to leave
     pbdZMQ::zmq.setsockopt(rt$sock, pbdZMQ::ZMQ.SO()$LINGER, 1000L)
     pbdZMQ::zmq.close(rt$sock)
     rt$sock <- NULL
   }
+  rt_worker_stop(rt)
   if (!is.null(rt$ctx)) {
     pbdZMQ::zmq.ctx.destroy(rt$ctx)
     rt$ctx <- NULL
   }
 }
 
-# Send one message; pbdZMQ's zmq.send.multipart cannot send a single frame, so frames
-# go one by one with SNDMORE. A first frame that cannot go within SNDTIMEO is dropped
-# whole (ZeroMQ delivers all frames of a message or none).
-rt_send <- function(rt, type, body, payloads = list()) {
-  frames <- c(list(ketch_encode(type, body)), payloads)
+# Send the frames of one message. pbdZMQ's zmq.send.multipart cannot send a single frame,
+# so frames go one by one with SNDMORE. A first frame that cannot go within SNDTIMEO is
+# dropped whole (ZeroMQ delivers all frames of a message or none).
+ketch_send_frames <- function(sock, frames, flags) {
   n <- length(frames)
-  flags <- pbdZMQ::ZMQ.SR()
   for (i in seq_len(n)) {
-    rc <- pbdZMQ::zmq.msg.send(frames[[i]], rt$sock, flags = if (i < n) flags$SNDMORE else flags$BLOCK,
+    rc <- pbdZMQ::zmq.msg.send(frames[[i]], sock, flags = if (i < n) flags$sndmore else flags$block,
                                serialize = FALSE)
-    if (i == 1 && identical(rc, -1L)) {
-      rt_log(rt, type, " dropped: the socket would block")
-      return(invisible(FALSE))
-    }
+    if (i == 1 && identical(rc, -1L)) return(FALSE)
+  }
+  TRUE
+}
+
+# Every frame of the message waiting on `sock`.
+ketch_recv_frames <- function(sock, flags) {
+  frames <- list(pbdZMQ::zmq.msg.recv(sock, flags = flags$block, unserialize = FALSE))
+  while (pbdZMQ::zmq.getsockopt(sock, flags$rcvmore, 0L) == 1L) {
+    frames[[length(frames) + 1L]] <- pbdZMQ::zmq.msg.recv(sock, flags = flags$block, unserialize = FALSE)
+  }
+  frames
+}
+
+rt_send <- function(rt, frames) {
+  if (!ketch_send_frames(rt$sock, frames, rt$flags)) {
+    rt_log(rt, "a message was dropped: the socket would block")
+    return(invisible(FALSE))
   }
   rt$last_sent <- rt_now()
   invisible(TRUE)
@@ -216,20 +249,26 @@ rt_send <- function(rt, type, body, payloads = list()) {
 
 rt_send_error <- function(rt, code, message) {
   rt_log(rt, "error sent: ", code, ": ", message)
-  rt_send(rt, "Error", list(code = code, message = message))
+  rt_send(rt, list(ketch_encode("Error", list(code = code, message = message))))
 }
 
-# Wait up to `timeout` seconds for messages and handle every one that is there.
+# Wait up to `timeout` seconds for messages and handle every one that is there, from the
+# broker and from the worker.
 rt_poll <- function(rt, timeout) {
   ms <- as.integer(ceiling(max(0, timeout) * 1000))
-  pollin <- pbdZMQ::ZMQ.PO()$POLLIN
-  repeat {
+  pollin <- rt$flags$pollin
+  for (k in seq_len(64)) {  # then look at the clock, the stop flag and the heartbeat
     sock <- rt$sock
-    r <- pbdZMQ::zmq.poll(c(sock), c(pollin), ms)  # c(-1, EINTR) on a signal: no events
+    socks <- if (is.null(rt$wsock)) list(sock) else list(sock, rt$wsock)
+    r <- pbdZMQ::zmq.poll(socks, rep(pollin, length(socks)), ms)  # c(-1, EINTR) on a signal: no events
     if (r[1] <= 0) return(invisible(NULL))
-    frames <- pbdZMQ::zmq.recv.multipart(sock, unserialize = FALSE)
-    rt_handle(rt, frames)
-    if (!is.null(rt$outcome) || !identical(sock, rt$sock)) return(invisible(NULL))
+    if (length(socks) == 2 && bitwAnd(pbdZMQ::zmq.poll.get.revents(2L), pollin)) {
+      rt_on_worker_reply(rt, ketch_recv_frames(rt$wsock, rt$flags))
+    }
+    if (bitwAnd(pbdZMQ::zmq.poll.get.revents(1L), pollin)) {
+      rt_handle(rt, ketch_recv_frames(sock, rt$flags))
+      if (!is.null(rt$outcome) || !identical(sock, rt$sock)) return(invisible(NULL))
+    }
     ms <- 0L
   }
 }
@@ -237,12 +276,21 @@ rt_poll <- function(rt, timeout) {
 # ---------------------------------------------------------------- messages
 
 rt_handle <- function(rt, frames) {
-  rt$last_recv <- rt_now()
+  now <- rt_now()
+  rt$last_recv <- now
+  # the hot path: a request like one read before (a learnt template) is a batch; its body
+  # is read where the batch is computed
+  if (!is.null(ketch_request_template(frames[[1]]))) return(rt_on_batch(rt, frames, now))
+  peek <- ketch_peek(frames[[1]])
+  if (!is.null(peek) && peek[1] == KETCH_PROTOCOL_VERSION && peek[2] == KETCH_BODIES[["PredictRequest"]]) {
+    tryCatch(ketch_read_request(frames[[1]]), error = function(e) NULL)  # learns it as a template
+    return(rt_on_batch(rt, frames, now))
+  }
   msg <- tryCatch(ketch_decode(frames[[1]]), ketch_decode_error = function(e) e)
-  version <- if (inherits(msg, "condition")) ketch_peek_version(frames[[1]]) else msg$version
+  version <- if (!is.null(peek)) peek[1] else if (inherits(msg, "condition")) NA else msg$version
   if (!is.na(version) && version != KETCH_PROTOCOL_VERSION) {
     # MUST NOT act on it; an Error is not answered with an Error (no ping-pong)
-    if (inherits(msg, "condition") || msg$type != "Error") {
+    if (is.null(peek) || peek[2] != KETCH_BODIES[["Error"]]) {
       rt_send_error(rt, "UNSUPPORTED_VERSION",
                     sprintf("protocol version %d is not supported (speaks %d)", version,
                             KETCH_PROTOCOL_VERSION))
@@ -258,9 +306,6 @@ rt_handle <- function(rt, frames) {
   switch(msg$type,
     Welcome = rt_on_welcome(rt, body),
     Heartbeat = NULL,
-    PredictRequest = {
-      rt$queue[[length(rt$queue) + 1]] <- list(body = body, payloads = frames[-1], received = rt_now())
-    },
     Shutdown = rt_drain(rt, paste0("Shutdown: ", body$reason)),
     Error = rt_on_error(rt, body),
     rt_send_error(rt, "UNKNOWN_MESSAGE", sprintf("%s is not valid from the broker on the backend", msg$type))
@@ -268,8 +313,21 @@ rt_handle <- function(rt, frames) {
   invisible(NULL)
 }
 
-ketch_peek_version <- function(frame) {
-  tryCatch(fb_get_scalar(fb_root(frame, KETCH_IDENTIFIER), 0L, "u16", 0), error = function(e) NA)
+rt_on_batch <- function(rt, frames, now) {
+  rt$last_batch <- now
+  if (is.null(rt$worker)) {
+    rt_send(rt, ketch_answer_batch(rt$predict_fn, frames))
+    return(invisible(NULL))
+  }
+  if (!ketch_send_frames(rt$wsock, frames, rt$flags)) {
+    rt_worker_check(rt)  # a worker that died while idle is started again
+    if (!ketch_send_frames(rt$wsock, frames, rt$flags)) {
+      rt_log(rt, "the predict worker takes no batch; answering it with an error")
+      rt_fail_batch(rt, frames[[1]], "WorkerBusy: the predict worker takes no batch")
+      return(invisible(NULL))
+    }
+  }
+  rt$inflight[[length(rt$inflight) + 1L]] <- list(generation = rt$generation, header = frames[[1]])
 }
 
 rt_on_welcome <- function(rt, body) {
@@ -280,7 +338,7 @@ rt_on_welcome <- function(rt, body) {
                                               body$heartbeat_ms, body$dead_after_ms))
   rt$phase <- "ready"
   rt$attempts <- 0
-  if (rt$draining) rt_send(rt, "Ready", list(credits = 0))  # a new connection: say it again
+  if (rt$draining) rt_send(rt, list(ketch_encode("Ready", list(credits = 0))))  # a new registration: say it again
 }
 
 rt_on_error <- function(rt, body) {
@@ -290,12 +348,9 @@ rt_on_error <- function(rt, body) {
   } else if (identical(body$code, "BAD_MESSAGE") && grepl("send Hello first", body$message, fixed = TRUE)) {
     if (rt$phase == "ready") {
       # the broker does not know this connection (it restarted): Hello again, same id;
-      # whatever it sent before is no longer its business, so held batches are dropped
+      # replies to batches of the old registration are dropped (the broker re-queued them)
       rt_log(rt, "broker asks for Hello again")
-      rt_drop_held(rt)
-      rt$phase <- "connecting"
-      rt$connected_at <- rt_now()
-      rt_send(rt, "Hello", rt$hello)
+      rt_hello(rt)
     }  # else a Hello is already on its way
   } else if (rt$phase == "connecting") {
     rt_refused(rt, text)  # an Error answering the Hello: the container exits
@@ -313,131 +368,257 @@ rt_refused <- function(rt, text) {
 rt_drain <- function(rt, why) {
   if (rt$draining) return(invisible(NULL))
   rt$draining <- TRUE
-  rt_log(rt, "draining (", why, "), ", length(rt$queue) + !is.null(rt$job), " batch(es) held")
-  rt_send(rt, "Ready", list(credits = 0))
+  rt$drain_from <- rt_now()
+  rt_log(rt, "draining (", why, "): Ready{credits: 0}, ", length(rt$inflight),
+         " batch(es) held; answering every batch already sent")
+  rt_send(rt, list(ketch_encode("Ready", list(credits = 0))))
+}
+
+# ---------------------------------------------------------------- the worker
+
+rt_worker_start <- function(rt) {
+  path <- tempfile("ketch-worker-", fileext = ".ipc")
+  rt$wendpoint <- paste0("ipc://", path)
+  rt$wpath <- path
+  predict_fn <- rt$predict_fn
+  endpoint <- rt$wendpoint
+  parent <- Sys.getpid()
+  rt$worker <- parallel::mcparallel(ketch_worker_main(endpoint, predict_fn, parent), silent = FALSE)
+  rt$worker_checked <- rt_now()
+}
+
+# Connect to the worker and wait for its first word.
+rt_worker_connect <- function(rt) {
+  sock <- pbdZMQ::zmq.socket(rt$ctx, pbdZMQ::ZMQ.ST()$PAIR)
+  pbdZMQ::zmq.setsockopt(sock, pbdZMQ::ZMQ.SO()$LINGER, 0L)
+  pbdZMQ::zmq.setsockopt(sock, pbdZMQ::ZMQ.SO()$SNDTIMEO, 200L)
+  pbdZMQ::zmq.setsockopt(sock, pbdZMQ::ZMQ.SO()$RECONNECT_IVL, 10L)
+  pbdZMQ::zmq.connect(sock, rt$wendpoint)
+  rt$wsock <- sock
+  deadline <- rt_now() + 30
+  repeat {
+    r <- pbdZMQ::zmq.poll(list(sock), rt$flags$pollin, 1000L)
+    if (r[1] > 0) break
+    if (!is.null(suppressWarnings(parallel::mccollect(rt$worker, wait = FALSE))) || rt_now() > deadline) {
+      stop("the predict worker did not start")
+    }
+  }
+  hello <- ketch_recv_frames(sock, rt$flags)
+  stopifnot(identical(rawToChar(hello[[1]]), "ready"))
+}
+
+# The worker is gone (crashed, killed): fail what it held, start another.
+rt_worker_check <- function(rt) {
+  rt$worker_checked <- rt_now()
+  res <- suppressWarnings(parallel::mccollect(rt$worker, wait = FALSE))
+  if (is.null(res)) return(invisible(NULL))
+  held <- rt$inflight
+  rt$inflight <- list()
+  rt_log(rt, "the predict worker ended; failing its ", length(held), " batch(es) and starting another")
+  for (job in held) {
+    if (job$generation == rt$generation) {
+      rt_fail_batch(rt, job$header, "WorkerDied: the process running predict_fn ended")
+    }
+  }
+  pbdZMQ::zmq.close(rt$wsock)
+  rt$wsock <- NULL
+  unlink(rt$wpath)
+  rt_worker_start(rt)
+  rt_worker_connect(rt)
+}
+
+rt_fail_batch <- function(rt, header, message) {
+  batch_id <- tryCatch(ketch_read_request(header)$batch_id, error = function(e) 0)
+  rt_send(rt, list(ketch_write_reply(batch_id, 0, NULL, "MODEL_ERROR", message)))
+}
+
+rt_on_worker_reply <- function(rt, frames) {
+  if (!length(rt$inflight)) return(invisible(NULL))
+  job <- rt$inflight[[1]]
+  rt$inflight[[1]] <- NULL
+  if (job$generation == rt$generation && rt$phase == "ready") rt_send(rt, frames)
+  else rt_log(rt, "dropping the reply to a batch of an earlier registration")
+}
+
+rt_worker_stop <- function(rt) {
+  if (is.null(rt$worker)) return(invisible(NULL))
+  if (!is.null(rt$wsock)) {
+    ketch_send_frames(rt$wsock, list(charToRaw("quit")), rt$flags)
+    pbdZMQ::zmq.setsockopt(rt$wsock, pbdZMQ::ZMQ.SO()$LINGER, 1000L)
+    pbdZMQ::zmq.close(rt$wsock)
+    rt$wsock <- NULL
+  }
+  # the worker ends at once when idle; one that computes gets a moment, then a kill
+  res <- suppressWarnings(parallel::mccollect(rt$worker, wait = FALSE, timeout = 2))
+  if (is.null(res)) {
+    tools::pskill(rt$worker$pid, tools::SIGKILL)
+    suppressWarnings(parallel::mccollect(rt$worker, wait = TRUE))
+  }
+  unlink(rt$wpath)
+  rt$worker <- NULL
+}
+
+#' The predict worker's loop (in the forked process): answer each batch, exit on "quit"
+#' or when the serving process is gone. It never touches the parent's sockets.
+#' @keywords internal
+ketch_worker_main <- function(endpoint, predict_fn, parent) {
+  ctx <- pbdZMQ::zmq.ctx.new()
+  sock <- pbdZMQ::zmq.socket(ctx, pbdZMQ::ZMQ.ST()$PAIR)
+  pbdZMQ::zmq.setsockopt(sock, pbdZMQ::ZMQ.SO()$LINGER, 1000L)
+  pbdZMQ::zmq.bind(sock, endpoint)
+  flags <- list(sndmore = pbdZMQ::ZMQ.SR()$SNDMORE, block = pbdZMQ::ZMQ.SR()$BLOCK,
+                rcvmore = pbdZMQ::ZMQ.SO()$RCVMORE, pollin = pbdZMQ::ZMQ.PO()$POLLIN)
+  ketch_send_frames(sock, list(charToRaw("ready")), flags)
+  on.exit({
+    pbdZMQ::zmq.close(sock)
+    pbdZMQ::zmq.ctx.destroy(ctx)
+  })
+  withCallingHandlers({
+    repeat {
+      r <- pbdZMQ::zmq.poll(list(sock), flags$pollin, 1000L)
+      if (r[1] <= 0) {
+        if (!isTRUE(tools::pskill(parent, 0L))) break  # the serving process is gone
+        next
+      }
+      frames <- ketch_recv_frames(sock, flags)
+      if (length(frames) == 1 && identical(frames[[1]], charToRaw("quit"))) break
+      ketch_send_frames(sock, ketch_answer_batch(predict_fn, frames), flags)
+    }
+  }, interrupt = function(c) {
+    if (!is.null(findRestart("resume"))) invokeRestart("resume")
+  })
+  "done"
 }
 
 # ---------------------------------------------------------------- batches
-
-rt_start_next <- function(rt) {
-  batch <- rt$queue[[1]]
-  rt$queue <- rt$queue[-1]
-  inputs <- tryCatch(ketch_batch_inputs(batch$body, batch$payloads), error = function(e) e)
-  if (inherits(inputs, "error")) {
-    code <- if (inherits(inputs, "ketch_bad_frames")) "BAD_MESSAGE" else "BAD_INPUT"
-    rt_reply(rt, batch, list(ok = FALSE, error = code, message = conditionMessage(inputs), compute_us = 0))
-    return(invisible(NULL))
-  }
-  if (!rt$fork) {
-    rt_reply(rt, batch, ketch_run_predict(rt$predict_fn, inputs))
-    return(invisible(NULL))
-  }
-  predict_fn <- rt$predict_fn
-  process <- parallel::mcparallel(ketch_run_predict(predict_fn, inputs))
-  rt$job <- list(batch = batch, process = process)
-}
-
-rt_collect <- function(rt, timeout) {
-  res <- suppressWarnings(parallel::mccollect(rt$job$process, wait = FALSE, timeout = timeout))
-  if (is.null(res)) return(invisible(NULL))
-  batch <- rt$job$batch
-  rt$job <- NULL
-  result <- res[[1]]
-  if (!is.list(result) || is.null(result$ok)) {
-    why <- if (inherits(result, "try-error")) as.character(result) else "it ended without a result"
-    result <- list(ok = FALSE, error = "MODEL_ERROR", compute_us = 0,
-                   message = paste("ChildProcessError:", trimws(why)))
-  }
-  rt_reply(rt, batch, result)
-}
-
-rt_reply <- function(rt, batch, result) {
-  reply <- ketch_predict_reply(batch$body$batch_id, result)
-  rt_send(rt, "PredictReply", reply$body, reply$payloads)
-}
-
-rt_drop_held <- function(rt, quiet = FALSE) {
-  n <- length(rt$queue) + !is.null(rt$job)
-  if (!is.null(rt$job)) {
-    tools::pskill(rt$job$process$pid, tools::SIGKILL)
-    suppressWarnings(parallel::mccollect(rt$job$process, wait = TRUE))
-    rt$job <- NULL
-  }
-  rt$queue <- list()
-  if (n > 0 && !quiet) rt_log(rt, n, " held batch(es) dropped (the broker re-queues them)")
-}
-
-# ---------------------------------------------------------------- pure helpers
 
 ketch_condition <- function(class, message) {
   structure(class = c(class, "error", "condition"), list(message = message, call = NULL))
 }
 
+#' The reply frames for the frames of a PredictRequest: decode, predict, encode.
+#' @keywords internal
+ketch_answer_batch <- function(predict_fn, frames) {
+  req <- ketch_match_request(frames[[1]])
+  if (is.null(req)) req <- tryCatch(ketch_read_request(frames[[1]]), error = function(e) e)
+  if (inherits(req, "error")) {
+    return(list(ketch_write_reply(0, 0, NULL, "BAD_MESSAGE", conditionMessage(req))))
+  }
+  batch <- tryCatch(ketch_batch_inputs(req, frames[-1]), error = function(e) e)
+  if (inherits(batch, "error")) {
+    return(list(ketch_write_reply(req$batch_id, 0, NULL, "BAD_MESSAGE", conditionMessage(batch))))
+  }
+  result <- ketch_run_predict(predict_fn, batch, attr(batch, "errors"))
+  if (!isTRUE(result$ok)) {
+    return(list(ketch_write_reply(req$batch_id, result$compute_us, NULL, result$error, result$message)))
+  }
+  c(list(ketch_write_reply(req$batch_id, result$compute_us, result$outputs)), result$outputs$payloads)
+}
+
 #' The inputs of a PredictRequest as a list of R values, one per item, with attributes
-#' "dtype" and "budgets_us". Signals "ketch_bad_frames" when frames or shapes do not add up.
+#' "dtype", "budgets_us" and "errors" (NA, or why that item's payload does not fit its
+#' dtype and shape; such an item's value is NULL). Signals "ketch_bad_frames" when frames
+#' or shapes do not add up.
+#' @keywords internal
 ketch_batch_inputs <- function(body, payloads) {
   n <- length(body$budgets_us)
   if (length(payloads) != n) {
     stop(ketch_condition("ketch_bad_frames", sprintf("PredictRequest has %d payload frame(s) for %d item(s)",
                                                      length(payloads), n)))
   }
+  if (!body$dtype %in% names(KETCH_DTYPES)) {
+    stop(ketch_condition("ketch_bad_frames", sprintf("PredictRequest has unknown dtype %s", format(body$dtype))))
+  }
   ndim <- body$ndim
   if (length(body$shapes) != ndim * n) {
     stop(ketch_condition("ketch_bad_frames", sprintf("PredictRequest has %d shape entries for %d item(s) of ndim %d",
                                                      length(body$shapes), n, ndim)))
   }
-  inputs <- lapply(seq_len(n), function(i) {
-    shape <- body$shapes[(i - 1) * ndim + seq_len(ndim)]
-    tryCatch(ketch_payload_to_value(body$dtype, shape, payloads[[i]]), error = function(e) {
-      stop(sprintf("item %d: %s", i - 1, conditionMessage(e)), call. = FALSE)
-    })
-  })
+  decoded <- ketch_batch_values(body$dtype, ndim, body$shapes, payloads)
+  inputs <- decoded$values
   attr(inputs, "dtype") <- body$dtype
   attr(inputs, "budgets_us") <- body$budgets_us
+  attr(inputs, "errors") <- decoded$errors
   inputs
 }
 
 ketch_class_message <- function(e) paste0(class(e)[1], ": ", conditionMessage(e))
 
-#' Call predict_fn on a batch and turn its outputs into payloads. Runs in the forked
-#' child. Returns list(ok, items | error + message, compute_us).
-ketch_run_predict <- function(predict_fn, inputs) {
-  t0 <- rt_now()
-  out <- tryCatch(predict_fn(inputs), error = function(e) e)
-  compute_us <- min(round((rt_now() - t0) * 1e6), KETCH_MAX_U32)
+ketch_clock_us <- function() as.numeric(Sys.time()) * 1e6
+
+#' Call predict_fn on the good items of a batch and turn its outputs into reply columns.
+#'
+#' @param errors NA for each item predict_fn gets, else why the item is answered BAD_INPUT.
+#' @return list(ok = TRUE, outputs = the columns of ketch_encode_outputs(), compute_us), or
+#'   list(ok = FALSE, error, message, compute_us) for a whole-batch failure.
+#' @keywords internal
+ketch_run_predict <- function(predict_fn, inputs, errors = NULL) {
+  n <- length(inputs)
+  bad <- !is.null(errors) && !all(is.na(errors))
+  todo <- inputs
+  if (bad) {
+    bad <- !is.na(errors)
+    todo <- inputs[!bad]
+    attr(todo, "dtype") <- attr(inputs, "dtype")
+    if (!is.null(attr(inputs, "budgets_us"))) attr(todo, "budgets_us") <- attr(inputs, "budgets_us")[!bad]
+  } else if (!is.null(errors)) {
+    attr(todo, "errors") <- NULL
+  }
+  out <- NULL
+  t0 <- ketch_clock_us()
+  if (length(todo)) out <- tryCatch(predict_fn(todo), error = function(e) e)
+  compute_us <- max(0, min(round(ketch_clock_us() - t0), KETCH_MAX_U32))
   fail <- function(message) list(ok = FALSE, error = "MODEL_ERROR", message = message, compute_us = compute_us)
   if (inherits(out, "error")) return(fail(ketch_class_message(out)))
-  if (is.atomic(out) && is.null(dim(out))) out <- as.list(out)
-  if (!is.list(out) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
-    return(fail(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s",
-                        length(inputs), class(out)[1])))
-  }
-  if (length(out) != length(inputs)) {
-    return(fail(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d",
-                        length(out), length(inputs))))
-  }
-  items <- lapply(out, function(value) {
-    if (inherits(value, "condition")) {
-      return(list(status = "ERROR", error = "MODEL_ERROR", message = ketch_class_message(value)))
+  if (length(todo)) {
+    if (!(is.list(out) || (is.atomic(out) && is.null(dim(out)))) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
+      return(fail(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s",
+                          length(todo), class(out)[1])))
     }
-    tryCatch(c(list(status = "OK"), ketch_value_to_payload(value)), error = function(e) {
-      list(status = "ERROR", error = "MODEL_ERROR", message = ketch_class_message(e))
-    })
-  })
-  list(ok = TRUE, items = items, compute_us = compute_us)
+    if (length(out) != length(todo)) {
+      return(fail(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d",
+                          length(out), length(todo))))
+    }
+  }
+  enc <- ketch_encode_outputs(if (length(todo)) out else list())
+  if (!identical(bad, FALSE)) enc <- ketch_merge_bad(enc, bad, errors)
+  list(ok = TRUE, outputs = enc, compute_us = compute_us)
 }
 
-#' The PredictReply body and payload frames for a result of ketch_run_predict().
+# Outputs of the good items and BAD_INPUT errors of the others, in item order.
+ketch_merge_bad <- function(enc, bad, errors) {
+  n <- length(bad)
+  good <- which(!bad)
+  ok <- logical(n)
+  ok[good] <- enc$ok
+  group <- rep(NA_integer_, n)
+  group[good] <- enc$group
+  error <- rep(KETCH_ERROR_CODES[["BAD_INPUT"]], n)
+  error[good] <- enc$error
+  message <- errors
+  message[good] <- enc$message
+  payloads <- rep(list(raw(0)), n)
+  payloads[good] <- enc$payloads
+  list(ok = ok, group = group, tensors = enc$tensors, error = error, message = message, payloads = payloads)
+}
+
+#' The PredictReply body (generic codec form) and payload frames of a ketch_run_predict()
+#' result: what ketch_write_reply() writes, for tests and tools.
+#' @keywords internal
 ketch_predict_reply <- function(batch_id, result) {
   if (!isTRUE(result$ok)) {
     return(list(body = list(batch_id = batch_id, compute_us = result$compute_us, outputs = list(),
                             error = result$error, message = result$message), payloads = list()))
   }
-  outputs <- lapply(result$items, function(it) {
-    if (it$status == "OK") list(status = "OK", output = list(dtype = it$dtype, shape = it$shape))
-    else list(status = "ERROR", error = it$error, message = it$message)
+  o <- result$outputs
+  outputs <- lapply(seq_along(o$ok), function(i) {
+    if (o$ok[i]) {
+      t <- o$tensors[[o$group[i]]]
+      list(status = "OK", output = list(dtype = ketch_enum_name("dtype", t$dtype), shape = t$shape))
+    } else {
+      list(status = "ERROR", error = ketch_enum_name("code", o$error[i]), message = o$message[i])
+    }
   })
-  payloads <- lapply(result$items, function(it) if (it$status == "OK") it$payload else raw(0))
   list(body = list(batch_id = batch_id, compute_us = result$compute_us, outputs = outputs),
-       payloads = payloads)
+       payloads = o$payloads)
 }

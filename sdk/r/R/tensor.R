@@ -164,7 +164,7 @@ half_to_double <- function(h) {
   m <- h %% 1024
   v <- ifelse(e == 0, m * 2^-24,
        ifelse(e == 31, ifelse(m == 0, Inf, NaN), (1 + m / 1024) * 2^(e - 15)))
-  sign * v
+  as.numeric(sign * v)
 }
 
 # Round to nearest, ties to even (R's round() does ties to even on exact halves).
@@ -183,4 +183,123 @@ double_to_half <- function(x) {
     if (e > 15) return(sign + 31744)
     sign + (e + 15) * 1024 + m
   }, numeric(1))
+}
+
+# ---------------------------------------------------------------- whole batches
+
+#' The payloads of a batch as R values, numeric ones decoded with one readBin for the
+#' whole batch.
+#'
+#' @param dtype a dtype name; @param ndim dimensions per item; @param shapes ndim entries
+#'   per item, item after item; @param payloads list of raw vectors, one per item.
+#' @return list(values = one R value per item (NULL for a bad item), errors = character,
+#'   NA for a good item, else why its payload does not fit).
+#' @keywords internal
+ketch_batch_values <- function(dtype, ndim, shapes, payloads) {
+  n <- length(payloads)
+  errors <- rep(NA_character_, n)
+  size <- KETCH_ITEMSIZE[dtype]
+  if (is.na(size) || ndim >= 2 || n == 0) {
+    values <- vector("list", n)
+    for (i in seq_len(n)) {
+      shape <- shapes[(i - 1) * ndim + seq_len(ndim)]
+      v <- tryCatch(ketch_payload_to_value(dtype, shape, payloads[[i]]), error = function(e) e)
+      if (inherits(v, "error")) errors[i] <- sprintf("item %d: %s", i - 1, conditionMessage(v))
+      else if (!is.null(v)) values[[i]] <- v
+    }
+    return(list(values = values, errors = errors))
+  }
+  counts <- if (ndim == 0) rep(1, n) else shapes
+  got <- lengths(payloads)
+  bad <- got != counts * size
+  if (any(bad)) {
+    errors[bad] <- sprintf("item %d: payload of %d bytes does not match %s shape [%s] (%.0f bytes)",
+                           which(bad) - 1, got[bad], dtype, if (ndim == 0) "" else counts[bad], counts[bad] * size)
+    counts[bad] <- 0
+    payloads[bad] <- list(raw(0))
+  }
+  total <- sum(counts)
+  bytes <- unlist(payloads, use.names = FALSE)
+  flat <- if (dtype == "FLOAT64") {
+    readBin(bytes, "double", n = total, size = 8L, endian = "little")
+  } else if (dtype == "FLOAT32") {
+    readBin(bytes, "double", n = total, size = 4L, endian = "little")
+  } else if (dtype == "FLOAT16") {
+    half_to_double(fb_unpack(bytes, "u16", total))
+  } else {
+    v <- fb_unpack(bytes, KETCH_SCALAR_KIND[[dtype]], total)
+    if (dtype %in% c("INT8", "INT16", "INT32", "UINT8", "UINT16")) suppressWarnings(as.integer(v)) else v
+  }
+  values <- if (all(counts == 1)) as.list(flat) else ketch_split(flat, counts)
+  values[bad] <- list(NULL)
+  list(values = values, errors = errors)
+}
+
+# x cut into consecutive pieces of `counts` elements (a piece of 0 is an empty vector):
+# split() with a factor made by hand, so that no factor() call sorts anything.
+ketch_split <- function(x, counts) {
+  n <- length(counts)
+  f <- structure(rep.int(seq_len(n), counts), levels = as.character(seq_len(n)), class = "factor")
+  unname(split(x, f))
+}
+
+# Plain numbers, one per item, encode without a per-item call: an atomic vector without
+# dim or class, or a list of length-one unclassed numbers of one type.
+ketch_plain_outputs <- function(out) {
+  if (is.list(out)) {
+    if (is.object(out) || !length(out) || !all(lengths(out) == 1L)) return(NULL)
+    types <- vapply(out, typeof, "", USE.NAMES = FALSE)
+    if (!all(types == types[1]) || !all(vapply(out, function(v) is.null(attributes(v)), NA, USE.NAMES = FALSE))) {
+      return(NULL)
+    }
+    out <- unlist(out, use.names = FALSE)
+  } else if (!is.null(dim(out)) || is.object(out)) {
+    return(NULL)
+  }
+  if (is.double(out)) return(list(dtype = "FLOAT64", size = 8L, bytes = writeBin(out, raw(), size = 8L, endian = "little")))
+  if (anyNA(out)) return(NULL)  # NA cannot be sent as an integer or a bool: the item errors say so
+  if (is.integer(out)) return(list(dtype = "INT32", size = 4L, bytes = writeBin(out, raw(), size = 4L, endian = "little")))
+  if (is.logical(out)) return(list(dtype = "BOOL", size = 1L, bytes = as.raw(out)))
+  NULL
+}
+
+#' The outputs of predict_fn as the columns of a PredictReply: ok (logical), group (index
+#' into tensors for OK items), tensors (list of list(dtype code, shape)), error (codes),
+#' message, payloads (raw vectors; empty for an error).
+#' @keywords internal
+ketch_encode_outputs <- function(out) {
+  n <- length(out)
+  plain <- ketch_plain_outputs(out)
+  if (!is.null(plain)) {
+    payloads <- if (plain$size == 1L) as.list(plain$bytes) else ketch_split(plain$bytes, rep.int(plain$size, n))
+    return(list(ok = rep(TRUE, n), group = rep(1L, n),
+                tensors = list(list(dtype = KETCH_DTYPES[[plain$dtype]], shape = numeric(0))),
+                error = integer(n), message = character(n), payloads = payloads))
+  }
+  if (is.atomic(out) && is.null(dim(out))) out <- as.list(out)
+  ok <- logical(n)
+  keys <- character(n)
+  error <- integer(n)
+  message <- character(n)
+  payloads <- vector("list", n)
+  typed <- vector("list", n)
+  for (i in seq_len(n)) {
+    value <- out[[i]]
+    enc <- if (inherits(value, "condition")) value else tryCatch(ketch_value_to_payload(value), error = function(e) e)
+    if (inherits(enc, "condition")) {
+      error[i] <- KETCH_ERROR_CODES[["MODEL_ERROR"]]
+      message[i] <- ketch_class_message(enc)
+      payloads[i] <- list(raw(0))
+    } else {
+      ok[i] <- TRUE
+      typed[[i]] <- list(dtype = KETCH_DTYPES[[enc$dtype]], shape = as.numeric(enc$shape))
+      keys[i] <- paste(c(enc$dtype, enc$shape), collapse = " ")
+      payloads[i] <- list(enc$payload)
+    }
+  }
+  distinct <- unique(keys[ok])
+  group <- rep(NA_integer_, n)
+  group[ok] <- match(keys[ok], distinct)
+  tensors <- typed[ok][match(distinct, keys[ok])]
+  list(ok = ok, group = group, tensors = tensors, error = error, message = message, payloads = payloads)
 }

@@ -3,6 +3,7 @@
 #
 #   Rscript sdk/r/inst/serve_example.R --broker tcp://127.0.0.1:7000 --name NAME \
 #       --version V --kind KIND [--replica-id ID] [--input-type DTYPE] [--delay-ms MS]
+#       [--fork true|false]
 #
 # KIND: sum   float64 vector in, float64 scalar out (the sum)
 #       echo  each input back with the batch's dtype (bytes, string, ...); declares
@@ -10,6 +11,8 @@
 #       fail  always stop("boom"): every batch fails with "simpleError: boom"
 #       noop  float64 vector in, the float64 scalar 0 out (for benchmarks)
 # --delay-ms sleeps that long in predict before answering (to test heartbeats).
+# --fork false computes in this process (no heartbeat while predict runs); the default,
+# true, computes in a worker process forked once.
 
 load_ketch <- function() {
   file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
@@ -27,7 +30,7 @@ parse_args <- function(args, defaults) {
     key <- sub("^--", "", args[i])
     if (!startsWith(args[i], "--") || !key %in% names(defaults) || i == length(args)) {
       stop("usage: serve_example.R --broker ADDR --name NAME --version V --kind sum|echo|fail ",
-           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS]", call. = FALSE)
+           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS] [--fork true|false]", call. = FALSE)
     }
     out[[key]] <- args[i + 1]
     i <- i + 2
@@ -37,7 +40,7 @@ parse_args <- function(args, defaults) {
 
 opts <- parse_args(commandArgs(trailingOnly = TRUE),
                    list(broker = "tcp://127.0.0.1:7000", name = NA, version = "1", kind = NA,
-                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0"))
+                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0", fork = "true"))
 if (is.na(opts$name) || is.na(opts$kind)) stop("--name and --kind are required", call. = FALSE)
 delay <- as.numeric(opts$`delay-ms`) / 1000
 
@@ -64,4 +67,5 @@ predict <- function(inputs) {
 
 ketch_serve(predict, name = opts$name, version = opts$version, input_type = input_type,
             input_shape = input_shape, broker = opts$broker,
-            replica_id = if (is.na(opts$`replica-id`)) NULL else opts$`replica-id`)
+            replica_id = if (is.na(opts$`replica-id`)) NULL else opts$`replica-id`,
+            fork = as.logical(opts$fork))

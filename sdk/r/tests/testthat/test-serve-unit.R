@@ -42,17 +42,120 @@ test_that("one output per input, with per-item errors", {
 test_that("an atomic vector counts as one output per input", {
   res <- ketch_run_predict(function(inputs) vapply(inputs, sum, 0), list(1:2, 3:4))
   expect_true(res$ok)
-  expect_identical(lapply(res$items, `[[`, "payload"), list(f64(3), f64(7)))
+  expect_identical(res$outputs$payloads, list(f64(3), f64(7)))
+  ints <- ketch_run_predict(function(inputs) lapply(inputs, length), list(1:2, 3:5))
+  expect_identical(ints$outputs$payloads, lapply(2:3, function(v) writeBin(v, raw(), size = 4L, endian = "little")))
+  expect_identical(ints$outputs$tensors, list(list(dtype = 3, shape = numeric(0))))
+  na <- ketch_run_predict(function(inputs) c(1L, NA), list(1, 2))
+  expect_identical(na$outputs$ok, c(TRUE, FALSE))
+  expect_match(na$outputs$message[2], "cannot hold NA")
 })
 
-test_that("batch inputs are checked against frames and shapes", {
+test_that("batch inputs are checked against frames and shapes; a bad payload fails its item only", {
   body <- list(batch_id = 1, dtype = "FLOAT64", ndim = 1, shapes = c(2, 1), budgets_us = c(10, 10))
   inputs <- ketch_batch_inputs(body, list(f64(1:2), f64(3)))
   expect_identical(unclass(inputs)[1:2], list(c(1, 2), 3))
   expect_identical(attr(inputs, "dtype"), "FLOAT64")
   expect_identical(attr(inputs, "budgets_us"), c(10, 10))
+  expect_identical(attr(inputs, "errors"), c(NA_character_, NA_character_))
   expect_error(ketch_batch_inputs(body, list(f64(1:2))), class = "ketch_bad_frames")
   expect_error(ketch_batch_inputs(modifyList(body, list(shapes = 2)), list(f64(1:2), f64(3))),
                class = "ketch_bad_frames")
-  expect_error(ketch_batch_inputs(body, list(f64(1:2), f64(1:2))), "item 1: payload of 16 bytes")
+  expect_error(ketch_batch_inputs(modifyList(body, list(dtype = 99)), list(f64(1:2), f64(3))),
+               class = "ketch_bad_frames")
+  bad <- ketch_batch_inputs(body, list(f64(1:2), f64(1:2)))
+  expect_match(attr(bad, "errors")[2], "item 1: payload of 16 bytes")
+  expect_null(bad[[2]])
+  seen <- NULL
+  res <- ketch_run_predict(function(inputs) {
+    seen <<- inputs
+    vapply(inputs, sum, 0)
+  }, bad, attr(bad, "errors"))
+  expect_identical(unclass(seen)[1], list(c(1, 2)))
+  expect_identical(attr(seen, "budgets_us"), 10)
+  expect_identical(res$outputs$ok, c(TRUE, FALSE))
+  expect_identical(res$outputs$error[2], KETCH_ERROR_CODES[["BAD_INPUT"]])
+  expect_identical(res$outputs$payloads, list(f64(3), raw(0)))
+})
+
+test_that("whole-batch decoding gives what one payload at a time gives", {
+  for (dtype in c("FLOAT64", "FLOAT32", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16",
+                  "UINT32", "UINT64", "BOOL")) {
+    n <- sample(1:20, 1)
+    lens <- sample(0:6, n, replace = TRUE)
+    values <- lapply(lens, function(k) {
+      v <- sample(0:100, k, replace = TRUE)
+      if (dtype == "BOOL") v %% 2 == 1 else v
+    })
+    payloads <- lapply(values, function(v) ketch_value_to_payload(ketch_tensor(v, dtype, length(v)))$payload)
+    got <- ketch_batch_values(dtype, 1, lens, payloads)
+    want <- lapply(seq_len(n), function(i) ketch_payload_to_value(dtype, lens[i], payloads[[i]]))
+    expect_identical(got$values, want, info = dtype)
+    expect_true(all(is.na(got$errors)))
+    scalars <- ketch_batch_values(dtype, 0, numeric(0), lapply(payloads[lens > 0], function(p) p[seq_len(KETCH_ITEMSIZE[[dtype]])]))
+    expect_identical(lengths(scalars$values), rep(1L, sum(lens > 0)), info = dtype)
+  }
+})
+
+test_that("the hot-path request reader agrees with the generic decoder", {
+  for (k in 1:20) {
+    n <- sample(1:70, 1)
+    ndim <- sample(0:3, 1)
+    body <- list(batch_id = sample(2^40, 1), model = "m", model_version = "v9", dtype = sample(names(KETCH_DTYPES), 1),
+                 ndim = ndim, shapes = sample(0:9, n * ndim, replace = TRUE),
+                 budgets_us = c(sample(1e6, n - 1, replace = TRUE), 4294967295))
+    frame <- ketch_encode("PredictRequest", body)
+    fast <- ketch_read_request(frame)
+    slow <- ketch_decode(frame)$body
+    expect_identical(fast[c("batch_id", "dtype", "ndim", "shapes", "budgets_us")],
+                     slow[c("batch_id", "dtype", "ndim", "shapes", "budgets_us")])
+    expect_equal(ketch_peek(frame), c(1, KETCH_BODIES[["PredictRequest"]]))
+  }
+  expect_error(ketch_read_request(ketch_encode("Ready", list(credits = 1))), class = "ketch_decode_error")
+  expect_error(ketch_read_request(as.raw(1:40)), class = "ketch_decode_error")
+  frame <- ketch_encode("PredictRequest", list(batch_id = 3, budgets_us = 1:5))
+  for (cut in c(12, 20, 30, length(frame) - 8)) {
+    expect_error(ketch_read_request(frame[seq_len(cut)]), class = "ketch_decode_error")
+  }
+  expect_null(ketch_peek(charToRaw("not a flatbuffer")))
+})
+
+test_that("the hot-path reply writer gives what the generic encoder gives", {
+  outputs_of <- function(values) ketch_encode_outputs(values)
+  cases <- list(
+    as.list(rnorm(64)),
+    rnorm(3),
+    list(1L, 2L, NA),
+    list("a", c(1, 2), simpleError("bad row"), ketch_tensor(matrix(1:6, 2), "int64"), NULL, TRUE, raw(3)),
+    list(ketch_tensor(c(1, 2), "float32"), ketch_tensor(c(3, 4), "float32"), "x", "été")
+  )
+  for (values in cases) {
+    o <- outputs_of(values)
+    result <- list(ok = TRUE, outputs = o, compute_us = 4294967295)
+    batch_id <- 2^52 + 7
+    fast <- ketch_decode(ketch_write_reply(batch_id, result$compute_us, o))
+    generic <- ketch_predict_reply(batch_id, result)
+    slow <- ketch_decode(ketch_encode("PredictReply", generic$body))
+    expect_identical(fast, slow)
+  }
+  fast <- ketch_decode(ketch_write_reply(9, 12, NULL, "BAD_MESSAGE", "frames do not add up"))
+  slow <- ketch_decode(ketch_encode("PredictReply", list(batch_id = 9, compute_us = 12, error = "BAD_MESSAGE",
+                                                          message = "frames do not add up")))
+  expect_identical(fast, slow)
+  expect_identical(ketch_decode(ketch_write_reply(0, 0, NULL))$body$outputs, list())
+})
+
+test_that("a batch is answered end to end by ketch_answer_batch", {
+  req <- ketch_encode("PredictRequest", list(batch_id = 77, dtype = "FLOAT64", ndim = 1, shapes = c(2, 3, 1),
+                                             budgets_us = c(1, 1, 1)))
+  frames <- ketch_answer_batch(function(inputs) vapply(inputs, sum, 0), list(req, f64(1:2), f64(c(1, 1, 1)), raw(3)))
+  reply <- ketch_decode(frames[[1]])$body
+  expect_identical(reply$batch_id, 77)
+  expect_identical(vapply(reply$outputs, `[[`, "", "status"), c("OK", "OK", "ERROR"))
+  expect_identical(reply$outputs[[3]]$error, "BAD_INPUT")
+  expect_identical(frames[-1], list(f64(3), f64(3), raw(0)))
+  unknown <- ketch_decode(ketch_answer_batch(identity, list(
+    ketch_encode("PredictRequest", list(batch_id = 5, dtype = 42, ndim = 0, budgets_us = 1)), raw(8)))[[1]])$body
+  expect_identical(unknown$error, "BAD_MESSAGE")
+  expect_match(unknown$message, "unknown dtype 42")
 })
