@@ -12,6 +12,10 @@ all alike, each replica gets, closed loop through ``ketch.bench``:
   queries per second, and the replica's CPU time (user + system, its reaped children
   included) per 1000 answers, read with psutil around that phase.
 
+The Java client (``io.ketch.tools.Bench``) is measured the same way against the Python
+replica, in the same rounds, as the row ``java-client`` (compare with ``python``, whose
+client is ``ketch.bench``); it has no replica CPU of its own.
+
 Prints one row per SDK and round, then the median and the range over the rounds with
 each SDK's ratio to Python's median. Java needs ``mvn -f sdk/java/pom.xml package``
 (the shaded jar); R needs Rscript with pbdZMQ and jsonlite.
@@ -20,6 +24,7 @@ each SDK's ratio to Python's median. Java needs ``mvn -f sdk/java/pom.xml packag
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -39,6 +44,17 @@ from perf._harness import machine, table
 ROOT = Path(__file__).resolve().parent.parent
 JAR = ROOT / "sdk" / "java" / "target" / "ketch-sdk-0.1.0-all.jar"
 R_EXAMPLE = ROOT / "sdk" / "r" / "inst" / "serve_example.R"
+ROUND_COLUMNS = ["round", "sdk", "c1_qps", "c1_p50_ms", "c1_p99_ms", "c64_qps", "cpu_ms_per_1k", "not_ok"]
+SUMMARY_COLUMNS = [
+    "sdk",
+    "c1_qps",
+    "c1_p50_ms",
+    "c64_qps",
+    "cpu_ms_per_1k",
+    "p50_x_py",
+    "c64_x_py",
+    "cpu_x_py",
+]
 
 
 def replica_argv(sdk: str, backend: str) -> list[str]:
@@ -108,6 +124,24 @@ def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float) -> d
     }
 
 
+def measure_java_client(frontend: str, duration: float) -> dict:
+    """The Java client against the Python replica: c=1 and c=64, as ``measure`` does."""
+    row: dict = {"sdk": "java-client", "c1_p99_ms": float("nan"), "cpu_ms_per_1k": float("nan")}
+    for c in (1, 64):
+        out = subprocess.run(
+            ["java", "-cp", str(JAR), "io.ketch.tools.Bench", "--frontend", frontend, "--app", "python-noop",
+             "--concurrency", str(c), "--duration", str(duration), "--warmup", "0.5"],
+            capture_output=True, text=True, timeout=duration + 60, check=True,
+        )  # fmt: skip
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if c == 1:
+            row.update(c1_qps=r["qps"], c1_p50_ms=r["p50_ms"], c1_p99_ms=r["p99_ms"])
+        else:
+            row["c64_qps"] = r["qps"]
+        row["not_ok"] = row.get("not_ok", 0) + r["sent"] - r["ok"]
+    return row
+
+
 def summarise(rows: list[dict], sdks: list[str]) -> list[dict]:
     keys = ("c1_qps", "c1_p50_ms", "c64_qps", "cpu_ms_per_1k")
     med = {s: {k: statistics.median(r[k] for r in rows if r["sdk"] == s) for k in keys} for s in sdks}
@@ -132,9 +166,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per load level")
     parser.add_argument("--sdks", default="python,java,r")
+    parser.add_argument("--no-java-client", dest="java_client", action="store_false",
+                        help="leave out the Java client's row")  # fmt: skip
     args = parser.parse_args()
     sdks = [s.strip() for s in args.sdks.split(",") if s.strip()]
-    for s in sdks:
+    if args.java_client and "python" not in sdks:
+        args.java_client = False  # it queries the Python replica
+    for s in sdks + (["java"] if args.java_client else []):
         why = available(s)
         if why:
             print(f"{s}: needs {why}", file=sys.stderr)
@@ -151,7 +189,8 @@ def main() -> int:
                         models=[f"{s}-noop"], cache=False,
                     )  # fmt: skip
                     log = open(os.path.join(logs.name, f"{s}.log"), "wb")  # noqa: SIM115
-                    procs[s] = subprocess.Popen(replica_argv(s, broker.backend), stdout=log, stderr=log, cwd=ROOT)
+                    argv = replica_argv(s, broker.backend)
+                    procs[s] = subprocess.Popen(argv, stdout=log, stderr=log, cwd=ROOT)
                     log.close()
                 for s in sdks:
                     wait_for(lambda s=s: admin.replicas(f"{s}-noop"), 60, f"the {s} replica")
@@ -161,8 +200,12 @@ def main() -> int:
                     row = measure(broker.frontend, s, psutil.Process(procs[s].pid), args.duration)
                     row["round"] = r + 1
                     rows.append(row)
-                    print(table([row], ["round", "sdk", "c1_qps", "c1_p50_ms", "c1_p99_ms", "c64_qps",
-                                        "cpu_ms_per_1k", "not_ok"]), flush=True)  # fmt: skip
+                    print(table([row], ROUND_COLUMNS), flush=True)
+                if args.java_client:
+                    row = measure_java_client(broker.frontend, args.duration)
+                    row["round"] = r + 1
+                    rows.append(row)
+                    print(table([row], ROUND_COLUMNS), flush=True)
         finally:
             for p in procs.values():
                 if p.poll() is None:
@@ -175,9 +218,9 @@ def main() -> int:
                     p.wait()
             logs.cleanup()
     print()
-    print(f"median (min-max) over {args.rounds} rounds, {args.duration:g} s per level; ratios of medians to Python's")
-    print(table(summarise(rows, sdks), ["sdk", "c1_qps", "c1_p50_ms", "c64_qps", "cpu_ms_per_1k",
-                                         "p50_x_py", "c64_x_py", "cpu_x_py"]))  # fmt: skip
+    print(f"median (min-max) over {args.rounds} rounds of {args.duration:g} s per level; ratios to Python's")
+    names = sdks + (["java-client"] if args.java_client else [])
+    print(table(summarise(rows, names), SUMMARY_COLUMNS))
     return 0
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import ketch
@@ -183,6 +185,154 @@ def test_containers_of_other_languages_serve_real_queries(sdk, thread_broker, co
         assert float(client.predict("sum", [1.0, 2.0]).output) == 3.0  # still serving after a failure
         replica = admin.replicas(f"{sdk}-sum")[0]
         assert replica["sdk"].startswith(f"{sdk}/")
+
+
+def _java_client(frontend: str, app: str, *args: str) -> tuple[int, list[dict]]:
+    done = subprocess.run(
+        java_cmd("io.ketch.examples.Predict", "--frontend", frontend, "--app", app, *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return done.returncode, [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_the_java_client_against_a_real_broker(thread_broker, replica_threads):
+    from ketch.examples.basic import total
+
+    def fail(inputs):
+        raise ValueError("this model always fails")
+
+    replica_threads(total, backend=thread_broker.backend, name="py-sum")
+    replica_threads(fail, backend=thread_broker.backend, name="py-fail")
+    with ketch.Admin(thread_broker.admin) as admin:
+        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=5000, models=["py-sum"])
+        admin.create_app("fail", input_type="float64", input_shape=[-1], slo_ms=5000, models=["py-fail"])
+        wait_for(lambda: admin.replicas("py-sum") and admin.replicas("py-fail"), 30, "the replicas")
+    rng = np.random.default_rng()
+    xs = [rng.normal(size=int(n)).round(6) for n in rng.integers(1, 9, size=70)]
+    spec = ";".join(",".join(repr(float(v)) for v in x) for x in xs)
+    for extra in ([], ["--async"], ["--timeout-ms", "3000"]):
+        rc, lines = _java_client(thread_broker.frontend, "sum", "--doubles", spec, *extra)
+        assert rc == 0, lines
+        assert [line["output"][0] for line in lines] == pytest.approx([float(x.sum()) for x in xs])
+        assert all(line["model"] == "py-sum" and not line["default"] for line in lines)
+        assert len({line["request_id"] for line in lines}) == len(xs)
+    rc, lines = _java_client(thread_broker.frontend, "sum", "--doubles", "1.5,2")
+    assert (rc, lines[0]["output"]) == (0, [3.5])
+    rc, lines = _java_client(thread_broker.frontend, "fail", "--doubles", "1")
+    assert rc == 1
+    assert lines[0]["error"] == "MODEL_ERROR" and lines[0]["class"] == "ModelError"
+    assert "this model always fails" in lines[0]["message"]
+    rc, lines = _java_client(thread_broker.frontend, "nope", "--doubles", "1")
+    assert (rc, lines[0]["error"], lines[0]["class"]) == (1, "UNKNOWN_APP", "UnknownApp")
+    rc, lines = _java_client(thread_broker.frontend, "sum", "--string", "not numbers")
+    assert (rc, lines[0]["error"], lines[0]["class"]) == (1, "BAD_INPUT", "BadInput")
+    # per-input outcomes: a good run with an app that fails in between
+    rc, lines = _java_client(thread_broker.frontend, "fail", "--doubles", "1;2;3", "--async")
+    assert rc == 1 and [line["class"] for line in lines] == ["ModelError"] * 3
+
+
+STOPS = 5  # stops of each SDK's replica under load
+
+
+class _Load:
+    """Queries to ``app`` from a thread until stopped; every answer is checked."""
+
+    def __init__(self, frontend: str, app: str) -> None:
+        self.frontend, self.app = frontend, app
+        self.answered = 0
+        self.problems: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng()
+        with ketch.Client(self.frontend) as client:
+            while not self._stop.is_set():
+                xs = [rng.normal(size=int(n)) for n in rng.integers(1, 6, size=16)]
+                try:
+                    preds = client.predict_many(self.app, xs, timeout_ms=20_000, return_exceptions=True)
+                except ketch.KetchError as exc:
+                    self.problems.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                for x, p in zip(xs, preds, strict=True):
+                    if isinstance(p, Exception) or p.default or abs(float(p.output) - float(x.sum())) > 1e-9:
+                        self.problems.append(repr(p))
+                self.answered += len(xs)
+
+    def __enter__(self) -> _Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+
+def _left(broker_log: str, replica_id: str) -> list[dict]:
+    events = []
+    for line in broker_log.splitlines():
+        if '"replica left"' in line:
+            event = json.loads(line)
+            if event.get("replica") == replica_id:
+                events.append(event)
+    return events
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sdk", ["java", "r"])
+def test_stopping_a_replica_under_load_hands_nothing_back(sdk, broker_process, replica_threads, tmp_path):
+    """SIGTERM (Java; R through sigterm_to_sigint.sh) or SIGINT (R) while batches flow: the
+    replica answers every batch the broker sent it, then says Goodbye; the broker re-queues
+    nothing, and every query gets its prediction."""
+    from ketch.examples.basic import total
+
+    name = f"{sdk}-stop"
+    # a Python replica of the same model keeps serving while the other comes and goes
+    replica_threads(total, backend=broker_process.backend, name=name)
+    with ketch.Admin(broker_process.admin) as admin:
+        admin.create_app(name, input_type="float64", input_shape=[-1], slo_ms=20_000, models=[name])
+        wait_for(lambda: admin.replicas(name), 30, "the Python replica")
+        with _Load(broker_process.frontend, name) as load:
+            for i in range(STOPS):
+                rid = f"{sdk}-stop-{i}"
+                cmd = CONTAINERS[sdk](broker_process.backend, name, "sum", rid)
+                stop_with = signal.SIGTERM
+                if sdk == "r" and i % 2 == 0:
+                    cmd = ["sh", str(R_DIR / "inst" / "sigterm_to_sigint.sh"), *cmd]
+                elif sdk == "r":
+                    stop_with = signal.SIGINT
+                log_path = tmp_path / f"{rid}.log"
+                with open(log_path, "wb") as log:
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
+                try:
+                    wait_for(lambda rid=rid: rid in {r["replica_id"] for r in admin.replicas(name)}, 60, rid)
+
+                    def batches(rid: str = rid) -> int:
+                        return sum(r["batches"] for r in admin.replicas(name) if r["replica_id"] == rid)
+
+                    wait_for(lambda: batches() >= 20, 60, f"batches through {rid}")  # it is under load
+                    proc.send_signal(stop_with)
+                    assert proc.wait(60) == 0, log_path.read_text(errors="replace")
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait(10)
+                wait_for(lambda rid=rid: _left(broker_process.log_text(), rid), 20, f"{rid} to leave")
+                (event,) = _left(broker_process.log_text(), rid)
+                assert event["reason"].startswith("goodbye"), event
+                assert (event["requeued"], event["failed"]) == (0, 0), event
+                text = log_path.read_text(errors="replace")
+                if sdk == "java":
+                    assert "draining: Ready{credits: 0} sent" in text and "drained: goodbye" in text, text
+                else:
+                    assert "draining (SIGINT)" in text and "drained, goodbye" in text, text
+            before = load.answered
+            wait_for(lambda: load.answered >= before + 50, 60, "load after the stops")
+    assert load.problems == []
+    assert load.answered > 0
 
 
 if __name__ == "__main__":

@@ -143,6 +143,36 @@ public final class Codec {
         return s == null || s.isEmpty() ? 0 : b.createString(s);
     }
 
+    /**
+     * Query: one or more items of one dtype and shape for {@code app}, item i's input in
+     * payload frame i. {@code timeoutUs} 0 is the app's SLO.
+     */
+    public static byte[] query(String app, DType dtype, long[] shape, long[] requestIds, long timeoutUs, int priority,
+                               String context) {
+        FlatBufferBuilder b = new FlatBufferBuilder(128 + 8 * requestIds.length);
+        int appOff = string(b, app);
+        int shapeOff = shape.length > 0 ? ketch.wire.Query.createShapeVector(b, shape) : 0;
+        int idsOff = requestIds.length > 0 ? ketch.wire.Query.createRequestIdsVector(b, requestIds) : 0;
+        int contextOff = string(b, context);
+        ketch.wire.Query.startQuery(b);
+        if (appOff != 0) {
+            ketch.wire.Query.addApp(b, appOff);
+        }
+        ketch.wire.Query.addDtype(b, dtype.code());
+        if (shapeOff != 0) {
+            ketch.wire.Query.addShape(b, shapeOff);
+        }
+        if (idsOff != 0) {
+            ketch.wire.Query.addRequestIds(b, idsOff);
+        }
+        ketch.wire.Query.addTimeoutUs(b, timeoutUs);
+        ketch.wire.Query.addPriority(b, (byte) priority);
+        if (contextOff != 0) {
+            ketch.wire.Query.addContext(b, contextOff);
+        }
+        return finish(b, MessageType.QUERY, ketch.wire.Query.endQuery(b));
+    }
+
     /** Hello: the first message of a container ({@code shape}: -1 is any size). */
     public static byte[] hello(String model, String modelVersion, DType dtype, long[] shape, String sdk,
                                String replicaId, long credits, long maxBatch, boolean deterministic, long pid) {
