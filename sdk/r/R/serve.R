@@ -477,7 +477,8 @@ ketch_worker_main <- function(endpoint, predict_fn, parent) {
     repeat {
       r <- pbdZMQ::zmq.poll(list(sock), flags$pollin, 1000L)
       if (r[1] <= 0) {
-        if (!isTRUE(tools::pskill(parent, 0L))) break  # the serving process is gone
+        # the serving process is gone: leave without a result, there is no one to read it
+        if (!isTRUE(tools::pskill(parent, 0L))) parallel::mcexit(0L)
         next
       }
       frames <- ketch_recv_frames(sock, flags)

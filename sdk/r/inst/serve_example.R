@@ -18,8 +18,16 @@ load_ketch <- function() {
   file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
   here <- dirname(normalizePath(sub("^--file=", "", file_arg[1])))
   sources <- sort(list.files(file.path(here, "..", "R"), pattern = "\\.R$", full.names = TRUE))
-  if (length(sources)) for (f in sources) sys.source(f, envir = globalenv())
-  else suppressPackageStartupMessages(library(ketch))
+  if (!length(sources)) return(suppressPackageStartupMessages(library(ketch)))
+  # from source: byte-compile now, as installing the package does, so that no function is
+  # compiled on first use while the loop should be sending heartbeats
+  env <- new.env()
+  for (f in sources) sys.source(f, envir = env)
+  for (name in ls(env)) {
+    f <- get(name, envir = env)
+    if (is.function(f)) f <- compiler::cmpfun(f)
+    assign(name, f, envir = globalenv())
+  }
 }
 load_ketch()
 

@@ -17,15 +17,24 @@
 package com.google.flatbuffers;
 
 /**
- * Version shim, not part of the Ketch API.
+ * Compile-time stand-in, not part of the Ketch API and not in the thin jar.
  *
- * <p>The generated {@code ketch.wire} classes come from flatc 25.12.19 and reference
- * {@code Constants.FLATBUFFERS_25_12_19()}, but the newest flatbuffers-java on Maven Central
- * is 25.2.10 (google/flatbuffers#8730: later Java releases were not published). This class is
- * the 25.2.10 runtime's {@code Constants} with the 25.12.19 marker added; the Java runtime
- * API that the generated code uses did not change between the two. It shadows the runtime's
- * copy (project classes come first on the class path; the shaded jar excludes the other).
- * Delete this file once flatbuffers-java 25.12.19 is served and the pom points at it.
+ * <p>Why it exists: the generated {@code ketch.wire} classes come from the pinned flatc
+ * 25.12.19 (the Python runtime's version), and flatc writes into each class a
+ * {@code ValidateVersion()} that calls {@code Constants.FLATBUFFERS_25_12_19()}; but the
+ * newest flatbuffers-java on Maven Central is 25.2.10 (google/flatbuffers#8730: later Java
+ * releases were not published), whose {@code Constants} has only the 25.2.10 marker. Nothing
+ * else the generated code uses differs between the two runtimes (the golden vectors decode
+ * and encode byte for byte with 25.2.10).
+ *
+ * <p>How it is used (pom.xml): this folder is a source root, so the generated code compiles
+ * and the tests run with this class; the thin jar leaves {@code com/google/flatbuffers/**} out
+ * (a user's project gets the real flatbuffers-java from Maven, and Ketch never calls
+ * {@code ValidateVersion()}, the only reference to the missing marker: the JVM resolves a
+ * method reference only when it runs); the shaded jar relocates this class with the runtime
+ * to {@code io.ketch.shaded.flatbuffers}, in place of the runtime's own, so there even
+ * {@code ValidateVersion()} works. Delete this folder once the generator targets the Java
+ * runtime that is published, or flatbuffers-java 25.12.19 is.
  */
 public class Constants {
     /** The number of bytes in a {@code byte}. */
