@@ -37,8 +37,8 @@ fi
 if [ "$want_test" = 1 ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   command -v mvn >/dev/null && command -v javac >/dev/null || apt_install default-jdk-headless maven
-  Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite)' >/dev/null 2>&1 \
-    || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite
+  Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite); library(roxygen2)' >/dev/null 2>&1 \
+    || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite r-cran-roxygen2
 else
   .venv/bin/python -m pip install -q -e '.[sklearn,http]'
 fi

@@ -22,5 +22,18 @@ echo "java tests passed"
 echo "== R SDK (testthat)"
 Rscript sdk/r/tests/run.R
 
+echo "== R package (roxygen2 docs up to date, R CMD check)"
+rtmp=$(mktemp -d)
+trap 'rm -rf "$rtmp"' EXIT
+cp -r sdk/r "$rtmp/ketch"
+Rscript -e "roxygen2::roxygenise('$rtmp/ketch')" >/dev/null 2>&1
+if ! diff -r sdk/r/man "$rtmp/ketch/man" || ! diff sdk/r/NAMESPACE "$rtmp/ketch/NAMESPACE"; then
+  echo "sdk/r/man or NAMESPACE is stale: run Rscript -e 'roxygen2::roxygenise(\"sdk/r\")'" >&2
+  exit 1
+fi
+(cd "$rtmp" && R CMD build ketch >/dev/null && R CMD check --no-manual --no-tests ketch_*.tar.gz >check.log 2>&1) \
+  || { cat "$rtmp/check.log"; exit 1; }
+grep -E "^Status: OK" "$rtmp/check.log" || { grep -E "WARNING|NOTE|ERROR" -A8 "$rtmp/check.log"; exit 1; }
+
 echo "== Python and cross-language (pytest)"
 python -m pytest -q tests "$@"

@@ -74,11 +74,11 @@ hp_vector_at <- function(buf, tab, id) {
 
 # ---------------------------------------------------------------- reading a request
 
-#' Version and body type code of a header frame, read without decoding the body.
-#'
-#' @param frame raw vector (frame 0 of a message).
-#' @return c(version, type) as integers, or NULL when the frame is not a Ketch envelope.
-#' @keywords internal
+# Version and body type code of a header frame, read without decoding the body.
+# 
+# @param frame raw vector (frame 0 of a message).
+# @return c(version, type) as integers, or NULL when the frame is not a Ketch envelope.
+# @keywords internal
 ketch_peek <- function(frame) {
   if (!is.raw(frame) || length(frame) < 12 || !identical(frame[5:8], KETCH_IDENTIFIER_RAW)) return(NULL)
   tryCatch({
@@ -88,13 +88,13 @@ ketch_peek <- function(frame) {
   }, error = function(e) NULL)
 }
 
-#' The fields of a PredictRequest header that a replica uses, read with a few vector reads.
-#'
-#' @param frame raw vector: a header whose body is a PredictRequest.
-#' @return list(batch_id, dtype (a name, or the code when unknown), ndim, shapes,
-#'   budgets_us); signals a "ketch_decode_error" when the frame does not hold a readable
-#'   PredictRequest.
-#' @keywords internal
+# The fields of a PredictRequest header that a replica uses, read with a few vector reads.
+# 
+# @param frame raw vector: a header whose body is a PredictRequest.
+# @return list(batch_id, dtype (a name, or the code when unknown), ndim, shapes,
+#   budgets_us); signals a "ketch_decode_error" when the frame does not hold a readable
+#   PredictRequest.
+# @keywords internal
 ketch_read_request <- function(frame) {
   known <- ketch_match_request(frame)
   if (!is.null(known)) return(known)
@@ -155,8 +155,8 @@ ketch_learn_request <- function(frame, req, batch_at, budgets) {
               n = budgets[2], req = req), envir = KETCH_REQUEST_TEMPLATES)
 }
 
-#' A PredictRequest that matches a learnt template, read without a parse; NULL otherwise.
-#' @keywords internal
+# A PredictRequest that matches a learnt template, read without a parse; NULL otherwise.
+# @keywords internal
 ketch_match_request <- function(frame) {
   t <- ketch_request_template(frame)
   if (is.null(t)) return(NULL)
@@ -201,22 +201,22 @@ KETCH_REPLY_TEMPLATES <- new.env(parent = emptyenv())
 KETCH_REPLY_BATCH_ID_AT <- 56L
 KETCH_REPLY_COMPUTE_AT <- 64L
 
-#' The PredictReply header for one batch, written in one pass into a preallocated vector.
-#'
-#' Layout, every child after its parent (uoffsets point forward) and every scalar aligned
-#' to its size: root offset, "KTCH", the Envelope (vtable, table), the PredictReply
-#' (vtable, table; batch id at an 8-aligned position), its message (a whole-batch
-#' failure), the outputs vector, two shared Output vtables (OK: only `output`; ERROR:
-#' status, error, message), one Output table per item, one Tensor table per distinct
-#' (dtype, shape) with its shape vector, shared by all the outputs of that type, and the
-#' error messages.
-#'
-#' @param batch_id,compute_us numbers (u64, u32).
-#' @param outputs NULL for a whole-batch failure, else the columns made by
-#'   ketch_encode_outputs(): ok, group, tensors, error, message.
-#' @param error,message a whole-batch failure's code (a name) and text.
-#' @return a raw vector.
-#' @keywords internal
+# The PredictReply header for one batch, written in one pass into a preallocated vector.
+# 
+# Layout, every child after its parent (uoffsets point forward) and every scalar aligned
+# to its size: root offset, "KTCH", the Envelope (vtable, table), the PredictReply
+# (vtable, table; batch id at an 8-aligned position), its message (a whole-batch
+# failure), the outputs vector, two shared Output vtables (OK: only `output`; ERROR:
+# status, error, message), one Output table per item, one Tensor table per distinct
+# (dtype, shape) with its shape vector, shared by all the outputs of that type, and the
+# error messages.
+# 
+# @param batch_id,compute_us numbers (u64, u32).
+# @param outputs NULL for a whole-batch failure, else the columns made by
+#   ketch_encode_outputs(): ok, group, tensors, error, message.
+# @param error,message a whole-batch failure's code (a name) and text.
+# @return a raw vector.
+# @keywords internal
 ketch_write_reply <- function(batch_id, compute_us, outputs = NULL, error = "NONE", message = "") {
   n <- if (is.null(outputs)) 0L else length(outputs$ok)
   if (n > 0 && length(outputs$tensors) == 1L && all(outputs$ok)) {

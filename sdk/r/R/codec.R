@@ -18,6 +18,9 @@
 # decoder and the canonical JSON form are all driven by it, so each message is described
 # once (as in the Python reference, sdk/python/ketch/_protocol.py).
 
+#' @rdname ketch_codec
+#' @format NULL
+#' @export
 KETCH_PROTOCOL_VERSION <- 1
 KETCH_IDENTIFIER <- "KTCH"
 
@@ -210,13 +213,37 @@ ketch_write_table <- function(b, table, body) {
   fb_write_table(b, fields)
 }
 
-#' Encode a header frame.
+#' Encode and decode Ketch header frames
 #'
-#' @param type body name, one of names(KETCH_BODIES) ("Hello", "PredictReply", ...), or a
-#'   whole message list(type, version, body) as returned by ketch_decode().
+#' A header frame is one FlatBuffer with root \code{Envelope} and file identifier
+#' \code{"KTCH"}. A decoded message is \code{list(type, version, body)} with every field
+#' of the body present: strings as character, numbers as doubles (64-bit integers are
+#' exact below 2^53), enums by name, absent sub-tables \code{NULL}, absent vectors empty.
+#' \code{KETCH_PROTOCOL_VERSION} is the protocol version this package speaks.
+#'
+#' @param type body name (\code{"Hello"}, \code{"PredictReply"}, ...) or a whole message
+#'   \code{list(type, version, body)}.
 #' @param body named list of fields; missing fields take the schema default.
-#' @param version protocol version to write (1).
-#' @return a raw vector: the flatbuffer with root Envelope and identifier "KTCH".
+#' @param version protocol version to write.
+#' @param frame raw vector, frame 0 of a message.
+#' @param msg a message as returned by \code{ketch_decode}.
+#' @param x a message, or JSON text / parsed JSON of the form
+#'   \code{{"type", "version", "body"}} (a \code{"payloads"} member is ignored).
+#' @return \code{ketch_encode}: a raw vector. \code{ketch_decode},
+#'   \code{ketch_from_canonical}: a message. \code{ketch_canonical_json}: JSON text laid
+#'   out like the golden twins (every field, enums by name, two-space indent).
+#'   \code{ketch_decode} signals \code{"ketch_decode_error"} for a frame that is not a
+#'   Ketch envelope (with the extra class \code{"ketch_unknown_message"} for an unknown
+#'   body type).
+#' @examples
+#' h <- ketch_encode("Ready", list(credits = 4))
+#' ketch_decode(h)$body$credits
+#' cat(ketch_canonical_json(ketch_decode(h)))
+#' @name ketch_codec
+NULL
+
+#' @rdname ketch_codec
+#' @export
 ketch_encode <- function(type, body = list(), version = KETCH_PROTOCOL_VERSION) {
   if (is.list(type)) {
     msg <- type
@@ -265,13 +292,8 @@ ketch_read_table <- function(tab, table) {
   out
 }
 
-#' Decode a header frame.
-#'
-#' @param frame raw vector (frame 0 of a message).
-#' @return list(type, version, body) with every field of the body (see top of file).
-#'   Signals an error of class "ketch_decode_error" for anything that is not a Ketch
-#'   envelope (wrong identifier, truncated, bad offsets), with the extra class
-#'   "ketch_unknown_message" for a body type this SDK does not know.
+#' @rdname ketch_codec
+#' @export
 ketch_decode <- function(frame) {
   tryCatch({
     env <- fb_root(frame, KETCH_IDENTIFIER)
@@ -293,11 +315,8 @@ ketch_decode <- function(frame) {
 
 # ---------------------------------------------------------------- canonical JSON
 
-#' A message (from ketch_decode, or a partial one) in its canonical form: every field
-#' present and typed; the inverse direction of ketch_canonical_json().
-#'
-#' @param x a message list(type, version, body), or JSON text / a parsed JSON twin
-#'   ({"type", "version", "body"[, "payloads"]}; "payloads" is ignored).
+#' @rdname ketch_codec
+#' @export
 ketch_from_canonical <- function(x) {
   if (is.character(x)) x <- jsonlite::fromJSON(x, simplifyVector = FALSE)
   type <- x$type
@@ -306,10 +325,8 @@ ketch_from_canonical <- function(x) {
   list(type = type, version = version, body = ketch_normalize(type, x$body))
 }
 
-#' The canonical JSON text of a message: {"type", "version", "body"} with every field,
-#' enums as names, absent sub-tables null, absent strings "" and vectors []. Integers are
-#' written without a fraction and floats with one, indented by two spaces like Python's
-#' json.dumps(indent=2, ensure_ascii=False), so the text matches the twins' layout.
+#' @rdname ketch_codec
+#' @export
 ketch_canonical_json <- function(msg) {
   msg <- ketch_from_canonical(msg)
   tree <- list(type = json_token(json_string(msg$type)),

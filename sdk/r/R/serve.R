@@ -38,30 +38,49 @@ KETCH_SDK <- "r/0.1.0"
 KETCH_MAX_U32 <- 4294967295
 KETCH_DRAIN_QUIET_S <- 0.05  # a draining replica says Goodbye after this long without a batch
 
-#' Serve an R model as a Ketch model container.
+#' Serve an R model as a Ketch model container
 #'
-#' @param predict_fn function(inputs) -> outputs. `inputs` is a list with one decoded
-#'   value per item of the batch (see R/tensor.R for the dtype mapping); its attributes
-#'   "dtype" (the batch's wire dtype name) and "budgets_us" describe the batch. It must
-#'   return a list (or an atomic vector) with one output per input; an output may be a
-#'   ketch_tensor() to choose the dtype, or a condition object to fail that item alone.
-#'   An error, or a wrong number of outputs, fails the whole batch with MODEL_ERROR and
-#'   "Class: message". An item whose payload does not fit its dtype and shape is answered
-#'   BAD_INPUT and not given to predict_fn.
+#' Connects to the broker's backend, says Hello, computes the batches the broker sends
+#' and answers them, until the broker's Shutdown or a SIGINT; then drains (every batch the
+#' broker sent is answered) and says Goodbye. Heartbeats keep flowing while a batch
+#' computes: \code{predict_fn} runs in a worker process forked once at the start (state it
+#' keeps lasts across batches); \code{fork = FALSE} runs it in this process instead. See
+#' the package README for the protocol details and \code{inst/sigterm_to_sigint.sh} to
+#' drain on SIGTERM.
+#'
+#' @param predict_fn \code{function(inputs)}: \code{inputs} is a list with one decoded
+#'   value per item of the batch (see \code{\link{ketch_tensor}} for the dtype mapping);
+#'   its attributes \code{"dtype"} (the batch's wire dtype name) and \code{"budgets_us"}
+#'   describe the batch. It returns a list (or an atomic vector) with one output per
+#'   input; an output may be a \code{ketch_tensor()} to choose the dtype, or a condition
+#'   object to fail that item alone. An error, or a wrong number of outputs, fails the
+#'   whole batch with \code{MODEL_ERROR} and \code{"Class: message"}. An item whose
+#'   payload does not fit its dtype and shape is answered \code{BAD_INPUT} and not given
+#'   to \code{predict_fn}.
 #' @param name,version model name and version sent in Hello.
-#' @param input_type wire dtype name of the input ("float64", "string", "bytes", ...).
+#' @param input_type wire dtype name of the input (\code{"float64"}, \code{"string"},
+#'   \code{"bytes"}, ...).
 #' @param input_shape per-item input shape, -1 for any size; empty for text kinds.
 #' @param broker backend address of the broker.
-#' @param replica_id stable id of this replica; default "host/name/pid".
-#' @param credits batches held at once; max_batch 0 means no limit; deterministic FALSE
-#'   turns the broker's prediction cache off for this model.
-#' @param fork run predict in a worker process forked once, so heartbeats keep flowing
-#'   while it computes (Unix).
+#' @param replica_id stable id of this replica; default \code{"host/name/pid"}.
+#' @param credits batches held at once.
+#' @param max_batch largest batch accepted; 0 means no limit of its own.
+#' @param deterministic \code{FALSE} turns the broker's prediction cache off for this model.
+#' @param fork run \code{predict_fn} in a worker process forked once, so that heartbeats
+#'   keep flowing while it computes (Unix only).
 #' @param welcome_timeout_ms how long to wait for Welcome before reconnecting (doubles on
 #'   each further try, up to 30 s).
-#' @return invisibly "drained" after Shutdown or SIGINT; signals an error of class
-#'   "ketch_refused" when the broker refuses the Hello (UNSUPPORTED_VERSION, or any other
-#'   Error answering it).
+#' @return Invisibly \code{"drained"} after Shutdown or SIGINT. Signals an error of class
+#'   \code{"ketch_refused"} when the broker refuses the Hello (\code{UNSUPPORTED_VERSION},
+#'   or any other Error answering it).
+#' @examples
+#' \dontrun{
+#' model <- readRDS("iris-svm.rds")
+#' ketch_serve(function(inputs) lapply(inputs, function(x) as.character(predict(model, t(x)))),
+#'             name = "iris-svm", version = "2", input_type = "float64", input_shape = 4,
+#'             broker = "tcp://127.0.0.1:7000")
+#' }
+#' @export
 ketch_serve <- function(predict_fn, name, version, input_type, input_shape = integer(0),
                         broker = "tcp://127.0.0.1:7000", replica_id = NULL, credits = 2,
                         max_batch = 0, deterministic = TRUE,
@@ -458,9 +477,9 @@ rt_worker_stop <- function(rt) {
   rt$worker <- NULL
 }
 
-#' The predict worker's loop (in the forked process): answer each batch, exit on "quit"
-#' or when the serving process is gone. It never touches the parent's sockets.
-#' @keywords internal
+# The predict worker's loop (in the forked process): answer each batch, exit on "quit"
+# or when the serving process is gone. It never touches the parent's sockets.
+# @keywords internal
 ketch_worker_main <- function(endpoint, predict_fn, parent) {
   ctx <- pbdZMQ::zmq.ctx.new()
   sock <- pbdZMQ::zmq.socket(ctx, pbdZMQ::ZMQ.ST()$PAIR)
@@ -477,8 +496,8 @@ ketch_worker_main <- function(endpoint, predict_fn, parent) {
     repeat {
       r <- pbdZMQ::zmq.poll(list(sock), flags$pollin, 1000L)
       if (r[1] <= 0) {
-        # the serving process is gone: leave without a result, there is no one to read it
-        if (!isTRUE(tools::pskill(parent, 0L))) parallel::mcexit(0L)
+        # the serving process is gone: end here, there is no one to read a result
+        if (!isTRUE(tools::pskill(parent, 0L))) tools::pskill(Sys.getpid(), tools::SIGKILL)
         next
       }
       frames <- ketch_recv_frames(sock, flags)
@@ -497,8 +516,8 @@ ketch_condition <- function(class, message) {
   structure(class = c(class, "error", "condition"), list(message = message, call = NULL))
 }
 
-#' The reply frames for the frames of a PredictRequest: decode, predict, encode.
-#' @keywords internal
+# The reply frames for the frames of a PredictRequest: decode, predict, encode.
+# @keywords internal
 ketch_answer_batch <- function(predict_fn, frames) {
   req <- ketch_match_request(frames[[1]])
   if (is.null(req)) req <- tryCatch(ketch_read_request(frames[[1]]), error = function(e) e)
@@ -516,11 +535,11 @@ ketch_answer_batch <- function(predict_fn, frames) {
   c(list(ketch_write_reply(req$batch_id, result$compute_us, result$outputs)), result$outputs$payloads)
 }
 
-#' The inputs of a PredictRequest as a list of R values, one per item, with attributes
-#' "dtype", "budgets_us" and "errors" (NA, or why that item's payload does not fit its
-#' dtype and shape; such an item's value is NULL). Signals "ketch_bad_frames" when frames
-#' or shapes do not add up.
-#' @keywords internal
+# The inputs of a PredictRequest as a list of R values, one per item, with attributes
+# "dtype", "budgets_us" and "errors" (NA, or why that item's payload does not fit its
+# dtype and shape; such an item's value is NULL). Signals "ketch_bad_frames" when frames
+# or shapes do not add up.
+# @keywords internal
 ketch_batch_inputs <- function(body, payloads) {
   n <- length(body$budgets_us)
   if (length(payloads) != n) {
@@ -547,12 +566,12 @@ ketch_class_message <- function(e) paste0(class(e)[1], ": ", conditionMessage(e)
 
 ketch_clock_us <- function() as.numeric(Sys.time()) * 1e6
 
-#' Call predict_fn on the good items of a batch and turn its outputs into reply columns.
-#'
-#' @param errors NA for each item predict_fn gets, else why the item is answered BAD_INPUT.
-#' @return list(ok = TRUE, outputs = the columns of ketch_encode_outputs(), compute_us), or
-#'   list(ok = FALSE, error, message, compute_us) for a whole-batch failure.
-#' @keywords internal
+# Call predict_fn on the good items of a batch and turn its outputs into reply columns.
+# 
+# @param errors NA for each item predict_fn gets, else why the item is answered BAD_INPUT.
+# @return list(ok = TRUE, outputs = the columns of ketch_encode_outputs(), compute_us), or
+#   list(ok = FALSE, error, message, compute_us) for a whole-batch failure.
+# @keywords internal
 ketch_run_predict <- function(predict_fn, inputs, errors = NULL) {
   n <- length(inputs)
   bad <- !is.null(errors) && !all(is.na(errors))
@@ -603,9 +622,9 @@ ketch_merge_bad <- function(enc, bad, errors) {
   list(ok = ok, group = group, tensors = enc$tensors, error = error, message = message, payloads = payloads)
 }
 
-#' The PredictReply body (generic codec form) and payload frames of a ketch_run_predict()
-#' result: what ketch_write_reply() writes, for tests and tools.
-#' @keywords internal
+# The PredictReply body (generic codec form) and payload frames of a ketch_run_predict()
+# result: what ketch_write_reply() writes, for tests and tools.
+# @keywords internal
 ketch_predict_reply <- function(batch_id, result) {
   if (!isTRUE(result$ok)) {
     return(list(body = list(batch_id = batch_id, compute_us = result$compute_us, outputs = list(),

@@ -46,11 +46,30 @@ ketch_dtype_name <- function(dtype) {
   name
 }
 
-#' Mark an output value with an explicit wire dtype and/or shape.
+#' Payload frames and R values
 #'
-#' @param value the value (numeric, logical, character, raw, or anything JSON can hold).
-#' @param dtype a dtype name ("float32", "INT64", "json", ...); NULL picks it from the R type.
-#' @param shape integer shape; NULL takes dim(value), or [] / [n] from its length.
+#' Numeric payloads are little-endian in C (row-major) order; arrays keep \code{x[i, j]}
+#' equal to element (i, j). Decoding gives logical (BOOL), integer (INT8, INT16, INT32,
+#' UINT8, UINT16), double (UINT32, INT64, UINT64, FLOAT16, FLOAT32, FLOAT64), raw (BYTES),
+#' character (STRING) or parsed JSON (JSON). Encoding picks the dtype from the R type:
+#' logical BOOL, integer INT32, double FLOAT64, raw BYTES, one string STRING, anything
+#' else JSON. \code{ketch_tensor} marks an output with the dtype or shape to send it as.
+#'
+#' @param value an R value.
+#' @param dtype a dtype name such as \code{"float32"} or \code{"json"}; \code{NULL}
+#'   picks it from the R type.
+#' @param shape numeric shape; empty for a scalar or a text kind; \code{NULL} takes
+#'   \code{dim(value)}, or [] / [n] from its length.
+#' @param payload raw vector, one payload frame.
+#' @return \code{ketch_tensor}: a marked value for \code{predict_fn} to return.
+#'   \code{ketch_payload_to_value}: the R value. \code{ketch_value_to_payload}:
+#'   \code{list(dtype, shape, payload)}.
+#' @examples
+#' p <- ketch_value_to_payload(matrix(1:6, 2, 3))
+#' p$shape
+#' ketch_payload_to_value(p$dtype, p$shape, p$payload)
+#' ketch_value_to_payload(ketch_tensor(c(0.5, 2), "float32"))$dtype
+#' @export
 ketch_tensor <- function(value, dtype = NULL, shape = NULL) {
   structure(list(value = value, dtype = if (is.null(dtype)) NULL else ketch_dtype_name(dtype),
                  shape = shape), class = "ketch_tensor")
@@ -58,7 +77,8 @@ ketch_tensor <- function(value, dtype = NULL, shape = NULL) {
 
 # ---------------------------------------------------------------- decoding
 
-#' One payload frame of a wire dtype as an R value (see the table at the top of the file).
+#' @rdname ketch_tensor
+#' @export
 ketch_payload_to_value <- function(dtype, shape, payload) {
   dtype <- ketch_dtype_name(dtype)
   if (dtype == "BYTES") return(payload)
@@ -97,7 +117,8 @@ ketch_utf8 <- function(payload) {
 
 # ---------------------------------------------------------------- encoding
 
-#' An R value as list(dtype = name, shape = numeric, payload = raw) (see the top of file).
+#' @rdname ketch_tensor
+#' @export
 ketch_value_to_payload <- function(value) {
   dtype <- NULL
   shape <- NULL
@@ -187,14 +208,14 @@ double_to_half <- function(x) {
 
 # ---------------------------------------------------------------- whole batches
 
-#' The payloads of a batch as R values, numeric ones decoded with one readBin for the
-#' whole batch.
-#'
-#' @param dtype a dtype name; @param ndim dimensions per item; @param shapes ndim entries
-#'   per item, item after item; @param payloads list of raw vectors, one per item.
-#' @return list(values = one R value per item (NULL for a bad item), errors = character,
-#'   NA for a good item, else why its payload does not fit).
-#' @keywords internal
+# The payloads of a batch as R values, numeric ones decoded with one readBin for the
+# whole batch.
+# 
+# @param dtype a dtype name; @param ndim dimensions per item; @param shapes ndim entries
+#   per item, item after item; @param payloads list of raw vectors, one per item.
+# @return list(values = one R value per item (NULL for a bad item), errors = character,
+#   NA for a good item, else why its payload does not fit).
+# @keywords internal
 ketch_batch_values <- function(dtype, ndim, shapes, payloads) {
   n <- length(payloads)
   errors <- rep(NA_character_, n)
@@ -263,10 +284,10 @@ ketch_plain_outputs <- function(out) {
   NULL
 }
 
-#' The outputs of predict_fn as the columns of a PredictReply: ok (logical), group (index
-#' into tensors for OK items), tensors (list of list(dtype code, shape)), error (codes),
-#' message, payloads (raw vectors; empty for an error).
-#' @keywords internal
+# The outputs of predict_fn as the columns of a PredictReply: ok (logical), group (index
+# into tensors for OK items), tensors (list of list(dtype code, shape)), error (codes),
+# message, payloads (raw vectors; empty for an error).
+# @keywords internal
 ketch_encode_outputs <- function(out) {
   n <- length(out)
   plain <- ketch_plain_outputs(out)
