@@ -143,9 +143,16 @@ rt_loop <- function(rt) {
     if (!is.null(rt$outcome)) return(rt$outcome)
     if (rt$draining && !length(rt$inflight) &&
         rt_now() - max(rt$drain_from, rt$last_batch) >= KETCH_DRAIN_QUIET_S) {
-      rt_send(rt, list(ketch_encode("Goodbye", list(reason = "drained"))))
-      rt_log(rt, "drained, goodbye")
-      return("drained")
+      # take what came while this process was not running (a starved process finds the
+      # quiet spell over at once) before deciding that nothing came
+      before <- rt$last_batch
+      rt_poll(rt, 0)
+      if (identical(before, rt$last_batch) && !length(rt$inflight) && is.null(rt$outcome)) {
+        rt_send(rt, list(ketch_encode("Goodbye", list(reason = "drained"))))
+        rt_log(rt, "drained, goodbye")
+        return("drained")
+      }
+      next
     }
     rt_poll(rt, rt_next_deadline(rt) - rt_now())
     if (!is.null(rt$outcome)) return(rt$outcome)
@@ -288,7 +295,11 @@ rt_poll <- function(rt, timeout) {
       rt_handle(rt, ketch_recv_frames(sock, rt$flags))
       if (!is.null(rt$outcome) || !identical(sock, rt$sock)) return(invisible(NULL))
     }
+    if (rt$interrupted && !rt$draining) rt_drain(rt, "SIGINT")
+    # while the worker holds a batch, wait here for its reply (up to the next deadline,
+    # which a Welcome just handled may have moved) rather than going round the loop's timers
     ms <- 0L
+    if (length(rt$inflight)) ms <- as.integer(max(0, ceiling((rt_next_deadline(rt) - rt_now()) * 1000)))
   }
 }
 

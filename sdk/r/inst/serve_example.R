@@ -23,11 +23,11 @@ load_ketch <- function() {
   # compiled on first use while the loop should be sending heartbeats
   env <- new.env()
   for (f in sources) sys.source(f, envir = env)
-  for (name in ls(env)) {
+  for (name in ls(env)) {  # compiled where they look each other up, then made visible here
     f <- get(name, envir = env)
-    if (is.function(f)) f <- compiler::cmpfun(f)
-    assign(name, f, envir = globalenv())
+    if (is.function(f)) assign(name, compiler::cmpfun(f), envir = env)
   }
+  for (name in ls(env)) assign(name, get(name, envir = env), envir = globalenv())
 }
 load_ketch()
 
