@@ -8,7 +8,7 @@ broker RSS. The relay is measured closed-loop at the same in-flight levels; Ketc
 to it is printed per level. Every process is local, on free loopback ports; the cache is
 off so every query reaches a replica.
 
-The other benchmarks run on their own: perf.batching, perf.cache, perf.ensemble,
+The other benchmarks run on their own: perf.batching, perf.cache, perf.ensemble, perf.sdks,
 perf.roundtrip (see perf/README.md).
 """
 
