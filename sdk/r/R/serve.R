@@ -598,7 +598,8 @@ ketch_run_predict <- function(predict_fn, inputs, errors = NULL) {
   out <- NULL
   t0 <- ketch_clock_us()
   if (length(todo)) out <- tryCatch(predict_fn(todo), error = function(e) e)
-  compute_us <- max(0, min(round(ketch_clock_us() - t0), KETCH_MAX_U32))
+  # at least 1 us once predict_fn ran, as the other SDKs write it (0 is the schema default)
+  compute_us <- if (length(todo)) max(1, min(round(ketch_clock_us() - t0), KETCH_MAX_U32)) else 0
   fail <- function(message) list(ok = FALSE, error = "MODEL_ERROR", message = message, compute_us = compute_us)
   if (inherits(out, "error")) return(fail(ketch_class_message(out)))
   if (length(todo)) {

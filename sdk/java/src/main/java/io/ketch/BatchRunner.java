@@ -116,7 +116,10 @@ final class BatchRunner {
             long start = clock.getAsLong();
             try {
                 results = model.predict(List.copyOf(todo));
-                computeUs = (clock.getAsLong() - start) / 1000;
+                // at least 1 us, as the Python runtime writes it: a zero is left out of the
+                // reply (the schema default), and the broker learns reply templates only
+                // from replies that carry compute_us
+                computeUs = Math.max(1, (clock.getAsLong() - start) / 1000);
                 if (results == null || results.size() != todo.size()) {
                     String got = results == null ? "null" : results.size() + " outputs";
                     return wholeBatchFailure(job, computeUs,
