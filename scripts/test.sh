@@ -15,6 +15,9 @@ echo "== generated code and golden vectors"
 python scripts/gen_schema.py --check
 python schemas/make_vectors.py --check
 
+echo "== schema evolution: append-only against the last released schema (docs/protocol.md)"
+flatc --conform schemas/released/ketch-v1.fbs schemas/ketch.fbs
+
 echo "== Java SDK (JUnit 5)"
 mvn -B -ntp -f sdk/java/pom.xml package
 echo "java tests passed"
