@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import click
-from ketch import _log
+from ketch import logs
 
 from ketchd.broker import Broker
 from ketchd.config import BrokerConfig
@@ -15,7 +15,7 @@ from ketchd.config import BrokerConfig
 
 def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT or ``broker.stop``; then drain and return."""
-    _log.configure()
+    logs.configure()
     broker = Broker(config)
     broker.install_signal_handlers()
 
@@ -25,7 +25,7 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(json.dumps({"pid": os.getpid(), **endpoints}))
             tmp.replace(path)
-        _log.quiet_gc()
+        logs.quiet_gc()
 
     broker.run(ready)
 
