@@ -11,6 +11,9 @@ echo "== lint"
 ruff check .
 ruff format --check .
 
+echo "== types (mypy strict on the wire package and the broker)"
+mypy -p ketch.protocol -p ketchd
+
 echo "== generated code and golden vectors"
 python scripts/gen_schema.py --check
 python schemas/make_vectors.py --check

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from ketch import logs
@@ -30,7 +32,10 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     broker.run(ready)
 
 
-def broker_options(f):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def broker_options(f: F) -> F:
     """Options shared by ``ketchd`` and ``ketch broker start``."""
     defaults = BrokerConfig()
     for decorator in reversed(
@@ -132,7 +137,7 @@ def broker_options(f):
     return f
 
 
-def config_from_options(**kw) -> tuple[BrokerConfig, str | None]:
+def config_from_options(**kw: Any) -> tuple[BrokerConfig, str | None]:
     ready_file = kw.pop("ready_file", None)
     kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
     kw["cache_bytes"] = kw.pop("cache_mb") * 1024 * 1024
@@ -141,7 +146,7 @@ def config_from_options(**kw) -> tuple[BrokerConfig, str | None]:
 
 @click.command(name="ketchd")
 @broker_options
-def main(**kw) -> None:
+def main(**kw: Any) -> None:
     """Run the Ketch broker in the foreground."""
     config, ready_file = config_from_options(**kw)
     run_broker(config, ready_file)

@@ -69,6 +69,7 @@ class Dispatcher:
                 send = 1  # one query is all there is to send (as decide() says, without asking)
             else:
                 head = queue.peek()
+                assert head is not None  # the queue is not empty
                 decision = decide(
                     controller, len(queue), (head.deadline - now) * 1000, (now - head.arrived) * 1000, busy
                 )

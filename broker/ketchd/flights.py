@@ -39,6 +39,7 @@ class Flights:
         """
         b = self.broker
         data = _bytes_of(p.payload)
+        assert model.active_version is not None  # a model is cached only with an active version
         key = self.cache.key(model.name, model.active_version, p.dtype, p.shape, data)
         entry = self.cache.get(key, data)
         if entry is not None:

@@ -175,7 +175,7 @@ def _floats(value: Any, ints: bool = False) -> np.ndarray | None:
     return None
 
 
-def _holds_bool(value: list) -> bool:
+def _holds_bool(value: list[Any]) -> bool:
     return any(_holds_bool(v) if isinstance(v, list) else isinstance(v, bool) for v in value)
 
 
@@ -189,7 +189,7 @@ def _json_default(obj: Any) -> Any:
     return repr(obj)
 
 
-def label_key(value: Any) -> tuple:
+def label_key(value: Any) -> tuple[Any, ...]:
     """A hashable key under which equal labels meet (see the module docstring)."""
     if isinstance(value, np.ndarray) and value.size == 1:
         value = value.reshape(()).item()
@@ -224,10 +224,10 @@ def loss(answer: Any, label: Any, scale: float | None = None) -> float:
     return 0.0 if label_key(answer) == label_key(label) else 1.0
 
 
-def _like(template: Any, mean: np.ndarray | float) -> Any:
+def _like(template: Any, mean: np.ndarray[Any, Any] | float) -> Any:
     """The mean in the form of the answer it stands for."""
     if isinstance(template, np.ndarray):
-        return mean.astype(template.dtype, copy=False)
+        return np.asarray(mean).astype(template.dtype, copy=False)
     if isinstance(template, np.floating):
         return template.dtype.type(mean)
     if isinstance(template, list):
@@ -285,13 +285,13 @@ def combine_answers(
         agree = 1.0 if rms2 <= 0.0 else 1.0 - math.sqrt(max(spread2, 0.0) / rms2)
         agree = min(1.0, max(0.0, agree)) if math.isfinite(agree) else 0.0
         return Combined(_like(values[heaviest], mean), agree * share, answered, missing, None)
-    arrays = [_floats(v) for v in values]
-    if all(a is not None for a in arrays) and len({a.shape for a in arrays}) == 1:
+    arrays = [a for a in (_floats(v) for v in values) if a is not None]
+    if len(arrays) == len(values) and len({a.shape for a in arrays}) == 1:
         shares = np.asarray(w) / total
-        mean, agree = _numeric_agreement(arrays, shares)
-        return Combined(_like(values[heaviest], mean), agree * share, answered, missing, None)
+        mean_array, agree = _numeric_agreement(arrays, shares)
+        return Combined(_like(values[heaviest], mean_array), agree * share, answered, missing, None)
     # weighted majority vote: key -> [weight, first position, heaviest voter, its weight]
-    tally: dict[tuple, list] = {}
+    tally: dict[tuple[Any, ...], list[Any]] = {}
     for i, (m, v) in enumerate(zip(answered, values, strict=True)):
         key = label_key(v)
         t = tally.get(key)
@@ -313,7 +313,9 @@ def needs_default(combined: Combined, min_confidence: float = 0.0) -> bool:
 # ---------------------------------------------------------------- options
 
 
-def _number(name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+def _number(
+    name: str, value: Any, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
+) -> float:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)

@@ -44,7 +44,7 @@ class Sockets:
         log.info("curve on", **folders)
 
     def router(self, address: str, role: str) -> zmq.Socket[Any]:
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock: zmq.Socket[Any] = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
         if self._keys is not None:
             sock.zap_domain = role.encode()

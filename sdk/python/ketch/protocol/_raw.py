@@ -104,7 +104,7 @@ def read_vector(buf: Buffer, pos: int, off: int, code: str) -> tuple[int, ...]:
 def vector_start(buf: Buffer, pos: int, off: int) -> int:
     """Byte position of the first element of a vector field (present)."""
     at = pos + off
-    return at + _RU32(buf, at)[0] + 4
+    return at + int(_RU32(buf, at)[0]) + 4
 
 
 def read_table(buf: Buffer, pos: int, off: int) -> int | None:

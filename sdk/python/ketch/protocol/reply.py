@@ -203,7 +203,7 @@ def plain_values(items: Sequence[ReplyFields]) -> list[int] | None:
     first = items[0]
     if first.dtype is None or first.models_answered != (first.model,):
         return None
-    values = []
+    values: list[int] = []
     for item in items:
         if (
             item.status != _OK
@@ -296,6 +296,8 @@ def read_reply(body: Any) -> list[ReplyItemView]:
         for at in read_tables(buf, pos, slot(slots(buf, pos), schema.Reply.ITEMS)):
             f = slots(buf, at)
             t = read_table(buf, at, slot(f, _F.OUTPUT))
+            dtype: int | None
+            shape: tuple[int, ...]
             if t is None:
                 dtype, shape = None, ()
             else:
@@ -370,7 +372,9 @@ def plain_reply_template(data: Buffer) -> tuple[Template, PlainFamily] | None:
             if item != family or read_strings(buf, at, slot(f, _F.MODELS_ANSWERED)) != (model,):
                 return None
             positions += [(at + id_off, "<Q"), (at + latency_off, "<I")]
-    except (DecodeError, *FIELD_ERRORS):
+    except DecodeError:
+        return None
+    except FIELD_ERRORS:
         return None
     if family is None:
         return None

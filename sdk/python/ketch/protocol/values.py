@@ -80,7 +80,8 @@ def value_to_payload(
     arr = arr.astype(want, order="C", copy=False)
     if shape is not None and tuple(shape) != arr.shape and not _shape_matches(shape, arr.shape):
         raise ValueError(f"input shape {arr.shape} does not match {tuple(shape)}")
-    return arr.shape, memoryview(arr).cast("B")
+    view: memoryview = memoryview(arr)  # type: ignore[arg-type]  # numpy arrays are buffers
+    return arr.shape, view.cast("B")
 
 
 def _shape_matches(pattern: Sequence[int], shape: Sequence[int]) -> bool:
