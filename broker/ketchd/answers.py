@@ -40,9 +40,11 @@ class Answers:
     def finish(self, p: Pending) -> float:
         """Mark a query answered; returns its latency in ms."""
         b = self.broker
-        if p.cache_key is not None:
-            # reached only when an answer path did not release the flight itself
-            b.flights.promote(b.flights.release(p), p.cache_key)
+        key = p.cache_key
+        if key is not None:
+            # reached only when an answer path did not release the flight itself (release
+            # clears p.cache_key, so the key is taken first)
+            b.flights.promote(b.flights.release(p), key)
         p.done = True
         p.payload = EMPTY  # whatever still holds the query need not hold its input
         b.deadlines.discard(p.deadline, p)  # so that its objects go now, not at the deadline
