@@ -86,7 +86,7 @@ class Broker:
         self.dispatcher = Dispatcher(self, self.prebuilds)
         self.containers = Containers(self)
         self.admin_ops = AdminOps(self)
-        self._stopping = False
+        self.stopping = False  # draining: no new queries; ``run`` returns once all are answered
         self._stop_reason = ""
         self._next_housekeeping = 0.0
         self._next_policy_save = 0.0
@@ -96,11 +96,6 @@ class Broker:
     @property
     def endpoints(self) -> dict[str, str]:
         return self.sockets.endpoints
-
-    @property
-    def stopping(self) -> bool:
-        """Whether the broker is draining: it takes no new queries and stops once all are answered."""
-        return self._stopping
 
     def bind(self) -> dict[str, str]:
         """Create and bind the three sockets; returns the bound endpoints."""
@@ -116,8 +111,8 @@ class Broker:
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Stop taking queries; ``run`` returns once every held query is answered."""
-        if not self._stopping:
-            self._stopping = True
+        if not self.stopping:
+            self.stopping = True
             self._stop_reason = reason
             log.info("broker draining", reason=reason, pending=self.pending_count())
 
@@ -149,7 +144,7 @@ class Broker:
         }
         prebuilds, answers, dispatcher, replies = self.prebuilds, self.answers, self.dispatcher, self.replies
         try:
-            while not (self._stopping and self.pending_count() == 0):
+            while not (self.stopping and self.pending_count() == 0):
                 prebuild = bool(prebuilds)
                 events = poller.poll(0 if prebuild else self._poll_timeout_ms())
                 if prebuild and not events:  # idle: build a template before a burst needs it

@@ -22,10 +22,6 @@ if TYPE_CHECKING:
     from ketchd.broker import Broker
 
 
-def _bytes_of(payload: zmq.Frame | bytes) -> Any:
-    return payload.buffer if isinstance(payload, zmq.Frame) else payload
-
-
 class Flights:
     def __init__(self, broker: Broker, cache: PredictionCache) -> None:
         self.broker = broker
@@ -38,7 +34,7 @@ class Flights:
         Returns False when ``p`` must be computed; it is then the leader of its flight.
         """
         b = self.broker
-        data = _bytes_of(p.payload)
+        data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
         assert model.active_version is not None  # a model is cached only with an active version
         key = self.cache.key(model.name, model.active_version, p.dtype, p.shape, data)
         entry = self.cache.get(key, data)
@@ -60,7 +56,7 @@ class Flights:
             return True
         leaders = self.flights.setdefault(key, [])
         for leader in leaders:
-            if _bytes_of(leader.payload) == data:
+            if (leader.payload.buffer if isinstance(leader.payload, zmq.Frame) else leader.payload) == data:
                 assert leader.followers is not None  # a leader has its list of followers
                 leader.followers.append(p)
                 model.coalesced += 1

@@ -305,13 +305,13 @@ def test_the_reply_sender_sends_at_most_max_items_answers_a_reply():
             for i in range(n)
         ]
         payloads = [np.float64(i).tobytes() for i in range(n)]
-        sender.send(router, b"client", items, payloads)  # plain: rendered from templates
+        sender.send(router, b"client", list(zip(items, payloads, strict=True)))  # plain: by template
         messages = _receive(dealer)
         assert [len(m) - 1 for m in messages] == [proto.MAX_ITEMS, 3]
         ids = [i.request_id for m in messages for i in proto.read_reply(proto.decode(m[0])[2])]
         assert ids == list(range(1, n + 1)) and sender.prebuilds  # the family's sizes are queued
         items[5] = proto.ReplyFields(6, Status.ERROR, error=proto.ErrorCode.MODEL_ERROR, message="no")
-        sender.send(router, b"client", items, payloads)  # not all plain: built
+        sender.send(router, b"client", list(zip(items, payloads, strict=True)))  # not all plain: built
         messages = _receive(dealer)
         assert [len(m) - 1 for m in messages] == [proto.MAX_ITEMS, 3]
         assert proto.read_reply(proto.decode(messages[0][0])[2])[5].message == "no"

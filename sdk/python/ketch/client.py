@@ -62,7 +62,7 @@ def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...]
         return proto.BYTES, (), bytes(x)
     if isinstance(x, np.ndarray | np.generic):
         arr = np.asarray(x)
-        code = proto.wire_dtype(arr.dtype)
+        code = proto.WIRE_DTYPES.get(arr.dtype.newbyteorder("="))
         if code is None:
             raise TypeError(f"numpy dtype {arr.dtype} has no wire dtype; convert it first")
         arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)

@@ -113,8 +113,8 @@ from ketch.protocol.reply import (
     ReplyItemView,
     ReplySender,
     build_reply,
+    plain_answers,
     plain_reply_template,
-    plain_values,
     read_reply,
     reply_ok_many_template,
 )
@@ -129,13 +129,13 @@ from ketch.protocol.values import (
     NUMPY_DTYPES,
     STRING,
     TEXT_DTYPES,
+    WIRE_DTYPES,
     dtype_code,
     dtype_name,
     encode_output,
     expected_nbytes,
     payload_to_value,
     value_to_payload,
-    wire_dtype,
 )
 
 __all__ = [
@@ -159,6 +159,7 @@ __all__ = [
     "STATUS_NAMES",
     "STRING",
     "TEXT_DTYPES",
+    "WIRE_DTYPES",
     "BatchFamily",
     "Body",
     "DType",
@@ -197,8 +198,8 @@ __all__ = [
     "from_dict",
     "multipart",
     "payload_to_value",
+    "plain_answers",
     "plain_reply_template",
-    "plain_values",
     "predict_reply_many_template",
     "predict_template",
     "query_header",
@@ -213,5 +214,4 @@ __all__ = [
     "schema",
     "to_dict",
     "value_to_payload",
-    "wire_dtype",
 ]

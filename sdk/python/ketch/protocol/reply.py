@@ -196,15 +196,16 @@ def reply_ok_many_template(
     return Template(data, tuple(positions))
 
 
-def plain_values(items: Sequence[ReplyFields]) -> list[int] | None:
-    """(request id, latency) of each item, in order, when every one is plain and of one family
-    (a reply template renders them); None otherwise. Ids and latencies of 0 are left to the
-    builder, which omits fields at their default."""
-    first = items[0]
+def plain_answers(answers: Sequence[tuple[ReplyFields, Any]]) -> tuple[PlainFamily, list[int]] | None:
+    """The family and the (request id, latency) of each answer, in order, when every one of
+    ``answers`` ((item, payload) pairs) is plain and of one family: a reply template renders
+    them. None otherwise. Ids and latencies of 0 are left to the builder, which omits fields
+    at their default."""
+    first = answers[0][0]
     if first.dtype is None or first.models_answered != (first.model,):
         return None
     values: list[int] = []
-    for item in items:
+    for item, _ in answers:
         if (
             item.status != _OK
             or not item.request_id
@@ -222,7 +223,7 @@ def plain_values(items: Sequence[ReplyFields]) -> list[int] | None:
         ):
             return None
         values += (item.request_id, item.latency_us)
-    return values
+    return (first.model, first.model_version, first.dtype, tuple(first.shape or ())), values
 
 
 class ReplySender:
@@ -234,6 +235,14 @@ class ReplySender:
 
     def __init__(self, prebuilds: Prebuilds) -> None:
         self.prebuilds = prebuilds
+
+    def send(self, sock: zmq.Socket[Any], client: bytes, answers: Sequence[tuple[ReplyFields, Any]]) -> None:
+        """Send ``answers`` ((item, payload) pairs): by template when all are plain, else built."""
+        plain = plain_answers(answers)
+        if plain is not None:
+            self.send_plain(sock, client, plain[0], plain[1], [payload for _, payload in answers])
+        else:
+            self.send_built(sock, client, answers)
 
     def send_plain(
         self,
@@ -251,20 +260,13 @@ class ReplySender:
             send(sock, [client, header, *payloads[at:end]])
         self.prebuilds.want(reply_ok_many_template, family, _PREBUILT)
 
-    def send(
-        self, sock: zmq.Socket[Any], client: bytes, items: list[ReplyFields], payloads: list[Any]
+    def send_built(
+        self, sock: zmq.Socket[Any], client: bytes, answers: Sequence[tuple[ReplyFields, Any]]
     ) -> None:
-        """Send any answers: plain ones of one family by template, others built."""
-        values = plain_values(items)
-        if values is not None:
-            first = items[0]
-            assert first.dtype is not None
-            family = (first.model, first.model_version, first.dtype, tuple(first.shape or ()))
-            self.send_plain(sock, client, family, values, payloads)
-            return
-        for at in range(0, len(items), MAX_ITEMS):
-            header = build_reply(items[at : at + MAX_ITEMS])
-            send(sock, [client, header, *payloads[at : at + MAX_ITEMS]])
+        """Send any answers, each Reply built."""
+        for at in range(0, len(answers), MAX_ITEMS):
+            chunk = answers[at : at + MAX_ITEMS]
+            send(sock, [client, build_reply([item for item, _ in chunk]), *[payload for _, payload in chunk]])
 
 
 # ---------------------------------------------------------------- reading

@@ -34,7 +34,8 @@ NUMPY_DTYPES: dict[int, np.dtype[Any]] = {
 BYTES, STRING, JSON = DType.BYTES, DType.STRING, DType.JSON
 BOOL, INT64, FLOAT64 = DType.BOOL, DType.INT64, DType.FLOAT64
 TEXT_DTYPES = (BYTES, STRING, JSON)
-_WIRE_OF_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in NUMPY_DTYPES.items()}
+# wire dtype of each numpy dtype, in native byte order (``dtype.newbyteorder("=")``)
+WIRE_DTYPES: dict[np.dtype[Any], int] = {np.dtype(v).newbyteorder("="): k for k, v in NUMPY_DTYPES.items()}
 
 
 def dtype_code(name: str) -> int:
@@ -48,11 +49,6 @@ def dtype_code(name: str) -> int:
 
 def dtype_name(code: int) -> str:
     return DTYPE_NAMES.get(code, str(code)).lower()
-
-
-def wire_dtype(dtype: np.dtype[Any]) -> int | None:
-    """The wire dtype of a numpy dtype (either byte order), None when it has none."""
-    return _WIRE_OF_NUMPY.get(dtype.newbyteorder("="))
 
 
 def value_to_payload(
@@ -136,7 +132,7 @@ def encode_output(value: Any) -> tuple[int, tuple[int, ...], Any]:
         return FLOAT64, (), np.float64(value).tobytes()
     if isinstance(value, np.ndarray | np.generic):
         arr = np.asarray(value)
-        code = _WIRE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
+        code = WIRE_DTYPES.get(arr.dtype.newbyteorder("="))
         if code is not None:
             arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)  # keeps 0-d as 0-d
             return code, arr.shape, arr.tobytes()
