@@ -94,6 +94,29 @@ def test_the_direct_builders_write_what_encode_writes():
     )  # fmt: skip
 
 
+def test_build_reply_decodes_as_encode_with_each_string_once():
+    fields = {"model": "m", "model_version": "1", "latency_us": 3, "models_answered": ("m",)}
+    built = proto.build_reply([proto.ReplyFields(5, Status.OK, F64, (2,), **fields)])
+    encoded = proto.encode(
+        "Reply",
+        {
+            "items": [
+                {
+                    "request_id": 5,
+                    "output": {"dtype": "FLOAT64", "shape": [2]},
+                    **fields,
+                    "models_answered": ["m"],
+                }
+            ]
+        },
+    )
+    assert proto.to_dict(built) == proto.to_dict(encoded) and len(built) < len(encoded)
+    error = proto.ReplyFields(5, Status.ERROR, error=9, message="x")
+    assert proto.build_reply([error]) == proto.encode(
+        "Reply", {"items": [{"request_id": 5, "status": "ERROR", "error": 9, "message": "x"}]}
+    )
+
+
 def test_the_request_sender_renders_one_shape_and_builds_others():
     pre = proto.Prebuilds()
     sender = proto.RequestSender(pre)

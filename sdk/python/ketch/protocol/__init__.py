@@ -20,8 +20,10 @@ The contract
 1. *Builders are the reference.* ``encode`` writes any message from its fields, skipping
    empty strings, empty vectors and scalars at their default, children first, fields in
    schema order; its output for the golden vectors' twins is their ``.bin`` byte for byte.
-   Each direct builder (``build_query``, ``build_reply``, ``build_predict_request``,
-   ``build_predict_reply``) writes the same bytes as ``encode`` for the same fields.
+   The direct builders ``build_query``, ``build_predict_request`` and
+   ``build_predict_reply`` write the same bytes as ``encode`` for the same fields;
+   ``build_reply`` writes each distinct string once (a model's name serves as ``model``
+   and in ``models_answered``), so its Reply decodes to the same fields in fewer bytes.
 2. *A rendered template is the builder's message.* ``Template.render(*values)`` returns the
    bytes the builder returns for the same fields with ``values`` in the slots, as long as
    every value in a scalar slot differs from that field's default (a builder leaves a
