@@ -9,7 +9,8 @@ Each round runs ``python -m MODULE ARGS`` once in this checkout (A) and once in 
 each imports its own ``ketch`` and ``perf``. A noisy moment on a shared machine then falls
 on both alike. Every ``--metric`` is a regular expression whose first group is a number in
 the module's output; without any, the figures of ``perf.roundtrip`` are read. Prints, per
-metric, both medians, the ratio A/B and each side's range over the rounds.
+metric, both medians, their ratio A/B, the median of each round's own A/B ratio (its two
+runs are neighbours in time) and each side's range over the rounds.
 """
 
 from __future__ import annotations
@@ -89,11 +90,18 @@ def main() -> int:
             took, load = time.monotonic() - t0, os.getloadavg()[0]
             print(f"round {r + 1} {side} ({took:.0f} s, load {load:.2f}): {shown}")
             sys.stdout.flush()
-    print("\n| metric | A median | B median | A/B | A range | B range |\n|---|---|---|---|---|---|")
+    print(
+        "\n| metric | A median | B median | A/B | A/B paired (range) | A range | B range |"
+        "\n|---|---|---|---|---|---|---|"
+    )
     for name in metrics:
         a, b = got["A"][name], got["B"][name]
         ma, mb = statistics.median(a), statistics.median(b)
-        print(f"| {name} | {ma:g} | {mb:g} | {ma / mb:.3f} | {min(a):g}-{max(a):g} | {min(b):g}-{max(b):g} |")
+        # a round's two runs are neighbours in time: their ratio sees the same machine
+        paired = [x / y for x, y in zip(a, b, strict=True) if y]
+        pr = f"{statistics.median(paired):.3f} ({min(paired):.2f}-{max(paired):.2f})" if paired else ""
+        span = f"{min(a):g}-{max(a):g} | {min(b):g}-{max(b):g}"
+        print(f"| {name} | {ma:g} | {mb:g} | {ma / mb:.3f} | {pr} | {span} |")
     return 0
 
 
