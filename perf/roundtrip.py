@@ -23,7 +23,7 @@ import time
 import numpy as np
 import zmq
 from ketch import Client
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.bench import _Session, closed_loop, open_loop
 from ketch.local import LocalBroker, LocalModel
 
@@ -73,14 +73,11 @@ class _RelaySession(_Session):
         if name != "Query":
             self.result.errors += 1
             return 0
-        buf, pos = proto.where(body)
-        fields = proto.slots(buf, pos)
-        ids = list(proto.read_vector(buf, pos, proto.slot(fields, 3), "Q"))
+        query, ids = proto.read_query(body)
         if not self._plain.full:  # then read as Ketch's replies are: by template
-            off = proto.slot(fields, 1)
-            dtype = proto.read_u8(buf, pos + off) if off else 0
-            shape = tuple(proto.read_vector(buf, pos, proto.slot(fields, 2), "q"))
-            template = proto.query_template(self.app, dtype, shape, self.timeout_us, 0, "", len(ids))
+            template = proto.query_template(
+                self.app, query.dtype, query.shape, self.timeout_us, 0, "", len(ids)
+            )
             self._plain.learn(header, template, 1)  # ids only
         return self._answered_ok(ids, now)
 

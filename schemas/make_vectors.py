@@ -20,7 +20,7 @@ import struct
 import sys
 from pathlib import Path
 
-from ketch import _protocol as proto
+from ketch import protocol as proto
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 

@@ -11,9 +11,15 @@ echo "== lint"
 ruff check .
 ruff format --check .
 
+echo "== types (mypy strict on the wire package and the broker)"
+mypy -p ketch.protocol -p ketchd
+
 echo "== generated code and golden vectors"
 python scripts/gen_schema.py --check
 python schemas/make_vectors.py --check
+
+echo "== schema evolution: append-only against the last released schema (docs/protocol.md)"
+flatc --conform schemas/released/ketch-v1.fbs schemas/ketch.fbs
 
 echo "== Java SDK (JUnit 5)"
 mvn -B -ntp -f sdk/java/pom.xml package

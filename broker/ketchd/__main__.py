@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
-from ketch import _log
+from ketch import logs
 
 from ketchd.broker import Broker
 from ketchd.config import BrokerConfig
@@ -15,7 +17,7 @@ from ketchd.config import BrokerConfig
 
 def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT or ``broker.stop``; then drain and return."""
-    _log.configure()
+    logs.configure()
     broker = Broker(config)
     broker.install_signal_handlers()
 
@@ -25,12 +27,15 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(json.dumps({"pid": os.getpid(), **endpoints}))
             tmp.replace(path)
-        _log.quiet_gc()
+        logs.quiet_gc()
 
     broker.run(ready)
 
 
-def broker_options(f):
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def broker_options(f: F) -> F:
     """Options shared by ``ketchd`` and ``ketch broker start``."""
     defaults = BrokerConfig()
     for decorator in reversed(
@@ -132,7 +137,7 @@ def broker_options(f):
     return f
 
 
-def config_from_options(**kw) -> tuple[BrokerConfig, str | None]:
+def config_from_options(**kw: Any) -> tuple[BrokerConfig, str | None]:
     ready_file = kw.pop("ready_file", None)
     kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
     kw["cache_bytes"] = kw.pop("cache_mb") * 1024 * 1024
@@ -141,7 +146,7 @@ def config_from_options(**kw) -> tuple[BrokerConfig, str | None]:
 
 @click.command(name="ketchd")
 @broker_options
-def main(**kw) -> None:
+def main(**kw: Any) -> None:
     """Run the Ketch broker in the foreground."""
     config, ready_file = config_from_options(**kw)
     run_broker(config, ready_file)

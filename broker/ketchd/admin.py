@@ -13,8 +13,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ketch import _errors as errors
-from ketch import _protocol as proto
+from ketch import errors
+from ketch import protocol as proto
 
 from ketchd.batching import MODES
 from ketchd.policies import make_policy
@@ -77,7 +77,7 @@ class AdminOps:
             "models": len(b.models),
             "replicas": len(b.replicas),
             "pending": b.pending_count(),
-            "stopping": b._stopping,
+            "stopping": b.stopping,
         }
 
     def op_broker_stop(self) -> dict[str, Any]:
@@ -132,7 +132,7 @@ class AdminOps:
         for model in models or []:
             self._link(app, model)
         self.broker.apps[name] = app
-        self.broker.persist_app(app)
+        self.broker.persistence.persist_app(app)
         return self._app_doc(app)
 
     def op_app_configure(
@@ -146,7 +146,7 @@ class AdminOps:
             app.slo_ms = slo
         if cache is not None:
             app.cache = bool(cache)
-        self.broker.persist_app(app)
+        self.broker.persistence.persist_app(app)
         return self._app_doc(app)
 
     def op_app_list(self) -> list[dict[str, Any]]:
@@ -158,7 +158,7 @@ class AdminOps:
     def op_app_delete(self, name: str) -> dict[str, Any]:
         self._app(name)
         del self.broker.apps[name]
-        self.broker.forget_app(name)
+        self.broker.persistence.forget_app(name)
         return {"deleted": name}
 
     def _link(self, app: App, model_name: str) -> None:
@@ -168,13 +168,13 @@ class AdminOps:
         model = self.broker.models.get(model_name)
         if model is None:
             model = self.broker.models[model_name] = Model(model_name)
-            self.broker.persist_model(model)
+            self.broker.persistence.persist_model(model)
         app.models.append(model_name)
 
     def op_app_link(self, app: str, model: str) -> dict[str, Any]:
         a = self._app(app)
         self._link(a, model)
-        self.broker.persist_app(a)
+        self.broker.persistence.persist_app(a)
         return self._app_doc(a)
 
     def op_app_unlink(self, app: str, model: str) -> dict[str, Any]:
@@ -182,7 +182,7 @@ class AdminOps:
         if model not in a.models:
             raise errors.NotFound(f"app {app!r} does not link model {model!r}")
         a.models.remove(model)
-        self.broker.persist_app(a)
+        self.broker.persistence.persist_app(a)
         return self._app_doc(a)
 
     def _app_doc(self, app: App) -> dict[str, Any]:
@@ -206,8 +206,8 @@ class AdminOps:
         except (ValueError, TypeError) as exc:
             raise errors.Invalid(str(exc)) from None
         app.policy_dirty = True
-        self.broker.persist_app(app)
-        self.broker.save_policies()
+        self.broker.persistence.persist_app(app)
+        self.broker.persistence.save_policies()
         return self._app_doc(app)
 
     # ------------------------------------------------------------ models
@@ -235,8 +235,8 @@ class AdminOps:
             known = ", ".join(model.known_versions) or "none yet"
             raise errors.NotFound(f"model {name!r} has no version {version!r} (known: {known})")
         model.set_version(version)
-        self.broker.persist_model(model)
-        self.broker.mark_dirty(model)
+        self.broker.persistence.persist_model(model)
+        self.broker.dispatcher.mark_dirty(model)
         return self._model_doc(model)
 
     def op_model_rollback(self, name: str) -> dict[str, Any]:
@@ -245,8 +245,8 @@ class AdminOps:
             raise errors.Invalid(f"model {name!r} has no earlier version to roll back to")
         previous = model.history.pop()
         model.active_version = previous
-        self.broker.persist_model(model)
-        self.broker.mark_dirty(model)
+        self.broker.persistence.persist_model(model)
+        self.broker.dispatcher.mark_dirty(model)
         return self._model_doc(model)
 
     def op_model_configure(
@@ -280,8 +280,8 @@ class AdminOps:
             if not (math.isfinite(delay) and 0 <= delay <= 10_000):
                 raise errors.Invalid("batch_delay_ms must be between 0 and 10000")
             model.batch_delay_ms = delay
-        self.broker.persist_model(model)
-        self.broker.reconfigure(model)
+        self.broker.persistence.persist_model(model)
+        self.broker.containers.reconfigure(model)
         return self._model_doc(model)
 
     def op_model_drain(self, name: str, replica: str | None = None) -> dict[str, Any]:
@@ -295,7 +295,7 @@ class AdminOps:
         if replica is not None and not targets:
             raise errors.NotFound(f"model {name!r} has no live replica {replica!r}")
         for r in targets:
-            self.broker.drain(r, "drain requested")
+            self.broker.containers.drain(r, "drain requested")
         return {"draining": [r.replica_id for r in targets]}
 
     def op_replica_list(self, model: str | None = None) -> list[dict[str, Any]]:

@@ -57,7 +57,7 @@ class ModelQueue:
 
     def take(self, n: int) -> list[Any]:
         """Up to ``n`` entries, earliest deadline first."""
-        out = []
+        out: list[Any] = []
         while len(out) < n:
             item = self.pop()
             if item is None:

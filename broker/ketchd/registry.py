@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
-from ketch import _protocol as proto
+from ketch import protocol as proto
 
 from ketchd.batching import BatchController, BatchPolicy
 from ketchd.policies import Policy, Selection, make_policy

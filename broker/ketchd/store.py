@@ -30,7 +30,9 @@ _STOP = object()
 
 
 class StateStore:
-    def __init__(self, path: str, ctx: zmq.Context | None = None, notify_address: str | None = None) -> None:
+    def __init__(
+        self, path: str, ctx: zmq.Context[Any] | None = None, notify_address: str | None = None
+    ) -> None:
         self.path = path
         self._ctx = ctx
         self._notify_address = notify_address
@@ -75,7 +77,7 @@ class StateStore:
             if notify is not None:
                 notify.close()
 
-    def _write_loop(self, notify: zmq.Socket | None) -> None:
+    def _write_loop(self, notify: zmq.Socket[Any] | None) -> None:
         while True:
             item = self._writes.get()
             if item is _STOP:
@@ -93,7 +95,7 @@ class StateStore:
                 batch.append(more)
             self._apply(batch, notify)
 
-    def _apply(self, batch: list[tuple[str, Any, str | None]], notify: zmq.Socket | None) -> None:
+    def _apply(self, batch: list[tuple[str, Any, str | None]], notify: zmq.Socket[Any] | None) -> None:
         try:
             with self._db:
                 for table, name, doc in batch:

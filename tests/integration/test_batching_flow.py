@@ -10,7 +10,7 @@ import ketch
 import numpy as np
 import pytest
 import zmq
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.local import wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,9 +14,9 @@ import ketch
 import numpy as np
 import pytest
 import zmq
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.local import wait_for
-from ketch.wire.Status import Status
+from ketch.protocol import Status
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -387,7 +387,7 @@ def test_learnt_message_templates_answer_as_the_long_way(thread_broker, admin, c
             assert p.output.shape == (n,) and np.array_equal(p.output, x * 2)
             assert p.model == "double" and p.version == "1" and p.models_answered == ("double",)
     broker = thread_broker.broker
-    assert broker._query_templates and broker._plain_replies and replica._requests
+    assert broker.admission.queries and broker.containers.plain_replies and replica._requests
     assert ketch.client._PLAIN
     # a learnt query with a payload of the wrong size, then for an app deleted since
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -450,7 +450,7 @@ def test_many_answers_go_in_replies_of_at_most_64_and_leave_the_broker_at_once(t
                 answered[item["request_id"]] = float(np.frombuffer(payload, "<f8")[0])
         assert sizes == [64, 36]
         assert answered == {rid: float(x.sum()) for rid, x in zip(ids, xs, strict=True)}
-        assert len(thread_broker.broker._deadlines) == 0  # a 30 s SLO, yet nothing is held
+        assert len(thread_broker.broker.deadlines) == 0  # a 30 s SLO, yet nothing is held
 
 
 def test_a_batch_of_one_output_type_still_checks_every_answer(thread_broker, admin):

@@ -25,7 +25,7 @@ from pathlib import Path
 import ketch
 import numpy as np
 import pytest
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.local import wait_for
 
 pytestmark = pytest.mark.timeout(180)

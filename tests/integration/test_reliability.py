@@ -11,8 +11,8 @@ import numpy as np
 import psutil
 import pytest
 import zmq
-from ketch import _curve
-from ketch import _protocol as proto
+from ketch import curve
+from ketch import protocol as proto
 from ketch.bench import closed_loop, open_loop
 from ketch.local import LocalModel, wait_for
 
@@ -239,15 +239,15 @@ def test_drain_stops_new_work_and_loses_nothing(broker_process, start_model):
 def test_curve_lets_in_known_keys_only(tmp_path, make_thread_broker):
     keys = tmp_path / "keys"
     allowed = {role: tmp_path / role for role in ("clients", "containers", "admins")}
-    _, broker_secret = _curve.generate(str(keys), "broker")
+    _, broker_secret = curve.generate(str(keys), "broker")
     peers = {}
     for name, role in (("client", "clients"), ("container", "containers"), ("admin", "admins")):
-        public, secret = _curve.generate(str(keys), name)
+        public, secret = curve.generate(str(keys), name)
         allowed[role].mkdir()
         (allowed[role] / public.name).write_bytes(public.read_bytes())
-        peers[name] = _curve.PeerKeys.load(str(keys / "broker.key"), str(secret))
-    _, stranger_secret = _curve.generate(str(keys), "stranger")
-    stranger = _curve.PeerKeys.load(str(keys / "broker.key"), str(stranger_secret))
+        peers[name] = curve.PeerKeys.load(str(keys / "broker.key"), str(secret))
+    _, stranger_secret = curve.generate(str(keys), "stranger")
+    stranger = curve.PeerKeys.load(str(keys / "broker.key"), str(stranger_secret))
     tb = make_thread_broker(
         curve_secret=str(broker_secret),
         curve_clients=str(allowed["clients"]),

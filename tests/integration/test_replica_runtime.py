@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 import zmq
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.runtime import Replica
 
 pytestmark = pytest.mark.timeout(60)

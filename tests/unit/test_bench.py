@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 import zmq
-from ketch import _protocol as proto
 from ketch import bench
-from ketch.wire.Status import Status
+from ketch import protocol as proto
+from ketch.protocol import Status
 
 
 def test_measuring_pauses_the_collector_and_puts_it_back():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ketch import _protocol as proto
+from ketch import protocol as proto
 
 VECTORS = [
     p.read_bytes()

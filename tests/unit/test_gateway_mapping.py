@@ -26,7 +26,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
         (ketch.BadInput("x"), 400),
         (ketch.Invalid("x"), 400),
         (ketch.ProtocolError("x"), 400),
-        (ketch._errors.TooLarge("x"), 413),
+        (ketch.errors.TooLarge("x"), 413),
         (ketch.Overloaded("x", retry_after_ms=1500), 503),
         (ketch.ShuttingDown("x"), 503),
         (ketch.NoModel("x"), 503),
@@ -34,7 +34,7 @@ from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
         (ketch.DeadlineExceeded("x"), 504),
         (ketch.Timeout("x"), 504),
         (ketch.ModelError("x"), 502),
-        (ketch._errors.InternalError("x"), 500),
+        (ketch.errors.InternalError("x"), 500),
         (RuntimeError("a bug"), 500),
     ],
 )

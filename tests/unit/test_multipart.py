@@ -1,11 +1,11 @@
-"""ketch._multipart: the hot-path send and receive keep send_multipart's meaning."""
+"""ketch.protocol.multipart: the hot-path send and receive keep send_multipart's meaning."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import zmq
-from ketch import _multipart as multipart
+from ketch.protocol import multipart
 
 
 @pytest.fixture

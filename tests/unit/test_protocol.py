@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from ketch import _protocol as proto
-from ketch.wire.Status import Status
+from ketch import protocol as proto
+from ketch.protocol import Status
 
 ROOT = Path(__file__).resolve().parents[2]
 VECTORS = sorted((ROOT / "schemas" / "vectors").glob("*.json"))
@@ -229,7 +229,7 @@ def test_the_client_reads_every_reply_vector_like_the_generic_decoder():
 def test_fast_readers_fail_only_cleanly_on_corrupt_replies():
     import random
 
-    from ketch import _errors
+    from ketch import errors as _errors
     from ketch.client import _parse
 
     rng = random.Random(5)
@@ -262,7 +262,7 @@ def test_client_reads_a_templated_reply_as_it_parses_one(monkeypatch):
     payloads = [np.float64(i).tobytes() for i in range(3)]
     header = proto.reply_ok_many_template("m", "2", proto.FLOAT64, (), 3).render(5, 1500, 6, 1600, 7, 1700)
     sent_at = {5: 0.0, 6: 0.0, 7: 0.0}
-    monkeypatch.setattr(client, "_PLAIN", proto.LearntTemplates(total=256))  # none learnt yet
+    monkeypatch.setattr(client, "_PLAIN", proto.PlainReplies(total=256))  # none learnt yet
     assert client._plain_reply([header, *payloads], sent_at) is None
     parsed = client._parse([header, *payloads], sent_at)  # the long way; learns the template
     assert client._PLAIN
@@ -346,7 +346,7 @@ def test_a_plain_reply_is_a_template_of_itself():
     "change",
     [
         {"status": Status.DEFAULT, "message": "deadline"},
-        {"status": Status.ERROR, "error": proto.ErrorCode.ErrorCode.MODEL_ERROR, "dtype": None},
+        {"status": Status.ERROR, "error": proto.ErrorCode.MODEL_ERROR, "dtype": None},
         {"message": "a note"},
         {"confidence": 0.5},
         {"models_missing": ("n",)},

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.client import encode_input
 from ketch.runtime import as_predict, encode_output
 

@@ -6,7 +6,9 @@ Clients: ``Client``, ``AsyncClient``; control: ``Admin``; the model side: ``serv
 
 __version__ = "0.1.0"
 
-from ketch._errors import (
+from ketch.admin import Admin
+from ketch.client import AsyncClient, Client, Prediction
+from ketch.errors import (
     BadInput,
     Conflict,
     DeadlineExceeded,
@@ -23,8 +25,6 @@ from ketch._errors import (
     Unavailable,
     UnknownApp,
 )
-from ketch.admin import Admin
-from ketch.client import AsyncClient, Client, Prediction
 from ketch.models import NumpyModel, SklearnModel, numpy_model
 from ketch.runtime import Replica, serve
 

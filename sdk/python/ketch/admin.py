@@ -9,8 +9,8 @@ from typing import Any
 
 import zmq
 
-from ketch import _errors as errors
-from ketch._curve import PeerKeys
+from ketch import errors
+from ketch.curve import PeerKeys
 
 DEFAULT_ADMIN = "tcp://127.0.0.1:7002"
 

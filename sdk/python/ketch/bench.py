@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ketch import _multipart as multipart
-from ketch import _protocol as proto
-from ketch.client import _TEMPLATE_IDS, encode_input
-from ketch.wire.Status import Status
+from ketch import protocol as proto
+from ketch.client import encode_input
+from ketch.protocol import Status, multipart
 
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # linux/prctl.h
 
@@ -96,7 +95,7 @@ class _Session:
         self.result = LoadResult()
         self._ids = int.from_bytes(os.urandom(3), "little") << 24
         # reply templates learnt, each with its slots per answer (the id comes first)
-        self._plain = proto.LearntTemplates(total=64)
+        self._plain: proto.LearntTemplates[int] = proto.LearntTemplates(total=64)
 
     def send(self, inputs: list[Any], at: list[float]) -> None:
         code, shape, first = encode_input(inputs[0])
@@ -105,11 +104,7 @@ class _Session:
         self._ids += len(inputs)
         for rid, t in zip(ids, at, strict=True):
             self.started[rid] = t
-        if len(ids) <= _TEMPLATE_IDS:
-            template = proto.query_template(self.app, code, tuple(shape), self.timeout_us, 0, "", len(ids))
-            header = template.render(*ids)
-        else:
-            header = proto.build_query(self.app, code, shape, ids, self.timeout_us)
+        header = proto.query_header(self.app, code, tuple(shape), ids, self.timeout_us)
         multipart.send(self.sock, [header, *payloads])
         self.result.sent += len(inputs)
 
@@ -154,21 +149,16 @@ class _Session:
         return got
 
     def _take(self, header: bytes, now: float) -> int:
-        """A reply read the long way: ids, status and error codes, read directly."""
+        """A reply read the long way: ids, status and error codes."""
         _, name, body = proto.decode(header)
         if name != "Reply":
             self.result.errors += 1
             return 0
         r, got, plain = self.result, 0, True
-        buf, pos = proto.where(body)
-        for at in proto.read_tables(buf, pos, proto.slot(proto.slots(buf, pos), 0)):
-            f = proto.slots(buf, at)
-            off = proto.slot(f, 0)
-            rid = proto.read_u64(buf, at + off) if off else 0
-            off = proto.slot(f, 1)
-            status = proto.read_u8(buf, at + off) if off else 0
+        for item in proto.read_reply(body):
+            status = item.status
             plain = plain and status == Status.OK
-            ms = self._latency(rid, now)
+            ms = self._latency(item.request_id, now)
             if ms is None:
                 continue
             got += 1
@@ -179,9 +169,7 @@ class _Session:
                 r.defaults += 1
             else:
                 r.errors += 1
-                off = proto.slot(f, 3)
-                error = proto.read_u16(buf, at + off) if off else 0
-                code = proto.ERROR_NAMES.get(error, str(error))
+                code = proto.ERROR_NAMES.get(item.error, str(item.error))
                 r.error_codes[code] = r.error_codes.get(code, 0) + 1
         if plain and not self._plain.full:
             self._learn(header)

@@ -23,8 +23,7 @@ from typing import Any
 
 import click
 
-from ketch import _errors as errors
-from ketch import _log
+from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN, Admin
 from ketch.client import DEFAULT_FRONTEND, Client
 from ketch.runtime import DEFAULT_BACKEND
@@ -509,7 +508,7 @@ def model_run(
     from ketch._targets import load_target
     from ketch.runtime import serve
 
-    _log.configure()
+    logs.configure()
     serve(
         load_target(target),
         name=name,
@@ -549,7 +548,7 @@ def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
     from ketch._targets import load_target
     from ketch.supervisor import Supervisor, replica_argv
 
-    _log.configure()
+    logs.configure()
     load_target(kw["target"])  # fail here, once, rather than in every replica
     if batching is not None or batch_delay_ms is not None or max_queue is not None or kw["max_batch"]:
         with _admin(ctx) as admin:
@@ -591,7 +590,7 @@ def keys_generate(directory, name) -> None:
     the clients, containers and admins it lets in; give each peer the broker's .key and its
     own .key_secret (KETCH_CURVE_SERVER_KEY, KETCH_CURVE_SECRET).
     """
-    from ketch._curve import generate
+    from ketch.curve import generate
 
     public, secret = generate(directory, name)
     click.echo(f"public key {public}\nsecret key {secret} (keep it private)")
@@ -717,7 +716,7 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
         if dtype is None:
             with _admin(ctx) as admin:
                 dtype = admin.show_app(app_name)["input_type"]
-        from ketch import _protocol as proto
+        from ketch import protocol as proto
 
         x = value if dtype in ("string", "bytes", "json") else np.asarray(value, dtype=proto.NUMPY_DTYPES[
             proto.dtype_code(dtype)])  # fmt: skip
@@ -755,7 +754,7 @@ def bench(
     """
     import numpy as np
 
-    from ketch import _protocol as proto
+    from ketch import protocol as proto
     from ketch.bench import closed_loop, open_loop
 
     if (input_text is None) == (input_file is None):
@@ -959,7 +958,7 @@ def gateway(
         metadata_ttl_s=metadata_ttl,
         max_body_bytes=max_body_mb * 1024 * 1024,
     )
-    _log.configure()
+    logs.configure()
     try:
         code = serve(
             config, host=host, port=port, workers=workers, ready_file=ready_file, log_level=log_level

@@ -23,17 +23,14 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from ketch import _errors as errors
-from ketch import _multipart as multipart
-from ketch import _protocol as proto
-from ketch._curve import PeerKeys
-from ketch.wire.Status import Status
+from ketch import errors
+from ketch import protocol as proto
+from ketch.curve import PeerKeys
+from ketch.protocol import Status, multipart
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:7001"
-_NUMPY_TO_WIRE = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
 _GRACE_S = 0.5  # wait past the query's own timeout before calling the broker silent
 _WAIT_NO_TIMEOUT_S = 10.0  # when the app's SLO applies, wait this long for the broker
-_TEMPLATE_IDS = 64  # Query headers of up to this many ids are rendered from templates
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...]
         return proto.BYTES, (), bytes(x)
     if isinstance(x, np.ndarray | np.generic):
         arr = np.asarray(x)
-        code = _NUMPY_TO_WIRE.get(arr.dtype.newbyteorder("="))
+        code = proto.WIRE_DTYPES.get(arr.dtype.newbyteorder("="))
         if code is None:
             raise TypeError(f"numpy dtype {arr.dtype} has no wire dtype; convert it first")
         arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)
@@ -77,7 +74,7 @@ def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...]
 
 
 def _parse(
-    frames: list[bytes], sent_at: dict[int, float] | None = None
+    frames: list[Any], sent_at: dict[int, float] | None = None
 ) -> list[tuple[int, Prediction | errors.RequestError]]:
     """Decode a frontend message into (request id, answer) pairs; raises for an Error message.
 
@@ -88,17 +85,18 @@ def _parse(
         if plain is not None:
             return plain
         out = _parse_message(frames, sent_at)
-    except proto.FIELD_ERRORS as exc:
-        raise errors.ProtocolError(f"reply from the broker does not decode: {type(exc).__name__}") from None
-    _learn(frames[0], out)
+    except proto.DecodeError as exc:
+        raise errors.ProtocolError(f"reply from the broker does not decode: {exc}") from None
+    if out and not _PLAIN.full and all(isinstance(p, Prediction) and not p.default for _, p in out):
+        _PLAIN.learn_reply(frames[0])  # a reply of plain predictions, kept as a template of itself
     return out
 
 
 # Replies of plain predictions (every item OK, of one model version and output type) are
 # rendered by the broker from a template. Once one has been parsed, it is kept here as a
-# template of itself (proto.plain_reply_template), and later replies that match it are read
-# from their fixed slots: a copy and a comparison, not a parse of every field.
-_PLAIN = proto.LearntTemplates(total=256)
+# template of itself, and later replies that match it are read from their fixed slots: a
+# copy and a comparison, not a parse of every field (ketch.protocol.reply).
+_PLAIN = proto.PlainReplies(total=256)
 
 
 def _plain_reply(
@@ -111,7 +109,7 @@ def _plain_reply(
     if len(frames) != 1 + len(values) // 2:
         return None
     now = time.perf_counter()
-    out = []
+    out: list[tuple[int, Prediction | errors.RequestError]] = []
     answered = (model,)
     for i in range(0, len(values), 2):
         rid = values[i]
@@ -129,78 +127,45 @@ def _plain_reply(
     return out
 
 
-def _learn(header: bytes, out: list[tuple[int, Prediction | errors.RequestError]]) -> None:
-    """Keep a reply of plain predictions, read the long way, as a template of itself."""
-    if not out or _PLAIN.full or not all(isinstance(p, Prediction) and not p.default for _, p in out):
-        return
-    found = proto.plain_reply_template(header)
-    if found is not None:
-        _PLAIN.learn(header, *found)
-
-
 def _parse_message(
-    frames: list[bytes], sent_at: dict[int, float] | None
+    frames: list[Any], sent_at: dict[int, float] | None
 ) -> list[tuple[int, Prediction | errors.RequestError]]:
     now = time.perf_counter()
     _, name, body = proto.decode(frames[0])
     if name == "Error":
-        code = body.Code()
-        raise errors.raise_for(
-            code,
-            (body.Message() or b"").decode("utf-8", "replace"),
-            request_id=body.RequestId(),
-            retry_after_ms=body.RetryAfterMs(),
-        )
+        e = proto.read_fields(name, body)
+        msg = e["message"]
+        raise errors.raise_for(e["code"], msg, request_id=e["request_id"], retry_after_ms=e["retry_after_ms"])
     if name != "Reply":
         raise errors.ProtocolError(f"unexpected {name} from the broker")
-    out = []
+    out: list[tuple[int, Prediction | errors.RequestError]] = []
     payloads = frames[1:]
-    # fields are read straight from the bytes (proto.slots): a reply is on every query's path
-    buf, pos = proto.where(body)
-    for i, at in enumerate(proto.read_tables(buf, pos, proto.slot(proto.slots(buf, pos), 0))):
-        f = proto.slots(buf, at)
-        off = proto.slot(f, 0)
-        rid = proto.read_u64(buf, at + off) if off else 0
-        off = proto.slot(f, 1)
-        status = proto.read_u8(buf, at + off) if off else 0
-        message = (proto.read_str(buf, at, proto.slot(f, 4)) or b"").decode("utf-8", "replace")
-        if status == Status.ERROR:
-            off = proto.slot(f, 3)
-            code = proto.read_u16(buf, at + off) if off else 0
-            off = proto.slot(f, 11)
-            retry = proto.read_u32(buf, at + off) if off else 0
-            out.append((rid, errors.raise_for(code, message, request_id=rid, retry_after_ms=retry)))
-            continue
-        tensor = proto.read_table(buf, at, proto.slot(f, 2))
-        payload = payloads[i] if i < len(payloads) else b""
-        if tensor is None:
-            value = None
-        else:
-            dtype, shape = proto.read_tensor(buf, tensor)
-            value = proto.payload_to_value(dtype, shape, payload)
-        started = sent_at.get(rid) if sent_at else None
-        off = proto.slot(f, 7)
-        latency_us = proto.read_u32(buf, at + off) if off else 0
-        off = proto.slot(f, 8)
-        confidence = proto.read_f32(buf, at + off) if off else 1.0
-        out.append(
-            (
-                rid,
-                Prediction(
-                    output=value,
-                    default=status == Status.DEFAULT,
-                    default_explanation=message if status == Status.DEFAULT else "",
-                    model=(proto.read_str(buf, at, proto.slot(f, 5)) or b"").decode("utf-8", "replace"),
-                    version=(proto.read_str(buf, at, proto.slot(f, 6)) or b"").decode("utf-8", "replace"),
-                    latency_ms=(now - started) * 1000 if started else 0.0,
-                    broker_latency_ms=latency_us / 1000,
-                    confidence=confidence,
-                    models_answered=proto.read_strings(buf, at, proto.slot(f, 9)),
-                    models_missing=proto.read_strings(buf, at, proto.slot(f, 10)),
-                    request_id=rid,
-                ),
+    for i, item in enumerate(proto.read_reply(body)):
+        rid = item.request_id
+        if item.status == Status.ERROR:
+            err = errors.raise_for(
+                item.error, item.message, request_id=rid, retry_after_ms=item.retry_after_ms
             )
+            out.append((rid, err))
+            continue
+        payload = payloads[i] if i < len(payloads) else b""
+        value = None if item.dtype is None else proto.payload_to_value(item.dtype, item.shape, payload)
+        started = sent_at.get(rid) if sent_at else None
+        default = item.status == Status.DEFAULT
+        prediction = Prediction(
+            output=value,
+            default=default,
+            default_explanation=item.message if default else "",
+            model=item.model,
+            version=item.model_version,
+            latency_ms=(now - started) * 1000 if started else 0.0,
+            broker_latency_ms=item.latency_us / 1000,
+            confidence=item.confidence,
+            models_answered=item.models_answered,
+            models_missing=item.models_missing,
+            request_id=rid,
         )
+        out.append((rid, prediction))
     return out
 
 
@@ -238,22 +203,9 @@ class _Base:
         # ids start at a random point so a restarted client does not reuse recent ones
         self._ids = itertools.count(int.from_bytes(os.urandom(3), "little") << 20 | 1)
 
-    def _query(
-        self,
-        app: str,
-        code: int,
-        shape: Sequence[int],
-        ids: Sequence[int],
-        timeout_ms: float | None,
-        priority: int,
-        context: str,
-    ) -> bytes:
-        """A Query header, from a prebuilt template up to _TEMPLATE_IDS ids."""
-        timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-        if len(ids) <= _TEMPLATE_IDS:
-            template = proto.query_template(app, code, tuple(shape), timeout_us, priority, context, len(ids))
-            return template.render(*ids)
-        return proto.build_query(app, code, shape, ids, timeout_us, priority, context)
+    @staticmethod
+    def _timeout_us(timeout_ms: float | None) -> int:
+        return 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
 
     def _feedback(
         self,
@@ -383,7 +335,8 @@ class Client(_Base):
     ) -> Prediction:
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
-        header = self._query(app, code, shape, [rid], timeout_ms, priority, context)
+        timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
+        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context)
         multipart.send(self._sock, (header, payload))
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
@@ -419,9 +372,10 @@ class Client(_Base):
             now = time.perf_counter()
             for rid in ids:
                 self._sent_at[rid] = now
-            self._sock.send_multipart(
-                [self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads], copy=False
+            header = proto.query_header(
+                app, code, shape, ids, self._timeout_us(timeout_ms), priority, context
             )
+            self._sock.send_multipart([header, *payloads], copy=False)
             order.extend(ids)
             outstanding.update(ids)
             while len(outstanding) > window:
@@ -478,7 +432,7 @@ class AsyncClient(_Base):
     this socket handle one message for many queries.
     """
 
-    _MAX_PER_MESSAGE = 64
+    _MAX_PER_MESSAGE = proto.MAX_ITEMS
 
     def __init__(
         self,
@@ -570,7 +524,8 @@ class AsyncClient(_Base):
             for start in range(0, len(items), self._MAX_PER_MESSAGE):
                 part = items[start : start + self._MAX_PER_MESSAGE]
                 ids = [r for r, _ in part]
-                header = self._query(app, code, shape, ids, timeout_ms, priority, context)
+                timeout_us = self._timeout_us(timeout_ms)
+                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context)
                 self._send_now([header, *(p for _, p in part)])
         self._take_waiting()
 
@@ -646,7 +601,9 @@ class AsyncClient(_Base):
             for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
                 ids = self._register(len(payloads))
                 all_ids.extend(ids)
-                self._send_now([self._query(app, code, shape, ids, timeout_ms, priority, context), *payloads])
+                timeout_us = self._timeout_us(timeout_ms)
+                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context)
+                self._send_now([header, *payloads])
         except BaseException:  # an input that does not encode: forget what was registered
             for rid in all_ids:
                 self._registered.pop(rid, None)

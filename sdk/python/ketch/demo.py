@@ -13,7 +13,7 @@ import time
 import click
 import numpy as np
 
-from ketch import _errors as errors
+from ketch import errors
 from ketch.client import Client
 from ketch.local import LocalBroker, LocalModel
 

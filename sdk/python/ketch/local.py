@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ketch import _errors as errors
+from ketch import errors
 from ketch.admin import Admin
 
 

@@ -14,7 +14,6 @@ SIGTERM or ``stop()``.
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import socket
@@ -23,25 +22,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import structlog
 import zmq
 
-from ketch import __version__
-from ketch import _errors as errors
-from ketch import _multipart as multipart
-from ketch import _protocol as proto
-from ketch._curve import PeerKeys
-from ketch.wire.ErrorCode import ErrorCode
-from ketch.wire.Status import Status
+from ketch import __version__, errors
+from ketch import protocol as proto
+from ketch.curve import PeerKeys
+from ketch.protocol import ErrorCode, Status, multipart
 
 log = structlog.get_logger("ketch.runtime")
 
 DEFAULT_BACKEND = "tcp://127.0.0.1:7000"
 _DRAIN_QUIET_S = 0.05  # a draining replica says goodbye after this long without a batch
-_PREBUILT_SIZES = 64  # batch sizes whose reply template is built ahead of need
 PredictFn = Callable[[list[Any]], list[Any]]
-_WIRE_OF_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in proto.NUMPY_DTYPES.items()}
+encode_output = proto.encode_output  # (wire dtype, shape, payload) for one model output
 
 
 def as_predict(model: Any) -> PredictFn:
@@ -55,36 +49,6 @@ def as_predict(model: Any) -> PredictFn:
     if callable(model):
         return model
     raise TypeError(f"{type(model).__name__} is neither callable nor has a predict method")
-
-
-def encode_output(value: Any) -> tuple[int, tuple[int, ...], Any]:
-    """(wire dtype, shape, payload) for one model output."""
-    if isinstance(value, str):
-        return proto.STRING, (), value.encode("utf-8")
-    if isinstance(value, bytes | bytearray | memoryview):
-        return proto.BYTES, (), bytes(value)
-    if isinstance(value, bool | np.bool_):
-        return proto.BOOL, (), np.bool_(value).tobytes()
-    if isinstance(value, int) and not isinstance(value, bool):
-        return proto.INT64, (), np.int64(value).tobytes()
-    if isinstance(value, float):
-        return proto.FLOAT64, (), np.float64(value).tobytes()
-    if isinstance(value, np.ndarray | np.generic):
-        arr = np.asarray(value)
-        code = _WIRE_OF_NUMPY.get(arr.dtype.newbyteorder("="))
-        if code is not None:
-            arr = arr.astype(arr.dtype.newbyteorder("<"), order="C", copy=False)  # keeps 0-d as 0-d
-            return code, arr.shape, arr.tobytes()
-        value = arr.tolist()
-    return proto.JSON, (), json.dumps(value, default=_json_default, separators=(",", ":")).encode("utf-8")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"cannot send a {type(obj).__name__} as output")
 
 
 class Replica:
@@ -134,9 +98,9 @@ class Replica:
         self.batches = 0
         # requests of items of one shape, each learnt from a request read the long way as a
         # template of itself (batch id and budgets in the slots), with (dtype, shape, items)
-        self._requests = proto.LearntTemplates(total=256)
+        self._requests = proto.RequestReceiver(total=256)
         self._prebuilds = proto.Prebuilds()  # reply templates of other batch sizes
-        self._prebuilt_sizes = range(1, min(max_batch or _PREBUILT_SIZES, _PREBUILT_SIZES) + 1)
+        self._replies = proto.PredictReplySender(self._prebuilds, max_batch)
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
 
     # ------------------------------------------------------------ public
@@ -269,7 +233,7 @@ class Replica:
             values, (dtype, shape, _) = found
             try:
                 inputs = [proto.payload_to_value(dtype, shape, f.buffer) for f in frames[1:]]
-            except (ValueError, proto.DecodeError):
+            except proto.DecodeError:
                 inputs = []  # a payload that does not fit: the long way answers for it
             if inputs:  # a batch as learnt: no parse
                 reply = self._compute_unlocked(values[0], inputs, values[1:], now)
@@ -282,24 +246,30 @@ class Replica:
             self.log.warning("undecodable message from broker", error=str(exc))
             return ""
         if name == "PredictRequest":
-            batch_id = body.BatchId()
             try:
-                inputs, budgets = self._inputs(body, frames[1:])
+                request = proto.read_predict_request(body)
+                inputs = self._inputs(request, frames[1:])
             except Exception as exc:
+                batch_id = proto.read_batch_id(body, name)  # 0 when even that does not decode
                 self.log.warning("undecodable batch", batch=batch_id, error=errors.describe(exc))
                 reply = [
                     proto.build_predict_reply(batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")
                 ]
             else:
                 if not self._requests.full:
-                    self._learn_request(header, body)
-                reply = self._compute_unlocked(batch_id, inputs, budgets, now)
+                    self._requests.learn_request(header, body, request)
+                reply = self._compute_unlocked(request.batch_id, inputs, list(request.budgets_us), now)
             if _send(sock, reply):
                 self._last_send = time.monotonic()
             return "batch"
         if name == "Welcome":
-            self.heartbeat_s = max(0.01, (body.HeartbeatMs() or 1000) / 1000)
-            self.dead_after_s = max(self.heartbeat_s * 2, (body.DeadAfterMs() or 5000) / 1000)
+            try:
+                welcome = proto.read_fields(name, body)
+            except proto.DecodeError as exc:
+                self.log.warning("undecodable message from broker", error=str(exc))
+                return ""
+            self.heartbeat_s = max(0.01, (welcome["heartbeat_ms"] or 1000) / 1000)
+            self.dead_after_s = max(self.heartbeat_s * 2, (welcome["dead_after_ms"] or 5000) / 1000)
             self.log.info("replica registered", broker=self.broker)
             return "welcome"
         if name == "Heartbeat":
@@ -307,7 +277,12 @@ class Replica:
         if name == "Shutdown":
             return "shutdown"
         if name == "Error":
-            code, message = body.Code(), (body.Message() or b"").decode("utf-8", "replace")
+            try:
+                error = proto.read_fields(name, body)
+            except proto.DecodeError as exc:
+                self.log.warning("undecodable message from broker", error=str(exc))
+                return ""
+            code, message = error["code"], error["message"]
             if code == ErrorCode.UNSUPPORTED_VERSION:
                 raise errors.UnsupportedVersion(message)
             if code == ErrorCode.BAD_MESSAGE and "hello" in message.lower():
@@ -318,45 +293,18 @@ class Replica:
         self.log.warning("unexpected message from broker", type=name)
         return ""
 
-    def _learn_request(self, header: bytes, body: Any) -> None:
-        """Keep a request whose items are of one shape, just read the long way, as a template
-        of itself: a later request equal to it outside the batch id and the budgets is the
-        same request for other items of that shape (the broker is its only sender)."""
-        buf, pos = proto.where(body)
-        f = proto.slots(buf, pos)
-        id_off, budgets = proto.slot(f, 0), proto.slot(f, 6)
-        n = proto.read_length(buf, pos, budgets)
-        off = proto.slot(f, 4)
-        ndim = proto.read_u8(buf, pos + off) if off else 0
-        shapes = proto.read_vector(buf, pos, proto.slot(f, 5), "q")
-        shape = tuple(shapes[:ndim])
-        if not id_off or not n or shapes != shape * n:
-            return
-        off = proto.slot(f, 3)
-        dtype = proto.read_u8(buf, pos + off) if off else 0
-        first = pos + budgets + proto.read_u32(buf, pos + budgets) + 4  # the vector's first element
-        slots = ((pos + id_off, "<Q"), *((first + 4 * i, "<I") for i in range(n)))
-        self._requests.learn(header, proto.Template(header, slots), (dtype, shape, n))
-
-    def _inputs(self, body: Any, payloads: list[zmq.Frame]) -> tuple[list[Any], list[int]]:
-        """(inputs, budgets in us) of a PredictRequest, read straight from its bytes."""
-        buf, pos = proto.where(body)
-        f = proto.slots(buf, pos)
-        off = proto.slot(f, 3)
-        dtype = proto.read_u8(buf, pos + off) if off else 0
-        off = proto.slot(f, 4)
-        ndim = proto.read_u8(buf, pos + off) if off else 0
-        shapes = proto.read_vector(buf, pos, proto.slot(f, 5), "q")
-        n = proto.read_length(buf, pos, proto.slot(f, 6))
+    @staticmethod
+    def _inputs(request: proto.PredictRequestView, payloads: list[zmq.Frame]) -> list[Any]:
+        """The inputs of a batch, from its request and its payload frames."""
+        dtype, ndim, shapes, n = request.dtype, request.ndim, request.shapes, len(request.budgets_us)
         if len(payloads) != n or len(shapes) != ndim * n:
             raise errors.ProtocolError(
                 f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries"
             )
-        inputs = [
+        return [
             proto.payload_to_value(dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer)
             for i in range(n)
         ]
-        return inputs, list(proto.read_vector(buf, pos, proto.slot(f, 6), "I"))
 
     # ------------------------------------------------------------ compute
 
@@ -372,11 +320,6 @@ class Replica:
             self._sock_lock.acquire()
             self._computing_since = None
             self.batches += 1
-
-    def _reply_template(self, dtype: int, shape: tuple[int, ...], n: int) -> proto.Template:
-        """The PredictReply template of ``n`` OK outputs; the other sizes are built when idle."""
-        self._prebuilds.want(proto.predict_reply_many_template, (dtype, shape), self._prebuilt_sizes)
-        return proto.predict_reply_many_template(dtype, shape, n)
 
     def _compute(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> list[Any]:
         n = len(inputs)
@@ -412,7 +355,7 @@ class Replica:
             if encoded:
                 dtype, shape, _ = encoded[0]
                 if all(e[0] == dtype and e[1] == shape for e in encoded):  # from a prebuilt template
-                    template = self._reply_template(dtype, tuple(shape), n)
+                    template = self._replies.template(dtype, tuple(shape), n)
                     return [template.render(batch_id, compute_us), *[e[2] for e in encoded]]
         live_set = set(live)
         metas, payloads = [], []
@@ -435,7 +378,7 @@ class Replica:
             and first[0] == Status.OK
             and all(m[0] == Status.OK and m[1] == first[1] and m[2] == first[2] for m in metas)
         ):  # the common case: every output OK and of one type, from a prebuilt template
-            header = self._reply_template(first[1], tuple(first[2]), n).render(batch_id, compute_us)
+            header = self._replies.template(first[1], tuple(first[2]), n).render(batch_id, compute_us)
         else:
             header = proto.build_predict_reply(batch_id, compute_us, metas)
         return [header, *payloads]

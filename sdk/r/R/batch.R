@@ -108,7 +108,7 @@ ketch_read_request <- function(frame) {
   if (off == 0) hp_error("no body")
   at <- env$pos + off
   body <- hp_table(frame, at + hp_i32(frame, at))
-  f <- KETCH_REQUEST_FIELDS
+  f <- ketch_field_ids("PredictRequest")
   off <- hp_slot(body, f[["batch_id"]])
   batch_id <- if (off == 0) 0 else {
     w <- hp_u32s(frame, body$pos + off, 2L)
@@ -237,7 +237,7 @@ ketch_write_reply <- function(batch_id, compute_us, outputs = NULL, error = "NON
 
 ketch_build_reply <- function(batch_id, compute_us, outputs, error, message) {
   n <- if (is.null(outputs)) 0L else length(outputs$ok)
-  f <- KETCH_REPLY_FIELDS
+  f <- ketch_field_ids("PredictReply")
   # Envelope: vtable at 8 (5 slots), table at 20: soffset, body uoffset @+4,
   # version u16 @+8, body type u8 @+10
   env_vt <- 8
@@ -314,7 +314,7 @@ ketch_build_reply <- function(batch_id, compute_us, outputs, error, message) {
   if (n == 0) return(buf)
   slots <- vec + 4 + 4 * (seq_len(n) - 1)
   put(vec, le_i32(c(n, t_pos - slots)))
-  o <- KETCH_OUTPUT_FIELDS
+  o <- ketch_field_ids("Output")
   ov <- c(8L, 8L, 0L, 0L)
   ov[3L + o[["output"]]] <- 4L
   ov <- ov[seq_len(2L + o[["output"]] + 1L)]
@@ -339,7 +339,7 @@ ketch_build_reply <- function(batch_id, compute_us, outputs, error, message) {
     words[first[bad] + 2L] <- outputs$error[bad] + KETCH_STATUS[["ERROR"]] * 65536
   }
   put(tables, le_i32(words))
-  t <- KETCH_TENSOR_FIELDS
+  t <- ketch_field_ids("Tensor")
   with_shape <- integer(4)
   with_shape[1:2] <- c(8L, 12L)
   with_shape[3L + t[["dtype"]]] <- 8L

@@ -16,7 +16,7 @@
 #
 # KETCH_SPEC lists every table's fields in schema order with a kind; the encoder, the
 # decoder and the canonical JSON form are all driven by it, so each message is described
-# once (as in the Python reference, sdk/python/ketch/_protocol.py).
+# once (as in the Python reference, sdk/python/ketch/protocol/).
 
 #' @rdname ketch_codec
 #' @format NULL
@@ -24,75 +24,33 @@
 KETCH_PROTOCOL_VERSION <- 1
 KETCH_IDENTIFIER <- "KTCH"
 
-KETCH_DTYPES <- c(BOOL = 0, INT8 = 1, INT16 = 2, INT32 = 3, INT64 = 4, UINT8 = 5, UINT16 = 6,
-                  UINT32 = 7, UINT64 = 8, FLOAT16 = 9, FLOAT32 = 10, FLOAT64 = 11, BYTES = 12,
-                  STRING = 13, JSON = 14)
-KETCH_ERROR_CODES <- c(NONE = 0, BAD_MESSAGE = 1, UNSUPPORTED_VERSION = 2, UNKNOWN_MESSAGE = 3,
-                       TOO_LARGE = 4, UNKNOWN_APP = 5, BAD_INPUT = 6, OVERLOADED = 7,
-                       DEADLINE = 8, MODEL_ERROR = 9, NO_MODEL = 10, UNAUTHORIZED = 11,
-                       SHUTTING_DOWN = 12, INTERNAL = 13, NOT_FOUND = 14, CONFLICT = 15,
-                       INVALID = 16)
-KETCH_STATUS <- c(OK = 0, DEFAULT = 1, ERROR = 2)
-# Union member codes of Envelope.body (0 is NONE).
-KETCH_BODIES <- c(Query = 1, Reply = 2, Feedback = 3, Hello = 4, Welcome = 5, Ready = 6,
-                  Heartbeat = 7, PredictRequest = 8, PredictReply = 9, Goodbye = 10,
-                  Shutdown = 11, Error = 12)
-
-# Enum kinds: their storage type and their names.
-KETCH_ENUMS <- list(dtype = list(kind = "u8", codes = KETCH_DTYPES),
-                    code = list(kind = "u16", codes = KETCH_ERROR_CODES),
-                    status = list(kind = "u8", codes = KETCH_STATUS))
-
-# Kind of each field: a scalar kind ("u32", "bool", ...), an enum kind ("dtype", "code",
-# "status"), "str", "[x]" for a vector of x, or the name of a sub-table.
-KETCH_SPEC <- list(
-  Tensor = c(dtype = "dtype", shape = "[i64]"),
-  Query = c(app = "str", dtype = "dtype", shape = "[i64]", request_ids = "[u64]",
-            timeout_us = "u32", priority = "i8", context = "str"),
-  ReplyItem = c(request_id = "u64", status = "status", output = "Tensor", error = "code",
-                message = "str", model = "str", model_version = "str", latency_us = "u32",
-                confidence = "f32", models_answered = "[str]", models_missing = "[str]",
-                retry_after_ms = "u32"),
-  Reply = c(items = "[ReplyItem]"),
-  Feedback = c(app = "str", request_id = "u64", query_id = "u64", input = "Tensor",
-               label = "Tensor", context = "str"),
-  Hello = c(model = "str", model_version = "str", input = "Tensor", sdk = "str",
-            replica_id = "str", credits = "u32", max_batch = "u32", deterministic = "bool",
-            pid = "u32"),
-  Welcome = c(heartbeat_ms = "u32", dead_after_ms = "u32"),
-  Ready = c(credits = "u32"),
-  Heartbeat = c(busy = "bool"),
-  PredictRequest = c(batch_id = "u64", model = "str", model_version = "str", dtype = "dtype",
-                     ndim = "u8", shapes = "[i64]", budgets_us = "[u32]"),
-  Output = c(status = "status", output = "Tensor", error = "code", message = "str"),
-  PredictReply = c(batch_id = "u64", compute_us = "u32", outputs = "[Output]", error = "code",
-                   message = "str"),
-  Goodbye = c(reason = "str"),
-  Shutdown = c(reason = "str"),
-  Error = c(code = "code", message = "str", request_id = "u64", retry_after_ms = "u32")
-)
+# The schema's codes, field table (KETCH_SPEC) and defaults are generated from
+# schemas/ketch.fbs into schema_generated.R (scripts/gen_schema.py).
 
 # ---------------------------------------------------------------- schema numbering
-# Union member codes (KETCH_BODIES above) and field ids are the only numbers the codec
-# takes from the schema's order; they are set here, once. A field id is the 0-based index
-# of the field in its table, in schema order (the order of KETCH_SPEC). The hot path
-# (R/batch.R) reads and writes by these ids.
+# The hot path (R/batch.R) reads and writes by field id: the 0-based index of a field in its
+# table, in schema order, which is the order of the generated KETCH_SPEC; union member
+# codes are the generated KETCH_BODIES. Envelope is not in KETCH_SPEC (no body table), so
+# its three ids are written here, once.
 
 KETCH_ENVELOPE <- c(version = 0L, body_type = 1L, body = 2L)
 KETCH_IDENTIFIER_RAW <- charToRaw(KETCH_IDENTIFIER)
 
+# The field ids of a table by name, worked out on first use (the generated KETCH_SPEC may be
+# sourced after this file) and kept.
+KETCH_FIELD_IDS <- new.env(parent = emptyenv())
+
 ketch_field_ids <- function(table) {
-  ids <- seq_along(KETCH_SPEC[[table]]) - 1L
-  names(ids) <- names(KETCH_SPEC[[table]])
+  ids <- KETCH_FIELD_IDS[[table]]
+  if (is.null(ids)) {
+    spec <- KETCH_SPEC[[table]]
+    if (is.null(spec)) stop("unknown table ", table)
+    ids <- seq_along(spec) - 1L
+    names(ids) <- names(spec)
+    assign(table, ids, envir = KETCH_FIELD_IDS)
+  }
   ids
 }
-KETCH_REQUEST_FIELDS <- ketch_field_ids("PredictRequest")
-KETCH_REPLY_FIELDS <- ketch_field_ids("PredictReply")
-KETCH_OUTPUT_FIELDS <- ketch_field_ids("Output")
-KETCH_TENSOR_FIELDS <- ketch_field_ids("Tensor")
-
-# Schema defaults that are not zero.
-KETCH_DEFAULTS <- list(ReplyItem.confidence = 1, Hello.credits = 2, Hello.deterministic = TRUE)
 
 ketch_field_default <- function(table, name, kind) {
   d <- KETCH_DEFAULTS[[paste0(table, ".", name)]]

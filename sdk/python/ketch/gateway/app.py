@@ -23,8 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ketch import _errors as errors
-from ketch import _log
+from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
 from ketch.gateway import clipper, v2
@@ -72,7 +71,7 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        _log.quiet_gc()
+        logs.quiet_gc()
         self.link = BrokerLink(
             self.config.frontend,
             self.config.admin,
@@ -147,5 +146,5 @@ def create_app(config: GatewayConfig | None = None) -> Any:
 
 def app_from_env() -> Any:
     """Factory for uvicorn workers: the config comes from ``KETCH_GATEWAY_CONFIG``."""
-    _log.configure()
+    logs.configure()
     return create_app(GatewayConfig.from_env())

@@ -21,9 +21,9 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from ketch import _errors as errors
-from ketch._curve import PeerKeys
+from ketch import errors
 from ketch.client import AsyncClient, Prediction
+from ketch.curve import PeerKeys
 
 GRACE_S = 1.0  # wait this long past a query's deadline before calling the broker silent
 LIVE_STATES = frozenset({"ready", "busy"})

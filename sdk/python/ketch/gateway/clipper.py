@@ -20,7 +20,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ketch import _errors as errors
+from ketch import errors
 from ketch.client import Prediction
 from ketch.gateway.backend import GRACE_S
 from ketch.gateway.errors import bad_request, http_error_for

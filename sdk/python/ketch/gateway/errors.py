@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ketch import _errors as errors
+from ketch import errors
 
 # most specific class first: the first match along an exception's MRO wins
 STATUS: dict[type[BaseException], int] = {

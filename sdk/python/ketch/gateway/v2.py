@@ -18,8 +18,7 @@ from __future__ import annotations
 import numpy as np
 from starlette.responses import Response
 
-from ketch import __version__
-from ketch import _errors as errors
+from ketch import __version__, errors
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, read_body
 from ketch.gateway.tensors import (

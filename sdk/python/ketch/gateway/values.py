@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ketch import _protocol as proto
+from ketch import protocol as proto
 from ketch.gateway.errors import bad_request
 
 TEXT_TYPES = ("bytes", "string", "json")

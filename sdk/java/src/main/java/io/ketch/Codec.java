@@ -80,20 +80,7 @@ public final class Codec {
     }
 
     static Table newBody(MessageType type) {
-        return switch (type) {
-            case QUERY -> new ketch.wire.Query();
-            case REPLY -> new ketch.wire.Reply();
-            case FEEDBACK -> new ketch.wire.Feedback();
-            case HELLO -> new ketch.wire.Hello();
-            case WELCOME -> new ketch.wire.Welcome();
-            case READY -> new ketch.wire.Ready();
-            case HEARTBEAT -> new ketch.wire.Heartbeat();
-            case PREDICT_REQUEST -> new ketch.wire.PredictRequest();
-            case PREDICT_REPLY -> new ketch.wire.PredictReply();
-            case GOODBYE -> new ketch.wire.Goodbye();
-            case SHUTDOWN -> new ketch.wire.Shutdown();
-            case ERROR -> new ketch.wire.Error();
-        };
+        return Schema.newBody(type.code());
     }
 
     /** A string field as the protocol reads it: absent is empty. */

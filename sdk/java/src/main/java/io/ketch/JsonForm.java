@@ -9,7 +9,6 @@ import com.google.gson.JsonPrimitive;
 import java.math.BigInteger;
 import java.util.Arrays;
 import java.util.HashSet;
-import java.util.Map;
 import java.util.Set;
 import ketch.wire.Feedback;
 import ketch.wire.Goodbye;
@@ -257,7 +256,8 @@ final class JsonForm {
         MessageType type = MessageType.fromWireName(typeName);
         int version = (int) m.unsigned("version", 16, Codec.PROTOCOL_VERSION);
         JsonObject bodyJson = m.object("body");
-        Fields f = new Fields(typeName, bodyJson == null ? new JsonObject() : bodyJson, FIELDS.get(type.wireName()));
+        JsonObject fields = bodyJson == null ? new JsonObject() : bodyJson;
+        Fields f = new Fields(typeName, fields, Schema.FIELDS.get(type.wireName()));
         FlatBufferBuilder b = new FlatBufferBuilder(256);
         int body = switch (type) {
             case QUERY -> query(b, f);
@@ -276,26 +276,6 @@ final class JsonForm {
         return Codec.finish(b, type, body, version);
     }
 
-    /** Field names of every table, in schema order. */
-    private static final Map<String, String[]> FIELDS = Map.ofEntries(
-            Map.entry("Tensor", new String[] {"dtype", "shape"}),
-            Map.entry("Query", new String[] {"app", "dtype", "shape", "request_ids", "timeout_us", "priority", "context"}),
-            Map.entry("ReplyItem", new String[] {"request_id", "status", "output", "error", "message", "model",
-                "model_version", "latency_us", "confidence", "models_answered", "models_missing", "retry_after_ms"}),
-            Map.entry("Reply", new String[] {"items"}),
-            Map.entry("Feedback", new String[] {"app", "request_id", "query_id", "input", "label", "context"}),
-            Map.entry("Hello", new String[] {"model", "model_version", "input", "sdk", "replica_id", "credits",
-                "max_batch", "deterministic", "pid"}),
-            Map.entry("Welcome", new String[] {"heartbeat_ms", "dead_after_ms"}),
-            Map.entry("Ready", new String[] {"credits"}),
-            Map.entry("Heartbeat", new String[] {"busy"}),
-            Map.entry("PredictRequest", new String[] {"batch_id", "model", "model_version", "dtype", "ndim", "shapes",
-                "budgets_us"}),
-            Map.entry("Output", new String[] {"status", "output", "error", "message"}),
-            Map.entry("PredictReply", new String[] {"batch_id", "compute_us", "outputs", "error", "message"}),
-            Map.entry("Goodbye", new String[] {"reason"}),
-            Map.entry("Shutdown", new String[] {"reason"}),
-            Map.entry("Error", new String[] {"code", "message", "request_id", "retry_after_ms"}));
 
     private static Fields sub(String table, JsonElement e) {
         if (e == null || e.isJsonNull()) {
@@ -304,7 +284,7 @@ final class JsonForm {
         if (!e.isJsonObject()) {
             throw new IllegalArgumentException(table + " must be an object, not " + e);
         }
-        return new Fields(table, e.getAsJsonObject(), FIELDS.get(table));
+        return new Fields(table, e.getAsJsonObject(), Schema.FIELDS.get(table));
     }
 
     private static int tensor(FlatBufferBuilder b, Fields t) {

@@ -48,7 +48,7 @@ class ReplyItem(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
         if o != 0:
             x = self._tab.Indirect(o + self._tab.Pos)
-            from ketch.wire.Tensor import Tensor
+            from ketch.protocol._generated.Tensor import Tensor
             obj = Tensor()
             obj.Init(self._tab.Bytes, x)
             return obj

@@ -36,7 +36,7 @@ class Reply(object):
             x = self._tab.Vector(o)
             x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
             x = self._tab.Indirect(x)
-            from ketch.wire.ReplyItem import ReplyItem
+            from ketch.protocol._generated.ReplyItem import ReplyItem
             obj = ReplyItem()
             obj.Init(self._tab.Bytes, x)
             return obj

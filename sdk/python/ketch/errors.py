@@ -24,7 +24,7 @@ an error crosses the wire as (code, "Class: message") and never as a traceback.
 
 from __future__ import annotations
 
-from ketch.wire.ErrorCode import ErrorCode
+from ketch.protocol import ErrorCode
 
 
 class KetchError(Exception):

@@ -35,11 +35,12 @@ def _copy(frame: Any) -> bool:
     if kind is bytes:
         return len(frame) < _SMALL
     if kind is memoryview:
-        return frame.nbytes < _SMALL
+        nbytes: int = frame.nbytes
+        return nbytes < _SMALL
     return False  # a Frame (sent as it is) or another buffer (zero-copy unless small)
 
 
-def send(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
+def send(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
     """Send ``frames`` as one multipart message (``flags``: 0 or NOBLOCK)."""
     last = len(frames) - 1
     more = SNDMORE | flags
@@ -50,7 +51,7 @@ def send(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
     _send(sock, frame, flags, _copy(frame))
 
 
-def recv(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+def recv(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
     """One multipart message as Frames (``flags``: 0 or NOBLOCK; raises zmq.Again)."""
     frame = _recv(sock, flags, False)
     frames = [frame]
@@ -60,6 +61,7 @@ def recv(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
     return frames
 
 
-def waiting(sock: zmq.Socket) -> bool:
+def waiting(sock: zmq.Socket[Any]) -> bool:
     """Whether a message can be received now, without blocking."""
-    return bool(_get(sock, EVENTS) & POLLIN)
+    events: Any = _get(sock, EVENTS)  # an int for EVENTS
+    return bool(events & POLLIN)

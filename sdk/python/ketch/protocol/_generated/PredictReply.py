@@ -51,7 +51,7 @@ class PredictReply(object):
             x = self._tab.Vector(o)
             x += flatbuffers.number_types.UOffsetTFlags.py_type(j) * 4
             x = self._tab.Indirect(x)
-            from ketch.wire.Output import Output
+            from ketch.protocol._generated.Output import Output
             obj = Output()
             obj.Init(self._tab.Bytes, x)
             return obj

@@ -1,0 +1,216 @@
+"""The frontend: client messages in, queries checked and admitted (or refused at once).
+
+A Query is read from a learnt template when it is one (``QueryReceiver``), else the long
+way. Its queries are checked as a whole (the app, the input type, the client's and the
+queue's limits) and one by one (payload size, finiteness): every refused query gets an
+explicit answer. An admitted query goes to its app's policy: a ``single`` app queues it on
+its model (through the cache, ``Flights``); any other fans out (``Ensembles``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zmq
+from ketch import errors
+from ketch import protocol as proto
+from ketch.protocol import ErrorCode, Status
+
+from ketchd.answers import EMPTY, shape_text
+from ketchd.policies import Single
+from ketchd.registry import App, Pending
+
+if TYPE_CHECKING:
+    from ketchd.broker import Broker
+
+_QUERY_TEMPLATES = 1024  # Query templates learnt, at most
+
+
+class Admission:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        # Query messages as clients render them (proto.query_template), learnt from messages
+        # read the long way, with their query type
+        self.queries = proto.QueryReceiver(_QUERY_TEMPLATES)
+
+    def client_error(
+        self, client: bytes, code: int, message: str, request_id: int = 0, retry: int = 0
+    ) -> None:
+        """A message-level Error to a client (no request id to answer, or none readable)."""
+        b = self.broker
+        b.counters[f"client_error_{errors.code_name(code).lower()}"] += 1
+        header = proto.encode(
+            "Error",
+            {"code": code, "message": message, "request_id": request_id, "retry_after_ms": retry},
+        )
+        b.frontend.send_multipart([client, header])
+
+    def on_frontend(self, frames: list[zmq.Frame]) -> None:
+        client = frames[0].bytes
+        found = self.queries.match(frames[1]) if len(frames) >= 3 else None
+        if found is not None:  # a Query as a client renders it: no parse
+            ids, query = found
+            self.admit(client, *query, ids, frames[2:])
+            return
+        if len(frames) < 2:
+            self.client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
+            return
+        try:
+            name, body = proto.decode_current(frames[1].buffer)
+            if name == "Query":
+                query, ids = proto.read_query(body)
+            elif name == "Feedback":
+                self.broker.ensembles.on_feedback(client, proto.read_fields(name, body), frames[2:])
+                return
+            else:
+                self.client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
+                return
+        except proto.UnsupportedVersion as exc:
+            self.client_error(
+                client,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {exc.version} is not supported"
+                f" (this broker speaks {proto.PROTOCOL_VERSION})",
+            )
+            return
+        except proto.DecodeError as exc:
+            self.client_error(client, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        if not ids:
+            self.client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
+            return
+        self.admit(client, *query, ids, frames[2:])
+        self.queries.learn_query(body, query, len(ids))
+
+    def admit(
+        self,
+        client: bytes,
+        app_name: str,
+        dtype: int,
+        shape: tuple[int, ...],
+        timeout_us: int,
+        priority: int,
+        context: str,
+        ids: list[int],
+        payloads: list[zmq.Frame],
+    ) -> None:
+        """Queue (or answer) the queries of one message: checks, then the app's policy."""
+        b = self.broker
+        cfg = b.config
+        now = time.monotonic()
+
+        def refuse(code: int, message: str, retry: int = 0) -> None:
+            b.counters[f"refused_{errors.code_name(code).lower()}"] += 1
+            for rid in ids:
+                item = proto.ReplyFields(rid, Status.ERROR, error=code, message=message, retry_after_ms=retry)
+                b.replies.reply(client, item, EMPTY)
+
+        if b.stopping:
+            refuse(ErrorCode.SHUTTING_DOWN, "the broker is shutting down", cfg.retry_after_ms)
+            return
+        if len(payloads) != len(ids):
+            refuse(
+                ErrorCode.BAD_MESSAGE,
+                f"query names {len(ids)} request ids but carries {len(payloads)} payload frames",
+            )
+            return
+        app = b.apps.get(app_name)
+        if app is None:
+            known = ", ".join(sorted(b.apps)) or "none"
+            refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known})")
+            return
+        app.queries += len(ids)
+        problem = check_input(app, dtype, shape)
+        if problem:
+            app.errors += len(ids)
+            refuse(ErrorCode.BAD_INPUT, problem)
+            return
+        bad = bad_items(app, dtype, shape, payloads)
+        if bad:  # those items fail alone: a message may carry many callers' queries
+            app.errors += len(bad)
+            b.counters["refused_bad_input"] += len(bad)
+            for i, why in bad.items():
+                item = proto.ReplyFields(ids[i], Status.ERROR, error=ErrorCode.BAD_INPUT, message=why)
+                b.replies.reply(client, item, EMPTY)
+            keep = [i for i in range(len(ids)) if i not in bad]
+            if not keep:
+                return
+            ids, payloads = [ids[i] for i in keep], [payloads[i] for i in keep]
+        if not app.models:
+            self.answer_without_model(client, app, ids, now, f"app {app.name!r} links no model")
+            return
+        outstanding = b.outstanding.get(client, 0)
+        if outstanding + len(ids) > cfg.max_client_outstanding:
+            app.errors += len(ids)
+            refuse(
+                ErrorCode.OVERLOADED,
+                f"this client has {outstanding} queries outstanding (limit {cfg.max_client_outstanding})",
+                cfg.retry_after_ms,
+            )
+            return
+        if not isinstance(app.policy, Single):
+            b.ensembles.fan_out(client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now)
+            return
+        model = b.models[app.policy.select(app.models, context).send_to[0]]
+        limit = model.max_queue or cfg.max_queue
+        if len(model.queue) + len(ids) > limit:
+            app.errors += len(ids)
+            model.refused += len(ids)
+            refuse(
+                ErrorCode.OVERLOADED,
+                f"queue of model {model.name!r} is full ({limit} queries)",
+                cfg.retry_after_ms,
+            )
+            return
+        deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
+        flights = b.flights
+        caching = app.cache and model.deterministic and flights.cache.max_bytes > 0 and model.active_version
+        b.outstanding[client] = outstanding + len(ids)
+        queue, deadlines = model.queue, b.deadlines
+        for rid, payload in zip(ids, payloads, strict=True):
+            p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
+            if caching and flights.from_cache_or_flight(p, model):
+                continue
+            queue.push(p)
+            deadlines.add(deadline, p)
+        b.dispatcher.dirty.add(model)
+
+    def answer_without_model(self, client: bytes, app: App, ids: list[int], now: float, why: str) -> None:
+        answers = self.broker.answers
+        for rid in ids:
+            p = Pending(client, rid, app, "", EMPTY, (), 0, now, now)
+            answers.answer_default(p, why, code=ErrorCode.NO_MODEL)
+
+
+def check_input(app: App, dtype: int, shape: tuple[int, ...]) -> str:
+    """What is wrong with a whole message's input type for ``app`` ("" when nothing)."""
+    want = app.input_shape
+    if dtype != app.input_dtype or not (
+        len(want) == len(shape) and all(w < 0 or w == s for w, s in zip(want, shape, strict=True))
+    ):
+        return (
+            f"app {app.name!r} takes {proto.dtype_name(app.input_dtype)} inputs of shape "
+            f"{shape_text(want)}, got {proto.dtype_name(dtype)} of shape {shape_text(shape)}"
+        )
+    if any(s < 0 for s in shape):
+        return f"shape {shape_text(shape)} has a negative dimension"
+    return ""
+
+
+def bad_items(app: App, dtype: int, shape: tuple[int, ...], payloads: list[zmq.Frame]) -> dict[int, str]:
+    """The items whose payload does not fit the shape, or is not finite where the app takes
+    finite numbers only, with the reason."""
+    bad = {}
+    nbytes = proto.expected_nbytes(dtype, shape)
+    if nbytes is not None:
+        for i, frame in enumerate(payloads):
+            if len(frame) != nbytes:
+                bad[i] = f"item {i}: payload of {len(frame)} bytes, shape {shape_text(shape)} needs {nbytes}"
+    np_dtype = proto.NUMPY_DTYPES.get(dtype)
+    if app.finite_only and np_dtype is not None and np_dtype.kind == "f":
+        for i, frame in enumerate(payloads):
+            if i not in bad and not np.isfinite(np.frombuffer(frame.buffer, np_dtype)).all():
+                bad[i] = f"NaN or infinity, and app {app.name!r} takes finite numbers only"
+    return bad

@@ -1,0 +1,300 @@
+"""The backend: model containers (replicas) saying hello, answering batches, leaving.
+
+A replica registers with a Hello and is welcomed; its PredictReplies answer the queries of
+its batches (a reply of plain outputs read from a learnt template, any other the long way:
+``PredictReplyReceiver``); silence past ``dead_after_ms``, a Goodbye or a second connection
+with its replica id ends it, and its in-flight queries are re-queued once or answered.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import zmq
+from ketch import errors
+from ketch import protocol as proto
+from ketch.protocol import ErrorCode
+
+from ketchd.batching import BatchController
+from ketchd.registry import Model, Replica, ReplicaState
+
+if TYPE_CHECKING:
+    from ketchd.broker import Broker
+
+log = structlog.get_logger("ketchd")
+_REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
+
+
+class Containers:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        # replicas' replies of plain outputs (proto.predict_reply_many_template), learnt from
+        # replies read the long way, with the output's (ok, dtype, shape, code, message) and count
+        self.plain_replies = proto.PredictReplyReceiver(_REPLY_TEMPLATES)
+
+    def backend_error(self, identity: bytes, code: int, message: str) -> None:
+        b = self.broker
+        b.counters[f"container_error_{errors.code_name(code).lower()}"] += 1
+        b.backend.send_multipart([identity, proto.encode("Error", {"code": code, "message": message})])
+
+    def on_backend(self, frames: list[zmq.Frame]) -> None:
+        b = self.broker
+        identity = frames[0].bytes
+        replica = b.replicas.get(identity)
+        found = self.plain_replies.match(frames[1]) if replica is not None and len(frames) > 2 else None
+        if found is not None and len(frames) == 2 + found[1][1]:  # plain outputs: no parse
+            (batch_id, compute_us), (output, n) = found
+            assert replica is not None
+            now = replica.last_seen = time.monotonic()
+            self.batch_done(replica, batch_id, compute_us / 1000, [output] * n, "", frames[2:], now)
+            return
+        if len(frames) < 2:
+            self.backend_error(identity, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
+            return
+        try:
+            name, body = proto.decode_current(frames[1].buffer)
+            self.on_container_message(identity, name, body, frames)
+        except proto.UnsupportedVersion as exc:
+            self.backend_error(
+                identity,
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {exc.version} is not supported"
+                f" (this broker speaks {proto.PROTOCOL_VERSION})",
+            )
+        except proto.DecodeError as exc:
+            self.backend_error(identity, ErrorCode.BAD_MESSAGE, str(exc))
+
+    def on_container_message(self, identity: bytes, name: str, body: Any, frames: list[zmq.Frame]) -> None:
+        b = self.broker
+        now = time.monotonic()
+        if name == "Hello":
+            self.on_hello(identity, proto.read_fields(name, body), now)
+            return
+        replica = b.replicas.get(identity)
+        if replica is None:
+            if name == "PredictReply":  # from a connection declared dead or replaced: discarded
+                b.counters["late_or_unknown_replies"] += 1
+            self.backend_error(identity, ErrorCode.BAD_MESSAGE, "send Hello first")
+            return
+        replica.last_seen = now
+        if name == "PredictReply":
+            self.on_predict_reply(replica, frames[1], body, frames[2:], now)
+        elif name == "Heartbeat":
+            pass
+        elif name == "Ready":
+            replica.credits = proto.read_fields(name, body)["credits"]
+            replica.refresh_state()
+            b.dispatcher.dirty.add(b.models[replica.model])
+        elif name == "Goodbye":
+            reason = proto.read_fields(name, body)["reason"]
+            self.replica_gone(replica, f"goodbye: {reason}" if reason else "goodbye", now)
+        else:
+            self.backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a container message")
+
+    def on_hello(self, identity: bytes, h: dict[str, Any], now: float) -> None:
+        b = self.broker
+        name, version = h["model"], h["model_version"]
+        replica_id = h["replica_id"] or identity.hex()
+        tensor = h["input"]
+        if not name or not version or tensor is None:
+            self.backend_error(identity, ErrorCode.BAD_MESSAGE, "hello needs model, model_version and input")
+            return
+        if tensor["dtype"] not in proto.DTYPE_NAMES:
+            self.backend_error(
+                identity, ErrorCode.BAD_MESSAGE, f"hello names unknown dtype {tensor['dtype']}"
+            )
+            return
+        old = b.replicas.get(identity)
+        if old is not None:
+            self.replica_gone(old, "hello again on the same connection", now)
+        old_identity = b.replica_ids.get(replica_id)
+        if old_identity is not None and old_identity in b.replicas:
+            self.replica_gone(b.replicas[old_identity], "replaced by a new connection", now)
+        model = b.models.get(name)
+        if model is None:
+            model = b.models[name] = Model(name)
+        if not h["deterministic"]:
+            model.deterministic = False
+        if version not in model.known_versions:
+            model.known_versions.append(version)
+        if model.active_version is None:
+            model.set_version(version)
+        b.persistence.persist_model(model)
+        replica = Replica(
+            identity=identity,
+            replica_id=replica_id,
+            model=name,
+            version=version,
+            input_dtype=tensor["dtype"],
+            input_shape=tuple(tensor["shape"]),
+            sdk=h["sdk"],
+            pid=h["pid"],
+            credits=h["credits"],
+            max_batch=h["max_batch"],
+            deterministic=h["deterministic"],
+            connected=now,
+            last_seen=now,
+            last_sent=now,
+        )
+        replica.controller = BatchController(model.policy(b.config.max_batch, replica.max_batch))
+        b.replicas[identity] = replica
+        b.replica_ids[replica_id] = identity
+        model.replicas[identity] = replica
+        welcome = proto.encode(
+            "Welcome", {"heartbeat_ms": b.config.heartbeat_ms, "dead_after_ms": b.config.dead_after_ms}
+        )
+        b.backend.send_multipart([identity, welcome])
+        replica.move(ReplicaState.READY)
+        replica.refresh_state()
+        b.dispatcher.dirty.add(model)
+        log.info(
+            "replica joined",
+            model=name,
+            version=version,
+            replica=replica_id,
+            sdk=replica.sdk,
+            pid=replica.pid,
+        )
+
+    def on_predict_reply(
+        self, replica: Replica, header: zmq.Frame, r: Any, payloads: list[zmq.Frame], now: float
+    ) -> None:
+        batch_id = proto.read_batch_id(r)
+        batch = replica.inflight.get(batch_id)
+        if batch is None:
+            self.broker.counters["late_or_unknown_replies"] += 1
+            return
+        size = len(batch.items)
+        outputs: list[proto.Output] = []
+        try:  # read the whole reply before answering anyone: a corrupt one fails as a whole
+            reply = proto.read_predict_reply(r)
+        except proto.DecodeError as exc:
+            compute_ms, failure = 0.0, f"reply does not decode ({exc})"
+        else:
+            compute_ms, n = reply.compute_us / 1000, len(reply.outputs)
+            if n == 0:
+                failure = f"failed the batch: {reply.message or 'the model failed without a message'}"
+            elif n != size or len(payloads) != n:
+                failure = f"returned {n} outputs and {len(payloads)} payloads for a batch of {size}"
+            else:
+                failure, outputs = "", reply.outputs
+                # outputs all OK and of one type: a later reply equal to this one outside the
+                # batch id and the compute time is the same reply, so it is its own template
+                self.plain_replies.learn_reply(header.buffer, r, outputs)
+        self.batch_done(replica, batch_id, compute_ms, outputs, failure, payloads, now)
+
+    def batch_done(
+        self,
+        replica: Replica,
+        batch_id: int,
+        compute_ms: float,
+        outputs: list[proto.Output],
+        failure: str,
+        payloads: list[zmq.Frame],
+        now: float,
+    ) -> None:
+        """Answer the queries of a batch from its reply, and learn from its timing."""
+        b = self.broker
+        batch = replica.inflight.pop(batch_id, None)
+        if batch is None:
+            b.counters["late_or_unknown_replies"] += 1
+            return
+        del b.batches[batch_id]
+        replica.refresh_state()
+        model = b.models[replica.model]
+        b.dispatcher.dirty.add(model)
+        items = batch.items
+        if not failure and len(outputs) != len(items):
+            failure = f"returned {len(outputs)} outputs for a batch of {len(items)}"
+        # feed the controller with compute + RPC; time spent queued behind an earlier
+        # batch at the replica is neither (the replica computes one batch at a time)
+        started = max(batch.sent, replica.last_reply)
+        rpc_ms = max(0.0, (now - started) * 1000 - compute_ms)
+        replica.last_reply = now
+        replica.compute_ms.add(compute_ms)
+        replica.rpc_ms.add(rpc_ms)
+        replica.rpc_ewma_ms += 0.1 * (rpc_ms - replica.rpc_ewma_ms)
+        replica.compute_ewma_ms += 0.1 * (compute_ms - replica.compute_ewma_ms)
+        replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)
+        answers = b.answers
+        if failure:
+            replica.errors += 1
+            model.errors += 1
+            for p in items:
+                if not p.done:
+                    answers.answer_error(p, ErrorCode.MODEL_ERROR, f"model {replica.model!r} {failure}")
+            return
+        first = outputs[0]
+        if first[0] and first[1] is not None and all(o == first for o in outputs):
+            answers.answer_plain(replica, items, first, payloads)
+            return
+        for i, (p, output) in enumerate(zip(items, outputs, strict=True)):
+            if not p.done:
+                answers.answer_item(p, replica, i, output, payloads[i])
+
+    def replica_gone(self, replica: Replica, reason: str, now: float) -> None:
+        """Forget a replica; re-queue (once) or answer exactly the queries it held."""
+        b = self.broker
+        if replica.state is not ReplicaState.DEAD:
+            replica.move(ReplicaState.DEAD)
+        b.replicas.pop(replica.identity, None)
+        if b.replica_ids.get(replica.replica_id) == replica.identity:
+            del b.replica_ids[replica.replica_id]
+        model = b.models.get(replica.model)
+        if model is not None:
+            model.replicas.pop(replica.identity, None)
+            b.dispatcher.dirty.add(model)
+        requeued = failed = 0
+        for batch in replica.inflight.values():
+            b.batches.pop(batch.batch_id, None)
+            for p in batch.items:
+                if p.done:
+                    continue
+                p.replica = None
+                if not p.requeued and p.deadline > now and model is not None:
+                    p.requeued = True
+                    model.queue.push(p)
+                    requeued += 1
+                else:
+                    failed += 1
+                    b.answers.answer_default(
+                        p, f"replica {replica.replica_id} of model {replica.model!r} died: {reason}"
+                    )
+        replica.inflight.clear()
+        log.info(
+            "replica left",
+            model=replica.model,
+            replica=replica.replica_id,
+            reason=reason,
+            requeued=requeued,
+            failed=failed,
+        )
+
+    def check(self, now: float) -> None:
+        """Declare silent replicas dead; heartbeat those the broker has not spoken to lately."""
+        b = self.broker
+        cfg = b.config
+        heartbeat = None
+        for replica in list(b.replicas.values()):
+            if now - replica.last_seen > cfg.dead_after_ms / 1000:
+                self.replica_gone(replica, f"silent for {cfg.dead_after_ms} ms", now)
+            elif now - replica.last_sent > cfg.heartbeat_ms / 1000:
+                heartbeat = heartbeat or proto.encode("Heartbeat", {})
+                b.backend.send_multipart([replica.identity, heartbeat])
+                replica.last_sent = now
+
+    def drain(self, replica: Replica, reason: str) -> None:
+        """Stop sending work to ``replica`` and ask it to finish what it holds and leave."""
+        if replica.state in (ReplicaState.READY, ReplicaState.BUSY):
+            replica.move(ReplicaState.DRAINING)
+        self.broker.backend.send_multipart([replica.identity, proto.encode("Shutdown", {"reason": reason})])
+        replica.last_sent = time.monotonic()
+        log.info("replica draining", model=replica.model, replica=replica.replica_id, reason=reason)
+
+    def reconfigure(self, model: Model) -> None:
+        """Give every replica of ``model`` the model's current batching policy."""
+        for replica in model.replicas.values():
+            replica.controller.policy = model.policy(self.broker.config.max_batch, replica.max_batch)
+        self.broker.dispatcher.dirty.add(model)

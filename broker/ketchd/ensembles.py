@@ -1,0 +1,277 @@
+"""Queries that a selection policy sends to several models (or learns from), and feedback.
+
+An app whose policy is not ``single`` fans each query out: one ``Pending`` per selected
+model, gathered by a ``Fanout`` that replies at the first answer (``weighted``, ``exp3``,
+``shadow``) or when every answering model has answered, or at the deadline with those that
+arrived, whichever is first: a straggler never holds a reply. Answered queries are kept
+(bounded) for feedback, which the policy learns from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import zmq
+from ketch import protocol as proto
+from ketch.protocol import ErrorCode, Status
+
+from ketchd.answers import EMPTY, default_answer
+from ketchd.cache import digest128
+from ketchd.policies import Single
+from ketchd.registry import App, Fanout, Pending
+
+if TYPE_CHECKING:
+    from ketchd.broker import Broker
+
+
+class Ensembles:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        # recent multi-model queries, for feedback: (client, request id) and (app, input digest)
+        self.recent: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
+        self.recent_inputs: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
+        self.recent_ids: OrderedDict[int, Fanout] = OrderedDict()  # by request id alone (another client)
+
+    def fan_out(
+        self,
+        client: bytes,
+        app: App,
+        ids: list[int],
+        payloads: list[zmq.Frame],
+        dtype: int,
+        shape: tuple[int, ...],
+        timeout_us: int,
+        priority: int,
+        context: str,
+        now: float,
+    ) -> None:
+        """Queries of an app with a selection policy: one Pending per selected model."""
+        b = self.broker
+        cfg = b.config
+        deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
+        for rid, payload in zip(ids, payloads, strict=True):
+            sel = app.policy.select(app.models, context)
+            full = [
+                m for m in sel.send_to if len(b.models[m].queue) >= (b.models[m].max_queue or cfg.max_queue)
+            ]
+            if set(sel.answer_from) <= set(full):
+                app.errors += 1
+                b.counters["refused_overloaded"] += 1
+                item = proto.ReplyFields(
+                    rid,
+                    Status.ERROR,
+                    error=ErrorCode.OVERLOADED,
+                    message=f"queues of {', '.join(full)} are full",
+                    retry_after_ms=cfg.retry_after_ms,
+                )
+                b.replies.reply(client, item, EMPTY)
+                continue
+            f = Fanout(
+                client, rid, app, sel, context, payload, dtype, shape, now, deadline, priority=priority
+            )
+            b.outstanding[client] = b.outstanding.get(client, 0) + 1
+            b.deadlines.add(deadline, f)
+            for m in sel.send_to:
+                model = b.models[m]
+                if m in full:
+                    f.failed[m] = f"queue of model {m!r} is full"
+                    continue
+                sub = Pending(b"", rid, app, m, payload, shape, dtype, now, deadline, priority, parent=f)
+                caching = app.cache and model.deterministic and b.cache.max_bytes > 0 and model.active_version
+                if caching and b.flights.from_cache_or_flight(sub, model):
+                    continue
+                model.queue.push(sub)
+                b.deadlines.add(deadline, sub)
+                b.dispatcher.dirty.add(model)
+
+    def sub_answered(self, p: Pending, item: proto.ReplyFields, payload: Any) -> None:
+        """One model's part of a Fanout got its answer (prediction, error or default)."""
+        f = p.parent
+        assert f is not None
+        if item.status == Status.OK:
+            assert item.dtype is not None
+            data = payload.buffer if isinstance(payload, zmq.Frame) else payload
+            f.outputs[p.model] = (item.dtype, tuple(item.shape or ()), bytes(data), item.model_version)
+        else:
+            f.failed[p.model] = item.message
+        if not f.done:
+            sel = f.selection
+            if not sel.wait_all and item.status == Status.OK and p.model in sel.answer_from:
+                self.complete(f, first=p.model)
+            elif f.settled(sel.answer_from):
+                self.complete(f)
+        if f.done and not f.shadows_recorded and f.settled(f.selection.send_to):
+            self.record_shadows(f)
+
+    @staticmethod
+    def decoded(f: Fanout, models: list[str]) -> dict[str, Any]:
+        """The outputs of ``models`` that arrived, as values (those that do not decode left out)."""
+        out = {}
+        for m in models:
+            raw = f.outputs.get(m)
+            if raw is not None:
+                try:
+                    out[m] = proto.payload_to_value(raw[0], raw[1], raw[2])
+                except proto.DecodeError:
+                    continue
+        return out
+
+    def record_shadows(self, f: Fanout) -> None:
+        f.shadows_recorded = True
+        sel = f.selection
+        shadows = [m for m in sel.send_to if m not in sel.answer_from]
+        if not shadows:
+            return
+        primary = self.decoded(f, sel.answer_from)
+        if not primary:
+            return
+        answers = self.decoded(f, shadows)
+        f.app.policy.record_shadow(
+            next(iter(primary.values())), answers, [m for m in shadows if m not in answers]
+        )
+
+    def complete(self, f: Fanout, first: str | None = None, at_deadline: bool = False) -> None:
+        """Reply to the client from what has arrived."""
+        b = self.broker
+        f.done = True
+        b.deadlines.discard(f.deadline, f)
+        app = f.app
+        sel = f.selection
+        left = b.outstanding.get(f.client)
+        if left is not None:
+            if left <= 1:
+                del b.outstanding[f.client]
+            else:
+                b.outstanding[f.client] = left - 1
+        ms = (time.monotonic() - f.arrived) * 1000
+        app.answered += 1
+        app.latency.add(ms)
+        self.remember(f)
+        if first is not None:  # the first answer goes as it came, undecoded
+            dtype, shape, payload, version = f.outputs[first]
+            item = proto.ReplyFields(
+                f.request_id,
+                Status.OK,
+                dtype,
+                shape,
+                model=first,
+                model_version=version,
+                latency_us=int(ms * 1000),
+                models_answered=(first,),
+            )
+            b.replies.reply(f.client, item, payload)
+            return
+        answers = self.decoded(f, sel.answer_from)
+        combined = app.policy.combine(answers, sel.answer_from, f.context)
+        if app.policy.use_default(combined):
+            if not combined.answered:
+                reasons = "; ".join(f"{m}: {why}" for m, why in f.failed.items() if m in sel.answer_from)
+                why = (
+                    f"deadline: no model answered within {(f.deadline - f.arrived) * 1000:.0f} ms"
+                    if at_deadline
+                    else f"no model answered ({reasons})"
+                )
+            else:
+                why = (
+                    f"confidence {combined.confidence:.2f} is below the app's minimum "
+                    f"{app.policy.options().get('min_confidence', 0):.2f}"
+                )
+            item, payload = default_answer(
+                app, f.request_id, why, ms, ErrorCode.DEADLINE, combined.answered, combined.missing,
+                combined.confidence,
+            )  # fmt: skip
+            b.replies.reply(f.client, item, payload)
+            return
+        try:
+            dtype, shape, payload = proto.encode_output(combined.output)
+        except (TypeError, ValueError) as exc:
+            app.errors += 1
+            item = proto.ReplyFields(
+                f.request_id,
+                Status.ERROR,
+                error=ErrorCode.MODEL_ERROR,
+                message=f"answers do not combine: {exc}",
+            )
+            b.replies.reply(f.client, item, EMPTY)
+            return
+        model = combined.model or (combined.answered[0] if combined.answered else "")
+        item = proto.ReplyFields(
+            f.request_id,
+            Status.OK,
+            dtype,
+            shape,
+            model=model,
+            model_version=f.outputs[model][3] if model in f.outputs else "",
+            latency_us=int(ms * 1000),
+            confidence=float(combined.confidence),
+            models_answered=tuple(combined.answered),
+            models_missing=tuple(combined.missing),
+        )
+        b.replies.reply(f.client, item, payload)
+
+    def remember(self, f: Fanout) -> None:
+        """Keep a bounded number of answered queries for feedback (by id and by input)."""
+        limit = self.broker.config.feedback_memory
+        self.recent[(f.client, f.request_id)] = f
+        self.recent_inputs[(f.app.name, digest128(_data(f.payload)))] = f
+        self.recent_ids[f.request_id] = f
+        for recent in (self.recent, self.recent_inputs, self.recent_ids):
+            while len(recent) > limit:
+                recent.popitem(last=False)
+
+    def on_feedback(self, client: bytes, fb: dict[str, Any], frames: list[zmq.Frame]) -> None:
+        """A Feedback message (its fields read by ``proto.read_fields``) and its payloads."""
+        b = self.broker
+        rid, app_name = fb["request_id"], fb["app"]
+        app = b.apps.get(app_name)
+
+        def answer(code: int, message: str = "") -> None:
+            status = Status.OK if code == ErrorCode.NONE else Status.ERROR
+            b.replies.reply(client, proto.ReplyFields(rid, status, error=code, message=message), EMPTY)
+
+        if app is None:
+            answer(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r}")
+            return
+        if isinstance(app.policy, Single):
+            answer(
+                ErrorCode.INVALID,
+                f"app {app_name!r} uses the single policy, which learns nothing from feedback; "
+                f"choose one that does: ketch app set-policy {app_name} exp3 (or exp4, weighted, shadow)",
+            )
+            return
+        label_t, input_t = fb["label"], fb["input"]
+        if label_t is None or len(frames) != (2 if input_t is not None else 1):
+            answer(
+                ErrorCode.BAD_MESSAGE, "feedback needs a label (and its input frame when it names the input)"
+            )
+            return
+        if input_t is not None:
+            f = self.recent_inputs.get((app_name, digest128(frames[0].buffer)))
+        else:
+            # the same client first; then any client (feedback often comes from elsewhere)
+            f = self.recent.get((client, fb["query_id"])) or self.recent_ids.get(fb["query_id"])
+        if f is None or f.app is not app:
+            answer(
+                ErrorCode.NOT_FOUND,
+                "no recent query of this app matches (answered queries are kept for a while)",
+            )
+            return
+        try:
+            label = proto.payload_to_value(label_t["dtype"], label_t["shape"], frames[-1].buffer)
+        except proto.DecodeError as exc:
+            answer(ErrorCode.BAD_INPUT, f"label does not decode: {exc}")
+            return
+        answers = self.decoded(f, list(f.outputs))
+        try:
+            app.policy.feedback(answers, label, f.context, selection=f.selection)
+        except (ValueError, TypeError) as exc:
+            answer(ErrorCode.BAD_INPUT, f"feedback not taken: {exc}")
+            return
+        app.policy_dirty = True
+        answer(ErrorCode.NONE)
+
+
+def _data(payload: Any) -> Any:
+    return payload.buffer if isinstance(payload, zmq.Frame) else payload

@@ -1,0 +1,50 @@
+"""The one reply sender: every answer to a client leaves through here.
+
+Answers gather during a turn of the loop, per client, and leave at its end (or as soon as
+the backend is drained): plain predictions of one family (``Answers.answer_plain`` writes
+them straight into ``plain_out`` as an id and a latency each) are rendered from Reply
+templates, anything else is built; at most ``MAX_ITEMS`` answers to a Reply
+(``ketch.protocol.ReplySender``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from ketch import protocol as proto
+
+if TYPE_CHECKING:
+    from ketchd.broker import Broker
+
+
+class Replies:
+    def __init__(self, broker: Broker, prebuilds: proto.Prebuilds) -> None:
+        self.broker = broker
+        self.sender = proto.ReplySender(prebuilds)
+        self.out: defaultdict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
+        # plain predictions by (client, family): ([id, latency_us, ...], payloads)
+        self.plain_out: dict[tuple[bytes, proto.PlainFamily], tuple[list[int], list[Any]]] = {}
+
+    def reply(self, client: bytes, item: proto.ReplyFields, payload: Any) -> None:
+        """Queue one answer for ``client``."""
+        self.out[client].append((item, payload))
+
+    def flush(self) -> None:
+        """Send what was gathered: plain predictions by template, the rest as it comes."""
+        sock = self.broker.frontend
+        if self.plain_out:
+            plain, self.plain_out = self.plain_out, {}
+            for (client, family), (values, payloads) in plain.items():
+                self.sender.send_plain(sock, client, family, values, payloads)
+        if not self.out:
+            return
+        out, self.out = self.out, defaultdict(list)
+        sender = self.sender
+        for client, answers in out.items():
+            # sender.send, unfolded: a call fewer per client and turn
+            found = proto.plain_answers(answers)  # a cache leader's, an ensemble's first answer
+            if found is not None:
+                sender.send_plain(sock, client, found[0], found[1], [payload for _, payload in answers])
+            else:
+                sender.send_built(sock, client, answers)

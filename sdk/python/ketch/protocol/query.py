@@ -1,0 +1,139 @@
+"""Query (client -> broker): its builder, its template, its typed view, and the two ends.
+
+``query_header`` is how a client writes one: rendered from ``query_template`` up to
+``MAX_ITEMS`` ids, built beyond. ``QueryReceiver`` is how the broker reads them: a message
+that matches a learnt template is read from its slots (the ids), any other the long way
+(``read_query``), after which it is learnt when it is the canonical template rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import flatbuffers
+import numpy as np
+
+from ketch.protocol import schema
+from ketch.protocol._generated import Query as _Q
+from ketch.protocol._raw import (
+    FIELD_ERRORS,
+    read_i8,
+    read_text,
+    read_u8,
+    read_u32,
+    read_vector,
+    slot,
+    slots,
+    where,
+)
+from ketch.protocol.codec import MAX_ITEMS, DecodeError, decode, finish
+from ketch.protocol.templates import SENTINEL, LearntTemplates, Template, vector_at
+
+_F = schema.Query
+_I64 = np.dtype("<i8")
+_U64 = np.dtype("<u8")
+
+
+class QueryType(NamedTuple):
+    """What the queries of one Query message share (everything but their ids)."""
+
+    app: str
+    dtype: int
+    shape: tuple[int, ...]
+    timeout_us: int
+    priority: int
+    context: str
+
+
+def build_query(
+    app: str,
+    dtype: int,
+    shape: Sequence[int],
+    request_ids: Sequence[int],
+    timeout_us: int = 0,
+    priority: int = 0,
+    context: str = "",
+) -> bytes:
+    """The Query header, field for field as ``encode`` writes it (the same bytes)."""
+    b = flatbuffers.Builder(96 + 8 * len(request_ids))
+    app_off = b.CreateString(app) if app else None
+    shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64)) if len(shape) else None
+    ids_off = b.CreateNumpyVector(np.asarray(request_ids, dtype=_U64))
+    ctx_off = b.CreateString(context) if context else None
+    _Q.Start(b)
+    if app_off is not None:
+        _Q.AddApp(b, app_off)
+    if dtype:
+        _Q.AddDtype(b, dtype)
+    if shape_off is not None:
+        _Q.AddShape(b, shape_off)
+    _Q.AddRequestIds(b, ids_off)
+    if timeout_us:
+        _Q.AddTimeoutUs(b, timeout_us)
+    if priority:
+        _Q.AddPriority(b, priority)
+    if ctx_off is not None:
+        _Q.AddContext(b, ctx_off)
+    return finish(b, schema.Body.Query, _Q.End(b))
+
+
+@lru_cache(maxsize=4096)  # up to MAX_ITEMS sizes per app and query type
+def query_template(
+    app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str, n: int = 1
+) -> Template:
+    """A Query of ``n`` queries of one type; render(request_id_0, ..., request_id_n-1)."""
+    data = build_query(app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context)
+    first = vector_at(*where(decode(data)[2]), _F.REQUEST_IDS)
+    return Template(data, tuple((first + 8 * i, "<Q") for i in range(n)))
+
+
+def query_header(
+    app: str,
+    dtype: int,
+    shape: tuple[int, ...],
+    ids: Sequence[int],
+    timeout_us: int = 0,
+    priority: int = 0,
+    context: str = "",
+) -> bytes:
+    """A client's Query header: rendered from its template up to MAX_ITEMS ids, else built."""
+    if len(ids) <= MAX_ITEMS:
+        return query_template(app, dtype, shape, timeout_us, priority, context, len(ids)).render(*ids)
+    return build_query(app, dtype, shape, ids, timeout_us, priority, context)
+
+
+def read_query(body: Any) -> tuple[QueryType, list[int]]:
+    """A decoded Query's type and request ids, read straight from its bytes.
+
+    Raises DecodeError for a field that does not decode."""
+    buf, pos = where(body)
+    try:
+        f = slots(buf, pos)
+        ids = list(read_vector(buf, pos, slot(f, _F.REQUEST_IDS), "Q"))
+        query = QueryType(
+            read_text(buf, pos, slot(f, _F.APP)),
+            read_u8(buf, pos, slot(f, _F.DTYPE)),
+            read_vector(buf, pos, slot(f, _F.SHAPE), "q"),
+            read_u32(buf, pos, slot(f, _F.TIMEOUT_US)),
+            read_i8(buf, pos, slot(f, _F.PRIORITY)),
+            read_text(buf, pos, slot(f, _F.CONTEXT)),
+        )
+    except FIELD_ERRORS as exc:
+        raise DecodeError(f"Query does not decode: {type(exc).__name__}") from None
+    return query, ids
+
+
+class QueryReceiver(LearntTemplates[QueryType]):
+    """The broker's end: ``match`` (inherited) reads a learnt Query from its slots, giving
+    ``(ids, query type)``; ``learn`` keeps one just read the long way when it is the canonical
+    template rendered (the contract says why only then)."""
+
+    __slots__ = ()
+
+    def learn_query(self, body: Any, query: QueryType, n_ids: int) -> bool:
+        if n_ids > MAX_ITEMS or self.full:
+            return False
+        buf, _ = where(body)
+        return self.learn(buf, query_template(*query, n_ids), query)
