@@ -88,6 +88,7 @@ EOF
   cat > "$rootfs/etc/apt/apt.conf.d/90-ketch-slim" <<'EOF'
 APT::Install-Recommends "false";
 APT::Install-Suggests "false";
+Acquire::Languages "none";
 Dir::Cache::pkgcache "";
 Dir::Cache::srcpkgcache "";
 DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb || true"; };
@@ -95,6 +96,8 @@ EOF
   find "$rootfs/usr/share/doc" -mindepth 2 ! -name copyright ! -type d -delete 2>/dev/null || true
   rm -rf "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* "$rootfs"/usr/share/locale/* \
     "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log
+  # update-alternatives (e.g. of a JDK) fails without the folders of the man pages it links
+  mkdir -p "$rootfs"/usr/share/man/man{1,5,7,8}
   tar -C "$rootfs" -c . | docker import \
     -c 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     -c 'CMD ["/bin/bash"]' -m "debootstrap --variant=minbase bookworm" - "$BASE_TAG" >/dev/null

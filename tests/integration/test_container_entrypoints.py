@@ -62,7 +62,9 @@ def serve_and_check(broker, tmp_path, argv, env, app, inputs, want, *, cwd=None)
         cwd=cwd,
     )
     try:
-        wait_for(lambda: proc.poll() is not None or probe(status, "ready") == 0, 90, "the container to be ready")
+        wait_for(
+            lambda: proc.poll() is not None or probe(status, "ready") == 0, 90, "the container to be ready"
+        )
         assert proc.poll() is None, (tmp_path / "container.log").read_text()
         assert status.read_text().strip() == "ready"
         assert probe(status, "live") == 0
@@ -119,7 +121,9 @@ def test_python_container_serves_a_joblib_file(broker, tmp_path):
 
 
 def test_python_container_serves_module_attr(broker, tmp_path):
-    (tmp_path / "doubler.py").write_text("def predict(inputs):\n    return [2.0 * float(x.sum()) for x in inputs]\n")
+    (tmp_path / "doubler.py").write_text(
+        "def predict(inputs):\n    return [2.0 * float(x.sum()) for x in inputs]\n"
+    )
     with broker.admin_client() as admin:
         admin.create_app("dbl", input_type="float64", input_shape=[-1], slo_ms=10_000, models=["dbl"])
     x = [np.arange(n, dtype=np.float64) for n in (1, 3, 5)]
@@ -178,7 +182,12 @@ def test_r_container_serves_a_script(broker, tmp_path):
     serve_and_check(
         broker,
         tmp_path,
-        ["sh", str(ROOT / "sdk/r/inst/sigterm_to_sigint.sh"), "Rscript", str(ROOT / "sdk/r/inst/container.R")],
+        [
+            "sh",
+            str(ROOT / "sdk/r/inst/sigterm_to_sigint.sh"),
+            "Rscript",
+            str(ROOT / "sdk/r/inst/container.R"),
+        ],
         {"KETCH_MODEL": str(tmp_path / "model.R"), "KETCH_MODEL_NAME": "r3"},
         "rsum",
         x,

@@ -102,7 +102,9 @@ def apply_app(admin: Admin, spec: dict[str, Any]) -> list[str]:
                 done.append(f"unlinked {model}")
     policy = spec.get("policy")
     options = spec.get("policy_options") or {}
-    if policy and (policy != current["policy"] or options != current.get("policy_options", {})):
+    # the options in force, defaults included (an option given at its default is no change)
+    in_force = current.get("selection", {}).get("options", current.get("policy_options", {}))
+    if policy and (policy != current["policy"] or any(in_force.get(k) != v for k, v in options.items())):
         admin.set_policy(name, policy, **options)
         done.append(f"policy {policy}")
     return done

@@ -82,7 +82,7 @@ class BuildPlan:
         if self.requirements:
             lines += [
                 f"FROM {self.base_image} AS deps",
-                "USER root",
+                "# as the image's own (non-root) user, in /tmp",
                 "COPY .ketch-build/ /tmp/ketch-build/",
                 "# pip trusts its own CA bundle plus the extra CAs given to the build (this stage only)",
                 "RUN cat \"$(python -c 'import pip._vendor.certifi as c; print(c.where())')\" \\",
@@ -90,13 +90,12 @@ class BuildPlan:
                 " && find /tmp/ketch-build/certs -name '*.crt' -exec cat {} + >> /tmp/ca.pem \\",
                 " && PIP_CERT=/tmp/ca.pem pip install --no-cache-dir --disable-pip-version-check \\",
                 "      --prefix /tmp/prefix -r /tmp/ketch-build/requirements.txt \\",
-                " && mkdir -p /opt/model \\",
-                " && mv /tmp/prefix/lib/python3*/site-packages /opt/model/site-packages",
+                " && mv /tmp/prefix/lib/python3*/site-packages /tmp/site-packages",
                 "",
             ]
         lines.append(f"FROM {self.base_image}")
         if self.requirements:
-            lines.append("COPY --from=deps /opt/model/site-packages /opt/model/site-packages")
+            lines.append("COPY --from=deps /tmp/site-packages /opt/model/site-packages")
         lines.append("COPY model/ /opt/model/")
         env = dict(self.env)
         if python:
