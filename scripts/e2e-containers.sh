@@ -259,6 +259,18 @@ if [ "$do_cluster" = 1 ]; then
   wait "$load_pid" || { cat "$OUT/k8s-load.log" >&2; fail "queries lost or wrong during the rolling update / pod deletion"; }
   summary "cluster under load: rolling update of iris in ${rollout_s} s (pods $old -> $new), linear pod $victim deleted and replaced in ${delete_s} s: $(cat "$OUT/k8s-load.json")"
   k get pods -o wide > "$OUT/k8s-pods-after.txt"
+
+  # the cost of losing the one broker (docs/deploy.md, "Past one broker"): its pod deleted,
+  # Recreate starts another on the same claim; apps come back from SQLite, replicas say
+  # Hello again by themselves. Timed to the first right prediction.
+  log "broker pod deleted: time until predictions are back"
+  t_broker=$("$PY" -c 'import time; print(time.time())')
+  k delete pod -l app.kubernetes.io/component=broker --wait=false > /dev/null
+  sleep 1
+  "$INFRA" in-cluster "$PY" scripts/e2e_check.py first --http "http://$GW:8080" --timeout 300 \
+    --out "$OUT/k8s-broker-restart.json" > "$OUT/k8s-broker-restart.log" 2>&1 || fail "no prediction after the broker restart"
+  restart_s=$("$PY" -c "import time; print(round(time.time() - $t_broker, 1))")
+  summary "broker pod deleted -> first right prediction again: ${restart_s} s (apps from the claim, replicas re-registered)"
   h uninstall ketch > /dev/null 2>&1 || true
 fi
 log "all checks passed"

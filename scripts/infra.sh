@@ -4,7 +4,8 @@
 # registry. Everything slow is cached under $KETCH_INFRA_CACHE (default ~/.cache/ketch-infra).
 #
 #   scripts/infra.sh apt                 Debian packages: docker.io, docker-compose, debootstrap, etcd, CNI
-#   scripts/infra.sh tools               helm, kubeconform, kwokctl, coredns (go install, cached)
+#   scripts/infra.sh tools               helm (go install, cached)
+#   scripts/infra.sh cluster-tools       helm, kwokctl, coredns (go install, cached)
 #   scripts/infra.sh k8sbin              kube-apiserver ... kube-proxy and a pause binary (cached; ~15 min once)
 #   scripts/infra.sh engine-start        a private dockerd on a unix socket; prints the DOCKER_HOST to export
 #   scripts/infra.sh engine-stop         stop it (by its pid)
@@ -23,7 +24,6 @@ KETCH_INFRA_CACHE=${KETCH_INFRA_CACHE:-$HOME/.cache/ketch-infra}
 C=$KETCH_INFRA_CACHE
 K8S_VERSION=${K8S_VERSION:-1.31.4}
 HELM_VERSION=${HELM_VERSION:-v3.18.6}
-KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.7.0}
 KWOK_VERSION=${KWOK_VERSION:-v0.7.0}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.12.0}
 NICE=${NICE:-nice -n 10}
@@ -40,7 +40,6 @@ die() { echo "infra: $*" >&2; exit 1; }
 tool() { # path of a cached tool binary
   case $1 in
     helm) echo "$C/bin/helm-$HELM_VERSION" ;;
-    kubeconform) echo "$C/bin/kubeconform-$KUBECONFORM_VERSION" ;;
     kwokctl) echo "$C/bin/kwokctl-$KWOK_VERSION" ;;
     coredns) echo "$C/bin/coredns-$COREDNS_VERSION" ;;
     *) die "no tool $1" ;;
@@ -48,7 +47,7 @@ tool() { # path of a cached tool binary
 }
 
 need_go() {
-  command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "needs Go 1.22+ (go) to build the Kubernetes tools"
+  command -v go >/dev/null || [ -x /usr/local/go/bin/go ] || die "needs Go 1.24+ (go) to build helm and the Kubernetes tools"
   command -v go >/dev/null || export PATH="/usr/local/go/bin:$PATH"
 }
 
@@ -79,7 +78,6 @@ do_apt() {
 
 do_tools() {
   go_install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "$(tool helm)"
-  go_install "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION" "$(tool kubeconform)"
 }
 
 do_cluster_tools() {
