@@ -114,7 +114,7 @@ make_context() {
   git ls-files -co --exclude-standard -- pyproject.toml README.md broker sdk/python sdk/java sdk/r \
     | while IFS= read -r f; do [ -e "$f" ] && printf '%s\n' "$f"; done \
     | tar -C "$ROOT" -c -T - | tar -C "$context/src" -x
-  cp docker/ketch-probe "$context/"
+  install -m 0755 docker/ketch-probe "$context/ketch-probe"
   if [ -n "$ca_dir" ]; then
     find "$ca_dir" -maxdepth 1 -name '*.crt' -exec cp {} "$context/certs/" \;
     log "build stages trust the CAs in $ca_dir ($(ls "$context/certs" | wc -l) files)"

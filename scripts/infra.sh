@@ -330,9 +330,11 @@ do_cluster_up() {
   write_node_files "$RUN"
 
   log "network namespace"
-  setsid unshare --net sleep infinity < /dev/null > /dev/null 2>&1 &
-  echo $! > "$RUN/netns.pid"
-  wait_for 10 "the network namespace" test "$(readlink "/proc/$(cat "$RUN/netns.pid")/ns/net")" != "$(readlink /proc/self/ns/net)"
+  # the holder writes its own pid (from inside the namespace), then becomes `sleep`
+  setsid unshare --net sh -c "echo \$\$ > '$RUN/netns.pid.tmp'; exec sleep infinity" < /dev/null > /dev/null 2>&1 &
+  wait_for 10 "the network namespace" test -s "$RUN/netns.pid.tmp"
+  mv "$RUN/netns.pid.tmp" "$RUN/netns.pid"
+  [ "$(readlink "/proc/$(cat "$RUN/netns.pid")/ns/net")" != "$(readlink /proc/self/ns/net)" ] || die "no new network namespace"
   in_ns ip link set lo up
   in_ns ip link add kcbr0 type bridge
   in_ns ip addr add "$NODE_IP/24" dev kcbr0
