@@ -109,6 +109,7 @@ EOF
 context=$(mktemp -d "${TMPDIR:-/tmp}/ketch-context.XXXXXX")
 cleanup() { rm -rf "$context"; }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 make_context() {
   mkdir -p "$context/src" "$context/certs"
   git ls-files -co --exclude-standard -- pyproject.toml README.md broker sdk/python sdk/java sdk/r \

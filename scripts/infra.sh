@@ -195,6 +195,13 @@ do_engine_stop() {
 
 in_ns() { nsenter --net="/proc/$(cat "$RUN/netns.pid")/ns/net" "$@"; }
 
+ns_daemon() { # pidfile logfile command...: started in the namespace, its own pid recorded
+  local pidfile=$1 logfile=$2
+  shift 2
+  nsenter --net="/proc/$(cat "$RUN/netns.pid")/ns/net" setsid "$@" > "$logfile" 2>&1 < /dev/null &
+  echo $! > "$pidfile"
+}
+
 do_in_cluster() {
   [ -f "$RUN/netns.pid" ] || die "no cluster (scripts/infra.sh cluster-up)"
   export KUBECONFIG="$RUN/kubeconfig"
@@ -362,12 +369,9 @@ do_cluster_up() {
   docker save -o "$RUN/images.tar" ketch/pause:3.10 "$@"
 
   log "containerd and kubelet"
-  in_ns setsid unshare --mount --propagation private "$RUN/run-node.sh" > "$RUN/run-node.log" 2>&1 < /dev/null &
-  echo $! > "$RUN/node.pid"
-  in_ns setsid "$(tool coredns)" -conf "$RUN/Corefile" > "$RUN/coredns.log" 2>&1 < /dev/null &
-  echo $! > "$RUN/coredns.pid"
-  in_ns setsid "$K8SBIN/kube-proxy" --config "$RUN/kube-proxy.yaml" > "$RUN/kube-proxy.log" 2>&1 < /dev/null &
-  echo $! > "$RUN/kube-proxy.pid"
+  ns_daemon "$RUN/node.pid" "$RUN/run-node.log" unshare --mount --propagation private "$RUN/run-node.sh"
+  ns_daemon "$RUN/coredns.pid" "$RUN/coredns.log" "$(tool coredns)" -conf "$RUN/Corefile"
+  ns_daemon "$RUN/kube-proxy.pid" "$RUN/kube-proxy.log" "$K8SBIN/kube-proxy" --config "$RUN/kube-proxy.yaml"
 
   wait_for 300 "node ketch-node to register" in_ns kubectl get node ketch-node
   in_ns kubectl wait --for=condition=Ready node/ketch-node --timeout=240s >/dev/null \

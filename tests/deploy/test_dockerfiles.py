@@ -6,6 +6,7 @@ rule it enforces."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,11 @@ def hadolint(path: Path) -> subprocess.CompletedProcess:
 
 def test_every_image_has_a_dockerfile():
     assert {p.parent.name for p in DOCKERFILES} == {"ketch", "python", "java", "r"}
+
+
+def test_the_probe_is_executable():
+    # the images copy it with its mode; Docker's HEALTHCHECK and the kubelet exec it
+    assert os.access(ROOT / "docker" / "ketch-probe", os.X_OK)
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.parent.name)
