@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import secrets
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ SUFFIXES = {
 }
 # the distribution each image's framework label names
 FRAMEWORK_DISTS = {"scikit-learn": "scikit-learn", "onnxruntime": "onnxruntime", "torch": "torch"}
+DEBIAN_PACKAGES = {"torch": "python3-torch"}
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,21 @@ def verify_framework(framework: str, version: str, ketch_version: str) -> None:
     if framework == "python":
         found = f"{sys.version_info[0]}.{sys.version_info[1]}"
     else:
-        module = {"scikit-learn": "sklearn"}.get(framework, framework)
-        __import__(module)
+        module = __import__({"scikit-learn": "sklearn"}.get(framework, framework))
         found = importlib.metadata.version(FRAMEWORK_DISTS[framework])
+        if module.__file__.startswith("/usr/lib/python3/dist-packages/") and framework in DEBIAN_PACKAGES:
+            # Debian's build: its package version is the upstream release (python3-torch
+            # 1.13.1+dfsg says "1.13.0a0+gitunknown" of itself)
+            found = (
+                subprocess.run(
+                    ["dpkg-query", "-W", "-f=${Version}", DEBIAN_PACKAGES[framework]],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.split("+")[0]
+                .split("-")[0]
+            )
     if found != version and not found.startswith(version + "."):
         raise SystemExit(f"{framework} is {found}, the label says {version}")
     click.echo(f"ketch {__version__}, {framework} {found}")
