@@ -173,9 +173,12 @@ if [ "$do_compose" = 1 ]; then
     [ "$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$(compose ps -q apps)")" = "exited 0" ] && break
     sleep 0.5
   done
+  # Docker's HEALTHCHECK: `ketch broker status` for the broker, `ketch-probe ready` for the models
+  healthy() { docker ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" --filter health=healthy -q | wc -l; }
+  for i in $(seq 120); do [ "$(healthy)" = 5 ] && break; sleep 0.5; done
   compose ps > "$OUT/compose-ps.txt" 2>&1
-  healthy=$(docker ps --filter "label=com.docker.compose.project=$COMPOSE_PROJECT" --filter health=healthy -q | wc -l)
-  summary "compose: broker + gateway, iris x2 (scikit-learn), linear x2 (Java) registered; $healthy containers healthy"
+  [ "$(healthy)" = 5 ] || { cat "$OUT/compose-ps.txt" >&2; fail "compose: $(healthy) of 5 containers healthy"; }
+  summary "compose: broker + gateway, iris x2 (scikit-learn), linear x2 (Java) registered, apps applied, 5 of 5 containers healthy"
   "$PY" scripts/e2e_check.py verify --http "http://127.0.0.1:$KETCH_HTTP_PORT" \
     --frontend "tcp://127.0.0.1:$KETCH_FRONTEND_PORT" --queries 2000 --out "$OUT/compose-verify.json" \
     > "$OUT/compose-verify.log" 2>&1 || { cat "$OUT/compose-verify.log" >&2; fail "compose queries"; }
