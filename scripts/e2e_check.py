@@ -53,7 +53,7 @@ class Inputs:
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
         self.lock = threading.Lock()
-        self.rows = estimator().steps[0].mean_  # centre of the iris features
+        self.rows = estimator()[0].mean_  # centre of the iris features (the scaler's mean)
 
     def take(self, app: str, n: int) -> np.ndarray:
         with self.lock:
