@@ -249,6 +249,7 @@ if [ "$do_cluster" = 1 ]; then
   h upgrade ketch "${chart[@]}" \
     --set-string 'models[0].podAnnotations.ketch\.io/rollout=2' > "$OUT/helm-upgrade.log" 2>&1 || fail "helm upgrade"
   k rollout status deploy/ketch-iris-v1 --timeout=300s > "$OUT/rollout.log" 2>&1 || fail "rolling update"
+  k wait --for=delete pod $old --timeout=120s > /dev/null 2>&1 || true   # the last old pod drains
   new=$(k get pods -l ketch.io/model=iris -o jsonpath='{.items[*].metadata.name}')
   rollout_s=$((SECONDS - t))
   victim=$(k get pods -l ketch.io/model=linear -o jsonpath='{.items[0].metadata.name}')
@@ -273,7 +274,18 @@ if [ "$do_cluster" = 1 ]; then
   "$INFRA" in-cluster "$PY" scripts/e2e_check.py first --http "http://$GW:8080" --timeout 300 \
     --out "$OUT/k8s-broker-restart.json" > "$OUT/k8s-broker-restart.log" 2>&1 || fail "no prediction after the broker restart"
   restart_s=$("$PY" -c "import time; print(round(time.time() - $t_broker, 1))")
-  summary "broker pod deleted -> first right prediction again: ${restart_s} s (apps from the claim, replicas re-registered)"
+  k get events --sort-by=.metadata.creationTimestamp > "$OUT/k8s-events.txt" 2>&1 || true
+  # where the time went: the new broker pod's creation, container start and readiness
+  steps=$(k get pods -l app.kubernetes.io/component=broker -o json | "$PY" -c "
+import json, sys, datetime as d
+t0 = $t_broker
+ts = lambda s: d.datetime.fromisoformat(s.replace('Z', '+00:00')).timestamp() - t0
+p = json.load(sys.stdin)['items'][-1]
+ready = [c for c in p['status']['conditions'] if c['type'] == 'Ready'][0]
+started = p['status']['containerStatuses'][0]['state'].get('running', {}).get('startedAt')
+print(f\"new pod created +{ts(p['metadata']['creationTimestamp']):.0f} s, started +{ts(started):.0f} s, ready +{ts(ready['lastTransitionTime']):.0f} s\")
+" 2>/dev/null || echo "timeline unavailable")
+  summary "broker pod deleted -> first right prediction again: ${restart_s} s ($steps; apps from the claim, replicas re-registered)"
   h uninstall ketch > /dev/null 2>&1 || true
 fi
 log "all checks passed"
