@@ -22,7 +22,7 @@
 #   scripts/e2e-containers.sh [--no-cluster] [--no-compose] [--keep-engine]
 #
 # Slow installs are cached under $KETCH_INFRA_CACHE (default ~/.cache/ketch-infra): the
-# Kubernetes binaries take about 15 minutes to build once on 2 cores. Results (a summary and
+# Kubernetes binaries take 15-25 minutes to build once on 2 cores. Results (a summary and
 # logs) go to $KETCH_E2E_OUT (default $KETCH_INFRA_CACHE/e2e/<time>). Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."

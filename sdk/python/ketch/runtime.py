@@ -186,6 +186,7 @@ class Replica:
     def _connect(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        sock.connect_timeout = multipart.CONNECT_TIMEOUT_MS
         if self.curve is not None:
             self.curve.apply(sock)
         sock.connect(self.broker)
