@@ -224,9 +224,9 @@ CASES = {
             "from sklearn.ensemble import RandomForestClassifier\n"
             "d = load_iris()\n"
             "clf = RandomForestClassifier(n_estimators=20, random_state=0).fit(d.data, d.target)\n"
-            "joblib.dump(clf, '/work/forest.joblib')\n"
+            "joblib.dump(clf, '/data/forest.joblib')\n"
             "x = np.random.default_rng(5).normal(d.data.mean(0), d.data.std(0), size=(200, 4))\n"
-            "np.save('/work/x.npy', x); np.save('/work/y.npy', clf.predict(x))\n"
+            "np.save('/data/x.npy', x); np.save('/data/y.npy', clf.predict(x))\n"
         ),
         "build": ["forest.joblib", "--name", "forest"],
         "app": ("float64", [4]),
@@ -236,9 +236,9 @@ CASES = {
         "make": None,  # written here with the onnx package; expected answers from ONNX Runtime in the image
         "expect": (
             "import numpy as np, onnxruntime as ort\n"
-            "s = ort.InferenceSession('/work/affine.onnx', providers=['CPUExecutionProvider'])\n"
+            "s = ort.InferenceSession('/data/affine.onnx', providers=['CPUExecutionProvider'])\n"
             "x = np.random.default_rng(6).normal(size=(200, 4)).astype(np.float32)\n"
-            "np.save('/work/x.npy', x); np.save('/work/y.npy', s.run(None, {'x': x})[0])\n"
+            "np.save('/data/x.npy', x); np.save('/data/y.npy', s.run(None, {'x': x})[0])\n"
         ),
         "build": ["affine.onnx", "--name", "affine"],
         "app": ("float32", [4]),
@@ -256,10 +256,10 @@ CASES = {
             "torch.manual_seed(0)\n"
             "net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))\n"
             "m = torch.jit.script(net.eval())\n"
-            "m.save('/work/mlp.pt')\n"
+            "m.save('/data/mlp.pt')\n"
             "x = np.random.default_rng(7).normal(size=(200, 4)).astype(np.float32)\n"
             "with torch.no_grad(): y = m(torch.from_numpy(x)).numpy()\n"
-            "np.save('/work/x.npy', x); np.save('/work/y.npy', y)\n"
+            "np.save('/data/x.npy', x); np.save('/data/y.npy', y)\n"
         ),
         "mount": "mlp.pt",
         "app": ("float32", [4]),
@@ -278,12 +278,12 @@ predict_fn <- function(inputs) {
   lapply(inputs, function(x) sum(beta * c(1, x)))
 }
 """
-R_EXPECT = """source('/work/model.R')
+R_EXPECT = """source('/data/model.R')
 set.seed(8)
 x <- matrix(rnorm(600, mean = 3, sd = 1), ncol = 3)
 y <- vapply(seq_len(nrow(x)), function(i) predict_fn(list(x[i, ]))[[1]], numeric(1))
 writeLines(c(paste(sprintf('%.17g', t(x)), collapse = ' '), paste(sprintf('%.17g', y), collapse = ' ')),
-           '/work/xy.txt')
+           '/data/xy.txt')
 """
 
 
@@ -332,11 +332,11 @@ def _make_case(name: str, case: dict, work: Path, prefix: str, tag: str) -> None
             "--network",
             "none",
             "-v",
-            f"{work}:/work",
+            f"{work}:/data",
             "--entrypoint",
             "Rscript",
             image,
-            "/work/expect.R",
+            "/data/expect.R",
         )
         xs, ys = (work / "xy.txt").read_text().splitlines()
         np.save(work / "x.npy", np.array([float(v) for v in xs.split()]).reshape(-1, 3))
@@ -351,11 +351,11 @@ def _make_case(name: str, case: dict, work: Path, prefix: str, tag: str) -> None
         "--network",
         "none",
         "-v",
-        f"{work}:/work",
+        f"{work}:/data",
         "--entrypoint",
         "python",
         image,
-        "/work/make.py",
+        "/data/make.py",
     )
 
 
