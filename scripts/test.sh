@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install everything and run every test: lint, generated-code check, Java (JUnit via
-# Maven), R (testthat) and Python (pytest, with the cross-language tests last).
+# Maven), R (testthat) and Python (pytest, with the cross-language tests last; tests/deploy
+# checks the Helm chart and the Dockerfiles offline). The container and cluster run is
+# scripts/e2e-containers.sh (not part of CI: it needs ~30 minutes and root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 export PATH="$PWD/.venv/bin:$PATH"
 export KETCH_REQUIRE_POLYGLOT=1
+export KETCH_REQUIRE_DEPLOY_TOOLS=1   # tests/deploy: helm (from setup.sh), kubernetes-validate, hadolint
 
 echo "== lint"
 ruff check .

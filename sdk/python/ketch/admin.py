@@ -11,6 +11,7 @@ import zmq
 
 from ketch import errors
 from ketch.curve import PeerKeys
+from ketch.protocol.multipart import CONNECT_TIMEOUT_MS
 
 DEFAULT_ADMIN = "tcp://127.0.0.1:7002"
 
@@ -37,6 +38,7 @@ class Admin:
         if self._sock is None:
             self._sock = self._ctx.socket(zmq.DEALER)
             self._sock.linger = 0
+            self._sock.connect_timeout = CONNECT_TIMEOUT_MS
             if self._curve is not None:
                 self._curve.apply(self._sock)
             self._sock.connect(self.address)

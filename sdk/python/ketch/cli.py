@@ -25,6 +25,8 @@ import click
 
 from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN, Admin
+from ketch.apply import command as app_apply_command
+from ketch.build import command as model_build_command
 from ketch.client import DEFAULT_FRONTEND, Client
 from ketch.runtime import DEFAULT_BACKEND
 
@@ -271,6 +273,9 @@ def app() -> None:
     """Create and inspect applications."""
 
 
+app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
+
+
 @app.command("create")
 @click.argument("name")
 @click.option("--input-type", required=True, help="Input dtype: float64, float32, int64, ..., string, bytes.")
@@ -438,6 +443,9 @@ def app_unlink(ctx, app_name, model) -> None:
 @main.group()
 def model() -> None:
     """Serve models and manage their versions."""
+
+
+model.add_command(model_build_command)  # ketch model build (ketch/build.py)
 
 
 def replica_options(f: Callable) -> Callable:

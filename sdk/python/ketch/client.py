@@ -251,6 +251,7 @@ class Client(_Base):
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        self._sock.connect_timeout = multipart.CONNECT_TIMEOUT_MS
         (curve or PeerKeys.load() or _NoCurve).apply(self._sock)
         self._sock.connect(self.address)
         self._rcvtimeo = -1
@@ -445,6 +446,7 @@ class AsyncClient(_Base):
         self._ctx = context or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.linger = 0
+        self._sock.connect_timeout = multipart.CONNECT_TIMEOUT_MS
         (curve or PeerKeys.load() or _NoCurve).apply(self._sock)
         self._sock.connect(self.address)
         # the same socket, used without futures where a call cannot block

@@ -27,6 +27,7 @@ import zmq
 
 from ketch import __version__, errors
 from ketch import protocol as proto
+from ketch._status import CONNECTING, DRAINING, READY, StatusFile
 from ketch.curve import PeerKeys
 from ketch.protocol import ErrorCode, Status, multipart
 
@@ -69,6 +70,7 @@ class Replica:
         deterministic: bool = True,
         context: zmq.Context | None = None,
         curve: PeerKeys | None = None,
+        status_file: str | None = None,
     ) -> None:
         self.predict = as_predict(model)
         self.curve = curve or PeerKeys.load()
@@ -86,6 +88,9 @@ class Replica:
         self.deterministic = deterministic
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
+        # the probes' status file ($KETCH_STATUS_FILE), kept by the heartbeat thread
+        self._status = StatusFile.from_env(status_file)
+        self._welcomed = False
         # The socket belongs to whichever thread holds this lock: the I/O thread, except
         # while it computes a batch, when the heartbeat thread may borrow it (a zmq socket
         # may move between threads across a full memory barrier, which a lock gives).
@@ -121,6 +126,7 @@ class Replica:
             sock, self._sock = self._sock, None
             self._sock_lock.release()
             beat.join(timeout=5)
+            self._status.remove()
             if sock is not None:
                 sock.close(linger=1000)  # let the Goodbye leave, within a bound
 
@@ -130,6 +136,7 @@ class Replica:
         """Heartbeat while the I/O thread computes a long batch (it beats itself otherwise)."""
         busy = proto.encode("Heartbeat", {"busy": True})
         while not done.wait(min(self.heartbeat_s / 2, 0.5)):
+            self._status.update(DRAINING if self._stop.is_set() else READY if self._welcomed else CONNECTING)
             since = self._computing_since
             if since is None or time.monotonic() - self._last_send < self.heartbeat_s:
                 continue
@@ -143,6 +150,7 @@ class Replica:
     def _connect(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = 0
+        sock.connect_timeout = multipart.CONNECT_TIMEOUT_MS
         if self.curve is not None:
             self.curve.apply(sock)
         sock.connect(self.broker)
@@ -188,8 +196,9 @@ class Replica:
                         last_batch = last_recv
                     elif action == "welcome":
                         welcomed, backoff = True, 0.1
+                        self._welcomed = True
                     elif action == "hello":
-                        welcomed = False
+                        welcomed = self._welcomed = False
                         self._hello(sock)
                         hello_at = self._last_send = last_recv
                     elif action == "shutdown":
@@ -220,7 +229,7 @@ class Replica:
                 sock.close(linger=0)
                 sock = self._sock = self._connect()
                 self._hello(sock)
-                welcomed = False
+                welcomed = self._welcomed = False
                 hello_at = self._last_send = last_recv = now
             elif welcomed and now - self._last_send > self.heartbeat_s:
                 _send(sock, heartbeat)

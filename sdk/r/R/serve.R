@@ -70,6 +70,10 @@ KETCH_DRAIN_QUIET_S <- 0.05  # a draining replica says Goodbye after this long w
 #'   keep flowing while it computes (Unix only).
 #' @param welcome_timeout_ms how long to wait for Welcome before reconnecting (doubles on
 #'   each further try, up to 30 s).
+#' @param status_file where to keep the state the container probes read
+#'   (\code{docker/ketch-probe}): \code{"ready"}, \code{"connecting"} or
+#'   \code{"draining"}, rewritten every second by the loop; default
+#'   \code{$KETCH_STATUS_FILE}, none when unset or empty.
 #' @return Invisibly \code{"drained"} after Shutdown or SIGINT. Signals an error of class
 #'   \code{"ketch_refused"} when the broker refuses the Hello (\code{UNSUPPORTED_VERSION},
 #'   or any other Error answering it).
@@ -84,7 +88,8 @@ KETCH_DRAIN_QUIET_S <- 0.05  # a draining replica says Goodbye after this long w
 ketch_serve <- function(predict_fn, name, version, input_type, input_shape = integer(0),
                         broker = "tcp://127.0.0.1:7000", replica_id = NULL, credits = 2,
                         max_batch = 0, deterministic = TRUE,
-                        fork = .Platform$OS.type == "unix", welcome_timeout_ms = 5000) {
+                        fork = .Platform$OS.type == "unix", welcome_timeout_ms = 5000,
+                        status_file = Sys.getenv("KETCH_STATUS_FILE")) {
   stopifnot(is.function(predict_fn))
   input_type <- ketch_dtype_name(input_type)
   if (input_type %in% KETCH_TEXT_DTYPES && length(input_shape)) {
@@ -112,6 +117,8 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   rt$last_batch <- 0
   rt$interrupted <- FALSE
   rt$outcome <- NULL
+  rt$status_file <- if (length(status_file) && nzchar(status_file)) status_file else NULL
+  rt$status_at <- -Inf
   rt$sock <- NULL
   rt$worker <- NULL
   rt$flags <- list(sndmore = pbdZMQ::ZMQ.SR()$SNDMORE, block = pbdZMQ::ZMQ.SR()$BLOCK,
@@ -157,7 +164,24 @@ rt_loop <- function(rt) {
     rt_poll(rt, rt_next_deadline(rt) - rt_now())
     if (!is.null(rt$outcome)) return(rt$outcome)
     rt_timers(rt)
+    rt_status(rt)
   }
+}
+
+# The probes' status file: the state, rewritten when it changes and at least every second.
+rt_status <- function(rt) {
+  if (is.null(rt$status_file)) return(invisible(NULL))
+  state <- if (rt$draining) "draining" else if (identical(rt$phase, "ready")) "ready" else "connecting"
+  now <- rt_now()
+  if (identical(state, rt$status_state) && now - rt$status_at < 1) return(invisible(NULL))
+  tmp <- paste0(rt$status_file, ".tmp")
+  ok <- tryCatch({
+    writeLines(state, tmp)
+    file.rename(tmp, rt$status_file)
+  }, error = function(e) FALSE, warning = function(w) FALSE)
+  if (!isTRUE(ok) && !identical(rt$status_state, "failed")) rt_log(rt, "cannot write ", rt$status_file)
+  rt$status_state <- if (isTRUE(ok)) state else "failed"
+  rt$status_at <- now
 }
 
 rt_now <- function() proc.time()[["elapsed"]]
@@ -229,6 +253,7 @@ rt_reconnect <- function(rt) {
 }
 
 rt_close <- function(rt) {
+  if (!is.null(rt$status_file)) unlink(rt$status_file)
   if (!is.null(rt$sock)) {
     # give a Goodbye that was just sent a moment to leave
     pbdZMQ::zmq.setsockopt(rt$sock, pbdZMQ::ZMQ.SO()$LINGER, 1000L)

@@ -24,6 +24,7 @@ import zmq.asyncio
 from ketch import errors
 from ketch.client import AsyncClient, Prediction
 from ketch.curve import PeerKeys
+from ketch.protocol.multipart import CONNECT_TIMEOUT_MS
 
 GRACE_S = 1.0  # wait this long past a query's deadline before calling the broker silent
 LIVE_STATES = frozenset({"ready", "busy"})
@@ -61,6 +62,7 @@ class AsyncAdmin:
         self._sock = context.socket(zmq.DEALER)
         self._sock.linger = 0
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a broker that is not there
+        self._sock.connect_timeout = CONNECT_TIMEOUT_MS
         keys = PeerKeys.load()  # CurveZMQ, when $KETCH_CURVE_SERVER_KEY and $KETCH_CURVE_SECRET say so
         if keys is not None:
             keys.apply(self._sock)

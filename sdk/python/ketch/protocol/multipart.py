@@ -29,6 +29,13 @@ EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 _SMALL = zmq.COPY_THRESHOLD
 
+# How long one TCP connect may wait for an answer (ZMQ_CONNECT_TIMEOUT; the system's default
+# is about two minutes). A peer that reconnects at the moment its broker goes away can send
+# its SYN to an address nobody answers any more (a Kubernetes Service still routing to the
+# deleted pod): without a bound, that one attempt holds the socket for minutes before
+# ZeroMQ tries again, reaching the new broker. Set on every socket that connects.
+CONNECT_TIMEOUT_MS = 2000
+
 
 def _copy(frame: Any) -> bool:
     kind = type(frame)
