@@ -15,7 +15,7 @@ import zmq
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode, Status
 
-from ketchd.cache import PredictionCache
+from ketchd.cache import PredictionCache, version_key
 from ketchd.registry import Model, Pending
 
 if TYPE_CHECKING:
@@ -36,8 +36,15 @@ class Flights:
         b = self.broker
         data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
         assert model.active_version is not None  # a model is cached only with an active version
-        key = self.cache.key(model.name, model.active_version, p.dtype, p.shape, data)
-        entry = self.cache.get(key, data)
+        version = model.active_version
+        try:
+            key = self.cache.key(
+                model.name, version_key(version, model.fingerprints.get(version, "")), p.dtype, p.shape, data
+            )
+            entry = self.cache.get(key, data)
+        except Exception as exc:  # a bug of the cache: this query is computed, the loop goes on
+            b.faults.internal_error("the prediction cache looking up a query", exc)
+            return False
         if entry is not None:
             model.cache_hits += 1
             p.app.cache_hits += 1
@@ -48,7 +55,7 @@ class Flights:
                 entry.dtype,
                 entry.shape,
                 model=model.name,
-                model_version=key[1],
+                model_version=version,
                 latency_us=int(ms * 1000),
                 models_answered=(model.name,),
             )
