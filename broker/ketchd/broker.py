@@ -55,6 +55,7 @@ from ketchd.ensembles import Ensembles
 from ketchd.faults import Faults
 from ketchd.flights import Flights
 from ketchd.limits import Limits
+from ketchd.memory import Trimmer
 from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
 from ketchd.replies import Replies
@@ -88,6 +89,7 @@ class Broker:
         self.sockets = Sockets(self.config, self.ctx)
         self.limits = Limits(self)
         self.faults = Faults(self)
+        self.trimmer = Trimmer()  # memory back to the system after a burst
         self.persistence = Persistence(self)
         self.replies = Replies(self, self.prebuilds)
         self.answers = Answers(self)
@@ -127,6 +129,20 @@ class Broker:
             self._stop_reason = reason
             log.info("broker draining", reason=reason, pending=self.pending_count())
 
+    def memory_figures(self) -> dict[str, int]:
+        """What the broker's memories hold, in bytes, against their bounds (``ketch stats``)."""
+        cfg, recent = self.config, self.ensembles.recent
+        return {
+            "held_bytes": self.held_bytes,
+            "max_held_bytes": cfg.max_held_bytes,
+            "clients_holding": len(self.client_bytes),
+            "feedback_bytes": recent.bytes,
+            "feedback_queries": len(recent),
+            "max_feedback_bytes": cfg.feedback_memory_bytes,
+            "heap_free_bytes": self.trimmer.free_bytes(),
+            "trims": self.trimmer.trims,
+        }
+
     def pending_count(self) -> int:
         return sum(1 for p in self.deadlines.items() if not p.done)
 
@@ -153,6 +169,7 @@ class Broker:
             self.admin: self.persistence.on_admin,
             durable: self.persistence.on_durable,
         }
+        self.trimmer.start()
         try:
             while not (self.stopping and self.pending_count() == 0):
                 try:
@@ -183,6 +200,7 @@ class Broker:
         replies.flush()
 
     def close(self) -> None:
+        self.trimmer.stop()
         self.persistence.close()
         for name in ("frontend", "backend", "admin"):
             sock = getattr(self, name, None)
@@ -243,3 +261,4 @@ class Broker:
             self._next_policy_save = now + 1.0
             self.persistence.save_policies()
         self.containers.check(now)
+        self.trimmer.check(now)

@@ -36,7 +36,9 @@ class BrokerConfig:
     max_label_bytes: int = 64 * 1024  # a Feedback's label and input payloads
     max_client_bytes: int = 256 * 1024 * 1024  # payload bytes one client's held queries may hold
     max_held_bytes: int = 1024 * 1024 * 1024  # payload bytes all held queries may hold
-    feedback_memory_bytes: int = 64 * 1024 * 1024  # answers kept for feedback, in bytes
+    feedback_memory_bytes: int = 128 * 1024 * 1024  # answers kept for feedback, in bytes
+    max_models: int = 1024  # models a Hello may make the broker know (each holds figures)
+    max_replicas: int = 4096  # replicas connected at once
     # CurveZMQ: the broker's secret key file turns it on; each role lets in the public
     # keys found in its folder
     curve_secret: str | None = None

@@ -228,12 +228,20 @@ class Containers:
         fingerprint: str,
         now: float,
     ) -> str:
-        """Why a valid Hello cannot be let in now ('' when it can): its replica id is live on
-        another connection, or the live replicas of its model take another input type, or
-        those of its version serve other code. Each holds only while the other replicas do:
-        the Hello is let in once they are gone (CONFLICT: try again later)."""
+        """Why a valid Hello cannot be let in now ('' when it can): the broker holds as many
+        models or replicas as it may, its replica id is live on another connection, the live
+        replicas of its model take another input type, or those of its version serve other
+        code. Each holds only while the others are there: the Hello is let in once they are
+        gone (CONFLICT: try again later)."""
         b = self.broker
-        live_s = b.config.dead_after_ms / 1000
+        cfg = b.config
+        if name not in b.models and len(b.models) >= cfg.max_models:
+            return (
+                f"the broker knows {len(b.models)} models (at most {cfg.max_models}); model {name!r} is new"
+            )
+        if identity not in b.replicas and len(b.replicas) >= cfg.max_replicas:
+            return f"the broker has {len(b.replicas)} replicas connected (at most {cfg.max_replicas})"
+        live_s = cfg.dead_after_ms / 1000
         holder = b.replicas.get(b.replica_ids.get(replica_id, b""))
         if holder is not None and holder.identity != identity and now - holder.last_seen <= live_s:
             return (

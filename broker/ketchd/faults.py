@@ -12,7 +12,8 @@ the code there answers them ``INTERNAL`` itself; ``Faults`` is what is left:
   handler raised, unless that query is held (it will be answered) or already answered;
 - ``sweep`` finds the queries held that nothing can answer any more (not queued, not in a
   live replica's batch, not waiting on an identical query) and answers them ``INTERNAL``;
-  a query that is reachable is left to its normal answer, or its deadline.
+  a query that is reachable is left to its normal answer, or its deadline; every model's
+  queue is looked at again in the next dispatch (a turn cut short may have skipped some).
 
 Both scan what the broker holds: they run only after a bug, never on the query's path.
 """
@@ -123,6 +124,7 @@ class Faults:
         for x in orphans:
             if not x.done:
                 self.answer_internal(x, message)
+        b.dispatcher.dirty.update(b.models.values())  # a turn cut short may have left queues unlooked at
         if orphans:
             log.warning("queries left unanswered by a bug answered INTERNAL", count=len(orphans))
         return len(orphans)

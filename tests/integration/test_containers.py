@@ -287,3 +287,21 @@ def test_a_poison_query_kills_at_most_two_replicas(broker_process, start_model, 
         model.wait_ready(admin)
         assert client.predict("p", [1.0]).output == 1.0  # the model serves others again
         assert deaths.read_text().count("died") <= 2
+
+
+def test_the_models_and_replicas_a_backend_can_make_the_broker_hold_are_bounded(make_thread_broker):
+    tb = make_thread_broker(max_models=2, max_replicas=3)
+    raws = [Raw(tb.backend, replica_id=f"r{i}") for i in range(5)]
+    try:
+        assert raws[0].hello(model="m1")["type"] == "Welcome"
+        assert raws[1].hello(model="m2")["type"] == "Welcome"
+        refused = raws[2].hello(model="m3")  # a third model
+        assert refused["body"]["code"] == "CONFLICT" and "at most 2" in refused["body"]["message"]
+        assert raws[2].hello(model="m1")["type"] == "Welcome"  # a known model: let in
+        refused = raws[3].hello(model="m2")  # a fourth replica
+        assert refused["body"]["code"] == "CONFLICT" and "replicas connected" in refused["body"]["message"]
+        raws[0].send("Goodbye", {"reason": "room for another"})
+        wait_for(lambda: raws[3].hello(model="m2")["type"] == "Welcome", 5, "room again")
+    finally:
+        for r in raws:
+            r.close()

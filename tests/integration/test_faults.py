@@ -75,7 +75,7 @@ def test_a_combiner_that_raises_answers_internal_once_and_the_broker_goes_on(env
     bugs = [e for e in logs if e["event"] == "internal error"]
     assert bugs and isinstance(bugs[0]["exc_info"], RuntimeError) and "combining" in bugs[0]["where"]
     del policy.combine  # the bug fixed: the same app answers again
-    assert client.predict("vote", [2.0]).output == "cat"
+    assert client.predict("vote", [2.0], timeout_ms=5000).output == "cat"
 
 
 @pytest.mark.parametrize("kind", ["exp3", "single"])
@@ -93,9 +93,9 @@ def test_a_policy_that_raises_choosing_models_fails_only_its_queries(env, raw_cl
     raw.query("p", [one(1.0), one(2.0), one(3.0)], [21, 22, 23], F64, (1,))
     exactly_once_internal(raw, [21, 22, 23], 0.6)
     assert internal_errors(admin) >= 1
-    assert client.predict("other", [1.0]).output == "cat"  # the broker serves everyone else
+    assert client.predict("other", [1.0], timeout_ms=5000).output == "cat"  # the broker serves everyone else
     del policy.select
-    assert client.predict("p", [1.0]).output == "cat"
+    assert client.predict("p", [1.0], timeout_ms=5000).output == "cat"
 
 
 def test_a_policy_that_raises_learning_answers_the_feedback_internal(env):
@@ -104,12 +104,12 @@ def test_a_policy_that_raises_learning_answers_the_feedback_internal(env):
     admin.set_policy("bandit", "exp3")
     serve("a", label("cat"))
     serve("b", label("cat"))
-    pred = client.predict("bandit", [1.0])
+    pred = client.predict("bandit", [1.0], timeout_ms=5000)
     tb.broker.apps["bandit"].policy.feedback = injected
     with pytest.raises(ketch.errors.InternalError, match="learning from feedback"):
         client.feedback("bandit", "cat", query_id=pred.request_id)
     assert internal_errors(admin) == 1
-    assert client.predict("bandit", [1.0]).output == "cat"
+    assert client.predict("bandit", [1.0], timeout_ms=5000).output == "cat"
 
 
 @pytest.mark.parametrize("method", ["get", "put"])
@@ -132,7 +132,7 @@ def test_a_reply_that_cannot_be_sent_goes_as_internal_errors(env, raw_client, mo
     raw.query("s", [one(1.0), one(2.0)], [31, 32], F64, (1,))
     exactly_once_internal(raw, [31, 32], 0.6)
     monkeypatch.undo()
-    assert client.predict("s", [1.0]).output == 1.0
+    assert client.predict("s", [1.0], timeout_ms=5000).output == 1.0
 
 
 def test_a_dispatcher_bug_fails_the_batch_it_held_and_nothing_else(env, raw_client):
@@ -145,7 +145,7 @@ def test_a_dispatcher_bug_fails_the_batch_it_held_and_nothing_else(env, raw_clie
     raw.query("d", [one(1.0)], [41], F64, (1,))
     exactly_once_internal(raw, [41], 0.6)
     del dispatcher.send_batch
-    assert client.predict("d", [1.0]).output == 1.0
+    assert client.predict("d", [1.0], timeout_ms=5000).output == 1.0
 
 
 def test_a_handler_bug_answers_the_message_internal(env, raw_client):
@@ -158,7 +158,7 @@ def test_a_handler_bug_answers_the_message_internal(env, raw_client):
     raw.query("h", [one(1.0), one(2.0)], [51, 52], F64, (1,))
     exactly_once_internal(raw, [51, 52], 0.6)
     del admission.admit
-    assert client.predict("h", [1.0]).output == 1.0
+    assert client.predict("h", [1.0], timeout_ms=5000).output == 1.0
 
 
 @pytest.mark.parametrize("fails", [False, True])
