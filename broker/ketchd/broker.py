@@ -170,10 +170,24 @@ class Broker:
             durable: self.persistence.on_durable,
         }
         self.trimmer.start()
+        prebuilds, answers, dispatcher, replies = self.prebuilds, self.answers, self.dispatcher, self.replies
         try:
             while not (self.stopping and self.pending_count() == 0):
-                try:
-                    self._turn(poller, handlers)
+                try:  # a turn, inline (a call per turn is a call per query at low load)
+                    prebuild = bool(prebuilds)
+                    events = poller.poll(0 if prebuild else self._poll_timeout_ms())
+                    if prebuild and not events:  # idle: build a template before a burst needs it
+                        prebuilds.step()
+                    for sock, _ in events:
+                        self._drain(sock, handlers[sock])
+                        if sock is self.backend:
+                            replies.flush()  # answers leave before the rest of the turn's work
+                    now = time.monotonic()
+                    answers.expire(now)
+                    if now >= self._next_housekeeping:
+                        self._housekeeping(now)
+                    dispatcher.dispatch(now)
+                    replies.flush()
                 except zmq.ContextTerminated:
                     raise
                 except Exception as exc:  # a bug: the loop goes on, and what it left is answered
@@ -181,23 +195,6 @@ class Broker:
                     self.faults.sweep("the broker loop", exc)
         finally:
             self.close()
-
-    def _turn(self, poller: zmq.Poller, handlers: dict[zmq.Socket[Any], Handler]) -> None:
-        prebuilds, replies = self.prebuilds, self.replies
-        prebuild = bool(prebuilds)
-        events = poller.poll(0 if prebuild else self._poll_timeout_ms())
-        if prebuild and not events:  # idle: build a template before a burst needs it
-            prebuilds.step()
-        for sock, _ in events:
-            self._drain(sock, handlers[sock])
-            if sock is self.backend:
-                replies.flush()  # answers leave before the rest of the turn's work
-        now = time.monotonic()
-        self.answers.expire(now)
-        if now >= self._next_housekeeping:
-            self._housekeeping(now)
-        self.dispatcher.dispatch(now)
-        replies.flush()
 
     def close(self) -> None:
         self.trimmer.stop()
