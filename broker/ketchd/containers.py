@@ -17,7 +17,7 @@ from ketch import errors
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode, limits
 
-from ketchd.answers import shape_text
+from ketchd import hellos
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
 
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ketchd")
 _REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
 _READ_WHOLE = frozenset({"Hello", "Ready", "Goodbye", "Error"})  # read with every field at once
-
-
-def _input_text(dtype: int, shape: tuple[int, ...]) -> str:
-    return f"{proto.dtype_name(dtype)} of shape {shape_text(shape)}"
 
 
 class Containers:
@@ -139,7 +135,7 @@ class Containers:
 
     def on_hello(self, identity: bytes, h: dict[str, Any], now: float) -> None:
         b = self.broker
-        problem = limits.check_hello(h)
+        problem = limits.check_hello(h)  # the fields; hellos.conflict: the other replicas
         if problem:
             self.refuse_hello(identity, ErrorCode.INVALID, f"hello refused: {problem}", now)
             return
@@ -147,7 +143,7 @@ class Containers:
         replica_id = h["replica_id"] or identity.hex()
         tensor = h["input"]
         input_type = (tensor["dtype"], tuple(tensor["shape"]))
-        conflict = self.hello_conflict(identity, replica_id, name, version, input_type, fingerprint, now)
+        conflict = hellos.conflict(b, identity, replica_id, name, version, input_type, fingerprint, now)
         if conflict:
             self.refuse_hello(identity, ErrorCode.CONFLICT, f"hello refused: {conflict}", now)
             return
@@ -166,19 +162,7 @@ class Containers:
             model.known_versions.append(version)
         if model.active_version is None:
             model.set_version(version)
-        before = model.fingerprints.get(version)
-        if before != fingerprint:
-            if before is not None:
-                model.fingerprint_changes += 1
-                log.warning(
-                    "model version serves other code",
-                    model=name,
-                    version=version,
-                    fingerprint=fingerprint,
-                    was=before,
-                    note="no replica of the old code is left; its cached answers no longer serve",
-                )
-            model.fingerprints[version] = fingerprint
+        hellos.note_fingerprint(model, version, fingerprint)
         b.persistence.persist_model(model)
         replica = Replica(
             identity=identity,
@@ -217,60 +201,6 @@ class Containers:
             pid=replica.pid,
             fingerprint=fingerprint,
         )
-
-    def hello_conflict(
-        self,
-        identity: bytes,
-        replica_id: str,
-        name: str,
-        version: str,
-        input_type: tuple[int, tuple[int, ...]],
-        fingerprint: str,
-        now: float,
-    ) -> str:
-        """Why a valid Hello cannot be let in now ('' when it can): the broker holds as many
-        models or replicas as it may, its replica id is live on another connection, the live
-        replicas of its model take another input type, or those of its version serve other
-        code. Each holds only while the others are there: the Hello is let in once they are
-        gone (CONFLICT: try again later)."""
-        b = self.broker
-        cfg = b.config
-        if name not in b.models and len(b.models) >= cfg.max_models:
-            return (
-                f"the broker knows {len(b.models)} models (at most {cfg.max_models}); model {name!r} is new"
-            )
-        if identity not in b.replicas and len(b.replicas) >= cfg.max_replicas:
-            return f"the broker has {len(b.replicas)} replicas connected (at most {cfg.max_replicas})"
-        live_s = cfg.dead_after_ms / 1000
-        holder = b.replicas.get(b.replica_ids.get(replica_id, b""))
-        if holder is not None and holder.identity != identity and now - holder.last_seen <= live_s:
-            return (
-                f"replica id {replica_id!r} is in use by a live connection (heard from"
-                f" {(now - holder.last_seen) * 1000:.0f} ms ago); a replica that restarted is let in"
-                f" once the old connection is dead ({b.config.dead_after_ms} ms of silence)"
-            )
-        model = b.models.get(name)
-        if model is None:
-            return ""
-        others = [
-            r for r in model.replicas.values() if r.identity != identity and r.state is not ReplicaState.DEAD
-        ]
-        for r in others:
-            if (r.input_dtype, r.input_shape) != input_type:
-                return (
-                    f"model {name!r} takes {_input_text(r.input_dtype, r.input_shape)} inputs (replica"
-                    f" {r.replica_id}), this replica {_input_text(*input_type)}: serve another input type"
-                    f" under another model name"
-                )
-        for r in others:
-            if r.version == version and r.fingerprint != fingerprint:
-                theirs, mine = r.fingerprint or "none", fingerprint or "none"
-                return (
-                    f"model {name!r} version {version!r} is served with fingerprint {theirs!r} (replica"
-                    f" {r.replica_id}), this replica's is {mine!r}: other code needs another version"
-                    f" (ketch model serve --version), or the old replicas gone first"
-                )
-        return ""
 
     def on_predict_reply(
         self, replica: Replica, header: zmq.Frame, r: Any, payloads: list[zmq.Frame], now: float
