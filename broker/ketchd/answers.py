@@ -19,7 +19,6 @@ from ketch import protocol as proto
 from ketch.protocol import ErrorCode, Status
 from ketch.protocol.limits import U32_MAX
 
-from ketchd.cache import version_key
 from ketchd.registry import App, Fanout, Pending, Replica
 
 if TYPE_CHECKING:
@@ -85,7 +84,8 @@ class Answers:
             out = payload.buffer if isinstance(payload, zmq.Frame) else payload
             data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
             try:  # under the version and fingerprint of the replica that computed it, as its own
-                key = (key[0], version_key(replica.version, replica.fingerprint), *key[2:])
+                fp, version = replica.fingerprint, replica.version  # cache.version_key, inline
+                key = (key[0], f"{version}\x00{fp}" if fp else version, *key[2:])
                 flights.cache.put(key, data, dtype, shape, out, replica.identity)
             except Exception as exc:  # a bug of the cache: the answer still goes, uncached
                 self.broker.faults.internal_error("the prediction cache storing an answer", exc)

@@ -15,7 +15,7 @@ import zmq
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode, Status
 
-from ketchd.cache import PredictionCache, version_key
+from ketchd.cache import PredictionCache
 from ketchd.registry import Model, Pending
 
 if TYPE_CHECKING:
@@ -37,9 +37,10 @@ class Flights:
         data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
         assert model.active_version is not None  # a model is cached only with an active version
         version = model.active_version
+        fingerprint = model.fingerprints.get(version)  # the key's version: cache.version_key, inline
         try:
             key = self.cache.key(
-                model.name, version_key(version, model.fingerprints.get(version, "")), p.dtype, p.shape, data
+                model.name, f"{version}\x00{fingerprint}" if fingerprint else version, p.dtype, p.shape, data
             )
             entry = self.cache.get(key, data)
         except Exception as exc:  # a bug of the cache: this query is computed, the loop goes on
