@@ -122,6 +122,7 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
             "max_batch": 64,
             "deterministic": False,
             "pid": 4242,
+            "fingerprint": "sha256:9f86d081884c7d659a2feaa0c55ad015",
         },
         [],
     ),

@@ -122,3 +122,74 @@ def start_model(broker_process, tmp_path) -> Iterator:
     yield start
     for model in started:
         model.stop()
+
+
+class RawClient:
+    """A frontend DEALER speaking the protocol by hand: queries of any shape (ids, contexts,
+    sizes a real client would never send), and every answer counted per request id."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvhwm = self.sock.sndhwm = 0
+        self.sock.connect(address)
+        self.items: dict[int, list[dict]] = {}  # request id -> every answer for it
+        self.errors: list[dict] = []  # message-level Errors
+
+    def query(self, app: str, payloads: list, ids: list[int], dtype: int, shape=(), **kw) -> None:
+        from ketch import protocol as proto
+
+        self.sock.send_multipart([proto.build_query(app, dtype, shape, ids, **kw), *payloads], copy=False)
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames, copy=False)
+
+    def take(self, timeout_s: float = 0.0) -> int:
+        """Read what arrives within ``timeout_s`` (at least what is waiting); messages read."""
+        import time
+
+        from ketch import protocol as proto
+
+        end, n = time.monotonic() + timeout_s, 0
+        while True:
+            left = max(0, int((end - time.monotonic()) * 1000))
+            if not self.sock.poll(left):
+                return n
+            frames = self.sock.recv_multipart()
+            n += 1
+            doc = proto.to_dict(frames[0])
+            if doc["type"] == "Error":
+                self.errors.append(doc["body"])
+                continue
+            for item, payload in zip(doc["body"]["items"], frames[1:], strict=True):
+                self.items.setdefault(item["request_id"], []).append({**item, "payload": payload})
+
+    def wait(self, ids, timeout_s: float = 10.0) -> dict[int, dict]:
+        """The first answer of each of ``ids``, waiting for them (TimeoutError if any is missing)."""
+        import time
+
+        end = time.monotonic() + timeout_s
+        while not all(rid in self.items for rid in ids):
+            if time.monotonic() > end:
+                missing = [rid for rid in ids if rid not in self.items]
+                raise TimeoutError(f"no answer for {len(missing)} of {len(ids)} request ids")
+            self.take(0.05)
+        return {rid: self.items[rid][0] for rid in ids}
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def raw_client() -> Iterator:
+    """``raw_client(address)``: a RawClient, closed at the end."""
+    made: list[RawClient] = []
+
+    def make(address: str) -> RawClient:
+        c = RawClient(address)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

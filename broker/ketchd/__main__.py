@@ -117,6 +117,34 @@ def broker_options(f: F) -> F:
                 help="Queries one client may have in the broker at once; past it, OVERLOADED.",
             ),
             click.option(
+                "--max-message-items",
+                default=defaults.max_message_items,
+                show_default=True,
+                type=click.IntRange(64),
+                help="Request ids one Query may name; past it, one TOO_LARGE error for the message.",
+            ),
+            click.option(
+                "--max-client-mb",
+                default=defaults.max_client_bytes // 2**20,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Payload MiB one client's queries may hold in the broker; past it, OVERLOADED.",
+            ),
+            click.option(
+                "--max-held-mb",
+                default=defaults.max_held_bytes // 2**20,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Payload MiB all queries held may hold; past it, OVERLOADED.",
+            ),
+            click.option(
+                "--feedback-memory-mb",
+                default=defaults.feedback_memory_bytes // 2**20,
+                show_default=True,
+                type=click.IntRange(0),
+                help="MiB of answered queries kept for feedback (also at most 100,000 queries).",
+            ),
+            click.option(
                 "--curve-secret",
                 default=None,
                 help="The broker's .key_secret file: turns CurveZMQ on for all three sockets.",
@@ -141,6 +169,9 @@ def config_from_options(**kw: Any) -> tuple[BrokerConfig, str | None]:
     ready_file = kw.pop("ready_file", None)
     kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
     kw["cache_bytes"] = kw.pop("cache_mb") * 1024 * 1024
+    for mb, key in (("max_client_mb", "max_client_bytes"), ("max_held_mb", "max_held_bytes")):
+        kw[key] = kw.pop(mb) * 1024 * 1024
+    kw["feedback_memory_bytes"] = kw.pop("feedback_memory_mb") * 1024 * 1024
     return BrokerConfig(**kw), ready_file
 
 

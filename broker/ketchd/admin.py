@@ -323,4 +323,5 @@ class AdminOps:
                 "max_bytes": b.cache.max_bytes,
             },
             "counters": dict(b.counters),
+            "memory": b.memory_figures(),
         }

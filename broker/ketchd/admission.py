@@ -57,16 +57,21 @@ class Admission:
         if len(frames) < 2:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
             return
-        try:
+        try:  # decoding only: a bug past it is not the client's fault (Faults)
             name, body = proto.decode_current(frames[1].buffer)
             if name == "Query":
-                query, ids = proto.read_query(body)
+                read = self.broker.limits.read_query(client, body)  # None: over the limits, answered
+                if read is None:
+                    return
+                query, ids = read
             elif name == "Feedback":
-                self.broker.ensembles.on_feedback(client, proto.read_fields(name, body), frames[2:])
-                return
+                feedback = proto.read_fields(name, body)
             else:
                 self.client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
                 return
+        except proto.UnknownMessageType as exc:
+            self.client_error(client, ErrorCode.UNKNOWN_MESSAGE, str(exc))
+            return
         except proto.UnsupportedVersion as exc:
             self.client_error(
                 client,
@@ -77,6 +82,9 @@ class Admission:
             return
         except proto.DecodeError as exc:
             self.client_error(client, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        if name == "Feedback":
+            self.broker.ensembles.on_feedback(client, feedback, frames[2:])
             return
         if not ids:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
@@ -118,8 +126,9 @@ class Admission:
             return
         app = b.apps.get(app_name)
         if app is None:
-            known = ", ".join(sorted(b.apps)) or "none"
-            refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known})")
+            names = sorted(b.apps)
+            known = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+            refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known or 'none'})")
             return
         app.queries += len(ids)
         problem = check_input(app, dtype, shape)
@@ -150,10 +159,23 @@ class Admission:
                 cfg.retry_after_ms,
             )
             return
+        nbytes = sum(map(len, payloads))
+        if (
+            b.held_bytes + nbytes > cfg.max_held_bytes
+            or b.client_bytes.get(client, 0) + nbytes > cfg.max_client_bytes
+        ):
+            app.errors += len(ids)
+            refuse(ErrorCode.OVERLOADED, b.limits.bytes_refusal(client, nbytes), cfg.retry_after_ms)
+            return
         if not isinstance(app.policy, Single):
             b.ensembles.fan_out(client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now)
             return
-        model = b.models[app.policy.select(app.models, context).send_to[0]]
+        try:
+            model = b.models[app.policy.select(app.models, context).send_to[0]]
+        except Exception as exc:  # a policy's bug: these queries get INTERNAL, the loop goes on
+            b.faults.internal_error(f"app {app.name!r}'s policy choosing a model", exc)
+            refuse(ErrorCode.INTERNAL, b.faults.message("choosing a model", exc))
+            return
         limit = model.max_queue or cfg.max_queue
         if len(model.queue) + len(ids) > limit:
             app.errors += len(ids)
@@ -168,9 +190,12 @@ class Admission:
         flights = b.flights
         caching = app.cache and model.deterministic and flights.cache.max_bytes > 0 and model.active_version
         b.outstanding[client] = outstanding + len(ids)
+        b.held_bytes += nbytes
+        b.client_bytes[client] = b.client_bytes.get(client, 0) + nbytes
         queue, deadlines = model.queue, b.deadlines
         for rid, payload in zip(ids, payloads, strict=True):
             p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
+            p.nbytes = len(payload)
             if caching and flights.from_cache_or_flight(p, model):
                 continue
             queue.push(p)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode, Status
+from ketch.protocol.limits import U32_MAX
 
 from ketchd.registry import App, Fanout, Pending, Replica
 
@@ -57,6 +58,16 @@ class Answers:
                 del outstanding[p.client]
             else:
                 outstanding[p.client] = left - 1
+        n = p.nbytes
+        if n:  # its payload bytes, counted to its client (Limits)
+            p.nbytes = 0
+            b.held_bytes -= n
+            held = b.client_bytes
+            n = held.get(p.client, n) - n
+            if n > 0:
+                held[p.client] = n
+            else:
+                held.pop(p.client, None)
         ms = (time.monotonic() - p.arrived) * 1000
         if p.parent is None:  # a Fanout keeps the figures of its parts itself
             p.app.answered += 1
@@ -72,7 +83,12 @@ class Answers:
             followers = flights.release(p)
             out = payload.buffer if isinstance(payload, zmq.Frame) else payload
             data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
-            flights.cache.put((*key[:1], replica.version, *key[2:]), data, dtype, shape, out)
+            try:  # under the version and fingerprint of the replica that computed it, as its own
+                fp, version = replica.fingerprint, replica.version  # cache.version_key, inline
+                key = (key[0], f"{version}\x00{fp}" if fp else version, *key[2:])
+                flights.cache.put(key, data, dtype, shape, out, replica.identity)
+            except Exception as exc:  # a bug of the cache: the answer still goes, uncached
+                self.broker.faults.internal_error("the prediction cache storing an answer", exc)
             for f in followers:
                 self.answer_output(f, replica, dtype, shape, bytes(out))
         ms = self.finish(p)
@@ -151,6 +167,8 @@ class Answers:
                 self.answer_item(p, replica, i, output, payload)
                 continue
             latency_us = max(1, int(finish(p) * 1000))
+            if latency_us > U32_MAX:  # a uint32 field: saturates
+                latency_us = U32_MAX
             answers = plain.get((p.client, family))
             if answers is None:
                 answers = plain[(p.client, family)] = ([], [])

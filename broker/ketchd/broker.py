@@ -22,6 +22,11 @@ the loop (no threads, no locks):
     answers.Answers        every answer to a query, and deadlines passing
     replies.Replies        the one reply sender
     persistence.Persistence  the state store and the admin socket
+    limits.Limits          what one message and one client may cost; refusals beyond
+    faults.Faults          a bug on the loop: counted, logged, its queries answered INTERNAL
+
+No exception ends the loop: a handler that raises, or any step of a turn, is a bug that
+``Faults`` counts and logs, and whatever it left unanswered is answered ``INTERNAL``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,10 @@ from ketchd.containers import Containers
 from ketchd.deadlines import Deadlines
 from ketchd.dispatch import Dispatcher
 from ketchd.ensembles import Ensembles
+from ketchd.faults import Faults
 from ketchd.flights import Flights
+from ketchd.limits import Limits
+from ketchd.memory import Trimmer
 from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
 from ketchd.replies import Replies
@@ -74,9 +82,14 @@ class Broker:
         self.started = time.time()
         self.deadlines = Deadlines()  # every query held, until it is answered or its deadline passes
         self.outstanding: dict[bytes, int] = {}  # client identity -> queries held for it
+        self.client_bytes: dict[bytes, int] = {}  # client identity -> payload bytes held for it
+        self.held_bytes = 0  # payload bytes of every query held
         self.cache = PredictionCache(self.config.cache_bytes, self.config.cache_ttl_s)
         self.prebuilds = proto.Prebuilds()  # client replies and batch requests, other sizes
         self.sockets = Sockets(self.config, self.ctx)
+        self.limits = Limits(self)
+        self.faults = Faults(self)
+        self.trimmer = Trimmer()  # memory back to the system after a burst
         self.persistence = Persistence(self)
         self.replies = Replies(self, self.prebuilds)
         self.answers = Answers(self)
@@ -116,6 +129,20 @@ class Broker:
             self._stop_reason = reason
             log.info("broker draining", reason=reason, pending=self.pending_count())
 
+    def memory_figures(self) -> dict[str, int]:
+        """What the broker's memories hold, in bytes, against their bounds (``ketch stats``)."""
+        cfg, recent = self.config, self.ensembles.recent
+        return {
+            "held_bytes": self.held_bytes,
+            "max_held_bytes": cfg.max_held_bytes,
+            "clients_holding": len(self.client_bytes),
+            "feedback_bytes": recent.bytes,
+            "feedback_queries": len(recent),
+            "max_feedback_bytes": cfg.feedback_memory_bytes,
+            "heap_free_bytes": self.trimmer.free_bytes(),
+            "trims": self.trimmer.trims,
+        }
+
     def pending_count(self) -> int:
         return sum(1 for p in self.deadlines.items() if not p.done)
 
@@ -142,27 +169,35 @@ class Broker:
             self.admin: self.persistence.on_admin,
             durable: self.persistence.on_durable,
         }
+        self.trimmer.start()
         prebuilds, answers, dispatcher, replies = self.prebuilds, self.answers, self.dispatcher, self.replies
         try:
             while not (self.stopping and self.pending_count() == 0):
-                prebuild = bool(prebuilds)
-                events = poller.poll(0 if prebuild else self._poll_timeout_ms())
-                if prebuild and not events:  # idle: build a template before a burst needs it
-                    prebuilds.step()
-                for sock, _ in events:
-                    self._drain(sock, handlers[sock])
-                    if sock is self.backend:
-                        replies.flush()  # answers leave before the rest of the turn's work
-                now = time.monotonic()
-                answers.expire(now)
-                if now >= self._next_housekeeping:
-                    self._housekeeping(now)
-                dispatcher.dispatch(now)
-                replies.flush()
+                try:  # a turn, inline (a call per turn is a call per query at low load)
+                    prebuild = bool(prebuilds)
+                    events = poller.poll(0 if prebuild else self._poll_timeout_ms())
+                    if prebuild and not events:  # idle: build a template before a burst needs it
+                        prebuilds.step()
+                    for sock, _ in events:
+                        self._drain(sock, handlers[sock])
+                        if sock is self.backend:
+                            replies.flush()  # answers leave before the rest of the turn's work
+                    now = time.monotonic()
+                    answers.expire(now)
+                    if now >= self._next_housekeeping:
+                        self._housekeeping(now)
+                    dispatcher.dispatch(now)
+                    replies.flush()
+                except zmq.ContextTerminated:
+                    raise
+                except Exception as exc:  # a bug: the loop goes on, and what it left is answered
+                    self.faults.internal_error("the broker loop", exc)
+                    self.faults.sweep("the broker loop", exc)
         finally:
             self.close()
 
     def close(self) -> None:
+        self.trimmer.stop()
         self.persistence.close()
         for name in ("frontend", "backend", "admin"):
             sock = getattr(self, name, None)
@@ -184,18 +219,38 @@ class Broker:
 
     def _drain(self, sock: zmq.Socket[Any], handler: Handler) -> None:
         # ZMQ_EVENTS says whether another message waits; cheaper than a raised zmq.Again
+        limit, max_bytes = self.limits.max_frames, self.limits.max_bytes
         for _ in range(_DRAIN):
             try:
-                frames = multipart.recv(sock, _NOBLOCK)
+                frames = multipart.recv(sock, _NOBLOCK, limit)
             except zmq.Again:
                 return
             try:
-                handler(frames)
-            except Exception:  # a bug must not take the broker down with it
-                self.counters["internal_errors"] += 1
-                log.exception("handler failed")
+                if len(frames) > limit or sum(map(len, frames)) > max_bytes:
+                    self._refuse(sock, frames)
+                else:
+                    handler(frames)
+            except Exception as exc:  # a bug must not take the broker down with it
+                where = f"a {self.sockets.role(sock)} message"
+                self.faults.internal_error(where, exc)
+                if sock is self.frontend:
+                    self.faults.rescue_message(frames, where, exc)
+                else:
+                    self.faults.sweep(where, exc)
             if not multipart.waiting(sock):
                 return
+
+    def _refuse(self, sock: zmq.Socket[Any], frames: list[zmq.Frame]) -> None:
+        """A message over the limits (``ketchd.limits``), refused at once."""
+        why = self.limits.too_large(frames)
+        identity = frames[0].bytes
+        header = frames[1] if len(frames) > 1 else zmq.Frame(b"")
+        if sock is self.frontend:
+            self.limits.refuse_client_message(identity, header, why)
+        elif sock is self.backend:
+            self.limits.refuse_replica_message(identity, self.replicas.get(identity), header, why)
+        elif sock is self.admin:
+            self.persistence.refuse(identity, "TOO_LARGE", why)
 
     def _housekeeping(self, now: float) -> None:
         self._next_housekeeping = now + self.config.heartbeat_ms / 4000
@@ -203,3 +258,4 @@ class Broker:
             self._next_policy_save = now + 1.0
             self.persistence.save_policies()
         self.containers.check(now)
+        self.trimmer.check(now)

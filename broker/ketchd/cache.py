@@ -9,6 +9,12 @@ Eviction is least-recently-used over the whole cache, by bytes (input + output +
 overhead per entry). Only answers from a model are stored: errors and defaults never
 are. Pending computations are not entries (single-flight lives in the broker, which
 holds the queries), so nothing pending can be evicted.
+
+Each entry names its *producer* (the replica connection that computed it): an answer never
+outlives the replica that vouched for it (``purge``, called when a replica leaves or is
+refused), so a replica that lied leaves no lies behind. The key's version carries the
+fingerprint the replica announced (``version_key``): code changed under the same version
+never answers from the old code's entries.
 """
 
 from __future__ import annotations
@@ -22,14 +28,20 @@ from typing import Any
 import xxhash
 
 # bytes charged per entry beyond its input and output: the key tuple, the Entry record, two
-# bytes objects, the bucket list and the dict slot (measured with tracemalloc: ~400)
-ENTRY_OVERHEAD = 400
+# bytes objects, the bucket list, the dict slot (measured with tracemalloc: ~400) and its slot
+# in its producer's table
+ENTRY_OVERHEAD = 480
 
 Key = tuple[str, str, int, tuple[int, ...], bytes]
 
 
 def digest128(data: Any) -> bytes:
     return xxhash.xxh3_128_digest(data)
+
+
+def version_key(version: str, fingerprint: str) -> str:
+    """The key's version: the version name and the fingerprint of what its replicas serve."""
+    return f"{version}\x00{fingerprint}" if fingerprint else version
 
 
 @dataclass(eq=False)
@@ -40,6 +52,7 @@ class Entry:
     shape: tuple[int, ...]
     output: bytes
     expires: float  # monotonic seconds; inf for no TTL
+    producer: bytes = b""  # the replica connection that computed it
 
     @property
     def size(self) -> int:
@@ -54,6 +67,7 @@ class CacheFigures:
     inserts: int = 0
     evictions: int = 0
     expired: int = 0
+    purged: int = 0  # dropped with the replica that computed them
 
     def to_json(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -69,6 +83,7 @@ class PredictionCache:
     bytes_used: int = 0
     # LRU order over buckets: key -> entries whose digest is that key's
     _buckets: OrderedDict[Key, list[Entry]] = field(default_factory=OrderedDict)
+    _by_producer: dict[bytes, dict[Entry, None]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._buckets.values())
@@ -92,8 +107,11 @@ class PredictionCache:
         self.figures.misses += 1
         return None
 
-    def put(self, key: Key, data: Any, dtype: int, shape: tuple[int, ...], output: Any) -> Entry | None:
-        """Store an answer; returns the entry, or None when it is larger than the whole cache."""
+    def put(
+        self, key: Key, data: Any, dtype: int, shape: tuple[int, ...], output: Any, producer: bytes = b""
+    ) -> Entry | None:
+        """Store an answer computed by ``producer``; returns the entry, or None when it is
+        larger than the whole cache."""
         entry = Entry(
             key,
             bytes(data),
@@ -101,6 +119,7 @@ class PredictionCache:
             tuple(shape),
             bytes(output),
             self.clock() + self.ttl_s if self.ttl_s > 0 else float("inf"),
+            producer,
         )
         if entry.size > self.max_bytes:
             return None
@@ -113,6 +132,10 @@ class PredictionCache:
         bucket.append(entry)
         self._buckets.move_to_end(key)
         self.bytes_used += entry.size
+        mine = self._by_producer.get(producer)
+        if mine is None:
+            mine = self._by_producer[producer] = {}
+        mine[entry] = None
         self.figures.inserts += 1
         while self.bytes_used > self.max_bytes:
             _, oldest = next(iter(self._buckets.items()))
@@ -128,7 +151,23 @@ class PredictionCache:
         if not bucket:
             del self._buckets[entry.key]
         self.bytes_used -= entry.size
+        mine = self._by_producer.get(entry.producer)
+        if mine is not None:
+            mine.pop(entry, None)
+            if not mine:
+                del self._by_producer[entry.producer]
+
+    def purge(self, producer: bytes) -> int:
+        """Drop every entry ``producer`` computed; returns how many."""
+        mine = self._by_producer.pop(producer, None)
+        if not mine:
+            return 0
+        for entry in list(mine):
+            self._remove(entry)
+        self.figures.purged += len(mine)
+        return len(mine)
 
     def clear(self) -> None:
         self._buckets.clear()
+        self._by_producer.clear()
         self.bytes_used = 0

@@ -23,13 +23,22 @@ class BrokerConfig:
     dead_after_ms: int = 5000
     max_batch: int = 64  # per model unless the model or replica asks for less
     max_queue: int = 10_000  # per model; past it queries are refused OVERLOADED
-    max_message_bytes: int = 64 * 1024 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024  # a message, all its frames together (ketchd.limits)
     default_slo_ms: float = 100.0
     retry_after_ms: int = 50
     cache_bytes: int = 256 * 1024 * 1024  # prediction cache bound; 0 turns the cache off
     cache_ttl_s: float = 0.0  # 0: cached predictions do not expire
     max_client_outstanding: int = 10_000  # queries one client may have in the broker at once
     feedback_memory: int = 100_000  # answered multi-model queries kept for feedback
+    # what one message, one client and all clients may cost (ketchd.limits, docs/reliability.md)
+    max_message_items: int = 1024  # request ids in one Query
+    max_context_bytes: int = 1024  # a Query's context (selection key)
+    max_label_bytes: int = 64 * 1024  # a Feedback's label and input payloads
+    max_client_bytes: int = 256 * 1024 * 1024  # payload bytes one client's held queries may hold
+    max_held_bytes: int = 1024 * 1024 * 1024  # payload bytes all held queries may hold
+    feedback_memory_bytes: int = 128 * 1024 * 1024  # answers kept for feedback, in bytes
+    max_models: int = 1024  # models a Hello may make the broker know (each holds figures)
+    max_replicas: int = 4096  # replicas connected at once
     # CurveZMQ: the broker's secret key file turns it on; each role lets in the public
     # keys found in its folder
     curve_secret: str | None = None

@@ -15,8 +15,9 @@ import structlog
 import zmq
 from ketch import errors
 from ketch import protocol as proto
-from ketch.protocol import ErrorCode
+from ketch.protocol import ErrorCode, limits
 
+from ketchd import hellos
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("ketchd")
 _REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
+_READ_WHOLE = frozenset({"Hello", "Ready", "Goodbye", "Error"})  # read with every field at once
 
 
 class Containers:
@@ -53,9 +55,12 @@ class Containers:
         if len(frames) < 2:
             self.backend_error(identity, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
             return
-        try:
+        try:  # decoding only: a bug past it is not the replica's fault (Faults)
             name, body = proto.decode_current(frames[1].buffer)
-            self.on_container_message(identity, name, body, frames)
+            fields = proto.read_fields(name, body) if name in _READ_WHOLE else None
+        except proto.UnknownMessageType as exc:
+            self.backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, str(exc))
+            return
         except proto.UnsupportedVersion as exc:
             self.backend_error(
                 identity,
@@ -63,20 +68,27 @@ class Containers:
                 f"protocol version {exc.version} is not supported"
                 f" (this broker speaks {proto.PROTOCOL_VERSION})",
             )
+            return
         except proto.DecodeError as exc:
             self.backend_error(identity, ErrorCode.BAD_MESSAGE, str(exc))
+            return
+        self.on_container_message(identity, name, body, fields, frames)
 
-    def on_container_message(self, identity: bytes, name: str, body: Any, frames: list[zmq.Frame]) -> None:
+    def on_container_message(
+        self, identity: bytes, name: str, body: Any, fields: dict[str, Any] | None, frames: list[zmq.Frame]
+    ) -> None:
         b = self.broker
         now = time.monotonic()
         if name == "Hello":
-            self.on_hello(identity, proto.read_fields(name, body), now)
+            assert fields is not None
+            self.on_hello(identity, fields, now)
             return
         replica = b.replicas.get(identity)
         if replica is None:
             if name == "PredictReply":  # from a connection declared dead or replaced: discarded
                 b.counters["late_or_unknown_replies"] += 1
-            self.backend_error(identity, ErrorCode.BAD_MESSAGE, "send Hello first")
+            if name != "Error":  # a peer never answers an Error with an Error
+                self.backend_error(identity, ErrorCode.BAD_MESSAGE, "send Hello first")
             return
         replica.last_seen = now
         if name == "PredictReply":
@@ -84,33 +96,62 @@ class Containers:
         elif name == "Heartbeat":
             pass
         elif name == "Ready":
-            replica.credits = proto.read_fields(name, body)["credits"]
+            assert fields is not None
+            credits = fields["credits"]
+            if credits > limits.MAX_CREDITS:
+                self.backend_error(
+                    identity, ErrorCode.INVALID, f"credits {credits}: 0 to {limits.MAX_CREDITS}"
+                )
+                return
+            replica.credits = credits
             replica.refresh_state()
             b.dispatcher.dirty.add(b.models[replica.model])
         elif name == "Goodbye":
-            reason = proto.read_fields(name, body)["reason"]
+            assert fields is not None
+            reason = fields["reason"][:200]
             self.replica_gone(replica, f"goodbye: {reason}" if reason else "goodbye", now)
+        elif name == "Error":
+            assert fields is not None
+            b.counters["container_errors_received"] += 1
+            log.warning(
+                "error from a replica",
+                replica=replica.replica_id,
+                code=errors.code_name(fields["code"]),
+                message=fields["message"][:200],
+            )
         else:
             self.backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a container message")
 
+    def refuse_hello(self, identity: bytes, code: int, message: str, now: float) -> None:
+        """Refuse a Hello; a replica registered on this connection is forgotten (its
+        in-flight work re-queued, its cached answers dropped)."""
+        b = self.broker
+        b.counters["hellos_refused"] += 1
+        old = b.replicas.get(identity)
+        if old is not None:
+            self.replica_gone(old, f"its new hello was refused: {message}", now)
+        log.warning("hello refused", code=errors.code_name(code), reason=message)
+        self.backend_error(identity, code, message)
+
     def on_hello(self, identity: bytes, h: dict[str, Any], now: float) -> None:
         b = self.broker
-        name, version = h["model"], h["model_version"]
+        problem = limits.check_hello(h)  # the fields; hellos.conflict: the other replicas
+        if problem:
+            self.refuse_hello(identity, ErrorCode.INVALID, f"hello refused: {problem}", now)
+            return
+        name, version, fingerprint = h["model"], h["model_version"], h["fingerprint"]
         replica_id = h["replica_id"] or identity.hex()
         tensor = h["input"]
-        if not name or not version or tensor is None:
-            self.backend_error(identity, ErrorCode.BAD_MESSAGE, "hello needs model, model_version and input")
-            return
-        if tensor["dtype"] not in proto.DTYPE_NAMES:
-            self.backend_error(
-                identity, ErrorCode.BAD_MESSAGE, f"hello names unknown dtype {tensor['dtype']}"
-            )
+        input_type = (tensor["dtype"], tuple(tensor["shape"]))
+        conflict = hellos.conflict(b, identity, replica_id, name, version, input_type, fingerprint, now)
+        if conflict:
+            self.refuse_hello(identity, ErrorCode.CONFLICT, f"hello refused: {conflict}", now)
             return
         old = b.replicas.get(identity)
         if old is not None:
             self.replica_gone(old, "hello again on the same connection", now)
         old_identity = b.replica_ids.get(replica_id)
-        if old_identity is not None and old_identity in b.replicas:
+        if old_identity is not None and old_identity in b.replicas:  # silent past dead_after_ms
             self.replica_gone(b.replicas[old_identity], "replaced by a new connection", now)
         model = b.models.get(name)
         if model is None:
@@ -121,6 +162,7 @@ class Containers:
             model.known_versions.append(version)
         if model.active_version is None:
             model.set_version(version)
+        hellos.note_fingerprint(model, version, fingerprint)
         b.persistence.persist_model(model)
         replica = Replica(
             identity=identity,
@@ -137,6 +179,7 @@ class Containers:
             connected=now,
             last_seen=now,
             last_sent=now,
+            fingerprint=fingerprint,
         )
         replica.controller = BatchController(model.policy(b.config.max_batch, replica.max_batch))
         b.replicas[identity] = replica
@@ -156,6 +199,7 @@ class Containers:
             replica=replica_id,
             sdk=replica.sdk,
             pid=replica.pid,
+            fingerprint=fingerprint,
         )
 
     def on_predict_reply(
@@ -235,10 +279,17 @@ class Containers:
                 answers.answer_item(p, replica, i, output, payloads[i])
 
     def replica_gone(self, replica: Replica, reason: str, now: float) -> None:
-        """Forget a replica; re-queue (once) or answer exactly the queries it held."""
+        """Forget a replica; re-queue (once) or answer exactly the queries it held; drop the
+        answers it computed from the cache.
+
+        A query is re-queued at most once: one that was in flight on two replicas that died
+        (a "poison" input that kills its replica, say) is answered, never sent a third time,
+        and the identical queries waiting on it (single-flight) share its answer instead of
+        taking its place, so one input kills at most two replicas."""
         b = self.broker
         if replica.state is not ReplicaState.DEAD:
             replica.move(ReplicaState.DEAD)
+        b.cache.purge(replica.identity)
         b.replicas.pop(replica.identity, None)
         if b.replica_ids.get(replica.replica_id) == replica.identity:
             del b.replica_ids[replica.replica_id]
@@ -259,9 +310,11 @@ class Containers:
                     requeued += 1
                 else:
                     failed += 1
-                    b.answers.answer_default(
-                        p, f"replica {replica.replica_id} of model {replica.model!r} died: {reason}"
-                    )
+                    why = f"replica {replica.replica_id} of model {replica.model!r} died: {reason}"
+                    followers = b.flights.release(p) if p.cache_key is not None else []
+                    b.answers.answer_default(p, why)
+                    for f in followers:  # an identical input: not computed again
+                        b.answers.answer_default(f, f"{why} (computing an identical query)")
         replica.inflight.clear()
         log.info(
             "replica left",

@@ -26,13 +26,75 @@ if TYPE_CHECKING:
     from ketchd.broker import Broker
 
 
+# bytes charged per remembered query beyond its outputs and context: the Fanout, its selection
+# and the three table slots (measured with tracemalloc: 1.5-2.2 KiB)
+_ENTRY_OVERHEAD = 2048
+
+
+class Recent:
+    """Answered multi-model queries kept for feedback, oldest out, bounded in count and in
+    bytes (their outputs, their context and a fixed overhead each; their inputs are not
+    kept, only a digest of each).
+
+    By request id they are the client's own: the key is its *owner*, the connection that
+    sent it, or with CurveZMQ on the client's public key (so the same key holder may name
+    it from another connection, a gateway worker or the CLI). By input, any client that
+    has the input may name the latest query of that app with it.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.by_id: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
+        self.by_input: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
+        self.sizes: OrderedDict[int, tuple[Fanout, tuple[bytes, int], tuple[str, bytes], int]] = OrderedDict()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def add(self, f: Fanout, owner: bytes, digest: bytes) -> None:
+        size = _ENTRY_OVERHEAD + len(f.context) + sum(len(o[2]) for o in f.outputs.values())
+        if size > self.max_bytes or not self.max_count:
+            return
+        by_id, by_input = (owner, f.request_id), (f.app.name, digest)
+        old = self.by_id.get(by_id)
+        if old is not None:
+            self._drop(old)
+        self.by_id[by_id] = f
+        self.by_input[by_input] = f
+        self.sizes[id(f)] = (f, by_id, by_input, size)
+        self.bytes += size
+        self._trim()
+
+    def grow(self, f: Fanout, nbytes: int) -> None:
+        """A straggler's output joined a remembered query: count it (and trim)."""
+        entry = self.sizes.get(id(f))
+        if entry is not None:
+            self.sizes[id(f)] = (*entry[:3], entry[3] + nbytes)
+            self.bytes += nbytes
+            self._trim()
+
+    def _trim(self) -> None:
+        while self.sizes and (self.bytes > self.max_bytes or len(self.sizes) > self.max_count):
+            self._drop(next(iter(self.sizes.values()))[0])
+
+    def _drop(self, f: Fanout) -> None:
+        entry = self.sizes.pop(id(f), None)
+        if entry is None:
+            return
+        _, by_id, by_input, size = entry
+        self.bytes -= size
+        if self.by_id.get(by_id) is f:
+            del self.by_id[by_id]
+        if self.by_input.get(by_input) is f:
+            del self.by_input[by_input]
+
+
 class Ensembles:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
-        # recent multi-model queries, for feedback: (client, request id) and (app, input digest)
-        self.recent: OrderedDict[tuple[bytes, int], Fanout] = OrderedDict()
-        self.recent_inputs: OrderedDict[tuple[str, bytes], Fanout] = OrderedDict()
-        self.recent_ids: OrderedDict[int, Fanout] = OrderedDict()  # by request id alone (another client)
+        cfg = broker.config
+        self.recent = Recent(cfg.feedback_memory, cfg.feedback_memory_bytes)  # for feedback
 
     def fan_out(
         self,
@@ -52,7 +114,19 @@ class Ensembles:
         cfg = b.config
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
         for rid, payload in zip(ids, payloads, strict=True):
-            sel = app.policy.select(app.models, context)
+            try:
+                sel = app.policy.select(app.models, context)
+            except Exception as exc:  # a policy's bug: this query gets INTERNAL, the loop goes on
+                b.faults.internal_error(f"app {app.name!r}'s policy choosing models", exc)
+                app.errors += 1
+                item = proto.ReplyFields(
+                    rid,
+                    Status.ERROR,
+                    error=ErrorCode.INTERNAL,
+                    message=b.faults.message("choosing models", exc),
+                )
+                b.replies.reply(client, item, EMPTY)
+                continue
             full = [
                 m for m in sel.send_to if len(b.models[m].queue) >= (b.models[m].max_queue or cfg.max_queue)
             ]
@@ -71,6 +145,9 @@ class Ensembles:
             f = Fanout(
                 client, rid, app, sel, context, payload, dtype, shape, now, deadline, priority=priority
             )
+            f.nbytes = n = len(payload)
+            b.held_bytes += n
+            b.client_bytes[client] = b.client_bytes.get(client, 0) + n
             b.outstanding[client] = b.outstanding.get(client, 0) + 1
             b.deadlines.add(deadline, f)
             for m in sel.send_to:
@@ -94,6 +171,8 @@ class Ensembles:
             assert item.dtype is not None
             data = payload.buffer if isinstance(payload, zmq.Frame) else payload
             f.outputs[p.model] = (item.dtype, tuple(item.shape or ()), bytes(data), item.model_version)
+            if f.done:  # a straggler: its answer is kept for feedback, and counted
+                self.recent.grow(f, len(data))
         else:
             f.failed[p.model] = item.message
         if not f.done:
@@ -128,27 +207,61 @@ class Ensembles:
         if not primary:
             return
         answers = self.decoded(f, shadows)
-        f.app.policy.record_shadow(
-            next(iter(primary.values())), answers, [m for m in shadows if m not in answers]
-        )
+        try:
+            f.app.policy.record_shadow(
+                next(iter(primary.values())), answers, [m for m in shadows if m not in answers]
+            )
+        except Exception as exc:  # a policy's bug: figures only, the client has its answer
+            self.broker.faults.internal_error(f"app {f.app.name!r}'s policy recording shadows", exc)
 
-    def complete(self, f: Fanout, first: str | None = None, at_deadline: bool = False) -> None:
-        """Reply to the client from what has arrived."""
+    def release(self, f: Fanout) -> float:
+        """Mark a Fanout answered: out of the deadlines and its client's counts; its latency (ms)."""
         b = self.broker
         f.done = True
         b.deadlines.discard(f.deadline, f)
-        app = f.app
-        sel = f.selection
         left = b.outstanding.get(f.client)
         if left is not None:
             if left <= 1:
                 del b.outstanding[f.client]
             else:
                 b.outstanding[f.client] = left - 1
-        ms = (time.monotonic() - f.arrived) * 1000
-        app.answered += 1
-        app.latency.add(ms)
-        self.remember(f)
+        n = f.nbytes
+        if n:
+            f.nbytes = 0
+            b.held_bytes -= n
+            n = b.client_bytes.get(f.client, n) - n
+            if n > 0:
+                b.client_bytes[f.client] = n
+            else:
+                b.client_bytes.pop(f.client, None)
+        return (time.monotonic() - f.arrived) * 1000
+
+    def fail(self, f: Fanout, message: str) -> None:
+        """Answer a Fanout INTERNAL (a bug left it unanswered)."""
+        if not f.done:
+            self.release(f)
+        f.app.errors += 1
+        item = proto.ReplyFields(f.request_id, Status.ERROR, error=ErrorCode.INTERNAL, message=message)
+        self.broker.replies.reply(f.client, item, EMPTY)
+
+    def complete(self, f: Fanout, first: str | None = None, at_deadline: bool = False) -> None:
+        """Reply to the client from what has arrived: exactly once, even when the policy or
+        its combiner raises (then INTERNAL)."""
+        ms = self.release(f)
+        f.app.answered += 1
+        f.app.latency.add(ms)
+        try:
+            self.remember(f)
+            self._reply(f, ms, first, at_deadline)
+        except Exception as exc:  # a bug of the policy, its combiner or here: INTERNAL, counted
+            where = f"app {f.app.name!r} combining its models' answers"
+            self.broker.faults.internal_error(where, exc)
+            self.fail(f, self.broker.faults.message(where, exc))
+
+    def _reply(self, f: Fanout, ms: float, first: str | None, at_deadline: bool) -> None:
+        b = self.broker
+        app = f.app
+        sel = f.selection
         if first is not None:  # the first answer goes as it came, undecoded
             dtype, shape, payload, version = f.outputs[first]
             item = proto.ReplyFields(
@@ -212,14 +325,24 @@ class Ensembles:
         b.replies.reply(f.client, item, payload)
 
     def remember(self, f: Fanout) -> None:
-        """Keep a bounded number of answered queries for feedback (by id and by input)."""
-        limit = self.broker.config.feedback_memory
-        self.recent[(f.client, f.request_id)] = f
-        self.recent_inputs[(f.app.name, digest128(_data(f.payload)))] = f
-        self.recent_ids[f.request_id] = f
-        for recent in (self.recent, self.recent_inputs, self.recent_ids):
-            while len(recent) > limit:
-                recent.popitem(last=False)
+        """Keep an answered query for feedback (``Recent``: bounded in count and bytes), by its
+        owner and request id and by the digest of its input, which is then let go."""
+        payload = f.payload
+        digest = digest128(_data(payload))
+        self.recent.add(f, self.owner(f.client, payload), digest)
+        f.payload = EMPTY
+
+    def owner(self, client: bytes, frame: Any) -> bytes:
+        """Who sent a message: its connection, or with CurveZMQ on, the client's public key
+        (read from ``frame``, any frame of that message)."""
+        if self.broker.config.curve_secret and isinstance(frame, zmq.Frame):
+            try:
+                user = frame.get("User-Id")
+            except zmq.ZMQError:  # no such property: not authenticated by Curve
+                user = None
+            if isinstance(user, str) and user:
+                return b"key:" + user.encode()
+        return client
 
     def on_feedback(self, client: bytes, fb: dict[str, Any], frames: list[zmq.Frame]) -> None:
         """A Feedback message (its fields read by ``proto.read_fields``) and its payloads."""
@@ -247,15 +370,19 @@ class Ensembles:
                 ErrorCode.BAD_MESSAGE, "feedback needs a label (and its input frame when it names the input)"
             )
             return
+        too_large = b.limits.feedback_problem(frames)
+        if too_large:
+            answer(ErrorCode.TOO_LARGE, too_large)
+            return
         if input_t is not None:
-            f = self.recent_inputs.get((app_name, digest128(frames[0].buffer)))
-        else:
-            # the same client first; then any client (feedback often comes from elsewhere)
-            f = self.recent.get((client, fb["query_id"])) or self.recent_ids.get(fb["query_id"])
+            f = self.recent.by_input.get((app_name, digest128(frames[0].buffer)))
+        else:  # a query id names one of this client's own queries, never another's
+            f = self.recent.by_id.get((self.owner(client, frames[-1]), fb["query_id"]))
         if f is None or f.app is not app:
             answer(
                 ErrorCode.NOT_FOUND,
-                "no recent query of this app matches (answered queries are kept for a while)",
+                "no recent query of this app matches (by query id: one of this client's own;"
+                " answered queries are kept for a while)",
             )
             return
         try:
@@ -266,8 +393,13 @@ class Ensembles:
         answers = self.decoded(f, list(f.outputs))
         try:
             app.policy.feedback(answers, label, f.context, selection=f.selection)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # the policy's word: this label does not fit
             answer(ErrorCode.BAD_INPUT, f"feedback not taken: {exc}")
+            return
+        except Exception as exc:  # a policy's bug: INTERNAL, counted, the loop goes on
+            where = f"app {app_name!r}'s policy learning from feedback"
+            b.faults.internal_error(where, exc)
+            answer(ErrorCode.INTERNAL, b.faults.message(where, exc))
             return
         app.policy_dirty = True
         answer(ErrorCode.NONE)

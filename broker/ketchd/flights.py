@@ -36,8 +36,16 @@ class Flights:
         b = self.broker
         data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
         assert model.active_version is not None  # a model is cached only with an active version
-        key = self.cache.key(model.name, model.active_version, p.dtype, p.shape, data)
-        entry = self.cache.get(key, data)
+        version = model.active_version
+        fingerprint = model.fingerprints.get(version)  # the key's version: cache.version_key, inline
+        try:
+            key = self.cache.key(
+                model.name, f"{version}\x00{fingerprint}" if fingerprint else version, p.dtype, p.shape, data
+            )
+            entry = self.cache.get(key, data)
+        except Exception as exc:  # a bug of the cache: this query is computed, the loop goes on
+            b.faults.internal_error("the prediction cache looking up a query", exc)
+            return False
         if entry is not None:
             model.cache_hits += 1
             p.app.cache_hits += 1
@@ -48,7 +56,7 @@ class Flights:
                 entry.dtype,
                 entry.shape,
                 model=model.name,
-                model_version=key[1],
+                model_version=version,
                 latency_us=int(ms * 1000),
                 models_answered=(model.name,),
             )

@@ -69,6 +69,11 @@ class Persistence:
         else:
             self.broker.admin.send_multipart([identity, reply])
 
+    def refuse(self, identity: bytes, code: str, message: str) -> None:
+        """An admin message refused before it was read (no id to echo)."""
+        reply = {"id": None, "ok": False, "error": {"code": code, "message": message}}
+        self.broker.admin.send_multipart([identity, json.dumps(reply).encode("utf-8")])
+
     def on_durable(self, frames: list[zmq.Frame]) -> None:
         held = self._held_admin.pop(int.from_bytes(frames[0].bytes, "little"), None)
         if held is not None:

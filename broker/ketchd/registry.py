@@ -128,6 +128,7 @@ class Pending:
     cache_key: Any = None
     followers: list[Pending] | None = None
     parent: Fanout | None = None  # set when this is one model's part of a multi-model query
+    nbytes: int = 0  # payload bytes counted to its client while held (Limits), 0 once released
 
 
 @dataclass(eq=False)
@@ -155,6 +156,7 @@ class Fanout:
     outputs: dict[str, tuple[int, tuple[int, ...], Any, str]] = field(default_factory=dict)  # model -> raw
     failed: dict[str, str] = field(default_factory=dict)  # model -> why it gave no answer
     shadows_recorded: bool = False
+    nbytes: int = 0  # payload bytes counted to its client while held (Limits), 0 once released
 
     def settled(self, models: list[str]) -> bool:
         return all(m in self.outputs or m in self.failed for m in models)
@@ -185,6 +187,7 @@ class Replica:
     connected: float
     last_seen: float
     last_sent: float
+    fingerprint: str = ""  # what it serves (Hello.fingerprint): the cache is keyed on it
     state: ReplicaState = ReplicaState.CONNECTING
     inflight: dict[int, Batch] = field(default_factory=dict)
     controller: BatchController = field(default_factory=lambda: BatchController(BatchPolicy()))
@@ -232,6 +235,7 @@ class Replica:
             "version": self.version,
             "state": self.state.value,
             "sdk": self.sdk,
+            "fingerprint": self.fingerprint,
             "pid": self.pid,
             "credits": self.credits,
             "inflight": len(self.inflight),
@@ -259,6 +263,10 @@ class Model:
     deterministic: bool = True  # false once any replica says its answers vary
     queue: ModelQueue = field(default_factory=ModelQueue)
     replicas: dict[bytes, Replica] = field(default_factory=dict)
+    # version -> fingerprint its live replicas announce (the last one let in); not persisted:
+    # replicas announce it again after a restart
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    fingerprint_changes: int = 0  # a version that came back with other code (no replica left of the old)
     # figures
     batches: int = 0
     batched_items: int = 0
@@ -328,6 +336,8 @@ class Model:
             "cache_hits": self.cache_hits,
             "coalesced": self.coalesced,
             "deterministic": self.deterministic,
+            "fingerprints": dict(self.fingerprints),
+            "fingerprint_changes": self.fingerprint_changes,
             "dropped": self.dropped,
             "refused": self.refused,
             "queue_wait_ms": self.queue_wait_ms.summary(),

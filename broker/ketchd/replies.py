@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from ketch import protocol as proto
+from ketch.protocol import MAX_ITEMS, ErrorCode, Status
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -31,20 +32,53 @@ class Replies:
         self.out[client].append((item, payload))
 
     def flush(self) -> None:
-        """Send what was gathered: plain predictions by template, the rest as it comes."""
+        """Send what was gathered: plain predictions by template, the rest as it comes. A
+        reply that cannot be sent (a bug) is counted and logged, and its answers go as
+        INTERNAL errors instead: no answer is lost, none sent twice."""
         sock = self.broker.frontend
         if self.plain_out:
             plain, self.plain_out = self.plain_out, {}
             for (client, family), (values, payloads) in plain.items():
-                self.sender.send_plain(sock, client, family, values, payloads)
+                if len(payloads) <= MAX_ITEMS:
+                    try:
+                        self.sender.send_plain(sock, client, family, values, payloads)
+                    except Exception as exc:
+                        self._failed(client, values[0::2], exc)
+                    continue
+                for at in range(0, len(payloads), MAX_ITEMS):  # a Reply at a time, each alone
+                    end = at + MAX_ITEMS
+                    try:
+                        self.sender.send_plain(
+                            sock, client, family, values[2 * at : 2 * end], payloads[at:end]
+                        )
+                    except Exception as exc:
+                        self._failed(client, values[2 * at : 2 * end : 2], exc)
         if not self.out:
             return
         out, self.out = self.out, defaultdict(list)
         sender = self.sender
         for client, answers in out.items():
-            # sender.send, unfolded: a call fewer per client and turn
-            found = proto.plain_answers(answers)  # a cache leader's, an ensemble's first answer
-            if found is not None:
-                sender.send_plain(sock, client, found[0], found[1], [payload for _, payload in answers])
-            else:
-                sender.send_built(sock, client, answers)
+            for at in range(0, len(answers), MAX_ITEMS):
+                chunk = answers[at : at + MAX_ITEMS] if len(answers) > MAX_ITEMS else answers
+                try:
+                    # sender.send, unfolded: a call fewer per client and turn
+                    found = proto.plain_answers(chunk)  # a cache leader's, an ensemble's first answer
+                    if found is not None:
+                        sender.send_plain(sock, client, found[0], found[1], [payload for _, payload in chunk])
+                    else:
+                        sender.send_built(sock, client, chunk)
+                except Exception as exc:
+                    self._failed(client, [item.request_id for item, _ in chunk], exc)
+
+    def _failed(self, client: bytes, ids: list[int], exc: Exception) -> None:
+        """A Reply that could not be built or sent: its answers go as INTERNAL errors."""
+        faults = self.broker.faults
+        faults.internal_error("sending a reply", exc)
+        message = faults.message("sending a reply", exc)
+        items = [
+            proto.ReplyFields(rid, Status.ERROR, error=ErrorCode.INTERNAL, message=message) for rid in ids
+        ]
+        try:
+            self.sender.send_built(self.broker.frontend, client, [(item, b"") for item in items])
+        except Exception as again:  # nothing more to try: the client's own timeout answers
+            faults.internal_error("sending INTERNAL errors", again)

@@ -18,6 +18,7 @@ class Sockets:
     def __init__(self, config: BrokerConfig, ctx: zmq.Context[Any]) -> None:
         self.config, self.ctx = config, ctx
         self.endpoints: dict[str, str] = {}
+        self._roles: dict[zmq.Socket[Any], str] = {}
         self._auth: Any = None  # zmq.auth.thread.ThreadAuthenticator when Curve is on
         self._keys: tuple[bytes, bytes] | None = None
 
@@ -56,7 +57,12 @@ class Sockets:
         sock.rcvhwm = 100_000
         sock.bind(address)
         self.endpoints[role] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._roles[sock] = role
         return sock
+
+    def role(self, sock: zmq.Socket[Any]) -> str:
+        """``frontend``, ``backend`` or ``admin`` (``internal`` for the broker's own)."""
+        return self._roles.get(sock, "internal")
 
     def stop_curve(self) -> None:
         if self._auth is not None:

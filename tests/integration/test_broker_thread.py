@@ -38,6 +38,10 @@ class RawReplica:
         self.name, self.version, self.replica_id, self.credits = name, version, replica_id, credits
 
     def hello(self) -> None:
+        assert self.say_hello()["type"] == "Welcome"
+
+    def say_hello(self, **fields) -> dict:
+        """Send a Hello (these fields over the defaults); the broker's answer, as a dict."""
         self.sock.send(
             proto.encode(
                 "Hello",
@@ -48,10 +52,11 @@ class RawReplica:
                     "sdk": "test",
                     "replica_id": self.replica_id,
                     "credits": self.credits,
+                    **fields,
                 },
             )
         )
-        assert proto.to_dict(recv(self.sock)[0])["type"] == "Welcome"
+        return proto.to_dict(recv(self.sock)[0])
 
     def next_batch(self, timeout_ms: int = 5000):
         while True:
@@ -308,6 +313,11 @@ def test_late_reply_from_a_replaced_replica_is_discarded(thread_broker, admin, c
     body, payloads = old.next_batch()
     new = RawReplica(thread_broker.backend, replica_id="same")  # same replica id reconnects
     try:
+        # while the old connection is live its id is not taken over: CONFLICT, try later
+        refused = new.say_hello()
+        assert refused["type"] == "Error" and refused["body"]["code"] == "CONFLICT"
+        assert "in use by a live connection" in refused["body"]["message"]
+        wait_for(lambda: not admin.replicas("m"), 5, "the silent replica declared dead")
         new.hello()
         old.answer_sums(body, payloads)  # too late: the batch went back to the queue
         body2, payloads2 = new.next_batch()

@@ -119,9 +119,11 @@ def test_policy_feedback_and_show_from_the_shell(broker_process, ketch_cli, star
     assert (
         pred["output"] == 2.5 and sorted(pred["models_answered"]) == ["a", "b"] and pred["confidence"] == 1.0
     )
-    assert "feedback taken" in ketch_cli(
-        "feedback", "vote", "--label", "2.5", "--query-id", str(pred["request_id"])
+    # a query id names a query of the same client: this shell's `predict` was another connection
+    assert "NOT_FOUND" in ketch_cli(
+        "feedback", "vote", "--label", "2.5", "--query-id", str(pred["request_id"]), code=1
     )
+    assert "feedback taken" in ketch_cli("feedback", "vote", "--label", "2.5", "--input", "[2.5]")
     assert "feedback taken" in ketch_cli("feedback", "vote", "--label", "2.5", "--input", "[2.5]")
     assert "NOT_FOUND" in ketch_cli("feedback", "vote", "--label", "1", "--input", "[9.5]", code=1)
     shown = json.loads(ketch_cli("app", "show", "vote"))

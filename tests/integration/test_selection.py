@@ -7,6 +7,7 @@ import threading
 import time
 
 import ketch
+import numpy as np
 import pytest
 from ketch.local import wait_for
 
@@ -173,3 +174,41 @@ def test_learned_state_survives_a_broker_restart(make_thread_broker, tmp_path):
     with ketch.Admin(again.admin) as admin:
         after = admin.show_app("b")["selection"]
     assert after == before and after["policy"] == "exp3"
+
+
+def test_feedback_names_only_the_clients_own_queries(env):
+    tb, admin, client, serve, _ = env
+    admin.create_app("bandit", input_type="float64", input_shape=[1], slo_ms=1000, models=["a", "b"],
+                     cache=False)  # fmt: skip
+    admin.set_policy("bandit", "exp3", seed=1)
+    serve("a", labeller("x"))
+    serve("b", labeller("x"))
+    mine = [client.predict("bandit", [float(i)]) for i in range(20)]
+    before = admin.show_app("bandit")["selection"]["models"]
+    with ketch.Client(tb.frontend) as intruder:
+        for p in mine:  # another client names A's request ids: refused, learns nothing
+            with pytest.raises(ketch.NotFound, match="this client's own"):
+                intruder.feedback("bandit", "y", query_id=p.request_id)
+    after = admin.show_app("bandit")["selection"]["models"]
+    assert after == before
+    client.feedback("bandit", "x", query_id=mine[-1].request_id)  # its own: taken
+    assert sum(m["feedback"] for m in admin.show_app("bandit")["selection"]["models"].values()) == 1
+
+
+def test_feedback_memory_is_bounded_in_bytes_and_keeps_no_inputs(make_thread_broker, replica_threads):
+    tb = make_thread_broker(feedback_memory_bytes=256 * 1024)
+    with ketch.Admin(tb.admin) as admin, ketch.Client(tb.frontend) as client:
+        admin.create_app(
+            "e", input_type="uint8", input_shape=[-1], slo_ms=2000, models=["a", "b"], cache=False
+        )
+        admin.set_policy("e", "exp3")
+        for name in ("a", "b"):
+            replica_threads(lambda xs: [bytes(16 * 1024) for _ in xs], backend=tb.backend, name=name)
+            wait_for(lambda name=name: admin.replicas(name), 10, f"replica of {name}")
+        preds = [client.predict("e", np.full(64 * 1024, i % 256, np.uint8)) for i in range(60)]
+        recent = tb.broker.ensembles.recent
+        assert 0 < recent.bytes <= 256 * 1024 and len(recent) < 20  # ~17 KiB each: outputs, not inputs
+        assert all(f.payload == b"" for f, *_ in recent.sizes.values())
+        with pytest.raises(ketch.NotFound):  # the oldest went out
+            client.feedback("e", bytes(16 * 1024), query_id=preds[0].request_id)
+        client.feedback("e", bytes(16 * 1024), query_id=preds[-1].request_id)

@@ -1,6 +1,6 @@
 """The prediction cache on its own: exactness, bounds, eviction, TTL, versions."""
 
-from ketchd.cache import ENTRY_OVERHEAD, PredictionCache
+from ketchd.cache import ENTRY_OVERHEAD, PredictionCache, version_key
 
 
 class Clock:
@@ -78,3 +78,28 @@ def test_putting_the_same_input_again_replaces_it():
     cache.put(key, b"x", 12, (), b"new")
     assert len(cache) == 1 and cache.get(key, b"x").output == b"new"
     assert cache.bytes_used == 1 + 3 + ENTRY_OVERHEAD
+
+
+def test_an_answer_leaves_with_the_replica_that_computed_it():
+    cache = PredictionCache()
+    for i in range(3):
+        data = bytes([i]) * 8
+        cache.put(
+            cache.key("m", "1", 11, (1,), data), data, 14, (), b"x", producer=b"liar" if i else b"honest"
+        )
+    assert cache.purge(b"liar") == 2 and cache.figures.purged == 2
+    assert len(cache) == 1 and cache.bytes_used == 8 + 1 + ENTRY_OVERHEAD
+    data = bytes([0]) * 8
+    assert cache.get(cache.key("m", "1", 11, (1,), data), data).producer == b"honest"
+    assert cache.purge(b"nobody") == 0
+    cache.put(cache.key("m", "1", 11, (1,), data), data, 14, (), b"y", producer=b"other")  # replaced
+    assert cache.purge(b"honest") == 0 and cache.purge(b"other") == 1 and cache.bytes_used == 0
+
+
+def test_the_fingerprint_is_part_of_the_version_key():
+    cache = PredictionCache()
+    data = b"\x01" * 8
+    cache.put(cache.key("m", version_key("1", "build:a"), 11, (1,), data), data, 14, (), b"old code")
+    assert cache.get(cache.key("m", version_key("1", "build:b"), 11, (1,), data), data) is None
+    assert cache.get(cache.key("m", version_key("1", ""), 11, (1,), data), data) is None
+    assert version_key("1", "") == "1"  # no fingerprint: the version alone, as before

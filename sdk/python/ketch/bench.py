@@ -98,14 +98,18 @@ class _Session:
         self._plain: proto.LearntTemplates[int] = proto.LearntTemplates(total=64)
 
     def send(self, inputs: list[Any], at: list[float]) -> None:
+        """Send ``inputs`` (of one type), at most MAX_ITEMS to a message (the broker refuses a
+        message of more than its ``max_message_items`` as a whole)."""
         code, shape, first = encode_input(inputs[0])
         payloads = [first, *[encode_input(x)[2] for x in inputs[1:]]]
         ids = list(range(self._ids + 1, self._ids + 1 + len(inputs)))
         self._ids += len(inputs)
         for rid, t in zip(ids, at, strict=True):
             self.started[rid] = t
-        header = proto.query_header(self.app, code, tuple(shape), ids, self.timeout_us)
-        multipart.send(self.sock, [header, *payloads])
+        for start in range(0, len(ids), proto.MAX_ITEMS):
+            end = start + proto.MAX_ITEMS
+            header = proto.query_header(self.app, code, tuple(shape), ids[start:end], self.timeout_us)
+            multipart.send(self.sock, [header, *payloads[start:end]])
         self.result.sent += len(inputs)
 
     def receive(self, timeout_ms: float) -> int:

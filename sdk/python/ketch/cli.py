@@ -478,6 +478,12 @@ def replica_options(f: Callable) -> Callable:
                 help="Largest batch a replica takes (0: no limit of its own).",
             ),
             click.option("--nondeterministic", is_flag=True, help="Answers vary for one input (no caching)."),
+            click.option(
+                "--build-id",
+                envvar="KETCH_BUILD_ID",
+                default=None,
+                help="What this code is, for the broker's cache (default: a digest of the model's source).",
+            ),
         ]
     ):
         f = decorator(f)
@@ -503,6 +509,8 @@ def _replica_cli_options(kw: dict[str, Any]) -> list[str]:
         out += ["--input-shape", kw["input_shape"]]
     if kw["nondeterministic"]:
         out.append("--nondeterministic")
+    if kw["build_id"]:
+        out += ["--build-id", kw["build_id"]]
     return out
 
 
@@ -510,7 +518,16 @@ def _replica_cli_options(kw: dict[str, Any]) -> list[str]:
 @replica_options
 @handles_errors
 def model_run(
-    target, name, model_version, input_type, input_shape, backend, credits, max_batch, nondeterministic
+    target,
+    name,
+    model_version,
+    input_type,
+    input_shape,
+    backend,
+    credits,
+    max_batch,
+    nondeterministic,
+    build_id,
 ):
     """Run one replica of TARGET (MODULE:ATTR or FILE.py:ATTR) in the foreground."""
     from ketch._targets import load_target
@@ -527,6 +544,7 @@ def model_run(
         credits=credits,
         max_batch=max_batch,
         deterministic=not nondeterministic,
+        build_id=build_id,
     )
 
 
@@ -707,7 +725,12 @@ def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
 @main.command("feedback")
 @click.argument("app_name")
 @click.option("--label", required=True, help="The true answer, as JSON.")
-@click.option("--query-id", type=int, default=None, help="Request id of the query (from its prediction).")
+@click.option(
+    "--query-id",
+    type=int,
+    default=None,
+    help="Request id of a query this client sent (with CurveZMQ keys: sent with the same key).",
+)
 @click.option("--input", "input_text", default=None, help="Or the query's input, as JSON.")
 @click.option("--dtype", default=None, help="Input dtype; by default the app's own.")
 @click.pass_context

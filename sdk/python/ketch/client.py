@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import structlog
 import zmq
 import zmq.asyncio
 
@@ -27,6 +28,8 @@ from ketch import errors
 from ketch import protocol as proto
 from ketch.curve import PeerKeys
 from ketch.protocol import Status, multipart
+
+log = structlog.get_logger("ketch.client")
 
 DEFAULT_FRONTEND = "tcp://127.0.0.1:7001"
 _GRACE_S = 0.5  # wait past the query's own timeout before calling the broker silent
@@ -73,21 +76,29 @@ def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...]
     raise TypeError(f"cannot send a {type(x).__name__}: use a numpy array, a list of numbers, str or bytes")
 
 
-def _parse(
-    frames: list[Any], sent_at: dict[int, float] | None = None
-) -> list[tuple[int, Prediction | errors.RequestError]]:
-    """Decode a frontend message into (request id, answer) pairs; raises for an Error message.
+Answers = list[tuple[int, "Prediction | errors.RequestError"]]
 
-    A message that does not decode raises ProtocolError (a KetchError), never a raw error.
-    """
+
+def _parse(
+    frames: list[Any], sent_at: dict[int, float] | None = None, client: _Base | None = None
+) -> Answers:
+    """Decode a frontend message into (request id, answer) pairs. Raises nothing: an item
+    that does not decode (its header fields, its payload) fails alone, as a ProtocolError
+    answer for its request id; what names no readable request id (a header that does not
+    decode, an Error without a request id) fails nothing: it is counted on ``client``
+    (``unreadable``) and logged."""
     try:
         plain = _plain_reply(frames, sent_at)
-        if plain is not None:
-            return plain
-        out = _parse_message(frames, sent_at)
-    except proto.DecodeError as exc:
-        raise errors.ProtocolError(f"reply from the broker does not decode: {exc}") from None
-    if out and not _PLAIN.full and all(isinstance(p, Prediction) and not p.default for _, p in out):
+    except proto.DecodeError:
+        plain = None
+    if plain is not None:
+        return plain
+    out, problem = _parse_message(frames, sent_at)
+    if problem:
+        if client is not None:
+            client.unreadable += 1
+        log.warning("unreadable message from the broker", problem=problem[:300])
+    elif out and not _PLAIN.full and all(isinstance(p, Prediction) and not p.default for _, p in out):
         _PLAIN.learn_reply(frames[0])  # a reply of plain predictions, kept as a template of itself
     return out
 
@@ -99,9 +110,7 @@ def _parse(
 _PLAIN = proto.PlainReplies(total=256)
 
 
-def _plain_reply(
-    frames: list[Any], sent_at: dict[int, float] | None
-) -> list[tuple[int, Prediction | errors.RequestError]] | None:
+def _plain_reply(frames: list[Any], sent_at: dict[int, float] | None) -> Answers | None:
     found = _PLAIN.match(frames[0]) if _PLAIN else None
     if found is None:
         return None
@@ -109,13 +118,18 @@ def _plain_reply(
     if len(frames) != 1 + len(values) // 2:
         return None
     now = time.perf_counter()
-    out: list[tuple[int, Prediction | errors.RequestError]] = []
+    out: Answers = []
     answered = (model,)
     for i in range(0, len(values), 2):
         rid = values[i]
+        try:
+            output = proto.payload_to_value(dtype, shape, frames[1 + i // 2])
+        except proto.DecodeError as exc:  # this item alone
+            out.append((rid, errors.ProtocolError(f"answer does not decode: {exc}", request_id=rid)))
+            continue
         started = sent_at.get(rid) if sent_at else None
         prediction = Prediction(
-            output=proto.payload_to_value(dtype, shape, frames[1 + i // 2]),
+            output=output,
             model=model,
             version=version,
             latency_ms=(now - started) * 1000 if started else 0.0,
@@ -127,20 +141,31 @@ def _plain_reply(
     return out
 
 
-def _parse_message(
-    frames: list[Any], sent_at: dict[int, float] | None
-) -> list[tuple[int, Prediction | errors.RequestError]]:
+def _parse_message(frames: list[Any], sent_at: dict[int, float] | None) -> tuple[Answers, str]:
     now = time.perf_counter()
-    _, name, body = proto.decode(frames[0])
+    try:
+        _, name, body = proto.decode(frames[0])
+        if name == "Error":
+            e = proto.read_fields(name, body)
+    except proto.DecodeError as exc:
+        return [], f"message from the broker does not decode: {exc}"
     if name == "Error":
-        e = proto.read_fields(name, body)
-        msg = e["message"]
-        raise errors.raise_for(e["code"], msg, request_id=e["request_id"], retry_after_ms=e["retry_after_ms"])
+        err = errors.raise_for(
+            e["code"], e["message"], request_id=e["request_id"], retry_after_ms=e["retry_after_ms"]
+        )
+        if e["request_id"]:
+            return [(e["request_id"], err)], ""
+        return [], f"error from the broker naming no query: {err.code_name}: {err.message}"
     if name != "Reply":
-        raise errors.ProtocolError(f"unexpected {name} from the broker")
-    out: list[tuple[int, Prediction | errors.RequestError]] = []
+        return [], f"unexpected {name} from the broker"
+    out: Answers = []
+    items, broken, unnamed = proto.read_reply_items(body)
+    for rid, why in broken:
+        out.append((rid, errors.ProtocolError(why, request_id=rid)))
     payloads = frames[1:]
-    for i, item in enumerate(proto.read_reply(body)):
+    for i, item in enumerate(items):
+        if item is None:
+            continue
         rid = item.request_id
         if item.status == Status.ERROR:
             err = errors.raise_for(
@@ -149,7 +174,11 @@ def _parse_message(
             out.append((rid, err))
             continue
         payload = payloads[i] if i < len(payloads) else b""
-        value = None if item.dtype is None else proto.payload_to_value(item.dtype, item.shape, payload)
+        try:
+            value = None if item.dtype is None else proto.payload_to_value(item.dtype, item.shape, payload)
+        except proto.DecodeError as exc:  # this item alone
+            out.append((rid, errors.ProtocolError(f"answer does not decode: {exc}", request_id=rid)))
+            continue
         started = sent_at.get(rid) if sent_at else None
         default = item.status == Status.DEFAULT
         prediction = Prediction(
@@ -166,7 +195,8 @@ def _parse_message(
             request_id=rid,
         )
         out.append((rid, prediction))
-    return out
+    problem = f"{unnamed} reply item(s) from the broker name no readable query" if unnamed else ""
+    return out, problem
 
 
 def _wait_s(timeout_ms: float | None) -> float:
@@ -176,7 +206,9 @@ def _wait_s(timeout_ms: float | None) -> float:
 def _chunks(
     xs: Sequence[Any], dtype: str | None, size: int
 ) -> Iterable[tuple[int, tuple[int, ...], list[Any], range]]:
-    """Group consecutive inputs of one dtype and shape into Query-sized chunks."""
+    """Group consecutive inputs of one dtype and shape into Query-sized chunks (at most
+    ``MAX_ITEMS``, the protocol's item limit per message)."""
+    size = max(1, min(size, proto.MAX_ITEMS))
     start = 0
     current: tuple[int, tuple[int, ...]] | None = None
     payloads: list[Any] = []
@@ -202,6 +234,7 @@ class _Base:
         self.address = address or os.environ.get("KETCH_FRONTEND") or DEFAULT_FRONTEND
         # ids start at a random point so a restarted client does not reuse recent ones
         self._ids = itertools.count(int.from_bytes(os.urandom(3), "little") << 20 | 1)
+        self.unreadable = 0  # messages (or reply items) from the broker that named no query
 
     @staticmethod
     def _timeout_us(timeout_ms: float | None) -> int:
@@ -294,7 +327,7 @@ class Client(_Base):
                         f"no answer from the broker at {self.address} in time for {len(want)} queries"
                     )
                 continue
-            for rid, answer in _parse(frames, self._sent_at):
+            for rid, answer in _parse(frames, self._sent_at, self):
                 if rid in want:
                     want.discard(rid)
                     self._sent_at.pop(rid, None)
@@ -361,7 +394,7 @@ class Client(_Base):
     ) -> list[Prediction | errors.RequestError]:
         """Predictions for many inputs, pipelined on this socket, in input order.
 
-        At most ``window`` queries are outstanding at once, sent ``chunk`` to a message.
+        At most ``window`` queries are outstanding at once, sent ``chunk`` (at most 64) to a message.
         An error raises (the first one, in input order) unless ``return_exceptions``.
         """
         results: dict[int, Any] = {}
@@ -397,7 +430,7 @@ class Client(_Base):
         frames = self._recv(deadline)
         if frames is None:
             raise errors.Timeout(f"no answer from the broker at {self.address} in time")
-        for rid, answer in _parse(frames, self._sent_at):
+        for rid, answer in _parse(frames, self._sent_at, self):
             if rid in outstanding:
                 outstanding.discard(rid)
                 self._sent_at.pop(rid, None)
@@ -497,14 +530,8 @@ class AsyncClient(_Base):
             self._take(sock.recv_multipart(zmq.NOBLOCK))
 
     def _take(self, frames: list[bytes]) -> None:
-        try:
-            answers = _parse(frames, self._sent_at)
-        except errors.RequestError as exc:  # message-level error: fail everything waiting
-            for fut in self._futures.values():
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for rid, answer in answers:
+        # each answer goes to its own request; what names none fails none (counted, logged)
+        for rid, answer in _parse(frames, self._sent_at, self):
             self._sent_at.pop(rid, None)
             fut = self._futures.pop(rid, None)
             if fut is not None and not fut.done():

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -29,7 +29,8 @@ from ketch import __version__, errors
 from ketch import protocol as proto
 from ketch._status import CONNECTING, DRAINING, READY, StatusFile
 from ketch.curve import PeerKeys
-from ketch.protocol import ErrorCode, Status, multipart
+from ketch.fingerprint import fingerprint
+from ketch.protocol import ErrorCode, Status, limits, multipart
 
 log = structlog.get_logger("ketch.runtime")
 
@@ -71,6 +72,8 @@ class Replica:
         context: zmq.Context | None = None,
         curve: PeerKeys | None = None,
         status_file: str | None = None,
+        build_id: str | None = None,
+        model_files: Sequence[str | os.PathLike[str]] = (),
     ) -> None:
         self.predict = as_predict(model)
         self.curve = curve or PeerKeys.load()
@@ -86,6 +89,12 @@ class Replica:
         self.credits = credits
         self.max_batch = max_batch
         self.deterministic = deterministic
+        # what it serves, announced in its Hello (ketch.fingerprint): the broker's cache is keyed on it
+        self.fingerprint = fingerprint(model, build_id=build_id, files=model_files)
+        problem = proto.limits.check_hello(self._hello_fields())
+        if problem:  # refused here, not by the broker after a hello (nor in a loop)
+            raise ValueError(problem)
+        self.refusal: errors.RequestError | None = None  # why the broker refused it, if it did
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
         # the probes' status file ($KETCH_STATUS_FILE), kept by the heartbeat thread
@@ -156,24 +165,22 @@ class Replica:
         sock.connect(self.broker)
         return sock
 
+    def _hello_fields(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "model_version": self.version,
+            "input": {"dtype": self.input_dtype, "shape": list(self.input_shape)},
+            "sdk": f"python/{__version__}",
+            "replica_id": self.replica_id,
+            "credits": self.credits,
+            "max_batch": self.max_batch,
+            "deterministic": self.deterministic,
+            "pid": os.getpid(),
+            "fingerprint": self.fingerprint,
+        }
+
     def _hello(self, sock: zmq.Socket) -> None:
-        _send(
-            sock,
-            proto.encode(
-                "Hello",
-                {
-                    "model": self.name,
-                    "model_version": self.version,
-                    "input": {"dtype": self.input_dtype, "shape": list(self.input_shape)},
-                    "sdk": f"python/{__version__}",
-                    "replica_id": self.replica_id,
-                    "credits": self.credits,
-                    "max_batch": self.max_batch,
-                    "deterministic": self.deterministic,
-                    "pid": os.getpid(),
-                },
-            ),
-        )
+        _send(sock, proto.encode("Hello", self._hello_fields()))
 
     def _loop(self) -> None:
         sock = self._sock = self._connect()
@@ -184,6 +191,7 @@ class Replica:
         draining_since: float | None = None
         backoff = 0.1
         heartbeat = proto.encode("Heartbeat", {})
+        self._welcomed = False
         while True:
             timeout = min(100 if draining_since is None else 10, int(self.heartbeat_s * 500))
             prebuild = bool(self._prebuilds)
@@ -201,8 +209,13 @@ class Replica:
                         welcomed = self._welcomed = False
                         self._hello(sock)
                         hello_at = self._last_send = last_recv
+                    elif action == "later":  # CONFLICT: the Hello again after the backoff
+                        welcomed = False
+                        hello_at = last_recv
+                        backoff = min(max(backoff * 2, 1.0), 30.0)
                     elif action == "shutdown":
                         self._stop.set()
+                    self._welcomed = welcomed
                     if not multipart.waiting(sock):
                         break
             elif prebuild:  # idle: build a reply template before a burst needs it
@@ -223,7 +236,7 @@ class Replica:
                 # no welcome: the broker may be down; keep saying hello, backing off
                 self._hello(sock)
                 hello_at = self._last_send = now
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, max(backoff, 5.0))
             elif welcomed and now - last_recv > self.dead_after_s and not sock.poll(0, zmq.POLLIN):
                 self.log.warning("broker silent, reconnecting", silent_s=round(now - last_recv, 2))
                 sock.close(linger=0)
@@ -250,24 +263,35 @@ class Replica:
                     self._last_send = time.monotonic()
                 return "batch"
         try:
-            _, name, body = proto.decode(header)
+            version, name, body = proto.decode(header)
+        except proto.UnknownMessageType as exc:
+            if exc.version != proto.PROTOCOL_VERSION:
+                return self._unsupported(sock, exc.version, exc.body_type)
+            self._answer_error(sock, ErrorCode.UNKNOWN_MESSAGE, f"{exc} (this replica speaks protocol 1)")
+            return ""
         except proto.DecodeError as exc:
             self.log.warning("undecodable message from broker", error=str(exc))
+            self._answer_error(sock, ErrorCode.BAD_MESSAGE, f"message does not decode: {exc}")
             return ""
+        if version != proto.PROTOCOL_VERSION:  # MUST NOT act on it
+            return self._unsupported(sock, version, proto.BODY_CODES[name])
         if name == "PredictRequest":
             try:
                 request = proto.read_predict_request(body)
-                inputs = self._inputs(request, frames[1:])
-            except Exception as exc:
+                inputs, bad = self._inputs(request, frames[1:])
+            except (proto.DecodeError, errors.ProtocolError) as exc:  # the batch as a whole
                 batch_id = proto.read_batch_id(body, name)  # 0 when even that does not decode
                 self.log.warning("undecodable batch", batch=batch_id, error=errors.describe(exc))
                 reply = [
-                    proto.build_predict_reply(batch_id, 0, [], ErrorCode.BAD_MESSAGE, "batch did not decode")
+                    proto.build_predict_reply(
+                        batch_id, 0, [], ErrorCode.BAD_MESSAGE, f"batch did not decode: {exc}"[:500]
+                    )
                 ]
             else:
-                if not self._requests.full:
+                if not bad and not self._requests.full:
                     self._requests.learn_request(header, body, request)
-                reply = self._compute_unlocked(request.batch_id, inputs, list(request.budgets_us), now)
+                budgets = list(request.budgets_us)
+                reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
             if _send(sock, reply):
                 self._last_send = time.monotonic()
             return "batch"
@@ -279,7 +303,7 @@ class Replica:
                 return ""
             self.heartbeat_s = max(0.01, (welcome["heartbeat_ms"] or 1000) / 1000)
             self.dead_after_s = max(self.heartbeat_s * 2, (welcome["dead_after_ms"] or 5000) / 1000)
-            self.log.info("replica registered", broker=self.broker)
+            self.log.info("replica registered", broker=self.broker, fingerprint=self.fingerprint)
             return "welcome"
         if name == "Heartbeat":
             return ""
@@ -291,50 +315,105 @@ class Replica:
             except proto.DecodeError as exc:
                 self.log.warning("undecodable message from broker", error=str(exc))
                 return ""
-            code, message = error["code"], error["message"]
-            if code == ErrorCode.UNSUPPORTED_VERSION:
-                raise errors.UnsupportedVersion(message)
-            if code == ErrorCode.BAD_MESSAGE and "hello" in message.lower():
-                self.log.info("broker asks for hello (restarted?)")
-                return "hello"
-            self.log.warning("error from broker", code=errors.code_name(code), message=message)
-            return ""
-        self.log.warning("unexpected message from broker", type=name)
+            return self._on_error(error["code"], error["message"])
+        self._answer_error(sock, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a message from the broker")
         return ""
 
+    def _on_error(self, code: int, message: str) -> str:
+        """An Error from the broker, acted on by its code alone (docs/protocol.md section 5):
+
+        - UNSUPPORTED_VERSION: refused for good (``run`` raises);
+        - BAD_MESSAGE once welcomed: the broker does not know this connection (it restarted,
+          or declared it dead): Hello again; before the Welcome it answers something sent
+          before the Hello, which is retried with backoff anyway;
+        - CONFLICT in answer to the Hello: not now (the replica id is live elsewhere, or the
+          model's live replicas take another input or serve other code): Hello again later;
+        - any other code in answer to the Hello: refused (``run`` raises);
+        - anything else: logged."""
+        if code == ErrorCode.UNSUPPORTED_VERSION:
+            raise self._refused(code, message)
+        if code == ErrorCode.BAD_MESSAGE:
+            if self._welcomed:
+                self.log.info("broker does not know this connection: hello again", message=message)
+                return "hello"
+            return ""
+        if not self._welcomed:
+            if code == ErrorCode.CONFLICT:
+                self.log.warning("hello refused for now: trying again later", message=message)
+                return "later"
+            raise self._refused(code, message)
+        self.log.warning("error from broker", code=errors.code_name(code), message=message)
+        return ""
+
+    def _refused(self, code: int, message: str) -> errors.RequestError:
+        self.log.error("hello refused", code=errors.code_name(code), message=message)
+        self.refusal = errors.raise_for(code, message)
+        return self.refusal
+
+    def _unsupported(self, sock: zmq.Socket, version: int, body_type: int) -> str:
+        """A message of another protocol version: not acted on; answered, unless an Error."""
+        if body_type != proto.BODY_CODES["Error"]:
+            text = f"protocol version {version} is not supported (speaks {proto.PROTOCOL_VERSION})"
+            self._answer_error(sock, ErrorCode.UNSUPPORTED_VERSION, text)
+        return ""
+
+    def _answer_error(self, sock: zmq.Socket, code: int, message: str) -> None:
+        self.log.warning("message from broker refused", code=errors.code_name(code), message=message)
+        if _send(sock, proto.encode("Error", {"code": code, "message": message[:500]})):
+            self._last_send = time.monotonic()
+
     @staticmethod
-    def _inputs(request: proto.PredictRequestView, payloads: list[zmq.Frame]) -> list[Any]:
-        """The inputs of a batch, from its request and its payload frames."""
+    def _inputs(
+        request: proto.PredictRequestView, payloads: list[zmq.Frame]
+    ) -> tuple[list[Any], dict[int, str]]:
+        """The inputs of a batch, from its request and its payload frames, and the items whose
+        payload is not a value of their type (their reason): those fail alone (BAD_INPUT)."""
         dtype, ndim, shapes, n = request.dtype, request.ndim, request.shapes, len(request.budgets_us)
         if len(payloads) != n or len(shapes) != ndim * n:
             raise errors.ProtocolError(
                 f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries"
             )
-        return [
-            proto.payload_to_value(dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer)
-            for i in range(n)
-        ]
+        inputs: list[Any] = [None] * n
+        bad: dict[int, str] = {}
+        for i in range(n):
+            try:
+                inputs[i] = proto.payload_to_value(
+                    dtype, shapes[i * ndim : (i + 1) * ndim], payloads[i].buffer
+                )
+            except proto.DecodeError as exc:
+                bad[i] = f"item {i}: {exc}"
+        return inputs, bad
 
     # ------------------------------------------------------------ compute
 
     def _compute_unlocked(
-        self, batch_id: int, inputs: list[Any], budgets: list[int], received: float
+        self,
+        batch_id: int,
+        inputs: list[Any],
+        budgets: list[int],
+        received: float,
+        bad: dict[int, str] | None = None,
     ) -> list[Any]:
         """Compute a batch with the socket lent to the heartbeat thread meanwhile."""
         self._computing_since = received
         self._sock_lock.release()
         try:
-            return self._compute(batch_id, inputs, budgets, received)
+            return self._compute(batch_id, inputs, budgets, received, bad or {})
         finally:
             self._sock_lock.acquire()
             self._computing_since = None
             self.batches += 1
 
-    def _compute(self, batch_id: int, inputs: list[Any], budgets: list[int], received: float) -> list[Any]:
+    def _compute(
+        self, batch_id: int, inputs: list[Any], budgets: list[int], received: float, bad: dict[int, str]
+    ) -> list[Any]:
+        """The reply to a batch: ``predict`` on its live items (neither past their budget nor
+        in ``bad``, whose payloads did not decode), one output or error per item."""
         n = len(inputs)
         waited_us = (time.monotonic() - received) * 1e6
-        every = not budgets or min(budgets) > waited_us  # the common case: no deadline passed
-        live = list(range(n)) if every else [i for i in range(n) if budgets[i] > waited_us]
+        # the common case: no deadline passed, every payload decoded
+        every = not bad and (not budgets or min(budgets) > waited_us)
+        live = list(range(n)) if every else [i for i in range(n) if budgets[i] > waited_us and i not in bad]
         results: list[Any] = [None] * n
         t0 = time.perf_counter()
         failure = ""
@@ -351,11 +430,19 @@ class Replica:
                         results[i] = out
             except Exception as exc:
                 failure = errors.describe(exc)
-        # at least 1 us: a zero is left out of the table and would miss the template below
-        compute_us = max(1, int((time.perf_counter() - t0) * 1e6))
+        # at least 1 us: a zero is left out of the table and would miss the template below;
+        # a uint32, it saturates (a batch of over 71 minutes)
+        compute_us = min(limits.U32_MAX, max(1, int((time.perf_counter() - t0) * 1e6)))
         if failure:
             self.log.warning("predict failed", batch=batch_id, error=failure)
-            return [proto.build_predict_reply(batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
+            if not bad:
+                return [proto.build_predict_reply(batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
+            failed = (Status.ERROR, None, (), ErrorCode.MODEL_ERROR, failure)  # bad items keep their own
+            metas = [
+                (Status.ERROR, None, (), ErrorCode.BAD_INPUT, bad[i][:500]) if i in bad else failed
+                for i in range(n)
+            ]
+            return [proto.build_predict_reply(batch_id, compute_us, metas), *[b""] * n]
         if every and batch_id:
             try:
                 encoded = [encode_output(out) for out in results]
@@ -369,6 +456,10 @@ class Replica:
         live_set = set(live)
         metas, payloads = [], []
         for i in range(n):
+            if i in bad:
+                metas.append((Status.ERROR, None, (), ErrorCode.BAD_INPUT, bad[i][:500]))
+                payloads.append(b"")
+                continue
             if i not in live_set:
                 metas.append((Status.ERROR, None, (), ErrorCode.DEADLINE, "deadline passed before compute"))
                 payloads.append(b"")

@@ -37,7 +37,7 @@ KETCH_SPEC <- list(
                label = "Tensor", context = "str"),
   Hello = c(model = "str", model_version = "str", input = "Tensor", sdk = "str",
             replica_id = "str", credits = "u32", max_batch = "u32", deterministic = "bool",
-            pid = "u32"),
+            pid = "u32", fingerprint = "str"),
   Welcome = c(heartbeat_ms = "u32", dead_after_ms = "u32"),
   Ready = c(credits = "u32"),
   Heartbeat = c(busy = "bool"),

@@ -38,6 +38,18 @@ KETCH_SDK <- "r/0.1.0"
 KETCH_MAX_U32 <- 4294967295
 KETCH_DRAIN_QUIET_S <- 0.05  # a draining replica says Goodbye after this long without a batch
 
+# What the container serves, sent in Hello (the broker keys its cache on it): "build:" and
+# $KETCH_BUILD_ID when set, else "md5:" and the digest of predict_fn's source (what it calls
+# or loads is not seen: set KETCH_BUILD_ID where that matters).
+ketch_fingerprint <- function(predict_fn) {
+  build <- Sys.getenv("KETCH_BUILD_ID")
+  if (nzchar(build)) return(paste0("build:", build))
+  file <- tempfile()
+  on.exit(unlink(file))
+  writeLines(deparse(predict_fn, control = c("keepInteger", "showAttributes")), file)
+  paste0("md5:", unname(tools::md5sum(file)))
+}
+
 #' Serve an R model as a Ketch model container
 #'
 #' Connects to the broker's backend, says Hello, computes the batches the broker sends
@@ -105,7 +117,8 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   rt$hello <- list(model = name, model_version = as.character(version),
                    input = list(dtype = input_type, shape = as.numeric(input_shape)),
                    sdk = KETCH_SDK, replica_id = replica_id, credits = credits,
-                   max_batch = max_batch, deterministic = deterministic, pid = Sys.getpid())
+                   max_batch = max_batch, deterministic = deterministic, pid = Sys.getpid(),
+                   fingerprint = ketch_fingerprint(predict_fn))
   rt$welcome_timeout <- welcome_timeout_ms / 1000
   rt$heartbeat <- 1
   rt$dead_after <- Inf

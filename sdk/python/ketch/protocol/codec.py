@@ -56,6 +56,15 @@ class UnsupportedVersion(DecodeError):
         self.version = version
 
 
+class UnknownMessageType(DecodeError):
+    """An envelope whose body type this package does not know (a newer peer's message, or
+    garbage): answered ``UNKNOWN_MESSAGE``, not ``BAD_MESSAGE``."""
+
+    def __init__(self, body_type: int, version: int) -> None:
+        super().__init__(f"unknown message type {body_type}")
+        self.body_type, self.version = body_type, version
+
+
 def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
@@ -177,7 +186,7 @@ def decode(frame: Buffer) -> tuple[int, str, Any]:
         body_type = _RU8(buf, pos + off)[0] if off else 0
         name = BODY_NAMES.get(body_type)
         if name is None:
-            raise DecodeError(f"unknown message type {body_type}")
+            raise UnknownMessageType(body_type, version)
         off = _RU16(buf, vt + _BODY_AT)[0] if vt_end > _BODY_AT else 0
         if not off:
             raise DecodeError(f"{name} without a body")
@@ -192,8 +201,14 @@ def decode(frame: Buffer) -> tuple[int, str, Any]:
 
 def decode_current(frame: Buffer) -> tuple[str, Any]:
     """(body name, body) of a header frame in this protocol version: ``decode`` that also
-    raises UnsupportedVersion (a DecodeError) for another version."""
-    version, name, body = decode(frame)
+    raises UnsupportedVersion (a DecodeError) for another version, whatever its body type,
+    and UnknownMessageType for a body type of this version it does not know."""
+    try:
+        version, name, body = decode(frame)
+    except UnknownMessageType as exc:
+        if exc.version != PROTOCOL_VERSION:
+            raise UnsupportedVersion(exc.version) from None
+        raise
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(version)
     return name, body

@@ -58,10 +58,21 @@ def send(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
     _send(sock, frame, flags, _copy(frame))
 
 
-def recv(sock: zmq.Socket[Any], flags: int = 0) -> list[zmq.Frame]:
-    """One multipart message as Frames (``flags``: 0 or NOBLOCK; raises zmq.Again)."""
+def recv(sock: zmq.Socket[Any], flags: int = 0, limit: int = 0) -> list[zmq.Frame]:
+    """One multipart message as Frames (``flags``: 0 or NOBLOCK; raises zmq.Again).
+
+    With ``limit``, at most ``limit + 1`` frames are kept: the frames of a longer message
+    past those are received and dropped at once, so a message of a million frames costs
+    the time to take them but not the memory to hold them (one frame more than ``limit``
+    says the message was longer)."""
     frame = _recv(sock, flags, False)
     frames = [frame]
+    if limit:
+        while frame.more:
+            frame = _recv(sock, flags, False)
+            if len(frames) <= limit:
+                frames.append(frame)
+        return frames
     while frame.more:
         frame = _recv(sock, flags, False)
         frames.append(frame)

@@ -20,6 +20,7 @@ from ketch.protocol._generated import Query as _Q
 from ketch.protocol._raw import (
     FIELD_ERRORS,
     read_i8,
+    read_length,
     read_text,
     read_u8,
     read_u32,
@@ -29,6 +30,7 @@ from ketch.protocol._raw import (
     where,
 )
 from ketch.protocol.codec import MAX_ITEMS, DecodeError, decode, finish
+from ketch.protocol.limits import MAX_RANK
 from ketch.protocol.templates import SENTINEL, LearntTemplates, Template, vector_at
 
 _F = schema.Query
@@ -83,10 +85,22 @@ def build_query(
 def query_template(
     app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str, n: int = 1
 ) -> Template:
-    """A Query of ``n`` queries of one type; render(request_id_0, ..., request_id_n-1)."""
+    """A Query of ``n`` queries of one type; render(request_id_0, ..., request_id_n-1).
+
+    Kept only for query types whose app name and context are short (``TEMPLATE_TEXT``
+    bytes in all, shape rank at most 32): the cache then holds at most ~6 MB, whatever a
+    client puts in its contexts; ``query_header`` builds a longer one each time, and the
+    broker never learns one."""
     data = build_query(app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context)
     first = vector_at(*where(decode(data)[2]), _F.REQUEST_IDS)
     return Template(data, tuple((first + 8 * i, "<Q") for i in range(n)))
+
+
+TEMPLATE_TEXT = 512  # bytes of app name and context, at most, in a cached template
+
+
+def _short(query: QueryType) -> bool:
+    return len(query.app) + len(query.context) <= TEMPLATE_TEXT and len(query.shape) <= MAX_RANK
 
 
 def query_header(
@@ -98,8 +112,9 @@ def query_header(
     priority: int = 0,
     context: str = "",
 ) -> bytes:
-    """A client's Query header: rendered from its template up to MAX_ITEMS ids, else built."""
-    if len(ids) <= MAX_ITEMS:
+    """A client's Query header: rendered from its template up to MAX_ITEMS ids (when its app
+    name and context are short), else built."""
+    if len(ids) <= MAX_ITEMS and len(app) + len(context) <= TEMPLATE_TEXT and len(shape) <= MAX_RANK:
         return query_template(app, dtype, shape, timeout_us, priority, context, len(ids)).render(*ids)
     return build_query(app, dtype, shape, ids, timeout_us, priority, context)
 
@@ -125,6 +140,16 @@ def read_query(body: Any) -> tuple[QueryType, list[int]]:
     return query, ids
 
 
+def query_ids_count(body: Any) -> int:
+    """How many request ids a decoded Query names, without reading them (so that a Query of
+    millions can be refused before they cost anything). Raises DecodeError."""
+    buf, pos = where(body)
+    try:
+        return read_length(buf, pos, slot(slots(buf, pos), _F.REQUEST_IDS))
+    except FIELD_ERRORS as exc:
+        raise DecodeError(f"Query does not decode: {type(exc).__name__}") from None
+
+
 class QueryReceiver(LearntTemplates[QueryType]):
     """The broker's end: ``match`` (inherited) reads a learnt Query from its slots, giving
     ``(ids, query type)``; ``learn`` keeps one just read the long way when it is the canonical
@@ -133,7 +158,10 @@ class QueryReceiver(LearntTemplates[QueryType]):
     __slots__ = ()
 
     def learn_query(self, body: Any, query: QueryType, n_ids: int) -> bool:
-        if n_ids > MAX_ITEMS or self.full:
+        """Keep a Query just read the long way when it is the canonical template rendered and
+        its type is short (``query_template``): what a client sends is held only in a
+        bounded number of short templates."""
+        if n_ids > MAX_ITEMS or self.full or not _short(query):
             return False
         buf, _ = where(body)
         return self.learn(buf, query_template(*query, n_ids), query)

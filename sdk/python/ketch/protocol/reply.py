@@ -41,6 +41,7 @@ from ketch.protocol._raw import (
     where,
 )
 from ketch.protocol.codec import MAX_ITEMS, DecodeError, build_tensor, decode, finish
+from ketch.protocol.limits import U32_MAX
 from ketch.protocol.multipart import send
 from ketch.protocol.templates import SENTINEL, LearntTemplates, Prebuilds, Template, field_at
 
@@ -94,11 +95,12 @@ class ReplyFields:
         self.message = message
         self.model = model
         self.model_version = model_version
-        self.latency_us = latency_us
+        # uint32 fields saturate (a query held past 71.6 minutes, a long retry hint)
+        self.latency_us = latency_us if latency_us <= U32_MAX else U32_MAX
         self.confidence = confidence
         self.models_answered = models_answered
         self.models_missing = models_missing
-        self.retry_after_ms = retry_after_ms
+        self.retry_after_ms = retry_after_ms if retry_after_ms <= U32_MAX else U32_MAX
 
 
 def _string_vector(b: flatbuffers.Builder, strings: Sequence[str], cache: dict[str, int], start: Any) -> int:
@@ -290,44 +292,77 @@ class ReplyItemView(NamedTuple):
     retry_after_ms: int
 
 
+def _read_item(buf: Buffer, at: int) -> ReplyItemView:
+    f = slots(buf, at)
+    t = read_table(buf, at, slot(f, _F.OUTPUT))
+    dtype: int | None
+    shape: tuple[int, ...]
+    if t is None:
+        dtype, shape = None, ()
+    else:
+        tf = slots(buf, t)
+        dtype, shape = (
+            read_u8(buf, t, slot(tf, _TF.DTYPE)),
+            read_vector(buf, t, slot(tf, _TF.SHAPE), "q"),
+        )
+    return ReplyItemView(
+        read_u64(buf, at, slot(f, _F.REQUEST_ID)),
+        read_u8(buf, at, slot(f, _F.STATUS)),
+        dtype,
+        shape,
+        read_u16(buf, at, slot(f, _F.ERROR)),
+        read_text(buf, at, slot(f, _F.MESSAGE)),
+        read_text(buf, at, slot(f, _F.MODEL)),
+        read_text(buf, at, slot(f, _F.MODEL_VERSION)),
+        read_u32(buf, at, slot(f, _F.LATENCY_US)),
+        read_f32(buf, at, slot(f, _F.CONFIDENCE), 1.0),
+        read_strings(buf, at, slot(f, _F.MODELS_ANSWERED)),
+        read_strings(buf, at, slot(f, _F.MODELS_MISSING)),
+        read_u32(buf, at, slot(f, _F.RETRY_AFTER_MS)),
+    )
+
+
 def read_reply(body: Any) -> list[ReplyItemView]:
     """The items of a decoded Reply, read straight from its bytes; raises DecodeError."""
     buf, pos = where(body)
-    out = []
     try:
-        for at in read_tables(buf, pos, slot(slots(buf, pos), schema.Reply.ITEMS)):
-            f = slots(buf, at)
-            t = read_table(buf, at, slot(f, _F.OUTPUT))
-            dtype: int | None
-            shape: tuple[int, ...]
-            if t is None:
-                dtype, shape = None, ()
-            else:
-                tf = slots(buf, t)
-                dtype, shape = (
-                    read_u8(buf, t, slot(tf, _TF.DTYPE)),
-                    read_vector(buf, t, slot(tf, _TF.SHAPE), "q"),
-                )
-            out.append(
-                ReplyItemView(
-                    read_u64(buf, at, slot(f, _F.REQUEST_ID)),
-                    read_u8(buf, at, slot(f, _F.STATUS)),
-                    dtype,
-                    shape,
-                    read_u16(buf, at, slot(f, _F.ERROR)),
-                    read_text(buf, at, slot(f, _F.MESSAGE)),
-                    read_text(buf, at, slot(f, _F.MODEL)),
-                    read_text(buf, at, slot(f, _F.MODEL_VERSION)),
-                    read_u32(buf, at, slot(f, _F.LATENCY_US)),
-                    read_f32(buf, at, slot(f, _F.CONFIDENCE), 1.0),
-                    read_strings(buf, at, slot(f, _F.MODELS_ANSWERED)),
-                    read_strings(buf, at, slot(f, _F.MODELS_MISSING)),
-                    read_u32(buf, at, slot(f, _F.RETRY_AFTER_MS)),
-                )
-            )
+        return [
+            _read_item(buf, at) for at in read_tables(buf, pos, slot(slots(buf, pos), schema.Reply.ITEMS))
+        ]
     except FIELD_ERRORS as exc:
         raise DecodeError(f"Reply does not decode: {type(exc).__name__}") from None
-    return out
+
+
+def read_reply_items(body: Any) -> tuple[list[ReplyItemView | None], list[tuple[int, str]], int]:
+    """The items of a decoded Reply one by one, so that a corrupt item costs only itself:
+    ``(items, broken, unnamed)``, where ``items`` holds each item that reads (None in the
+    place of one that does not), ``broken`` the (request id, why) of each item whose id reads
+    but not the rest, and ``unnamed`` how many items (or, when the item table itself does not
+    read, 1 for the whole message) name no readable request id. Raises nothing."""
+    buf, pos = where(body)
+    try:
+        places = read_tables(buf, pos, slot(slots(buf, pos), schema.Reply.ITEMS))
+    except FIELD_ERRORS:
+        return [], [], 1
+    items: list[ReplyItemView | None] = []
+    broken: list[tuple[int, str]] = []
+    unnamed = 0
+    for at in places:
+        try:
+            items.append(_read_item(buf, at))
+            continue
+        except FIELD_ERRORS as exc:
+            why = f"reply item does not decode: {type(exc).__name__}"
+        items.append(None)
+        try:
+            rid = read_u64(buf, at, slot(slots(buf, at), _F.REQUEST_ID))
+        except FIELD_ERRORS:
+            rid = 0
+        if rid:
+            broken.append((rid, why))
+        else:
+            unnamed += 1
+    return items, broken, unnamed
 
 
 _NOT_PLAIN = (_F.ERROR, _F.MESSAGE, _F.CONFIDENCE, _F.MODELS_MISSING, _F.RETRY_AFTER_MS)

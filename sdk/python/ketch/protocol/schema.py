@@ -145,6 +145,7 @@ class Hello:
     MAX_BATCH: Final = 6
     DETERMINISTIC: Final = 7
     PID: Final = 8
+    FINGERPRINT: Final = 9
 
 
 class Welcome:
@@ -322,6 +323,7 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("max_batch", "u32"),
         ("deterministic", "bool"),
         ("pid", "u32"),
+        ("fingerprint", "str"),
     ),
     "Welcome": (
         ("heartbeat_ms", "u32"),

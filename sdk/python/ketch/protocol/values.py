@@ -103,6 +103,8 @@ def payload_to_value(dtype: int, shape: Iterable[int], payload: Any) -> Any:
         raise
     except (ValueError, TypeError, UnicodeDecodeError) as exc:
         raise DecodeError(f"{dtype_name(dtype)} payload does not decode: {exc}") from None
+    except RecursionError:  # JSON nested deeper than the interpreter's stack allows
+        raise DecodeError(f"{dtype_name(dtype)} payload is nested too deep to decode") from None
     return arr[()] if arr.ndim == 0 else arr  # a scalar comes back as a numpy scalar
 
 

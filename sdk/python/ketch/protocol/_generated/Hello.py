@@ -96,8 +96,15 @@ class Hello(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Hello
+    def Fingerprint(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def HelloStart(builder):
-    builder.StartObject(9)
+    builder.StartObject(10)
 
 def Start(builder):
     HelloStart(builder)
@@ -155,6 +162,12 @@ def HelloAddPid(builder, pid):
 
 def AddPid(builder, pid):
     HelloAddPid(builder, pid)
+
+def HelloAddFingerprint(builder, fingerprint):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(fingerprint), 0)
+
+def AddFingerprint(builder, fingerprint):
+    HelloAddFingerprint(builder, fingerprint)
 
 def HelloEnd(builder):
     return builder.EndObject()

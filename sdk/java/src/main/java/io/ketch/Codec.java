@@ -160,15 +160,20 @@ public final class Codec {
         return finish(b, MessageType.QUERY, ketch.wire.Query.endQuery(b));
     }
 
-    /** Hello: the first message of a container ({@code shape}: -1 is any size). */
+    /**
+     * Hello: the first message of a container ({@code shape}: -1 is any size; {@code fingerprint}:
+     * what it serves, "build:ID" or "sha256:HEX", or empty for none: the broker keys its cache on it).
+     */
     public static byte[] hello(String model, String modelVersion, DType dtype, long[] shape, String sdk,
-                               String replicaId, long credits, long maxBatch, boolean deterministic, long pid) {
+                               String replicaId, long credits, long maxBatch, boolean deterministic, long pid,
+                               String fingerprint) {
         FlatBufferBuilder b = new FlatBufferBuilder(256);
         int modelOff = string(b, model);
         int versionOff = string(b, modelVersion);
         int inputOff = tensor(b, dtype, shape);
         int sdkOff = string(b, sdk);
         int replicaOff = string(b, replicaId);
+        int fingerprintOff = string(b, fingerprint);
         ketch.wire.Hello.startHello(b);
         if (modelOff != 0) {
             ketch.wire.Hello.addModel(b, modelOff);
@@ -187,6 +192,9 @@ public final class Codec {
         ketch.wire.Hello.addMaxBatch(b, maxBatch);
         ketch.wire.Hello.addDeterministic(b, deterministic);
         ketch.wire.Hello.addPid(b, pid);
+        if (fingerprintOff != 0) {
+            ketch.wire.Hello.addFingerprint(b, fingerprintOff);
+        }
         return finish(b, MessageType.HELLO, ketch.wire.Hello.endHello(b));
     }
 

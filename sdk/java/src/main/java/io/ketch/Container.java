@@ -165,6 +165,28 @@ public final class Container {
      * {@code hostname/model/index}, the default replica id: the same for every start of the
      * same replica on the same host.
      */
+    /**
+     * What this container serves, sent in Hello (the broker keys its cache on it): "build:" and
+     * $KETCH_BUILD_ID when set, else "sha256:" and a digest of the model's class file (changes in
+     * other classes or in weights need a build id). Empty when neither can be had.
+     */
+    static String fingerprint(Object model) {
+        String build = System.getenv("KETCH_BUILD_ID");
+        if (build != null && !build.isEmpty()) {
+            return "build:" + build;
+        }
+        Class<?> cls = model.getClass();
+        try (java.io.InputStream in = cls.getResourceAsStream("/" + cls.getName().replace('.', '/') + ".class")) {
+            if (in == null) {
+                return "";
+            }
+            byte[] digest = java.security.MessageDigest.getInstance("SHA-256").digest(in.readAllBytes());
+            return "sha256:" + java.util.HexFormat.of().formatHex(digest, 0, 16);
+        } catch (IOException | java.security.NoSuchAlgorithmException e) {
+            return "";
+        }
+    }
+
     static String defaultReplicaId(String model, int index) {
         String host = System.getenv("HOSTNAME");
         try {
@@ -337,7 +359,7 @@ public final class Container {
     private void sendHello() {
         long pid = ProcessHandle.current().pid();
         send(Codec.hello(name, version, inputDtype, inputShape, SDK, replicaId, credits, maxBatch, deterministic,
-                pid & 0xFFFFFFFFL), List.of());
+                pid & 0xFFFFFFFFL, fingerprint(model)), List.of());
         helloSentNs = System.nanoTime();
         setState(State.CONNECTING);
         log(Level.INFO, "hello sent to " + broker);

@@ -158,6 +158,7 @@ final class JsonForm {
         o.addProperty("max_batch", h.maxBatch());
         o.addProperty("deterministic", h.deterministic());
         o.addProperty("pid", h.pid());
+        o.addProperty("fingerprint", Codec.str(h.fingerprint()));
         return o;
     }
 
@@ -419,6 +420,7 @@ final class JsonForm {
         int input = tensor(b, sub("Tensor", f.element("input")));
         int sdk = Codec.string(b, f.string("sdk"));
         int replica = Codec.string(b, f.string("replica_id"));
+        int fingerprint = Codec.string(b, f.string("fingerprint"));
         Hello.startHello(b);
         if (model != 0) {
             Hello.addModel(b, model);
@@ -439,6 +441,9 @@ final class JsonForm {
         Hello.addMaxBatch(b, f.unsigned("max_batch", 32, 0));
         Hello.addDeterministic(b, f.bool("deterministic", true));
         Hello.addPid(b, f.unsigned("pid", 32, 0));
+        if (fingerprint != 0) {
+            Hello.addFingerprint(b, fingerprint);
+        }
         return Hello.endHello(b);
     }
 

@@ -83,6 +83,7 @@ public final class Schema {
         public static final int MAX_BATCH = 6;
         public static final int DETERMINISTIC = 7;
         public static final int PID = 8;
+        public static final int FINGERPRINT = 9;
     }
 
     /** Field ids of table Welcome. */
@@ -181,7 +182,7 @@ public final class Schema {
             Map.entry("ReplyItem", new String[] {"request_id", "status", "output", "error", "message", "model", "model_version", "latency_us", "confidence", "models_answered", "models_missing", "retry_after_ms"}),
             Map.entry("Reply", new String[] {"items"}),
             Map.entry("Feedback", new String[] {"app", "request_id", "query_id", "input", "label", "context"}),
-            Map.entry("Hello", new String[] {"model", "model_version", "input", "sdk", "replica_id", "credits", "max_batch", "deterministic", "pid"}),
+            Map.entry("Hello", new String[] {"model", "model_version", "input", "sdk", "replica_id", "credits", "max_batch", "deterministic", "pid", "fingerprint"}),
             Map.entry("Welcome", new String[] {"heartbeat_ms", "dead_after_ms"}),
             Map.entry("Ready", new String[] {"credits"}),
             Map.entry("Heartbeat", new String[] {"busy"}),

@@ -47,6 +47,9 @@ public final class Hello extends com.google.flatbuffers.Table {
   public long maxBatch() { int o = __offset(16); return o != 0 ? (long)bb.getInt(o + bb_pos) & 0xFFFFFFFFL : 0L; }
   public boolean deterministic() { int o = __offset(18); return o != 0 ? 0!=bb.get(o + bb_pos) : true; }
   public long pid() { int o = __offset(20); return o != 0 ? (long)bb.getInt(o + bb_pos) & 0xFFFFFFFFL : 0L; }
+  public String fingerprint() { int o = __offset(22); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer fingerprintAsByteBuffer() { return __vector_as_bytebuffer(22, 1); }
+  public ByteBuffer fingerprintInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 22, 1); }
 
   public static int createHello(FlatBufferBuilder builder,
       int modelOffset,
@@ -57,8 +60,10 @@ public final class Hello extends com.google.flatbuffers.Table {
       long credits,
       long maxBatch,
       boolean deterministic,
-      long pid) {
-    builder.startTable(9);
+      long pid,
+      int fingerprintOffset) {
+    builder.startTable(10);
+    Hello.addFingerprint(builder, fingerprintOffset);
     Hello.addPid(builder, pid);
     Hello.addMaxBatch(builder, maxBatch);
     Hello.addCredits(builder, credits);
@@ -71,7 +76,7 @@ public final class Hello extends com.google.flatbuffers.Table {
     return Hello.endHello(builder);
   }
 
-  public static void startHello(FlatBufferBuilder builder) { builder.startTable(9); }
+  public static void startHello(FlatBufferBuilder builder) { builder.startTable(10); }
   public static void addModel(FlatBufferBuilder builder, int modelOffset) { builder.addOffset(0, modelOffset, 0); }
   public static void addModelVersion(FlatBufferBuilder builder, int modelVersionOffset) { builder.addOffset(1, modelVersionOffset, 0); }
   public static void addInput(FlatBufferBuilder builder, int inputOffset) { builder.addOffset(2, inputOffset, 0); }
@@ -81,6 +86,7 @@ public final class Hello extends com.google.flatbuffers.Table {
   public static void addMaxBatch(FlatBufferBuilder builder, long maxBatch) { builder.addInt(6, (int) maxBatch, (int) 0L); }
   public static void addDeterministic(FlatBufferBuilder builder, boolean deterministic) { builder.addBoolean(7, deterministic, true); }
   public static void addPid(FlatBufferBuilder builder, long pid) { builder.addInt(8, (int) pid, (int) 0L); }
+  public static void addFingerprint(FlatBufferBuilder builder, int fingerprintOffset) { builder.addOffset(9, fingerprintOffset, 0); }
   public static int endHello(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;

@@ -53,9 +53,9 @@ class GoldenVectorsTest {
     @Test
     void typedBuildersMatchTheVectors() {
         assertArrayEquals(Golden.bin("hello"), Codec.hello("iris-svm", "2", DType.FLOAT64, new long[] {-1, 4},
-                "python/0.1.0", "host-a/iris-svm/0", 3, 64, false, 4242));
+                "python/0.1.0", "host-a/iris-svm/0", 3, 64, false, 4242, "sha256:9f86d081884c7d659a2feaa0c55ad015"));
         assertArrayEquals(Golden.bin("hello_defaults"), Codec.hello("echo", "1", DType.BYTES, new long[0],
-                "java/0.1.0", "r1", 2, 0, true, 0));
+                "java/0.1.0", "r1", 2, 0, true, 0, ""));
         assertArrayEquals(Golden.bin("welcome"), Codec.welcome(1000, 5000));
         assertArrayEquals(Golden.bin("ready"), Codec.ready(4));
         assertArrayEquals(Golden.bin("heartbeat"), Codec.heartbeat(true));
