@@ -82,9 +82,10 @@ hp_vector_at <- function(buf, tab, id) {
 ketch_peek <- function(frame) {
   if (!is.raw(frame) || length(frame) < 12 || !identical(frame[5:8], KETCH_IDENTIFIER_RAW)) return(NULL)
   tryCatch({
+    ids <- KETCH_FIELD_IDS$Envelope
     env <- hp_table(frame, hp_i32(frame, 0))
-    off <- hp_slot(env, KETCH_ENVELOPE[["version"]])
-    c(if (off == 0) 0L else hp_u16s(frame, env$pos + off, 1L), hp_u8(frame, env, KETCH_ENVELOPE[["body_type"]]))
+    off <- hp_slot(env, ids[["version"]])
+    c(if (off == 0) 0L else hp_u16s(frame, env$pos + off, 1L), hp_u8(frame, env, ids[["body_type"]]))
   }, error = function(e) NULL)
 }
 
@@ -101,10 +102,11 @@ ketch_read_request <- function(frame) {
   if (!is.raw(frame) || length(frame) < 12 || !identical(frame[5:8], KETCH_IDENTIFIER_RAW)) {
     hp_error("not a Ketch envelope")
   }
+  ids <- KETCH_FIELD_IDS$Envelope
   env <- hp_table(frame, hp_i32(frame, 0))
-  type <- hp_u8(frame, env, KETCH_ENVELOPE[["body_type"]])
+  type <- hp_u8(frame, env, ids[["body_type"]])
   if (type != KETCH_BODIES[["PredictRequest"]]) hp_error(sprintf("body type %d", type))
-  off <- hp_slot(env, KETCH_ENVELOPE[["body"]])
+  off <- hp_slot(env, ids[["body"]])
   if (off == 0) hp_error("no body")
   at <- env$pos + off
   body <- hp_table(frame, at + hp_i32(frame, at))
@@ -287,9 +289,10 @@ ketch_build_reply <- function(batch_id, compute_us, outputs, error, message) {
   put(4, KETCH_IDENTIFIER_RAW)
   ev <- integer(5)
   ev[1:2] <- c(10L, 12L)
-  ev[3L + KETCH_ENVELOPE[["version"]]] <- 8L
-  ev[3L + KETCH_ENVELOPE[["body_type"]]] <- 10L
-  ev[3L + KETCH_ENVELOPE[["body"]]] <- 4L
+  e <- ketch_field_ids("Envelope")
+  ev[3L + e[["version"]]] <- 8L
+  ev[3L + e[["body_type"]]] <- 10L
+  ev[3L + e[["body"]]] <- 4L
   put(env_vt, le_u16(ev))
   put(env, c(le_i32(c(env - env_vt, rep - (env + 4))), le_u16(KETCH_PROTOCOL_VERSION),
              as.raw(KETCH_BODIES[["PredictReply"]])))

@@ -28,27 +28,16 @@ KETCH_IDENTIFIER <- "KTCH"
 # schemas/ketch.fbs into schema_generated.R (scripts/gen_schema.py).
 
 # ---------------------------------------------------------------- schema numbering
-# The hot path (R/batch.R) reads and writes by field id: the 0-based index of a field in its
-# table, in schema order, which is the order of the generated KETCH_SPEC; union member
-# codes are the generated KETCH_BODIES. Envelope is not in KETCH_SPEC (no body table), so
-# its three ids are written here, once.
+# The hot path (R/batch.R) reads and writes by field id; every id, the Envelope's included,
+# comes from the generated KETCH_FIELD_IDS, and union member codes from KETCH_BODIES.
 
-KETCH_ENVELOPE <- c(version = 0L, body_type = 1L, body = 2L)
 KETCH_IDENTIFIER_RAW <- charToRaw(KETCH_IDENTIFIER)
 
-# The field ids of a table by name, worked out on first use (the generated KETCH_SPEC may be
-# sourced after this file) and kept.
-KETCH_FIELD_IDS <- new.env(parent = emptyenv())
-
+# The field ids of a table by name (the generated KETCH_FIELD_IDS may be sourced after this
+# file, so it is looked up when called).
 ketch_field_ids <- function(table) {
   ids <- KETCH_FIELD_IDS[[table]]
-  if (is.null(ids)) {
-    spec <- KETCH_SPEC[[table]]
-    if (is.null(spec)) stop("unknown table ", table)
-    ids <- seq_along(spec) - 1L
-    names(ids) <- names(spec)
-    assign(table, ids, envir = KETCH_FIELD_IDS)
-  }
+  if (is.null(ids)) stop("unknown table ", table)
   ids
 }
 
@@ -210,11 +199,12 @@ ketch_encode <- function(type, body = list(), version = KETCH_PROTOCOL_VERSION) 
   code <- KETCH_BODIES[type]
   if (is.na(code)) stop("unknown message type ", type)
   body <- ketch_normalize(type, body)
+  env <- KETCH_FIELD_IDS$Envelope
   fb_finish(function(b) {
     fb_write_table(b, list(
-      list(id = KETCH_ENVELOPE[["version"]], kind = "u16", value = version),
-      list(id = KETCH_ENVELOPE[["body_type"]], kind = "u8", value = unname(code)),
-      list(id = KETCH_ENVELOPE[["body"]], kind = "offset", value = ketch_table_writer(type, body))
+      list(id = env[["version"]], kind = "u16", value = version),
+      list(id = env[["body_type"]], kind = "u8", value = unname(code)),
+      list(id = env[["body"]], kind = "offset", value = ketch_table_writer(type, body))
     ))
   }, identifier = KETCH_IDENTIFIER)
 }
@@ -254,15 +244,16 @@ ketch_read_table <- function(tab, table) {
 #' @export
 ketch_decode <- function(frame) {
   tryCatch({
+    ids <- KETCH_FIELD_IDS$Envelope
     env <- fb_root(frame, KETCH_IDENTIFIER)
-    version <- fb_get_scalar(env, KETCH_ENVELOPE[["version"]], "u16", 0)
-    code <- fb_get_scalar(env, KETCH_ENVELOPE[["body_type"]], "u8", 0)
+    version <- fb_get_scalar(env, ids[["version"]], "u16", 0)
+    code <- fb_get_scalar(env, ids[["body_type"]], "u8", 0)
     type <- names(KETCH_BODIES)[match(code, KETCH_BODIES)]
     if (is.na(type)) {
       fb_error(sprintf("unknown message type %d (protocol version %d)", code, version),
                class = "ketch_unknown_message")
     }
-    body <- fb_get_table(env, KETCH_ENVELOPE[["body"]])
+    body <- fb_get_table(env, ids[["body"]])
     if (is.null(body)) fb_error(sprintf("%s without a body", type))
     list(type = type, version = version, body = ketch_read_table(body, type))
   }, error = function(e) {

@@ -51,5 +51,31 @@ KETCH_SPEC <- list(
   Error = c(code = "code", message = "str", request_id = "u64", retry_after_ms = "u32")
 )
 
+# Field ids (vtable slots) of every table, the Envelope's included (its union field body
+# takes two: body_type and body); what the hot path (batch.R) reads and writes by.
+KETCH_FIELD_IDS <- list(
+  Tensor = c(dtype = 0L, shape = 1L),
+  Query = c(app = 0L, dtype = 1L, shape = 2L, request_ids = 3L, timeout_us = 4L, priority = 5L,
+            context = 6L),
+  ReplyItem = c(request_id = 0L, status = 1L, output = 2L, error = 3L, message = 4L,
+                model = 5L, model_version = 6L, latency_us = 7L, confidence = 8L,
+                models_answered = 9L, models_missing = 10L, retry_after_ms = 11L),
+  Reply = c(items = 0L),
+  Feedback = c(app = 0L, request_id = 1L, query_id = 2L, input = 3L, label = 4L, context = 5L),
+  Hello = c(model = 0L, model_version = 1L, input = 2L, sdk = 3L, replica_id = 4L,
+            credits = 5L, max_batch = 6L, deterministic = 7L, pid = 8L),
+  Welcome = c(heartbeat_ms = 0L, dead_after_ms = 1L),
+  Ready = c(credits = 0L),
+  Heartbeat = c(busy = 0L),
+  PredictRequest = c(batch_id = 0L, model = 1L, model_version = 2L, dtype = 3L, ndim = 4L,
+                     shapes = 5L, budgets_us = 6L),
+  Output = c(status = 0L, output = 1L, error = 2L, message = 3L),
+  PredictReply = c(batch_id = 0L, compute_us = 1L, outputs = 2L, error = 3L, message = 4L),
+  Goodbye = c(reason = 0L),
+  Shutdown = c(reason = 0L),
+  Error = c(code = 0L, message = 1L, request_id = 2L, retry_after_ms = 3L),
+  Envelope = c(version = 0L, body_type = 1L, body = 2L)
+)
+
 # Schema defaults that are not zero.
 KETCH_DEFAULTS <- list(ReplyItem.confidence = 1, Hello.credits = 2, Hello.deterministic = TRUE)

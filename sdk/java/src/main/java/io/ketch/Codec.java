@@ -15,8 +15,8 @@ import ketch.wire.Envelope;
  * {@code Envelope} (file identifier "KTCH") holding a protocol version and one body; payloads
  * are raw frames. {@link #decode} reads a header; the static builders write the messages a
  * container sends (and the ones tests play the broker with); {@link #toJson} and
- * {@link #fromJson} convert any of the twelve bodies to and from the canonical JSON form of
- * the golden vectors in {@code schemas/vectors/}.
+ * {@link #fromJson} convert any body to and from the canonical JSON form of the golden
+ * vectors in {@code schemas/vectors/} (driven by the generated {@link Schema}).
  *
  * <p>Fields are written in schema order, skipping absent strings and vectors and scalars equal
  * to their default, as the Python reference encoder does, so both produce the same bytes.
@@ -92,7 +92,7 @@ public final class Codec {
 
     /** A header frame as {@code {"type", "version", "body"}}, the canonical form of the JSON twins. */
     public static JsonObject toJson(byte[] frame) {
-        return JsonForm.toJson(decode(frame));
+        return JsonForm.toJson(frame, decode(frame));
     }
 
     /** Inverse of {@link #toJson}: the header frame for {@code {"type", "version"?, "body"?}}. */
