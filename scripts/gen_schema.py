@@ -81,15 +81,26 @@ class Schema:
     enums: dict[str, tuple[str, list[tuple[str, int]]]] = field(default_factory=dict)  # name: (type, members)
     unions: dict[str, list[str]] = field(default_factory=dict)
     tables: dict[str, list[Field]] = field(default_factory=dict)
+    since: dict[str, int] = field(default_factory=dict)  # table: the protocol version that brought it
+
+    def body_since(self) -> list[tuple[str, int]]:
+        """Each union member with the protocol version that brought it (1 unless it says)."""
+        (union,) = self.unions.values()
+        return [(m, self.since.get(m, 1)) for m in union]
 
 
 def read_schema(text: str) -> Schema:
     """Enums, unions and tables of a schema as this project writes them."""
     text = re.sub(r"//[^\n]*", "", text)
     schema = Schema()
-    for kind, name, base, body in re.findall(
-        r"\b(enum|union|table|struct)\s+(\w+)\s*(?::\s*(\w+))?\s*\{(.*?)\}", text, re.S
+    for kind, name, base, attributes, body in re.findall(
+        r"\b(enum|union|table|struct)\s+(\w+)\s*(?::\s*(\w+))?\s*(?:\(([^)]*)\))?\s*\{(.*?)\}", text, re.S
     ):
+        for attribute in filter(None, (a.strip() for a in attributes.split(","))):
+            m = re.fullmatch(r"since\s*:\s*(\d+)", attribute)
+            if m is None or kind != "table":
+                raise SystemExit(f"{kind} {name}: cannot read attribute {attribute!r} (only a table's since)")
+            schema.since[name] = int(m[1])
         if kind == "struct":
             raise SystemExit(f"struct {name}: this generator reads tables, enums and unions only")
         if kind == "enum":
@@ -236,6 +247,9 @@ def python_constants(schema: Schema) -> str:
             out.append(f'    "{name}": ({pairs[0]}),')
         else:
             out += [f'    "{name}": ('] + [f"        {p}" for p in pairs] + ["    ),"]
+    out += ["}", "# the protocol version that brought each message (its Envelope.version)"]
+    out += ["BODY_SINCE: Final[dict[str, int]] = {"]
+    out += [f'    "{m}": {v},' for m, v in schema.body_since()]
     out += ["}", "DEFAULTS: Final[dict[tuple[str, str], int | float | bool]] = {"]
     for name, fields in plain_tables(schema).items():
         for f in fields:
@@ -341,8 +355,8 @@ def java_message_type(schema: Schema) -> str:
         " */",
         "public enum MessageType {",
     ]
-    for i, m in enumerate(union, 1):
-        out.append(f'    {upper_snake(m)}({i}, "{m}"){"," if i < len(union) else ";"}')
+    for i, (m, since) in enumerate(schema.body_since(), 1):
+        out.append(f'    {upper_snake(m)}({i}, "{m}", {since}){"," if i < len(union) else ";"}')
     out += [
         "",
         "    private static final MessageType[] BY_CODE = new MessageType[256];",
@@ -355,10 +369,12 @@ def java_message_type(schema: Schema) -> str:
         "",
         "    private final byte code;",
         "    private final String wireName;",
+        "    private final int since;",
         "",
-        "    MessageType(int code, String wireName) {",
+        "    MessageType(int code, String wireName, int since) {",
         "        this.code = (byte) code;",
         "        this.wireName = wireName;",
+        "        this.since = since;",
         "    }",
         "",
         "    /** The union type code ({@code ketch.wire.Body}). */",
@@ -369,6 +385,11 @@ def java_message_type(schema: Schema) -> str:
         '    /** The table name in the schema, as the golden vectors\' {@code "type"} gives it. */',
         "    public String wireName() {",
         "        return wireName;",
+        "    }",
+        "",
+        "    /** The protocol version that brought this message: the version it is stamped with. */",
+        "    public int since() {",
+        "        return since;",
         "    }",
         "",
         "    /** The type of a union code, or null when the code is unknown (or NONE). */",
@@ -423,6 +444,8 @@ def r_constants(schema: Schema) -> str:
         out.append(f"{r_name} <- {r_vector(members, len(r_name) + 4)}")
     out.append("# Union member codes of Envelope.body (0 is NONE).")
     out.append(f"KETCH_BODIES <- {r_vector([(m, i) for i, m in enumerate(union, 1)], 16)}")
+    out.append("# The protocol version that brought each message (its Envelope.version).")
+    out.append(f"KETCH_BODY_SINCE <- {r_vector(schema.body_since(), 20)}")
     out += ["", "# Enum kinds: their storage type and their names."]
     items = [f'{k} = list(kind = "{s}", codes = {n})' for k, s, n in enum_names]
     out.append("KETCH_ENUMS <- list(" + ",\n                    ".join(items) + ")")

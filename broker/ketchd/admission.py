@@ -72,8 +72,11 @@ class Admission:
                 client,
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {exc.version} is not supported"
-                f" (this broker speaks {proto.PROTOCOL_VERSION})",
+                f" (this broker speaks {proto.versions.describe(proto.PROTOCOL_VERSIONS)})",
             )
+            return
+        except proto.UnknownMessage as exc:
+            self.client_error(client, ErrorCode.UNKNOWN_MESSAGE, str(exc))
             return
         except proto.DecodeError as exc:
             self.client_error(client, ErrorCode.BAD_MESSAGE, str(exc))

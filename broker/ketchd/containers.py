@@ -17,6 +17,7 @@ from ketch import errors
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode
 
+from ketchd import negotiation
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
 
@@ -61,8 +62,10 @@ class Containers:
                 identity,
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {exc.version} is not supported"
-                f" (this broker speaks {proto.PROTOCOL_VERSION})",
+                f" (this broker speaks {proto.versions.describe(proto.PROTOCOL_VERSIONS)})",
             )
+        except proto.UnknownMessage as exc:
+            self.backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, str(exc))
         except proto.DecodeError as exc:
             self.backend_error(identity, ErrorCode.BAD_MESSAGE, str(exc))
 
@@ -76,6 +79,8 @@ class Containers:
         if replica is None:
             if name == "PredictReply":  # from a connection declared dead or replaced: discarded
                 b.counters["late_or_unknown_replies"] += 1
+            elif name == "Error":  # never answered with an Error
+                return
             self.backend_error(identity, ErrorCode.BAD_MESSAGE, "send Hello first")
             return
         replica.last_seen = now
@@ -87,9 +92,22 @@ class Containers:
             replica.credits = proto.read_fields(name, body)["credits"]
             replica.refresh_state()
             b.dispatcher.dirty.add(b.models[replica.model])
+            paused = negotiation.paused(replica)
+            if paused is not None:
+                b.backend.send_multipart([identity, paused])
+                replica.last_sent = now
         elif name == "Goodbye":
             reason = proto.read_fields(name, body)["reason"]
             self.replica_gone(replica, f"goodbye: {reason}" if reason else "goodbye", now)
+        elif name == "Error":  # the replica could not take a message of ours: never answered
+            error = proto.read_fields(name, body)
+            b.counters[f"replica_error_{errors.code_name(error['code']).lower()}"] += 1
+            log.warning(
+                "error from replica",
+                replica=replica.replica_id,
+                code=errors.code_name(error["code"]),
+                message=error["message"],
+            )
         else:
             self.backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a container message")
 
@@ -105,6 +123,10 @@ class Containers:
             self.backend_error(
                 identity, ErrorCode.BAD_MESSAGE, f"hello names unknown dtype {tensor['dtype']}"
             )
+            return
+        protocol, refusal = negotiation.choose(h)
+        if protocol is None:
+            self.backend_error(identity, ErrorCode.UNSUPPORTED_VERSION, refusal)
             return
         old = b.replicas.get(identity)
         if old is not None:
@@ -134,6 +156,7 @@ class Containers:
             credits=h["credits"],
             max_batch=h["max_batch"],
             deterministic=h["deterministic"],
+            protocol=protocol,
             connected=now,
             last_seen=now,
             last_sent=now,
@@ -142,9 +165,7 @@ class Containers:
         b.replicas[identity] = replica
         b.replica_ids[replica_id] = identity
         model.replicas[identity] = replica
-        welcome = proto.encode(
-            "Welcome", {"heartbeat_ms": b.config.heartbeat_ms, "dead_after_ms": b.config.dead_after_ms}
-        )
+        welcome = negotiation.welcome(b.config.heartbeat_ms, b.config.dead_after_ms, protocol)
         b.backend.send_multipart([identity, welcome])
         replica.move(ReplicaState.READY)
         replica.refresh_state()
@@ -156,6 +177,7 @@ class Containers:
             replica=replica_id,
             sdk=replica.sdk,
             pid=replica.pid,
+            protocol=protocol,
         )
 
     def on_predict_reply(

@@ -186,6 +186,7 @@ class Replica:
     last_seen: float
     last_sent: float
     state: ReplicaState = ReplicaState.CONNECTING
+    protocol: int = 1  # the protocol version chosen at its Hello (ketchd.negotiation)
     inflight: dict[int, Batch] = field(default_factory=dict)
     controller: BatchController = field(default_factory=lambda: BatchController(BatchPolicy()))
     last_reply: float = 0.0
@@ -232,6 +233,7 @@ class Replica:
             "version": self.version,
             "state": self.state.value,
             "sdk": self.sdk,
+            "protocol": self.protocol,
             "pid": self.pid,
             "credits": self.credits,
             "inflight": len(self.inflight),

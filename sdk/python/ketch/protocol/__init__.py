@@ -14,6 +14,7 @@ the runtime, the clients and the benchmarks use only the names this module expor
     predict      PredictRequest and PredictReply: builders, templates, views, both ends of each
     templates    ``Template``, ``LearntTemplates``, ``Prebuilds``
     multipart    send and receive of multipart messages without pyzmq's Python layer
+    versions     the protocol versions spoken, the choice between two peers, each body's stamp
 
 The contract
 ------------
@@ -60,7 +61,7 @@ The contract
 
 from __future__ import annotations
 
-from ketch.protocol import multipart, schema
+from ketch.protocol import multipart, schema, versions
 from ketch.protocol.codec import (
     BODY_CODES,
     BODY_NAMES,
@@ -70,10 +71,10 @@ from ketch.protocol.codec import (
     ERROR_NAMES,
     IDENTIFIER,
     MAX_ITEMS,
-    PROTOCOL_VERSION,
     STATUS_CODES,
     STATUS_NAMES,
     DecodeError,
+    UnknownMessage,
     UnsupportedVersion,
     decode,
     decode_current,
@@ -139,6 +140,13 @@ from ketch.protocol.values import (
     payload_to_value,
     value_to_payload,
 )
+from ketch.protocol.versions import (
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    choose_version,
+    offered_versions,
+    stamp,
+)
 
 __all__ = [
     "BODY_CODES",
@@ -156,6 +164,7 @@ __all__ = [
     "MAX_ITEMS",
     "NUMPY_DTYPES",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "REQUEST_TEMPLATE_ITEMS",
     "STATUS_CODES",
     "STATUS_NAMES",
@@ -185,11 +194,13 @@ __all__ = [
     "RequestSender",
     "Status",
     "Template",
+    "UnknownMessage",
     "UnsupportedVersion",
     "build_predict_reply",
     "build_predict_request",
     "build_query",
     "build_reply",
+    "choose_version",
     "decode",
     "decode_current",
     "dtype_code",
@@ -199,6 +210,7 @@ __all__ = [
     "expected_nbytes",
     "from_dict",
     "multipart",
+    "offered_versions",
     "payload_to_value",
     "plain_answers",
     "plain_reply_template",
@@ -214,6 +226,8 @@ __all__ = [
     "read_reply",
     "reply_ok_many_template",
     "schema",
+    "stamp",
     "to_dict",
     "value_to_payload",
+    "versions",
 ]

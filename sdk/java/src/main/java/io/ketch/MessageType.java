@@ -6,18 +6,19 @@ package io.ketch;
  * union order; {@link #wireName()} is the table's name in the schema.
  */
 public enum MessageType {
-    QUERY(1, "Query"),
-    REPLY(2, "Reply"),
-    FEEDBACK(3, "Feedback"),
-    HELLO(4, "Hello"),
-    WELCOME(5, "Welcome"),
-    READY(6, "Ready"),
-    HEARTBEAT(7, "Heartbeat"),
-    PREDICT_REQUEST(8, "PredictRequest"),
-    PREDICT_REPLY(9, "PredictReply"),
-    GOODBYE(10, "Goodbye"),
-    SHUTDOWN(11, "Shutdown"),
-    ERROR(12, "Error");
+    QUERY(1, "Query", 1),
+    REPLY(2, "Reply", 1),
+    FEEDBACK(3, "Feedback", 1),
+    HELLO(4, "Hello", 1),
+    WELCOME(5, "Welcome", 1),
+    READY(6, "Ready", 1),
+    HEARTBEAT(7, "Heartbeat", 1),
+    PREDICT_REQUEST(8, "PredictRequest", 1),
+    PREDICT_REPLY(9, "PredictReply", 1),
+    GOODBYE(10, "Goodbye", 1),
+    SHUTDOWN(11, "Shutdown", 1),
+    ERROR(12, "Error", 1),
+    PAUSED(13, "Paused", 2);
 
     private static final MessageType[] BY_CODE = new MessageType[256];
 
@@ -29,10 +30,12 @@ public enum MessageType {
 
     private final byte code;
     private final String wireName;
+    private final int since;
 
-    MessageType(int code, String wireName) {
+    MessageType(int code, String wireName, int since) {
         this.code = (byte) code;
         this.wireName = wireName;
+        this.since = since;
     }
 
     /** The union type code ({@code ketch.wire.Body}). */
@@ -43,6 +46,11 @@ public enum MessageType {
     /** The table name in the schema, as the golden vectors' {@code "type"} gives it. */
     public String wireName() {
         return wireName;
+    }
+
+    /** The protocol version that brought this message: the version it is stamped with. */
+    public int since() {
+        return since;
     }
 
     /** The type of a union code, or null when the code is unknown (or NONE). */

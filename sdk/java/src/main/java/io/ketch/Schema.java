@@ -94,6 +94,7 @@ public final class Schema {
         public static final int MAX_BATCH = 6;
         public static final int DETERMINISTIC = 7;
         public static final int PID = 8;
+        public static final int VERSIONS = 9;
     }
 
     /** Field ids of table Welcome. */
@@ -102,6 +103,7 @@ public final class Schema {
 
         public static final int HEARTBEAT_MS = 0;
         public static final int DEAD_AFTER_MS = 1;
+        public static final int VERSION = 2;
     }
 
     /** Field ids of table Ready. */
@@ -176,6 +178,13 @@ public final class Schema {
         public static final int RETRY_AFTER_MS = 3;
     }
 
+    /** Field ids of table Paused. */
+    public static final class Paused {
+        private Paused() {}
+
+        public static final int INFLIGHT = 0;
+    }
+
     /** Field ids of table Envelope. */
     public static final class Envelope {
         private Envelope() {}
@@ -229,10 +238,12 @@ public final class Schema {
                 new Field("credits", "u32", 5, 2.0),
                 new Field("max_batch", "u32", 6, 0),
                 new Field("deterministic", "bool", 7, 1),
-                new Field("pid", "u32", 8, 0)}),
+                new Field("pid", "u32", 8, 0),
+                new Field("versions", "[u16]", 9, 0)}),
             Map.entry("Welcome", new Field[] {
                 new Field("heartbeat_ms", "u32", 0, 0),
-                new Field("dead_after_ms", "u32", 1, 0)}),
+                new Field("dead_after_ms", "u32", 1, 0),
+                new Field("version", "u16", 2, 0)}),
             Map.entry("Ready", new Field[] {
                 new Field("credits", "u32", 0, 0)}),
             Map.entry("Heartbeat", new Field[] {
@@ -264,7 +275,9 @@ public final class Schema {
                 new Field("code", "code", 0, 0),
                 new Field("message", "str", 1, 0),
                 new Field("request_id", "u64", 2, 0),
-                new Field("retry_after_ms", "u32", 3, 0)}));
+                new Field("retry_after_ms", "u32", 3, 0)}),
+            Map.entry("Paused", new Field[] {
+                new Field("inflight", "u32", 0, 0)}));
 
     /** The enums by field kind. */
     public static final Map<String, EnumKind> ENUMS = Map.of(
@@ -287,6 +300,7 @@ public final class Schema {
             case ketch.wire.Body.Goodbye -> new ketch.wire.Goodbye();
             case ketch.wire.Body.Shutdown -> new ketch.wire.Shutdown();
             case ketch.wire.Body.Error -> new ketch.wire.Error();
+            case ketch.wire.Body.Paused -> new ketch.wire.Paused();
             default -> null;
         };
     }

@@ -47,6 +47,12 @@ public final class Hello extends com.google.flatbuffers.Table {
   public long maxBatch() { int o = __offset(16); return o != 0 ? (long)bb.getInt(o + bb_pos) & 0xFFFFFFFFL : 0L; }
   public boolean deterministic() { int o = __offset(18); return o != 0 ? 0!=bb.get(o + bb_pos) : true; }
   public long pid() { int o = __offset(20); return o != 0 ? (long)bb.getInt(o + bb_pos) & 0xFFFFFFFFL : 0L; }
+  public int versions(int j) { int o = __offset(22); return o != 0 ? bb.getShort(__vector(o) + j * 2) & 0xFFFF : 0; }
+  public int versionsLength() { int o = __offset(22); return o != 0 ? __vector_len(o) : 0; }
+  public ShortVector versionsVector() { return versionsVector(new ShortVector()); }
+  public ShortVector versionsVector(ShortVector obj) { int o = __offset(22); return o != 0 ? obj.__assign(__vector(o), bb) : null; }
+  public ByteBuffer versionsAsByteBuffer() { return __vector_as_bytebuffer(22, 2); }
+  public ByteBuffer versionsInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 22, 2); }
 
   public static int createHello(FlatBufferBuilder builder,
       int modelOffset,
@@ -57,8 +63,10 @@ public final class Hello extends com.google.flatbuffers.Table {
       long credits,
       long maxBatch,
       boolean deterministic,
-      long pid) {
-    builder.startTable(9);
+      long pid,
+      int versionsOffset) {
+    builder.startTable(10);
+    Hello.addVersions(builder, versionsOffset);
     Hello.addPid(builder, pid);
     Hello.addMaxBatch(builder, maxBatch);
     Hello.addCredits(builder, credits);
@@ -71,7 +79,7 @@ public final class Hello extends com.google.flatbuffers.Table {
     return Hello.endHello(builder);
   }
 
-  public static void startHello(FlatBufferBuilder builder) { builder.startTable(9); }
+  public static void startHello(FlatBufferBuilder builder) { builder.startTable(10); }
   public static void addModel(FlatBufferBuilder builder, int modelOffset) { builder.addOffset(0, modelOffset, 0); }
   public static void addModelVersion(FlatBufferBuilder builder, int modelVersionOffset) { builder.addOffset(1, modelVersionOffset, 0); }
   public static void addInput(FlatBufferBuilder builder, int inputOffset) { builder.addOffset(2, inputOffset, 0); }
@@ -81,6 +89,9 @@ public final class Hello extends com.google.flatbuffers.Table {
   public static void addMaxBatch(FlatBufferBuilder builder, long maxBatch) { builder.addInt(6, (int) maxBatch, (int) 0L); }
   public static void addDeterministic(FlatBufferBuilder builder, boolean deterministic) { builder.addBoolean(7, deterministic, true); }
   public static void addPid(FlatBufferBuilder builder, long pid) { builder.addInt(8, (int) pid, (int) 0L); }
+  public static void addVersions(FlatBufferBuilder builder, int versionsOffset) { builder.addOffset(9, versionsOffset, 0); }
+  public static int createVersionsVector(FlatBufferBuilder builder, int[] data) { builder.startVector(2, data.length, 2); for (int i = data.length - 1; i >= 0; i--) builder.addShort((short) data[i]); return builder.endVector(); }
+  public static void startVersionsVector(FlatBufferBuilder builder, int numElems) { builder.startVector(2, numElems, 2); }
   public static int endHello(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;
