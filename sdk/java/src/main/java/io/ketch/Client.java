@@ -409,7 +409,7 @@ public final class Client implements AutoCloseable {
             }
             return;
         }
-        if (m.version() != Codec.PROTOCOL_VERSION || m.type() != MessageType.REPLY) {
+        if (!Codec.speaks(m.version()) || m.type() != MessageType.REPLY) {
             LOG.log(Level.WARNING, "ketch client of " + address + ": ignoring " + m.type().wireName()
                     + " of protocol version " + m.version());
             return;

@@ -187,7 +187,7 @@ final class JsonForm {
         Fields m = new Fields("message", message, "type", "version", "body", "payloads");
         String typeName = m.requiredString("type");
         MessageType type = MessageType.fromWireName(typeName);
-        int version = (int) m.unsigned("version", 16, Codec.PROTOCOL_VERSION);
+        int version = (int) m.unsigned("version", 16, type.since());
         JsonObject bodyJson = m.object("body");
         FlatBufferBuilder b = new FlatBufferBuilder(256);
         int body = table(b, typeName, bodyJson == null ? new JsonObject() : bodyJson);
