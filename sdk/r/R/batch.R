@@ -294,7 +294,7 @@ ketch_build_reply <- function(batch_id, compute_us, outputs, error, message) {
   ev[3L + e[["body_type"]]] <- 10L
   ev[3L + e[["body"]]] <- 4L
   put(env_vt, le_u16(ev))
-  put(env, c(le_i32(c(env - env_vt, rep - (env + 4))), le_u16(KETCH_PROTOCOL_VERSION),
+  put(env, c(le_i32(c(env - env_vt, rep - (env + 4))), le_u16(KETCH_BODY_SINCE[["PredictReply"]]),
              as.raw(KETCH_BODIES[["PredictReply"]])))
   rv <- integer(2L + n_rep_slots)
   rv[1:2] <- c(4L + 2L * n_rep_slots, 32L)

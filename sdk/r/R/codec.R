@@ -22,6 +22,10 @@
 #' @format NULL
 #' @export
 KETCH_PROTOCOL_VERSION <- 1
+#' @rdname ketch_codec
+#' @format NULL
+#' @export
+KETCH_PROTOCOL_VERSIONS <- c(1, 2)
 KETCH_IDENTIFIER <- "KTCH"
 
 # The schema's codes, field table (KETCH_SPEC) and defaults are generated from
@@ -166,12 +170,15 @@ ketch_write_table <- function(b, table, body) {
 #' \code{"KTCH"}. A decoded message is \code{list(type, version, body)} with every field
 #' of the body present: strings as character, numbers as doubles (64-bit integers are
 #' exact below 2^53), enums by name, absent sub-tables \code{NULL}, absent vectors empty.
-#' \code{KETCH_PROTOCOL_VERSION} is the protocol version this package speaks.
+#' \code{KETCH_PROTOCOL_VERSIONS} are the protocol versions this package speaks (2 adds
+#' \code{Hello.versions}, \code{Welcome.version} and \code{Paused});
+#' \code{KETCH_PROTOCOL_VERSION} is the first, what a peer that names none speaks.
 #'
 #' @param type body name (\code{"Hello"}, \code{"PredictReply"}, ...) or a whole message
 #'   \code{list(type, version, body)}.
 #' @param body named list of fields; missing fields take the schema default.
-#' @param version protocol version to write.
+#' @param version protocol version to write; by default the version that brought the body
+#'   (1 for every message but \code{Paused}, 2).
 #' @param frame raw vector, frame 0 of a message.
 #' @param msg a message as returned by \code{ketch_decode}.
 #' @param x a message, or JSON text / parsed JSON of the form
@@ -191,13 +198,14 @@ NULL
 
 #' @rdname ketch_codec
 #' @export
-ketch_encode <- function(type, body = list(), version = KETCH_PROTOCOL_VERSION) {
+ketch_encode <- function(type, body = list(), version = NULL) {
   if (is.list(type)) {
     msg <- type
-    return(ketch_encode(msg$type, msg$body, if (is.null(msg$version)) KETCH_PROTOCOL_VERSION else msg$version))
+    return(ketch_encode(msg$type, msg$body, msg$version))
   }
   code <- KETCH_BODIES[type]
   if (is.na(code)) stop("unknown message type ", type)
+  if (is.null(version)) version <- KETCH_BODY_SINCE[[type]]
   body <- ketch_normalize(type, body)
   env <- KETCH_FIELD_IDS$Envelope
   fb_finish(function(b) {
@@ -270,7 +278,7 @@ ketch_from_canonical <- function(x) {
   if (is.character(x)) x <- jsonlite::fromJSON(x, simplifyVector = FALSE)
   type <- x$type
   if (is.null(type) || is.na(KETCH_BODIES[type])) stop("unknown message type ", format(type))
-  version <- if (is.null(x$version)) KETCH_PROTOCOL_VERSION else as.numeric(x$version)
+  version <- if (is.null(x$version)) unname(KETCH_BODY_SINCE[[type]]) else as.numeric(x$version)
   list(type = type, version = version, body = ketch_normalize(type, x$body))
 }
 

@@ -22,7 +22,14 @@
 #
 # Draining: Ready{credits: 0} goes out at once; batches that arrive afterwards (the broker
 # sent them before it read the Ready) are computed and answered as usual; Goodbye goes out
-# once nothing is held and no batch has come for 50 ms, so nothing is handed back.
+# once nothing is held and the broker's Paused has come (protocol 2: every batch it sent
+# arrives before it), or, from a version-1 broker, no batch has come for 50 ms, so nothing
+# is handed back.
+#
+# Versions (docs/protocol.md section 3): the Hello offers KETCH_PROTOCOL_VERSIONS, the
+# Welcome names the one chosen (none: 1). A message of a version not spoken is answered
+# UNSUPPORTED_VERSION, one of a type this package does not know UNKNOWN_MESSAGE; fields a
+# newer broker appends to its tables are skipped.
 #
 # Signals: R has no R-level SIGTERM handler (SIGTERM ends R at once), so SIGTERM cannot
 # drain. SIGINT does: it sets a flag (the interrupt is resumed, so no multipart send is
@@ -100,7 +107,8 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   rt$hello <- list(model = name, model_version = as.character(version),
                    input = list(dtype = input_type, shape = as.numeric(input_shape)),
                    sdk = KETCH_SDK, replica_id = replica_id, credits = credits,
-                   max_batch = max_batch, deterministic = deterministic, pid = Sys.getpid())
+                   max_batch = max_batch, deterministic = deterministic, pid = Sys.getpid(),
+                   versions = KETCH_PROTOCOL_VERSIONS)
   rt$welcome_timeout <- welcome_timeout_ms / 1000
   rt$heartbeat <- 1
   rt$dead_after <- Inf
@@ -108,6 +116,8 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   rt$generation <- 0
   rt$inflight <- list()   # batches with the worker, oldest first: list(generation, header)
   rt$draining <- FALSE
+  rt$paused <- FALSE
+  rt$protocol <- KETCH_PROTOCOL_VERSION
   rt$drain_from <- 0
   rt$last_batch <- 0
   rt$interrupted <- FALSE
@@ -141,15 +151,14 @@ rt_loop <- function(rt) {
   repeat {
     if (rt$interrupted && !rt$draining) rt_drain(rt, "SIGINT")
     if (!is.null(rt$outcome)) return(rt$outcome)
-    if (rt$draining && !length(rt$inflight) &&
-        rt_now() - max(rt$drain_from, rt$last_batch) >= KETCH_DRAIN_QUIET_S) {
+    if (rt$draining && !length(rt$inflight) && (rt$paused || (!rt_waits_for_paused(rt) && rt_quiet(rt)))) {
       # take what came while this process was not running (a starved process finds the
       # quiet spell over at once) before deciding that nothing came
       before <- rt$last_batch
       rt_poll(rt, 0)
-      if (identical(before, rt$last_batch) && !length(rt$inflight) && is.null(rt$outcome)) {
+      if ((rt$paused || identical(before, rt$last_batch)) && !length(rt$inflight) && is.null(rt$outcome)) {
         rt_send(rt, list(ketch_encode("Goodbye", list(reason = "drained"))))
-        rt_log(rt, "drained, goodbye")
+        rt_log(rt, "drained, goodbye", if (rt$paused) " (paused by the broker)" else "")
         return("drained")
       }
       next
@@ -161,6 +170,18 @@ rt_loop <- function(rt) {
 }
 
 rt_now <- function() proc.time()[["elapsed"]]
+
+# A draining container of protocol 2 waits for the broker's Paused, up to the dead interval
+# (then, or with a version-1 broker, the quiet spell decides).
+rt_waits_for_paused <- function(rt) {
+  rt$protocol >= KETCH_BODY_SINCE[["Paused"]] && !rt$paused &&
+    rt_now() - rt$drain_from < rt_paused_wait(rt)
+}
+
+rt_paused_wait <- function(rt) if (is.finite(rt$dead_after)) rt$dead_after else 5
+
+# No batch has come for the quiet spell since the drain began.
+rt_quiet <- function(rt) rt_now() - max(rt$drain_from, rt$last_batch) >= KETCH_DRAIN_QUIET_S
 
 rt_log <- function(rt, ...) {
   cat(sprintf("%s ketch[r] %s: %s\n", format(Sys.time(), "%H:%M:%OS3"), rt$hello$replica_id,
@@ -176,7 +197,10 @@ rt_next_deadline <- function(rt) {
   } else {
     due <- min(due, rt$connected_at + rt_welcome_wait(rt))
   }
-  if (rt$draining) due <- min(due, max(rt$drain_from, rt$last_batch) + KETCH_DRAIN_QUIET_S)
+  if (rt$draining) {
+    due <- min(due, if (rt_waits_for_paused(rt)) rt$drain_from + rt_paused_wait(rt)
+                    else max(rt$drain_from, rt$last_batch) + KETCH_DRAIN_QUIET_S)
+  }
   if (length(rt$inflight)) due <- min(due, now + 0.2)  # look after the worker now and then
   due
 }
@@ -219,6 +243,7 @@ rt_connect <- function(rt) {
 rt_hello <- function(rt) {
   rt$generation <- rt$generation + 1
   rt$phase <- "connecting"
+  rt$paused <- FALSE
   rt$connected_at <- rt_now()
   rt_send(rt, list(ketch_encode("Hello", rt$hello)))
 }
@@ -312,18 +337,18 @@ rt_handle <- function(rt, frames) {
   # is read where the batch is computed
   if (!is.null(ketch_request_template(frames[[1]]))) return(rt_on_batch(rt, frames, now))
   peek <- ketch_peek(frames[[1]])
-  if (!is.null(peek) && peek[1] == KETCH_PROTOCOL_VERSION && peek[2] == KETCH_BODIES[["PredictRequest"]]) {
+  if (!is.null(peek) && peek[1] %in% KETCH_PROTOCOL_VERSIONS && peek[2] == KETCH_BODIES[["PredictRequest"]]) {
     tryCatch(ketch_read_request(frames[[1]]), error = function(e) NULL)  # learns it as a template
     return(rt_on_batch(rt, frames, now))
   }
   msg <- tryCatch(ketch_decode(frames[[1]]), ketch_decode_error = function(e) e)
   version <- if (!is.null(peek)) peek[1] else if (inherits(msg, "condition")) NA else msg$version
-  if (!is.na(version) && version != KETCH_PROTOCOL_VERSION) {
+  if (!is.na(version) && !version %in% KETCH_PROTOCOL_VERSIONS) {
     # MUST NOT act on it; an Error is not answered with an Error (no ping-pong)
     if (is.null(peek) || peek[2] != KETCH_BODIES[["Error"]]) {
       rt_send_error(rt, "UNSUPPORTED_VERSION",
-                    sprintf("protocol version %d is not supported (speaks %d)", version,
-                            KETCH_PROTOCOL_VERSION))
+                    sprintf("protocol version %d is not supported (speaks %s)", version,
+                            paste(KETCH_PROTOCOL_VERSIONS, collapse = ", ")))
     }
     return(invisible(NULL))
   }
@@ -338,6 +363,7 @@ rt_handle <- function(rt, frames) {
     Heartbeat = NULL,
     Shutdown = rt_drain(rt, paste0("Shutdown: ", body$reason)),
     Error = rt_on_error(rt, body),
+    Paused = if (rt$draining) rt$paused <- TRUE,
     rt_send_error(rt, "UNKNOWN_MESSAGE", sprintf("%s is not valid from the broker on the backend", msg$type))
   )
   invisible(NULL)
@@ -361,11 +387,17 @@ rt_on_batch <- function(rt, frames, now) {
 }
 
 rt_on_welcome <- function(rt, body) {
+  chosen <- if (body$version > 0) body$version else KETCH_PROTOCOL_VERSION  # a version-1 broker names none
+  if (!chosen %in% KETCH_PROTOCOL_VERSIONS) {
+    return(rt_refused(rt, sprintf("the broker chose protocol version %d, which this container does not speak",
+                                  chosen)))
+  }
+  rt$protocol <- chosen
   # 0 would mean "no figure": keep a heartbeat of 1 s and never declare the broker dead
   rt$heartbeat <- if (body$heartbeat_ms > 0) max(body$heartbeat_ms, 10) / 1000 else 1
   rt$dead_after <- if (body$dead_after_ms > 0) body$dead_after_ms / 1000 else Inf
-  if (rt$phase != "ready") rt_log(rt, sprintf("welcome (heartbeat %g ms, dead after %g ms)",
-                                              body$heartbeat_ms, body$dead_after_ms))
+  if (rt$phase != "ready") rt_log(rt, sprintf("welcome (protocol %d, heartbeat %g ms, dead after %g ms)",
+                                              chosen, body$heartbeat_ms, body$dead_after_ms))
   rt$phase <- "ready"
   rt$attempts <- 0
   if (rt$draining) rt_send(rt, list(ketch_encode("Ready", list(credits = 0))))  # a new registration: say it again
