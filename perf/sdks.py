@@ -16,7 +16,9 @@ all alike, each replica gets, closed loop through ``ketch.bench``:
 
 The Java client (``io.ketch.tools.Bench``) is measured the same way against the Python
 replica, in the same rounds, as the row ``java-client`` (compare with ``python``, whose
-client is ``ketch.bench``); it has no replica CPU of its own.
+client is ``ketch.bench``): at c=64 each answer's callback queues the next query, and the
+client sends the queries queued together in one message, as ``ketch.bench`` sends its
+refills. It has no replica CPU of its own.
 
 Prints one row per SDK and round, then the median and the range over the rounds with
 each SDK's ratio to Python's median. Java needs ``mvn -f sdk/java/pom.xml package``

@@ -33,6 +33,11 @@ public final class Codec {
      * negotiation itself ({@code Hello.versions}, {@code Welcome.version}) and {@code Paused}.
      */
     private static final int[] PROTOCOL_VERSIONS = {1, 2};
+    /**
+     * The item limit per message Ketch's senders keep to (the Python package's {@code MAX_ITEMS}):
+     * the broker's Replies carry at most this many answers, and a client's Query as many queries.
+     */
+    public static final int MAX_ITEMS = 64;
     /** The flatbuffers file identifier of every header. */
     public static final String IDENTIFIER = "KTCH";
 
