@@ -244,3 +244,41 @@ for (fork in c("true", "false")) {
     })
   })
 }
+
+# ---------------------------------------------------------------- where batches are computed
+
+pids_of <- function(b, hello, batch_id, delay_ms = 0, child = NULL) {
+  broker_send(b, hello$identity, "PredictRequest", predict_request(batch_id, "FLOAT64", 1), list(f64(delay_ms)))
+  reply <- broker_expect(b, "PredictReply", 15, child)
+  expect_identical(reply$body$batch_id, as.numeric(batch_id))
+  fb_unpack(reply$payloads[[1]], "f64")
+}
+
+test_that("fork = auto computes a fast model's batches here, and after a slow batch in the worker", {
+  with_container("pid", c("--name", "where", "--replica-id", "test/where/0"), function(b, child, hello) {
+    broker_send(b, hello$identity, "Welcome", list(heartbeat_ms = 1000, dead_after_ms = 10000))
+    serving <- hello$body$pid
+    expect_false(pids_of(b, hello, 1, 0, child) == serving)  # the first batches: the worker
+    # then here, once 16 in a row were fast (a loaded machine may make one slow: bounded)
+    here <- 0
+    for (i in 2:300) {
+      here <- if (pids_of(b, hello, i, 0, child) == serving) here + 1 else 0
+      if (here == 5) break
+    }
+    expect_identical(here, 5)
+    # a batch predicted fast but slow (300 ms): computed here, then the next goes to the worker
+    expect_identical(pids_of(b, hello, 1001, 300, child), serving)
+    expect_false(pids_of(b, hello, 1002, 0, child) == serving)
+  })
+})
+
+test_that("fork = true computes every batch in the worker, fork = false every one here", {
+  for (fork in c("true", "false")) {
+    with_container("pid", c("--name", "where", "--replica-id", "test/where/1", "--fork", fork),
+                   function(b, child, hello) {
+      broker_send(b, hello$identity, "Welcome", list(heartbeat_ms = 1000, dead_after_ms = 10000))
+      where <- vapply(1:20, function(i) pids_of(b, hello, i, 0, child), 0)
+      if (fork == "true") expect_true(all(where != hello$body$pid)) else expect_true(all(where == hello$body$pid))
+    })
+  }
+})
