@@ -8,9 +8,7 @@ that speaks only version 3. The broker, which speaks 1 and 2, chooses 2, 1 and r
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-from pathlib import Path
 
 import ketch
 import numpy as np
@@ -23,41 +21,35 @@ from structlog.testing import capture_logs
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _make_vectors():
-    spec = importlib.util.spec_from_file_location("make_vectors", ROOT / "schemas" / "make_vectors.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-encode_newer = _make_vectors().encode_newer
+@pytest.fixture
+def encode_newer(make_vectors):
+    """schemas/make_vectors.py's encoder of a newer peer's messages."""
+    return make_vectors.encode_newer
 
 
 class Peer:
     """A container's DEALER driven frame by frame; ``versions`` None sends a version-1 Hello."""
 
-    def __init__(self, backend: str, name: str, versions: list[int] | None, newer: bool = False) -> None:
+    def __init__(self, backend: str, name: str, versions: list[int] | None, encode_newer=None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.connect(backend)
-        self.name, self.versions, self.newer = name, versions, newer
+        self.name, self.versions, self.encode_newer = name, versions, encode_newer
 
     def hello(self) -> dict:
         fields = {
             "model": self.name,
             "model_version": "1",
             "input": {"dtype": "FLOAT64", "shape": [-1]},
-            "sdk": "test/newer" if self.newer else "test",
+            "sdk": "test/newer" if self.encode_newer else "test",
             "replica_id": f"{self.name}-0",
         }
         if self.versions is not None:
             fields["versions"] = self.versions
-        if self.newer:  # stamped with the lowest version offered, a field appended
-            header = encode_newer("Hello", fields, version=min(self.versions or [1]), extra={"Hello": [99]})
+        if self.encode_newer:  # stamped with the lowest version offered, a field appended
+            lowest = min(self.versions or [1])
+            header = self.encode_newer("Hello", fields, version=lowest, extra={"Hello": [99]})
         else:
             header = proto.encode("Hello", fields)
         self.sock.send(header)
@@ -80,8 +72,8 @@ def _sums(payloads: list[bytes]) -> list[bytes]:
     return [np.float64(np.frombuffer(p, "<f8").sum()).tobytes() for p in payloads]
 
 
-def test_a_newer_container_chooses_2_and_is_served_through_what_it_adds(thread_broker):
-    peer = Peer(thread_broker.backend, "newer", [1, 2, 3], newer=True)
+def test_a_newer_container_chooses_2_and_is_served_through_what_it_adds(thread_broker, encode_newer):
+    peer = Peer(thread_broker.backend, "newer", [1, 2, 3], encode_newer)
     try:
         welcome = peer.hello()
         assert (welcome["type"], welcome["version"], welcome["body"]["version"]) == ("Welcome", 1, 2)
@@ -137,7 +129,7 @@ def test_a_newer_container_chooses_2_and_is_served_through_what_it_adds(thread_b
         peer.close()
 
 
-def test_a_version_1_container_keeps_working_and_never_gets_a_paused(thread_broker):
+def test_a_version_1_container_keeps_working_and_never_gets_a_paused(thread_broker, encode_newer):
     peer = Peer(thread_broker.backend, "v1", None)
     try:
         welcome = peer.hello()
@@ -165,8 +157,8 @@ def test_a_version_1_container_keeps_working_and_never_gets_a_paused(thread_brok
         peer.close()
 
 
-def test_a_container_of_versions_the_broker_does_not_speak_is_refused(thread_broker):
-    peer = Peer(thread_broker.backend, "v3only", [3, 4], newer=True)
+def test_a_container_of_versions_the_broker_does_not_speak_is_refused(thread_broker, encode_newer):
+    peer = Peer(thread_broker.backend, "v3only", [3, 4], encode_newer)
     try:
         refusal = peer.hello()  # stamped 3: refused for the stamp
         assert (refusal["type"], refusal["body"]["code"]) == ("Error", "UNSUPPORTED_VERSION")

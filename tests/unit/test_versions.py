@@ -7,7 +7,6 @@ generic decoder and the typed views read what this schema knows and skip the res
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,15 +15,6 @@ from ketch import protocol as proto
 
 ROOT = Path(__file__).resolve().parents[2]
 NEWER = sorted((ROOT / "schemas" / "vectors" / "newer").glob("*.json"))
-
-
-def make_vectors():
-    """schemas/make_vectors.py, whose ``encode_newer`` writes as a newer peer does."""
-    spec = importlib.util.spec_from_file_location("make_vectors", ROOT / "schemas" / "make_vectors.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_choice_is_the_highest_version_both_speak():
@@ -83,8 +73,8 @@ def test_the_typed_views_skip_appended_fields():
     assert (proto.read_batch_id(body), reply.compute_us, len(reply.outputs)) == (42, 120, 2)
 
 
-def test_an_unknown_type_of_an_unknown_version_is_a_version_problem():
-    frame = make_vectors().encode_newer("Heartbeat", {}, version=3, body_type=200)
+def test_an_unknown_type_of_an_unknown_version_is_a_version_problem(make_vectors):
+    frame = make_vectors.encode_newer("Heartbeat", {}, version=3, body_type=200)
     with pytest.raises(proto.UnsupportedVersion) as caught:
         proto.decode_current(frame)
     assert caught.value.version == 3
