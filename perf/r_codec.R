@@ -7,8 +7,11 @@
 # (the generic ketch_decode; the hot path the first time, a full read that learns the
 # request as a template; the hot path on a learnt template), and writing the PredictReply
 # of as many float64 scalars (the generic ketch_encode; the hot-path writer building it;
-# the hot path on a learnt template). CPU microseconds per call: each try calls until it
-# has used 0.1 s of CPU (user + system); the median of 5 tries.
+# the hot path on a learnt template); then a whole batch answered (a no-op model that
+# returns one double per item), request in, reply frames out: the general way
+# (ketch_answer_batch without its fast path) against the fast path (ketch_answer_fast).
+# CPU microseconds per call: each try calls until it has used 0.1 s of CPU (user +
+# system); the median of 5 tries.
 
 file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
 here <- dirname(normalizePath(sub("^--file=", "", file_arg[1])))
@@ -47,6 +50,11 @@ with(env, {
                                                    budgets_us = rep(1e6, n)))
     outputs <- ketch_encode_outputs(rep(0.5, n))
     generic <- ketch_predict_reply(2^40 + 7, list(ok = TRUE, outputs = outputs, compute_us = 12))$body
+    frames <- c(list(request), rep(list(writeBin(c(5.1, 3.5, 1.4, 0.2), raw(), endian = "little")), n))
+    noop <- function(inputs) rep(0, length(inputs))
+    ketch_read_request(request)
+    t <- ketch_request_template(request)
+    stopifnot(!is.null(ketch_answer_fast(noop, frames, t)))
     rows[[length(rows) + 1]] <<- data.frame(
       items = n,
       read_generic_us = cpu_us(function() ketch_decode(request)),
@@ -57,7 +65,9 @@ with(env, {
       read_template_us = cpu_us(function() ketch_read_request(request)),
       write_generic_us = cpu_us(function() ketch_encode("PredictReply", generic)),
       write_build_us = cpu_us(function() ketch_build_reply(2^40 + 7, 12, outputs, "NONE", "")),
-      write_template_us = cpu_us(function() ketch_write_reply(2^40 + 7, 12, outputs))
+      write_template_us = cpu_us(function() ketch_write_reply(2^40 + 7, 12, outputs)),
+      answer_general_us = cpu_us(function() ketch_answer_batch(noop, frames, NULL)),
+      answer_fast_us = cpu_us(function() ketch_answer_fast(noop, frames, t))
     )
   }
 })

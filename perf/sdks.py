@@ -1,11 +1,13 @@
 """Replicas of the three SDKs side by side: Python, Java and R serving a no-op model.
 
-    python -m perf.sdks [--rounds 3] [--duration 3] [--sdks python,java,r,r-inline]
+    python -m perf.sdks [--rounds 3] [--duration 3] [--sdks python,java,r,r-fork,r-inline]
 
 One broker process (cache off) and one replica process per SDK, each serving its own
 no-op model (float64 vector in, one scalar out) behind its own app. ``r`` is the R replica
-as it runs by default (predict in a worker process forked once), ``r-inline`` the same with
-``fork = FALSE`` (predict in the serving process; no heartbeats while it computes). In alternating rounds
+as it runs by default (``fork = "auto"``: a batch of a model known to be fast is computed in
+the serving process, any other in a worker process forked once), ``r-fork`` the same with
+``fork = TRUE`` (every batch in the worker), ``r-inline`` with ``fork = FALSE`` (every batch
+in the serving process; no heartbeats while it computes). In alternating rounds
 (python, java, r, python, java, r, ...) so that a noisy moment on a shared machine falls on
 all alike, each replica gets, closed loop through ``ketch.bench``:
 
@@ -16,7 +18,9 @@ all alike, each replica gets, closed loop through ``ketch.bench``:
 
 The Java client (``io.ketch.tools.Bench``) is measured the same way against the Python
 replica, in the same rounds, as the row ``java-client`` (compare with ``python``, whose
-client is ``ketch.bench``); it has no replica CPU of its own.
+client is ``ketch.bench``): at c=64 each answer's callback queues the next query, and the
+client sends the queries queued together in one message, as ``ketch.bench`` sends its
+refills. It has no replica CPU of its own.
 
 Prints one row per SDK and round, then the median and the range over the rounds with
 each SDK's ratio to Python's median. Java needs ``mvn -f sdk/java/pom.xml package``
@@ -74,7 +78,7 @@ def replica_argv(sdk: str, backend: str) -> list[str]:
     return [
         "Rscript", str(R_EXAMPLE), "--broker", backend, "--name", name, "--version", "1",
         "--kind", "noop", "--replica-id", f"bench/{name}",
-        "--fork", "false" if sdk == "r-inline" else "true",
+        "--fork", {"r-inline": "false", "r-fork": "true"}.get(sdk, "auto"),
     ]  # fmt: skip
 
 
@@ -82,7 +86,7 @@ def available(sdk: str) -> str | None:
     """Why an SDK cannot run here, or None."""
     if sdk == "java" and (shutil.which("java") is None or not JAR.exists()):
         return f"java and {JAR.relative_to(ROOT)} (mvn -f sdk/java/pom.xml package)"
-    if sdk in ("r", "r-inline") and shutil.which("Rscript") is None:
+    if sdk.startswith("r") and shutil.which("Rscript") is None:
         return "Rscript"
     return None
 
@@ -168,7 +172,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per load level")
-    parser.add_argument("--sdks", default="python,java,r,r-inline")
+    parser.add_argument("--sdks", default="python,java,r,r-fork,r-inline")
     parser.add_argument("--no-java-client", dest="java_client", action="store_false",
                         help="leave out the Java client's row")  # fmt: skip
     args = parser.parse_args()

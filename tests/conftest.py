@@ -7,8 +7,11 @@ hanging it).
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import zmq
@@ -29,6 +32,18 @@ def _zmq_context_terminates() -> Iterator[None]:
 
     threading.Thread(target=term, daemon=True).start()
     assert done.wait(10), "zmq context did not terminate: a socket was left open"
+
+
+@pytest.fixture(scope="session")
+def make_vectors() -> ModuleType:
+    """schemas/make_vectors.py as a module: its ``encode_newer`` writes messages as a peer of
+    a newer protocol version would (fields appended, message types this schema lacks)."""
+    path = Path(__file__).resolve().parents[1] / "schemas" / "make_vectors.py"
+    spec = importlib.util.spec_from_file_location("make_vectors", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class ThreadBroker(Endpoints):

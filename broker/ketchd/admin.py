@@ -64,7 +64,11 @@ class AdminOps:
     # ------------------------------------------------------------ broker
 
     def op_ping(self) -> dict[str, Any]:
-        return {"version": proto.PROTOCOL_VERSION, "uptime_s": round(time.time() - self.broker.started, 3)}
+        return {
+            "version": proto.PROTOCOL_VERSION,
+            "versions": list(proto.PROTOCOL_VERSIONS),
+            "uptime_s": round(time.time() - self.broker.started, 3),
+        }
 
     def op_status(self) -> dict[str, Any]:
         b = self.broker

@@ -69,7 +69,7 @@ class Admission:
             else:
                 self.client_error(client, ErrorCode.UNKNOWN_MESSAGE, f"{name} is not a client message")
                 return
-        except proto.UnknownMessageType as exc:
+        except proto.UnknownMessage as exc:
             self.client_error(client, ErrorCode.UNKNOWN_MESSAGE, str(exc))
             return
         except proto.UnsupportedVersion as exc:
@@ -77,7 +77,7 @@ class Admission:
                 client,
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {exc.version} is not supported"
-                f" (this broker speaks {proto.PROTOCOL_VERSION})",
+                f" (this broker speaks {proto.versions.describe(proto.PROTOCOL_VERSIONS)})",
             )
             return
         except proto.DecodeError as exc:

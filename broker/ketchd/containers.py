@@ -17,7 +17,7 @@ from ketch import errors
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode, limits
 
-from ketchd import hellos
+from ketchd import hellos, negotiation
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
 
@@ -58,7 +58,7 @@ class Containers:
         try:  # decoding only: a bug past it is not the replica's fault (Faults)
             name, body = proto.decode_current(frames[1].buffer)
             fields = proto.read_fields(name, body) if name in _READ_WHOLE else None
-        except proto.UnknownMessageType as exc:
+        except proto.UnknownMessage as exc:
             self.backend_error(identity, ErrorCode.UNKNOWN_MESSAGE, str(exc))
             return
         except proto.UnsupportedVersion as exc:
@@ -66,7 +66,7 @@ class Containers:
                 identity,
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {exc.version} is not supported"
-                f" (this broker speaks {proto.PROTOCOL_VERSION})",
+                f" (this broker speaks {proto.versions.describe(proto.PROTOCOL_VERSIONS)})",
             )
             return
         except proto.DecodeError as exc:
@@ -106,6 +106,10 @@ class Containers:
             replica.credits = credits
             replica.refresh_state()
             b.dispatcher.dirty.add(b.models[replica.model])
+            paused = negotiation.paused(replica)
+            if paused is not None:
+                b.backend.send_multipart([identity, paused])
+                replica.last_sent = now
         elif name == "Goodbye":
             assert fields is not None
             reason = fields["reason"][:200]
@@ -113,6 +117,7 @@ class Containers:
         elif name == "Error":
             assert fields is not None
             b.counters["container_errors_received"] += 1
+            b.counters[f"replica_error_{errors.code_name(fields['code']).lower()}"] += 1
             log.warning(
                 "error from a replica",
                 replica=replica.replica_id,
@@ -147,6 +152,10 @@ class Containers:
         if conflict:
             self.refuse_hello(identity, ErrorCode.CONFLICT, f"hello refused: {conflict}", now)
             return
+        protocol, refusal = negotiation.choose(h)
+        if protocol is None:
+            self.refuse_hello(identity, ErrorCode.UNSUPPORTED_VERSION, refusal, now)
+            return
         old = b.replicas.get(identity)
         if old is not None:
             self.replica_gone(old, "hello again on the same connection", now)
@@ -176,6 +185,7 @@ class Containers:
             credits=h["credits"],
             max_batch=h["max_batch"],
             deterministic=h["deterministic"],
+            protocol=protocol,
             connected=now,
             last_seen=now,
             last_sent=now,
@@ -185,9 +195,7 @@ class Containers:
         b.replicas[identity] = replica
         b.replica_ids[replica_id] = identity
         model.replicas[identity] = replica
-        welcome = proto.encode(
-            "Welcome", {"heartbeat_ms": b.config.heartbeat_ms, "dead_after_ms": b.config.dead_after_ms}
-        )
+        welcome = negotiation.welcome(b.config.heartbeat_ms, b.config.dead_after_ms, protocol)
         b.backend.send_multipart([identity, welcome])
         replica.move(ReplicaState.READY)
         replica.refresh_state()
@@ -200,6 +208,7 @@ class Containers:
             sdk=replica.sdk,
             pid=replica.pid,
             fingerprint=fingerprint,
+            protocol=protocol,
         )
 
     def on_predict_reply(

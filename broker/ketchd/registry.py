@@ -189,6 +189,7 @@ class Replica:
     last_sent: float
     fingerprint: str = ""  # what it serves (Hello.fingerprint): the cache is keyed on it
     state: ReplicaState = ReplicaState.CONNECTING
+    protocol: int = 1  # the protocol version chosen at its Hello (ketchd.negotiation)
     inflight: dict[int, Batch] = field(default_factory=dict)
     controller: BatchController = field(default_factory=lambda: BatchController(BatchPolicy()))
     last_reply: float = 0.0
@@ -236,6 +237,7 @@ class Replica:
             "state": self.state.value,
             "sdk": self.sdk,
             "fingerprint": self.fingerprint,
+            "protocol": self.protocol,
             "pid": self.pid,
             "credits": self.credits,
             "inflight": len(self.inflight),

@@ -190,7 +190,7 @@ def test_backend_requires_hello_and_refuses_garbage(thread_broker):
         assert err["body"]["code"] == "BAD_MESSAGE" and "Hello" in err["body"]["message"]
         raw.sock.send(b"\x01\x02")
         assert proto.to_dict(recv(raw.sock)[0])["body"]["code"] == "BAD_MESSAGE"
-        raw.sock.send(proto.encode("Hello", {"model": "m"}, version=2))
+        raw.sock.send(proto.encode("Hello", {"model": "m"}, version=3))  # the broker speaks 1 and 2
         assert proto.to_dict(recv(raw.sock)[0])["body"]["code"] == "UNSUPPORTED_VERSION"
         raw.hello()
     finally:

@@ -12,6 +12,7 @@ scripts/test.sh and so by CI), where a missing toolchain is a failure.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -186,6 +187,7 @@ def test_containers_of_other_languages_serve_real_queries(sdk, thread_broker, co
         assert float(client.predict("sum", [1.0, 2.0]).output) == 3.0  # still serving after a failure
         replica = admin.replicas(f"{sdk}-sum")[0]
         assert replica["sdk"].startswith(f"{sdk}/")
+        assert replica["protocol"] == 2  # the broker speaks 1 and 2, the container too
 
 
 def _java_client(frontend: str, app: str, *args: str) -> tuple[int, list[dict]]:
@@ -260,9 +262,12 @@ class _FakeBackend:
                 self.identity = identity
                 return msg, payloads
 
-    def send(self, name: str, body: dict, payloads: list[bytes] = (), version: int = 1) -> None:
+    def send(self, name: str, body: dict, payloads: list[bytes] = (), version: int | None = None) -> None:
         header = proto.from_dict({"type": name, "version": version, "body": body})
         self.sock.send_multipart([self.identity, header, *payloads])
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart([self.identity, *frames])
 
     def batch(self, batch_id: int, payloads: list[bytes], **body: object) -> dict:
         """Send a float64 PredictRequest (``body`` overrides its fields); its reply's body."""
@@ -281,21 +286,91 @@ def _float64(*xs: float) -> bytes:
     return np.asarray(xs, dtype="<f8").tobytes()
 
 
+def _newer(name: str) -> list[bytes]:
+    """The frames of schemas/vectors/newer/NAME: a message as a broker of version 3 sends it."""
+    twin = json.loads((VECTORS / "newer" / f"{name}.json").read_text("utf-8"))
+    payloads = [base64.b64decode(p) for p in twin["payloads"]]
+    return [(VECTORS / "newer" / f"{name}.bin").read_bytes(), *payloads]
+
+
+def _start_replica(sdk: str, backend: _FakeBackend, kind: str, log_dir: Path):
+    """A ``sum`` or ``fail`` replica of ``sdk`` against ``backend``: (Python Replica, process)."""
+    from ketch.runtime import Replica
+
+    if sdk == "python":
+
+        def total(inputs):
+            return [float(x.sum()) for x in inputs]
+
+        def fail(inputs):
+            raise ValueError("boom")
+
+        replica = Replica(total if kind == "sum" else fail, name=f"py-{kind}", broker=backend.endpoint)
+        threading.Thread(target=replica.run, daemon=True).start()
+        return replica, None
+    log = open(log_dir / f"{sdk}-{kind}.log", "wb")  # noqa: SIM115
+    cmd = CONTAINERS[sdk](backend.endpoint, f"{sdk}-{kind}", kind, f"{sdk}-{kind}-faults")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
+    log.close()
+    return None, proc
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sdk", ["python", "java", "r"])
+def test_a_newer_broker_and_every_sdks_replica(sdk, tmp_path):
+    """A broker of a version 3 (its Welcome chooses 2, its messages carry fields appended to
+    their tables, it sends a message type this schema lacks): the replica offers [1, 2],
+    reads what it knows, answers the unknown type UNKNOWN_MESSAGE and a version-3 message
+    UNSUPPORTED_VERSION, keeps serving, and its drain ends on the broker's Paused."""
+    backend = _FakeBackend()
+    replica, proc = _start_replica(sdk, backend, "sum", tmp_path)
+    try:
+        hello, _ = backend.expect("Hello")
+        assert (hello["version"], hello["body"]["versions"]) == (1, [1, 2])
+        backend.send_raw(_newer("welcome"))
+        backend.send_raw(_newer("predict_request"))
+        reply, payloads = backend.expect("PredictReply")
+        assert reply["body"]["batch_id"] == 42 and reply["body"]["error"] == "NONE"
+        assert [np.frombuffer(p, "<f8")[0] for p in payloads] == [4.0, -4.0]
+        backend.send_raw(_newer("unknown_body"))
+        assert backend.expect("Error")[0]["body"]["code"] == "UNKNOWN_MESSAGE"
+        backend.send("Heartbeat", {}, version=3)
+        assert backend.expect("Error")[0]["body"]["code"] == "UNSUPPORTED_VERSION"
+        assert backend.batch(43, [_float64(1.0, 2.0)], shapes=[2])["error"] == "NONE"
+        # drain: Ready{0}; Goodbye only after the Paused, and after the batch sent before it
+        if replica is not None:
+            replica.stop()
+        else:
+            assert proc is not None
+            proc.send_signal(signal.SIGTERM if sdk == "java" else signal.SIGINT)
+        assert backend.expect("Ready")[0]["body"]["credits"] == 0
+        backend.send("PredictRequest", {"batch_id": 44, "dtype": 11, "ndim": 1, "shapes": [1],
+                                        "budgets_us": [10**7]}, [_float64(5.0)])  # fmt: skip
+        reply, _ = backend.expect("PredictReply")
+        assert reply["body"]["batch_id"] == 44
+        early = backend.sock.poll(300)  # the quiet spell (50 ms) would have ended the drain by now
+        if early:
+            message = proto.to_dict(backend.sock.recv_multipart()[1])
+            assert message["type"] == "Heartbeat", message
+        backend.send_raw(_newer("paused"))
+        assert backend.expect("Goodbye")[0]["body"]["reason"] in ("drained", "stopped")
+        if proc is not None:
+            assert proc.wait(30) == 0
+    finally:
+        if replica is not None:
+            replica.stop()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        backend.close()
+
+
 @pytest.mark.timeout(240)
 def test_the_same_fault_gets_the_same_error_code_in_every_sdk(tmp_path):
     """A batch with an unknown dtype, one whose frames do not add up, one with an item whose
     payload does not fit, a model that raises, a message in another protocol version and one
-    not valid on the backend: each SDK's container answers each with the same code."""
-    import threading as _threading
-
-    from ketch.runtime import Replica
-
-    def total(inputs):
-        return [float(x.sum()) for x in inputs]
-
-    def fail(inputs):
-        raise ValueError("boom")
-
+    not valid on the backend, a newer one's message type, an undecodable header: each SDK's
+    container answers each with the same code."""
     answers: dict[str, dict[str, object]] = {}
     for sdk in ("python", "java", "r"):
         got: dict[str, object] = {}
@@ -303,16 +378,7 @@ def test_the_same_fault_gets_the_same_error_code_in_every_sdk(tmp_path):
             backend = _FakeBackend()
             proc = replica = None
             try:
-                if sdk == "python":
-                    replica = Replica(
-                        total if kind == "sum" else fail, name=f"py-{kind}", broker=backend.endpoint
-                    )
-                    _threading.Thread(target=replica.run, daemon=True).start()
-                else:
-                    log = open(tmp_path / f"{sdk}-{kind}.log", "wb")  # noqa: SIM115
-                    cmd = CONTAINERS[sdk](backend.endpoint, f"{sdk}-{kind}", kind, f"{sdk}-{kind}-faults")
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT)
-                    log.close()
+                replica, proc = _start_replica(sdk, backend, kind, tmp_path)
                 backend.expect("Hello")
                 backend.send("Welcome", {"heartbeat_ms": 1000, "dead_after_ms": 30000})
 
@@ -326,13 +392,14 @@ def test_the_same_fault_gets_the_same_error_code_in_every_sdk(tmp_path):
                 r = backend.batch(4, [_float64(1.0, 2.0), _float64(1.0)], shapes=[2, 2])
                 items = [o["error"] for o in r["outputs"]]
                 got["an item's payload does not fit"] = items if r["error"] == "NONE" else r["error"]
-                if (
-                    sdk != "python"
-                ):  # the Python runtime neither checks versions nor answers unknown types (issue 20, item 5)
-                    backend.send("Shutdown", {"reason": "from the future"}, version=2)
-                    got["another protocol version"] = backend.expect("Error")[0]["body"]["code"]
-                    backend.send("Query", {"app": "x"})
-                    got["not a backend message"] = backend.expect("Error")[0]["body"]["code"]
+                backend.send("Shutdown", {"reason": "from the future"}, version=3)
+                got["another protocol version"] = backend.expect("Error")[0]["body"]["code"]
+                backend.send("Query", {"app": "x"})
+                got["not a backend message"] = backend.expect("Error")[0]["body"]["code"]
+                backend.send_raw(_newer("unknown_body"))
+                got["a newer message type"] = backend.expect("Error")[0]["body"]["code"]
+                backend.send_raw([b"not a flatbuffer"])
+                got["an undecodable header"] = backend.expect("Error")[0]["body"]["code"]
             finally:
                 if replica is not None:
                     replica.stop()
@@ -349,10 +416,13 @@ def test_the_same_fault_gets_the_same_error_code_in_every_sdk(tmp_path):
         "an item's payload does not fit": ["NONE", "BAD_INPUT"],
         "another protocol version": "UNSUPPORTED_VERSION",
         "not a backend message": "UNKNOWN_MESSAGE",
+        "a newer message type": "UNKNOWN_MESSAGE",
+        "an undecodable header": "BAD_MESSAGE",
     }
     python = answers["python"]
-    for fault in ("model raises", "unknown dtype", "frames do not add up"):
-        assert python[fault] == answers["java"][fault], (fault, answers)
+    for fault in answers["java"]:
+        if fault != "an item's payload does not fit":
+            assert python[fault] == answers["java"][fault], (fault, answers)
     # the Python runtime fails the whole batch where Java and R fail the item (it is left
     # to the Python runtime's owner; protocol.md section 5 asks for the item)
     assert python["an item's payload does not fit"] in ("BAD_MESSAGE", ["NONE", "BAD_INPUT"])

@@ -288,10 +288,13 @@ def test_views_read_the_golden_vectors_as_the_generic_decoder(twin):
 
 
 def test_another_version_is_refused_by_decode_current():
-    frame = proto.encode("Heartbeat", {}, version=2)
+    frame = proto.encode("Heartbeat", {}, version=3)
     with pytest.raises(proto.UnsupportedVersion) as caught:
         proto.decode_current(frame)
-    assert caught.value.version == 2 and isinstance(caught.value, proto.DecodeError)
+    assert caught.value.version == 3 and isinstance(caught.value, proto.DecodeError)
+    assert "speaks 1, 2" in str(caught.value)
+    for version in proto.PROTOCOL_VERSIONS:  # every version spoken is taken
+        assert proto.decode_current(proto.encode("Heartbeat", {}, version=version))[0] == "Heartbeat"
 
 
 # ---------------------------------------------------------------- 5. at most MAX_ITEMS per Reply

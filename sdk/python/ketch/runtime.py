@@ -4,11 +4,15 @@
 
 ``predict`` is a function ``predict(inputs: list) -> list`` (one output per input), an
 object with such a ``predict`` method, or a scikit-learn estimator. The replica runs
-docs/protocol.md section 5: hello with a stable replica id, batches computed where they
-are received (no hand-off between threads on the query's path) while a heartbeat thread
-speaks for the replica during a long batch (so it is never taken for dead),
-reconnection with backoff when the broker goes silent or restarts, and a clean drain on
-SIGTERM or ``stop()``.
+docs/protocol.md section 5: hello with a stable replica id and the protocol versions it
+speaks (section 3), batches computed where they are received (no hand-off between threads
+on the query's path) while a heartbeat thread speaks for the replica during a long batch
+(so it is never taken for dead), reconnection with backoff when the broker goes silent or
+restarts, and a clean drain on SIGTERM or ``stop()``: ``Ready{credits: 0}``, then Goodbye
+once the broker's ``Paused`` has come (protocol 2; with a version-1 broker, once no batch
+has come for 50 ms). A message of a version it does not speak is answered
+``UNSUPPORTED_VERSION``, one of a type it does not know (or not valid from the broker)
+``UNKNOWN_MESSAGE``, one that does not decode ``BAD_MESSAGE``.
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class Replica:
         self._last_send = 0.0
         self.heartbeat_s = 1.0
         self.dead_after_s = 5.0
+        self.protocol = proto.PROTOCOL_VERSION  # chosen by the broker in its Welcome
         self.batches = 0
         # requests of items of one shape, each learnt from a request read the long way as a
         # template of itself (batch id and budgets in the slots), with (dtype, shape, items)
@@ -177,6 +182,7 @@ class Replica:
             "deterministic": self.deterministic,
             "pid": os.getpid(),
             "fingerprint": self.fingerprint,
+            "versions": list(proto.PROTOCOL_VERSIONS),
         }
 
     def _hello(self, sock: zmq.Socket) -> None:
@@ -187,7 +193,7 @@ class Replica:
         self._hello(sock)
         now = time.monotonic()
         last_recv = last_batch = hello_at = self._last_send = now
-        welcomed = False
+        welcomed = paused = False
         draining_since: float | None = None
         backoff = 0.1
         heartbeat = proto.encode("Heartbeat", {})
@@ -205,14 +211,18 @@ class Replica:
                     elif action == "welcome":
                         welcomed, backoff = True, 0.1
                         self._welcomed = True
+                        if draining_since is not None:  # a new registration: say it again
+                            _send(sock, proto.encode("Ready", {"credits": 0}))
                     elif action == "hello":
-                        welcomed = self._welcomed = False
+                        welcomed = paused = self._welcomed = False
                         self._hello(sock)
                         hello_at = self._last_send = last_recv
                     elif action == "later":  # CONFLICT: the Hello again after the backoff
-                        welcomed = False
+                        welcomed = paused = False
                         hello_at = last_recv
                         backoff = min(max(backoff * 2, 1.0), 30.0)
+                    elif action == "paused":
+                        paused = draining_since is not None
                     elif action == "shutdown":
                         self._stop.set()
                     self._welcomed = welcomed
@@ -226,11 +236,12 @@ class Replica:
                 self.log.info("replica draining")
                 _send(sock, proto.encode("Ready", {"credits": 0}))
                 self._last_send = now
-            if draining_since is not None and now - max(draining_since, last_batch) > _DRAIN_QUIET_S:
-                # batches are computed as they arrive, so none is held here; the quiet
-                # spell lets batches the broker sent before it read Ready(0) arrive
+            if draining_since is not None and self._drained(paused, draining_since, last_batch, now):
+                # batches are computed as they arrive, so none is held here
                 _send(sock, proto.encode("Goodbye", {"reason": "drained"}))
-                self.log.info("replica stopped", batches=self.batches)
+                self.log.info(
+                    "replica stopped", batches=self.batches, drained_on="paused" if paused else "quiet"
+                )
                 return
             if not welcomed and now - hello_at > max(backoff, 1.0):
                 # no welcome: the broker may be down; keep saying hello, backing off
@@ -242,11 +253,22 @@ class Replica:
                 sock.close(linger=0)
                 sock = self._sock = self._connect()
                 self._hello(sock)
-                welcomed = self._welcomed = False
+                welcomed = paused = self._welcomed = False
                 hello_at = self._last_send = last_recv = now
             elif welcomed and now - self._last_send > self.heartbeat_s:
                 _send(sock, heartbeat)
                 self._last_send = now
+
+    def _drained(self, paused: bool, since: float, last_batch: float, now: float) -> bool:
+        """Whether a draining replica has answered every batch the broker sent it: the
+        broker said so (``Paused``, protocol 2), or, from a version-1 broker (or a version-2
+        one silent past the dead interval), no batch has come for the quiet spell, which lets
+        batches the broker sent before it read Ready(0) arrive."""
+        if paused:
+            return True
+        if self.protocol >= proto.stamp("Paused") and now - since < self.dead_after_s:
+            return False
+        return now - max(since, last_batch) > _DRAIN_QUIET_S
 
     def _on_message(self, sock: zmq.Socket, frames: list[zmq.Frame], now: float) -> str:
         header = frames[0].bytes
@@ -264,16 +286,19 @@ class Replica:
                 return "batch"
         try:
             version, name, body = proto.decode(header)
-        except proto.UnknownMessageType as exc:
-            if exc.version != proto.PROTOCOL_VERSION:
+        except proto.UnknownMessage as exc:
+            if exc.version not in proto.PROTOCOL_VERSIONS:
                 return self._unsupported(sock, exc.version, exc.body_type)
-            self._answer_error(sock, ErrorCode.UNKNOWN_MESSAGE, f"{exc} (this replica speaks protocol 1)")
+            speaks = proto.versions.describe(proto.PROTOCOL_VERSIONS)
+            self._answer_error(
+                sock, ErrorCode.UNKNOWN_MESSAGE, f"{exc} (this replica speaks protocol {speaks})"
+            )
             return ""
         except proto.DecodeError as exc:
             self.log.warning("undecodable message from broker", error=str(exc))
             self._answer_error(sock, ErrorCode.BAD_MESSAGE, f"message does not decode: {exc}")
             return ""
-        if version != proto.PROTOCOL_VERSION:  # MUST NOT act on it
+        if version not in proto.PROTOCOL_VERSIONS:  # MUST NOT act on it
             return self._unsupported(sock, version, proto.BODY_CODES[name])
         if name == "PredictRequest":
             try:
@@ -301,14 +326,25 @@ class Replica:
             except proto.DecodeError as exc:
                 self.log.warning("undecodable message from broker", error=str(exc))
                 return ""
+            chosen = welcome["version"] or proto.PROTOCOL_VERSION  # a version-1 broker names none
+            if chosen not in proto.PROTOCOL_VERSIONS:
+                raise errors.UnsupportedVersion(
+                    f"the broker chose protocol version {chosen}, which this replica does not speak"
+                    f" (it offered {proto.versions.describe(proto.PROTOCOL_VERSIONS)})"
+                )
+            self.protocol = chosen
             self.heartbeat_s = max(0.01, (welcome["heartbeat_ms"] or 1000) / 1000)
             self.dead_after_s = max(self.heartbeat_s * 2, (welcome["dead_after_ms"] or 5000) / 1000)
-            self.log.info("replica registered", broker=self.broker, fingerprint=self.fingerprint)
+            self.log.info(
+                "replica registered", broker=self.broker, protocol=chosen, fingerprint=self.fingerprint
+            )
             return "welcome"
         if name == "Heartbeat":
             return ""
         if name == "Shutdown":
             return "shutdown"
+        if name == "Paused":
+            return "paused"
         if name == "Error":
             try:
                 error = proto.read_fields(name, body)
@@ -353,7 +389,8 @@ class Replica:
     def _unsupported(self, sock: zmq.Socket, version: int, body_type: int) -> str:
         """A message of another protocol version: not acted on; answered, unless an Error."""
         if body_type != proto.BODY_CODES["Error"]:
-            text = f"protocol version {version} is not supported (speaks {proto.PROTOCOL_VERSION})"
+            speaks = proto.versions.describe(proto.PROTOCOL_VERSIONS)
+            text = f"protocol version {version} is not supported (speaks {speaks})"
             self._answer_error(sock, ErrorCode.UNSUPPORTED_VERSION, text)
         return ""
 

@@ -82,9 +82,10 @@ hp_vector_at <- function(buf, tab, id) {
 ketch_peek <- function(frame) {
   if (!is.raw(frame) || length(frame) < 12 || !identical(frame[5:8], KETCH_IDENTIFIER_RAW)) return(NULL)
   tryCatch({
+    ids <- KETCH_FIELD_IDS$Envelope
     env <- hp_table(frame, hp_i32(frame, 0))
-    off <- hp_slot(env, KETCH_ENVELOPE[["version"]])
-    c(if (off == 0) 0L else hp_u16s(frame, env$pos + off, 1L), hp_u8(frame, env, KETCH_ENVELOPE[["body_type"]]))
+    off <- hp_slot(env, ids[["version"]])
+    c(if (off == 0) 0L else hp_u16s(frame, env$pos + off, 1L), hp_u8(frame, env, ids[["body_type"]]))
   }, error = function(e) NULL)
 }
 
@@ -101,10 +102,11 @@ ketch_read_request <- function(frame) {
   if (!is.raw(frame) || length(frame) < 12 || !identical(frame[5:8], KETCH_IDENTIFIER_RAW)) {
     hp_error("not a Ketch envelope")
   }
+  ids <- KETCH_FIELD_IDS$Envelope
   env <- hp_table(frame, hp_i32(frame, 0))
-  type <- hp_u8(frame, env, KETCH_ENVELOPE[["body_type"]])
+  type <- hp_u8(frame, env, ids[["body_type"]])
   if (type != KETCH_BODIES[["PredictRequest"]]) hp_error(sprintf("body type %d", type))
-  off <- hp_slot(env, KETCH_ENVELOPE[["body"]])
+  off <- hp_slot(env, ids[["body"]])
   if (off == 0) hp_error("no body")
   at <- env$pos + off
   body <- hp_table(frame, at + hp_i32(frame, at))
@@ -151,8 +153,9 @@ ketch_learn_request <- function(frame, req, batch_at, budgets) {
   fixed <- setdiff(seq_along(frame), variable + 1)
   if (length(KETCH_REQUEST_TEMPLATES) >= 256L) rm(list = ls(KETCH_REQUEST_TEMPLATES), envir = KETCH_REQUEST_TEMPLATES)
   assign(as.character(length(frame)),
-         list(fixed_at = fixed, fixed = frame[fixed], batch_at = batch_at, budgets_at = budgets[1],
-              n = budgets[2], req = req), envir = KETCH_REQUEST_TEMPLATES)
+         list(fixed_at = fixed, fixed = frame[fixed], batch_at = batch_at, batch_idx = batch_at + 1:8,
+              budgets_at = budgets[1], n = budgets[2], req = req, fast = ketch_fast_plan(req)),
+         envir = KETCH_REQUEST_TEMPLATES)
 }
 
 # A PredictRequest that matches a learnt template, read without a parse; NULL otherwise.
@@ -161,11 +164,102 @@ ketch_match_request <- function(frame) {
   t <- ketch_request_template(frame)
   if (is.null(t)) return(NULL)
   req <- t$req
-  w <- readBin(frame[t$batch_at + 1:8], "integer", n = 4L, size = 2L, signed = FALSE, endian = "little")
-  req$batch_id <- w[1] + 65536 * w[2] + 4294967296 * (w[3] + 65536 * w[4])
+  req$batch_id <- hp_u64(frame, t$batch_idx)
   if (t$n > 0) req$budgets_us <- hp_u32s(frame, t$budgets_at, t$n)
   req
 }
+
+# Little-endian integers by arithmetic on the bytes (primitives only: readBin and writeBin
+# are R closures that cost more than the arithmetic for a few values).
+KETCH_POW4 <- 256^(0:3)
+KETCH_POW8 <- 256^(0:7)
+
+# A u64 (below 2^53) at the byte indexes `idx` (1-based, eight of them).
+hp_u64 <- function(frame, idx) sum(as.integer(frame[idx]) * KETCH_POW8)
+
+# n u32s (as doubles) starting at byte offset `at` (0-based).
+hp_u32s_at <- function(frame, at, n) {
+  if (n == 1L) return(sum(as.integer(frame[at + 1:4]) * KETCH_POW4))
+  drop(KETCH_POW4 %*% matrix(as.integer(frame[seq.int(at + 1, length.out = 4L * n)]), 4L))
+}
+
+# ---------------------------------------------------------------- the fast path
+# A batch whose request matches a learnt template of FLOAT64 or FLOAT32 items of ndim 0 or
+# 1, whose payloads all have the sizes that template's shapes give, and whose model returns
+# one double per item (a plain double vector, or a list of plain doubles of length one) is
+# answered with a handful of vector operations: one readBin for every input, one writeBin
+# for every output, and the reply header from a template of its own. Anything else (and
+# whatever goes wrong) takes the general path, which says what is wrong.
+
+# What the fast path needs of a request learnt as a template, or NULL when it does not fit.
+ketch_fast_plan <- function(req) {
+  size <- c(FLOAT64 = 8L, FLOAT32 = 4L)[req$dtype]
+  n <- length(req$budgets_us)
+  if (is.na(size) || req$ndim > 1 || n == 0) return(NULL)
+  counts <- if (req$ndim == 0) rep(1, n) else req$shapes
+  ones <- all(counts == 1)
+  list(dtype = req$dtype, size = unname(size), n = n, lens = counts * size, total = sum(counts),
+       pieces = if (ones) NULL else ketch_split_factor(counts),
+       out_pieces = if (n == 1) NULL else ketch_split_factor(rep.int(8L, n)))
+}
+
+# A factor cutting a vector into consecutive pieces of `counts` elements (for split()).
+ketch_split_factor <- function(counts) {
+  n <- length(counts)
+  structure(rep.int(seq_len(n), counts), levels = as.character(seq_len(n)), class = "factor")
+}
+
+# The reply frames of a batch on the fast path, or NULL when it does not fit (nothing has
+# been computed then); `t` is the template its request matched.
+ketch_answer_fast <- function(predict_fn, frames, t) {
+  f <- t$fast
+  n <- f$n
+  if (length(frames) != n + 1L) return(NULL)
+  payloads <- frames[-1L]
+  if (any(lengths(payloads) != f$lens)) return(NULL)
+  frame <- frames[[1L]]
+  flat <- readBin(if (n == 1L) payloads[[1L]] else unlist(payloads, use.names = FALSE), "double", n = f$total,
+                  size = f$size, endian = "little")
+  inputs <- if (is.null(f$pieces)) as.list(flat) else if (n == 1L) list(flat) else unname(split(flat, f$pieces))
+  attr(inputs, "dtype") <- f$dtype
+  attr(inputs, "budgets_us") <- hp_u32s_at(frame, t$budgets_at, n)
+  t0 <- ketch_clock_us()
+  out <- tryCatch(predict_fn(inputs), error = function(e) e)
+  compute_us <- max(1, min(round(ketch_clock_us() - t0), KETCH_MAX_U32))
+  batch_id <- hp_u64(frame, t$batch_idx)
+  if (is.list(out) && !is.object(out) && length(out) == n && all(lengths(out) == 1L)) {
+    flat <- unlist(out, use.names = FALSE)  # plain numbers only: anything else unlists to another type
+    if (is.double(flat) && all(vapply(out, function(v) is.double(v) && is.null(attributes(v)), NA))) out <- flat
+  }
+  if (!is.double(out) || length(out) != n || !is.null(attributes(out))) {
+    # not one plain double per item: the general path encodes it (or says what is wrong)
+    result <- ketch_finish_predict(out, n, compute_us)
+    if (!isTRUE(result$ok)) return(list(ketch_write_reply(batch_id, compute_us, NULL, result$error, result$message)))
+    return(c(list(ketch_write_reply(batch_id, compute_us, result$outputs)), result$outputs$payloads))
+  }
+  bytes <- writeBin(out, raw(), size = 8L, endian = "little")
+  header <- KETCH_PLAIN_REPLIES[[as.character(n)]]
+  if (is.null(header)) header <- ketch_plain_reply_template(n)
+  header[KETCH_REPLY_BATCH_ID_AT + 1:8] <- le_u64_1(batch_id)
+  header[KETCH_REPLY_COMPUTE_AT + 1:4] <- le_u32_1(compute_us)
+  c(list(header), if (n == 1L) list(bytes) else unname(split(bytes, f$out_pieces)))
+}
+
+# Reply headers of n FLOAT64 scalars, by n.
+KETCH_PLAIN_REPLIES <- new.env(parent = emptyenv())
+
+ketch_plain_reply_template <- function(n) {
+  outputs <- list(ok = rep(TRUE, n), group = rep(1L, n),
+                  tensors = list(list(dtype = KETCH_DTYPES[["FLOAT64"]], shape = numeric(0))),
+                  error = integer(n), message = character(n))
+  header <- ketch_build_reply(0, 0, outputs, "NONE", "")
+  assign(as.character(n), header, envir = KETCH_PLAIN_REPLIES)
+  header
+}
+
+# One whole number in [0, 2^32) as a little-endian u32, and one in [0, 2^53) as a u64.
+le_u32_1 <- function(x) as.raw((x %/% KETCH_POW4) %% 256)
+le_u64_1 <- function(x) as.raw((x %/% KETCH_POW8) %% 256)
 
 # ---------------------------------------------------------------- writing a reply
 
@@ -287,11 +381,12 @@ ketch_build_reply <- function(batch_id, compute_us, outputs, error, message) {
   put(4, KETCH_IDENTIFIER_RAW)
   ev <- integer(5)
   ev[1:2] <- c(10L, 12L)
-  ev[3L + KETCH_ENVELOPE[["version"]]] <- 8L
-  ev[3L + KETCH_ENVELOPE[["body_type"]]] <- 10L
-  ev[3L + KETCH_ENVELOPE[["body"]]] <- 4L
+  e <- ketch_field_ids("Envelope")
+  ev[3L + e[["version"]]] <- 8L
+  ev[3L + e[["body_type"]]] <- 10L
+  ev[3L + e[["body"]]] <- 4L
   put(env_vt, le_u16(ev))
-  put(env, c(le_i32(c(env - env_vt, rep - (env + 4))), le_u16(KETCH_PROTOCOL_VERSION),
+  put(env, c(le_i32(c(env - env_vt, rep - (env + 4))), le_u16(KETCH_BODY_SINCE[["PredictReply"]]),
              as.raw(KETCH_BODIES[["PredictReply"]])))
   rv <- integer(2L + n_rep_slots)
   rv[1:2] <- c(4L + 2L * n_rep_slots, 32L)

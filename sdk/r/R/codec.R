@@ -22,33 +22,26 @@
 #' @format NULL
 #' @export
 KETCH_PROTOCOL_VERSION <- 1
+#' @rdname ketch_codec
+#' @format NULL
+#' @export
+KETCH_PROTOCOL_VERSIONS <- c(1, 2)
 KETCH_IDENTIFIER <- "KTCH"
 
 # The schema's codes, field table (KETCH_SPEC) and defaults are generated from
 # schemas/ketch.fbs into schema_generated.R (scripts/gen_schema.py).
 
 # ---------------------------------------------------------------- schema numbering
-# The hot path (R/batch.R) reads and writes by field id: the 0-based index of a field in its
-# table, in schema order, which is the order of the generated KETCH_SPEC; union member
-# codes are the generated KETCH_BODIES. Envelope is not in KETCH_SPEC (no body table), so
-# its three ids are written here, once.
+# The hot path (R/batch.R) reads and writes by field id; every id, the Envelope's included,
+# comes from the generated KETCH_FIELD_IDS, and union member codes from KETCH_BODIES.
 
-KETCH_ENVELOPE <- c(version = 0L, body_type = 1L, body = 2L)
 KETCH_IDENTIFIER_RAW <- charToRaw(KETCH_IDENTIFIER)
 
-# The field ids of a table by name, worked out on first use (the generated KETCH_SPEC may be
-# sourced after this file) and kept.
-KETCH_FIELD_IDS <- new.env(parent = emptyenv())
-
+# The field ids of a table by name (the generated KETCH_FIELD_IDS may be sourced after this
+# file, so it is looked up when called).
 ketch_field_ids <- function(table) {
   ids <- KETCH_FIELD_IDS[[table]]
-  if (is.null(ids)) {
-    spec <- KETCH_SPEC[[table]]
-    if (is.null(spec)) stop("unknown table ", table)
-    ids <- seq_along(spec) - 1L
-    names(ids) <- names(spec)
-    assign(table, ids, envir = KETCH_FIELD_IDS)
-  }
+  if (is.null(ids)) stop("unknown table ", table)
   ids
 }
 
@@ -177,12 +170,15 @@ ketch_write_table <- function(b, table, body) {
 #' \code{"KTCH"}. A decoded message is \code{list(type, version, body)} with every field
 #' of the body present: strings as character, numbers as doubles (64-bit integers are
 #' exact below 2^53), enums by name, absent sub-tables \code{NULL}, absent vectors empty.
-#' \code{KETCH_PROTOCOL_VERSION} is the protocol version this package speaks.
+#' \code{KETCH_PROTOCOL_VERSIONS} are the protocol versions this package speaks (2 adds
+#' \code{Hello.versions}, \code{Welcome.version} and \code{Paused});
+#' \code{KETCH_PROTOCOL_VERSION} is the first, what a peer that names none speaks.
 #'
 #' @param type body name (\code{"Hello"}, \code{"PredictReply"}, ...) or a whole message
 #'   \code{list(type, version, body)}.
 #' @param body named list of fields; missing fields take the schema default.
-#' @param version protocol version to write.
+#' @param version protocol version to write; by default the version that brought the body
+#'   (1 for every message but \code{Paused}, 2).
 #' @param frame raw vector, frame 0 of a message.
 #' @param msg a message as returned by \code{ketch_decode}.
 #' @param x a message, or JSON text / parsed JSON of the form
@@ -202,19 +198,21 @@ NULL
 
 #' @rdname ketch_codec
 #' @export
-ketch_encode <- function(type, body = list(), version = KETCH_PROTOCOL_VERSION) {
+ketch_encode <- function(type, body = list(), version = NULL) {
   if (is.list(type)) {
     msg <- type
-    return(ketch_encode(msg$type, msg$body, if (is.null(msg$version)) KETCH_PROTOCOL_VERSION else msg$version))
+    return(ketch_encode(msg$type, msg$body, msg$version))
   }
   code <- KETCH_BODIES[type]
   if (is.na(code)) stop("unknown message type ", type)
+  if (is.null(version)) version <- KETCH_BODY_SINCE[[type]]
   body <- ketch_normalize(type, body)
+  env <- KETCH_FIELD_IDS$Envelope
   fb_finish(function(b) {
     fb_write_table(b, list(
-      list(id = KETCH_ENVELOPE[["version"]], kind = "u16", value = version),
-      list(id = KETCH_ENVELOPE[["body_type"]], kind = "u8", value = unname(code)),
-      list(id = KETCH_ENVELOPE[["body"]], kind = "offset", value = ketch_table_writer(type, body))
+      list(id = env[["version"]], kind = "u16", value = version),
+      list(id = env[["body_type"]], kind = "u8", value = unname(code)),
+      list(id = env[["body"]], kind = "offset", value = ketch_table_writer(type, body))
     ))
   }, identifier = KETCH_IDENTIFIER)
 }
@@ -254,15 +252,16 @@ ketch_read_table <- function(tab, table) {
 #' @export
 ketch_decode <- function(frame) {
   tryCatch({
+    ids <- KETCH_FIELD_IDS$Envelope
     env <- fb_root(frame, KETCH_IDENTIFIER)
-    version <- fb_get_scalar(env, KETCH_ENVELOPE[["version"]], "u16", 0)
-    code <- fb_get_scalar(env, KETCH_ENVELOPE[["body_type"]], "u8", 0)
+    version <- fb_get_scalar(env, ids[["version"]], "u16", 0)
+    code <- fb_get_scalar(env, ids[["body_type"]], "u8", 0)
     type <- names(KETCH_BODIES)[match(code, KETCH_BODIES)]
     if (is.na(type)) {
       fb_error(sprintf("unknown message type %d (protocol version %d)", code, version),
                class = "ketch_unknown_message")
     }
-    body <- fb_get_table(env, KETCH_ENVELOPE[["body"]])
+    body <- fb_get_table(env, ids[["body"]])
     if (is.null(body)) fb_error(sprintf("%s without a body", type))
     list(type = type, version = version, body = ketch_read_table(body, type))
   }, error = function(e) {
@@ -279,7 +278,7 @@ ketch_from_canonical <- function(x) {
   if (is.character(x)) x <- jsonlite::fromJSON(x, simplifyVector = FALSE)
   type <- x$type
   if (is.null(type) || is.na(KETCH_BODIES[type])) stop("unknown message type ", format(type))
-  version <- if (is.null(x$version)) KETCH_PROTOCOL_VERSION else as.numeric(x$version)
+  version <- if (is.null(x$version)) unname(KETCH_BODY_SINCE[[type]]) else as.numeric(x$version)
   list(type = type, version = version, body = ketch_normalize(type, x$body))
 }
 

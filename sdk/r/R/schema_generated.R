@@ -15,7 +15,11 @@ KETCH_STATUS <- c(OK = 0, DEFAULT = 1, ERROR = 2)
 # Union member codes of Envelope.body (0 is NONE).
 KETCH_BODIES <- c(Query = 1, Reply = 2, Feedback = 3, Hello = 4, Welcome = 5, Ready = 6,
                   Heartbeat = 7, PredictRequest = 8, PredictReply = 9, Goodbye = 10,
-                  Shutdown = 11, Error = 12)
+                  Shutdown = 11, Error = 12, Paused = 13)
+# The protocol version that brought each message (its Envelope.version).
+KETCH_BODY_SINCE <- c(Query = 1, Reply = 1, Feedback = 1, Hello = 1, Welcome = 1, Ready = 1,
+                      Heartbeat = 1, PredictRequest = 1, PredictReply = 1, Goodbye = 1,
+                      Shutdown = 1, Error = 1, Paused = 2)
 
 # Enum kinds: their storage type and their names.
 KETCH_ENUMS <- list(dtype = list(kind = "u8", codes = KETCH_DTYPES),
@@ -37,8 +41,8 @@ KETCH_SPEC <- list(
                label = "Tensor", context = "str"),
   Hello = c(model = "str", model_version = "str", input = "Tensor", sdk = "str",
             replica_id = "str", credits = "u32", max_batch = "u32", deterministic = "bool",
-            pid = "u32", fingerprint = "str"),
-  Welcome = c(heartbeat_ms = "u32", dead_after_ms = "u32"),
+            pid = "u32", fingerprint = "str", versions = "[u16]"),
+  Welcome = c(heartbeat_ms = "u32", dead_after_ms = "u32", version = "u16"),
   Ready = c(credits = "u32"),
   Heartbeat = c(busy = "bool"),
   PredictRequest = c(batch_id = "u64", model = "str", model_version = "str", dtype = "dtype",
@@ -48,7 +52,36 @@ KETCH_SPEC <- list(
                    message = "str"),
   Goodbye = c(reason = "str"),
   Shutdown = c(reason = "str"),
-  Error = c(code = "code", message = "str", request_id = "u64", retry_after_ms = "u32")
+  Error = c(code = "code", message = "str", request_id = "u64", retry_after_ms = "u32"),
+  Paused = c(inflight = "u32")
+)
+
+# Field ids (vtable slots) of every table, the Envelope's included (its union field body
+# takes two: body_type and body); what the hot path (batch.R) reads and writes by.
+KETCH_FIELD_IDS <- list(
+  Tensor = c(dtype = 0L, shape = 1L),
+  Query = c(app = 0L, dtype = 1L, shape = 2L, request_ids = 3L, timeout_us = 4L, priority = 5L,
+            context = 6L),
+  ReplyItem = c(request_id = 0L, status = 1L, output = 2L, error = 3L, message = 4L,
+                model = 5L, model_version = 6L, latency_us = 7L, confidence = 8L,
+                models_answered = 9L, models_missing = 10L, retry_after_ms = 11L),
+  Reply = c(items = 0L),
+  Feedback = c(app = 0L, request_id = 1L, query_id = 2L, input = 3L, label = 4L, context = 5L),
+  Hello = c(model = 0L, model_version = 1L, input = 2L, sdk = 3L, replica_id = 4L,
+            credits = 5L, max_batch = 6L, deterministic = 7L, pid = 8L, fingerprint = 9L,
+            versions = 10L),
+  Welcome = c(heartbeat_ms = 0L, dead_after_ms = 1L, version = 2L),
+  Ready = c(credits = 0L),
+  Heartbeat = c(busy = 0L),
+  PredictRequest = c(batch_id = 0L, model = 1L, model_version = 2L, dtype = 3L, ndim = 4L,
+                     shapes = 5L, budgets_us = 6L),
+  Output = c(status = 0L, output = 1L, error = 2L, message = 3L),
+  PredictReply = c(batch_id = 0L, compute_us = 1L, outputs = 2L, error = 3L, message = 4L),
+  Goodbye = c(reason = 0L),
+  Shutdown = c(reason = 0L),
+  Error = c(code = 0L, message = 1L, request_id = 2L, retry_after_ms = 3L),
+  Paused = c(inflight = 0L),
+  Envelope = c(version = 0L, body_type = 1L, body = 2L)
 )
 
 # Schema defaults that are not zero.

@@ -7,22 +7,38 @@
 # worker's socket) with a timeout that is the next deadline (heartbeat due, broker silent
 # too long, Welcome overdue, drain quiet).
 #
-# R has one thread, yet heartbeats must keep flowing while a batch computes. So predict
-# runs in a worker process forked once, when ketch_serve() starts (parallel::mcparallel,
-# before this process opens any ZeroMQ context): the worker holds the model, binds a PAIR
-# socket on an ipc:// path, and answers each batch the loop forwards to it (the request's
-# frames as received) with the reply's frames, which the loop forwards to the broker
-# unchanged. The loop reads only the type of each message; the worker decodes and
-# encodes (R/batch.R). State that predict_fn keeps (a counter, a cache in a closure)
-# lives in the worker and lasts across batches. A worker that dies (a crash in native
-# code, a kill) fails the batches it held with MODEL_ERROR and is forked again. The
-# worker exits when the loop tells it to, or when this process has gone.
-# With fork = FALSE (the only choice on Windows) predict runs inline and no heartbeat is
-# sent while it computes, so batches must stay shorter than dead_after_ms.
+# R has one thread, yet heartbeats must keep flowing while a batch computes. So a worker
+# process is forked once, when ketch_serve() starts (parallel::mcparallel, before this
+# process opens any ZeroMQ context): it holds the model, binds a PAIR socket on an ipc://
+# path, and answers each batch the loop forwards to it (the request's frames as received)
+# with the reply's frames, which the loop forwards to the broker unchanged. A worker that
+# dies (a crash in native code, a kill) fails the batches it held with MODEL_ERROR and is
+# forked again. The worker exits when the loop tells it to, or when this process has gone.
+#
+# Which process computes a batch (`fork`):
+#   "auto" (the default on Unix): this process computes a batch itself when the model is
+#       known to be fast for its size: every one of the last 16 batches took at most
+#       KETCH_INLINE_SHARE of the heartbeat interval for each item (a batch of n items is
+#       predicted to take n times the slowest recent time per item). Any other batch (the
+#       first ones, those of a shape not seen before, those of a model that is or has been
+#       slow) goes to the worker, so heartbeats keep flowing while it computes. A fast
+#       model saves the two local hops to the worker and back.
+#   TRUE: every batch goes to the worker. State predict_fn keeps between calls (a counter,
+#       a cache in a closure) lives there and lasts across batches; with "auto" it is
+#       split between the two processes.
+#   FALSE (the only choice on Windows): predict runs in this process and no heartbeat is
+#       sent while it computes, so batches must stay shorter than dead_after_ms.
 #
 # Draining: Ready{credits: 0} goes out at once; batches that arrive afterwards (the broker
 # sent them before it read the Ready) are computed and answered as usual; Goodbye goes out
-# once nothing is held and no batch has come for 50 ms, so nothing is handed back.
+# once nothing is held and the broker's Paused has come (protocol 2: every batch it sent
+# arrives before it), or, from a version-1 broker, no batch has come for 50 ms, so nothing
+# is handed back.
+#
+# Versions (docs/protocol.md section 3): the Hello offers KETCH_PROTOCOL_VERSIONS, the
+# Welcome names the one chosen (none: 1). A message of a version not spoken is answered
+# UNSUPPORTED_VERSION, one of a type this package does not know UNKNOWN_MESSAGE; fields a
+# newer broker appends to its tables are skipped.
 #
 # Signals: R has no R-level SIGTERM handler (SIGTERM ends R at once), so SIGTERM cannot
 # drain. SIGINT does: it sets a flag (the interrupt is resumed, so no multipart send is
@@ -37,6 +53,8 @@
 KETCH_SDK <- "r/0.1.0"
 KETCH_MAX_U32 <- 4294967295
 KETCH_DRAIN_QUIET_S <- 0.05  # a draining replica says Goodbye after this long without a batch
+KETCH_INLINE_SHARE <- 0.05   # fork = "auto": computed here if predicted under this share of a heartbeat
+KETCH_INLINE_WINDOW <- 16L   # ... for each item, judged by the slowest of this many recent batches
 
 # What the container serves, sent in Hello (the broker keys its cache on it): "build:" and
 # $KETCH_BUILD_ID when set, else "md5:" and the digest of predict_fn's source (what it calls
@@ -55,10 +73,11 @@ ketch_fingerprint <- function(predict_fn) {
 #' Connects to the broker's backend, says Hello, computes the batches the broker sends
 #' and answers them, until the broker's Shutdown or a SIGINT; then drains (every batch the
 #' broker sent is answered) and says Goodbye. Heartbeats keep flowing while a batch
-#' computes: \code{predict_fn} runs in a worker process forked once at the start (state it
-#' keeps lasts across batches); \code{fork = FALSE} runs it in this process instead. See
-#' the package README for the protocol details and \code{inst/sigterm_to_sigint.sh} to
-#' drain on SIGTERM.
+#' computes: a worker process forked once at the start computes the batches that may be
+#' slow, and this process the batches of a model known to be fast (\code{fork = "auto"});
+#' \code{fork = TRUE} sends every batch to the worker, \code{fork = FALSE} computes every
+#' batch in this process. See the package README for the protocol details and
+#' \code{inst/sigterm_to_sigint.sh} to drain on SIGTERM.
 #'
 #' @param predict_fn \code{function(inputs)}: \code{inputs} is a list with one decoded
 #'   value per item of the batch (see \code{\link{ketch_tensor}} for the dtype mapping);
@@ -78,8 +97,14 @@ ketch_fingerprint <- function(predict_fn) {
 #' @param credits batches held at once.
 #' @param max_batch largest batch accepted; 0 means no limit of its own.
 #' @param deterministic \code{FALSE} turns the broker's prediction cache off for this model.
-#' @param fork run \code{predict_fn} in a worker process forked once, so that heartbeats
-#'   keep flowing while it computes (Unix only).
+#' @param fork where \code{predict_fn} runs: \code{"auto"} (the default on Unix) in this
+#'   process for batches the model is known to compute fast (each of its last 16 batches
+#'   took at most a twentieth of the heartbeat interval per item), in a worker process
+#'   forked once for the others, so that heartbeats keep flowing while they compute;
+#'   \code{TRUE} always in the worker (state \code{predict_fn} keeps between calls then
+#'   lives in one process; with \code{"auto"} it is split between two); \code{FALSE}
+#'   always in this process (no heartbeat while it computes; the only choice on Windows).
+#'   Load the model before calling \code{ketch_serve()}: the worker is forked from here.
 #' @param welcome_timeout_ms how long to wait for Welcome before reconnecting (doubles on
 #'   each further try, up to 30 s).
 #' @param status_file where to keep the state the container probes read
@@ -100,8 +125,8 @@ ketch_fingerprint <- function(predict_fn) {
 ketch_serve <- function(predict_fn, name, version, input_type, input_shape = integer(0),
                         broker = "tcp://127.0.0.1:7000", replica_id = NULL, credits = 2,
                         max_batch = 0, deterministic = TRUE,
-                        fork = .Platform$OS.type == "unix", welcome_timeout_ms = 5000,
-                        status_file = Sys.getenv("KETCH_STATUS_FILE")) {
+                        fork = if (.Platform$OS.type == "unix") "auto" else FALSE,
+                        welcome_timeout_ms = 5000, status_file = Sys.getenv("KETCH_STATUS_FILE")) {
   stopifnot(is.function(predict_fn))
   input_type <- ketch_dtype_name(input_type)
   if (input_type %in% KETCH_TEXT_DTYPES && length(input_shape)) {
@@ -112,13 +137,18 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   }
   rt <- new.env(parent = emptyenv())
   rt$predict_fn <- predict_fn
-  rt$fork <- isTRUE(fork)
+  if (!(isTRUE(fork) || isFALSE(fork) || identical(fork, "auto"))) stop('fork is TRUE, FALSE or "auto"')
+  rt$fork <- !isFALSE(fork)
+  rt$auto <- identical(fork, "auto")
+  rt$item_s <- rep(Inf, KETCH_INLINE_WINDOW)  # recent compute time per item, slowest first unknown
+  rt$item_at <- 0L
   rt$broker <- broker
   rt$hello <- list(model = name, model_version = as.character(version),
                    input = list(dtype = input_type, shape = as.numeric(input_shape)),
                    sdk = KETCH_SDK, replica_id = replica_id, credits = credits,
                    max_batch = max_batch, deterministic = deterministic, pid = Sys.getpid(),
-                   fingerprint = ketch_fingerprint(predict_fn))
+                   fingerprint = ketch_fingerprint(predict_fn),
+                   versions = KETCH_PROTOCOL_VERSIONS)
   rt$welcome_timeout <- welcome_timeout_ms / 1000
   rt$heartbeat <- 1
   rt$dead_after <- Inf
@@ -126,6 +156,8 @@ ketch_serve <- function(predict_fn, name, version, input_type, input_shape = int
   rt$generation <- 0
   rt$inflight <- list()   # batches with the worker, oldest first: list(generation, header)
   rt$draining <- FALSE
+  rt$paused <- FALSE
+  rt$protocol <- KETCH_PROTOCOL_VERSION
   rt$drain_from <- 0
   rt$last_batch <- 0
   rt$interrupted <- FALSE
@@ -161,20 +193,20 @@ rt_loop <- function(rt) {
   repeat {
     if (rt$interrupted && !rt$draining) rt_drain(rt, "SIGINT")
     if (!is.null(rt$outcome)) return(rt$outcome)
-    if (rt$draining && !length(rt$inflight) &&
-        rt_now() - max(rt$drain_from, rt$last_batch) >= KETCH_DRAIN_QUIET_S) {
+    if (rt$draining && !length(rt$inflight) && (rt$paused || (!rt_waits_for_paused(rt) && rt_quiet(rt)))) {
       # take what came while this process was not running (a starved process finds the
       # quiet spell over at once) before deciding that nothing came
       before <- rt$last_batch
       rt_poll(rt, 0)
-      if (identical(before, rt$last_batch) && !length(rt$inflight) && is.null(rt$outcome)) {
+      if ((rt$paused || identical(before, rt$last_batch)) && !length(rt$inflight) && is.null(rt$outcome)) {
         rt_send(rt, list(ketch_encode("Goodbye", list(reason = "drained"))))
-        rt_log(rt, "drained, goodbye")
+        rt_log(rt, "drained, goodbye", if (rt$paused) " (paused by the broker)" else "")
         return("drained")
       }
       next
     }
-    rt_poll(rt, rt_next_deadline(rt) - rt_now())
+    now <- rt_now()
+    rt_poll(rt, rt_next_deadline(rt, now) - now)
     if (!is.null(rt$outcome)) return(rt$outcome)
     rt_timers(rt)
     rt_status(rt)
@@ -199,21 +231,35 @@ rt_status <- function(rt) {
 
 rt_now <- function() proc.time()[["elapsed"]]
 
+# A draining container of protocol 2 waits for the broker's Paused, up to the dead interval
+# (then, or with a version-1 broker, the quiet spell decides).
+rt_waits_for_paused <- function(rt) {
+  rt$protocol >= KETCH_BODY_SINCE[["Paused"]] && !rt$paused &&
+    rt_now() - rt$drain_from < rt_paused_wait(rt)
+}
+
+rt_paused_wait <- function(rt) if (is.finite(rt$dead_after)) rt$dead_after else 5
+
+# No batch has come for the quiet spell since the drain began.
+rt_quiet <- function(rt) rt_now() - max(rt$drain_from, rt$last_batch) >= KETCH_DRAIN_QUIET_S
+
 rt_log <- function(rt, ...) {
   cat(sprintf("%s ketch[r] %s: %s\n", format(Sys.time(), "%H:%M:%OS3"), rt$hello$replica_id,
               paste0(...)), file = stderr())
 }
 
 # The earliest time something is due (capped one second ahead).
-rt_next_deadline <- function(rt) {
-  now <- rt_now()
+rt_next_deadline <- function(rt, now = rt_now()) {
   due <- now + 1
   if (rt$phase == "ready") {
     due <- min(due, rt$last_sent + rt$heartbeat, rt$last_recv + rt$dead_after)
   } else {
     due <- min(due, rt$connected_at + rt_welcome_wait(rt))
   }
-  if (rt$draining) due <- min(due, max(rt$drain_from, rt$last_batch) + KETCH_DRAIN_QUIET_S)
+  if (rt$draining) {
+    due <- min(due, if (rt_waits_for_paused(rt)) rt$drain_from + rt_paused_wait(rt)
+                    else max(rt$drain_from, rt$last_batch) + KETCH_DRAIN_QUIET_S)
+  }
   if (length(rt$inflight)) due <- min(due, now + 0.2)  # look after the worker now and then
   due
 }
@@ -256,6 +302,7 @@ rt_connect <- function(rt) {
 rt_hello <- function(rt) {
   rt$generation <- rt$generation + 1
   rt$phase <- "connecting"
+  rt$paused <- FALSE
   rt$connected_at <- rt_now()
   rt_send(rt, list(ketch_encode("Hello", rt$hello)))
 }
@@ -302,12 +349,14 @@ ketch_recv_frames <- function(sock, flags) {
   frames
 }
 
-rt_send <- function(rt, frames) {
+# `now`: when the message went out, if the caller knows it (a heartbeat goes out at most
+# that much earlier than due).
+rt_send <- function(rt, frames, now = rt_now()) {
   if (!ketch_send_frames(rt$sock, frames, rt$flags)) {
     rt_log(rt, "a message was dropped: the socket would block")
     return(invisible(FALSE))
   }
-  rt$last_sent <- rt_now()
+  rt$last_sent <- now
   invisible(TRUE)
 }
 
@@ -316,28 +365,41 @@ rt_send_error <- function(rt, code, message) {
   rt_send(rt, list(ketch_encode("Error", list(code = code, message = message))))
 }
 
-# Wait up to `timeout` seconds for messages and handle every one that is there, from the
-# broker and from the worker.
+# Wait up to `timeout` seconds for a message and handle it; while the worker holds a batch,
+# handle what comes from either socket until its reply is in (or the next deadline).
 rt_poll <- function(rt, timeout) {
   ms <- as.integer(ceiling(max(0, timeout) * 1000))
   pollin <- rt$flags$pollin
   for (k in seq_len(64)) {  # then look at the clock, the stop flag and the heartbeat
     sock <- rt$sock
-    socks <- if (is.null(rt$wsock)) list(sock) else list(sock, rt$wsock)
-    r <- pbdZMQ::zmq.poll(socks, rep(pollin, length(socks)), ms)  # c(-1, EINTR) on a signal: no events
-    if (r[1] <= 0) return(invisible(NULL))
-    if (length(socks) == 2 && bitwAnd(pbdZMQ::zmq.poll.get.revents(2L), pollin)) {
-      rt_on_worker_reply(rt, ketch_recv_frames(rt$wsock, rt$flags))
-    }
-    if (bitwAnd(pbdZMQ::zmq.poll.get.revents(1L), pollin)) {
-      rt_handle(rt, ketch_recv_frames(sock, rt$flags))
-      if (!is.null(rt$outcome) || !identical(sock, rt$sock)) return(invisible(NULL))
+    if (!length(rt$inflight)) {
+      # nothing with the worker: only the broker can have something to say. One message,
+      # then back to the loop (which polls again at once when more are waiting)
+      r <- pbdZMQ::zmq.poll(list(sock), pollin, ms)  # c(-1, EINTR) on a signal: no events
+      if (r[1] > 0) rt_handle(rt, ketch_recv_frames(sock, rt$flags))
+      if (r[1] <= 0 || !length(rt$inflight) || !is.null(rt$outcome) || !identical(sock, rt$sock)) {
+        return(invisible(NULL))
+      }
+    } else {
+      socks <- list(sock, rt$wsock)
+      r <- pbdZMQ::zmq.poll(socks, c(pollin, pollin), ms)
+      if (r[1] <= 0) return(invisible(NULL))
+      if (bitwAnd(pbdZMQ::zmq.poll.get.revents(2L), pollin)) {
+        rt_on_worker_reply(rt, ketch_recv_frames(rt$wsock, rt$flags))
+      }
+      if (bitwAnd(pbdZMQ::zmq.poll.get.revents(1L), pollin)) {
+        rt_handle(rt, ketch_recv_frames(sock, rt$flags))
+        if (!is.null(rt$outcome) || !identical(sock, rt$sock)) return(invisible(NULL))
+      }
     }
     if (rt$interrupted && !rt$draining) rt_drain(rt, "SIGINT")
     # while the worker holds a batch, wait here for its reply (up to the next deadline,
     # which a Welcome just handled may have moved) rather than going round the loop's timers
     ms <- 0L
-    if (length(rt$inflight)) ms <- as.integer(max(0, ceiling((rt_next_deadline(rt) - rt_now()) * 1000)))
+    if (length(rt$inflight)) {
+      now <- rt_now()
+      ms <- as.integer(max(0, ceiling((rt_next_deadline(rt, now) - now) * 1000)))
+    }
   }
 }
 
@@ -348,20 +410,21 @@ rt_handle <- function(rt, frames) {
   rt$last_recv <- now
   # the hot path: a request like one read before (a learnt template) is a batch; its body
   # is read where the batch is computed
-  if (!is.null(ketch_request_template(frames[[1]]))) return(rt_on_batch(rt, frames, now))
+  t <- ketch_request_template(frames[[1]])
+  if (!is.null(t)) return(rt_on_batch(rt, frames, now, t))
   peek <- ketch_peek(frames[[1]])
-  if (!is.null(peek) && peek[1] == KETCH_PROTOCOL_VERSION && peek[2] == KETCH_BODIES[["PredictRequest"]]) {
+  if (!is.null(peek) && peek[1] %in% KETCH_PROTOCOL_VERSIONS && peek[2] == KETCH_BODIES[["PredictRequest"]]) {
     tryCatch(ketch_read_request(frames[[1]]), error = function(e) NULL)  # learns it as a template
     return(rt_on_batch(rt, frames, now))
   }
   msg <- tryCatch(ketch_decode(frames[[1]]), ketch_decode_error = function(e) e)
   version <- if (!is.null(peek)) peek[1] else if (inherits(msg, "condition")) NA else msg$version
-  if (!is.na(version) && version != KETCH_PROTOCOL_VERSION) {
+  if (!is.na(version) && !version %in% KETCH_PROTOCOL_VERSIONS) {
     # MUST NOT act on it; an Error is not answered with an Error (no ping-pong)
     if (is.null(peek) || peek[2] != KETCH_BODIES[["Error"]]) {
       rt_send_error(rt, "UNSUPPORTED_VERSION",
-                    sprintf("protocol version %d is not supported (speaks %d)", version,
-                            KETCH_PROTOCOL_VERSION))
+                    sprintf("protocol version %d is not supported (speaks %s)", version,
+                            paste(KETCH_PROTOCOL_VERSIONS, collapse = ", ")))
     }
     return(invisible(NULL))
   }
@@ -376,15 +439,23 @@ rt_handle <- function(rt, frames) {
     Heartbeat = NULL,
     Shutdown = rt_drain(rt, paste0("Shutdown: ", body$reason)),
     Error = rt_on_error(rt, body),
+    Paused = if (rt$draining) rt$paused <- TRUE,
     rt_send_error(rt, "UNKNOWN_MESSAGE", sprintf("%s is not valid from the broker on the backend", msg$type))
   )
   invisible(NULL)
 }
 
-rt_on_batch <- function(rt, frames, now) {
+rt_on_batch <- function(rt, frames, now, t = NULL) {
   rt$last_batch <- now
   if (is.null(rt$worker)) {
-    rt_send(rt, ketch_answer_batch(rt$predict_fn, frames))
+    rt_send(rt, ketch_answer_batch(rt$predict_fn, frames, t))
+    return(invisible(NULL))
+  }
+  if (rt$auto && !is.null(t) && t$n > 0 && t$n * max(rt$item_s) <= KETCH_INLINE_SHARE * rt$heartbeat) {
+    reply <- ketch_answer_batch(rt$predict_fn, frames, t)
+    done <- rt_now()
+    rt_send(rt, reply, done)
+    rt_observe(rt, done - now, t$n)
     return(invisible(NULL))
   }
   if (!ketch_send_frames(rt$wsock, frames, rt$flags)) {
@@ -395,15 +466,29 @@ rt_on_batch <- function(rt, frames, now) {
       return(invisible(NULL))
     }
   }
-  rt$inflight[[length(rt$inflight) + 1L]] <- list(generation = rt$generation, header = frames[[1]])
+  rt$inflight[[length(rt$inflight) + 1L]] <- list(generation = rt$generation, header = frames[[1]], sent = now,
+                                                   n = if (is.null(t)) NA else t$n)
+}
+
+# fork = "auto": a batch of n items took `elapsed` seconds (here, or through the worker,
+# queueing included: an upper bound either way).
+rt_observe <- function(rt, elapsed, n) {
+  rt$item_at <- rt$item_at %% KETCH_INLINE_WINDOW + 1L
+  rt$item_s[rt$item_at] <- elapsed / n
 }
 
 rt_on_welcome <- function(rt, body) {
+  chosen <- if (body$version > 0) body$version else KETCH_PROTOCOL_VERSION  # a version-1 broker names none
+  if (!chosen %in% KETCH_PROTOCOL_VERSIONS) {
+    return(rt_refused(rt, sprintf("the broker chose protocol version %d, which this container does not speak",
+                                  chosen)))
+  }
+  rt$protocol <- chosen
   # 0 would mean "no figure": keep a heartbeat of 1 s and never declare the broker dead
   rt$heartbeat <- if (body$heartbeat_ms > 0) max(body$heartbeat_ms, 10) / 1000 else 1
   rt$dead_after <- if (body$dead_after_ms > 0) body$dead_after_ms / 1000 else Inf
-  if (rt$phase != "ready") rt_log(rt, sprintf("welcome (heartbeat %g ms, dead after %g ms)",
-                                              body$heartbeat_ms, body$dead_after_ms))
+  if (rt$phase != "ready") rt_log(rt, sprintf("welcome (protocol %d, heartbeat %g ms, dead after %g ms)",
+                                              chosen, body$heartbeat_ms, body$dead_after_ms))
   rt$phase <- "ready"
   rt$attempts <- 0
   if (rt$draining) rt_send(rt, list(ketch_encode("Ready", list(credits = 0))))  # a new registration: say it again
@@ -504,6 +589,7 @@ rt_on_worker_reply <- function(rt, frames) {
   if (!length(rt$inflight)) return(invisible(NULL))
   job <- rt$inflight[[1]]
   rt$inflight[[1]] <- NULL
+  if (rt$auto && !is.na(job$n)) rt_observe(rt, rt_now() - job$sent, job$n)
   if (job$generation == rt$generation && rt$phase == "ready") rt_send(rt, frames)
   else rt_log(rt, "dropping the reply to a batch of an earlier registration")
 }
@@ -565,10 +651,15 @@ ketch_condition <- function(class, message) {
   structure(class = c(class, "error", "condition"), list(message = message, call = NULL))
 }
 
-# The reply frames for the frames of a PredictRequest: decode, predict, encode.
+# The reply frames for the frames of a PredictRequest: decode, predict, encode. `t` is the
+# learnt template the request matches (ketch_request_template), if any.
 # @keywords internal
-ketch_answer_batch <- function(predict_fn, frames) {
-  req <- ketch_match_request(frames[[1]])
+ketch_answer_batch <- function(predict_fn, frames, t = ketch_request_template(frames[[1]])) {
+  if (!is.null(t) && !is.null(t$fast)) {
+    fast <- ketch_answer_fast(predict_fn, frames, t)
+    if (!is.null(fast)) return(fast)
+  }
+  req <- if (is.null(t)) NULL else ketch_match_request(frames[[1]])
   if (is.null(req)) req <- tryCatch(ketch_read_request(frames[[1]]), error = function(e) e)
   if (inherits(req, "error")) {
     return(list(ketch_write_reply(0, 0, NULL, "BAD_MESSAGE", conditionMessage(req))))
@@ -638,19 +729,24 @@ ketch_run_predict <- function(predict_fn, inputs, errors = NULL) {
   if (length(todo)) out <- tryCatch(predict_fn(todo), error = function(e) e)
   # at least 1 us once predict_fn ran, as the other SDKs write it (0 is the schema default)
   compute_us <- if (length(todo)) max(1, min(round(ketch_clock_us() - t0), KETCH_MAX_U32)) else 0
+  ketch_finish_predict(out, length(todo), compute_us, bad, errors)
+}
+
+# What predict_fn returned (`out`, or the error it raised) for `n` items, checked and
+# encoded: ketch_run_predict()'s result. `bad` and `errors` say which items it did not get.
+ketch_finish_predict <- function(out, n, compute_us, bad = FALSE, errors = NULL) {
   fail <- function(message) list(ok = FALSE, error = "MODEL_ERROR", message = message, compute_us = compute_us)
   if (inherits(out, "error")) return(fail(ketch_class_message(out)))
-  if (length(todo)) {
+  if (n) {
     if (!(is.list(out) || (is.atomic(out) && is.null(dim(out)))) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
       return(fail(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s",
-                          length(todo), class(out)[1])))
+                          n, class(out)[1])))
     }
-    if (length(out) != length(todo)) {
-      return(fail(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d",
-                          length(out), length(todo))))
+    if (length(out) != n) {
+      return(fail(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d", length(out), n)))
     }
   }
-  enc <- ketch_encode_outputs(if (length(todo)) out else list())
+  enc <- ketch_encode_outputs(if (n) out else list())
   if (!identical(bad, FALSE)) enc <- ketch_merge_bad(enc, bad, errors)
   list(ok = TRUE, outputs = enc, compute_us = compute_us)
 }

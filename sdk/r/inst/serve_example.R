@@ -3,16 +3,20 @@
 #
 #   Rscript sdk/r/inst/serve_example.R --broker tcp://127.0.0.1:7000 --name NAME \
 #       --version V --kind KIND [--replica-id ID] [--input-type DTYPE] [--delay-ms MS]
-#       [--fork true|false]
+#       [--fork auto|true|false]
 #
 # KIND: sum   float64 vector in, float64 scalar out (the sum)
 #       echo  each input back with the batch's dtype (bytes, string, ...); declares
 #             --input-type (default bytes) in its Hello
 #       fail  always stop("boom"): every batch fails with "simpleError: boom"
 #       noop  float64 vector in, the float64 scalar 0 out (for benchmarks)
+#       pid   float64 vector in, the pid of the process that computed it out; sleeps the
+#             largest first element of the batch's inputs, in ms, first (for tests of
+#             where batches are computed)
 # --delay-ms sleeps that long in predict before answering (to test heartbeats).
-# --fork false computes in this process (no heartbeat while predict runs); the default,
-# true, computes in a worker process forked once.
+# --fork: where predict runs (ketch_serve's fork): auto (the default) in this process when
+# the model is known to be fast and in a worker process forked once otherwise; true always
+# in the worker; false always here (no heartbeat while predict runs).
 
 load_ketch <- function() {
   file_arg <- grep("^--file=", commandArgs(trailingOnly = FALSE), value = TRUE)
@@ -38,7 +42,7 @@ parse_args <- function(args, defaults) {
     key <- sub("^--", "", args[i])
     if (!startsWith(args[i], "--") || !key %in% names(defaults) || i == length(args)) {
       stop("usage: serve_example.R --broker ADDR --name NAME --version V --kind sum|echo|fail ",
-           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS] [--fork true|false]", call. = FALSE)
+           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS] [--fork auto|true|false]", call. = FALSE)
     }
     out[[key]] <- args[i + 1]
     i <- i + 2
@@ -48,7 +52,7 @@ parse_args <- function(args, defaults) {
 
 opts <- parse_args(commandArgs(trailingOnly = TRUE),
                    list(broker = "tcp://127.0.0.1:7000", name = NA, version = "1", kind = NA,
-                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0", fork = "true"))
+                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0", fork = "auto"))
 if (is.na(opts$name) || is.na(opts$kind)) stop("--name and --kind are required", call. = FALSE)
 delay <- as.numeric(opts$`delay-ms`) / 1000
 
@@ -61,10 +65,15 @@ kinds <- list(
     lapply(inputs, function(x) ketch_tensor(x, dtype = dtype))
   }),
   fail = list(type = "float64", shape = -1, predict = function(inputs) stop("boom")),
-  noop = list(type = "float64", shape = -1, predict = function(inputs) rep(0, length(inputs)))
+  noop = list(type = "float64", shape = -1, predict = function(inputs) rep(0, length(inputs))),
+  pid = list(type = "float64", shape = -1, predict = function(inputs) {
+    wait <- max(0, vapply(inputs, function(x) x[1], 0))
+    if (wait > 0) Sys.sleep(wait / 1000)
+    rep(as.numeric(Sys.getpid()), length(inputs))
+  })
 )
 kind <- kinds[[opts$kind]]
-if (is.null(kind)) stop("unknown --kind ", opts$kind, "; one of sum, echo, fail, noop", call. = FALSE)
+if (is.null(kind)) stop("unknown --kind ", opts$kind, "; one of sum, echo, fail, noop, pid", call. = FALSE)
 input_type <- if (is.na(opts$`input-type`)) kind$type else opts$`input-type`
 input_shape <- if (toupper(input_type) %in% c("BYTES", "STRING", "JSON")) integer(0) else kind$shape
 
@@ -76,4 +85,4 @@ predict <- function(inputs) {
 ketch_serve(predict, name = opts$name, version = opts$version, input_type = input_type,
             input_shape = input_shape, broker = opts$broker,
             replica_id = if (is.na(opts$`replica-id`)) NULL else opts$`replica-id`,
-            fork = as.logical(opts$fork))
+            fork = if (opts$fork == "auto") "auto" else as.logical(opts$fork))

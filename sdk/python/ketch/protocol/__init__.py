@@ -16,6 +16,7 @@ the runtime, the clients and the benchmarks use only the names this module expor
     templates    ``Template``, ``LearntTemplates``, ``Prebuilds``
     limits       names, strings, shapes and counts every peer checks alike (``check_hello``)
     multipart    send and receive of multipart messages without pyzmq's Python layer
+    versions     the protocol versions spoken, the choice between two peers, each body's stamp
 
 The contract
 ------------
@@ -62,7 +63,7 @@ The contract
 
 from __future__ import annotations
 
-from ketch.protocol import limits, multipart, schema
+from ketch.protocol import limits, multipart, schema, versions
 from ketch.protocol.codec import (
     BODY_CODES,
     BODY_NAMES,
@@ -72,11 +73,10 @@ from ketch.protocol.codec import (
     ERROR_NAMES,
     IDENTIFIER,
     MAX_ITEMS,
-    PROTOCOL_VERSION,
     STATUS_CODES,
     STATUS_NAMES,
     DecodeError,
-    UnknownMessageType,
+    UnknownMessage,
     UnsupportedVersion,
     decode,
     decode_current,
@@ -144,6 +144,13 @@ from ketch.protocol.values import (
     payload_to_value,
     value_to_payload,
 )
+from ketch.protocol.versions import (
+    PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    choose_version,
+    offered_versions,
+    stamp,
+)
 
 __all__ = [
     "BODY_CODES",
@@ -161,6 +168,7 @@ __all__ = [
     "MAX_ITEMS",
     "NUMPY_DTYPES",
     "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "REQUEST_TEMPLATE_ITEMS",
     "STATUS_CODES",
     "STATUS_NAMES",
@@ -190,12 +198,13 @@ __all__ = [
     "RequestSender",
     "Status",
     "Template",
-    "UnknownMessageType",
+    "UnknownMessage",
     "UnsupportedVersion",
     "build_predict_reply",
     "build_predict_request",
     "build_query",
     "build_reply",
+    "choose_version",
     "decode",
     "decode_current",
     "dtype_code",
@@ -206,6 +215,7 @@ __all__ = [
     "from_dict",
     "limits",
     "multipart",
+    "offered_versions",
     "payload_to_value",
     "plain_answers",
     "plain_reply_template",
@@ -223,6 +233,8 @@ __all__ = [
     "read_reply_items",
     "reply_ok_many_template",
     "schema",
+    "stamp",
     "to_dict",
     "value_to_payload",
+    "versions",
 ]

@@ -21,8 +21,8 @@ from ketch.protocol import schema
 from ketch.protocol._generated import Envelope as _Envelope
 from ketch.protocol._generated import Tensor as _Tensor
 from ketch.protocol._raw import _RI32, _RU8, _RU16, _RU32, FIELD_ERRORS, Buffer
+from ketch.protocol.versions import PROTOCOL_VERSION, PROTOCOL_VERSIONS, describe, stamp
 
-PROTOCOL_VERSION = 1
 IDENTIFIER = b"KTCH"
 MAX_ITEMS = 64  # the item limit per message: see the package's contract
 
@@ -38,7 +38,7 @@ BODY_NAMES: dict[int, str] = {
 BODY_CODES: dict[str, int] = {k: v for v, k in BODY_NAMES.items()}
 
 _I64 = np.dtype("<i8")
-_VECTOR_NUMPY = {"[i64]": "<i8", "[u64]": "<u8", "[u32]": "<u4"}
+_VECTOR_NUMPY = {"[i64]": "<i8", "[u64]": "<u8", "[u32]": "<u4", "[u16]": "<u2"}
 _ENUM_CODES = {kind: schema.ENUMS[name] for kind, name in schema.ENUM_KINDS.items()}
 _ENUM_NAMES = {kind: {v: k for k, v in codes.items()} for kind, codes in _ENUM_CODES.items()}
 
@@ -52,7 +52,19 @@ class UnsupportedVersion(DecodeError):
     """A message of a protocol version this package does not speak."""
 
     def __init__(self, version: int) -> None:
-        super().__init__(f"protocol version {version} is not supported (speaks {PROTOCOL_VERSION})")
+        super().__init__(
+            f"protocol version {version} is not supported (speaks {describe(PROTOCOL_VERSIONS)})"
+        )
+        self.version = version
+
+
+class UnknownMessage(DecodeError):
+    """A header whose body type this package does not know (a newer peer's message, say):
+    answered ``UNKNOWN_MESSAGE``."""
+
+    def __init__(self, body_type: int, version: int) -> None:
+        super().__init__(f"unknown message type {body_type} (protocol version {version})")
+        self.body_type = body_type
         self.version = version
 
 
@@ -129,11 +141,12 @@ def _vector_of_offsets(b: flatbuffers.Builder, mod: ModuleType, name: str, offse
     return int(b.EndVector())
 
 
-def encode(body: str, fields: Mapping[str, Any] | None = None, *, version: int = PROTOCOL_VERSION) -> bytes:
-    """Header frame for ``body`` (a union member name) with ``fields`` (names as in the schema)."""
+def encode(body: str, fields: Mapping[str, Any] | None = None, *, version: int | None = None) -> bytes:
+    """Header frame for ``body`` (a union member name) with ``fields`` (names as in the schema),
+    stamped ``version`` (default: the version that brought the body, ``versions.stamp``)."""
     b = flatbuffers.Builder(128)
     root = _build_table(b, body, fields or {})
-    return finish(b, BODY_CODES[body], root, version)
+    return finish(b, BODY_CODES[body], root, stamp(body) if version is None else version)
 
 
 def build_tensor(b: flatbuffers.Builder, dtype: int, shape: Sequence[int]) -> int:
@@ -167,8 +180,9 @@ _BODY_AT = 4 + 2 * schema.Envelope.BODY
 def decode(frame: Buffer) -> tuple[int, str, Any]:
     """Parse a header frame: (protocol version, body name, generated accessor of the body).
 
-    Raises DecodeError for anything that is not a Ketch envelope. Field access on the
-    returned accessor is lazy; callers read only what they need.
+    Raises DecodeError for anything that is not a Ketch envelope (UnknownMessage for a body
+    type it does not know). Field access on the returned accessor is lazy; callers read only
+    what they need.
     """
     buf = frame if isinstance(frame, bytes) else bytes(frame)
     if len(buf) < 12 or buf[4:8] != IDENTIFIER:
@@ -186,7 +200,7 @@ def decode(frame: Buffer) -> tuple[int, str, Any]:
         body_type = _RU8(buf, pos + off)[0] if off else 0
         name = BODY_NAMES.get(body_type)
         if name is None:
-            raise UnknownMessageType(body_type, version)
+            raise UnknownMessage(body_type, version)
         off = _RU16(buf, vt + _BODY_AT)[0] if vt_end > _BODY_AT else 0
         if not off:
             raise DecodeError(f"{name} without a body")
@@ -200,16 +214,16 @@ def decode(frame: Buffer) -> tuple[int, str, Any]:
 
 
 def decode_current(frame: Buffer) -> tuple[str, Any]:
-    """(body name, body) of a header frame in this protocol version: ``decode`` that also
-    raises UnsupportedVersion (a DecodeError) for another version, whatever its body type,
-    and UnknownMessageType for a body type of this version it does not know."""
+    """(body name, body) of a header frame of a protocol version this package speaks:
+    ``decode`` that raises UnsupportedVersion (a DecodeError) for any other version, before
+    it looks at the body type (a newer version's unknown message is a version problem)."""
     try:
         version, name, body = decode(frame)
-    except UnknownMessageType as exc:
-        if exc.version != PROTOCOL_VERSION:
+    except UnknownMessage as exc:
+        if exc.version not in PROTOCOL_VERSIONS:
             raise UnsupportedVersion(exc.version) from None
         raise
-    if version != PROTOCOL_VERSION:
+    if version not in PROTOCOL_VERSIONS:
         raise UnsupportedVersion(version)
     return name, body
 
@@ -261,7 +275,7 @@ def to_dict(frame: Buffer) -> dict[str, Any]:
 
 def from_dict(message: Mapping[str, Any]) -> bytes:
     """Inverse of ``to_dict``: the header frame for a JSON twin."""
-    return encode(message["type"], message.get("body", {}), version=message.get("version", PROTOCOL_VERSION))
+    return encode(message["type"], message.get("body", {}), version=message.get("version"))
 
 
 def read_fields(name: str, body: Any) -> dict[str, Any]:

@@ -32,6 +32,7 @@ MAX_RANK = 32
 MAX_DIM = 2**31 - 1
 MAX_CREDITS = 1024
 MAX_BATCH = 65536
+MAX_VERSIONS = 16  # protocol versions one Hello may offer
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 _VERSION_CHARS = _NAME_CHARS | {"+"}
@@ -95,6 +96,9 @@ def check_hello(h: Mapping[str, Any]) -> str:
         if not isinstance(value, str) or not least <= len(value) <= limit or not chars.issuperset(value):
             kind = "printable ASCII" if chars is _PRINTABLE else "printable ASCII without spaces"
             return f"{key} {_shown(value)} must be at most {limit} characters of {kind}"
+    versions = h.get("versions") or ()
+    if len(versions) > MAX_VERSIONS:
+        return f"versions: at most {MAX_VERSIONS} protocol versions may be offered, got {len(versions)}"
     credits, max_batch = h.get("credits", 2), h.get("max_batch", 0)
     if not isinstance(credits, int) or not 0 <= credits <= MAX_CREDITS:
         return f"credits {credits!r} must be 0 to {MAX_CREDITS}"

@@ -78,6 +78,7 @@ class Body:
     Goodbye: Final = 10
     Shutdown: Final = 11
     Error: Final = 12
+    Paused: Final = 13
 
 
 class Tensor:
@@ -146,6 +147,7 @@ class Hello:
     DETERMINISTIC: Final = 7
     PID: Final = 8
     FINGERPRINT: Final = 9
+    VERSIONS: Final = 10
 
 
 class Welcome:
@@ -153,6 +155,7 @@ class Welcome:
 
     HEARTBEAT_MS: Final = 0
     DEAD_AFTER_MS: Final = 1
+    VERSION: Final = 2
 
 
 class Ready:
@@ -217,6 +220,12 @@ class Error:
     MESSAGE: Final = 1
     REQUEST_ID: Final = 2
     RETRY_AFTER_MS: Final = 3
+
+
+class Paused:
+    """Field ids of table Paused."""
+
+    INFLIGHT: Final = 0
 
 
 class Envelope:
@@ -324,10 +333,12 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("deterministic", "bool"),
         ("pid", "u32"),
         ("fingerprint", "str"),
+        ("versions", "[u16]"),
     ),
     "Welcome": (
         ("heartbeat_ms", "u32"),
         ("dead_after_ms", "u32"),
+        ("version", "u16"),
     ),
     "Ready": (("credits", "u32"),),
     "Heartbeat": (("busy", "bool"),),
@@ -361,6 +372,23 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("request_id", "u64"),
         ("retry_after_ms", "u32"),
     ),
+    "Paused": (("inflight", "u32"),),
+}
+# the protocol version that brought each message (its Envelope.version)
+BODY_SINCE: Final[dict[str, int]] = {
+    "Query": 1,
+    "Reply": 1,
+    "Feedback": 1,
+    "Hello": 1,
+    "Welcome": 1,
+    "Ready": 1,
+    "Heartbeat": 1,
+    "PredictRequest": 1,
+    "PredictReply": 1,
+    "Goodbye": 1,
+    "Shutdown": 1,
+    "Error": 1,
+    "Paused": 2,
 }
 DEFAULTS: Final[dict[tuple[str, str], int | float | bool]] = {
     ("ReplyItem", "confidence"): 1.0,

@@ -23,6 +23,7 @@ test_that("Hello, Welcome, a batch, idle heartbeats, then Shutdown and Goodbye",
   with_container("sum", c("--name", "sum-model", "--version", "3", "--replica-id", "test/sum/0"),
                  function(b, child, hello) {
     expect_identical(hello$version, 1)
+    expect_identical(hello$body$versions, c(1, 2))
     expect_identical(hello$payloads, list())
     expect_identical(hello$body[c("model", "model_version", "sdk", "replica_id", "credits", "max_batch",
                                   "deterministic", "pid")],
@@ -110,10 +111,10 @@ test_that("a failing model gets MODEL_ERROR and keeps serving; UNSUPPORTED_VERSI
       expect_identical(reply$payloads, list())
     }
     # a message in a version it does not speak is answered, not acted on
-    broker_send(b, hello$identity, "Shutdown", list(reason = "from the future"), version = 2)
+    broker_send(b, hello$identity, "Shutdown", list(reason = "from the future"), version = 3)
     err <- broker_expect(b, "Error", 5, child)
     expect_identical(err$body$code, "UNSUPPORTED_VERSION")
-    expect_match(err$body$message, "version 2 is not supported (speaks 1)", fixed = TRUE)
+    expect_match(err$body$message, "version 3 is not supported (speaks 1, 2)", fixed = TRUE)
     skipped <- vapply(attr(err, "skipped"), `[[`, "", "type")
     expect_false(any(skipped %in% c("Ready", "Goodbye")))
 
@@ -190,4 +191,94 @@ test_that("SIGTERM through sigterm_to_sigint.sh drains: Ready{0}, the held batch
     expect_false("PredictReply" %in% vapply(attr(bye, "skipped"), `[[`, "", "type"))
     expect_identical(container_rc(child, 10), 0L)
   })
+})
+
+# ---------------------------------------------------------------- versions (docs/protocol.md 3)
+
+newer_frames <- function(name) {
+  twin <- read_twin(file.path("newer", name))
+  c(list(read_vector(file.path("newer", name))), twin_payloads(twin))
+}
+
+broker_send_raw <- function(b, identity, frames) {
+  pbdZMQ::zmq.send.multipart(b$sock, c(list(identity), frames), serialize = FALSE)
+}
+
+for (fork in c("true", "false")) {
+  test_that(sprintf("a newer broker's messages are read or answered, serving goes on, Paused ends the drain (fork %s)",
+                    fork), {
+    with_container("sum", c("--name", "m3", "--replica-id", "test/newer/0", "--fork", fork),
+                   function(b, child, hello) {
+      # a broker of version 3 chooses 2 and appends a field to its Welcome
+      broker_send_raw(b, hello$identity, newer_frames("welcome"))
+      # a batch with fields appended to its tables and its Envelope
+      broker_send_raw(b, hello$identity, newer_frames("predict_request"))
+      reply <- broker_expect(b, "PredictReply", 15, child)
+      expect_identical(reply$body$batch_id, 42)
+      expect_identical(vapply(reply$payloads, fb_unpack, 0, kind = "f64"), c(4, -4))
+      # a message type this package does not know, of a version it speaks
+      broker_send_raw(b, hello$identity, newer_frames("unknown_body"))
+      err <- broker_expect(b, "Error", 5, child)
+      expect_identical(err$body$code, "UNKNOWN_MESSAGE")
+      broker_send(b, hello$identity, "Heartbeat", list(), version = 3)
+      err <- broker_expect(b, "Error", 5, child)
+      expect_identical(err$body$code, "UNSUPPORTED_VERSION")
+      broker_send(b, hello$identity, "PredictRequest", predict_request(43, "FLOAT64", 2), list(f64(c(1, 2))))
+      reply <- broker_expect(b, "PredictReply", 15, child)
+      expect_identical(fb_unpack(reply$payloads[[1]], "f64"), 3)
+
+      # the drain waits for the broker's Paused (longer than the 50 ms quiet spell)
+      tools::pskill(hello$body$pid, tools::SIGINT)
+      ready <- broker_expect(b, "Ready", 5, child)
+      expect_identical(ready$body$credits, 0)
+      early <- broker_recv(b, 0.3)
+      expect_true(is.null(early) || early$type == "Heartbeat")
+      broker_send(b, hello$identity, "PredictRequest", predict_request(44, "FLOAT64", 1), list(f64(5)))
+      broker_send_raw(b, hello$identity, newer_frames("paused"))
+      reply <- broker_expect(b, "PredictReply", 15, child)
+      expect_identical(reply$body$batch_id, 44)
+      bye <- broker_expect(b, "Goodbye", 5, child)
+      expect_identical(bye$body$reason, "drained")
+      expect_identical(container_rc(child, 10), 0L)
+      expect_match(container_log(child), "paused by the broker", fixed = TRUE)
+    })
+  })
+}
+
+# ---------------------------------------------------------------- where batches are computed
+
+pids_of <- function(b, hello, batch_id, delay_ms = 0, child = NULL) {
+  broker_send(b, hello$identity, "PredictRequest", predict_request(batch_id, "FLOAT64", 1), list(f64(delay_ms)))
+  reply <- broker_expect(b, "PredictReply", 15, child)
+  expect_identical(reply$body$batch_id, as.numeric(batch_id))
+  fb_unpack(reply$payloads[[1]], "f64")
+}
+
+test_that("fork = auto computes a fast model's batches here, and after a slow batch in the worker", {
+  with_container("pid", c("--name", "where", "--replica-id", "test/where/0"), function(b, child, hello) {
+    broker_send(b, hello$identity, "Welcome", list(heartbeat_ms = 1000, dead_after_ms = 10000))
+    serving <- hello$body$pid
+    expect_false(pids_of(b, hello, 1, 0, child) == serving)  # the first batches: the worker
+    # then here, once 16 in a row were fast (a loaded machine may make one slow: bounded)
+    here <- 0
+    for (i in 2:300) {
+      here <- if (pids_of(b, hello, i, 0, child) == serving) here + 1 else 0
+      if (here == 5) break
+    }
+    expect_identical(here, 5)
+    # a batch predicted fast but slow (300 ms): computed here, then the next goes to the worker
+    expect_identical(pids_of(b, hello, 1001, 300, child), serving)
+    expect_false(pids_of(b, hello, 1002, 0, child) == serving)
+  })
+})
+
+test_that("fork = true computes every batch in the worker, fork = false every one here", {
+  for (fork in c("true", "false")) {
+    with_container("pid", c("--name", "where", "--replica-id", "test/where/1", "--fork", fork),
+                   function(b, child, hello) {
+      broker_send(b, hello$identity, "Welcome", list(heartbeat_ms = 1000, dead_after_ms = 10000))
+      where <- vapply(1:20, function(i) pids_of(b, hello, i, 0, child), 0)
+      if (fork == "true") expect_true(all(where != hello$body$pid)) else expect_true(all(where == hello$body$pid))
+    })
+  }
 })

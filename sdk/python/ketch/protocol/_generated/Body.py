@@ -16,3 +16,4 @@ class Body(object):
     Goodbye = 10
     Shutdown = 11
     Error = 12
+    Paused = 13

@@ -103,8 +103,35 @@ class Hello(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Hello
+    def Versions(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.Get(flatbuffers.number_types.Uint16Flags, a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 2))
+        return 0
+
+    # Hello
+    def VersionsAsNumpy(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.GetVectorAsNumpy(flatbuffers.number_types.Uint16Flags, o)
+        return 0
+
+    # Hello
+    def VersionsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # Hello
+    def VersionsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(24))
+        return o == 0
+
 def HelloStart(builder):
-    builder.StartObject(10)
+    builder.StartObject(11)
 
 def Start(builder):
     HelloStart(builder)
@@ -168,6 +195,18 @@ def HelloAddFingerprint(builder, fingerprint):
 
 def AddFingerprint(builder, fingerprint):
     HelloAddFingerprint(builder, fingerprint)
+
+def HelloAddVersions(builder, versions):
+    builder.PrependUOffsetTRelativeSlot(10, flatbuffers.number_types.UOffsetTFlags.py_type(versions), 0)
+
+def AddVersions(builder, versions):
+    HelloAddVersions(builder, versions)
+
+def HelloStartVersionsVector(builder, numElems):
+    return builder.StartVector(2, numElems, 2)
+
+def StartVersionsVector(builder, numElems):
+    return HelloStartVersionsVector(builder, numElems)
 
 def HelloEnd(builder):
     return builder.EndObject()

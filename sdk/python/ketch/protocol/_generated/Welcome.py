@@ -43,8 +43,15 @@ class Welcome(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Welcome
+    def Version(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(8))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint16Flags, o + self._tab.Pos)
+        return 0
+
 def WelcomeStart(builder):
-    builder.StartObject(2)
+    builder.StartObject(3)
 
 def Start(builder):
     WelcomeStart(builder)
@@ -60,6 +67,12 @@ def WelcomeAddDeadAfterMs(builder, deadAfterMs):
 
 def AddDeadAfterMs(builder, deadAfterMs):
     WelcomeAddDeadAfterMs(builder, deadAfterMs)
+
+def WelcomeAddVersion(builder, version):
+    builder.PrependUint16Slot(2, version, 0)
+
+def AddVersion(builder, version):
+    WelcomeAddVersion(builder, version)
 
 def WelcomeEnd(builder):
     return builder.EndObject()

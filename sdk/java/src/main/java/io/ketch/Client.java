@@ -45,6 +45,13 @@ import org.zeromq.ZMQ;
  * on the I/O thread: callbacks attached with the non-async {@code CompletableFuture} methods
  * run there and should be short.
  *
+ * <p><b>Queries per message.</b> The I/O thread sends the queries waiting in its queue
+ * together: consecutive ones for the same app, of one dtype and shape and with the same
+ * timeout, go in one multi-id {@code Query} (at most {@code chunk}, default 64: the
+ * protocol's {@code MAX_ITEMS}), whichever calls and threads they came from, as the Python
+ * clients do. The broker then handles one message for many queries: the queries that many
+ * threads (or the callbacks of a reply's futures) refill go out as one message.
+ *
  * <p><b>Time limits.</b> A query with a timeout is sent with it ({@code Query.timeout_us}): the
  * broker answers by then (a prediction, the app's default or DEADLINE); the client waits
  * that long plus 500 ms before it gives up with {@link KetchTimeoutException}. Without a
@@ -69,7 +76,16 @@ public final class Client implements AutoCloseable {
 
     private record Pending(CompletableFuture<Prediction> future, long sentNs) {}
 
-    private record Outgoing(byte[] header, byte[][] payloads, long[] ids, long deadlineNs) {}
+    /** Queries of one call, of one app, dtype, shape and timeout, queued for the I/O thread. */
+    private record Outgoing(String app, DType dtype, long[] shape, long timeoutUs, long[] ids, byte[][] payloads,
+                            long deadlineNs) {
+        boolean joins(Outgoing o) {
+            return o.timeoutUs == timeoutUs && o.dtype == dtype && o.app.equals(app) && Arrays.equals(o.shape, shape);
+        }
+    }
+
+    /** One Query message as sent: its header, payloads, and each id with its deadline. */
+    private record Message(byte[] header, byte[][] payloads, long[] ids, long[] deadlinesNs) {}
 
     private final String address;
     private final Duration defaultTimeout;
@@ -228,8 +244,8 @@ public final class Client implements AutoCloseable {
                 pending.put(id, new Pending(f, now));
                 futures.add(f);
             }
-            byte[] header = Codec.query(app, first.dtype(), first.shape(), ids, timeoutUs, 0, "");
-            outbox.add(new Outgoing(header, payloads, ids, now + waitMs * 1_000_000));
+            outbox.add(new Outgoing(app, first.dtype(), first.shape(), timeoutUs, ids, payloads,
+                    now + waitMs * 1_000_000));
             i = j;
         }
         LockSupport.unpark(io);
@@ -300,7 +316,7 @@ public final class Client implements AutoCloseable {
 
     private void loop() {
         PriorityQueue<long[]> deadlines = new PriorityQueue<>((a, b) -> Long.compare(a[0], b[0]));
-        ArrayDeque<Outgoing> stalled = new ArrayDeque<>();
+        ArrayDeque<Message> stalled = new ArrayDeque<>();
         int timeoutSet = -2;
         try {
             while (!closing) {
@@ -336,23 +352,64 @@ public final class Client implements AutoCloseable {
     }
 
     /** Sends what callers queued; true when the socket would block (some left for later). */
-    private boolean send(ArrayDeque<Outgoing> stalled, PriorityQueue<long[]> deadlines) {
-        Outgoing o;
-        while ((o = stalled.isEmpty() ? outbox.poll() : stalled.poll()) != null) {
-            boolean ok = socket.send(o.header(), ZMQ.DONTWAIT | (o.payloads().length > 0 ? ZMQ.SNDMORE : 0));
+    private boolean send(ArrayDeque<Message> stalled, PriorityQueue<long[]> deadlines) {
+        Message m;
+        while ((m = stalled.isEmpty() ? next() : stalled.poll()) != null) {
+            boolean ok = socket.send(m.header(), ZMQ.DONTWAIT | (m.payloads().length > 0 ? ZMQ.SNDMORE : 0));
             if (!ok) {
-                stalled.addFirst(o);
+                stalled.addFirst(m);
                 return true;
             }
-            byte[][] payloads = o.payloads();
+            byte[][] payloads = m.payloads();
             for (int i = 0; i < payloads.length; i++) {
                 socket.send(payloads[i], i == payloads.length - 1 ? 0 : ZMQ.SNDMORE);
             }
-            for (long id : o.ids()) {
-                deadlines.add(new long[] {o.deadlineNs(), id});
+            long[] ids = m.ids();
+            for (int i = 0; i < ids.length; i++) {
+                deadlines.add(new long[] {m.deadlinesNs()[i], ids[i]});
             }
         }
         return false;
+    }
+
+    /**
+     * The next Query message: the first queued call's queries and those of the calls queued
+     * after it that join it (same app, dtype, shape and timeout), up to {@code chunk} ids; a
+     * call that would take it past {@code chunk} starts the next message. Null when none.
+     */
+    private Message next() {
+        Outgoing first = outbox.poll();
+        if (first == null) {
+            return null;
+        }
+        Outgoing more = outbox.peek();
+        if (more == null || !first.joins(more) || first.ids().length + more.ids().length > chunk) {
+            return message(first.app(), first.dtype(), first.shape(), first.timeoutUs(), List.of(first),
+                    first.ids().length);
+        }
+        List<Outgoing> parts = new ArrayList<>();
+        parts.add(first);
+        int n = first.ids().length;
+        while ((more = outbox.peek()) != null && first.joins(more) && n + more.ids().length <= chunk) {
+            parts.add(outbox.poll());
+            n += more.ids().length;
+        }
+        return message(first.app(), first.dtype(), first.shape(), first.timeoutUs(), parts, n);
+    }
+
+    private static Message message(String app, DType dtype, long[] shape, long timeoutUs, List<Outgoing> parts,
+                                   int n) {
+        long[] ids = new long[n];
+        long[] deadlines = new long[n];
+        byte[][] payloads = new byte[n][];
+        int k = 0;
+        for (Outgoing o : parts) {
+            System.arraycopy(o.ids(), 0, ids, k, o.ids().length);
+            System.arraycopy(o.payloads(), 0, payloads, k, o.ids().length);
+            Arrays.fill(deadlines, k, k + o.ids().length, o.deadlineNs());
+            k += o.ids().length;
+        }
+        return new Message(Codec.query(app, dtype, shape, ids, timeoutUs, 0, ""), payloads, ids, deadlines);
     }
 
     /** Takes every message waiting; with flags 0, waits up to the receive timeout for the first. */
@@ -409,7 +466,7 @@ public final class Client implements AutoCloseable {
             }
             return;
         }
-        if (m.version() != Codec.PROTOCOL_VERSION || m.type() != MessageType.REPLY) {
+        if (!Codec.speaks(m.version()) || m.type() != MessageType.REPLY) {
             LOG.log(Level.WARNING, "ketch client of " + address + ": ignoring " + m.type().wireName()
                     + " of protocol version " + m.version());
             return;
@@ -476,7 +533,7 @@ public final class Client implements AutoCloseable {
     public static final class Builder {
         private final String address;
         private Duration timeout;
-        private int chunk = 32;
+        private int chunk = Codec.MAX_ITEMS;
         private int window = 512;
 
         private Builder(String address) {
@@ -492,7 +549,10 @@ public final class Client implements AutoCloseable {
             return this;
         }
 
-        /** Items per Query message in {@code predictMany} (default 32). */
+        /**
+         * Queries per Query message at most (default 64, the protocol's {@code MAX_ITEMS}): runs of
+         * {@code predictMany} and the queries of calls queued together are sent that many to a message.
+         */
         public Builder chunk(int chunk) {
             if (chunk < 1) {
                 throw new IllegalArgumentException("chunk must be at least 1");

@@ -4,6 +4,7 @@ import com.google.flatbuffers.FlatBufferBuilder;
 import com.google.flatbuffers.Table;
 import com.google.gson.JsonObject;
 import java.nio.ByteBuffer;
+import java.util.Arrays;
 import java.util.List;
 import java.util.Objects;
 import ketch.wire.Envelope;
@@ -15,19 +16,61 @@ import ketch.wire.Envelope;
  * {@code Envelope} (file identifier "KTCH") holding a protocol version and one body; payloads
  * are raw frames. {@link #decode} reads a header; the static builders write the messages a
  * container sends (and the ones tests play the broker with); {@link #toJson} and
- * {@link #fromJson} convert any of the twelve bodies to and from the canonical JSON form of
- * the golden vectors in {@code schemas/vectors/}.
+ * {@link #fromJson} convert any body to and from the canonical JSON form of the golden
+ * vectors in {@code schemas/vectors/} (driven by the generated {@link Schema}).
  *
  * <p>Fields are written in schema order, skipping absent strings and vectors and scalars equal
  * to their default, as the Python reference encoder does, so both produce the same bytes.
  */
 public final class Codec {
-    /** The protocol version this SDK speaks. */
+    /**
+     * The first protocol version: what a peer that names no versions speaks, and the stamp of
+     * every message it defines.
+     */
     public static final int PROTOCOL_VERSION = 1;
+    /**
+     * The protocol versions this SDK speaks, oldest first (protocol.md section 3): 2 adds the
+     * negotiation itself ({@code Hello.versions}, {@code Welcome.version}) and {@code Paused}.
+     */
+    private static final int[] PROTOCOL_VERSIONS = {1, 2};
+    /**
+     * The item limit per message Ketch's senders keep to (the Python package's {@code MAX_ITEMS}):
+     * the broker's Replies carry at most this many answers, and a client's Query as many queries.
+     */
+    public static final int MAX_ITEMS = 64;
     /** The flatbuffers file identifier of every header. */
     public static final String IDENTIFIER = "KTCH";
 
     private Codec() {}
+
+    /** The protocol versions this SDK speaks, oldest first. */
+    public static int[] protocolVersions() {
+        return PROTOCOL_VERSIONS.clone();
+    }
+
+    /** Whether this SDK speaks protocol version {@code version}. */
+    public static boolean speaks(int version) {
+        for (int v : PROTOCOL_VERSIONS) {
+            if (v == version) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /** "1, 2": the versions spoken, as an error message names them. */
+    static String spoken() {
+        StringBuilder sb = new StringBuilder();
+        for (int v : PROTOCOL_VERSIONS) {
+            sb.append(sb.length() > 0 ? ", " : "").append(v);
+        }
+        return sb.toString();
+    }
+
+    /** The text of an UNSUPPORTED_VERSION answer to a message of {@code version}. */
+    static String unsupported(int version) {
+        return "protocol version " + version + " is not supported (speaks " + spoken() + ")";
+    }
 
     /** A decoded header: protocol version, body type and the generated accessor of the body. */
     public record Message(int version, MessageType type, Table body) {
@@ -48,6 +91,7 @@ public final class Codec {
      * no verifier, so a corrupt buffer may still throw a RuntimeException when a field is read.
      *
      * @throws ProtocolException when the frame is not a Ketch envelope or its body type is unknown
+     *     ({@code UNKNOWN_MESSAGE}; {@code UNSUPPORTED_VERSION} when its version is not spoken either)
      */
     public static Message decode(byte[] frame) {
         return decode(ByteBuffer.wrap(frame));
@@ -65,7 +109,10 @@ public final class Codec {
             int code = env.bodyType() & 0xFF;
             MessageType type = MessageType.fromCode(code);
             if (type == null) {
-                throw new ProtocolException(ErrorCode.UNKNOWN_MESSAGE, "unknown message type " + code);
+                throw speaks(version)
+                        ? new ProtocolException(ErrorCode.UNKNOWN_MESSAGE,
+                                "unknown message type " + code + " (protocol version " + version + ")")
+                        : new ProtocolException(ErrorCode.UNSUPPORTED_VERSION, unsupported(version));
             }
             Table body = env.body(newBody(type));
             if (body == null) {
@@ -92,7 +139,7 @@ public final class Codec {
 
     /** A header frame as {@code {"type", "version", "body"}}, the canonical form of the JSON twins. */
     public static JsonObject toJson(byte[] frame) {
-        return JsonForm.toJson(decode(frame));
+        return JsonForm.toJson(frame, decode(frame));
     }
 
     /** Inverse of {@link #toJson}: the header frame for {@code {"type", "version"?, "body"?}}. */
@@ -112,8 +159,9 @@ public final class Codec {
         return b.sizedByteArray();
     }
 
+    /** Stamped with the version that brought the body ({@link MessageType#since()}). */
     static byte[] finish(FlatBufferBuilder b, MessageType type, int body) {
-        return finish(b, type, body, PROTOCOL_VERSION);
+        return finish(b, type, body, type.since());
     }
 
     static int tensor(FlatBufferBuilder b, DType dtype, long[] shape) {
@@ -160,13 +208,30 @@ public final class Codec {
         return finish(b, MessageType.QUERY, ketch.wire.Query.endQuery(b));
     }
 
-    /**
-     * Hello: the first message of a container ({@code shape}: -1 is any size; {@code fingerprint}:
-     * what it serves, "build:ID" or "sha256:HEX", or empty for none: the broker keys its cache on it).
-     */
+    /** Hello of a version-1 container: no versions named. */
     public static byte[] hello(String model, String modelVersion, DType dtype, long[] shape, String sdk,
                                String replicaId, long credits, long maxBatch, boolean deterministic, long pid,
                                String fingerprint) {
+        return hello(model, modelVersion, dtype, shape, sdk, replicaId, credits, maxBatch, deterministic, pid,
+                fingerprint, new int[0]);
+    }
+
+    /** Hello without a fingerprint, offering the protocol {@code versions} it speaks. */
+    public static byte[] hello(String model, String modelVersion, DType dtype, long[] shape, String sdk,
+                               String replicaId, long credits, long maxBatch, boolean deterministic, long pid,
+                               int[] versions) {
+        return hello(model, modelVersion, dtype, shape, sdk, replicaId, credits, maxBatch, deterministic, pid,
+                "", versions);
+    }
+
+    /**
+     * Hello: the first message of a container ({@code shape}: -1 is any size; {@code fingerprint}:
+     * what it serves, "build:ID" or "sha256:HEX", or empty for none: the broker keys its cache on it),
+     * offering the protocol {@code versions} it speaks; stamped with the lowest of them.
+     */
+    public static byte[] hello(String model, String modelVersion, DType dtype, long[] shape, String sdk,
+                               String replicaId, long credits, long maxBatch, boolean deterministic, long pid,
+                               String fingerprint, int[] versions) {
         FlatBufferBuilder b = new FlatBufferBuilder(256);
         int modelOff = string(b, model);
         int versionOff = string(b, modelVersion);
@@ -174,6 +239,7 @@ public final class Codec {
         int sdkOff = string(b, sdk);
         int replicaOff = string(b, replicaId);
         int fingerprintOff = string(b, fingerprint);
+        int versionsOff = versions.length > 0 ? ketch.wire.Hello.createVersionsVector(b, versions) : 0;
         ketch.wire.Hello.startHello(b);
         if (modelOff != 0) {
             ketch.wire.Hello.addModel(b, modelOff);
@@ -195,16 +261,34 @@ public final class Codec {
         if (fingerprintOff != 0) {
             ketch.wire.Hello.addFingerprint(b, fingerprintOff);
         }
-        return finish(b, MessageType.HELLO, ketch.wire.Hello.endHello(b));
+        if (versionsOff != 0) {
+            ketch.wire.Hello.addVersions(b, versionsOff);
+        }
+        int lowest = versions.length > 0 ? Arrays.stream(versions).min().getAsInt() : PROTOCOL_VERSION;
+        return finish(b, MessageType.HELLO, ketch.wire.Hello.endHello(b), lowest);
     }
 
-    /** Welcome: the broker accepts a Hello. */
+    /** Welcome of a version-1 broker: no version named. */
     public static byte[] welcome(long heartbeatMs, long deadAfterMs) {
+        return welcome(heartbeatMs, deadAfterMs, 0);
+    }
+
+    /** Welcome: the broker accepts a Hello and names the protocol {@code version} chosen (0: none). */
+    public static byte[] welcome(long heartbeatMs, long deadAfterMs, int version) {
         FlatBufferBuilder b = new FlatBufferBuilder(64);
         ketch.wire.Welcome.startWelcome(b);
         ketch.wire.Welcome.addHeartbeatMs(b, heartbeatMs);
         ketch.wire.Welcome.addDeadAfterMs(b, deadAfterMs);
+        ketch.wire.Welcome.addVersion(b, version);
         return finish(b, MessageType.WELCOME, ketch.wire.Welcome.endWelcome(b));
+    }
+
+    /** Paused (protocol 2): the broker's answer to {@code Ready{credits: 0}}; no batch follows. */
+    public static byte[] paused(long inflight) {
+        FlatBufferBuilder b = new FlatBufferBuilder(64);
+        ketch.wire.Paused.startPaused(b);
+        ketch.wire.Paused.addInflight(b, inflight);
+        return finish(b, MessageType.PAUSED, ketch.wire.Paused.endPaused(b));
     }
 
     /** Ready: the container can hold {@code credits} batches (0 pauses dispatch). */

@@ -39,7 +39,7 @@ import org.zeromq.ZMQ;
  *
  * <p><b>Lifecycle.</b>
  * <pre>
- *  CONNECTING --Welcome--> READY --Shutdown / stop()--> DRAINING --quiet for 50 ms--> Goodbye, DONE
+ *  CONNECTING --Welcome--> READY --Shutdown / stop()--> DRAINING --Paused (v2) / quiet 50 ms (v1)--> Goodbye, DONE
  *      |  ^                  |
  *      |  +--- BACKOFF <-----+  broker silent past dead_after_ms (or no Welcome in time):
  *      |                        close the socket, wait, new socket, Hello again
@@ -48,7 +48,14 @@ import org.zeromq.ZMQ;
  * </pre>
  * Draining: {@code Ready{credits: 0}} goes out at once; batches that arrive afterwards (the
  * broker sent them before it read the Ready) are computed and answered as usual; Goodbye goes
- * out once no batch has arrived for 50 ms, so nothing the broker sent is handed back.
+ * out once the broker's {@code Paused} has come (protocol 2: every batch it sent arrives
+ * before it), or, with a version-1 broker, once no batch has arrived for 50 ms, so nothing the
+ * broker sent is handed back.
+ *
+ * <p><b>Versions.</b> The Hello offers every protocol version this SDK speaks
+ * ({@link Codec#protocolVersions()}); the Welcome names the one chosen (none: 1). A message of
+ * a version not spoken is answered {@code UNSUPPORTED_VERSION}, one of an unknown type (a newer
+ * broker's) {@code UNKNOWN_MESSAGE}; fields a newer broker appends to a table are skipped.
  */
 public final class Container {
     /** The sdk string sent in Hello. */
@@ -110,6 +117,8 @@ public final class Container {
     private long backoffMs;
     private long reconnectAtNs;
     private long drainStartNs;
+    private boolean pausedSeen;
+    private int protocol = Codec.PROTOCOL_VERSION;
     private boolean stopHandled;
     private String goodbyeReason = "drained";
     private RefusedException refusal;
@@ -159,6 +168,11 @@ public final class Container {
     /** Batches answered so far (whole-batch failures included). */
     public long batches() {
         return batchesDone.get();
+    }
+
+    /** The protocol version the broker chose in its last Welcome (1 before any). */
+    public int protocol() {
+        return protocol;
     }
 
     /**
@@ -359,8 +373,9 @@ public final class Container {
     private void sendHello() {
         long pid = ProcessHandle.current().pid();
         send(Codec.hello(name, version, inputDtype, inputShape, SDK, replicaId, credits, maxBatch, deterministic,
-                pid & 0xFFFFFFFFL, fingerprint(model)), List.of());
+                pid & 0xFFFFFFFFL, fingerprint(model), Codec.protocolVersions()), List.of());
         helloSentNs = System.nanoTime();
+        pausedSeen = false;
         setState(State.CONNECTING);
         log(Level.INFO, "hello sent to " + broker);
     }
@@ -400,7 +415,8 @@ public final class Container {
                     due = Math.min(due, lastRecvNs + deadAfterMs * 1_000_000 + 1);
                 }
                 if (state == State.DRAINING) {
-                    due = Math.min(due, Math.max(drainStartNs, lastBatchNs) + DRAIN_QUIET_NS);
+                    due = Math.min(due, waitsForPaused(now) ? drainStartNs + pausedWaitNs()
+                            : Math.max(drainStartNs, lastBatchNs) + DRAIN_QUIET_NS);
                 }
             }
             case BACKOFF -> due = Math.min(due, reconnectAtNs);
@@ -418,7 +434,8 @@ public final class Container {
             }
             case READY, DRAINING -> {
                 if (state == State.DRAINING) {
-                    if (now - Math.max(drainStartNs, lastBatchNs) >= DRAIN_QUIET_NS) {
+                    if (pausedSeen || (!waitsForPaused(now)
+                            && now - Math.max(drainStartNs, lastBatchNs) >= DRAIN_QUIET_NS)) {
                         finish();
                         return;
                     }
@@ -444,6 +461,18 @@ public final class Container {
             }
             default -> { }
         }
+    }
+
+    /**
+     * Whether a draining container waits for the broker's Paused: with a broker that chose
+     * protocol 2, until the dead interval has passed without it (then the quiet spell decides).
+     */
+    private boolean waitsForPaused(long now) {
+        return protocol >= MessageType.PAUSED.since() && !pausedSeen && now - drainStartNs < pausedWaitNs();
+    }
+
+    private long pausedWaitNs() {
+        return (deadAfterMs > 0 ? deadAfterMs : 5000) * 1_000_000;
     }
 
     /** Handles {@code first} and up to BURST - 1 more messages that are already waiting. */
@@ -482,8 +511,8 @@ public final class Container {
 
     private void handle(byte[] header, List<byte[]> payloads) {
         Codec.Message m = Codec.decode(header);
-        if (m.version() != Codec.PROTOCOL_VERSION) {
-            String text = "protocol version " + m.version() + " is not supported (speaks " + Codec.PROTOCOL_VERSION + ")";
+        if (!Codec.speaks(m.version())) {
+            String text = Codec.unsupported(m.version());
             if (m.type() == MessageType.ERROR) {
                 log(Level.WARNING, "ignoring an Error of " + text);
             } else {
@@ -502,18 +531,33 @@ public final class Container {
                 beginDrain("drained");
             }
             case ERROR -> onError(m.body(ketch.wire.Error.class));
+            case PAUSED -> {
+                if (state == State.DRAINING) {
+                    pausedSeen = true;
+                    log(Level.INFO, "paused by the broker: every batch it sent has arrived ("
+                            + m.body(ketch.wire.Paused.class).inflight() + " in flight when it read the Ready)");
+                }
+            }
             default -> throw new ProtocolException(ErrorCode.UNKNOWN_MESSAGE,
                     m.type().wireName() + " is not valid from the broker to a container");
         }
     }
 
     private void onWelcome(Welcome w) {
+        int chosen = w.version() > 0 ? w.version() : Codec.PROTOCOL_VERSION;  // a version-1 broker names none
+        if (!Codec.speaks(chosen)) {
+            refuse(ErrorCode.UNSUPPORTED_VERSION, "the broker chose protocol version " + chosen
+                    + ", which this container does not speak (it offered " + Codec.spoken() + ")");
+            return;
+        }
+        protocol = chosen;
         heartbeatMs = w.heartbeatMs() > 0 ? Math.max(10, w.heartbeatMs()) : 1000;
         deadAfterMs = w.deadAfterMs() > 0 ? Math.max(2 * heartbeatMs, w.deadAfterMs()) : 5000;
         if (state == State.CONNECTING) {
             backoffMs = 0;
             setState(stopHandled ? State.DRAINING : State.READY);
-            log(Level.INFO, "welcomed: heartbeat " + heartbeatMs + " ms, dead after " + deadAfterMs + " ms");
+            log(Level.INFO, "welcomed: protocol " + protocol + ", heartbeat " + heartbeatMs + " ms, dead after "
+                    + deadAfterMs + " ms");
             if (stopHandled) {  // a new registration while draining: say it again
                 send(Codec.ready(0), List.of());
             } else if (stopRequested) {

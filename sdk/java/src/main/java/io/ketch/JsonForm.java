@@ -1,29 +1,18 @@
 package io.ketch;
 
 import com.google.flatbuffers.FlatBufferBuilder;
+import com.google.flatbuffers.Table;
 import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonNull;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonPrimitive;
 import java.math.BigInteger;
+import java.nio.ByteBuffer;
 import java.util.Arrays;
 import java.util.HashSet;
 import java.util.Set;
-import ketch.wire.Feedback;
-import ketch.wire.Goodbye;
-import ketch.wire.Heartbeat;
-import ketch.wire.Hello;
-import ketch.wire.Output;
-import ketch.wire.PredictReply;
-import ketch.wire.PredictRequest;
-import ketch.wire.Query;
-import ketch.wire.Ready;
-import ketch.wire.Reply;
-import ketch.wire.ReplyItem;
-import ketch.wire.Shutdown;
-import ketch.wire.Tensor;
-import ketch.wire.Welcome;
+import ketch.wire.Envelope;
 
 /**
  * The canonical JSON form of a message, as in the golden vectors' twins:
@@ -32,216 +21,159 @@ import ketch.wire.Welcome;
  * {@code null}, absent strings {@code ""}, absent vectors {@code []}, absent scalars their
  * schema default. Unsigned 64-bit fields are written as unsigned numbers.
  *
- * <p>The reader ({@link #toJson}) and the writer ({@link #fromJson}) each handle one table per
- * method, fields in schema order. The writer takes the same form, with any field left out
- * meaning "absent"; it writes children first, then adds the fields in schema order, skipping
- * empty strings, empty vectors and default scalars, like the Python reference encoder.
+ * <p>Both directions are driven by the generated {@link Schema#TABLES} (each table's fields in
+ * schema order, with a kind, an id and a default), so no message is described here: a message
+ * type added to the schema has its JSON form once the code is regenerated. The writer
+ * ({@link #fromJson}) takes the same form, with any field left out meaning "absent"; it writes
+ * children first, then adds the fields in schema order, skipping empty strings, empty vectors
+ * and default scalars, like the Python reference encoder, so both write the same bytes.
  */
 final class JsonForm {
     private JsonForm() {}
 
     // ================================================================ reading
 
-    static JsonObject toJson(Codec.Message m) {
+    /** A table read by field id. */
+    private static final class Raw extends Table {
+        Raw at(int pos, ByteBuffer buf) {
+            __reset(pos, buf);
+            return this;
+        }
+
+        /** The field's offset within the table, 0 when absent. */
+        int field(int id) {
+            return __offset(4 + 2 * id);
+        }
+
+        int pos() {
+            return bb_pos;
+        }
+
+        ByteBuffer buf() {
+            return bb;
+        }
+
+        String string(int o) {
+            return __string(bb_pos + o);
+        }
+
+        String stringAt(int at) {
+            return __string(at);
+        }
+
+        int vectorLength(int o) {
+            return __vector_len(o);
+        }
+
+        int vector(int o) {
+            return __vector(o);
+        }
+
+        int indirect(int at) {
+            return __indirect(at);
+        }
+    }
+
+    /** {@code frame} (already checked by {@link Codec#decode}, which gave {@code m}) as JSON. */
+    static JsonObject toJson(byte[] frame, Codec.Message m) {
+        ByteBuffer bb = ByteBuffer.wrap(frame);
+        Raw body = (Raw) Envelope.getRootAsEnvelope(bb.slice()).body(new Raw());
         JsonObject out = new JsonObject();
         out.addProperty("type", m.type().wireName());
         out.addProperty("version", m.version());
-        out.add("body", body(m));
+        out.add("body", table(m.type().wireName(), body));
         return out;
     }
 
-    private static JsonObject body(Codec.Message m) {
-        return switch (m.type()) {
-            case QUERY -> query((Query) m.body());
-            case REPLY -> reply((Reply) m.body());
-            case FEEDBACK -> feedback((Feedback) m.body());
-            case HELLO -> hello((Hello) m.body());
-            case WELCOME -> welcome((Welcome) m.body());
-            case READY -> ready((Ready) m.body());
-            case HEARTBEAT -> heartbeat((Heartbeat) m.body());
-            case PREDICT_REQUEST -> predictRequest((PredictRequest) m.body());
-            case PREDICT_REPLY -> predictReply((PredictReply) m.body());
-            case GOODBYE -> reason(((Goodbye) m.body()).reason());
-            case SHUTDOWN -> reason(((Shutdown) m.body()).reason());
-            case ERROR -> error((ketch.wire.Error) m.body());
+    private static JsonObject table(String name, Raw t) {
+        JsonObject o = new JsonObject();
+        for (Schema.Field f : fields(name)) {
+            o.add(f.name(), field(f, t));
+        }
+        return o;
+    }
+
+    private static Schema.Field[] fields(String table) {
+        Schema.Field[] fs = Schema.TABLES.get(table);
+        if (fs == null) {
+            throw new IllegalArgumentException("unknown table " + table);
+        }
+        return fs;
+    }
+
+    private static JsonElement field(Schema.Field f, Raw t) {
+        String kind = f.kind();
+        int o = t.field(f.id());
+        ByteBuffer bb = t.buf();
+        if (kind.equals("str")) {
+            return new JsonPrimitive(o == 0 ? "" : Codec.str(t.string(o)));
+        }
+        if (kind.startsWith("[")) {
+            String elem = kind.substring(1, kind.length() - 1);
+            JsonArray a = new JsonArray();
+            if (o == 0) {
+                return a;
+            }
+            int n = t.vectorLength(o);
+            int start = t.vector(o);
+            int size = elem.equals("str") || Schema.TABLES.containsKey(elem) ? 4 : width(elem) / 8;
+            for (int i = 0; i < n; i++) {
+                int at = start + i * size;
+                if (elem.equals("str")) {
+                    a.add(t.stringAt(at));
+                } else if (Schema.TABLES.containsKey(elem)) {
+                    a.add(table(elem, new Raw().at(t.indirect(at), bb)));
+                } else {
+                    a.add(scalar(elem, bb, at));
+                }
+            }
+            return a;
+        }
+        if (Schema.TABLES.containsKey(kind)) {
+            return o == 0 ? JsonNull.INSTANCE : table(kind, new Raw().at(t.indirect(t.pos() + o), bb));
+        }
+        Schema.EnumKind e = Schema.ENUMS.get(kind);
+        if (e != null) {
+            int code = o == 0 ? (int) f.dflt()
+                    : (int) (e.bits() == 8 ? bb.get(t.pos() + o) & 0xFF : bb.getShort(t.pos() + o) & 0xFFFF);
+            return code >= 0 && code < e.names().length ? new JsonPrimitive(e.names()[code]) : new JsonPrimitive(code);
+        }
+        if (o == 0) {
+            return switch (kind) {
+                case "bool" -> new JsonPrimitive(f.dflt() != 0);
+                case "f32", "f64" -> new JsonPrimitive(f.dflt());
+                default -> new JsonPrimitive((long) f.dflt());
+            };
+        }
+        return scalar(kind, bb, t.pos() + o);
+    }
+
+    /** Bits of a scalar kind ("u32": 32). */
+    private static int width(String kind) {
+        return switch (kind) {
+            case "bool", "i8", "u8" -> 8;
+            case "i16", "u16" -> 16;
+            case "i32", "u32", "f32" -> 32;
+            case "i64", "u64", "f64" -> 64;
+            default -> throw new IllegalArgumentException("not a scalar kind: " + kind);
         };
     }
 
-    private static JsonElement tensor(Tensor t) {
-        if (t == null) {
-            return JsonNull.INSTANCE;
-        }
-        JsonObject o = new JsonObject();
-        o.add("dtype", enumName(ketch.wire.DType.names, t.dtype()));
-        JsonArray shape = new JsonArray();
-        for (int i = 0; i < t.shapeLength(); i++) {
-            shape.add(t.shape(i));
-        }
-        o.add("shape", shape);
-        return o;
-    }
-
-    private static JsonObject query(Query q) {
-        JsonObject o = new JsonObject();
-        o.addProperty("app", Codec.str(q.app()));
-        o.add("dtype", enumName(ketch.wire.DType.names, q.dtype()));
-        JsonArray shape = new JsonArray();
-        for (int i = 0; i < q.shapeLength(); i++) {
-            shape.add(q.shape(i));
-        }
-        o.add("shape", shape);
-        JsonArray ids = new JsonArray();
-        for (int i = 0; i < q.requestIdsLength(); i++) {
-            ids.add(u64(q.requestIds(i)));
-        }
-        o.add("request_ids", ids);
-        o.addProperty("timeout_us", q.timeoutUs());
-        o.addProperty("priority", q.priority());
-        o.addProperty("context", Codec.str(q.context()));
-        return o;
-    }
-
-    private static JsonObject replyItem(ReplyItem r) {
-        JsonObject o = new JsonObject();
-        o.add("request_id", u64(r.requestId()));
-        o.add("status", enumName(ketch.wire.Status.names, r.status()));
-        o.add("output", tensor(r.output()));
-        o.add("error", enumName(ketch.wire.ErrorCode.names, r.error()));
-        o.addProperty("message", Codec.str(r.message()));
-        o.addProperty("model", Codec.str(r.model()));
-        o.addProperty("model_version", Codec.str(r.modelVersion()));
-        o.addProperty("latency_us", r.latencyUs());
-        o.addProperty("confidence", (double) r.confidence());
-        JsonArray answered = new JsonArray();
-        for (int i = 0; i < r.modelsAnsweredLength(); i++) {
-            answered.add(r.modelsAnswered(i));
-        }
-        o.add("models_answered", answered);
-        JsonArray missing = new JsonArray();
-        for (int i = 0; i < r.modelsMissingLength(); i++) {
-            missing.add(r.modelsMissing(i));
-        }
-        o.add("models_missing", missing);
-        o.addProperty("retry_after_ms", r.retryAfterMs());
-        return o;
-    }
-
-    private static JsonObject reply(Reply r) {
-        JsonObject o = new JsonObject();
-        JsonArray items = new JsonArray();
-        for (int i = 0; i < r.itemsLength(); i++) {
-            items.add(replyItem(r.items(i)));
-        }
-        o.add("items", items);
-        return o;
-    }
-
-    private static JsonObject feedback(Feedback f) {
-        JsonObject o = new JsonObject();
-        o.addProperty("app", Codec.str(f.app()));
-        o.add("request_id", u64(f.requestId()));
-        o.add("query_id", u64(f.queryId()));
-        o.add("input", tensor(f.input()));
-        o.add("label", tensor(f.label()));
-        o.addProperty("context", Codec.str(f.context()));
-        return o;
-    }
-
-    private static JsonObject hello(Hello h) {
-        JsonObject o = new JsonObject();
-        o.addProperty("model", Codec.str(h.model()));
-        o.addProperty("model_version", Codec.str(h.modelVersion()));
-        o.add("input", tensor(h.input()));
-        o.addProperty("sdk", Codec.str(h.sdk()));
-        o.addProperty("replica_id", Codec.str(h.replicaId()));
-        o.addProperty("credits", h.credits());
-        o.addProperty("max_batch", h.maxBatch());
-        o.addProperty("deterministic", h.deterministic());
-        o.addProperty("pid", h.pid());
-        o.addProperty("fingerprint", Codec.str(h.fingerprint()));
-        return o;
-    }
-
-    private static JsonObject welcome(Welcome w) {
-        JsonObject o = new JsonObject();
-        o.addProperty("heartbeat_ms", w.heartbeatMs());
-        o.addProperty("dead_after_ms", w.deadAfterMs());
-        return o;
-    }
-
-    private static JsonObject ready(Ready r) {
-        JsonObject o = new JsonObject();
-        o.addProperty("credits", r.credits());
-        return o;
-    }
-
-    private static JsonObject heartbeat(Heartbeat h) {
-        JsonObject o = new JsonObject();
-        o.addProperty("busy", h.busy());
-        return o;
-    }
-
-    private static JsonObject predictRequest(PredictRequest p) {
-        JsonObject o = new JsonObject();
-        o.add("batch_id", u64(p.batchId()));
-        o.addProperty("model", Codec.str(p.model()));
-        o.addProperty("model_version", Codec.str(p.modelVersion()));
-        o.add("dtype", enumName(ketch.wire.DType.names, p.dtype()));
-        o.addProperty("ndim", p.ndim());
-        JsonArray shapes = new JsonArray();
-        for (int i = 0; i < p.shapesLength(); i++) {
-            shapes.add(p.shapes(i));
-        }
-        o.add("shapes", shapes);
-        JsonArray budgets = new JsonArray();
-        for (int i = 0; i < p.budgetsUsLength(); i++) {
-            budgets.add(p.budgetsUs(i));
-        }
-        o.add("budgets_us", budgets);
-        return o;
-    }
-
-    private static JsonObject output(Output out) {
-        JsonObject o = new JsonObject();
-        o.add("status", enumName(ketch.wire.Status.names, out.status()));
-        o.add("output", tensor(out.output()));
-        o.add("error", enumName(ketch.wire.ErrorCode.names, out.error()));
-        o.addProperty("message", Codec.str(out.message()));
-        return o;
-    }
-
-    private static JsonObject predictReply(PredictReply p) {
-        JsonObject o = new JsonObject();
-        o.add("batch_id", u64(p.batchId()));
-        o.addProperty("compute_us", p.computeUs());
-        JsonArray outputs = new JsonArray();
-        for (int i = 0; i < p.outputsLength(); i++) {
-            outputs.add(output(p.outputs(i)));
-        }
-        o.add("outputs", outputs);
-        o.add("error", enumName(ketch.wire.ErrorCode.names, p.error()));
-        o.addProperty("message", Codec.str(p.message()));
-        return o;
-    }
-
-    private static JsonObject reason(String reason) {
-        JsonObject o = new JsonObject();
-        o.addProperty("reason", Codec.str(reason));
-        return o;
-    }
-
-    private static JsonObject error(ketch.wire.Error e) {
-        JsonObject o = new JsonObject();
-        o.add("code", enumName(ketch.wire.ErrorCode.names, e.code()));
-        o.addProperty("message", Codec.str(e.message()));
-        o.add("request_id", u64(e.requestId()));
-        o.addProperty("retry_after_ms", e.retryAfterMs());
-        return o;
-    }
-
-    /** An enum value by name; a code this schema does not name stays a number. */
-    private static JsonPrimitive enumName(String[] names, int code) {
-        return code >= 0 && code < names.length ? new JsonPrimitive(names[code]) : new JsonPrimitive(code);
+    private static JsonPrimitive scalar(String kind, ByteBuffer bb, int at) {
+        return switch (kind) {
+            case "bool" -> new JsonPrimitive(bb.get(at) != 0);
+            case "i8" -> new JsonPrimitive(bb.get(at));
+            case "u8" -> new JsonPrimitive(bb.get(at) & 0xFF);
+            case "i16" -> new JsonPrimitive(bb.getShort(at));
+            case "u16" -> new JsonPrimitive(bb.getShort(at) & 0xFFFF);
+            case "i32" -> new JsonPrimitive(bb.getInt(at));
+            case "u32" -> new JsonPrimitive(bb.getInt(at) & 0xFFFFFFFFL);
+            case "i64" -> new JsonPrimitive(bb.getLong(at));
+            case "u64" -> u64(bb.getLong(at));
+            case "f32" -> new JsonPrimitive((double) bb.getFloat(at));
+            case "f64" -> new JsonPrimitive(bb.getDouble(at));
+            default -> throw new IllegalArgumentException("not a scalar kind: " + kind);
+        };
     }
 
     /** An unsigned 64-bit value held in a long. */
@@ -255,310 +187,128 @@ final class JsonForm {
         Fields m = new Fields("message", message, "type", "version", "body", "payloads");
         String typeName = m.requiredString("type");
         MessageType type = MessageType.fromWireName(typeName);
-        int version = (int) m.unsigned("version", 16, Codec.PROTOCOL_VERSION);
+        int version = (int) m.unsigned("version", 16, type.since());
         JsonObject bodyJson = m.object("body");
-        JsonObject fields = bodyJson == null ? new JsonObject() : bodyJson;
-        Fields f = new Fields(typeName, fields, Schema.FIELDS.get(type.wireName()));
         FlatBufferBuilder b = new FlatBufferBuilder(256);
-        int body = switch (type) {
-            case QUERY -> query(b, f);
-            case REPLY -> reply(b, f);
-            case FEEDBACK -> feedback(b, f);
-            case HELLO -> hello(b, f);
-            case WELCOME -> welcome(b, f);
-            case READY -> ready(b, f);
-            case HEARTBEAT -> heartbeat(b, f);
-            case PREDICT_REQUEST -> predictRequest(b, f);
-            case PREDICT_REPLY -> predictReply(b, f);
-            case GOODBYE -> goodbye(b, f);
-            case SHUTDOWN -> shutdown(b, f);
-            case ERROR -> error(b, f);
-        };
+        int body = table(b, typeName, bodyJson == null ? new JsonObject() : bodyJson);
         return Codec.finish(b, type, body, version);
     }
 
-
-    private static Fields sub(String table, JsonElement e) {
-        if (e == null || e.isJsonNull()) {
-            return null;
+    /** Writes one table from its JSON form: children first, then the fields in schema order. */
+    private static int table(FlatBufferBuilder b, String name, JsonObject json) {
+        Schema.Field[] spec = fields(name);
+        Fields f = new Fields(name, json, Arrays.stream(spec).map(Schema.Field::name).toArray(String[]::new));
+        int[] offsets = new int[spec.length];
+        for (int i = 0; i < spec.length; i++) {
+            offsets[i] = child(b, spec[i], f);
         }
-        if (!e.isJsonObject()) {
-            throw new IllegalArgumentException(table + " must be an object, not " + e);
+        int slots = 0;
+        for (Schema.Field field : spec) {
+            slots = Math.max(slots, field.id() + 1);
         }
-        return new Fields(table, e.getAsJsonObject(), Schema.FIELDS.get(table));
+        b.startTable(slots);
+        for (int i = 0; i < spec.length; i++) {
+            Schema.Field field = spec[i];
+            if (offsets[i] != 0) {
+                b.addOffset(field.id(), offsets[i], 0);
+            } else if (!isOffset(field.kind()) && f.element(field.name()) != null) {
+                addScalar(b, field, f);
+            }
+        }
+        return b.endTable();
     }
 
-    private static int tensor(FlatBufferBuilder b, Fields t) {
-        if (t == null) {
+    private static boolean isOffset(String kind) {
+        return kind.equals("str") || kind.startsWith("[") || Schema.TABLES.containsKey(kind);
+    }
+
+    /** The offset of a string, vector or sub-table field (0 when absent or empty). */
+    private static int child(FlatBufferBuilder b, Schema.Field field, Fields f) {
+        String kind = field.kind();
+        String name = field.name();
+        if (kind.equals("str")) {
+            return Codec.string(b, f.string(name));
+        }
+        if (Schema.TABLES.containsKey(kind)) {
+            JsonObject sub = f.object(name);
+            return sub == null ? 0 : table(b, kind, sub);
+        }
+        if (!kind.startsWith("[")) {
             return 0;
         }
-        long[] shape = t.longs("shape");
-        int shapeOff = shape.length > 0 ? Tensor.createShapeVector(b, shape) : 0;
-        Tensor.startTensor(b);
-        Tensor.addDtype(b, t.enumCode("dtype", ketch.wire.DType.names, 8));
-        if (shapeOff != 0) {
-            Tensor.addShape(b, shapeOff);
+        String elem = kind.substring(1, kind.length() - 1);
+        if (elem.equals("str") || Schema.TABLES.containsKey(elem)) {
+            JsonArray a = f.array(name);
+            if (a.size() == 0) {
+                return 0;
+            }
+            int[] offs = new int[a.size()];
+            for (int i = 0; i < offs.length; i++) {
+                JsonElement e = a.get(i);
+                if (elem.equals("str")) {
+                    if (!e.isJsonPrimitive() || !e.getAsJsonPrimitive().isString()) {
+                        throw f.bad(name + "[" + i + "]", e, "not a string");
+                    }
+                    offs[i] = b.createString(e.getAsString());
+                } else {
+                    if (!e.isJsonObject()) {
+                        throw f.bad(name + "[" + i + "]", e, "not an object");
+                    }
+                    offs[i] = table(b, elem, e.getAsJsonObject());
+                }
+            }
+            b.startVector(4, offs.length, 4);
+            for (int i = offs.length - 1; i >= 0; i--) {
+                b.addOffset(offs[i]);
+            }
+            return b.endVector();
         }
-        return Tensor.endTensor(b);
-    }
-
-    private static int strings(FlatBufferBuilder b, String[] values) {
+        int bits = width(elem);
+        long[] values = f.integers(name, bits, elem.startsWith("i"));
         if (values.length == 0) {
             return 0;
         }
-        int[] offs = new int[values.length];
-        for (int i = 0; i < values.length; i++) {
-            offs[i] = b.createString(values[i]);
-        }
-        return ReplyItem.createModelsAnsweredVector(b, offs);
-    }
-
-    private static int query(FlatBufferBuilder b, Fields f) {
-        int app = Codec.string(b, f.string("app"));
-        long[] shapeV = f.longs("shape");
-        int shape = shapeV.length > 0 ? Query.createShapeVector(b, shapeV) : 0;
-        long[] idsV = f.u64s("request_ids");
-        int ids = idsV.length > 0 ? Query.createRequestIdsVector(b, idsV) : 0;
-        int context = Codec.string(b, f.string("context"));
-        Query.startQuery(b);
-        if (app != 0) {
-            Query.addApp(b, app);
-        }
-        Query.addDtype(b, f.enumCode("dtype", ketch.wire.DType.names, 8));
-        if (shape != 0) {
-            Query.addShape(b, shape);
-        }
-        if (ids != 0) {
-            Query.addRequestIds(b, ids);
-        }
-        Query.addTimeoutUs(b, f.unsigned("timeout_us", 32, 0));
-        Query.addPriority(b, (byte) f.signed("priority", 8, 0));
-        if (context != 0) {
-            Query.addContext(b, context);
-        }
-        return Query.endQuery(b);
-    }
-
-    private static int replyItem(FlatBufferBuilder b, Fields f) {
-        int output = tensor(b, sub("Tensor", f.element("output")));
-        int message = Codec.string(b, f.string("message"));
-        int model = Codec.string(b, f.string("model"));
-        int modelVersion = Codec.string(b, f.string("model_version"));
-        int answered = strings(b, f.strings("models_answered"));
-        int missing = strings(b, f.strings("models_missing"));
-        ReplyItem.startReplyItem(b);
-        ReplyItem.addRequestId(b, f.u64("request_id"));
-        ReplyItem.addStatus(b, f.enumCode("status", ketch.wire.Status.names, 8));
-        if (output != 0) {
-            ReplyItem.addOutput(b, output);
-        }
-        ReplyItem.addError(b, f.enumCode("error", ketch.wire.ErrorCode.names, 16));
-        if (message != 0) {
-            ReplyItem.addMessage(b, message);
-        }
-        if (model != 0) {
-            ReplyItem.addModel(b, model);
-        }
-        if (modelVersion != 0) {
-            ReplyItem.addModelVersion(b, modelVersion);
-        }
-        ReplyItem.addLatencyUs(b, f.unsigned("latency_us", 32, 0));
-        ReplyItem.addConfidence(b, f.float32("confidence", 1.0f));
-        if (answered != 0) {
-            ReplyItem.addModelsAnswered(b, answered);
-        }
-        if (missing != 0) {
-            ReplyItem.addModelsMissing(b, missing);
-        }
-        ReplyItem.addRetryAfterMs(b, f.unsigned("retry_after_ms", 32, 0));
-        return ReplyItem.endReplyItem(b);
-    }
-
-    private static int reply(FlatBufferBuilder b, Fields f) {
-        JsonArray itemsJson = f.array("items");
-        int items = 0;
-        if (itemsJson.size() > 0) {
-            int[] offs = new int[itemsJson.size()];
-            for (int i = 0; i < offs.length; i++) {
-                offs[i] = replyItem(b, sub("ReplyItem", itemsJson.get(i)));
+        b.startVector(bits / 8, values.length, bits / 8);
+        for (int i = values.length - 1; i >= 0; i--) {
+            switch (bits) {
+                case 8 -> b.addByte((byte) values[i]);
+                case 16 -> b.addShort((short) values[i]);
+                case 32 -> b.addInt((int) values[i]);
+                default -> b.addLong(values[i]);
             }
-            items = Reply.createItemsVector(b, offs);
         }
-        Reply.startReply(b);
-        if (items != 0) {
-            Reply.addItems(b, items);
-        }
-        return Reply.endReply(b);
+        return b.endVector();
     }
 
-    private static int feedback(FlatBufferBuilder b, Fields f) {
-        int app = Codec.string(b, f.string("app"));
-        int input = tensor(b, sub("Tensor", f.element("input")));
-        int label = tensor(b, sub("Tensor", f.element("label")));
-        int context = Codec.string(b, f.string("context"));
-        Feedback.startFeedback(b);
-        if (app != 0) {
-            Feedback.addApp(b, app);
-        }
-        Feedback.addRequestId(b, f.u64("request_id"));
-        Feedback.addQueryId(b, f.u64("query_id"));
-        if (input != 0) {
-            Feedback.addInput(b, input);
-        }
-        if (label != 0) {
-            Feedback.addLabel(b, label);
-        }
-        if (context != 0) {
-            Feedback.addContext(b, context);
-        }
-        return Feedback.endFeedback(b);
-    }
-
-    private static int hello(FlatBufferBuilder b, Fields f) {
-        int model = Codec.string(b, f.string("model"));
-        int modelVersion = Codec.string(b, f.string("model_version"));
-        int input = tensor(b, sub("Tensor", f.element("input")));
-        int sdk = Codec.string(b, f.string("sdk"));
-        int replica = Codec.string(b, f.string("replica_id"));
-        int fingerprint = Codec.string(b, f.string("fingerprint"));
-        Hello.startHello(b);
-        if (model != 0) {
-            Hello.addModel(b, model);
-        }
-        if (modelVersion != 0) {
-            Hello.addModelVersion(b, modelVersion);
-        }
-        if (input != 0) {
-            Hello.addInput(b, input);
-        }
-        if (sdk != 0) {
-            Hello.addSdk(b, sdk);
-        }
-        if (replica != 0) {
-            Hello.addReplicaId(b, replica);
-        }
-        Hello.addCredits(b, f.unsigned("credits", 32, 2));
-        Hello.addMaxBatch(b, f.unsigned("max_batch", 32, 0));
-        Hello.addDeterministic(b, f.bool("deterministic", true));
-        Hello.addPid(b, f.unsigned("pid", 32, 0));
-        if (fingerprint != 0) {
-            Hello.addFingerprint(b, fingerprint);
-        }
-        return Hello.endHello(b);
-    }
-
-    private static int welcome(FlatBufferBuilder b, Fields f) {
-        Welcome.startWelcome(b);
-        Welcome.addHeartbeatMs(b, f.unsigned("heartbeat_ms", 32, 0));
-        Welcome.addDeadAfterMs(b, f.unsigned("dead_after_ms", 32, 0));
-        return Welcome.endWelcome(b);
-    }
-
-    private static int ready(FlatBufferBuilder b, Fields f) {
-        Ready.startReady(b);
-        Ready.addCredits(b, f.unsigned("credits", 32, 0));
-        return Ready.endReady(b);
-    }
-
-    private static int heartbeat(FlatBufferBuilder b, Fields f) {
-        Heartbeat.startHeartbeat(b);
-        Heartbeat.addBusy(b, f.bool("busy", false));
-        return Heartbeat.endHeartbeat(b);
-    }
-
-    private static int predictRequest(FlatBufferBuilder b, Fields f) {
-        int model = Codec.string(b, f.string("model"));
-        int modelVersion = Codec.string(b, f.string("model_version"));
-        long[] shapesV = f.longs("shapes");
-        int shapes = shapesV.length > 0 ? PredictRequest.createShapesVector(b, shapesV) : 0;
-        long[] budgetsV = f.u32s("budgets_us");
-        int budgets = budgetsV.length > 0 ? PredictRequest.createBudgetsUsVector(b, budgetsV) : 0;
-        PredictRequest.startPredictRequest(b);
-        PredictRequest.addBatchId(b, f.u64("batch_id"));
-        if (model != 0) {
-            PredictRequest.addModel(b, model);
-        }
-        if (modelVersion != 0) {
-            PredictRequest.addModelVersion(b, modelVersion);
-        }
-        PredictRequest.addDtype(b, f.enumCode("dtype", ketch.wire.DType.names, 8));
-        PredictRequest.addNdim(b, (int) f.unsigned("ndim", 8, 0));
-        if (shapes != 0) {
-            PredictRequest.addShapes(b, shapes);
-        }
-        if (budgets != 0) {
-            PredictRequest.addBudgetsUs(b, budgets);
-        }
-        return PredictRequest.endPredictRequest(b);
-    }
-
-    private static int output(FlatBufferBuilder b, Fields f) {
-        int tensor = tensor(b, sub("Tensor", f.element("output")));
-        int message = Codec.string(b, f.string("message"));
-        Output.startOutput(b);
-        Output.addStatus(b, f.enumCode("status", ketch.wire.Status.names, 8));
-        if (tensor != 0) {
-            Output.addOutput(b, tensor);
-        }
-        Output.addError(b, f.enumCode("error", ketch.wire.ErrorCode.names, 16));
-        if (message != 0) {
-            Output.addMessage(b, message);
-        }
-        return Output.endOutput(b);
-    }
-
-    private static int predictReply(FlatBufferBuilder b, Fields f) {
-        JsonArray outputsJson = f.array("outputs");
-        int outputs = 0;
-        if (outputsJson.size() > 0) {
-            int[] offs = new int[outputsJson.size()];
-            for (int i = 0; i < offs.length; i++) {
-                offs[i] = output(b, sub("Output", outputsJson.get(i)));
+    private static void addScalar(FlatBufferBuilder b, Schema.Field field, Fields f) {
+        String kind = field.kind();
+        String name = field.name();
+        int id = field.id();
+        double d = field.dflt();
+        Schema.EnumKind e = Schema.ENUMS.get(kind);
+        if (e != null) {
+            int code = f.enumCode(name, e.names(), e.bits());
+            if (e.bits() == 8) {
+                b.addByte(id, (byte) code, (int) d);
+            } else {
+                b.addShort(id, (short) code, (int) d);
             }
-            outputs = PredictReply.createOutputsVector(b, offs);
+            return;
         }
-        int message = Codec.string(b, f.string("message"));
-        PredictReply.startPredictReply(b);
-        PredictReply.addBatchId(b, f.u64("batch_id"));
-        PredictReply.addComputeUs(b, f.unsigned("compute_us", 32, 0));
-        if (outputs != 0) {
-            PredictReply.addOutputs(b, outputs);
+        switch (kind) {
+            case "bool" -> b.addBoolean(id, f.bool(name, d != 0), d != 0);
+            case "f32" -> b.addFloat(id, f.float32(name, (float) d), d);
+            case "f64" -> b.addDouble(id, f.float64(name, d), d);
+            case "i8" -> b.addByte(id, (byte) f.signed(name, 8, 0), (int) d);
+            case "u8" -> b.addByte(id, (byte) f.unsigned(name, 8, 0), (int) d);
+            case "i16" -> b.addShort(id, (short) f.signed(name, 16, 0), (int) d);
+            case "u16" -> b.addShort(id, (short) f.unsigned(name, 16, 0), (int) d);
+            case "i32" -> b.addInt(id, (int) f.signed(name, 32, 0), (int) d);
+            case "u32" -> b.addInt(id, (int) f.unsigned(name, 32, 0), (int) (long) d);
+            case "i64" -> b.addLong(id, f.signed(name, 64, 0), (long) d);
+            case "u64" -> b.addLong(id, f.u64(name), (long) d);
+            default -> throw new IllegalArgumentException(name + ": unknown kind " + kind);
         }
-        PredictReply.addError(b, f.enumCode("error", ketch.wire.ErrorCode.names, 16));
-        if (message != 0) {
-            PredictReply.addMessage(b, message);
-        }
-        return PredictReply.endPredictReply(b);
-    }
-
-    private static int goodbye(FlatBufferBuilder b, Fields f) {
-        int reason = Codec.string(b, f.string("reason"));
-        Goodbye.startGoodbye(b);
-        if (reason != 0) {
-            Goodbye.addReason(b, reason);
-        }
-        return Goodbye.endGoodbye(b);
-    }
-
-    private static int shutdown(FlatBufferBuilder b, Fields f) {
-        int reason = Codec.string(b, f.string("reason"));
-        Shutdown.startShutdown(b);
-        if (reason != 0) {
-            Shutdown.addReason(b, reason);
-        }
-        return Shutdown.endShutdown(b);
-    }
-
-    private static int error(FlatBufferBuilder b, Fields f) {
-        int message = Codec.string(b, f.string("message"));
-        ketch.wire.Error.startError(b);
-        ketch.wire.Error.addCode(b, f.enumCode("code", ketch.wire.ErrorCode.names, 16));
-        if (message != 0) {
-            ketch.wire.Error.addMessage(b, message);
-        }
-        ketch.wire.Error.addRequestId(b, f.u64("request_id"));
-        ketch.wire.Error.addRetryAfterMs(b, f.unsigned("retry_after_ms", 32, 0));
-        return ketch.wire.Error.endError(b);
     }
 
     /** Typed, range-checked reads of one JSON object; absent and null fields take the default. */
@@ -715,29 +465,16 @@ final class JsonForm {
             return out;
         }
 
-        long[] longs(String name) {
-            return integers(name, 64, true);
-        }
-
-        long[] u64s(String name) {
-            return integers(name, 64, false);
-        }
-
-        long[] u32s(String name) {
-            return integers(name, 32, false);
-        }
-
-        String[] strings(String name) {
-            JsonArray a = array(name);
-            String[] out = new String[a.size()];
-            for (int i = 0; i < out.length; i++) {
-                JsonElement e = a.get(i);
-                if (!e.isJsonPrimitive() || !e.getAsJsonPrimitive().isString()) {
-                    throw bad(name + "[" + i + "]", e, "not a string");
-                }
-                out[i] = e.getAsString();
+        double float64(String name, double dflt) {
+            JsonElement e = element(name);
+            if (e == null) {
+                return dflt;
             }
-            return out;
+            try {
+                return e.getAsDouble();
+            } catch (RuntimeException ex) {
+                throw bad(name, e, "not a number");
+            }
         }
     }
 }

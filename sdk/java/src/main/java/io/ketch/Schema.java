@@ -6,11 +6,22 @@ import java.util.Map;
 
 /**
  * The numbers of {@code schemas/ketch.fbs} beside flatc's accessors ({@code ketch.wire}):
- * each table's field ids (vtable slots), its field names in schema order, and an accessor
- * per body type.
+ * each table's field ids (vtable slots), each table's fields in schema order with the codec's
+ * kind of each ({@link #TABLES}, which drives the generic JSON form), the enums by kind, and
+ * an accessor per body type.
  */
 public final class Schema {
     private Schema() {}
+
+    /**
+     * One field of a table: its name, its kind ({@code "u32"}, {@code "str"},
+     * {@code "[i64]"}, an enum kind such as {@code "dtype"}, or the name of a sub-table), its
+     * field id and its default (0 unless the schema says otherwise; {@code true} is 1).
+     */
+    public record Field(String name, String kind, int id, double dflt) {}
+
+    /** An enum as a field kind: its schema name, its storage bits and its member names by code. */
+    public record EnumKind(String type, int bits, String[] names) {}
 
     /** Field ids of table Tensor. */
     public static final class Tensor {
@@ -84,6 +95,7 @@ public final class Schema {
         public static final int DETERMINISTIC = 7;
         public static final int PID = 8;
         public static final int FINGERPRINT = 9;
+        public static final int VERSIONS = 10;
     }
 
     /** Field ids of table Welcome. */
@@ -92,6 +104,7 @@ public final class Schema {
 
         public static final int HEARTBEAT_MS = 0;
         public static final int DEAD_AFTER_MS = 1;
+        public static final int VERSION = 2;
     }
 
     /** Field ids of table Ready. */
@@ -166,6 +179,13 @@ public final class Schema {
         public static final int RETRY_AFTER_MS = 3;
     }
 
+    /** Field ids of table Paused. */
+    public static final class Paused {
+        private Paused() {}
+
+        public static final int INFLIGHT = 0;
+    }
+
     /** Field ids of table Envelope. */
     public static final class Envelope {
         private Envelope() {}
@@ -175,23 +195,97 @@ public final class Schema {
         public static final int BODY = 2;
     }
 
-    /** Field names of every table, in schema order. */
-    public static final Map<String, String[]> FIELDS = Map.ofEntries(
-            Map.entry("Tensor", new String[] {"dtype", "shape"}),
-            Map.entry("Query", new String[] {"app", "dtype", "shape", "request_ids", "timeout_us", "priority", "context"}),
-            Map.entry("ReplyItem", new String[] {"request_id", "status", "output", "error", "message", "model", "model_version", "latency_us", "confidence", "models_answered", "models_missing", "retry_after_ms"}),
-            Map.entry("Reply", new String[] {"items"}),
-            Map.entry("Feedback", new String[] {"app", "request_id", "query_id", "input", "label", "context"}),
-            Map.entry("Hello", new String[] {"model", "model_version", "input", "sdk", "replica_id", "credits", "max_batch", "deterministic", "pid", "fingerprint"}),
-            Map.entry("Welcome", new String[] {"heartbeat_ms", "dead_after_ms"}),
-            Map.entry("Ready", new String[] {"credits"}),
-            Map.entry("Heartbeat", new String[] {"busy"}),
-            Map.entry("PredictRequest", new String[] {"batch_id", "model", "model_version", "dtype", "ndim", "shapes", "budgets_us"}),
-            Map.entry("Output", new String[] {"status", "output", "error", "message"}),
-            Map.entry("PredictReply", new String[] {"batch_id", "compute_us", "outputs", "error", "message"}),
-            Map.entry("Goodbye", new String[] {"reason"}),
-            Map.entry("Shutdown", new String[] {"reason"}),
-            Map.entry("Error", new String[] {"code", "message", "request_id", "retry_after_ms"}));
+    /** The fields of every table but the Envelope, in schema order. */
+    public static final Map<String, Field[]> TABLES = Map.ofEntries(
+            Map.entry("Tensor", new Field[] {
+                new Field("dtype", "dtype", 0, 0),
+                new Field("shape", "[i64]", 1, 0)}),
+            Map.entry("Query", new Field[] {
+                new Field("app", "str", 0, 0),
+                new Field("dtype", "dtype", 1, 0),
+                new Field("shape", "[i64]", 2, 0),
+                new Field("request_ids", "[u64]", 3, 0),
+                new Field("timeout_us", "u32", 4, 0),
+                new Field("priority", "i8", 5, 0),
+                new Field("context", "str", 6, 0)}),
+            Map.entry("ReplyItem", new Field[] {
+                new Field("request_id", "u64", 0, 0),
+                new Field("status", "status", 1, 0),
+                new Field("output", "Tensor", 2, 0),
+                new Field("error", "code", 3, 0),
+                new Field("message", "str", 4, 0),
+                new Field("model", "str", 5, 0),
+                new Field("model_version", "str", 6, 0),
+                new Field("latency_us", "u32", 7, 0),
+                new Field("confidence", "f32", 8, 1.0),
+                new Field("models_answered", "[str]", 9, 0),
+                new Field("models_missing", "[str]", 10, 0),
+                new Field("retry_after_ms", "u32", 11, 0)}),
+            Map.entry("Reply", new Field[] {
+                new Field("items", "[ReplyItem]", 0, 0)}),
+            Map.entry("Feedback", new Field[] {
+                new Field("app", "str", 0, 0),
+                new Field("request_id", "u64", 1, 0),
+                new Field("query_id", "u64", 2, 0),
+                new Field("input", "Tensor", 3, 0),
+                new Field("label", "Tensor", 4, 0),
+                new Field("context", "str", 5, 0)}),
+            Map.entry("Hello", new Field[] {
+                new Field("model", "str", 0, 0),
+                new Field("model_version", "str", 1, 0),
+                new Field("input", "Tensor", 2, 0),
+                new Field("sdk", "str", 3, 0),
+                new Field("replica_id", "str", 4, 0),
+                new Field("credits", "u32", 5, 2.0),
+                new Field("max_batch", "u32", 6, 0),
+                new Field("deterministic", "bool", 7, 1),
+                new Field("pid", "u32", 8, 0),
+                new Field("fingerprint", "str", 9, 0),
+                new Field("versions", "[u16]", 10, 0)}),
+            Map.entry("Welcome", new Field[] {
+                new Field("heartbeat_ms", "u32", 0, 0),
+                new Field("dead_after_ms", "u32", 1, 0),
+                new Field("version", "u16", 2, 0)}),
+            Map.entry("Ready", new Field[] {
+                new Field("credits", "u32", 0, 0)}),
+            Map.entry("Heartbeat", new Field[] {
+                new Field("busy", "bool", 0, 0)}),
+            Map.entry("PredictRequest", new Field[] {
+                new Field("batch_id", "u64", 0, 0),
+                new Field("model", "str", 1, 0),
+                new Field("model_version", "str", 2, 0),
+                new Field("dtype", "dtype", 3, 0),
+                new Field("ndim", "u8", 4, 0),
+                new Field("shapes", "[i64]", 5, 0),
+                new Field("budgets_us", "[u32]", 6, 0)}),
+            Map.entry("Output", new Field[] {
+                new Field("status", "status", 0, 0),
+                new Field("output", "Tensor", 1, 0),
+                new Field("error", "code", 2, 0),
+                new Field("message", "str", 3, 0)}),
+            Map.entry("PredictReply", new Field[] {
+                new Field("batch_id", "u64", 0, 0),
+                new Field("compute_us", "u32", 1, 0),
+                new Field("outputs", "[Output]", 2, 0),
+                new Field("error", "code", 3, 0),
+                new Field("message", "str", 4, 0)}),
+            Map.entry("Goodbye", new Field[] {
+                new Field("reason", "str", 0, 0)}),
+            Map.entry("Shutdown", new Field[] {
+                new Field("reason", "str", 0, 0)}),
+            Map.entry("Error", new Field[] {
+                new Field("code", "code", 0, 0),
+                new Field("message", "str", 1, 0),
+                new Field("request_id", "u64", 2, 0),
+                new Field("retry_after_ms", "u32", 3, 0)}),
+            Map.entry("Paused", new Field[] {
+                new Field("inflight", "u32", 0, 0)}));
+
+    /** The enums by field kind. */
+    public static final Map<String, EnumKind> ENUMS = Map.of(
+            "dtype", new EnumKind("DType", 8, new String[] {"BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "FLOAT16", "FLOAT32", "FLOAT64", "BYTES", "STRING", "JSON"}),
+            "code", new EnumKind("ErrorCode", 16, new String[] {"NONE", "BAD_MESSAGE", "UNSUPPORTED_VERSION", "UNKNOWN_MESSAGE", "TOO_LARGE", "UNKNOWN_APP", "BAD_INPUT", "OVERLOADED", "DEADLINE", "MODEL_ERROR", "NO_MODEL", "UNAUTHORIZED", "SHUTTING_DOWN", "INTERNAL", "NOT_FOUND", "CONFLICT", "INVALID"}),
+            "status", new EnumKind("Status", 8, new String[] {"OK", "DEFAULT", "ERROR"}));
 
     /** A new accessor of body type {@code code} ({@code ketch.wire.Body}); null when unknown. */
     public static Table newBody(int code) {
@@ -208,6 +302,7 @@ public final class Schema {
             case ketch.wire.Body.Goodbye -> new ketch.wire.Goodbye();
             case ketch.wire.Body.Shutdown -> new ketch.wire.Shutdown();
             case ketch.wire.Body.Error -> new ketch.wire.Error();
+            case ketch.wire.Body.Paused -> new ketch.wire.Paused();
             default -> null;
         };
     }

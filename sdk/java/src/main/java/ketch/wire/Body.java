@@ -18,8 +18,9 @@ public final class Body {
   public static final byte Goodbye = 10;
   public static final byte Shutdown = 11;
   public static final byte Error = 12;
+  public static final byte Paused = 13;
 
-  public static final String[] names = { "NONE", "Query", "Reply", "Feedback", "Hello", "Welcome", "Ready", "Heartbeat", "PredictRequest", "PredictReply", "Goodbye", "Shutdown", "Error", };
+  public static final String[] names = { "NONE", "Query", "Reply", "Feedback", "Hello", "Welcome", "Ready", "Heartbeat", "PredictRequest", "PredictReply", "Goodbye", "Shutdown", "Error", "Paused", };
 
   public static String name(int e) { return names[e]; }
 }

@@ -50,6 +50,12 @@ public final class Hello extends com.google.flatbuffers.Table {
   public String fingerprint() { int o = __offset(22); return o != 0 ? __string(o + bb_pos) : null; }
   public ByteBuffer fingerprintAsByteBuffer() { return __vector_as_bytebuffer(22, 1); }
   public ByteBuffer fingerprintInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 22, 1); }
+  public int versions(int j) { int o = __offset(24); return o != 0 ? bb.getShort(__vector(o) + j * 2) & 0xFFFF : 0; }
+  public int versionsLength() { int o = __offset(24); return o != 0 ? __vector_len(o) : 0; }
+  public ShortVector versionsVector() { return versionsVector(new ShortVector()); }
+  public ShortVector versionsVector(ShortVector obj) { int o = __offset(24); return o != 0 ? obj.__assign(__vector(o), bb) : null; }
+  public ByteBuffer versionsAsByteBuffer() { return __vector_as_bytebuffer(24, 2); }
+  public ByteBuffer versionsInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 24, 2); }
 
   public static int createHello(FlatBufferBuilder builder,
       int modelOffset,
@@ -61,8 +67,10 @@ public final class Hello extends com.google.flatbuffers.Table {
       long maxBatch,
       boolean deterministic,
       long pid,
-      int fingerprintOffset) {
-    builder.startTable(10);
+      int fingerprintOffset,
+      int versionsOffset) {
+    builder.startTable(11);
+    Hello.addVersions(builder, versionsOffset);
     Hello.addFingerprint(builder, fingerprintOffset);
     Hello.addPid(builder, pid);
     Hello.addMaxBatch(builder, maxBatch);
@@ -76,7 +84,7 @@ public final class Hello extends com.google.flatbuffers.Table {
     return Hello.endHello(builder);
   }
 
-  public static void startHello(FlatBufferBuilder builder) { builder.startTable(10); }
+  public static void startHello(FlatBufferBuilder builder) { builder.startTable(11); }
   public static void addModel(FlatBufferBuilder builder, int modelOffset) { builder.addOffset(0, modelOffset, 0); }
   public static void addModelVersion(FlatBufferBuilder builder, int modelVersionOffset) { builder.addOffset(1, modelVersionOffset, 0); }
   public static void addInput(FlatBufferBuilder builder, int inputOffset) { builder.addOffset(2, inputOffset, 0); }
@@ -87,6 +95,9 @@ public final class Hello extends com.google.flatbuffers.Table {
   public static void addDeterministic(FlatBufferBuilder builder, boolean deterministic) { builder.addBoolean(7, deterministic, true); }
   public static void addPid(FlatBufferBuilder builder, long pid) { builder.addInt(8, (int) pid, (int) 0L); }
   public static void addFingerprint(FlatBufferBuilder builder, int fingerprintOffset) { builder.addOffset(9, fingerprintOffset, 0); }
+  public static void addVersions(FlatBufferBuilder builder, int versionsOffset) { builder.addOffset(10, versionsOffset, 0); }
+  public static int createVersionsVector(FlatBufferBuilder builder, int[] data) { builder.startVector(2, data.length, 2); for (int i = data.length - 1; i >= 0; i--) builder.addShort((short) data[i]); return builder.endVector(); }
+  public static void startVersionsVector(FlatBufferBuilder builder, int numElems) { builder.startVector(2, numElems, 2); }
   public static int endHello(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;

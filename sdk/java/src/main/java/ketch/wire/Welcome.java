@@ -31,19 +31,23 @@ public final class Welcome extends com.google.flatbuffers.Table {
 
   public long heartbeatMs() { int o = __offset(4); return o != 0 ? (long)bb.getInt(o + bb_pos) & 0xFFFFFFFFL : 0L; }
   public long deadAfterMs() { int o = __offset(6); return o != 0 ? (long)bb.getInt(o + bb_pos) & 0xFFFFFFFFL : 0L; }
+  public int version() { int o = __offset(8); return o != 0 ? bb.getShort(o + bb_pos) & 0xFFFF : 0; }
 
   public static int createWelcome(FlatBufferBuilder builder,
       long heartbeatMs,
-      long deadAfterMs) {
-    builder.startTable(2);
+      long deadAfterMs,
+      int version) {
+    builder.startTable(3);
     Welcome.addDeadAfterMs(builder, deadAfterMs);
     Welcome.addHeartbeatMs(builder, heartbeatMs);
+    Welcome.addVersion(builder, version);
     return Welcome.endWelcome(builder);
   }
 
-  public static void startWelcome(FlatBufferBuilder builder) { builder.startTable(2); }
+  public static void startWelcome(FlatBufferBuilder builder) { builder.startTable(3); }
   public static void addHeartbeatMs(FlatBufferBuilder builder, long heartbeatMs) { builder.addInt(0, (int) heartbeatMs, (int) 0L); }
   public static void addDeadAfterMs(FlatBufferBuilder builder, long deadAfterMs) { builder.addInt(1, (int) deadAfterMs, (int) 0L); }
+  public static void addVersion(FlatBufferBuilder builder, int version) { builder.addShort(2, (short) version, (short) 0); }
   public static int endWelcome(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;

@@ -307,4 +307,43 @@ class ClientTest {
         assertInstanceOf(UnavailableException.class, cause(waiting));
         assertThrows(UnavailableException.class, () -> client.predict("sum", Value.scalar(1)));
     }
+
+    @Test
+    void queriesQueuedTogetherGoOutInOneMessageUpToChunk() throws Exception {
+        // the callbacks of a future run on the I/O thread: the queries they queue while it
+        // dispatches a reply are all waiting when it next sends, as a client's refills are
+        List<CompletableFuture<Prediction>> refills = Collections.synchronizedList(new ArrayList<>());
+        CompletableFuture<Prediction> first = client.predictAsync("sum", Value.scalar(1));
+        CompletableFuture<Void> queued = first.thenRun(() -> {
+            for (int i = 0; i < 70; i++) {
+                refills.add(client.predictAsync("sum", Value.scalar(i)));
+            }
+            refills.add(client.predictAsync("other", Value.scalar(0)));   // another app: its own message
+            refills.add(client.predictAsync("sum", Value.scalar(70)));
+        });
+        Received q = broker.expect(MessageType.QUERY, WAIT_MS);
+        broker.send(q.identity(), reply(ok(ids(q)[0], "FLOAT64")), f64(1));
+        queued.get(WAIT_MS, TimeUnit.MILLISECONDS);
+        List<Integer> sizes = new ArrayList<>();
+        List<String> apps = new ArrayList<>();
+        int total = 0;
+        while (total < 72) {
+            Received m = broker.expect(MessageType.QUERY, WAIT_MS);
+            long[] ids = ids(m);
+            sizes.add(ids.length);
+            apps.add(m.body(Query.class).app());
+            assertEquals(ids.length, m.payloads().size());
+            total += ids.length;
+            for (int k = 0; k < ids.length; k++) {   // each payload answered as its own id's
+                double in = Value.of(DType.FLOAT64, new long[0], m.payloads().get(k)).asDoubles()[0];
+                broker.send(m.identity(), reply(ok(ids[k], "FLOAT64")), f64(in * 10));
+            }
+        }
+        assertEquals(List.of(64, 6, 1, 1), sizes, "64 at most, in order, apps apart");
+        assertEquals(List.of("sum", "sum", "other", "sum"), apps);
+        for (int i = 0; i < 70; i++) {
+            assertEquals(i * 10.0, refills.get(i).get(WAIT_MS, TimeUnit.MILLISECONDS).output().asDoubles()[0]);
+        }
+        assertEquals(700.0, refills.get(71).get(WAIT_MS, TimeUnit.MILLISECONDS).output().asDoubles()[0]);
+    }
 }

@@ -145,6 +145,8 @@ class ContainerTest {
         assertEquals(16, h.maxBatch());
         assertFalse(h.deterministic());
         assertEquals(ProcessHandle.current().pid() & 0xFFFFFFFFL, h.pid());
+        assertEquals(2, h.versionsLength());
+        assertEquals(List.of(1, 2), List.of(h.versions(0), h.versions(1)));
     }
 
     @Test
@@ -298,13 +300,17 @@ class ContainerTest {
     @Test
     void aBatchArrivingJustAfterReadyZeroIsStillAnswered() throws Exception {
         start(builder(ContainerTest::sums));
-        Received hello = handshake(1000, 10_000);
+        // a version-2 broker: the drain ends on its Paused (with a version-1 one, a quiet spell
+        // of 50 ms, which a loaded machine can outlast between the Ready and this test's batch)
+        Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
+        broker.send(hello.identity(), Codec.welcome(1000, 10_000, 2));
         sendBatch(hello.identity(), 1, randomRow());
         broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
         container.stop();
         assertEquals(0, broker.expect(MessageType.READY, WAIT_MS).body(ketch.wire.Ready.class).credits());
         // the broker had sent this one before it read the Ready: it is answered, then Goodbye
         sendBatch(hello.identity(), 2, new double[] {1, 2});
+        broker.send(hello.identity(), Codec.paused(1));
         Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
         assertEquals(2, r.body(PredictReply.class).batchId());
         assertEquals(3.0, Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
@@ -419,18 +425,80 @@ class ContainerTest {
         assertEquals(ErrorCode.UNKNOWN_MESSAGE.code(), e.code());
 
         broker.send(id, Codec.fromJson(com.google.gson.JsonParser.parseString(
-                "{\"type\": \"Shutdown\", \"version\": 2}").getAsJsonObject()));
+                "{\"type\": \"Shutdown\", \"version\": 3}").getAsJsonObject()));
         e = broker.expect(MessageType.ERROR, WAIT_MS).body(ketch.wire.Error.class);
         assertEquals(ErrorCode.UNSUPPORTED_VERSION.code(), e.code());
-        assertEquals("protocol version 2 is not supported (speaks 1)", message(e));
+        assertEquals("protocol version 3 is not supported (speaks 1, 2)", message(e));
 
         broker.send(id, new byte[] {1, 2, 3});
         e = broker.expect(MessageType.ERROR, WAIT_MS).body(ketch.wire.Error.class);
         assertEquals(ErrorCode.BAD_MESSAGE.code(), e.code());
 
-        // the version-2 Shutdown was not acted on: the container still serves
+        // the version-3 Shutdown was not acted on: the container still serves
         sendBatch(id, 6, new double[] {2, 2});
         Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
         assertEquals(4.0, Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+    }
+
+    // ---------------------------------------------------------------- versions (protocol.md section 3)
+
+    @Test
+    void aNewerBrokersMessagesAreReadOrAnsweredAndServingGoesOn() {
+        start(builder(ContainerTest::sums));
+        Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
+        byte[] id = hello.identity();
+        // a broker of version 3 chooses 2 and appends a field to its Welcome
+        broker.send(id, Golden.bin("newer/welcome"));
+        // a batch with fields appended to its tables (and to the Envelope): read as usual
+        broker.send(id, Golden.bin("newer/predict_request"), Golden.payloads("newer/predict_request"));
+        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
+        assertEquals(42, r.body(PredictReply.class).batchId());
+        assertEquals(4.0, Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+        assertEquals(-4.0, Value.of(DType.FLOAT64, new long[0], r.payloads().get(1)).asDoubles()[0]);
+        assertEquals(2, container.protocol());
+        // a message type this SDK does not know, of a version it speaks
+        broker.send(id, Golden.bin("newer/unknown_body"));
+        ketch.wire.Error e = broker.expect(MessageType.ERROR, WAIT_MS).body(ketch.wire.Error.class);
+        assertEquals(ErrorCode.UNKNOWN_MESSAGE.code(), e.code());
+        // and one of a version it does not speak
+        broker.send(id, Codec.fromJson(com.google.gson.JsonParser.parseString(
+                "{\"type\": \"Heartbeat\", \"version\": 3}").getAsJsonObject()));
+        e = broker.expect(MessageType.ERROR, WAIT_MS).body(ketch.wire.Error.class);
+        assertEquals(ErrorCode.UNSUPPORTED_VERSION.code(), e.code());
+        double[] row = randomRow();
+        sendBatch(id, 7, row);
+        r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
+        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+    }
+
+    @Test
+    void withAVersion2BrokerTheDrainEndsOnPaused() throws Exception {
+        start(builder(ContainerTest::sums));
+        Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
+        broker.send(hello.identity(), Codec.welcome(1000, 10_000, 2));
+        sendBatch(hello.identity(), 1, randomRow());  // a round trip: the Welcome has been taken
+        broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
+        container.stop();
+        assertEquals(0, broker.expect(MessageType.READY, WAIT_MS).body(ketch.wire.Ready.class).credits());
+        // no Goodbye on a quiet spell: it waits for the broker's word (longer than the 50 ms spell)
+        Received early = broker.poll(300);
+        assertTrue(early == null || early.type() == MessageType.HEARTBEAT, "before Paused: " + early);
+        double[] row = new double[] {1, 2};
+        sendBatch(hello.identity(), 2, row);  // sent before the broker read the Ready
+        broker.send(hello.identity(), Codec.paused(1));
+        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
+        assertEquals(2, r.body(PredictReply.class).batchId());
+        assertEquals("stopped", broker.expect(MessageType.GOODBYE, WAIT_MS).body(ketch.wire.Goodbye.class).reason());
+        done.get(WAIT_MS, TimeUnit.MILLISECONDS);
+    }
+
+    @Test
+    void aWelcomeChoosingAVersionNotOfferedIsARefusal() throws Exception {
+        start(builder(ContainerTest::sums));
+        Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
+        broker.send(hello.identity(), Codec.welcome(1000, 10_000, 7));
+        ExecutionException e = org.junit.jupiter.api.Assertions.assertThrows(ExecutionException.class,
+                () -> done.get(WAIT_MS, TimeUnit.MILLISECONDS));
+        assertEquals(ErrorCode.UNSUPPORTED_VERSION, assertInstanceOf(RefusedException.class, e.getCause()).code());
     }
 }

@@ -44,6 +44,19 @@ final class Golden {
         }
     }
 
+    /** Names of the messages of a newer peer ({@code newer/NAME}): schemas/vectors/newer. */
+    static List<String> newerNames() {
+        try (Stream<Path> s = Files.list(dir().resolve("newer"))) {
+            return s.map(p -> p.getFileName().toString())
+                    .filter(n -> n.endsWith(".bin"))
+                    .map(n -> "newer/" + n.substring(0, n.length() - 4))
+                    .sorted()
+                    .collect(Collectors.toList());
+        } catch (IOException e) {
+            throw new UncheckedIOException(e);
+        }
+    }
+
     static byte[] bin(String name) {
         try {
             return Files.readAllBytes(dir().resolve(name + ".bin"));

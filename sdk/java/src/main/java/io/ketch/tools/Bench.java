@@ -21,7 +21,9 @@ import java.util.concurrent.atomic.AtomicLong;
  *
  * Keeps {@code concurrency} queries (float64 vectors of {@code size} zeros) in flight for
  * {@code duration} seconds, after {@code warmup} seconds of the same; concurrency 1 is one
- * blocking {@code predict} after another. Without {@code --timeout-ms} the app's SLO applies,
+ * blocking {@code predict} after another. Above 1, each answer's callback sends the next
+ * query with {@code predictAsync}: the refills a reply's answers queue go out together (the
+ * client sends queued queries of one app in one message, as {@code ketch bench} does). Without {@code --timeout-ms} the app's SLO applies,
  * as with {@code ketch bench}. Prints one JSON line:
  * {@code {"sent", "ok", "errors", "qps", "p50_ms", "p99_ms"}}.
  */
