@@ -109,6 +109,32 @@ class BatchController:
             self._fastest = min(lows) if lows else None
         return self._fastest
 
+    def serving(self, budget_ms: float) -> tuple[int, float] | None:
+        """(batch size, its predicted latency in ms) for a query with ``budget_ms`` left: the
+        size it would send (``size_for``) and what the latency model says it takes (a size
+        not seen yet, before the model has two sizes: as long as the largest seen). None
+        before the first batch."""
+        if not self._samples:
+            return None
+        n = self.size_for(budget_ms)
+        latency = self.predict_ms(n)
+        if latency is None:
+            latency = self._quantile(self._largest_seen)
+        return n, max(latency, 1e-3)
+
+    def line(self) -> tuple[float, float] | None:
+        """(intercept ms, ms per item) of the latency model, even before it has two sizes:
+        with one size seen, half its latency is taken to be per batch and half per item
+        (a guess that the next observations correct); None before the first batch."""
+        fit = self.fit()
+        if fit is not None:
+            return fit
+        if not self._samples:
+            return None
+        size = self._largest_seen
+        latency = self._quantile(size) if self._samples.get(size) else self.fastest_ms() or 0.0
+        return latency / 2, max(latency / 2 / max(size, 1), 1e-6)
+
     def _quantile(self, size: int) -> float:
         """The policy's quantile of the recent latencies of ``size`` (cached until one is added)."""
         q = self.policy.quantile

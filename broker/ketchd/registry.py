@@ -216,6 +216,11 @@ class Replica:
         self.state = new
 
     @property
+    def takes_work(self) -> bool:
+        """Ready or busy: it is sent batches when it has credit (not connecting, draining, dead)."""
+        return self.state is ReplicaState.READY or self.state is ReplicaState.BUSY
+
+    @property
     def free_credit(self) -> int:
         if self.state in (ReplicaState.DRAINING, ReplicaState.DEAD, ReplicaState.CONNECTING):
             return 0
