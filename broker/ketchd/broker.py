@@ -19,6 +19,7 @@ the loop (no threads, no locks):
     flights.Flights        the prediction cache and single-flight of identical queries
     dispatch.Dispatcher    batches from model queues to replicas
     containers.Containers  the backend: replicas' hellos, replies, heartbeats and deaths
+    peers.Connections      replicas' connections: one that closes ends its replica at once
     answers.Answers        every answer to a query, and deadlines passing
     replies.Replies        the one reply sender
     persistence.Persistence  the state store and the admin socket
@@ -48,6 +49,7 @@ from ketchd.deadlines import Deadlines
 from ketchd.dispatch import Dispatcher
 from ketchd.ensembles import Ensembles
 from ketchd.flights import Flights
+from ketchd.peers import Connections
 from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
 from ketchd.replies import Replies
@@ -85,6 +87,7 @@ class Broker:
         self.ensembles = Ensembles(self)
         self.dispatcher = Dispatcher(self, self.prebuilds)
         self.containers = Containers(self)
+        self.connections = Connections(self)
         self.admin_ops = AdminOps(self)
         self.stopping = False  # draining: no new queries; ``run`` returns once all are answered
         self._stop_reason = ""
@@ -103,6 +106,7 @@ class Broker:
         self.sockets.start_curve()
         self.frontend = self.sockets.router(cfg.frontend, "frontend")
         self.backend = self.sockets.router(cfg.backend, "backend")
+        self.connections.start(self.backend)
         self.admin = self.sockets.router(cfg.admin, "admin")
         return self.endpoints
 
@@ -134,9 +138,13 @@ class Broker:
         if ready is not None:
             ready(self.endpoints)
         poller = zmq.Poller()
-        for sock in (self.backend, self.frontend, self.admin, durable):
+        monitor = self.connections.monitor
+        assert monitor is not None
+        # the monitor first: a replica's connection closing is handled before its messages
+        for sock in (monitor, self.backend, self.frontend, self.admin, durable):
             poller.register(sock, zmq.POLLIN)
         handlers: dict[zmq.Socket[Any], Handler] = {
+            monitor: self.connections.on_monitor,
             self.backend: self.containers.on_backend,
             self.frontend: self.admission.on_frontend,
             self.admin: self.persistence.on_admin,
@@ -164,6 +172,7 @@ class Broker:
 
     def close(self) -> None:
         self.persistence.close()
+        self.connections.close(getattr(self, "backend", None))
         for name in ("frontend", "backend", "admin"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:

@@ -70,6 +70,7 @@ class Containers:
         b = self.broker
         now = time.monotonic()
         if name == "Hello":
+            b.connections.learn(identity, frames[1])
             self.on_hello(identity, proto.read_fields(name, body), now)
             return
         replica = b.replicas.get(identity)
