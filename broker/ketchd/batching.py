@@ -69,6 +69,9 @@ class BatchController:
     _quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)  # size -> (q, value)
     _fastest: float | None = None  # fastest_ms, kept for REFIT_EVERY observations
     _fastest_age: int = 0
+    _observed: int = 0  # observations in all
+    _median_fit: tuple[float, float] | None = None  # (intercept, slope) through the medians
+    _median_at: tuple[int, int] = (-REFIT_EVERY, 0)  # (_observed, sizes seen) when fitted
 
     def observe(self, size: int, latency_ms: float, budget_ms: float) -> None:
         """A batch of ``size`` took ``latency_ms`` (compute + RPC) against ``budget_ms``."""
@@ -83,6 +86,7 @@ class BatchController:
             if self._fit is None:  # a second size makes a fit possible at once
                 self._fitted = False
         window.append(latency_ms)
+        self._observed += 1
         self._quantiles.pop(size, None)
         self._fastest_age += 1
         if self._fastest_age >= REFIT_EVERY:  # a latency that left its window may leave the floor
@@ -109,18 +113,40 @@ class BatchController:
             self._fastest = min(lows) if lows else None
         return self._fastest
 
-    def serving(self, budget_ms: float) -> tuple[int, float] | None:
-        """(batch size, its predicted latency in ms) for a query with ``budget_ms`` left: the
-        size it would send (``size_for``) and what the latency model says it takes (a size
-        not seen yet, before the model has two sizes: as long as the largest seen). None
-        before the first batch."""
+    def typical_ms(self, size: int) -> float | None:
+        """The median latency of a batch of ``size``: a line through the medians of the sizes
+        seen (refitted every REFIT_EVERY observations), flat past the largest size seen
+        before there are two. For throughput, where the high quantile of ``predict_ms``
+        would be needlessly pessimistic. None before the first batch."""
         if not self._samples:
             return None
+        if self._observed - self._median_at[0] >= REFIT_EVERY or len(self._samples) != self._median_at[1]:
+            self._median_at = (self._observed, len(self._samples))
+            points = sorted((n, _quantile_of(w, 0.5), len(w)) for n, w in self._samples.items() if w)
+            if len(points) < 2:
+                latency = points[-1][1]
+                self._median_fit = (latency, 0.0)  # flat: as long as the largest seen
+            else:
+                sizes = np.array([n for n, _, _ in points], dtype=float)
+                lat = np.array([v for _, v, _ in points], dtype=float)
+                weights = np.sqrt(np.array([c for _, _, c in points], dtype=float))
+                slope, intercept = np.polyfit(sizes, lat, 1, w=weights)
+                slope = max(float(slope), 0.0)
+                intercept = max(float(intercept), float(lat.min()) - slope * float(sizes.min()))
+                self._median_fit = (intercept, slope)
+        assert self._median_fit is not None
+        intercept, slope = self._median_fit
+        return max(intercept + slope * size, 1e-3)
+
+    def serving(self, budget_ms: float) -> tuple[int, float] | None:
+        """(batch size, its typical latency in ms) for a query with ``budget_ms`` left: the
+        size it would send (``size_for``) and the median latency of that size
+        (``typical_ms``). None until the latency model has seen two sizes and REFIT_EVERY
+        batches: a figure from a first batch or two (a cold start, a stall) would say little."""
+        if self._observed < REFIT_EVERY or len(self._samples) < 2:
+            return None
         n = self.size_for(budget_ms)
-        latency = self.predict_ms(n)
-        if latency is None:
-            latency = self._quantile(self._largest_seen)
-        return n, max(latency, 1e-3)
+        return n, self.typical_ms(n) or 1e-3
 
     def line(self) -> tuple[float, float] | None:
         """(intercept ms, ms per item) of the latency model, even before it has two sizes:

@@ -15,6 +15,7 @@ the work is done by its collaborators, each the owner of one concept and called 
 the loop (no threads, no locks):
 
     admission.Admission    the frontend: client messages, checks, the single-model path
+    overload.Overload      admission by capacity: what cannot finish in time is refused at once
     ensembles.Ensembles    queries fanned out to several models, and feedback
     flights.Flights        the prediction cache and single-flight of identical queries
     dispatch.Dispatcher    batches from model queues to replicas
@@ -49,6 +50,7 @@ from ketchd.deadlines import Deadlines
 from ketchd.dispatch import Dispatcher
 from ketchd.ensembles import Ensembles
 from ketchd.flights import Flights
+from ketchd.overload import Overload
 from ketchd.peers import Connections
 from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
@@ -84,6 +86,7 @@ class Broker:
         self.answers = Answers(self)
         self.flights = Flights(self, self.cache)
         self.admission = Admission(self)
+        self.overload = Overload(self)
         self.ensembles = Ensembles(self)
         self.dispatcher = Dispatcher(self, self.prebuilds)
         self.containers = Containers(self)

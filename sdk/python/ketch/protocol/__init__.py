@@ -119,6 +119,7 @@ from ketch.protocol.reply import (
     plain_reply_template,
     read_reply,
     reply_ok_many_template,
+    reply_refused_many_template,
 )
 from ketch.protocol.schema import Body, DType, ErrorCode, Status
 from ketch.protocol.templates import LearntTemplates, Prebuilds, Template
@@ -213,6 +214,7 @@ __all__ = [
     "read_query",
     "read_reply",
     "reply_ok_many_template",
+    "reply_refused_many_template",
     "schema",
     "to_dict",
     "value_to_payload",
