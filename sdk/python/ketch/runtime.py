@@ -25,14 +25,14 @@ from typing import Any
 import structlog
 import zmq
 
-from ketch import __version__, errors
+from ketch import __version__, addresses, errors
 from ketch import protocol as proto
 from ketch.curve import PeerKeys
 from ketch.protocol import ErrorCode, Status, multipart
 
 log = structlog.get_logger("ketch.runtime")
 
-DEFAULT_BACKEND = "tcp://127.0.0.1:7000"
+DEFAULT_BACKEND = addresses.BACKEND
 _DRAIN_QUIET_S = 0.05  # a draining replica says goodbye after this long without a batch
 PredictFn = Callable[[list[Any]], list[Any]]
 encode_output = proto.encode_output  # (wire dtype, shape, payload) for one model output
