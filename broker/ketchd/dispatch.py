@@ -20,12 +20,13 @@ from ketch.protocol.multipart import send
 
 from ketchd import scheduler
 from ketchd.batching import decide
-from ketchd.registry import Batch, Model, Pending, Replica, next_batch_id
+from ketchd.registry import Batch, Model, Pending, Replica, ReplicaState, next_batch_id
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
 
 
+_READY, _BUSY = ReplicaState.READY, ReplicaState.BUSY
 SKIP_AT_MOST = 256  # queries a replica leaves to faster ones per batch, at most
 
 
@@ -63,7 +64,8 @@ class Dispatcher:
         replicas = model.replicas
         if len(replicas) == 1:  # the common case, kept cheap: no list, no split
             replica = next(iter(replicas.values()))
-            if replica.version == model.active_version and replica.takes_work:
+            state = replica.state  # (Replica.takes_work, inline)
+            if replica.version == model.active_version and (state is _READY or state is _BUSY):
                 self.dispatch_one(model, replica, now)
             return
         live = [r for r in model.live_replicas() if r.takes_work]

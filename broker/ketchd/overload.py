@@ -81,13 +81,17 @@ class Overload:
     def admissible(self, model: Model, now: float, deadline: float, priority: int) -> int:
         """How many more queries of ``priority`` due at ``deadline`` may be queued: in the
         queue's bound, and able to finish in time."""
-        room = (model.max_queue or self.broker.config.max_queue) - len(model.queue)
+        queue = model.queue
+        room = (model.max_queue or self.broker.config.max_queue) - len(queue)
         left = (deadline - now) * 1000
-        rate, batch_ms = self.capacity(model, now, left)
+        cached = self._capacity.get((model, int(left)))  # (self.capacity's cache, inline)
+        if cached is None or now - cached[0] >= REFRESH_S:
+            rate, batch_ms = self.capacity(model, now, left)
+        else:
+            rate, batch_ms = cached[1], cached[2]
         if rate == math.inf:
             return room
-        usable = SAFETY * left - batch_ms
-        return min(room, int(usable * rate) - model.queue.ahead(priority))
+        return min(room, int((SAFETY * left - batch_ms) * rate) - queue.ahead(priority))
 
     def refuse(self, p: Pending, model: Model, now: float) -> None:
         """Answer ``p`` (not queued) with OVERLOADED: why, and when to try again. The reason

@@ -44,19 +44,16 @@ class ModelQueue:
         classes = self._classes
         classes[priority] = classes.get(priority, 0) + 1
 
-    def _removed(self, item: Queued) -> None:
-        item.queued = False
-        self._live -= 1
-        classes = self._classes
-        left = classes[item.priority] - 1
-        if left:
-            classes[item.priority] = left
-        else:
-            del classes[item.priority]
-
     def discard(self, item: Queued) -> None:
         if item.queued:
-            self._removed(item)
+            item.queued = False
+            self._live -= 1
+            classes = self._classes
+            left = classes[item.priority] - 1
+            if left:
+                classes[item.priority] = left
+            else:
+                del classes[item.priority]
 
     def _skip_removed(self) -> None:
         heap = self._heap
@@ -72,7 +69,14 @@ class ModelQueue:
         if not self._heap:
             return None
         item = heapq.heappop(self._heap)[3]
-        self._removed(item)
+        item.queued = False  # as discard does, inline: this is the hot path
+        self._live -= 1
+        classes = self._classes
+        left = classes[item.priority] - 1
+        if left:
+            classes[item.priority] = left
+        else:
+            del classes[item.priority]
         return item
 
     def take(self, n: int) -> list[Any]:
