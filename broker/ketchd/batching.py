@@ -113,11 +113,12 @@ class BatchController:
             self._fastest = min(lows) if lows else None
         return self._fastest
 
-    def typical_ms(self, size: int) -> float | None:
-        """The median latency of a batch of ``size``: a line through the medians of the sizes
-        seen (refitted every REFIT_EVERY observations), flat past the largest size seen
-        before there are two. For throughput, where the high quantile of ``predict_ms``
-        would be needlessly pessimistic. None before the first batch."""
+    def typical_line(self) -> tuple[float, float] | None:
+        """(intercept ms, ms per item) of a line through the medians of the sizes seen
+        (refitted every REFIT_EVERY observations); flat (as long as the only size seen)
+        before there are two sizes. Robust to the odd stall (a cold start, a pause of the
+        machine) that the high quantile of ``fit`` carries for a whole window. None before
+        the first batch."""
         if not self._samples:
             return None
         if self._observed - self._median_at[0] >= REFIT_EVERY or len(self._samples) != self._median_at[1]:
@@ -134,32 +135,37 @@ class BatchController:
                 slope = max(float(slope), 0.0)
                 intercept = max(float(intercept), float(lat.min()) - slope * float(sizes.min()))
                 self._median_fit = (intercept, slope)
-        assert self._median_fit is not None
-        intercept, slope = self._median_fit
-        return max(intercept + slope * size, 1e-3)
+        return self._median_fit
 
-    def serving(self, budget_ms: float) -> tuple[int, float] | None:
-        """(batch size, its typical latency in ms) for a query with ``budget_ms`` left: the
-        size it would send (``size_for``) and the median latency of that size
-        (``typical_ms``). None until the latency model has seen two sizes and REFIT_EVERY
-        batches: a figure from a first batch or two (a cold start, a stall) would say little."""
+    def typical_ms(self, size: int) -> float | None:
+        """The median latency of a batch of ``size`` (``typical_line``): for throughput and
+        for choosing replicas, where the high quantile of ``predict_ms`` would be needlessly
+        pessimistic. None before the first batch."""
+        line = self.typical_line()
+        if line is None:
+            return None
+        return max(line[0] + line[1] * size, 1e-3)
+
+    def serving(self, budget_ms: float) -> tuple[int, float, float] | None:
+        """(batch size, its typical latency, its high-quantile latency; ms) for queries with
+        ``budget_ms`` left: the largest size the policy allows whose typical latency
+        (``typical_line``, extrapolated past the sizes seen: the batches of the moment may be
+        small only because little was queued) fits ``budget_ms`` with the policy's safety;
+        its typical latency (for throughput) and the latency model's (``predict_ms``: for
+        the batch a query ends in, as the dispatcher reckons it). None until the latency
+        model has seen two sizes and REFIT_EVERY batches: a figure from a first batch or two
+        (a cold start, a stall) would say little."""
         if self._observed < REFIT_EVERY or len(self._samples) < 2:
             return None
-        n = self.size_for(budget_ms)
-        return n, self.typical_ms(n) or 1e-3
-
-    def line(self) -> tuple[float, float] | None:
-        """(intercept ms, ms per item) of the latency model, even before it has two sizes:
-        with one size seen, half its latency is taken to be per batch and half per item
-        (a guess that the next observations correct); None before the first batch."""
-        fit = self.fit()
-        if fit is not None:
-            return fit
-        if not self._samples:
-            return None
-        size = self._largest_seen
-        latency = self._quantile(size) if self._samples.get(size) else self.fastest_ms() or 0.0
-        return latency / 2, max(latency / 2 / max(size, 1), 1e-6)
+        line = self.typical_line()
+        assert line is not None
+        a, b = line
+        p = self.policy
+        usable = budget_ms * p.safety
+        n = p.max_batch if b <= 0 or p.mode == "fixed" else int((usable - a) / b)
+        n = max(1, min(p.max_batch, n))
+        typical = max(a + b * n, 1e-3)
+        return n, typical, max(typical, self.predict_ms(n) or typical)
 
     def _quantile(self, size: int) -> float:
         """The policy's quantile of the recent latencies of ``size`` (cached until one is added)."""

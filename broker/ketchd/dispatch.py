@@ -12,6 +12,7 @@ are looked at.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,8 @@ from ketch import protocol as proto
 from ketch.protocol.multipart import send
 
 from ketchd import scheduler
-from ketchd.batching import decide
+from ketchd.batching import BatchController, decide
+from ketchd.queue import ModelQueue
 from ketchd.registry import Batch, Model, Pending, Replica, ReplicaState, next_batch_id
 
 if TYPE_CHECKING:
@@ -28,12 +30,58 @@ if TYPE_CHECKING:
 
 _READY, _BUSY = ReplicaState.READY, ReplicaState.BUSY
 SKIP_AT_MOST = 256  # queries a replica leaves to faster ones per batch, at most
+PROBE_S = 1.0  # a replica of a pool left out of the split this long is sent one query,
+PROBE_UNTIL = 32  # while it has had fewer batches than this,
+PROBE_SLOW_S = 10.0  # and this long after
 
 
 def _floor(replica: Replica) -> float:
     """An optimistic floor on the latency of any batch of ``replica`` (0 before the first)."""
     fastest = replica.controller.fastest_ms()
     return max(1.5 * fastest, fastest + 1.0) if fastest is not None else 0.0
+
+
+def backlog_batch(
+    queue: ModelQueue, controller: BatchController, busy: float, now: float, cap: int
+) -> tuple[list[Pending], list[Pending]]:
+    """With more queued than the most urgent query's deadline lets a replica take in one
+    batch: the batch that finishes the most queries in time per ms of the replica's time.
+
+    Sized to the head alone, a backlog is served in batches too small to keep up with it,
+    so the next head has even less time left and the batches shrink further (under
+    overload the throughput fell to a third). Here, among the first ``cap`` queued (queue
+    order), each size n is scored by the queries that a batch of n, done ``busy`` +
+    ``typical_ms(n)`` from now, finishes in time, over that latency; the best (the largest
+    of equals) is taken. (The typical latency, not the high quantile that sizes batches to
+    one deadline: a few stalls in a replica's window would otherwise make every query look
+    late for it, and it would be sent nothing until they left the window.) Returns (the
+    batch: the first of those queries in time, queue order; the queries that it would
+    finish late, to give up on: no later batch finishes them sooner); the others go back
+    to the queue.
+    """
+    popped = [p for p in queue.take(cap) if p.deadline > now]  # expired ones: Answers.expire
+    if not popped:
+        return [], []
+    safety = controller.policy.safety
+    usable = sorted((p.deadline - now) * 1000 * safety for p in popped)
+    best_n, best_rate = 1, -1.0
+    for n in range(1, len(popped) + 1):
+        latency = controller.typical_ms(n) or 0.0
+        served = min(n, len(usable) - bisect.bisect_left(usable, busy + latency))
+        rate = served / max(latency, 1e-3)
+        if rate >= best_rate:
+            best_n, best_rate = n, rate
+    need = busy + (controller.typical_ms(best_n) or 0.0)
+    items: list[Pending] = []
+    late: list[Pending] = []
+    for p in popped:
+        if (p.deadline - now) * 1000 * safety < need:
+            late.append(p)
+        elif len(items) < best_n:
+            items.append(p)
+        else:
+            queue.push(p)
+    return items, late
 
 
 class Dispatcher:
@@ -99,6 +147,13 @@ class Dispatcher:
                 send = self.batch_size(model, replica, len(queue), busy, now)
                 if send == 0:
                     return
+                if len(queue) > send:  # a backlog: a batch sized for the queue, not its head
+                    items, late = backlog_batch(queue, controller, busy, now, controller.size_for(math.inf))
+                    for p in late:
+                        self.give_up(model, p, now, busy + (controller.typical_ms(len(items)) or 0.0))
+                    if items:
+                        self.send_backlog(model, replica, items, busy, now)
+                    continue
             # a query that cannot finish in time even alone is not computed for nothing:
             # it gets its answer (the default) now, and its place goes to one that can
             fastest = controller.fastest_ms()
@@ -116,6 +171,15 @@ class Dispatcher:
             if items:
                 budget = (min(p.deadline for p in items) - now) * 1000 - busy
                 self.send_batch(model, replica, items, now, budget)
+
+    def send_backlog(
+        self, model: Model, replica: Replica, items: list[Pending], busy: float, now: float
+    ) -> None:
+        wait = model.queue_wait_ms
+        for p in items:
+            wait.add((now - p.arrived) * 1000)
+        budget = (min(p.deadline for p in items) - now) * 1000 - busy
+        self.send_batch(model, replica, items, now, budget)
 
     def batch_size(self, model: Model, replica: Replica, queued: int, busy: float, now: float) -> int:
         """How many of ``queued`` queries ``replica`` takes now; 0 to wait (a timer is set)."""
@@ -141,6 +205,11 @@ class Dispatcher:
         own controller sizes; queries it could not finish in time but a faster replica could
         are left to that one (``take_share``)."""
         queue = model.queue
+        for replica in live:
+            if not replica.inflight and replica.free_credit:
+                every = PROBE_S if replica.batches < PROBE_UNTIL else PROBE_SLOW_S
+                if now - max(replica.last_batch, replica.connected) > every:
+                    self.probe(model, replica, now)
         for _ in range(2 * len(live)):  # one batch per round, then split again
             head = queue.peek()
             if head is None:
@@ -168,6 +237,14 @@ class Dispatcher:
                 if send == 0:
                     continue
                 others = min((o.finish_ms(1) for o in pool if o is not s), default=math.inf)
+                if len(queue) > send and share > send:  # a backlog: as in dispatch_one
+                    cap = min(share, replica.controller.size_for(math.inf))
+                    items, late = backlog_batch(queue, replica.controller, s.busy_ms, now, cap)
+                    self.leave_or_give_up(model, late, others, s.finish_ms(len(items)), now)
+                    if items:
+                        self.send_backlog(model, replica, items, s.busy_ms, now)
+                        break
+                    continue
                 items = self.take_share(model, s, send, hopeless, needs, others, now)
                 if items:
                     budget_ms = (min(p.deadline for p in items) - now) * 1000 - s.busy_ms
@@ -175,6 +252,29 @@ class Dispatcher:
                     break  # split again, with this replica's new batch
             else:
                 return
+
+    def probe(self, model: Model, replica: Replica, now: float) -> None:
+        """Send an idle replica that the split has left out one query (the one with the most
+        time left). Its latency model learns only from the batches it is sent, and one
+        formed in a bad moment (a cold start, a JIT warming up, a pause) would otherwise keep
+        it out for good; a replica that really is slow costs one query now and then (every
+        PROBE_S while it has had few batches, every PROBE_SLOW_S after)."""
+        replica.last_batch = now
+        p = model.queue.take_latest()
+        if p is not None:
+            model.queue_wait_ms.add((now - p.arrived) * 1000)
+            self.send_batch(model, replica, [p], now, (p.deadline - now) * 1000)
+
+    def leave_or_give_up(
+        self, model: Model, late: list[Pending], others_ms: float, needs_ms: float, now: float
+    ) -> None:
+        """Queries one replica would finish late: back to the queue when another replica
+        could finish them in time, else answered (the default) now."""
+        for p in late:
+            if (p.deadline - now) * 1000 >= others_ms:
+                model.queue.push(p)
+            else:
+                self.give_up(model, p, now, needs_ms)
 
     def take_share(
         self,
@@ -238,7 +338,7 @@ class Dispatcher:
         b.batches[batch_id] = batch
         replica.inflight[batch_id] = batch
         replica.refresh_state()
-        replica.last_sent = now
+        replica.last_sent = replica.last_batch = now
         replica.batches += 1
         replica.items += len(items)
         model.batches += 1

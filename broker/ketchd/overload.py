@@ -10,23 +10,28 @@ to finish:
 
 ``ahead`` is every query queued in its priority class or a higher one (``ModelQueue.ahead``:
 EDF may put it before some of its own class, so this is an upper bound, and admitting it
-cannot make a query already admitted late). Each replica is taken to serve in the batches
-its latency model would send with S/2 left (``BatchController.serving``: so that a query
-can wait for one batch and be computed in the next), and ``rate`` is the sum over the
-model's replicas (of the active version, taking work) of that batch's size over its
-typical (median) latency; ``batch_ms`` is the shortest of those latencies (the batch the query
-ends in). These come from the latency model, not from the batches of the moment: under
-overload those are cut to the most urgent query's deadline, and a rate measured from them
-would admit less, which makes the batches smaller still. A refused query gets
+cannot make a query already admitted late). Each replica is taken to serve in the largest
+batches whose typical latency fits S/2 (``BatchController.serving``: so that a query can
+wait for one batch and be computed in the next; extrapolated along its latency model, not
+bounded by the sizes of the moment, which are small when little is queued), and ``rate``
+is the sum over the model's replicas (of the active version, taking work) of that batch's
+size over its typical (median) latency; ``batch_ms`` is the shortest typical latency of those batches
+(the batch the query ends in). Typical, not the latency model's high quantile: a few
+stalls (a loaded machine) would otherwise refuse everything, and a model refusing
+everything is never measured again. For the same reason a query finding the queue empty
+and a replica idle is always admitted. These come from the latency model, not from the
+batches of the moment: under overload those are cut to the most urgent query's deadline,
+and a rate measured from them would admit less, which makes the batches smaller still. A refused query gets
 ``OVERLOADED`` with ``retry_after_ms``: when, at that rate, a query like it would fit.
 
 The rest of a message is not refused with its first refused query: queries are admitted
 in order while they fit (``admissible``), each refused query is answered alone, and a query
 answered from the cache or joining an identical one in flight needs no room at all.
 
-No figure, no refusal: until every replica of the model has a latency model worth the
-name (two batch sizes and REFIT_EVERY batches seen: a new replica, a model that has not
-served yet), only the queue's bound (``max_queue``) limits.
+No figure, no refusal: until a replica of the model has a latency model worth the name
+(two batch sizes and REFIT_EVERY batches seen), only the queue's bound (``max_queue``)
+limits; a replica not measured yet (new, cold) is taken to be as fast as the fastest
+measured one.
 """
 
 from __future__ import annotations
@@ -62,19 +67,21 @@ class Overload:
             return cached[1], cached[2]
         if len(self._capacity) > 4096:
             self._capacity.clear()
-        rate, batch_ms = 0.0, math.inf
+        batch_ms = math.inf
+        measured: list[float] = []
+        unmeasured = 0
         for replica in model.live_replicas():
             if not replica.takes_work:
                 continue
             serving = replica.controller.serving(left_ms / 2)
-            if serving is None:
-                rate = math.inf  # not measured yet: no refusal on its account
-                break
-            size, latency = serving
-            rate += size / latency
-            batch_ms = min(batch_ms, latency)
-        if rate == 0.0:  # no replica: the queries wait for one (or their deadline)
-            rate = math.inf
+            if serving is None:  # not measured yet: taken to be as fast as the fastest measured
+                unmeasured += 1
+                continue
+            size, typical, _ = serving
+            measured.append(size / typical)
+            batch_ms = min(batch_ms, typical)
+        # no replica measured (or none at all): no refusal on this account
+        rate = sum(measured) + unmeasured * max(measured) if measured else math.inf
         self._capacity[key] = (now, rate, batch_ms)
         return rate, batch_ms
 
@@ -91,7 +98,10 @@ class Overload:
             rate, batch_ms = cached[1], cached[2]
         if rate == math.inf:
             return room
-        return min(room, int((SAFETY * left - batch_ms) * rate) - queue.ahead(priority))
+        fits = int((SAFETY * left - batch_ms) * rate) - queue.ahead(priority)
+        if fits <= 0 and not len(queue) and any(not r.inflight for r in model.replicas.values()):
+            fits = 1  # an idle model is tried (and measured again), whatever its figures say
+        return min(room, fits)
 
     def refuse(self, p: Pending, model: Model, now: float) -> None:
         """Answer ``p`` (not queued) with OVERLOADED: why, and when to try again. The reason

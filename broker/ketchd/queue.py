@@ -89,6 +89,18 @@ class ModelQueue:
             out.append(item)
         return out
 
+    def take_latest(self) -> Any | None:
+        """The queued entry with the latest deadline (the most time left), taken out of the
+        queue; O(n), for the rare probe of a replica (``Dispatcher.probe``)."""
+        best = None
+        for entry in self._heap:
+            item = entry[3]
+            if item.queued and (best is None or item.deadline > best.deadline):
+                best = item
+        if best is not None:
+            self.discard(best)
+        return best
+
     def ahead(self, priority: int) -> int:
         """Entries that are served before a new entry of ``priority`` whatever its deadline
         may be: every queued entry of that priority or a higher one (an upper bound for one

@@ -189,6 +189,7 @@ class Replica:
     inflight: dict[int, Batch] = field(default_factory=dict)
     controller: BatchController = field(default_factory=lambda: BatchController(BatchPolicy()))
     last_reply: float = 0.0
+    last_batch: float = 0.0  # when it was last sent a batch (monotonic seconds)
     batches: int = 0
     items: int = 0
     errors: int = 0

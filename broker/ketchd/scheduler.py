@@ -4,9 +4,10 @@ each replica takes, so that the pool finishes it as early as it can.
 Pure code (no sockets, no clock of its own): the dispatcher describes each replica with
 a ``Speed`` (``speeds``) and asks ``split`` for the shares.
 
-A replica's speed is what the broker has measured of it: its latency model
-(``BatchController.line``: a batch of n queries takes a + b*n ms, a high quantile of
-recent batches), the batch size c it would use now (its own ``size_for`` the earliest
+A replica's speed is what the broker has measured of it: its typical latency
+(``BatchController.typical_line``: a batch of n queries takes a + b*n ms, a line through
+the medians of recent batches, so that a cold start or a pause does not brand a replica
+slow), the batch size c it would use now (its own ``size_for`` the earliest
 deadline in the queue, so a slow replica's batches are sized to its own latency), and the
 time B before it can start one more batch (what its batches in flight still need). At
 that size it serves r = c / (a + b*c) queries per ms, the first of them after about
@@ -85,7 +86,7 @@ def speeds(
     overdue); ``budget_ms`` is the time left to the earliest deadline in the queue. A
     replica not measured yet is taken to be as fast as the fastest measured one (so it
     gets work, and is measured)."""
-    lines = [r.controller.line() for r in replicas]
+    lines = [r.controller.typical_line() for r in replicas]
     known = [line for line in lines if line is not None]
     optimistic = min(known, key=lambda ab: ab[0] + ab[1]) if known else UNKNOWN_LINE
     out = []

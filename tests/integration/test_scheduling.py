@@ -86,12 +86,13 @@ def test_idle_replicas_do_not_tie_to_the_first_joined_the_faster_takes_the_query
 @pytest.mark.parametrize("order", [("slow", "fast"), ("fast", "slow")])
 def test_a_slow_replica_never_costs_a_default_that_a_faster_one_can_avoid(env, order):
     """An SLO the fast replica meets and the slow one never can: the slow one gets no
-    work (rather than a batch, all of whose queries would get the default)."""
+    work but a probe now and then (rather than batches, all of whose queries would get
+    the default)."""
     _, admin, client, serve, items = env
     admin.create_app(
-        "a", input_type="float64", input_shape=[2], slo_ms=30, default=-1.0, models=["m"], cache=False
+        "a", input_type="float64", input_shape=[2], slo_ms=200, default=-1.0, models=["m"], cache=False
     )
-    models = {"fast": sleeper(0.001, 0.00005), "slow": sleeper(0.040, 0.001)}
+    models = {"fast": sleeper(0.002, 0.0001), "slow": sleeper(0.300)}
     for rid in order:
         serve(models[rid], rid)
     rng = np.random.default_rng()
@@ -101,10 +102,13 @@ def test_a_slow_replica_never_costs_a_default_that_a_faster_one_can_avoid(env, o
     xs = [rng.normal(size=2) for _ in range(600)]
     preds = client.predict_many("a", xs, window=16)
     after = items()
+    # the slow one is sent nothing but a probe now and then (one query, about once a second
+    # while it has had few batches): only those miss
+    probes = after["slow"] - before["slow"]
     defaults = [p for p in preds if p.default]
-    assert not defaults, defaults[:3]
-    assert [p.output for p in preds] == pytest.approx([float(x.sum()) for x in xs])
-    assert after["slow"] == before["slow"], (before, after)
+    assert probes <= 4 and len(defaults) <= probes, (before, after, defaults[:3])
+    answered = [(x, p) for x, p in zip(xs, preds, strict=True) if not p.default]
+    assert [p.output for _, p in answered] == pytest.approx([float(x.sum()) for x, _ in answered])
 
 
 @pytest.mark.parametrize("order", [("slow", "fast"), ("fast", "slow")])
@@ -272,7 +276,7 @@ def test_ensemble_members_that_cannot_answer_in_time_are_left_out(env):
     )
     admin.set_policy("v", "ensemble")
     serve(sleeper(0.001), "fast", name="m")
-    serve(sleeper(0.150), "slow", name="q")  # never within 200 ms once a query waits ahead of it
+    serve(sleeper(0.300), "slow", name="q")  # never within 200 ms
     client.predict_many("v", [[1.0]] * 20, window=20)
     preds = client.predict_many("v", [[1.0]] * 50, window=50)
     assert all(not p.default and p.models_answered == ("m",) for p in preds)

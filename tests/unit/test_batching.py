@@ -126,12 +126,14 @@ def test_typical_latency_is_the_median_line_and_shrugs_off_stalls():
 
 def test_serving_says_nothing_before_two_sizes_and_a_few_batches():
     ctl = BatchController(BatchPolicy(mode="model", max_batch=64))
-    assert ctl.serving(100.0) is None and ctl.line() is None
+    assert ctl.serving(100.0) is None and ctl.typical_line() is None
     for _ in range(10):
         ctl.observe(4, 10.0, 100.0)
     assert ctl.serving(100.0) is None  # one size only
-    assert ctl.line() == pytest.approx((5.0, 1.25))  # a guess: half per batch, half per item
+    assert ctl.typical_line() == pytest.approx((10.0, 0.0))  # flat: as long as the one size seen
     for _ in range(8):
         ctl.observe(8, 12.0, 100.0)
-    n, latency = ctl.serving(100.0)
-    assert 1 <= n <= 16 and latency == pytest.approx(ctl.typical_ms(n))
+    # the line through (4, 10 ms) and (8, 12 ms), extrapolated: 64 (the policy's largest) fits 90 ms
+    n, typical, high = ctl.serving(100.0)
+    assert (n, typical) == (64, pytest.approx(8.0 + 0.5 * 64)) and high >= typical
+    assert 36 <= ctl.serving(30.0)[0] <= 38  # 27 ms usable: (27 - 8) / 0.5

@@ -93,7 +93,7 @@ def test_speeds_from_latency_models_unknown_replicas_borrow_the_fastest_line():
     for size in (1, 2, 4, 8, 16, 32) * 4:
         known.controller.observe(size, 2.0 + 0.1 * size, math.inf)
     got = {s.replica.replica_id: s for s in scheduler.speeds([known, fresh], 0.0, 1000.0)}
-    a, b = known.controller.line()
+    a, b = known.controller.typical_line()
     assert (got["known"].intercept_ms, got["known"].per_item_ms) == (a, b)
     assert (got["fresh"].intercept_ms, got["fresh"].per_item_ms) == (a, b)
     assert got["known"].free and got["known"].busy_ms == 0.0
