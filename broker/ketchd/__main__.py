@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 import click
 from ketch import logs
 
-from ketchd.broker import Broker
 from ketchd.config import BrokerConfig
 
 
 def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT or ``broker.stop``; then drain and return."""
+    from ketchd.broker import Broker  # here: the CLI reads this module's options without it
+
     logs.configure()
     broker = Broker(config)
     broker.install_signal_handlers()

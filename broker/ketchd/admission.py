@@ -176,17 +176,10 @@ class Admission:
             b.faults.internal_error(f"app {app.name!r}'s policy choosing a model", exc)
             refuse(ErrorCode.INTERNAL, b.faults.message("choosing a model", exc))
             return
-        limit = model.max_queue or cfg.max_queue
-        if len(model.queue) + len(ids) > limit:
-            app.errors += len(ids)
-            model.refused += len(ids)
-            refuse(
-                ErrorCode.OVERLOADED,
-                f"queue of model {model.name!r} is full ({limit} queries)",
-                cfg.retry_after_ms,
-            )
-            return
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
+        # admit in order what fits, in the queue's bound and in time (ketchd.overload);
+        # each query past that is refused alone, and one answered from the cache needs no room
+        take = b.overload.admissible(model, now, deadline, priority)
         flights = b.flights
         caching = app.cache and model.deterministic and flights.cache.max_bytes > 0 and model.active_version
         b.outstanding[client] = outstanding + len(ids)
@@ -196,8 +189,12 @@ class Admission:
         for rid, payload in zip(ids, payloads, strict=True):
             p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
             p.nbytes = len(payload)
-            if caching and flights.from_cache_or_flight(p, model):
+            if caching and flights.from_cache_or_flight(p, model, lead=take > 0):
                 continue
+            if take <= 0:
+                b.overload.refuse(p, model, now)
+                continue
+            take -= 1
             queue.push(p)
             deadlines.add(deadline, p)
         b.dispatcher.dirty.add(model)

@@ -51,6 +51,16 @@ class Answers:
         b.deadlines.discard(p.deadline, p)  # so that its objects go now, not at the deadline
         if p.queued:
             b.models[p.model].queue.discard(p)
+        self.release_client(p)
+        ms = (time.monotonic() - p.arrived) * 1000
+        if p.parent is None:  # a Fanout keeps the figures of its parts itself
+            p.app.answered += 1
+            p.app.latency.add(ms)
+        return ms
+
+    def release_client(self, p: Pending) -> None:
+        """What ``p`` counted to its client: one outstanding query and its payload bytes."""
+        b = self.broker
         outstanding = b.outstanding
         left = outstanding.get(p.client)
         if left is not None:
@@ -68,11 +78,6 @@ class Answers:
                 held[p.client] = n
             else:
                 held.pop(p.client, None)
-        ms = (time.monotonic() - p.arrived) * 1000
-        if p.parent is None:  # a Fanout keeps the figures of its parts itself
-            p.app.answered += 1
-            p.app.latency.add(ms)
-        return ms
 
     def answer_output(
         self, p: Pending, replica: Replica, dtype: int, shape: tuple[int, ...], payload: Any

@@ -69,6 +69,9 @@ class BatchController:
     _quantiles: dict[int, tuple[float, float]] = field(default_factory=dict)  # size -> (q, value)
     _fastest: float | None = None  # fastest_ms, kept for REFIT_EVERY observations
     _fastest_age: int = 0
+    _observed: int = 0  # observations in all
+    _median_fit: tuple[float, float] | None = None  # (intercept, slope) through the medians
+    _median_at: tuple[int, int] = (-REFIT_EVERY, 0)  # (_observed, sizes seen) when fitted
 
     def observe(self, size: int, latency_ms: float, budget_ms: float) -> None:
         """A batch of ``size`` took ``latency_ms`` (compute + RPC) against ``budget_ms``."""
@@ -83,6 +86,7 @@ class BatchController:
             if self._fit is None:  # a second size makes a fit possible at once
                 self._fitted = False
         window.append(latency_ms)
+        self._observed += 1
         self._quantiles.pop(size, None)
         self._fastest_age += 1
         if self._fastest_age >= REFIT_EVERY:  # a latency that left its window may leave the floor
@@ -108,6 +112,60 @@ class BatchController:
             lows = [min(w) for w in self._samples.values() if w]
             self._fastest = min(lows) if lows else None
         return self._fastest
+
+    def typical_line(self) -> tuple[float, float] | None:
+        """(intercept ms, ms per item) of a line through the medians of the sizes seen
+        (refitted every REFIT_EVERY observations); flat (as long as the only size seen)
+        before there are two sizes. Robust to the odd stall (a cold start, a pause of the
+        machine) that the high quantile of ``fit`` carries for a whole window. None before
+        the first batch."""
+        if not self._samples:
+            return None
+        if self._observed - self._median_at[0] >= REFIT_EVERY or len(self._samples) != self._median_at[1]:
+            self._median_at = (self._observed, len(self._samples))
+            points = sorted((n, _quantile_of(w, 0.5), len(w)) for n, w in self._samples.items() if w)
+            if len(points) < 2:
+                latency = points[-1][1]
+                self._median_fit = (latency, 0.0)  # flat: as long as the largest seen
+            else:
+                sizes = np.array([n for n, _, _ in points], dtype=float)
+                lat = np.array([v for _, v, _ in points], dtype=float)
+                weights = np.sqrt(np.array([c for _, _, c in points], dtype=float))
+                slope, intercept = np.polyfit(sizes, lat, 1, w=weights)
+                slope = max(float(slope), 0.0)
+                intercept = max(float(intercept), float(lat.min()) - slope * float(sizes.min()))
+                self._median_fit = (intercept, slope)
+        return self._median_fit
+
+    def typical_ms(self, size: int) -> float | None:
+        """The median latency of a batch of ``size`` (``typical_line``): for throughput and
+        for choosing replicas, where the high quantile of ``predict_ms`` would be needlessly
+        pessimistic. None before the first batch."""
+        line = self.typical_line()
+        if line is None:
+            return None
+        return max(line[0] + line[1] * size, 1e-3)
+
+    def serving(self, budget_ms: float) -> tuple[int, float, float] | None:
+        """(batch size, its typical latency, its high-quantile latency; ms) for queries with
+        ``budget_ms`` left: the largest size the policy allows whose typical latency
+        (``typical_line``, extrapolated past the sizes seen: the batches of the moment may be
+        small only because little was queued) fits ``budget_ms`` with the policy's safety;
+        its typical latency (for throughput) and the latency model's (``predict_ms``: for
+        the batch a query ends in, as the dispatcher reckons it). None until the latency
+        model has seen two sizes and REFIT_EVERY batches: a figure from a first batch or two
+        (a cold start, a stall) would say little."""
+        if self._observed < REFIT_EVERY or len(self._samples) < 2:
+            return None
+        line = self.typical_line()
+        assert line is not None
+        a, b = line
+        p = self.policy
+        usable = budget_ms * p.safety
+        n = p.max_batch if b <= 0 or p.mode == "fixed" else int((usable - a) / b)
+        n = max(1, min(p.max_batch, n))
+        typical = max(a + b * n, 1e-3)
+        return n, typical, max(typical, self.predict_ms(n) or typical)
 
     def _quantile(self, size: int) -> float:
         """The policy's quantile of the recent latencies of ``size`` (cached until one is added)."""

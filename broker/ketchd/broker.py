@@ -15,10 +15,12 @@ the work is done by its collaborators, each the owner of one concept and called 
 the loop (no threads, no locks):
 
     admission.Admission    the frontend: client messages, checks, the single-model path
+    overload.Overload      admission by capacity: what cannot finish in time is refused at once
     ensembles.Ensembles    queries fanned out to several models, and feedback
     flights.Flights        the prediction cache and single-flight of identical queries
     dispatch.Dispatcher    batches from model queues to replicas
     containers.Containers  the backend: replicas' hellos, replies, heartbeats and deaths
+    peers.Connections      replicas' connections: one that closes ends its replica at once
     answers.Answers        every answer to a query, and deadlines passing
     replies.Replies        the one reply sender
     persistence.Persistence  the state store and the admin socket
@@ -56,6 +58,8 @@ from ketchd.faults import Faults
 from ketchd.flights import Flights
 from ketchd.limits import Limits
 from ketchd.memory import Trimmer
+from ketchd.overload import Overload
+from ketchd.peers import Connections
 from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
 from ketchd.replies import Replies
@@ -95,9 +99,11 @@ class Broker:
         self.answers = Answers(self)
         self.flights = Flights(self, self.cache)
         self.admission = Admission(self)
+        self.overload = Overload(self)
         self.ensembles = Ensembles(self)
         self.dispatcher = Dispatcher(self, self.prebuilds)
         self.containers = Containers(self)
+        self.connections = Connections(self)
         self.admin_ops = AdminOps(self)
         self.stopping = False  # draining: no new queries; ``run`` returns once all are answered
         self._stop_reason = ""
@@ -116,6 +122,7 @@ class Broker:
         self.sockets.start_curve()
         self.frontend = self.sockets.router(cfg.frontend, "frontend")
         self.backend = self.sockets.router(cfg.backend, "backend")
+        self.connections.start(self.backend)
         self.admin = self.sockets.router(cfg.admin, "admin")
         return self.endpoints
 
@@ -161,9 +168,13 @@ class Broker:
         if ready is not None:
             ready(self.endpoints)
         poller = zmq.Poller()
-        for sock in (self.backend, self.frontend, self.admin, durable):
+        monitor = self.connections.monitor
+        assert monitor is not None
+        # the monitor first: a replica's connection closing is handled before its messages
+        for sock in (monitor, self.backend, self.frontend, self.admin, durable):
             poller.register(sock, zmq.POLLIN)
         handlers: dict[zmq.Socket[Any], Handler] = {
+            monitor: self.connections.on_monitor,
             self.backend: self.containers.on_backend,
             self.frontend: self.admission.on_frontend,
             self.admin: self.persistence.on_admin,
@@ -199,6 +210,7 @@ class Broker:
     def close(self) -> None:
         self.trimmer.stop()
         self.persistence.close()
+        self.connections.close(getattr(self, "backend", None))
         for name in ("frontend", "backend", "admin"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:

@@ -81,6 +81,7 @@ class Containers:
         now = time.monotonic()
         if name == "Hello":
             assert fields is not None
+            b.connections.learn(identity, frames[1])
             self.on_hello(identity, fields, now)
             return
         replica = b.replicas.get(identity)

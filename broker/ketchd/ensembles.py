@@ -127,8 +127,9 @@ class Ensembles:
                 )
                 b.replies.reply(client, item, EMPTY)
                 continue
+            # models whose queue is full, or whose queue ahead would keep it past its deadline
             full = [
-                m for m in sel.send_to if len(b.models[m].queue) >= (b.models[m].max_queue or cfg.max_queue)
+                m for m in sel.send_to if b.overload.admissible(b.models[m], now, deadline, priority) <= 0
             ]
             if set(sel.answer_from) <= set(full):
                 app.errors += 1
@@ -137,7 +138,7 @@ class Ensembles:
                     rid,
                     Status.ERROR,
                     error=ErrorCode.OVERLOADED,
-                    message=f"queues of {', '.join(full)} are full",
+                    message=f"no room in time at model {', '.join(full)} (queue full or overloaded)",
                     retry_after_ms=cfg.retry_after_ms,
                 )
                 b.replies.reply(client, item, EMPTY)
@@ -153,7 +154,7 @@ class Ensembles:
             for m in sel.send_to:
                 model = b.models[m]
                 if m in full:
-                    f.failed[m] = f"queue of model {m!r} is full"
+                    f.failed[m] = f"model {m!r} has no room in time (queue full or overloaded)"
                     continue
                 sub = Pending(b"", rid, app, m, payload, shape, dtype, now, deadline, priority, parent=f)
                 caching = app.cache and model.deterministic and b.cache.max_bytes > 0 and model.active_version

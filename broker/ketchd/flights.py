@@ -28,10 +28,11 @@ class Flights:
         self.cache = cache
         self.flights: dict[Any, list[Pending]] = {}  # cache key -> leaders computing it
 
-    def from_cache_or_flight(self, p: Pending, model: Model) -> bool:
+    def from_cache_or_flight(self, p: Pending, model: Model, *, lead: bool = True) -> bool:
         """Answer ``p`` from the cache, or make it wait on an identical query in flight.
 
-        Returns False when ``p`` must be computed; it is then the leader of its flight.
+        Returns False when ``p`` must be computed; it is then the leader of its flight
+        (with ``lead`` false, when it will not be computed, it is left out of the flights).
         """
         b = self.broker
         data = p.payload.buffer if isinstance(p.payload, zmq.Frame) else p.payload
@@ -71,6 +72,10 @@ class Flights:
                 self.cache.figures.coalesced += 1
                 b.deadlines.add(p.deadline, p)
                 return True
+        if not lead:
+            if not leaders:
+                del self.flights[key]
+            return False
         p.cache_key, p.followers = key, []
         leaders.append(p)
         return False

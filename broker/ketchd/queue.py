@@ -1,8 +1,16 @@
-"""A model's queue: earliest deadline first, bounded, with lazy removal.
+"""A model's queue: strict priority classes, earliest deadline first within a class.
 
 Pure code (no sockets). Entries are any objects with ``deadline``, ``priority`` and a
 ``queued`` flag that the queue owns; an entry answered elsewhere (at its deadline) is
 taken out with ``discard`` in O(1) and skipped when it reaches the head.
+
+Order (docs/protocol.md, "Priority"): a query of a higher priority is always served
+before one of a lower priority; within one priority, the earliest deadline first; among
+equal deadlines, the first to arrive. There is no ageing: a query of a low class that
+higher classes keep behind is never held past its deadline (it is answered then, with
+the app's default or ``DEADLINE``), and admission refuses at once a query that the work
+already queued in its class and above would keep past its deadline
+(``ketchd.overload``), so a starved class hears so at once instead of waiting.
 """
 
 from __future__ import annotations
@@ -20,22 +28,32 @@ class Queued(Protocol):
 
 class ModelQueue:
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, int, Any]] = []
+        self._heap: list[tuple[int, float, int, Any]] = []
         self._live = 0
         self._seq = itertools.count()
+        self._classes: dict[int, int] = {}  # priority -> entries of that priority queued
 
     def __len__(self) -> int:
         return self._live
 
     def push(self, item: Queued) -> None:
         item.queued = True
-        heapq.heappush(self._heap, (item.deadline, -item.priority, next(self._seq), item))
+        priority = item.priority
+        heapq.heappush(self._heap, (-priority, item.deadline, next(self._seq), item))
         self._live += 1
+        classes = self._classes
+        classes[priority] = classes.get(priority, 0) + 1
 
     def discard(self, item: Queued) -> None:
         if item.queued:
             item.queued = False
             self._live -= 1
+            classes = self._classes
+            left = classes[item.priority] - 1
+            if left:
+                classes[item.priority] = left
+            else:
+                del classes[item.priority]
 
     def _skip_removed(self) -> None:
         heap = self._heap
@@ -51,12 +69,18 @@ class ModelQueue:
         if not self._heap:
             return None
         item = heapq.heappop(self._heap)[3]
-        item.queued = False
+        item.queued = False  # as discard does, inline: this is the hot path
         self._live -= 1
+        classes = self._classes
+        left = classes[item.priority] - 1
+        if left:
+            classes[item.priority] = left
+        else:
+            del classes[item.priority]
         return item
 
     def take(self, n: int) -> list[Any]:
-        """Up to ``n`` entries, earliest deadline first."""
+        """Up to ``n`` entries, in queue order."""
         out: list[Any] = []
         while len(out) < n:
             item = self.pop()
@@ -64,3 +88,24 @@ class ModelQueue:
                 break
             out.append(item)
         return out
+
+    def take_latest(self) -> Any | None:
+        """The queued entry with the latest deadline (the most time left), taken out of the
+        queue; O(n), for the rare probe of a replica (``Dispatcher.probe``)."""
+        best = None
+        for entry in self._heap:
+            item = entry[3]
+            if item.queued and (best is None or item.deadline > best.deadline):
+                best = item
+        if best is not None:
+            self.discard(best)
+        return best
+
+    def ahead(self, priority: int) -> int:
+        """Entries that are served before a new entry of ``priority`` whatever its deadline
+        may be: every queued entry of that priority or a higher one (an upper bound for one
+        of an early deadline, which EDF puts before some of its own class)."""
+        classes = self._classes
+        if len(classes) <= 1:
+            return self._live if priority in classes or any(c > priority for c in classes) else 0
+        return sum(n for c, n in classes.items() if c >= priority)

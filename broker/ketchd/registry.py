@@ -193,6 +193,7 @@ class Replica:
     inflight: dict[int, Batch] = field(default_factory=dict)
     controller: BatchController = field(default_factory=lambda: BatchController(BatchPolicy()))
     last_reply: float = 0.0
+    last_batch: float = 0.0  # when it was last sent a batch (monotonic seconds)
     batches: int = 0
     items: int = 0
     errors: int = 0
@@ -218,6 +219,11 @@ class Replica:
         if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"replica {self.replica_id}: {self.state.value} -> {new.value}")
         self.state = new
+
+    @property
+    def takes_work(self) -> bool:
+        """Ready or busy: it is sent batches when it has credit (not connecting, draining, dead)."""
+        return self.state is ReplicaState.READY or self.state is ReplicaState.BUSY
 
     @property
     def free_credit(self) -> int:

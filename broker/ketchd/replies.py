@@ -2,8 +2,9 @@
 
 Answers gather during a turn of the loop, per client, and leave at its end (or as soon as
 the backend is drained): plain predictions of one family (``Answers.answer_plain`` writes
-them straight into ``plain_out`` as an id and a latency each) are rendered from Reply
-templates, anything else is built; at most ``MAX_ITEMS`` answers to a Reply
+them straight into ``plain_out`` as an id and a latency each) and refusals of one code and
+message (``refuse``: an id and a retry-after each) are rendered from Reply templates,
+anything else is built; at most ``MAX_ITEMS`` answers to a Reply
 (``ketch.protocol.ReplySender``).
 """
 
@@ -26,16 +27,35 @@ class Replies:
         self.out: defaultdict[bytes, list[tuple[proto.ReplyFields, Any]]] = defaultdict(list)
         # plain predictions by (client, family): ([id, latency_us, ...], payloads)
         self.plain_out: dict[tuple[bytes, proto.PlainFamily], tuple[list[int], list[Any]]] = {}
+        # refusals by (client, (code, message)): [id, retry_after_ms, ...]
+        self.refused_out: dict[tuple[bytes, tuple[int, str]], list[int]] = {}
 
     def reply(self, client: bytes, item: proto.ReplyFields, payload: Any) -> None:
         """Queue one answer for ``client``."""
         self.out[client].append((item, payload))
 
+    def refuse(self, client: bytes, code: int, message: str, request_id: int, retry_after_ms: int) -> None:
+        """Queue a refusal (an ERROR answer with a retry-after; neither id nor retry 0) for
+        ``client``: refusals of one code and message are rendered from a template."""
+        key = (client, (code, message))
+        values = self.refused_out.get(key)
+        if values is None:
+            self.refused_out[key] = [request_id, retry_after_ms]
+        else:
+            values += (request_id, retry_after_ms)
+
     def flush(self) -> None:
-        """Send what was gathered: plain predictions by template, the rest as it comes. A
-        reply that cannot be sent (a bug) is counted and logged, and its answers go as
-        INTERNAL errors instead: no answer is lost, none sent twice."""
+        """Send what was gathered: plain predictions and refusals by template, the rest as
+        it comes. A reply that cannot be sent (a bug) is counted and logged, and its answers
+        go as INTERNAL errors instead: no answer is lost, none sent twice."""
         sock = self.broker.frontend
+        if self.refused_out:
+            refused, self.refused_out = self.refused_out, {}
+            for (client, reason), values in refused.items():
+                try:
+                    self.sender.send_refused(sock, client, reason, values)
+                except Exception as exc:
+                    self._failed(client, values[0::2], exc)
         if self.plain_out:
             plain, self.plain_out = self.plain_out, {}
             for (client, family), (values, payloads) in plain.items():

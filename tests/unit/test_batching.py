@@ -110,3 +110,30 @@ def test_one_queued_query_is_sent_at_once_without_a_delay():
     assert decide(ctl, 1, earliest_left_ms=50.0, oldest_waited_ms=0.0).send == 1
     delayed = BatchController(BatchPolicy(mode="fixed", max_batch=8, batch_delay_ms=2.0))
     assert decide(delayed, 1, earliest_left_ms=50.0, oldest_waited_ms=0.0).send == 0
+
+
+def test_typical_latency_is_the_median_line_and_shrugs_off_stalls():
+    ctl = BatchController(BatchPolicy(mode="model", max_batch=64))
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        for n in (1, 8, 16, 32):
+            stall = 50.0 if rng.random() < 0.1 else 0.0  # one batch in ten stalls
+            ctl.observe(n, 2.0 + 0.5 * n + stall, 1000.0)
+    assert ctl.typical_ms(32) == pytest.approx(18.0, abs=1.0)
+    assert ctl.typical_ms(64) == pytest.approx(34.0, abs=2.0)  # extrapolated along the line
+    assert ctl.predict_ms(32) > 30  # the high quantile carries the stalls
+
+
+def test_serving_says_nothing_before_two_sizes_and_a_few_batches():
+    ctl = BatchController(BatchPolicy(mode="model", max_batch=64))
+    assert ctl.serving(100.0) is None and ctl.typical_line() is None
+    for _ in range(10):
+        ctl.observe(4, 10.0, 100.0)
+    assert ctl.serving(100.0) is None  # one size only
+    assert ctl.typical_line() == pytest.approx((10.0, 0.0))  # flat: as long as the one size seen
+    for _ in range(8):
+        ctl.observe(8, 12.0, 100.0)
+    # the line through (4, 10 ms) and (8, 12 ms), extrapolated: 64 (the policy's largest) fits 90 ms
+    n, typical, high = ctl.serving(100.0)
+    assert (n, typical) == (64, pytest.approx(8.0 + 0.5 * 64)) and high >= typical
+    assert 36 <= ctl.serving(30.0)[0] <= 38  # 27 ms usable: (27 - 8) / 0.5

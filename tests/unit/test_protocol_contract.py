@@ -76,6 +76,14 @@ def test_every_template_renders_the_builders_bytes_at_every_size(n):
     assert proto.predict_reply_many_template(F64, (3,), n).render(5, 1234) == proto.build_predict_reply(
         5, 1234, [(ok, F64, (3,), 0, "")] * n
     )
+    retries = [1 + (i * 53) % 60_000 for i in range(n)]
+    refused = [v for pair in zip(ids, retries, strict=True) for v in pair]
+    assert proto.reply_refused_many_template(7, "full", n).render(*refused) == proto.build_reply(
+        [
+            proto.ReplyFields(r, Status.ERROR, error=7, message="full", retry_after_ms=t)
+            for r, t in zip(ids, retries, strict=True)
+        ]
+    )
 
 
 def test_the_direct_builders_write_what_encode_writes():

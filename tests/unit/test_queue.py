@@ -27,6 +27,32 @@ def test_priority_breaks_deadline_ties():
     assert q.take(2) == [high, low]
 
 
+def test_a_higher_priority_is_served_first_whatever_the_deadlines():
+    q = ModelQueue()
+    items = [Item(1.0, -100), Item(2.0, 0), Item(9.0, 100), Item(3.0, 0), Item(0.5, -100), Item(8.0, 100)]
+    for it in items:
+        q.push(it)
+    # strict classes, earliest deadline first within each
+    assert [(it.priority, it.deadline) for it in q.take(10)] == [
+        (100, 8.0), (100, 9.0), (0, 2.0), (0, 3.0), (-100, 0.5), (-100, 1.0)
+    ]  # fmt: skip
+
+
+def test_ahead_counts_the_class_and_the_higher_ones():
+    q = ModelQueue()
+    assert q.ahead(0) == 0
+    for p in (0, 0, 5, -3):
+        q.push(Item(1.0, p))
+    assert (q.ahead(5), q.ahead(0), q.ahead(-3), q.ahead(-10), q.ahead(9)) == (1, 3, 4, 4, 0)
+    one = ModelQueue()
+    a, b = Item(1.0, 2), Item(2.0, 2)
+    one.push(a)
+    one.push(b)
+    assert (one.ahead(2), one.ahead(0), one.ahead(3)) == (2, 2, 0)
+    one.discard(a)
+    assert one.ahead(2) == 1 and one.pop() is b and one.ahead(0) == 0
+
+
 def test_discard_removes_in_place_and_keeps_count():
     q = ModelQueue()
     a, b, c = Item(1.0), Item(2.0), Item(3.0)

@@ -9,11 +9,11 @@ from typing import Any
 
 import zmq
 
-from ketch import errors
+from ketch import addresses, errors
 from ketch.curve import PeerKeys
 from ketch.protocol.multipart import CONNECT_TIMEOUT_MS
 
-DEFAULT_ADMIN = "tcp://127.0.0.1:7002"
+DEFAULT_ADMIN = addresses.ADMIN
 
 
 class Admin:

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ketch import errors
-from ketch.admin import Admin
+if TYPE_CHECKING:
+    from ketch.admin import Admin
 
 _KNOWN = {"name", "input_type", "input_shape", "slo_ms", "default", "cache", "finite_only", "models",
           "policy", "policy_options"}  # fmt: skip
@@ -53,6 +53,8 @@ def load_spec(path: str) -> list[dict[str, Any]]:
 
 def apply_app(admin: Admin, spec: dict[str, Any]) -> list[str]:
     """Bring one app to ``spec``; returns what was done, one phrase per change."""
+    from ketch import errors
+
     name = spec["name"]
     models = list(spec.get("models", []))
     try:
@@ -122,6 +124,9 @@ def apply_app(admin: Admin, spec: dict[str, Any]) -> list[str]:
 @click.pass_context
 def command(ctx: click.Context, file: str, wait: float) -> None:
     """Create or update the apps FILE declares (JSON: {"apps": [...]}; see docs/deploy.md)."""
+    from ketch import errors  # imported when used: `import ketch.cli` stays light
+    from ketch.admin import Admin
+
     apps = load_spec(file)
     deadline = time.monotonic() + wait
     address = ctx.find_root().obj["admin"]

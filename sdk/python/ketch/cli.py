@@ -2,7 +2,10 @@
 
 Addresses come from options or ``KETCH_FRONTEND``, ``KETCH_BACKEND``, ``KETCH_ADMIN``.
 Exit codes: 0 success, 1 the broker refused (the message says why), 2 usage error,
-3 the broker cannot be reached.
+3 the broker cannot be reached, 4 a model target does not load.
+
+Each command imports what it uses when it runs: ``ketch model serve`` (a supervisor that
+lives as long as its replicas) holds neither a client, numpy nor the model's framework.
 """
 
 from __future__ import annotations
@@ -19,18 +22,19 @@ import time
 from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ketch import errors, logs
-from ketch.admin import DEFAULT_ADMIN, Admin
+from ketch import addresses, logs
 from ketch.apply import command as app_apply_command
 from ketch.build import command as model_build_command
-from ketch.client import DEFAULT_FRONTEND, Client
-from ketch.runtime import DEFAULT_BACKEND
 
-EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 3
+if TYPE_CHECKING:
+    from ketch.admin import Admin
+
+EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_TARGET = 1, 3, 4
+DEFAULT_ADMIN, DEFAULT_FRONTEND, DEFAULT_BACKEND = addresses.ADMIN, addresses.FRONTEND, addresses.BACKEND
 
 
 def _fail(message: str, code: int) -> None:
@@ -45,19 +49,24 @@ def handles_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
-        except errors.Unavailable as exc:
-            _fail(f"{exc}\n  is the broker running? start one with: ketch broker start", EXIT_UNAVAILABLE)
-        except errors.Timeout as exc:
-            _fail(str(exc), EXIT_UNAVAILABLE)
-        except errors.RequestError as exc:
-            _fail(f"{exc.code_name}: {exc.message}", EXIT_REFUSED)
         except (ValueError, TypeError) as exc:
             raise click.UsageError(str(exc)) from None
+        except Exception as exc:
+            errors = sys.modules.get("ketch.errors")  # a Ketch error means it was imported
+            if errors is None or not isinstance(exc, errors.KetchError):
+                raise
+            if isinstance(exc, errors.Unavailable):
+                _fail(f"{exc}\n  is the broker running? start one with: ketch broker start", EXIT_UNAVAILABLE)
+            if isinstance(exc, errors.RequestError):
+                _fail(f"{exc.code_name}: {exc.message}", EXIT_REFUSED)
+            _fail(str(exc), EXIT_UNAVAILABLE)  # errors.Timeout
 
     return wrapper
 
 
 def _admin(ctx: click.Context) -> Admin:
+    from ketch.admin import Admin
+
     return Admin(ctx.obj["admin"])
 
 
@@ -534,8 +543,12 @@ def model_run(
     from ketch.runtime import serve
 
     logs.configure()
+    try:
+        predict = load_target(target)
+    except Exception as exc:  # the user's module: any error; exit 4 tells a supervisor not to retry
+        _fail(f"model target {target!r} does not load: {type(exc).__name__}: {exc}", EXIT_TARGET)
     serve(
-        load_target(target),
+        predict,
         name=name,
         version=model_version,
         input_type=input_type,
@@ -571,11 +584,9 @@ def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
     --batching, --batch-delay-ms, --max-queue and --max-batch set the model's queue policy
     in the broker (through its admin socket) before the replicas start.
     """
-    from ketch._targets import load_target
-    from ketch.supervisor import Supervisor, replica_argv
+    from ketch.supervisor import exec_supervisor, replica_argv
 
     logs.configure()
-    load_target(kw["target"])  # fail here, once, rather than in every replica
     if batching is not None or batch_delay_ms is not None or max_queue is not None or kw["max_batch"]:
         with _admin(ctx) as admin:
             admin.configure_model(
@@ -586,7 +597,10 @@ def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
                 max_batch=kw["max_batch"] or None,
                 create=True,
             )
-    sys.exit(Supervisor(replica_argv(kw["target"], _replica_cli_options(kw)), replicas).run())
+    # the target is loaded by the replicas only (a replica that cannot load it exits with
+    # EXIT_TARGET, and the supervisor stops there), and this process becomes the
+    # supervisor, without the CLI: it stays small for as long as the replicas run
+    exec_supervisor(replica_argv(kw["target"], _replica_cli_options(kw)), replicas, fatal_exit=EXIT_TARGET)
 
 
 @model.command("drain")
@@ -701,6 +715,8 @@ def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
             dtype = admin.show_app(app_name)["input_type"]
     if dtype == "bytes" and isinstance(value, str):
         value = value.encode("utf-8")
+    from ketch.client import Client
+
     with Client(ctx.obj["frontend"]) as client:
         pred = client.predict(app_name, value, timeout_ms, dtype=dtype, context=context)
     output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
@@ -751,6 +767,8 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 
         x = value if dtype in ("string", "bytes", "json") else np.asarray(value, dtype=proto.NUMPY_DTYPES[
             proto.dtype_code(dtype)])  # fmt: skip
+    from ketch.client import Client
+
     with Client(ctx.obj["frontend"]) as client:
         client.feedback(app_name, _json_value(label, "--label"), query_id=query_id, x=x)
     click.echo("feedback taken")

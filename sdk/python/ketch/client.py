@@ -24,14 +24,14 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from ketch import errors
+from ketch import addresses, errors
 from ketch import protocol as proto
 from ketch.curve import PeerKeys
 from ketch.protocol import Status, multipart
 
 log = structlog.get_logger("ketch.client")
 
-DEFAULT_FRONTEND = "tcp://127.0.0.1:7001"
+DEFAULT_FRONTEND = addresses.FRONTEND
 _GRACE_S = 0.5  # wait past the query's own timeout before calling the broker silent
 _WAIT_NO_TIMEOUT_S = 10.0  # when the app's SLO applies, wait this long for the broker
 

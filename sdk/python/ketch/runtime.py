@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 import zmq
 
-from ketch import __version__, errors
+from ketch import __version__, addresses, errors
 from ketch import protocol as proto
 from ketch._status import CONNECTING, DRAINING, READY, StatusFile
 from ketch.curve import PeerKeys
@@ -38,7 +38,7 @@ from ketch.protocol import ErrorCode, Status, limits, multipart
 
 log = structlog.get_logger("ketch.runtime")
 
-DEFAULT_BACKEND = "tcp://127.0.0.1:7000"
+DEFAULT_BACKEND = addresses.BACKEND
 _DRAIN_QUIET_S = 0.05  # a draining replica says goodbye after this long without a batch
 PredictFn = Callable[[list[Any]], list[Any]]
 encode_output = proto.encode_output  # (wire dtype, shape, payload) for one model output

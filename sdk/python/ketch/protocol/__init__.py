@@ -124,6 +124,7 @@ from ketch.protocol.reply import (
     read_reply,
     read_reply_items,
     reply_ok_many_template,
+    reply_refused_many_template,
 )
 from ketch.protocol.schema import Body, DType, ErrorCode, Status
 from ketch.protocol.templates import LearntTemplates, Prebuilds, Template
@@ -232,6 +233,7 @@ __all__ = [
     "read_reply",
     "read_reply_items",
     "reply_ok_many_template",
+    "reply_refused_many_template",
     "schema",
     "stamp",
     "to_dict",

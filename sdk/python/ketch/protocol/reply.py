@@ -4,7 +4,9 @@ A reply item is *plain* when it is a model's prediction and nothing else: status
 request id and a latency, an output type, the model and version, answered by that model
 alone, every other field at its default. Plain items of one family (model, version, dtype,
 shape) are the common reply; ``ReplySender`` renders them from ``reply_ok_many_template``
-(slots: id and latency of each item) and builds any other reply. ``PlainReplies`` is the
+(slots: id and latency of each item), refusals of one code and message from
+``reply_refused_many_template`` (slots: id and retry-after of each), and builds any other
+reply. ``PlainReplies`` is the
 client's end: a reply read the long way (``read_reply``) that is all plain is learnt as a
 template of itself (``plain_reply_template``), and later ones that match are read from
 their slots.
@@ -48,6 +50,7 @@ from ketch.protocol.templates import SENTINEL, LearntTemplates, Prebuilds, Templ
 _F = schema.ReplyItem
 _TF = schema.Tensor
 _OK = schema.Status.OK
+_ERROR = schema.Status.ERROR
 PlainFamily = tuple[str, str, int, tuple[int, ...]]  # model, model version, output dtype and shape
 _PREBUILT = range(1, MAX_ITEMS + 1)  # the sizes of a family built ahead of need
 
@@ -198,6 +201,19 @@ def reply_ok_many_template(
     return Template(data, tuple(positions))
 
 
+@lru_cache(maxsize=1024)
+def reply_refused_many_template(code: int, message: str, n: int) -> Template:
+    """A Reply of ``n`` ERROR items of one code and message, each with its retry-after (the
+    broker's refusals under load); render(id_0, retry_0, id_1, retry_1, ...)."""
+    item = ReplyFields(SENTINEL, _ERROR, error=code, message=message, retry_after_ms=SENTINEL)
+    data = build_reply([item] * n)
+    buf, pos = where(decode(data)[2])
+    positions: list[tuple[int, str]] = []
+    for at in read_tables(buf, pos, slot(slots(buf, pos), schema.Reply.ITEMS)):
+        positions += [(field_at(buf, at, _F.REQUEST_ID), "<Q"), (field_at(buf, at, _F.RETRY_AFTER_MS), "<I")]
+    return Template(data, tuple(positions))
+
+
 def plain_answers(answers: Sequence[tuple[ReplyFields, Any]]) -> tuple[PlainFamily, list[int]] | None:
     """The family and the (request id, latency) of each answer, in order, when every one of
     ``answers`` ((item, payload) pairs) is plain and of one family: a reply template renders
@@ -261,6 +277,18 @@ class ReplySender:
             header = reply_ok_many_template(*family, end - at).render(*values[2 * at : 2 * end])
             send(sock, [client, header, *payloads[at:end]])
         self.prebuilds.want(reply_ok_many_template, family, _PREBUILT)
+
+    def send_refused(
+        self, sock: zmq.Socket[Any], client: bytes, family: tuple[int, str], values: list[int]
+    ) -> None:
+        """Send refusals of one code and message: ``values`` holds (id, retry-after) per
+        refusal (neither 0); each has its empty payload frame."""
+        n = len(values) // 2
+        for at in range(0, n, MAX_ITEMS):
+            end = min(n, at + MAX_ITEMS)
+            header = reply_refused_many_template(*family, end - at).render(*values[2 * at : 2 * end])
+            send(sock, [client, header, *[b""] * (end - at)])
+        self.prebuilds.want(reply_refused_many_template, family, _PREBUILT)
 
     def send_built(
         self, sock: zmq.Socket[Any], client: bytes, answers: Sequence[tuple[ReplyFields, Any]]
