@@ -920,6 +920,34 @@ def _stats_tables(figures: dict[str, Any]) -> None:
 @click.option(
     "--max-body-mb", default=64, show_default=True, type=click.IntRange(1), help="Largest request body."
 )
+@click.option(
+    "--max-json-mb",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest JSON text in a request (larger tensors go as binary data).",
+)
+@click.option(
+    "--max-connections",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(16),
+    help="Connections per worker; past it the slowest-arriving request's connection is closed.",
+)
+@click.option(
+    "--header-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a client has to send a whole request head.",
+)
+@click.option(
+    "--body-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a client has to send a body, plus 1 s per 64 KiB it sends.",
+)
 @click.option("--ready-file", default=None, help="Write the bound URL here as JSON once listening.")
 @click.option(
     "--log-level",
@@ -938,6 +966,10 @@ def gateway(
     token_file,
     metadata_ttl,
     max_body_mb,
+    max_json_mb,
+    max_connections,
+    header_timeout_s,
+    body_timeout_s,
     ready_file,
     log_level,
 ) -> None:
@@ -957,6 +989,10 @@ def gateway(
         tokens=load_tokens(token_file),
         metadata_ttl_s=metadata_ttl,
         max_body_bytes=max_body_mb * 1024 * 1024,
+        max_json_bytes=min(max_json_mb, max_body_mb) * 1024 * 1024,
+        max_connections=max_connections,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
     )
     logs.configure()
     try:
