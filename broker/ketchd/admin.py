@@ -197,6 +197,7 @@ class AdminOps:
 
     def op_status(self) -> dict[str, Any]:
         b = self.broker
+        store = b.persistence.store
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - b.started, 3),
@@ -207,6 +208,8 @@ class AdminOps:
             "replicas": len(b.replicas),
             "pending": b.pending_count(),
             "stopping": b.stopping,
+            "state_unsaved": store.unsaved if store is not None else 0,
+            "state_error": store.last_error if store is not None else "",
         }
 
     def op_broker_stop(self) -> dict[str, Any]:
@@ -266,6 +269,8 @@ class AdminOps:
             self._link(app, model)
         self.broker.apps[name] = app
         self.broker.persistence.persist_app(app)
+        app.policy_dirty = True  # its fresh policy replaces any state an app of this name left
+        self.broker.persistence.save_policies()
         return self._app_doc(app)
 
     def op_app_configure(
@@ -288,7 +293,7 @@ class AdminOps:
     def op_app_delete(self, name: str) -> dict[str, Any]:
         self._app(name)
         del self.broker.apps[name]
-        self.broker.persistence.forget_app(name)
+        self.broker.persistence.forget_app(name)  # and what it learned
         return {"deleted": name}
 
     def _link(self, app: App, model_name: str) -> None:
