@@ -348,7 +348,9 @@ def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gat
                 for path, body, headers in requests[worker::3]:
                     r = http.post(path, content=body, headers={"content-type": "application/json", **headers})
                     seen[r.status_code] += 1
-                    if r.status_code >= 500 and r.json().get("code") != "OVERLOADED":
+                    # 503 is "come back later" (a full budget, or a broker too busy to answer
+                    # in time on a loaded machine); any other 5xx is a bug
+                    if r.status_code >= 500 and r.json().get("code") not in ("OVERLOADED", "UNAVAILABLE"):
                         problems.append((path, body[:80], r.status_code, r.text[:200]))
                     peak = max(peak, rss(pid))
 
@@ -367,8 +369,7 @@ def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gat
         f"{sum(legit.failures.values())} failed; gateway RSS before {before >> 20} MiB, "
         f"peak {peak >> 20} MiB, after {after >> 20} MiB"
     )
-    assert not problems, problems
-    assert not legit.failures, legit.failures
+    assert not problems and not legit.failures, (problems, legit.failures)
     assert set(seen) <= {200, 400, 413, 503}, seen
     assert peak - before < 1200 << 20, (before >> 20, peak >> 20)
     assert after - before < 300 << 20, (before >> 20, after >> 20)

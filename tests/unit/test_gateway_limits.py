@@ -252,3 +252,30 @@ def test_the_body_budget_refuses_large_bodies_past_it_but_never_small_ones():
         budget.give_back(h)
     assert budget.held == 0 and all(h.held_bytes == 0 for h in (*big, small))
     budget.take(big[2], 20 * limits().SMALL_BODY)
+
+
+def test_recent_app_metadata_stands_in_when_the_admin_socket_is_slow():
+    import asyncio
+
+    import ketch
+    from ketch.gateway.backend import BrokerLink
+
+    async def main() -> None:
+        link = BrokerLink("tcp://127.0.0.1:1", "tcp://127.0.0.1:1", ttl_s=0.0)
+        answers = [{"name": "a", "input_type": "float64", "input_shape": [2], "slo_ms": 50, "models": ["m"]}]
+
+        async def call(op: str, **args):
+            if answers:
+                return answers.pop()
+            raise ketch.Unavailable("no answer from the broker's admin socket")
+
+        link.admin.call = call
+        try:
+            first = await link.app("a")
+            assert await link.app("a") == first  # the admin socket did not answer: the last good one
+            with pytest.raises(ketch.Unavailable):
+                await link.app("never-seen")
+        finally:
+            await link.close()
+
+    asyncio.run(main())
