@@ -76,7 +76,7 @@ def test_broker_killed_and_restarted_under_load(broker_process, start_model):
                 if stop.is_set():
                     return
                 try:
-                    p = client.predict("sum", [1.0, 2.0, float(i)], timeout_ms=300)
+                    p = client.predict("sum", [1.0, 2.0, float(i)], timeout_ms=3000)
                     outcomes["default" if p.default else "ok"] += 1
                 except ketch.KetchError:
                     outcomes["failed"] += 1
@@ -136,8 +136,8 @@ def test_flood_gets_overloaded_with_bounded_memory(tmp_path, capsys):
                 sampling.set()
                 sampler.join()
                 after = proc.memory_info().rss
-                with ketch.Client(broker.frontend) as client:
-                    normal = [client.predict("f", x + i) for i in range(50)]
+                with ketch.Client(broker.frontend) as client:  # a deadline a busy machine meets
+                    normal = [client.predict("f", x + i, timeout_ms=10_000) for i in range(50)]
                 stats = admin.stats()
             finally:
                 model.stop()
