@@ -335,7 +335,7 @@ def hostile_bodies(rng: random.Random):
         yield "/doc/predict", json.dumps({"input": blob}).encode(), {}
 
 
-def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gateway):
+def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gateway, capsys):
     pid = gateway.pid
     before = rss(pid)
     peak = before
@@ -368,11 +368,12 @@ def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gat
             t.join()
         wait_for(lambda: legit.ok >= 20, 30, "more legit answers after the burst")
     after = rss(pid)
-    print(
-        f"\nextreme bodies: {sum(seen.values())} requests, codes {dict(seen)}; legit {legit.ok} ok, "
-        f"{sum(legit.failures.values())} failed, slowest {legit.slowest_s:.2f} s; "
-        f"gateway RSS before {before >> 20} MiB, peak {peak >> 20} MiB, after {after >> 20} MiB"
-    )
+    with capsys.disabled():
+        print(
+            f"\nextreme bodies: {sum(seen.values())} requests, codes {dict(seen)}; legit {legit.ok} ok, "
+            f"{sum(legit.failures.values())} failed, slowest {legit.slowest_s:.2f} s; "
+            f"gateway RSS before {before >> 20} MiB, peak {peak >> 20} MiB, after {after >> 20} MiB"
+        )
     assert not problems and not legit.failures, (problems, legit.failures)
     assert set(seen) <= {200, 400, 413, 503}, seen
     assert peak - before < 1200 << 20, (before >> 20, peak >> 20)
@@ -434,7 +435,7 @@ class SlowFlood:
 
 
 @pytest.mark.parametrize("max_connections", [None, 64])
-def test_a_slow_client_flood_does_not_fail_legit_requests(broker, apps, max_connections):
+def test_a_slow_client_flood_does_not_fail_legit_requests(broker, apps, max_connections, capsys):
     """1,100 slow connections; the gateway starts with the common soft limit of 1024 files."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1400:
@@ -468,13 +469,14 @@ def test_a_slow_client_flood_does_not_fail_legit_requests(broker, apps, max_conn
             with contextlib.suppress(TimeoutError):  # reported by the assertion below, with figures
                 wait_for(all_closed, 60, "the gateway to close every slow connection", interval_s=0.2)
             during = legit.ok - during
-        print(
-            f"\nslow flood (max_connections {max_connections or 'default'}): legit {legit.ok} ok "
-            f"({during} while the flood was open, slowest {legit.slowest_s:.2f} s), failures "
-            f"{dict(legit.failures)}; slow connections "
-            f"closed by the gateway {flood.closed} of {flood.n}; "
-            f"gateway RSS {before >> 20} -> {peak >> 20} MiB"
-        )
+        with capsys.disabled():
+            print(
+                f"\nslow flood (max_connections {max_connections or 'default'}): legit {legit.ok} ok "
+                f"({during} while the flood was open, slowest {legit.slowest_s:.2f} s), failures "
+                f"{dict(legit.failures)}; slow connections "
+                f"closed by the gateway {flood.closed} of {flood.n}; "
+                f"gateway RSS {before >> 20} -> {peak >> 20} MiB"
+            )
         assert flood.closed == flood.n, (flood.closed, flood.n)
         assert during >= 3 and not legit.failures, (during, legit.failures)
         assert peak - before < 200 << 20
