@@ -115,11 +115,13 @@ def test_expired_queries_are_never_sent_to_a_model(env):
             )
         )
         t.start()
-        frames = recv(raw)  # the replica takes its first batch and holds it past every deadline
-        _, name, body = proto.decode(frames[0])
+        while True:  # the replica takes its first batch and holds it past every deadline
+            _, name, body = proto.decode(recv(raw)[0])
+            if name != "Heartbeat":  # on a busy machine the broker's heartbeat may come first
+                break
         assert name == "PredictRequest"
         held = body.BudgetsUsLength()
-        t.join(5)
+        t.join(30)
         assert sum(p.default for p in results["p"]) == 6  # every query got the default in time
         answer = proto.build_predict_reply(body.BatchId(), 10, [(0, proto.FLOAT64, (), 0, "")] * held)
         raw.send_multipart([answer, *([np.float64(0).tobytes()] * held)])
