@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
+from typing import Any
 
 import ketch
 import pytest
-from ketch.local import wait_for
+from ketch.local import LocalBroker, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,3 +108,89 @@ def test_an_app_created_over_stale_learned_state_starts_afresh(make_thread_broke
     third = make_thread_broker(state_path=path)
     with ketch.Admin(third.admin) as admin:
         assert admin.show_app("app")["selection"]["policy"] == "single"
+
+
+def persisted(admin: ketch.Admin) -> dict[str, Any]:
+    """Everything a broker keeps across restarts, as its admin socket shows it."""
+    apps = {}
+    for doc in admin.list_apps():
+        kept = {k: v for k, v in doc.items() if k not in ("figures", "selection")}
+        kept["selection"] = doc["selection"]["policy"]
+        apps[doc["name"]] = kept
+    keys = ("active_version", "history", "versions", "max_batch", "max_queue", "batching", "batch_delay_ms")
+    models = {m["name"]: {k: m[k] for k in keys} for m in admin.list_models()}
+    return {"apps": apps, "models": models}
+
+
+def versions(admin: ketch.Admin, model: str) -> list[str]:
+    return next((m["versions"] for m in admin.list_models() if m["name"] == model), [])
+
+
+CHANGES: list[tuple[str, Callable[[ketch.Admin], Any]]] = [
+    ("app.create", lambda a: a.create_app("app", input_type="float64", input_shape=[2], slo_ms=40)),
+    (
+        "app.create with models and a default",
+        lambda a: a.create_app(
+            "two", input_type="int32", input_shape=[-1], default=[7], models=["a", "b"], cache=False
+        ),
+    ),
+    ("app.configure", lambda a: a.configure_app("app", slo_ms=125, cache=False)),
+    ("app.link", lambda a: a.link("app", "vm")),
+    ("app.set_policy", lambda a: a.set_policy("two", "exp3", gamma=0.2, seed=4)),
+    ("app.unlink", lambda a: a.unlink("two", "b")),
+    ("model.configure", lambda a: a.configure_model("a", max_batch=17, batching="fixed")),
+    ("model.configure create", lambda a: a.configure_model("new", max_queue=99, create=True)),
+    ("model.set_version", lambda a: a.set_version("vm", "2")),
+    ("model.rollback", lambda a: a.rollback("vm")),
+    ("app.delete", lambda a: a.delete_app("app")),
+]
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["alone", "while-a-reader-holds-the-file"])
+def test_kill_9_right_after_an_acknowledged_admin_change_loses_nothing(
+    tmp_path, thread_broker, replica_threads, reader
+):
+    """Each admin op is acknowledged, then the broker process gets SIGKILL at once (no
+    shutdown, no flush); after a restart on the same file it holds all that was
+    acknowledged: the same as a broker that was never killed (``thread_broker``, in memory)
+    after the same changes. Also while another process holds a read transaction open on
+    the file throughout (a backup): on main that cost acknowledged changes."""
+    path = str(tmp_path / "state.db")
+    broker = LocalBroker(state_path=path)
+    broker.start()
+    held = sqlite3.connect(path) if reader else None
+    try:
+        if held is not None:
+            held.execute("BEGIN")
+            held.execute("SELECT count(*) FROM apps").fetchone()  # a read transaction, open
+        for target in (broker, thread_broker):  # two versions of a model, known to each broker
+            with ketch.Admin(target.admin) as admin:
+                for version in ("1", "2"):
+                    r = replica_threads(
+                        lambda xs: [0.0 for _ in xs],
+                        backend=target.backend,
+                        name="vm",
+                        version=version,
+                        replica_id=f"vm-{version}",
+                    )
+                    wait_for(lambda v=version: v in versions(admin, "vm"), 30, f"version {version}")
+                    r.stop()
+        with ketch.Admin(thread_broker.admin) as reference:
+            for what, change in CHANGES:
+                with broker.admin_client(timeout_ms=20_000) as admin:
+                    change(admin)  # acknowledged ...
+                    broker.kill()  # ... and SIGKILL at once
+                change(reference)
+                broker.restart()
+                with broker.admin_client(timeout_ms=20_000) as admin:
+                    assert persisted(admin) == persisted(reference), f"lost after {what}"
+            final = persisted(reference)
+        assert set(final["apps"]) == {"two"} and final["apps"]["two"]["models"] == ["a"]
+        assert final["apps"]["two"]["policy"] == "exp3" and final["apps"]["two"]["default"] == [7]
+        assert final["models"]["a"]["max_batch"] == 17 and final["models"]["new"]["max_queue"] == 99
+        assert final["models"]["vm"]["active_version"] == "1"
+    finally:
+        if held is not None:
+            held.close()
+        broker.stop()
+        broker._tmp.cleanup()
