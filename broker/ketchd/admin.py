@@ -398,11 +398,13 @@ class AdminOps:
         create: bool = False,
     ) -> dict[str, Any]:
         """Queue policy of a model: max batch, max queue, batching mode, batch delay."""
-        if create and name not in self.broker.models:
+        model = self.broker.models.get(name)
+        if model is None and not create:
+            self._model(name)  # NotFound
+        if model is None:
             _check_name("model", name)
-            self.broker.models[name] = Model(name)
-        model = self._model(name)
-        # every value is checked before any is set: a refused call changes nothing
+        # every value is checked before any is set (or the model made): a refused call
+        # changes nothing
         if max_batch is not None and not 0 <= max_batch <= MAX_BATCH:
             raise errors.Invalid(f"max_batch must be 0 (broker default) to {MAX_BATCH}")
         if max_queue is not None and not 0 <= max_queue <= MAX_QUEUE:
@@ -411,6 +413,8 @@ class AdminOps:
             raise errors.Invalid(f"batching {_short(batching)}: one of {', '.join(MODES)}")
         if batch_delay_ms is not None and not 0 <= batch_delay_ms <= 10_000:
             raise errors.Invalid("batch_delay_ms must be between 0 and 10000")
+        if model is None:
+            model = self.broker.models[name] = Model(name)
         if max_batch is not None:
             model.max_batch = max_batch
         if max_queue is not None:

@@ -162,6 +162,17 @@ def test_a_refused_configure_changes_nothing(env):
     assert admin.show_model("m")["max_batch"] == 8
 
 
+def test_a_refused_configure_create_creates_nothing(env):
+    # the model was once made before its values were checked: in this broker's memory, not
+    # on disk, so it was gone after a restart
+    _, raw, admin, _ = env
+    invalid(raw.call("model.configure", name="fresh", max_batch=-1, create=True), "max_batch")
+    invalid(raw.call("model.configure", name="fresh", batching="lifo", create=True), "batching")
+    assert "fresh" not in {m["name"] for m in admin.list_models()}
+    assert raw.call("model.configure", name="fresh", max_batch=4, create=True)["ok"]
+    assert admin.show_model("fresh")["max_batch"] == 4
+
+
 @pytest.mark.parametrize(
     ("raw", "code"),
     [
