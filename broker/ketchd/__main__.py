@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import click
 from ketch import logs
 
-from ketchd.config import BrokerConfig
+from ketchd.config import BrokerConfig, exposed
 
 
 def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
@@ -160,6 +160,12 @@ def broker_options(f: F) -> F:
             click.option(
                 "--ready-file", default=None, help="Write the bound endpoints here as JSON once listening."
             ),
+            click.option(
+                "--insecure",
+                is_flag=True,
+                help="Bind addresses other machines can reach without CurveZMQ: anyone who reaches "
+                "them can query (frontend), register models (backend) or reconfigure (admin).",
+            ),
         ]
     ):
         f = decorator(f)
@@ -167,13 +173,27 @@ def broker_options(f: F) -> F:
 
 
 def config_from_options(**kw: Any) -> tuple[BrokerConfig, str | None]:
+    """The broker's config from the shared options; a UsageError for an unauthenticated
+    socket other machines can reach, unless ``--insecure`` says so."""
     ready_file = kw.pop("ready_file", None)
+    insecure = kw.pop("insecure", False)
     kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
     kw["cache_bytes"] = kw.pop("cache_mb") * 1024 * 1024
     for mb, key in (("max_client_mb", "max_client_bytes"), ("max_held_mb", "max_held_bytes")):
         kw[key] = kw.pop(mb) * 1024 * 1024
     kw["feedback_memory_bytes"] = kw.pop("feedback_memory_mb") * 1024 * 1024
-    return BrokerConfig(**kw), ready_file
+    config = BrokerConfig(**kw)
+    if not config.curve_secret and not insecure:
+        for role in ("frontend", "backend", "admin"):
+            address = getattr(config, role)
+            if exposed(address):
+                raise click.UsageError(
+                    f"--{role} {address} can be reached from other machines, and CurveZMQ is off: "
+                    "anyone who reaches it could send queries, register models or change the "
+                    "configuration. Turn Curve on (--curve-secret ..., see docs/reliability.md), bind "
+                    "a loopback address, or pass --insecure to run without authentication."
+                )
+    return config, ready_file
 
 
 @click.command(name="ketchd")

@@ -3,16 +3,27 @@
 Each op is a method ``op_<name with _ for .>`` taking keyword arguments and returning a
 JSON-ready result, or raising a ``ketch`` RequestError whose code goes on the wire.
 They run on the broker loop, so they only touch memory; persistence is queued.
+
+Every argument of every op is checked against the op's own type hints before it runs
+(``_conform``): a string where a number belongs, a fraction for a count, a list of text
+for a shape, an unknown or missing argument is answered INVALID with a message naming the
+argument. Ranges are checked by the ops. Whatever else goes wrong in an op is a bug: it is
+answered INTERNAL, logged with its traceback and counted, never left unanswered.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import time
+import types
+import typing
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from ketch import errors
 from ketch import protocol as proto
 
@@ -23,13 +34,122 @@ from ketchd.registry import App, Model, ReplicaState
 if TYPE_CHECKING:
     from ketchd.broker import Broker
 
+log = structlog.get_logger("ketchd.admin")
+
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+# limits of the admin socket (docs/protocol.md section 8)
+MAX_ADMIN_BYTES = 1024 * 1024  # one admin message
+MAX_JSON_DEPTH = 32  # of any JSON value an op takes (an app's default, a policy option)
+MAX_SHAPE_DIMS = 32
+MAX_DIM = 2**31 - 1
+MAX_LINKED_MODELS = 256
+MAX_BATCH = 1_000_000
+MAX_QUEUE = 1_000_000
+MAX_TEXT = 256  # a version or a replica id
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_name(kind: str, name: Any) -> str:
     if not isinstance(name, str) or not name or len(name) > 128 or set(name) - _NAME_CHARS:
-        raise errors.Invalid(f"{kind} name {name!r} must be 1-128 letters, digits, '-', '_' or '.'")
+        raise errors.Invalid(f"{kind} name {_short(name)} must be 1-128 letters, digits, '-', '_' or '.'")
     return name
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def _json_value(value: Any, name: str) -> Any:
+    """A JSON value as an op takes it: finite numbers, at most MAX_JSON_DEPTH deep."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise errors.Invalid(f"{name}: NaN and infinity are not JSON; use null or a number")
+        if isinstance(v, list | dict):
+            if depth > MAX_JSON_DEPTH:
+                raise errors.Invalid(f"{name} nests lists or objects deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return value
+
+
+def _conform(value: Any, hint: Any, name: str) -> Any:
+    """``value`` as type ``hint`` (bool, int, float, str, None, Any, list[X], dict[str, X] and
+    unions of them), or Invalid. JSON's numbers: an int is a float too, a bool is neither."""
+    if hint is Any:
+        return _json_value(value, name)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        problems = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _conform(value, option, name)
+            except errors.Invalid as exc:
+                problems.append(exc.message)
+        raise errors.Invalid(problems[0] if len(problems) == 1 else f"{name}: {_short(value)} is not valid")
+    if origin is list:
+        if not isinstance(value, list):
+            raise errors.Invalid(f"{name} must be a list, got {_short(value)}")
+        (item,) = typing.get_args(hint)
+        return [_conform(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise errors.Invalid(f"{name} must be an object, got {_short(value)}")
+        _, item = typing.get_args(hint)
+        return {k: _conform(v, item, f"{name}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise errors.Invalid(f"{name} must be true or false, got {_short(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise errors.Invalid(f"{name} must be a whole number, got {_short(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise errors.Invalid(f"{name} must be a number, got {_short(value)}")
+        if isinstance(value, int) and abs(value) > 2**1023:
+            raise errors.Invalid(f"{name}: {_short(value)} is out of range")
+        value = float(value)
+        if not math.isfinite(value):
+            raise errors.Invalid(f"{name} must be a finite number, got {value}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise errors.Invalid(f"{name} must be a string, got {_short(value)}")
+        return value
+    raise TypeError(f"admin op argument {name}: no check for type {hint!r}")  # a bug here, not the caller's
+
+
+@functools.cache
+def _signature(method: Any) -> tuple[dict[str, Any], frozenset[str]]:
+    """The op's argument types and the names it needs."""
+    hints = typing.get_type_hints(method)
+    params = inspect.signature(method).parameters
+    required = frozenset(n for n, p in params.items() if p.default is inspect.Parameter.empty)
+    return {n: hints.get(n, Any) for n in params}, required
+
+
+def _arguments(op: str, method: Any, args: dict[str, Any]) -> dict[str, Any]:
+    hints, required = _signature(method.__func__)
+    hints = {n: h for n, h in hints.items() if n != "self"}
+    unknown = sorted(set(args) - set(hints))
+    if unknown:
+        takes = ", ".join(hints) or "no arguments"
+        raise errors.Invalid(f"{op}: unknown argument {_short(unknown[0])} (it takes {takes})")
+    missing = sorted(required - {"self"} - set(args))
+    if missing:
+        raise errors.Invalid(f"{op}: missing argument {missing[0]!r}")
+    return {n: _conform(v, hints[n], n) for n, v in args.items()}
 
 
 class AdminOps:
@@ -37,29 +157,38 @@ class AdminOps:
         self.broker = broker
 
     def handle(self, raw: bytes) -> dict[str, Any]:
+        """The reply to one admin message: always one, whatever the message holds."""
         req_id = None
+        op = None
         try:
+            if len(raw) > MAX_ADMIN_BYTES:
+                raise errors.TooLarge(f"admin message of {len(raw)} bytes, over {MAX_ADMIN_BYTES}")
             try:
                 req = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (UnicodeDecodeError, ValueError) as exc:
                 raise errors.ProtocolError(f"admin message is not JSON: {exc}") from None
+            except RecursionError:
+                raise errors.ProtocolError("admin message nests too deep to read") from None
             if not isinstance(req, dict):
                 raise errors.ProtocolError("admin message must be a JSON object")
             req_id = req.get("id")
+            if isinstance(req_id, list | dict):
+                req_id = None  # an id is a number or a string; anything else is not echoed
             op = req.get("op")
             args = req.get("args") or {}
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise errors.ProtocolError("admin message needs a string 'op' and an object 'args'")
-            method = getattr(self, "op_" + op.replace(".", "_"), None)
+            method = getattr(self, "op_" + op.replace(".", "_"), None) if op.isascii() else None
             if method is None:
-                raise errors.UnknownMessage(f"unknown admin op {op!r}")
-            try:
-                result = method(**args)
-            except TypeError as exc:
-                raise errors.Invalid(f"{op}: {exc}") from None
+                raise errors.UnknownMessage(f"unknown admin op {_short(op)}")
+            result = method(**_arguments(op, method, args))
             return {"id": req_id, "ok": True, "result": result}
         except errors.RequestError as exc:
             return {"id": req_id, "ok": False, "error": {"code": exc.code_name, "message": exc.message}}
+        except Exception as exc:  # a bug: the caller still gets an answer
+            self.broker.counters["internal_errors"] += 1
+            log.exception("admin op failed", op=op if isinstance(op, str) else None)
+            return {"id": req_id, "ok": False, "error": {"code": "INTERNAL", "message": errors.describe(exc)}}
 
     # ------------------------------------------------------------ broker
 
@@ -72,6 +201,7 @@ class AdminOps:
 
     def op_status(self) -> dict[str, Any]:
         b = self.broker
+        store = b.persistence.store
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - b.started, 3),
@@ -82,6 +212,8 @@ class AdminOps:
             "replicas": len(b.replicas),
             "pending": b.pending_count(),
             "stopping": b.stopping,
+            "state_unsaved": store.unsaved if store is not None else 0,
+            "state_error": store.last_error if store is not None else "",
         }
 
     def op_broker_stop(self) -> dict[str, Any]:
@@ -93,7 +225,7 @@ class AdminOps:
     def _app(self, name: str) -> App:
         app = self.broker.apps.get(name)
         if app is None:
-            raise errors.NotFound(f"no app named {name!r}")
+            raise errors.NotFound(f"no app named {_short(name)}")
         return app
 
     def op_app_create(
@@ -114,29 +246,35 @@ class AdminOps:
         try:
             dtype = proto.dtype_code(input_type)
         except (ValueError, AttributeError) as exc:
-            raise errors.Invalid(str(exc)) from None
-        shape = tuple(int(d) for d in (input_shape or ()))
-        if any(d < -1 or d == 0 for d in shape):
-            raise errors.Invalid(f"input shape {list(shape)}: each dimension is a positive size or -1 (any)")
+            raise errors.Invalid(str(exc)[:200]) from None
+        shape = tuple(input_shape or ())
+        if len(shape) > MAX_SHAPE_DIMS:
+            raise errors.Invalid(f"input shape has {len(shape)} dimensions, at most {MAX_SHAPE_DIMS}")
+        if any(d < -1 or d == 0 or d > MAX_DIM for d in shape):
+            raise errors.Invalid(
+                f"input shape {_short(list(shape))}: each dimension is a size from 1 to {MAX_DIM} or -1 (any)"
+            )
         if dtype in proto.TEXT_DTYPES and shape:
             raise errors.Invalid(f"{input_type} inputs take no shape")
-        slo = self.broker.config.default_slo_ms if slo_ms is None else float(slo_ms)
-        if not (math.isfinite(slo) and 0 < slo <= 3_600_000):
-            raise errors.Invalid(f"slo_ms {slo_ms!r} must be a positive number of milliseconds")
+        slo = self.broker.config.default_slo_ms if slo_ms is None else _slo(slo_ms)
+        if len(models or ()) > MAX_LINKED_MODELS:
+            raise errors.Invalid(f"an app links at most {MAX_LINKED_MODELS} models")
         app = App(
             name=name,
             input_dtype=dtype,
             input_shape=shape,
             slo_ms=slo,
             default=default,
-            has_default=default is not None if has_default is None else bool(has_default),
-            cache=bool(cache),
-            finite_only=bool(finite_only),
+            has_default=default is not None if has_default is None else has_default,
+            cache=cache,
+            finite_only=finite_only,
         )
         for model in models or []:
             self._link(app, model)
         self.broker.apps[name] = app
         self.broker.persistence.persist_app(app)
+        app.policy_dirty = True  # its fresh policy replaces any state an app of this name left
+        self.broker.persistence.save_policies()
         return self._app_doc(app)
 
     def op_app_configure(
@@ -144,12 +282,9 @@ class AdminOps:
     ) -> dict[str, Any]:
         app = self._app(name)
         if slo_ms is not None:
-            slo = float(slo_ms)
-            if not (math.isfinite(slo) and 0 < slo <= 3_600_000):
-                raise errors.Invalid(f"slo_ms {slo_ms!r} must be a positive number of milliseconds")
-            app.slo_ms = slo
+            app.slo_ms = _slo(slo_ms)
         if cache is not None:
-            app.cache = bool(cache)
+            app.cache = cache
         self.broker.persistence.persist_app(app)
         return self._app_doc(app)
 
@@ -162,13 +297,15 @@ class AdminOps:
     def op_app_delete(self, name: str) -> dict[str, Any]:
         self._app(name)
         del self.broker.apps[name]
-        self.broker.persistence.forget_app(name)
+        self.broker.persistence.forget_app(name)  # and what it learned
         return {"deleted": name}
 
     def _link(self, app: App, model_name: str) -> None:
         _check_name("model", model_name)
         if model_name in app.models:
             raise errors.Conflict(f"app {app.name!r} already links model {model_name!r}")
+        if len(app.models) >= MAX_LINKED_MODELS:
+            raise errors.Invalid(f"an app links at most {MAX_LINKED_MODELS} models")
         model = self.broker.models.get(model_name)
         if model is None:
             model = self.broker.models[model_name] = Model(model_name)
@@ -184,7 +321,7 @@ class AdminOps:
     def op_app_unlink(self, app: str, model: str) -> dict[str, Any]:
         a = self._app(app)
         if model not in a.models:
-            raise errors.NotFound(f"app {app!r} does not link model {model!r}")
+            raise errors.NotFound(f"app {app!r} does not link model {_short(model)}")
         a.models.remove(model)
         self.broker.persistence.persist_app(a)
         return self._app_doc(a)
@@ -202,6 +339,8 @@ class AdminOps:
         """
         app = self._app(name)
         options = dict(options or {})
+        if "rng" in options:
+            raise errors.Invalid("unknown option 'rng' (seed the policy with the 'seed' option)")
         try:
             if policy == app.policy.name:
                 app.policy = app.policy.reconfigure(**options)
@@ -219,7 +358,7 @@ class AdminOps:
     def _model(self, name: str) -> Model:
         model = self.broker.models.get(name)
         if model is None:
-            raise errors.NotFound(f"no model named {name!r}")
+            raise errors.NotFound(f"no model named {_short(name)}")
         return model
 
     def _model_doc(self, model: Model) -> dict[str, Any]:
@@ -232,12 +371,12 @@ class AdminOps:
     def op_model_show(self, name: str) -> dict[str, Any]:
         return self._model_doc(self._model(name))
 
-    def op_model_set_version(self, name: str, version: str) -> dict[str, Any]:
+    def op_model_set_version(self, name: str, version: str | int) -> dict[str, Any]:
         model = self._model(name)
         version = str(version)
         if version not in model.known_versions:
             known = ", ".join(model.known_versions) or "none yet"
-            raise errors.NotFound(f"model {name!r} has no version {version!r} (known: {known})")
+            raise errors.NotFound(f"model {name!r} has no version {_short(version)} (known: {known})")
         model.set_version(version)
         self.broker.persistence.persist_model(model)
         self.broker.dispatcher.mark_dirty(model)
@@ -263,27 +402,31 @@ class AdminOps:
         create: bool = False,
     ) -> dict[str, Any]:
         """Queue policy of a model: max batch, max queue, batching mode, batch delay."""
-        if create and name not in self.broker.models:
+        model = self.broker.models.get(name)
+        if model is None and not create:
+            self._model(name)  # NotFound
+        if model is None:
             _check_name("model", name)
-            self.broker.models[name] = Model(name)
-        model = self._model(name)
+        # every value is checked before any is set (or the model made): a refused call
+        # changes nothing
+        if max_batch is not None and not 0 <= max_batch <= MAX_BATCH:
+            raise errors.Invalid(f"max_batch must be 0 (broker default) to {MAX_BATCH}")
+        if max_queue is not None and not 0 <= max_queue <= MAX_QUEUE:
+            raise errors.Invalid(f"max_queue must be 0 (broker default) to {MAX_QUEUE}")
+        if batching is not None and batching not in MODES:
+            raise errors.Invalid(f"batching {_short(batching)}: one of {', '.join(MODES)}")
+        if batch_delay_ms is not None and not 0 <= batch_delay_ms <= 10_000:
+            raise errors.Invalid("batch_delay_ms must be between 0 and 10000")
+        if model is None:
+            model = self.broker.models[name] = Model(name)
         if max_batch is not None:
-            if int(max_batch) < 0:
-                raise errors.Invalid("max_batch must be 0 (broker default) or more")
-            model.max_batch = int(max_batch)
+            model.max_batch = max_batch
         if max_queue is not None:
-            if int(max_queue) < 0:
-                raise errors.Invalid("max_queue must be 0 (broker default) or more")
-            model.max_queue = int(max_queue)
+            model.max_queue = max_queue
         if batching is not None:
-            if batching not in MODES:
-                raise errors.Invalid(f"batching {batching!r}: one of {', '.join(MODES)}")
             model.batching = batching
         if batch_delay_ms is not None:
-            delay = float(batch_delay_ms)
-            if not (math.isfinite(delay) and 0 <= delay <= 10_000):
-                raise errors.Invalid("batch_delay_ms must be between 0 and 10000")
-            model.batch_delay_ms = delay
+            model.batch_delay_ms = batch_delay_ms
         self.broker.persistence.persist_model(model)
         self.broker.containers.reconfigure(model)
         return self._model_doc(model)
@@ -297,7 +440,7 @@ class AdminOps:
             if r.state is not ReplicaState.DEAD and (replica is None or r.replica_id == replica)
         ]
         if replica is not None and not targets:
-            raise errors.NotFound(f"model {name!r} has no live replica {replica!r}")
+            raise errors.NotFound(f"model {name!r} has no live replica {_short(replica)}")
         for r in targets:
             self.broker.containers.drain(r, "drain requested")
         return {"draining": [r.replica_id for r in targets]}
@@ -329,3 +472,9 @@ class AdminOps:
             "counters": dict(b.counters),
             "memory": b.memory_figures(),
         }
+
+
+def _slo(slo_ms: float) -> float:
+    if not 0 < slo_ms <= 3_600_000:
+        raise errors.Invalid(f"slo_ms {slo_ms!r} must be a positive number of milliseconds, at most an hour")
+    return slo_ms

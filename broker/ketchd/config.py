@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,3 +46,29 @@ class BrokerConfig:
     curve_clients: str | None = None
     curve_containers: str | None = None
     curve_admins: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal, ``localhost`` or a ZMQ interface name) is this machine only."""
+    host = host.strip("[]")
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, an interface, '*': others may reach it
+
+
+def exposed(endpoint: str) -> bool:
+    """Whether a ZMQ bind ``endpoint`` can be reached from other machines.
+
+    ``ipc://`` and ``inproc://`` never can; ``tcp://HOST:PORT`` can unless HOST is loopback
+    (``*``, ``0.0.0.0``, an interface or a host name can); any other transport can.
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return False
+    if scheme != "tcp" or not sep:
+        return True
+    host = rest.rpartition(":")[0] or rest
+    return not is_loopback(host)

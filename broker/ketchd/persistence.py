@@ -2,7 +2,8 @@
 
 Apps, models and the policies' learned state live in SQLite (``StateStore``), written on
 the store's own thread. An admin change is acknowledged only once the writer reports (over
-an inproc PAIR socket) that it is committed.
+an inproc PAIR socket) that it is committed; when it reports the write failed, the change
+is answered with an error instead (``not_saved``).
 """
 
 from __future__ import annotations
@@ -77,7 +78,25 @@ class Persistence:
     def on_durable(self, frames: list[zmq.Frame]) -> None:
         held = self._held_admin.pop(int.from_bytes(frames[0].bytes, "little"), None)
         if held is not None:
-            self.broker.admin.send_multipart(list(held))
+            identity, reply = held
+            if len(frames) > 1:  # the write failed (store.py): an error, not an acknowledgement
+                reply = self.not_saved(reply, frames[1].bytes)
+            self.broker.admin.send_multipart([identity, reply])
+
+    def not_saved(self, reply: bytes, reason: bytes) -> bytes:
+        """The answer to an admin change whose write to the state file failed, for ``reply``."""
+        try:
+            req_id = json.loads(reply).get("id")
+        except ValueError:
+            req_id = None
+        message = (
+            f"the change was not saved to the state file {self.broker.config.state_path}: "
+            f"{reason.decode('utf-8', 'replace')}. It is in effect in this broker but would not "
+            "survive a restart; the broker keeps trying to save it (ketch broker status --json: "
+            "state_unsaved)"
+        )
+        error = {"code": "INTERNAL", "message": message}
+        return json.dumps({"id": req_id, "ok": False, "error": error}).encode("utf-8")
 
     def persist_app(self, app: App) -> None:
         if self.store is not None:
@@ -88,8 +107,10 @@ class Persistence:
             self.store.put("models", model.name, model.to_json())
 
     def forget_app(self, name: str) -> None:
+        """Delete an app and its learned state: an app created later under its name starts afresh."""
         if self.store is not None:
             self.store.delete("apps", name)
+            self.store.delete("policies", name)
 
     def save_policies(self, everything: bool = False) -> None:
         """Write the learned state of the policies that changed (at most once a second)."""

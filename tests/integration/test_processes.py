@@ -19,7 +19,7 @@ def test_iris_replicas_answer_like_the_model(broker_process, start_model):
 
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
         admin.create_app(
-            "iris", input_type="float64", input_shape=[4], slo_ms=1000, default=-1, models=["iris"]
+            "iris", input_type="float64", input_shape=[4], slo_ms=30_000, default=-1, models=["iris"]
         )
         model = start_model("ketch.examples.iris:model", "iris", replicas=2, input_shape="4")
         model.wait_ready(admin, timeout_s=60)

@@ -1,17 +1,20 @@
 """Selection policies through a real broker loop: ensembles at the deadline, bandits that
-learn from feedback, canaries, shadows, version switches under load, persisted state."""
+learn from feedback, canaries, shadows, version switches under load, persisted state.
+
+Assertions are about what is answered, never how fast: a straggler is held on an event
+(so an answer that waited for it could not come at all), and waits are generous bounds.
+"""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import ketch
 import numpy as np
 import pytest
 from ketch.local import wait_for
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
@@ -25,7 +28,7 @@ def env(make_thread_broker, replica_threads, tmp_path):
     def serve(name: str, fn, **kw) -> ketch.Replica:
         r = replica_threads(fn, backend=tb.backend, name=name, replica_id=f"{name}-{count[0]}", **kw)
         count[0] += 1
-        wait_for(lambda: admin.replicas(name), 10, f"replica of {name}")
+        wait_for(lambda: admin.replicas(name), 30, f"replica of {name}")
         return r
 
     yield tb, admin, client, serve, state
@@ -33,10 +36,10 @@ def env(make_thread_broker, replica_threads, tmp_path):
     admin.close()
 
 
-def labeller(label: str, delay_s: float = 0.0):
+def labeller(label: str, hold: threading.Event | None = None):
     def predict(xs):
-        if delay_s:
-            time.sleep(delay_s)
+        if hold is not None:
+            hold.wait(60)  # a straggler: it answers only once the test lets it
         return [label for _ in xs]
 
     return predict
@@ -44,20 +47,27 @@ def labeller(label: str, delay_s: float = 0.0):
 
 def test_ensemble_answers_at_the_deadline_without_the_straggler(env):
     _, admin, client, serve, _ = env
-    admin.create_app("vote", input_type="float64", input_shape=[2], slo_ms=100, default="none",
+    # a deadline a busy machine still meets for a and b; the straggler never answers in it
+    admin.create_app("vote", input_type="float64", input_shape=[2], slo_ms=3000, default="none",
                      models=["a", "b", "slow"])  # fmt: skip
     admin.set_policy("vote", "ensemble")
     serve("a", labeller("cat"))
     serve("b", labeller("cat"))
-    serve("slow", labeller("dog", delay_s=2.0))
-    for i in range(3):
-        p = client.predict("vote", [float(i), 1.0])
-        assert p.output == "cat" and not p.default
-        assert set(p.models_answered) == {"a", "b"} and p.models_missing == ("slow",)
-        assert p.confidence == pytest.approx(2 / 3)
-        assert p.latency_ms < 100 + 80  # the SLO plus a small margin
-    shown = admin.show_app("vote")
-    assert shown["selection"]["policy"] == "ensemble"
+    release = threading.Event()
+    serve("slow", labeller("dog", hold=release))
+    try:
+        for i in range(3):
+            # the straggler holds every batch it gets until the end of the test: an ensemble
+            # that waited for it would not answer at all (the client gives up after 10 s)
+            # and the answer comes at the deadline, from a and b
+            p = client.predict("vote", [float(i), 1.0])
+            assert p.output == "cat" and not p.default
+            assert set(p.models_answered) == {"a", "b"} and p.models_missing == ("slow",)
+            assert p.confidence == pytest.approx(2 / 3)
+        shown = admin.show_app("vote")
+        assert shown["selection"]["policy"] == "ensemble"
+    finally:
+        release.set()
 
 
 def test_ensemble_with_all_models_dead_answers_the_default_in_time(env):
@@ -67,7 +77,9 @@ def test_ensemble_with_all_models_dead_answers_the_default_in_time(env):
     admin.set_policy("vote", "exp4")
     p = client.predict("vote", [1.0])
     assert p.default and p.output == "unknown" and "no model answered" in p.default_explanation
-    assert p.latency_ms < 80 + 80
+    # answered by the broker at its deadline, not lost (the client would wait 10 s); the bound
+    # is generous because this process may stall on a busy machine
+    assert p.latency_ms < 80 + 5000
 
 
 def test_ensemble_of_numbers_is_a_weighted_mean(env):
@@ -139,16 +151,17 @@ def test_shadow_answers_from_the_primary_and_records_agreement(env):
         p = client.predict("sh", [float(i)])
         assert (p.output, p.model) == ("p", "prod")
     wait_for(lambda: admin.show_app("sh")["selection"]["models"].get("next", {}).get("agreement") is not None,
-             5, "shadow agreement figures")  # fmt: skip
+             30, "shadow agreement figures")  # fmt: skip
     assert admin.show_app("sh")["selection"]["models"]["next"]["agreement"] == 0.0
 
 
 def test_version_switch_under_load_loses_no_query(env):
     _, admin, client, serve, _ = env
-    admin.create_app("v", input_type="float64", input_shape=[1], slo_ms=5000, models=["m"], cache=False)
+    # a deadline no busy machine reaches: the behaviour is that no query is lost, not speed
+    admin.create_app("v", input_type="float64", input_shape=[1], slo_ms=120_000, models=["m"], cache=False)
     serve("m", lambda xs: [1.0 for _ in xs], version="1")
     serve("m", lambda xs: [2.0 for _ in xs], version="2")
-    wait_for(lambda: len(admin.replicas("m")) == 2, 10, "both versions")
+    wait_for(lambda: len(admin.replicas("m")) == 2, 30, "both versions")
     result = {}
     xs = [[float(i)] for i in range(3000)]
     t = threading.Thread(target=lambda: result.setdefault("p", client.predict_many("v", xs)))
@@ -156,7 +169,8 @@ def test_version_switch_under_load_loses_no_query(env):
     with ketch.Admin(env[0].admin) as other:
         for k in range(10):
             other.set_version("m", "2" if k % 2 == 0 else "1")
-    t.join(60)
+    t.join(150)
+    assert not t.is_alive(), "predict_many did not return"
     preds = result["p"]
     assert len(preds) == 3000 and not any(p.default for p in preds)
     assert {p.output for p in preds} <= {1.0, 2.0}

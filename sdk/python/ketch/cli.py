@@ -144,16 +144,28 @@ def _broker_start_command() -> click.Command:
     @click.option(
         "--http-workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Gateway workers."
     )
-    def start(http_listen: str, no_http: bool, http_workers: int, **kw: Any) -> None:
+    @click.option(
+        "--http-token-file",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Bearer tokens for the gateway, one a line (also $KETCH_GATEWAY_TOKENS).",
+    )
+    def start(
+        http_listen: str, no_http: bool, http_workers: int, http_token_file: str | None, **kw: Any
+    ) -> None:
         """Run the broker in the foreground (Ctrl-C or SIGTERM drains and stops it).
 
         The HTTP gateway starts once the broker listens and is stopped when it exits.
+        Nothing that takes requests without authentication is exposed beyond loopback
+        unless --insecure says so: a non-loopback address needs CurveZMQ (ZMQ sockets) or
+        bearer tokens (HTTP), and with CurveZMQ on the gateway needs tokens too.
         """
+        insecure = kw["insecure"]
         config, ready_file = config_from_options(**kw)
         if no_http:
             run_broker(config, ready_file)
             return
-        _check_listen(http_listen, "--http")
+        host, _ = _check_listen(http_listen, "--http")
         if not _gateway_installed():
             click.echo(
                 "warning: no HTTP gateway: it needs the http extra (pip install 'ketch[http]'); "
@@ -162,10 +174,23 @@ def _broker_start_command() -> click.Command:
             )
             run_broker(config, ready_file)
             return
+        from ketch.gateway.auth import load_tokens
+
+        if not load_tokens(http_token_file) and not insecure:
+            if config.curve_secret:
+                raise click.UsageError(
+                    "CurveZMQ is on, but the HTTP gateway would take requests without a bearer token, "
+                    "around it: give the gateway tokens (--http-token-file F or $KETCH_GATEWAY_TOKENS), "
+                    "pass --no-http, or --insecure to serve HTTP without authentication."
+                )
+            _check_http_exposure(host, "--http")
         with tempfile.TemporaryDirectory(prefix="ketch-broker-") as tmp:
             ready_path = Path(ready_file or os.path.join(tmp, "ready.json"))
             ready_path.unlink(missing_ok=True)
-            child = _GatewayChild(ready_path, http_listen, http_workers)
+            extra = (["--token-file", http_token_file] if http_token_file else []) + (
+                ["--insecure"] if insecure else []
+            )
+            child = _GatewayChild(ready_path, http_listen, http_workers, extra)
             child.start()
             try:
                 run_broker(config, str(ready_path))
@@ -179,6 +204,17 @@ def _gateway_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("starlette", "uvicorn", "prometheus_client"))
 
 
+def _check_http_exposure(host: str, option: str) -> None:
+    from ketchd.config import is_loopback
+
+    if not is_loopback(host):
+        raise click.UsageError(
+            f"{option} {host}: other machines can reach this address, and the gateway has no bearer "
+            "tokens: give it some (--token-file, or $KETCH_GATEWAY_TOKENS), listen on a loopback "
+            "address, or pass --insecure to serve without authentication."
+        )
+
+
 def _check_listen(text: str, option: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
@@ -190,8 +226,8 @@ class _GatewayChild:
     """``ketch gateway`` as a child of ``ketch broker start``: started once the broker's ready
     file appears (so it connects to the addresses actually bound), stopped by its pid."""
 
-    def __init__(self, ready_path: Path, listen: str, workers: int) -> None:
-        self.ready_path, self.listen, self.workers = ready_path, listen, workers
+    def __init__(self, ready_path: Path, listen: str, workers: int, extra: list[str]) -> None:
+        self.ready_path, self.listen, self.workers, self.extra = ready_path, listen, workers, extra
         self.proc: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -218,6 +254,7 @@ class _GatewayChild:
             self.listen,
             "--workers",
             str(self.workers),
+            *self.extra,
         ]
         with self._lock:
             if self._stopping.is_set():
@@ -969,7 +1006,40 @@ def _stats_tables(figures: dict[str, Any]) -> None:
 @click.option(
     "--max-body-mb", default=64, show_default=True, type=click.IntRange(1), help="Largest request body."
 )
+@click.option(
+    "--max-json-mb",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest JSON text in a request (larger tensors go as binary data).",
+)
+@click.option(
+    "--max-connections",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(16),
+    help="Connections per worker; past it the slowest-arriving request's connection is closed.",
+)
+@click.option(
+    "--header-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a client has to send a whole request head.",
+)
+@click.option(
+    "--body-timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a client has to send a body, plus 1 s per 64 KiB it sends.",
+)
 @click.option("--ready-file", default=None, help="Write the bound URL here as JSON once listening.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Listen on an address other machines can reach without bearer tokens.",
+)
 @click.option(
     "--log-level",
     default="warning",
@@ -987,7 +1057,12 @@ def gateway(
     token_file,
     metadata_ttl,
     max_body_mb,
+    max_json_mb,
+    max_connections,
+    header_timeout_s,
+    body_timeout_s,
     ready_file,
+    insecure,
     log_level,
 ) -> None:
     """Serve HTTP (Clipper's REST API, KServe V2, /metrics) in front of a broker until Ctrl-C/SIGTERM.
@@ -1000,12 +1075,19 @@ def gateway(
     from ketch.gateway import GatewayConfig, serve
     from ketch.gateway.auth import load_tokens
 
+    tokens = load_tokens(token_file)
+    if not tokens and not insecure:
+        _check_http_exposure(host, "--listen")
     config = GatewayConfig(
         frontend=frontend or ctx.obj["frontend"],
         admin=admin_address or ctx.obj["admin"],
-        tokens=load_tokens(token_file),
+        tokens=tokens,
         metadata_ttl_s=metadata_ttl,
         max_body_bytes=max_body_mb * 1024 * 1024,
+        max_json_bytes=min(max_json_mb, max_body_mb) * 1024 * 1024,
+        max_connections=max_connections,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
     )
     logs.configure()
     try:

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
-from ketch.gateway import clipper, v2
+from ketch.gateway import clipper, limits, protocol, v2
 from ketch.gateway.auth import BearerAuth
 from ketch.gateway.backend import BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -44,7 +44,17 @@ class GatewayConfig:
     tokens: list[str] = field(default_factory=list)
     metadata_ttl_s: float = 1.0  # app metadata and readiness are cached this long
     admin_timeout_ms: float = 1000
+    # what one client may cost a worker (limits.py and protocol.py; docs/reliability.md)
     max_body_bytes: int = 64 * 1024 * 1024
+    max_json_bytes: int = limits.MAX_JSON_BYTES
+    max_json_depth: int = limits.MAX_JSON_DEPTH
+    body_budget_bytes: int = limits.BODY_BUDGET_BYTES
+    max_inflight: int = limits.MAX_INFLIGHT
+    max_connections: int = protocol.MAX_CONNECTIONS
+    header_timeout_s: float = protocol.HEADER_TIMEOUT_S
+    body_timeout_s: float = protocol.BODY_TIMEOUT_S
+    min_body_rate: int = protocol.MIN_BODY_RATE
+    send_timeout_s: float = protocol.SEND_TIMEOUT_S
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -66,6 +76,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.link: BrokerLink | None = None
         self.outputs_seen: dict[str, tuple[str, list[int]]] = {}
+        self.body_budget = limits.BodyBudget(config.body_budget_bytes)
+        self.inflight = 0
         self.spec = build_spec(auth=bool(config.tokens))
         self.log = structlog.get_logger("ketch.gateway")
 
@@ -87,13 +99,25 @@ class Gateway:
         async def handle(request: Request) -> Response:
             call = Call(request, self)
             started = time.perf_counter()
+            self.inflight += 1
             try:
+                if self.inflight > self.config.max_inflight:
+                    raise HTTPError(
+                        503,
+                        f"the gateway worker has {self.config.max_inflight} requests in progress; "
+                        "retry shortly",
+                        code="OVERLOADED",
+                        retry_after_ms=1000,
+                    )
                 response = await handler(call)
             except Exception as exc:
                 err = http_error_for(exc)
                 if not isinstance(exc, errors.KetchError | HTTPError):
                     self.log.exception("gateway_bug", route=route, path=request.url.path)
                 response = error_response(err)
+            finally:
+                self.inflight -= 1
+                self.body_budget.give_back(call)
             self.metrics.observe(
                 route, call.app, response.status_code, time.perf_counter() - started, call.queries
             )

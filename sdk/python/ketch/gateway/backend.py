@@ -28,6 +28,10 @@ from ketch.protocol.multipart import CONNECT_TIMEOUT_MS
 
 GRACE_S = 1.0  # wait this long past a query's deadline before calling the broker silent
 LIVE_STATES = frozenset({"ready", "busy"})
+# an app's metadata this recent is used when the admin socket does not answer in time (a
+# busy machine, or a worker that was parsing a large body): the query itself still goes to
+# the broker, which checks everything again
+STALE_APP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class BrokerLink:
         self.admin = AsyncAdmin(admin, timeout_ms=admin_timeout_ms, context=self._ctx)
         self._cache = TTLCache(ttl_s)
         self._ready_cache = TTLCache(min(ttl_s, 0.5))
+        self._known_apps: dict[str, tuple[float, AppInfo]] = {}  # name -> (when, last good answer)
 
     async def close(self) -> None:
         await self.client.close()
@@ -175,12 +180,26 @@ class BrokerLink:
     # ------------------------------------------------------------ metadata
 
     async def app(self, name: str) -> AppInfo:
-        """The app's metadata; UnknownApp when the broker has no such app."""
+        """The app's metadata; UnknownApp when the broker has no such app.
+
+        When the admin socket does not answer in time, metadata that was good within
+        ``STALE_APP_S`` is used rather than failing the request.
+        """
         try:
             doc = await self._cache.get(("app", name), lambda: self.admin.call("app.show", name=name))
         except errors.NotFound:
+            self._known_apps.pop(name, None)
             raise errors.UnknownApp(f"no app named {name!r}") from None
-        return AppInfo.from_doc(doc)
+        except errors.Unavailable:
+            known = self._known_apps.get(name)
+            if known is not None and time.monotonic() - known[0] < STALE_APP_S:
+                return known[1]
+            raise
+        info = AppInfo.from_doc(doc)
+        if len(self._known_apps) >= self._cache.max_entries:
+            self._known_apps.clear()
+        self._known_apps[name] = (time.monotonic(), info)
+        return info
 
     async def model(self, name: str) -> dict[str, Any]:
         return await self._cache.get(("model", name), lambda: self.admin.call("model.show", name=name))

@@ -28,6 +28,7 @@ from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.values import clipper_input, jsonable, send_dtype
 
 FEEDBACK_TIMEOUT_MS = 5000
+MAX_UID_CHARS = 256  # a selection key (a user id), not a document
 
 
 def answer(pred: Prediction) -> dict[str, Any]:
@@ -50,7 +51,7 @@ async def predict(call: Call) -> Response:
     body = await read_body(call)
     info = await call.gw.link.app(call.request.path_params["app"])  # an unknown app is 404 first
     call.app = info.name
-    doc = parse_json(body)
+    doc = parse_json(call, body)
     if not isinstance(doc, dict) or ("input" in doc) == ("input_batch" in doc):
         raise bad_request('send {"input": ...} for one query or {"input_batch": [...]} for several')
     dtype = send_dtype(info.input_type)
@@ -76,7 +77,7 @@ async def update(call: Call) -> Response:
     body = await read_body(call)
     info = await call.gw.link.app(call.request.path_params["app"])
     call.app = info.name
-    doc = parse_json(body)
+    doc = parse_json(call, body)
     if not isinstance(doc, dict) or "label" not in doc:
         raise bad_request('send {"label": ..., "input": ...} or {"label": ..., "query_id": ...}')
     query_id = doc.get("query_id")
@@ -92,8 +93,12 @@ async def update(call: Call) -> Response:
             raise bad_request("feedback for a json app names the query by query_id")
         x = clipper_input(doc["input"], info.input_type)
     label = doc["label"]
-    label_dtype = None if isinstance(label, int | float) and not isinstance(label, bool) else "json"
+    label_dtype = _label_dtype(label)
     uid = doc.get("uid")
+    if uid is not None and (
+        isinstance(uid, bool) or not isinstance(uid, str | int) or len(str(uid)) > MAX_UID_CHARS
+    ):
+        raise bad_request(f"uid must be a string or a whole number of at most {MAX_UID_CHARS} characters")
     call.queries = 1
     try:
         async with asyncio.timeout(FEEDBACK_TIMEOUT_MS / 1000 + GRACE_S):
@@ -109,3 +114,18 @@ async def update(call: Call) -> Response:
     except TimeoutError:
         raise errors.Timeout("no answer from the broker in time for the feedback") from None
     return json_response({"app": info.name, "accepted": True})
+
+
+def _label_dtype(label: Any) -> str | None:
+    """How a label travels: a number float64 holds exactly as float64, anything else as JSON.
+
+    An integer past 2**53 goes as JSON (exact, so it still equals an integer answer); one
+    past float64's range is refused: the policies weigh numeric labels as floats.
+    """
+    if isinstance(label, bool) or not isinstance(label, int | float):
+        return "json"
+    if isinstance(label, float) or abs(label) <= 2**53:
+        return None
+    if abs(label) >= 2**1024:
+        raise bad_request("label is a number beyond float64's range")
+    return "json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from ketch.gateway import limits
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.values import dumps
 
@@ -25,6 +25,7 @@ class Call:
     gw: Gateway
     app: str = ""  # set once the app is known to exist (unknown names never become labels)
     queries: int = 0
+    held_bytes: int = 0  # of the worker's body budget (limits.BodyBudget), given back at the answer
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -36,8 +37,12 @@ def error_response(err: HTTPError) -> Response:
 
 
 async def read_body(call: Call) -> bytes:
-    """The request body, at most ``max_body_bytes`` (413 past it), gzip/deflate undone."""
+    """The request body, at most ``max_body_bytes`` (413 past it), gzip/deflate undone.
+
+    Its bytes count against the worker's body budget while the request is answered.
+    """
     limit = call.gw.config.max_body_bytes
+    budget = call.gw.body_budget
     request = call.request
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -48,6 +53,7 @@ async def read_body(call: Call) -> bytes:
             size += len(chunk)
             if size > limit:
                 raise HTTPError(413, f"the body is over the gateway's limit of {limit} bytes")
+            budget.take(call, len(chunk))
             chunks.append(chunk)
     except ClientDisconnect:
         raise bad_request("the client went away before sending the whole body") from None
@@ -67,11 +73,14 @@ async def read_body(call: Call) -> bytes:
         raise HTTPError(413, f"the decompressed body is over the gateway's limit of {limit} bytes")
     if not inflater.eof:
         raise bad_request(f"the {encoding} body is cut short")
+    budget.take(call, len(out))
     return out
 
 
-def parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"the body is not JSON: {exc}") from None
+def parse_json(call: Call, text: bytes, what: str = "the body") -> Any:
+    """JSON text of a request, within the gateway's size and depth limits (``limits.py``)."""
+    config = call.gw.config
+    call.gw.body_budget.take(call, len(text) * limits.JSON_WEIGHT)
+    return limits.parse_json(
+        text, max_bytes=config.max_json_bytes, max_depth=config.max_json_depth, what=what
+    )

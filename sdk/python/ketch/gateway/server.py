@@ -22,8 +22,10 @@ from pathlib import Path
 import structlog
 
 from ketch.gateway.app import CONFIG_ENV, GatewayConfig
+from ketch.gateway.protocol import ConnectionLimits, GuardedProtocol, connection_cap, raise_open_file_limit
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default, said here)
 log = structlog.get_logger("ketch.gateway")
 
 
@@ -80,12 +82,28 @@ def serve(
         log_level=log_level,
         server_header=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        http=GuardedProtocol,  # read times and connections bounded (protocol.py)
     )
+    # read by GuardedProtocol in each worker (the config travels to spawned workers whole)
+    uv_config.ketch_limits = ConnectionLimits(
+        max_connections=config.max_connections,
+        header_timeout_s=config.header_timeout_s,
+        body_timeout_s=config.body_timeout_s,
+        min_body_rate=config.min_body_rate,
+        send_timeout_s=config.send_timeout_s,
+    )
+    open_files = raise_open_file_limit()
     try:
         sock = bind(host, port)
         bound_host, bound_port = sock.getsockname()[:2]
         log.info(
-            "gateway listening", url=f"http://{host}:{bound_port}", workers=workers, broker=config.frontend
+            "gateway listening",
+            url=f"http://{host}:{bound_port}",
+            workers=workers,
+            broker=config.frontend,
+            connections_per_worker=connection_cap(config.max_connections),
+            open_files=open_files,
         )
         if ready_file:
             path = Path(ready_file)

@@ -14,16 +14,17 @@ by the broker on its own (batched with others there); the answer is the ``output
 
 from __future__ import annotations
 
-import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ketch.gateway import limits
 from ketch.gateway.errors import HTTPError, bad_request
-from ketch.gateway.values import cast_array, dumps, jsonable, numpy_dtype
+from ketch.gateway.values import cast_array, dumps, exact_stack, json_to_array, jsonable, numpy_dtype
 
 # KServe datatype -> numpy dtype (little-endian, as on the wire)
 DATATYPES: dict[str, np.dtype] = {
@@ -155,7 +156,7 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
         raise bad_request(f"{what}: datatype {datatype!r} is not one of {known}")
     shape = _shape(doc.get("shape"), what)
     count = _count(shape, what)
-    params = doc.get("parameters") or {}
+    params = {} if doc.get("parameters") is None else doc["parameters"]
     if not isinstance(params, dict):
         raise bad_request(f"{what}: 'parameters' must be an object")
     size = params.get("binary_data_size")
@@ -189,20 +190,25 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
         if len(elements) != count:
             raise bad_request(f"{what}: shape {list(shape)} needs {count} elements, got {len(elements)}")
         return Tensor(name, datatype, shape, elements), offset
-    try:
-        arr = np.asarray(data)
-    except (ValueError, TypeError, OverflowError):
-        raise bad_request(f"{what}: 'data' must be a list of numbers") from None
-    if arr.dtype.kind not in "biuf":
-        raise bad_request(f"{what}: 'data' must be a list of {datatype} numbers")
+    arr = json_to_array(data, DATATYPES[datatype], f"{what} ({datatype})")
     if arr.size != count:
         raise bad_request(f"{what}: shape {list(shape)} needs {count} values, got {arr.size}")
-    arr = cast_array(arr, DATATYPES[datatype], f"{what} ({datatype})").reshape(shape)
-    return Tensor(name, datatype, shape, arr), offset
+    return Tensor(name, datatype, shape, arr.reshape(shape)), offset
 
 
-def parse_infer_request(body: bytes, header_length: str | None = None) -> InferRequest:
-    """Parse an infer request body (JSON, or JSON plus binary tensor data)."""
+def _bounded_json(head: bytes) -> Any:
+    return limits.parse_json(
+        head, max_bytes=limits.MAX_JSON_BYTES, max_depth=limits.MAX_JSON_DEPTH, what="the request"
+    )
+
+
+def parse_infer_request(
+    body: bytes, header_length: str | None = None, load: Callable[[bytes], Any] = _bounded_json
+) -> InferRequest:
+    """Parse an infer request body (JSON, or JSON plus binary tensor data).
+
+    ``load`` reads the JSON part (by default within the gateway's default limits).
+    """
     if header_length is None:
         head, binary = body, memoryview(b"")
     else:
@@ -213,16 +219,13 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> InferR
         if not 0 <= n <= len(body):
             raise bad_request(f"Inference-Header-Content-Length {n} is outside the {len(body)}-byte body")
         head, binary = body[:n], memoryview(body)[n:]
-    try:
-        doc = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"the request is not JSON: {exc}") from None
+    doc = load(bytes(head))
     if not isinstance(doc, dict):
         raise bad_request("the request must be a JSON object with 'inputs'")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise bad_request("'id' must be a string")
-    params = doc.get("parameters") or {}
+    params = {} if doc.get("parameters") is None else doc["parameters"]
     if not isinstance(params, dict):
         raise bad_request("'parameters' must be an object")
     inputs = doc.get("inputs")
@@ -257,8 +260,10 @@ def _requested_outputs(outputs: Any) -> dict[str, bool | None] | None:
             raise bad_request("each requested output must be an object with a 'name'")
         if out["name"] not in OUTPUT_NAMES:
             raise bad_request(f"no output named {out['name']!r}: a Ketch app answers 'output' and 'default'")
-        params = out.get("parameters") or {}
-        binary = params.get("binary_data") if isinstance(params, dict) else None
+        params = {} if out.get("parameters") is None else out["parameters"]
+        if not isinstance(params, dict):
+            raise bad_request(f"output {out['name']!r}: 'parameters' must be an object")
+        binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise bad_request("an output's parameters.binary_data must be true or false")
         wanted[out["name"]] = binary
@@ -282,8 +287,13 @@ def query_options(params: dict[str, Any]) -> tuple[float | None, int]:
     return (timeout / 1000 if timeout else None), priority
 
 
-def split_queries(t: Tensor, input_type: str, app_shape: tuple[int, ...]) -> tuple[list[Any], bool]:
-    """The queries one input tensor holds for an app, and whether it was a batch."""
+def split_queries(
+    t: Tensor, input_type: str, app_shape: tuple[int, ...], load: Callable[[bytes], Any] = _bounded_json
+) -> tuple[list[Any], bool]:
+    """The queries one input tensor holds for an app, and whether it was a batch.
+
+    ``load`` reads the JSON text of each element for a json app.
+    """
     what = f"input {t.name!r}" if t.name else "the input"
     rank = len(t.shape)
     if input_type in ("string", "bytes", "json"):
@@ -305,7 +315,7 @@ def split_queries(t: Tensor, input_type: str, app_shape: tuple[int, ...]) -> tup
                 f"{what}: shape {list(t.shape)} does not fit a {input_type} app: "
                 "send [N] (or [N, 1]) for N queries"
             )
-        return [_text_value(v, input_type, what) for v in values], batched
+        return [_text_value(v, input_type, what, load) for v in values], batched
     if t.datatype == "BYTES":
         raise bad_request(f"{what} is BYTES; the app takes {KETCH_DATATYPES.get(input_type, input_type)}")
     want = numpy_dtype(input_type)
@@ -329,32 +339,29 @@ def _nonempty(t: Tensor, what: str) -> None:
         raise bad_request(f"{what}: the first dimension is 0, so there is no query")
 
 
-def _text_value(raw: bytes, input_type: str, what: str) -> Any:
+def _text_value(raw: bytes, input_type: str, what: str, load: Callable[[bytes], Any]) -> Any:
     if input_type == "bytes":
         return raw
+    if input_type == "json":
+        return load(raw)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise bad_request(f"{what}: a {input_type} app takes UTF-8 text") from None
-    if input_type == "string":
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"{what}: a json app takes JSON text ({exc})") from None
 
 
 def output_tensor(values: list[Any]) -> tuple[str, list[int], np.ndarray | list[bytes]]:
-    """Stack answers into one tensor: numbers of one shape as a numeric tensor, else BYTES."""
-    if values and not any(isinstance(v, str | bytes | dict) or v is None for v in values):
-        try:
-            arr = np.asarray(values)
-        except (ValueError, TypeError, OverflowError):
-            arr = None
-        if arr is not None and arr.dtype.kind in "biuf":
-            datatype = datatype_of(arr)
-            if datatype is not None:
-                return datatype, list(arr.shape), arr
+    """Stack answers into one tensor: numbers of one shape as a numeric tensor, else BYTES.
+
+    Numbers are stacked only when no value changes (``values.exact_stack``): a uint64 answer
+    beside an int64 default, say, goes out as BYTES (JSON text per answer), never as
+    float64 that rounds it.
+    """
+    arr = exact_stack(values)
+    if arr is not None:
+        datatype = datatype_of(arr)
+        if datatype is not None:
+            return datatype, list(arr.shape), arr
     elements = []
     for v in values:
         if isinstance(v, str):

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from ketch import __version__, errors
 from ketch.gateway.errors import HTTPError, bad_request
-from ketch.gateway.http import Call, json_response, read_body
+from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.tensors import (
     KETCH_DATATYPES,
     encode_infer_response,
@@ -108,11 +108,20 @@ async def infer(call: Call) -> Response:
     body = await read_body(call)
     info = await call.gw.link.app(call.request.path_params["name"])
     call.app = info.name
-    request = parse_infer_request(body, call.request.headers.get("inference-header-content-length"))
+    request = parse_infer_request(
+        body,
+        call.request.headers.get("inference-header-content-length"),
+        lambda head: parse_json(call, head, "the request"),
+    )
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
     timeout_ms, priority = query_options(request.parameters)
-    xs, _ = split_queries(request.inputs[0], info.input_type, info.input_shape)
+    xs, _ = split_queries(
+        request.inputs[0],
+        info.input_type,
+        info.input_shape,
+        lambda element: parse_json(call, element, "a JSON input"),
+    )
     call.queries = len(xs)
     dtype = send_dtype(info.input_type)
     link = call.gw.link

@@ -120,7 +120,7 @@ start_container <- function(endpoint, kind, args = character(0), wrapper = FALSE
                   shQuote(child$log), shQuote(child$pid_file), shQuote(child$rc_file),
                   shQuote(child$rc_file), shQuote(child$rc_file))
   system2("sh", c("-c", shQuote(line)), wait = FALSE, stdout = FALSE, stderr = FALSE)
-  deadline <- proc.time()[["elapsed"]] + 10
+  deadline <- proc.time()[["elapsed"]] + 60
   while (!file.exists(child$pid_file) || length(readLines(child$pid_file, warn = FALSE)) == 0) {
     if (proc.time()[["elapsed"]] > deadline) stop("container did not start")
     Sys.sleep(0.02)

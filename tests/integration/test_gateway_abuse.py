@@ -1,0 +1,496 @@
+"""The HTTP gateway against hostile and broken clients, as a real process.
+
+What one client sends must cost no other client its answer: JSON of every depth and size,
+numbers at and past every dtype's range, mistyped fields on every route, bodies at the
+limits, and a slow-client flood (1,100 connections that trickle their requests). A legit
+client keeps asking throughout and checks each answer; the gateway's RSS is sampled.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import random
+import resource
+import socket
+import threading
+import time
+import zlib
+from collections import Counter
+
+import httpx
+import ketch
+import numpy as np
+import psutil
+import pytest
+from ketch.gateway.local import LocalGateway
+from ketch.local import LocalBroker, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+NUMERIC = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32"]
+NUMERIC += ["float64", "bool"]
+V2 = {"bool": "BOOL", "float16": "FP16", "float32": "FP32", "float64": "FP64"}
+
+
+def v2_name(dtype: str) -> str:
+    return V2.get(dtype, dtype.upper())
+
+
+def extremes(dtype: str) -> list:
+    if dtype == "bool":
+        return [True, False, True]
+    if dtype.startswith("float"):
+        f = np.finfo(dtype)
+        return [float(f.max), float(f.min), float(f.smallest_subnormal), -0.0, 1.0]
+    i = np.iinfo(dtype)
+    return [int(i.max), int(i.min), 0, 1, int(i.max) - 1]
+
+
+def past(dtype: str) -> list:
+    if dtype == "bool":
+        return [2]
+    if dtype.startswith("float"):
+        return [10**400] if dtype == "float64" else [float(np.finfo(dtype).max) * 4]
+    i = np.iinfo(dtype)
+    return [int(i.max) + 1, 1] if dtype.startswith("u") else [int(i.min) - 1, 1]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    b = LocalBroker(state_path=str(tmp_path_factory.mktemp("abuse") / "state.db"))
+    b.start()
+    yield b
+    b.stop()
+    b._tmp.cleanup()
+
+
+@pytest.fixture(scope="module")
+def apps(broker):
+    started: list[tuple[ketch.Replica, threading.Thread]] = []
+
+    def serve(fn, name: str, **kw) -> None:
+        r = ketch.Replica(fn, name=name, broker=broker.backend, replica_id=f"abuse/{name}", **kw)
+        t = threading.Thread(target=r.run, daemon=True)
+        t.start()
+        started.append((r, t))
+
+    with broker.admin_client() as admin:
+        for dtype in NUMERIC:
+            admin.create_app(
+                f"e_{dtype}", input_type=dtype, input_shape=[-1], slo_ms=5000, models=[f"echo_{dtype}"]
+            )
+            serve(lambda xs: list(xs), f"echo_{dtype}", input_type=dtype, input_shape=[-1])
+        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=5000, models=["sum"])
+        serve(lambda xs: [float(np.sum(x)) for x in xs], "sum")
+        admin.create_app("doc", input_type="json", slo_ms=5000, models=["jdoc"])
+        serve(lambda xs: [{"echo": x} for x in xs], "jdoc", input_type="json")
+        admin.create_app("learn", input_type="float64", input_shape=[1], slo_ms=5000, models=["a", "b"])
+        admin.set_policy("learn", "exp3", seed=1)
+        serve(lambda xs: [1 for _ in xs], "a")
+        serve(lambda xs: [2 for _ in xs], "b")
+        for model in [f"echo_{d}" for d in NUMERIC] + ["sum", "jdoc", "a", "b"]:
+            wait_for(lambda m=model: admin.replicas(m), 20, f"a replica of {model}")
+    yield
+    for r, t in started:
+        r.stop()
+        t.join(5)
+
+
+@pytest.fixture(scope="module")
+def gateway(broker, apps):
+    with LocalGateway(broker.frontend, broker.admin) as gw:
+        yield gw
+
+
+def rss(pid: int) -> int:
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+
+
+class LegitClient:
+    """Asks the ``sum`` app for random sums on a thread and checks each answer."""
+
+    def __init__(self, url: str, pause_s: float = 0.02) -> None:
+        self.url, self.pause_s = url, pause_s
+        self.ok = 0
+        self.slowest_s = 0.0  # reported, not asserted: on a busy machine a worker's loop may stall
+        self.failures: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        while not self._stop.is_set():
+            x = [rng.randint(-1000, 1000) / 8 for _ in range(3)]
+            started = time.monotonic()
+            try:
+                # a new connection each time, as a browser might; a timeout that only says "lost"
+                with httpx.Client(timeout=60) as c:
+                    r = c.post(self.url + "/sum/predict", json={"input": x})
+                self.slowest_s = max(self.slowest_s, time.monotonic() - started)
+                if r.status_code == 200 and r.json()["output"] == sum(x):
+                    self.ok += 1
+                else:
+                    self.failures[f"{r.status_code} {r.text[:80]}"] += 1
+            except httpx.HTTPError as exc:
+                self.failures[type(exc).__name__] += 1
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> LegitClient:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+# ---------------------------------------------------------------- numbers, both ways
+
+
+@pytest.mark.parametrize("dtype", NUMERIC)
+def test_every_dtype_goes_through_both_routes_exactly_or_is_refused(gateway, dtype):
+    values = extremes(dtype)
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        r = http.post(f"/e_{dtype}/predict", json={"input": values})
+        assert r.status_code == 200 and r.json()["output"] == values, r.text
+        r = http.post(f"/e_{dtype}/predict", json={"input_batch": [values, values[:1]]})
+        assert [p["output"] for p in r.json()["batch_predictions"]] == [values, values[:1]]
+        tensor = {"name": "x", "datatype": v2_name(dtype), "shape": [1, len(values)], "data": values}
+        r = http.post(f"/v2/models/e_{dtype}/infer", json={"inputs": [tensor]})
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["datatype"] == v2_name(dtype) and out["data"] == values
+        raw = np.asarray(values, dtype=dtype).astype(np.dtype(dtype).newbyteorder("<"))
+        head = json.dumps(
+            {
+                "inputs": [{**tensor, "data": None, "parameters": {"binary_data_size": raw.nbytes}}],
+                "parameters": {"binary_data_output": True},
+            }
+        ).encode()
+        r = http.post(
+            f"/v2/models/e_{dtype}/infer",
+            content=head + raw.tobytes(),
+            headers={"inference-header-content-length": str(len(head))},
+        )
+        assert r.status_code == 200, r.text
+        n = int(r.headers["inference-header-content-length"])
+        assert r.content[n : n + raw.nbytes] == raw.tobytes()
+        for bad in (past(dtype), [*values, *past(dtype)]):
+            r = http.post(f"/e_{dtype}/predict", json={"input": bad})
+            assert r.status_code == 400 and r.json()["code"] == "BAD_INPUT", (bad, r.text)
+            bad_tensor = {**tensor, "shape": [len(bad)], "data": bad}
+            r = http.post(f"/v2/models/e_{dtype}/infer", content=json.dumps({"inputs": [bad_tensor]}))
+            assert r.status_code == 400 and r.json()["error"], (bad, r.text)
+
+
+def test_uint64_past_int64_comes_back_whole_on_both_routes(gateway):
+    x = [1, 2, 18446744073709551615]
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        assert http.post("/e_uint64/predict", json={"input": x}).json()["output"] == x
+        doc = {"inputs": [{"name": "x", "datatype": "UINT64", "shape": [3], "data": x}]}
+        assert http.post("/v2/models/e_uint64/infer", json=doc).json()["outputs"][0]["data"] == x
+
+
+# ---------------------------------------------------------------- malformed and mistyped JSON
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+DEEPISH = b"[" * 65 + b"]" * 65
+HUGE_INT = b"9" * 5000
+TENSOR = b'{"name": "x", "datatype": "FP64", "shape": [1], "data": [1]}'
+
+
+def bodies_for(route: str, numeric: bool) -> list[bytes]:
+    common = [DEEP, DEEPISH, b"\xff\xfe{}", b'{"a": ' + HUGE_INT + b"}", b"[]", b"null", b'"x"', b"{"]
+    if route == "predict":
+        for_any_app = [
+            *common,
+            b'{"input": ' + DEEP + b"}",
+            b'{"input": ' + DEEPISH + b"}",
+            b'{"input": [' + HUGE_INT + b"]}",
+            b'{"input": [1e999]}',
+            b'{"input_batch": 5}',
+            b'{"input_batch": []}',
+            b'{"input_batch": [' + DEEPISH + b"]}",
+            b'{"input": [1], "input_batch": [[1]]}',
+        ]
+        if not numeric:
+            return for_any_app
+        return [
+            *for_any_app,
+            b'{"input": {"a": 1}}',
+            b'{"input": [[1], [2, 3]]}',
+            b'{"input": [1, null]}',
+            b'{"input": "12"}',
+        ]
+    if route == "update":
+        return [
+            *common,
+            b'{"query_id": 5, "label": ' + DEEP + b"}",
+            b'{"query_id": 5, "label": 1' + b"0" * 400 + b"}",
+            b'{"query_id": 5, "label": 1, "uid": {"a": 1}}',
+            b'{"query_id": 5, "label": 1, "uid": "' + b"u" * 300 + b'"}',
+            b'{"query_id": "5", "label": 1}',
+            b'{"query_id": 1e400, "label": 1}',
+            b'{"query_id": -1, "label": 1}',
+            b'{"query_id": true, "label": 1}',
+            b'{"input": [1], "query_id": 5, "label": 1}',
+            b'{"label": 1}',
+            b'{"input": {"x": 1}, "label": 1}',
+        ]
+    return [
+        *common,
+        b'{"inputs": ' + DEEP + b"}",
+        b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "data": ' + DEEPISH + b"}]}",
+        b'{"inputs": [{"name": "x", "datatype": "UINT64", "shape": [1], "data": [' + HUGE_INT + b"]}]}",
+        b'{"inputs": [' + TENSOR + b'], "parameters": []}',
+        b'{"inputs": [' + TENSOR + b'], "parameters": {"timeout": "soon"}}',
+        b'{"inputs": [' + TENSOR + b'], "parameters": {"timeout": 1e400}}',
+        b'{"inputs": [' + TENSOR + b'], "parameters": {"priority": 1e9}}',
+        b'{"inputs": [' + TENSOR + b'], "parameters": {"binary_data_output": "yes"}}',
+        b'{"inputs": [' + TENSOR + b'], "id": 5}',
+        b'{"inputs": [' + TENSOR + b'], "outputs": [{"name": "output", "parameters": []}]}',
+        b'{"inputs": [' + TENSOR + b'], "outputs": "all"}',
+        b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [1], "parameters": []}]}',
+        b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [1.5], "data": [1]}]}',
+        b'{"inputs": [{"name": 5, "datatype": "FP64", "shape": [1], "data": [1]}]}',
+        b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [' + HUGE_INT[:30] + b'], "data": [1]}]}',
+    ]
+
+
+@pytest.mark.parametrize(
+    ("route", "path"),
+    [
+        ("predict", "/sum/predict"),
+        ("predict", "/doc/predict"),
+        ("update", "/learn/update"),
+        ("infer", "/v2/models/sum/infer"),
+        ("infer", "/v2/models/doc/infer"),
+    ],
+)
+def test_malformed_and_mistyped_json_is_a_4xx_with_a_message_on_every_route(gateway, route, path):
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        for body in bodies_for(route, numeric="doc" not in path):
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+            assert 400 <= r.status_code < 500, (path, body[:120], r.status_code, r.text[:200])
+            assert r.json()["error"] and r.json()["code"], r.text
+    assert "gateway_bug" not in gateway.log_text()
+
+
+def test_labels_of_any_size_are_exact_or_refused(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        qid = http.post("/learn/predict", json={"input": [1]}).json()["query_id"]
+        for label in (1, 2**64 - 1, [1, 2**70], {"deep": [[["ok"]]]}, "cat", 0.5):
+            r = http.post("/learn/update", json={"query_id": qid, "label": label, "uid": "user-1"})
+            assert r.status_code == 200 and r.json()["accepted"], (label, r.text)
+
+
+# ---------------------------------------------------------------- extreme bodies, legit client watching
+
+
+def hostile_bodies(rng: random.Random):
+    """(path, body, headers) of valid-but-extreme requests: sizes, counts, depths, numbers."""
+    big_json = b"[" + b",".join([b"1.5"] * (3_900_000)) + b"]"  # just under 16 MiB of JSON
+    yield "/sum/predict", b'{"input": ' + big_json + b"}", {}
+    raw = np.ones(7_800_000, dtype="<f8")  # 62 MB of binary tensor data
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP64",
+                    "shape": [1, raw.size],
+                    "parameters": {"binary_data_size": raw.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    yield "/v2/models/sum/infer", head + raw.tobytes(), {"inference-header-content-length": str(len(head))}
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # gzip: 400 MiB inflated
+    zeros = b"0," * (512 * 1024)
+    bomb = (
+        packer.compress(b"[") + b"".join(packer.compress(zeros) for _ in range(400)) + packer.compress(b"0]")
+    )
+    yield "/sum/predict", bomb + packer.flush(), {"content-encoding": "gzip"}
+    yield "/sum/predict", json.dumps({"input_batch": [[1.0]] * 20_000}).encode(), {}
+    nested = 0
+    for _ in range(63):
+        nested = [nested]
+    yield "/doc/predict", json.dumps({"input": nested}).encode(), {}
+    yield "/doc/predict", json.dumps({"input": [nested]}).encode(), {}
+    yield "/doc/predict", json.dumps({"input": {f"k{i}": i for i in range(200_000)}}).encode(), {}
+    yield "/doc/predict", json.dumps({"input": "x" * 10_000_000}).encode(), {}
+    yield "/e_uint64/predict", json.dumps({"input": [2**64 - 1] * 200_000 + [1]}).encode(), {}
+    yield "/e_int64/predict", json.dumps({"input": [-(2**63)] * 200_000 + [2**63]}).encode(), {}
+    yield "/e_float16/predict", json.dumps({"input": [65504.0] * 100_000 + [1e300]}).encode(), {}
+    yield "/e_float64/predict", json.dumps({"input": [5e-324, 1.7976931348623157e308] * 50_000}).encode(), {}
+    for _ in range(40):
+        depth = rng.choice([1, 10, 63, 64, 65, 1000, 50_000])
+        yield "/doc/predict", b'{"input": ' + b"[" * depth + b"]" * depth + b"}", {}
+        digits = rng.choice([19, 20, 21, 300, 4300])
+        yield f"/e_{rng.choice(NUMERIC)}/predict", b'{"input": [' + b"9" * digits + b"]}", {}
+        blob = base64.b64encode(rng.randbytes(rng.choice([0, 1, 1 << 16, 1 << 22]))).decode()
+        yield "/doc/predict", json.dumps({"input": blob}).encode(), {}
+
+
+def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gateway, capsys):
+    pid = gateway.pid
+    before = rss(pid)
+    peak = before
+    seen: Counter[int] = Counter()
+    problems = []
+    with LegitClient(gateway.url) as legit:
+        wait_for(lambda: legit.ok >= 5, 30, "the legit client's first answers")
+        rng = random.Random(15)
+        requests = list(hostile_bodies(rng))
+
+        def hostile(worker: int) -> None:
+            nonlocal peak
+            with httpx.Client(base_url=gateway.url, timeout=60) as http:
+                for path, body, headers in requests[worker::3]:
+                    r = http.post(path, content=body, headers={"content-type": "application/json", **headers})
+                    seen[r.status_code] += 1
+                    # 503 is "come back later" (a full budget, or a broker too busy to answer
+                    # in time on a loaded machine); any other 5xx is a bug
+                    if r.status_code >= 500 and r.json().get("code") not in ("OVERLOADED", "UNAVAILABLE"):
+                        problems.append((path, body[:80], r.status_code, r.text[:200]))
+                    peak = max(peak, rss(pid))
+
+        threads = [threading.Thread(target=hostile, args=(w,)) for w in range(3)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            peak = max(peak, rss(pid))
+            time.sleep(0.05)
+        for t in threads:
+            t.join()
+        wait_for(lambda: legit.ok >= 20, 30, "more legit answers after the burst")
+    after = rss(pid)
+    with capsys.disabled():
+        print(
+            f"\nextreme bodies: {sum(seen.values())} requests, codes {dict(seen)}; legit {legit.ok} ok, "
+            f"{sum(legit.failures.values())} failed, slowest {legit.slowest_s:.2f} s; "
+            f"gateway RSS before {before >> 20} MiB, peak {peak >> 20} MiB, after {after >> 20} MiB"
+        )
+    assert not problems and not legit.failures, (problems, legit.failures)
+    assert set(seen) <= {200, 400, 413, 503}, seen
+    assert peak - before < 1200 << 20, (before >> 20, peak >> 20)
+    assert after - before < 300 << 20, (before >> 20, after >> 20)
+
+
+# ---------------------------------------------------------------- slow clients
+
+
+class SlowFlood:
+    """``n`` connections that send half a request head, or a head and then a body, a byte a
+    second; counts the connections the gateway has closed (or answered: 408, 503)."""
+
+    def __init__(self, url: str, n: int) -> None:
+        self.host, port = url.removeprefix("http://").rsplit(":", 1)
+        self.port, self.n = int(port), n
+        self.opened = self.closed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        socks: list[socket.socket] = []
+        try:
+            for i in range(self.n):
+                s = socket.create_connection((self.host, self.port), timeout=10)
+                s.setblocking(False)
+                if i % 2:
+                    s.send(b"POST /sum/predict HTTP/1.1\r\nhost: x\r\n")
+                else:
+                    s.send(b"POST /sum/predict HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{")
+                socks.append(s)
+                self.opened += 1
+            while socks and not self._stop.wait(1.0):
+                for s in list(socks):
+                    try:
+                        s.recv(65536)  # an answer, or the end: the gateway is done with it
+                    except BlockingIOError:
+                        try:
+                            s.send(b"x")
+                            continue
+                        except OSError:
+                            pass
+                    except OSError:
+                        pass
+                    self.closed += 1
+                    socks.remove(s)
+                    s.close()
+        finally:
+            for s in socks:
+                s.close()
+
+    def __enter__(self) -> SlowFlood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+@pytest.mark.parametrize("max_connections", [None, 64])
+def test_a_slow_client_flood_does_not_fail_legit_requests(broker, apps, max_connections, capsys):
+    """1,100 slow connections; the gateway starts with the common soft limit of 1024 files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1400:
+        pytest.skip(f"the flood needs 1400 open files here; the hard limit is {hard}")
+    extra = []  # the defaults: 10 s for a head, 10 s (plus 1 s per 64 KiB) for a body
+    if max_connections:
+        extra = [
+            "--max-connections",
+            str(max_connections),
+            "--header-timeout-s",
+            "3",
+            "--body-timeout-s",
+            "3",
+        ]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        gw = LocalGateway(broker.frontend, broker.admin, extra_args=extra).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else soft, hard))
+    try:
+        before = peak = rss(gw.pid)
+        with LegitClient(gw.url, pause_s=0.05) as legit, SlowFlood(gw.url, 1100) as flood:
+            wait_for(lambda: flood.opened == flood.n, 60, "the slow connections to open")
+            during = legit.ok
+
+            def all_closed() -> bool:
+                nonlocal peak
+                peak = max(peak, rss(gw.pid))
+                return flood.closed == flood.n
+
+            with contextlib.suppress(TimeoutError):  # reported by the assertion below, with figures
+                wait_for(all_closed, 60, "the gateway to close every slow connection", interval_s=0.2)
+            during = legit.ok - during
+        with capsys.disabled():
+            print(
+                f"\nslow flood (max_connections {max_connections or 'default'}): legit {legit.ok} ok "
+                f"({during} while the flood was open, slowest {legit.slowest_s:.2f} s), failures "
+                f"{dict(legit.failures)}; slow connections "
+                f"closed by the gateway {flood.closed} of {flood.n}; "
+                f"gateway RSS {before >> 20} -> {peak >> 20} MiB"
+            )
+        assert flood.closed == flood.n, (flood.closed, flood.n)
+        assert during >= 3 and not legit.failures, (during, legit.failures)
+        assert peak - before < 200 << 20
+    finally:
+        gw.stop()
+
+
+def test_an_oversized_request_head_is_431(gateway):
+    host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        # a little past the 64 KiB a head may take, all of it read by the gateway before it answers
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 66_000 + b"\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert httpx.get(gateway.url + "/v2/health/live", timeout=5).status_code == 200
