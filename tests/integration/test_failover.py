@@ -27,6 +27,7 @@ pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parents[2]
 JAR = ROOT / "sdk" / "java" / "target" / "ketch-sdk-0.1.0-all.jar"
 REQUIRED = os.environ.get("KETCH_REQUIRE_POLYGLOT") == "1"
+BUILD_ID = "sum-of-the-input"
 
 
 def victim_cmd(sdk: str, backend: str, model: str) -> list[str]:
@@ -61,7 +62,13 @@ def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewher
     cmd = victim_cmd(sdk, tb.backend, model)
     log = open(tmp_path / "victim.log", "wb")  # noqa: SIM115 (the child holds it)
     victim = subprocess.Popen(
-        cmd, stdout=log, stderr=log, cwd=ROOT, env={**os.environ, "KETCH_REPLICA_INDEX": "victim"}
+        cmd,
+        stdout=log,
+        stderr=log,
+        cwd=ROOT,
+        # one build id for both replicas: the same sum, in two SDKs (the broker refuses other
+        # code under a live version, see docs/protocol.md)
+        env={**os.environ, "KETCH_REPLICA_INDEX": "victim", "KETCH_BUILD_ID": BUILD_ID},
     )
     log.close()
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -87,6 +94,7 @@ def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewher
                 backend=tb.backend,
                 name=model,
                 replica_id="survivor",
+                build_id=BUILD_ID,
             )
             wait_for(lambda: "survivor" in by_id(admin, model), 10, "the survivor")
             os.kill(victim.pid, signal.SIGKILL)
