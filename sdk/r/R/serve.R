@@ -33,9 +33,14 @@ KETCH_MAX_U32 <- 4294967295
 # What the container serves, sent in Hello (the broker keys its cache on it): "build:" and
 # $KETCH_BUILD_ID when set, else "md5:" and the digest of predict_fn's source (what it calls
 # or loads is not seen: set KETCH_BUILD_ID where that matters).
-ketch_fingerprint <- function(predict_fn) {
-  build <- Sys.getenv("KETCH_BUILD_ID")
-  if (nzchar(build)) return(paste0("build:", build))
+ketch_fingerprint <- function(predict_fn, build = Sys.getenv("KETCH_BUILD_ID")) {
+  if (nzchar(build)) {
+    text <- paste0("build:", build)
+    if (nchar(text, type = "bytes") > 128 || !grepl("^[!-~]+$", text, useBytes = TRUE)) {
+      stop("KETCH_BUILD_ID: at most 122 printable ASCII characters, no space")
+    }
+    return(text)
+  }
   file <- tempfile()
   on.exit(unlink(file))
   writeLines(deparse(predict_fn, control = c("keepInteger", "showAttributes")), file)
@@ -63,7 +68,7 @@ ketch_fingerprint <- function(predict_fn) {
 #'   each further try, up to 30 s).
 #' @return invisibly "drained" after Shutdown or SIGINT; signals an error of class
 #'   "ketch_refused" when the broker refuses the Hello (UNSUPPORTED_VERSION, or any other
-#'   Error answering it).
+#'   Error answering it but CONFLICT, which means Hello again later).
 ketch_serve <- function(predict_fn, name, version, input_type, input_shape = integer(0),
                         broker = "tcp://127.0.0.1:7000", replica_id = NULL, credits = 2,
                         max_batch = 0, deterministic = TRUE,
@@ -148,7 +153,7 @@ rt_next_deadline <- function(rt) {
   if (rt$phase == "ready") {
     due <- min(due, rt$last_sent + rt$heartbeat, rt$last_recv + rt$dead_after)
   } else {
-    due <- min(due, rt$connected_at + rt_welcome_wait(rt))
+    due <- min(due, rt$connected_at + rt_welcome_wait(rt), rt$hello_again_at)
   }
   due
 }
@@ -164,6 +169,9 @@ rt_timers <- function(rt) {
     } else if (now - rt$last_sent >= rt$heartbeat) {
       rt_send(rt, "Heartbeat", list(busy = !is.null(rt$job)))
     }
+  } else if (now >= rt$hello_again_at) {
+    rt_log(rt, "saying Hello again after a CONFLICT")
+    rt_reconnect(rt)
   } else if (now - rt$connected_at > rt_welcome_wait(rt)) {
     rt_log(rt, sprintf("no Welcome after %.1f s, reconnecting", now - rt$connected_at))
     rt_reconnect(rt)
@@ -182,6 +190,7 @@ rt_connect <- function(rt) {
   rt$sock <- sock
   rt$phase <- "connecting"
   rt$connected_at <- rt_now()
+  rt$hello_again_at <- Inf
   rt$last_recv <- rt_now()
   rt$attempts <- rt$attempts + 1
   rt_send(rt, "Hello", rt$hello)
@@ -296,11 +305,17 @@ rt_on_welcome <- function(rt, body) {
   if (rt$draining) rt_send(rt, "Ready", list(credits = 0))  # a new connection: say it again
 }
 
+# Acted on by the code alone, never the text: UNSUPPORTED_VERSION ends the container;
+# BAD_MESSAGE once welcomed means the broker does not know this connection (Hello again),
+# before the Welcome it answers something sent before the Hello (nothing to do); CONFLICT
+# answering the Hello (the replica id is live on another connection, or other code serves
+# this version) means Hello again later on a new connection, backing off 1 s doubling to
+# 30 s; any other Error answering the Hello (INVALID) ends the container.
 rt_on_error <- function(rt, body) {
   text <- sprintf("%s: %s", body$code, body$message)
   if (identical(body$code, "UNSUPPORTED_VERSION")) {
     rt_refused(rt, text)  # MUST NOT retry with the same version
-  } else if (identical(body$code, "BAD_MESSAGE") && grepl("send Hello first", body$message, fixed = TRUE)) {
+  } else if (identical(body$code, "BAD_MESSAGE")) {
     if (rt$phase == "ready") {
       # the broker does not know this connection (it restarted): Hello again, same id;
       # whatever it sent before is no longer its business, so held batches are dropped
@@ -310,6 +325,10 @@ rt_on_error <- function(rt, body) {
       rt$connected_at <- rt_now()
       rt_send(rt, "Hello", rt$hello)
     }  # else a Hello is already on its way
+  } else if (identical(body$code, "CONFLICT") && rt$phase == "connecting") {
+    wait <- min(30, 2^max(0, rt$attempts - 1))
+    rt_log(rt, sprintf("hello refused for now (%s); Hello again in %g s", text, wait))
+    rt$hello_again_at <- rt_now() + wait
   } else if (rt$phase == "connecting") {
     rt_refused(rt, text)  # an Error answering the Hello: the container exits
   } else {

@@ -56,3 +56,18 @@ test_that("batch inputs are checked against frames and shapes", {
                class = "ketch_bad_frames")
   expect_error(ketch_batch_inputs(body, list(f64(1:2), f64(1:2))), "item 1: payload of 16 bytes")
 })
+
+test_that("the fingerprint is a digest of predict_fn's source, or the build id", {
+  f <- function(inputs) lapply(inputs, sum)
+  g <- function(inputs) lapply(inputs, sum)
+  h <- function(inputs) lapply(inputs, function(x) 2 * sum(x))
+  fp <- ketch_fingerprint(f, build = "")
+  expect_match(fp, "^md5:[0-9a-f]{32}$")
+  expect_identical(ketch_fingerprint(g, build = ""), fp)  # the same code, the same fingerprint
+  expect_false(identical(ketch_fingerprint(h, build = ""), fp))  # other code, another
+  expect_identical(ketch_fingerprint(f, build = "2026-11-30.1"), "build:2026-11-30.1")
+  for (bad in c("with space", strrep("x", 123), "caf\u00e9", "tab\t")) {
+    expect_error(ketch_fingerprint(f, build = bad), "KETCH_BUILD_ID")
+  }
+  expect_identical(nchar(ketch_fingerprint(f, build = strrep("x", 122))), 128L)
+})
