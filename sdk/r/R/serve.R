@@ -360,6 +360,13 @@ rt_start_next <- function(rt) {
     rt_reply(rt, batch, list(ok = FALSE, error = code, message = conditionMessage(inputs), compute_us = 0))
     return(invisible(NULL))
   }
+  # items whose payload is not a value of their type fail alone (BAD_INPUT); the others compute
+  batch$bad <- attr(inputs, "bad_items")
+  attr(inputs, "bad_items") <- NULL
+  if (length(inputs) == 0 && length(batch$bad) > 0) {
+    rt_reply(rt, batch, list(ok = TRUE, items = list(), compute_us = 0))
+    return(invisible(NULL))
+  }
   if (!rt$fork) {
     rt_reply(rt, batch, ketch_run_predict(rt$predict_fn, inputs))
     return(invisible(NULL))
@@ -384,6 +391,7 @@ rt_collect <- function(rt, timeout) {
 }
 
 rt_reply <- function(rt, batch, result) {
+  result <- ketch_merge_bad_items(result, batch$bad, length(batch$body$budgets_us))
   reply <- ketch_predict_reply(batch$body$batch_id, result)
   rt_send(rt, "PredictReply", reply$body, reply$payloads)
 }
@@ -405,8 +413,10 @@ ketch_condition <- function(class, message) {
   structure(class = c(class, "error", "condition"), list(message = message, call = NULL))
 }
 
-#' The inputs of a PredictRequest as a list of R values, one per item, with attributes
-#' "dtype" and "budgets_us". Signals "ketch_bad_frames" when frames or shapes do not add up.
+#' The inputs of a PredictRequest as a list of R values, one per item whose payload is a
+#' value of its dtype and shape, with attributes "dtype", "budgets_us" (of those items) and
+#' "bad_items" (the others: their message, named by their 1-based index in the batch).
+#' Signals "ketch_bad_frames" when frames or shapes do not add up.
 ketch_batch_inputs <- function(body, payloads) {
   n <- length(body$budgets_us)
   if (length(payloads) != n) {
@@ -418,15 +428,41 @@ ketch_batch_inputs <- function(body, payloads) {
     stop(ketch_condition("ketch_bad_frames", sprintf("PredictRequest has %d shape entries for %d item(s) of ndim %d",
                                                      length(body$shapes), n, ndim)))
   }
-  inputs <- lapply(seq_len(n), function(i) {
+  inputs <- vector("list", n)
+  bad <- list()
+  for (i in seq_len(n)) {
     shape <- body$shapes[(i - 1) * ndim + seq_len(ndim)]
-    tryCatch(ketch_payload_to_value(body$dtype, shape, payloads[[i]]), error = function(e) {
-      stop(sprintf("item %d: %s", i - 1, conditionMessage(e)), call. = FALSE)
-    })
-  })
+    # an error of R itself too (JSON nested too deep overflows the protection stack)
+    value <- tryCatch(list(ketch_payload_to_value(body$dtype, shape, payloads[[i]])), error = function(e) e)
+    if (inherits(value, "error")) {
+      bad[[as.character(i)]] <- sprintf("item %d: %s", i - 1, substr(conditionMessage(value), 1, 300))
+    } else {
+      inputs[i] <- value
+    }
+  }
+  good <- setdiff(seq_len(n), as.integer(names(bad)))
+  inputs <- inputs[good]
   attr(inputs, "dtype") <- body$dtype
-  attr(inputs, "budgets_us") <- body$budgets_us
+  attr(inputs, "budgets_us") <- body$budgets_us[good]
+  attr(inputs, "bad_items") <- bad
   inputs
+}
+
+#' The result of a batch of n items whose `bad` items (see ketch_batch_inputs) were not
+#' computed: those answered BAD_INPUT, the others as `result` says (each failing with the
+#' batch's error when the batch failed).
+ketch_merge_bad_items <- function(result, bad, n) {
+  if (!length(bad)) return(result)
+  good <- setdiff(seq_len(n), as.integer(names(bad)))
+  items <- vector("list", n)
+  for (k in names(bad)) {
+    items[[as.integer(k)]] <- list(status = "ERROR", error = "BAD_INPUT", message = bad[[k]])
+  }
+  for (j in seq_along(good)) {
+    items[[good[j]]] <- if (isTRUE(result$ok)) result$items[[j]] else
+      list(status = "ERROR", error = result$error, message = result$message)
+  }
+  list(ok = TRUE, items = items, compute_us = result$compute_us)
 }
 
 ketch_class_message <- function(e) paste0(class(e)[1], ": ", conditionMessage(e))

@@ -51,3 +51,31 @@ test_that("BAD_MESSAGE before the Welcome is no refusal, whatever its text; INVA
     expect_match(container_log(child), "INVALID", fixed = TRUE)
   })
 })
+
+test_that("one item that is not a value of its type fails alone and the container lives", {
+  b <- fake_broker()
+  on.exit(broker_close(b), add = TRUE)
+  child <- start_container(b$endpoint, "echo", c("--name", "echo", "--input-type", "json",
+                                                 "--replica-id", "test/echo/0"))
+  r_pid <- integer(0)
+  on.exit(stop_container(child, r_pid), add = TRUE)
+  hello <- broker_expect(b, "Hello", 30, child)
+  r_pid <- hello$body$pid
+  broker_send(b, hello$identity, "Welcome", list(heartbeat_ms = 1000, dead_after_ms = 10000))
+  deep <- charToRaw(paste0(strrep("[", 100000), strrep("]", 100000)))
+  payloads <- list(charToRaw("[1, 2]"), charToRaw("{\"a\": "), deep, as.raw(c(0x22, 0xff, 0x22)), charToRaw("7"))
+  body <- list(batch_id = 1, model = "echo", model_version = "1", dtype = "JSON", ndim = 0,
+               shapes = numeric(0), budgets_us = rep(1e6, 5))
+  broker_send(b, hello$identity, "PredictRequest", body, payloads)
+  reply <- broker_expect(b, "PredictReply", 15, child)
+  expect_identical(vapply(reply$body$outputs, `[[`, "", "status"), c("OK", "ERROR", "ERROR", "ERROR", "OK"))
+  expect_identical(vapply(reply$body$outputs[2:4], `[[`, "", "error"), rep("BAD_INPUT", 3))
+  expect_identical(jsonlite::fromJSON(rawToChar(reply$payloads[[1]])), c(1L, 2L))
+  expect_identical(rawToChar(reply$payloads[[5]]), "7")
+  body$batch_id <- 2  # and it still serves
+  broker_send(b, hello$identity, "PredictRequest", modifyList(body, list(budgets_us = 1e6)), list(charToRaw("3")))
+  reply <- broker_expect(b, "PredictReply", 15, child)
+  expect_identical(reply$body$batch_id, 2)
+  expect_identical(rawToChar(reply$payloads[[1]]), "3")
+  expect_true(is.na(container_rc(child, 0)))
+})

@@ -54,7 +54,10 @@ test_that("batch inputs are checked against frames and shapes", {
   expect_error(ketch_batch_inputs(body, list(f64(1:2))), class = "ketch_bad_frames")
   expect_error(ketch_batch_inputs(modifyList(body, list(shapes = 2)), list(f64(1:2), f64(3))),
                class = "ketch_bad_frames")
-  expect_error(ketch_batch_inputs(body, list(f64(1:2), f64(1:2))), "item 1: payload of 16 bytes")
+  wrong <- ketch_batch_inputs(body, list(f64(1:2), f64(1:2)))  # item 1 alone is bad
+  expect_identical(unclass(wrong)[1], list(c(1, 2)))
+  expect_identical(attr(wrong, "budgets_us"), 10)
+  expect_match(attr(wrong, "bad_items")[["2"]], "^item 1: payload of 16 bytes")
 })
 
 test_that("the fingerprint is a digest of predict_fn's source, or the build id", {
@@ -70,4 +73,31 @@ test_that("the fingerprint is a digest of predict_fn's source, or the build id",
     expect_error(ketch_fingerprint(f, build = bad), "KETCH_BUILD_ID")
   }
   expect_identical(nchar(ketch_fingerprint(f, build = strrep("x", 122))), 128L)
+})
+
+test_that("an item that is not a value of its type fails alone; the others compute", {
+  utf8 <- function(x) charToRaw(enc2utf8(x))
+  deep <- charToRaw(paste0(strrep("[", 100000), strrep("]", 100000)))
+  body <- list(batch_id = 3, dtype = "JSON", ndim = 0, shapes = numeric(0), budgets_us = c(1, 2, 3, 4, 5))
+  inputs <- ketch_batch_inputs(body, list(utf8("[1, 2]"), utf8("[1,"), deep, as.raw(c(0x22, 0xff, 0x22)),
+                                          utf8("{\"a\": 3}")))
+  bad <- attr(inputs, "bad_items")
+  expect_identical(names(bad), c("2", "3", "4"))
+  expect_match(bad[["2"]], "^item 1: ")
+  expect_match(bad[["3"]], "^item 2: ")
+  expect_lte(nchar(bad[["3"]]), 320)
+  expect_identical(attr(inputs, "budgets_us"), c(1, 5))
+  expect_identical(unclass(inputs)[1:2], list(c(1L, 2L), list(a = 3L)))
+  res <- ketch_merge_bad_items(ketch_run_predict(function(xs) lapply(xs, length), inputs), bad, 5)
+  reply <- ketch_predict_reply(3, res)
+  expect_identical(vapply(reply$body$outputs, `[[`, "", "status"), c("OK", "ERROR", "ERROR", "ERROR", "OK"))
+  expect_identical(vapply(reply$body$outputs[2:4], `[[`, "", "error"), rep("BAD_INPUT", 3))
+  # the model failing its batch fails the computed items; the bad ones keep BAD_INPUT
+  failed <- ketch_merge_bad_items(ketch_run_predict(function(xs) stop("boom"), inputs), bad, 5)
+  errors <- vapply(failed$items, `[[`, "", "error")
+  expect_identical(errors, c("MODEL_ERROR", "BAD_INPUT", "BAD_INPUT", "BAD_INPUT", "MODEL_ERROR"))
+  expect_identical(failed$items[[1]]$message, "simpleError: boom")
+  # nothing bad: the result as it was
+  ok <- ketch_run_predict(function(xs) lapply(xs, length), inputs)
+  expect_identical(ketch_merge_bad_items(ok, list(), 2), ok)
 })
