@@ -105,6 +105,15 @@ class ContainerTest {
         sendBatch(identity, batchId, budgets, rows);
     }
 
+    /** A batch of one random row to {@code identity} is answered with its sum. */
+    private void assertServes(byte[] identity, long batchId) {
+        double[] row = randomRow();
+        sendBatch(identity, batchId, row);
+        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
+        assertEquals(batchId, r.body(PredictReply.class).batchId());
+        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+    }
+
     private static double sum(double[] xs) {
         double s = 0;
         for (double x : xs) {
@@ -351,10 +360,7 @@ class ContainerTest {
         assertNotEquals(Arrays.toString(first.identity()), Arrays.toString(again.identity()), "a new socket");
         assertEquals("test/sum/0", again.body(Hello.class).replicaId());
         broker.send(again.identity(), Codec.welcome(1000, 10_000));
-        double[] row = randomRow();
-        sendBatch(again.identity(), 5, row);
-        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
-        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+        assertServes(again.identity(), 5);
     }
 
     @Test
@@ -387,10 +393,7 @@ class ContainerTest {
         assertNotEquals(Arrays.toString(first.identity()), Arrays.toString(again.identity()), "a new socket");
         assertFalse(done.isDone(), "the container did not end");
         broker.send(again.identity(), Codec.welcome(1000, 10_000));
-        double[] row = randomRow();
-        sendBatch(again.identity(), 1, row);
-        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
-        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+        assertServes(again.identity(), 1);
     }
 
     @Test
@@ -409,10 +412,7 @@ class ContainerTest {
         Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
         broker.send(hello.identity(), Codec.error(ErrorCode.BAD_MESSAGE, "heartbeat from an unknown peer", 0, 0));
         broker.send(hello.identity(), Codec.welcome(1000, 10_000));
-        double[] row = randomRow();
-        sendBatch(hello.identity(), 1, row);
-        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
-        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+        assertServes(hello.identity(), 1);
         assertFalse(done.isDone());
     }
 
