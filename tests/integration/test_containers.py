@@ -70,7 +70,8 @@ class Raw:
 
 @pytest.fixture
 def env(make_thread_broker, replica_threads):
-    tb = make_thread_broker(heartbeat_ms=100, dead_after_ms=1000)
+    # dead only after 15 s: a replica thread stalled by a busy machine is not what is tested here
+    tb = make_thread_broker(heartbeat_ms=100, dead_after_ms=15_000)
     admin = ketch.Admin(tb.admin)
     client = ketch.Client(tb.frontend)
     raws: list[Raw] = []

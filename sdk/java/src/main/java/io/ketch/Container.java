@@ -41,10 +41,11 @@ import org.zeromq.ZMQ;
  * <pre>
  *  CONNECTING --Welcome--> READY --Shutdown / stop()--> DRAINING --Paused (v2) / quiet 50 ms (v1)--> Goodbye, DONE
  *      |  ^                  |
- *      |  +--- BACKOFF <-----+  broker silent past dead_after_ms (or no Welcome in time):
- *      |                        close the socket, wait, new socket, Hello again
- *      +-- Error UNSUPPORTED_VERSION (or an Error answering the Hello) --> DONE, run() throws RefusedException
- *  READY --Error BAD_MESSAGE ("send Hello first")--> Hello again on the same socket --> CONNECTING
+ *      |  +--- BACKOFF <-----+  broker silent past dead_after_ms (or no Welcome in time, or an
+ *      |                        Error CONFLICT answering the Hello): close the socket, wait,
+ *      |                        new socket, Hello again
+ *      +-- Error UNSUPPORTED_VERSION (or another Error answering the Hello) --> DONE, run() throws RefusedException
+ *  READY --Error BAD_MESSAGE (whatever its text)--> Hello again on the same socket --> CONNECTING
  * </pre>
  * Draining: {@code Ready{credits: 0}} goes out at once; batches that arrive afterwards (the
  * broker sent them before it read the Ready) are computed and answered as usual; Goodbye goes
@@ -91,6 +92,7 @@ public final class Container {
     private final long goodbyeLingerMs;
     private final BatchRunner runner;
     private final System.Logger logger;
+    private final String fingerprint;
 
     // ------------------------------------------------------------ shared with other threads
 
@@ -143,6 +145,7 @@ public final class Container {
         this.goodbyeLingerMs = b.goodbyeLinger.toMillis();
         this.runner = new BatchRunner(model, b.skipExpired, System::nanoTime);
         this.logger = b.logger != null ? b.logger : DEFAULT_LOG;
+        this.fingerprint = fingerprint(model);
     }
 
     /** A builder for a container serving {@code model}. */
@@ -181,15 +184,28 @@ public final class Container {
      */
     /**
      * What this container serves, sent in Hello (the broker keys its cache on it): "build:" and
-     * $KETCH_BUILD_ID when set, else "sha256:" and a digest of the model's class file (changes in
-     * other classes or in weights need a build id). Empty when neither can be had.
+     * $KETCH_BUILD_ID when set, else "sha256:" and a digest of the model's class file (for a
+     * lambda or method reference, the class that defines it; changes in other classes or in
+     * weights need a build id). Empty when neither can be had.
      */
     static String fingerprint(Object model) {
-        String build = System.getenv("KETCH_BUILD_ID");
+        return fingerprint(model, System.getenv("KETCH_BUILD_ID"));
+    }
+
+    static String fingerprint(Object model, String build) {
         if (build != null && !build.isEmpty()) {
-            return "build:" + build;
+            String text = "build:" + build;
+            if (text.length() > 128 || !text.chars().allMatch(c -> c > 0x20 && c < 0x7f)) {
+                throw new IllegalArgumentException("KETCH_BUILD_ID " + (build.length() > 40
+                        ? build.substring(0, 40) + "..." : build)
+                        + ": at most 122 printable ASCII characters, no space");
+            }
+            return text;
         }
         Class<?> cls = model.getClass();
+        if (cls.isHidden()) {  // a lambda or method reference: a nestmate of the class that wrote it
+            cls = cls.getNestHost();
+        }
         try (java.io.InputStream in = cls.getResourceAsStream("/" + cls.getName().replace('.', '/') + ".class")) {
             if (in == null) {
                 return "";
@@ -373,7 +389,7 @@ public final class Container {
     private void sendHello() {
         long pid = ProcessHandle.current().pid();
         send(Codec.hello(name, version, inputDtype, inputShape, SDK, replicaId, credits, maxBatch, deterministic,
-                pid & 0xFFFFFFFFL, fingerprint(model), Codec.protocolVersions()), List.of());
+                pid & 0xFFFFFFFFL, fingerprint, Codec.protocolVersions()), List.of());
         helloSentNs = System.nanoTime();
         pausedSeen = false;
         setState(State.CONNECTING);
@@ -605,8 +621,10 @@ public final class Container {
             log(Level.WARNING, "broker says '" + text + "': saying Hello again");
             sendHello();
         } else if (state == State.CONNECTING) {
-            if (code == ErrorCode.BAD_MESSAGE && text.startsWith("send Hello first")) {
+            if (code == ErrorCode.BAD_MESSAGE) {  // answers a message sent before the Hello in flight
                 log(Level.DEBUG, "broker says '" + text + "' to a message sent before the Hello in flight");
+            } else if (code == ErrorCode.CONFLICT) {  // not now: the id is live elsewhere, or other code
+                reconnectLater("hello refused for now: " + code + ": " + text);
             } else {
                 refuse(code, text);
             }

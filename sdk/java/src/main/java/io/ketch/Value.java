@@ -52,6 +52,16 @@ public final class Value {
 
     /** Wraps wire bytes without copying; the caller gives up {@code payload}. */
     static Value wrap(DType dtype, long[] shape, byte[] payload) {
+        if (dtype == DType.STRING || dtype == DType.JSON) {  // text is UTF-8, never read with replacements
+            try {
+                StandardCharsets.UTF_8.newDecoder()
+                        .onMalformedInput(java.nio.charset.CodingErrorAction.REPORT)
+                        .onUnmappableCharacter(java.nio.charset.CodingErrorAction.REPORT)
+                        .decode(ByteBuffer.wrap(payload));
+            } catch (java.nio.charset.CharacterCodingException e) {
+                throw new IllegalArgumentException(dtype + " payload is not valid UTF-8", e);
+            }
+        }
         return checked(dtype, shape, payload);
     }
 

@@ -167,6 +167,33 @@ class BatchRunnerTest {
     }
 
     @Test
+    void textThatIsNotUtf8FailsItsItemAloneTheOthersCompute() {
+        for (DType dtype : new DType[] {DType.STRING, DType.JSON}) {
+            byte[] header = Codec.predictRequest(12, "m", "1", dtype, 0, new long[0], new long[] {1000, 1000, 1000});
+            PredictRequest req = Codec.decode(header).body(PredictRequest.class);
+            List<Integer> seen = new ArrayList<>();
+            BatchRunner runner = new BatchRunner(inputs -> {
+                seen.add(inputs.size());
+                List<Value> out = new ArrayList<>();
+                for (Value v : inputs) {
+                    out.add(v == null ? null : Value.string(v.asString().toUpperCase()));
+                }
+                return out;
+            }, true, now::get);
+            byte[] bad = {'"', (byte) 0xff, '"'};
+            BatchRunner.Job job = BatchRunner.parse(0, req,
+                    List.of("\"a\"".getBytes(java.nio.charset.StandardCharsets.UTF_8), bad,
+                            "\"\u00e9\"".getBytes(java.nio.charset.StandardCharsets.UTF_8)), now.get());
+            PredictReply p = reply(runner.run(job));
+            assertEquals(Status.OK.code(), p.outputs(0).status(), dtype.toString());
+            assertEquals(ErrorCode.BAD_INPUT.code(), p.outputs(1).error());
+            assertTrue(p.outputs(1).message().contains("not valid UTF-8"), p.outputs(1).message());
+            assertEquals(Status.OK.code(), p.outputs(2).status());
+            assertEquals(List.of(2), seen, "the model computes the two good items");
+        }
+    }
+
+    @Test
     void describeGivesClassAndMessage() {
         assertEquals("IllegalStateException: boom", BatchRunner.describe(new IllegalStateException("boom")));
         assertEquals("NullPointerException", BatchRunner.describe(new NullPointerException()));

@@ -105,6 +105,15 @@ class ContainerTest {
         sendBatch(identity, batchId, budgets, rows);
     }
 
+    /** A batch of one random row to {@code identity} is answered with its sum. */
+    private void assertServes(byte[] identity, long batchId) {
+        double[] row = randomRow();
+        sendBatch(identity, batchId, row);
+        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
+        assertEquals(batchId, r.body(PredictReply.class).batchId());
+        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+    }
+
     private static double sum(double[] xs) {
         double s = 0;
         for (double x : xs) {
@@ -387,10 +396,7 @@ class ContainerTest {
         assertNotEquals(Arrays.toString(first.identity()), Arrays.toString(again.identity()), "a new socket");
         assertEquals("test/sum/0", again.body(Hello.class).replicaId());
         broker.send(again.identity(), Codec.welcome(1000, 10_000));
-        double[] row = randomRow();
-        sendBatch(again.identity(), 5, row);
-        Received r = broker.expect(MessageType.PREDICT_REPLY, WAIT_MS);
-        assertEquals(sum(row), Value.of(DType.FLOAT64, new long[0], r.payloads().get(0)).asDoubles()[0]);
+        assertServes(again.identity(), 5);
     }
 
     @Test
@@ -411,6 +417,75 @@ class ContainerTest {
                 () -> done.get(WAIT_MS, TimeUnit.MILLISECONDS));
         RefusedException refused = assertInstanceOf(RefusedException.class, e.getCause());
         assertEquals(ErrorCode.UNSUPPORTED_VERSION, refused.code());
+    }
+
+    @Test
+    void conflictAnsweringTheHelloMeansHelloAgainLaterNotTheEnd() {
+        // the replica id is still live on the broker (a quick restart), or other code serves the version
+        start(builder(ContainerTest::sums).reconnectBackoff(Duration.ofMillis(20), Duration.ofMillis(100)));
+        Received first = broker.expect(MessageType.HELLO, WAIT_MS);
+        broker.send(first.identity(), Codec.error(ErrorCode.CONFLICT, "replica id live on another connection", 0, 0));
+        Received again = broker.expect(MessageType.HELLO, WAIT_MS);
+        assertNotEquals(Arrays.toString(first.identity()), Arrays.toString(again.identity()), "a new socket");
+        assertFalse(done.isDone(), "the container did not end");
+        broker.send(again.identity(), Codec.welcome(1000, 10_000));
+        assertServes(again.identity(), 1);
+    }
+
+    @Test
+    void invalidAnsweringTheHelloEndsTheContainer() throws Exception {
+        start(builder(ContainerTest::sums));
+        Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
+        broker.send(hello.identity(), Codec.error(ErrorCode.INVALID, "send Hello first: model name", 0, 0));
+        ExecutionException e = org.junit.jupiter.api.Assertions.assertThrows(ExecutionException.class,
+                () -> done.get(WAIT_MS, TimeUnit.MILLISECONDS));
+        assertEquals(ErrorCode.INVALID, assertInstanceOf(RefusedException.class, e.getCause()).code());
+    }
+
+    @Test
+    void badMessageBeforeTheWelcomeIsNotARefusalWhateverItsText() {
+        start(builder(ContainerTest::sums));
+        Received hello = broker.expect(MessageType.HELLO, WAIT_MS);
+        broker.send(hello.identity(), Codec.error(ErrorCode.BAD_MESSAGE, "heartbeat from an unknown peer", 0, 0));
+        broker.send(hello.identity(), Codec.welcome(1000, 10_000));
+        assertServes(hello.identity(), 1);
+        assertFalse(done.isDone());
+    }
+
+    /** A model of a named class of its own. */
+    static final class Doubler implements Model {
+        @Override
+        public List<Value> predict(List<Value> inputs) {
+            List<Value> out = new ArrayList<>();
+            for (Value v : inputs) {
+                out.add(Value.scalar(2 * sum(v.asDoubles())));
+            }
+            return out;
+        }
+    }
+
+    @Test
+    void helloCarriesTheFingerprintOfTheModelsCode() {
+        start(builder(new Doubler()));
+        String sent = broker.expect(MessageType.HELLO, WAIT_MS).body(Hello.class).fingerprint();
+        assertTrue(sent.matches("sha256:[0-9a-f]{32}"), sent);
+        assertEquals(sent, Container.fingerprint(new Doubler(), null), "the same code, the same fingerprint");
+        // a lambda or method reference: the digest of the class that wrote it, never empty
+        String lambda = Container.fingerprint((Model) ContainerTest::sums, null);
+        assertTrue(lambda.matches("sha256:[0-9a-f]{32}"), lambda);
+        assertEquals(lambda, Container.fingerprint((Model) inputs -> inputs, null));
+        assertNotEquals(sent, lambda, "other code, another fingerprint");
+    }
+
+    @Test
+    void aBuildIdIsTheFingerprintAndMustBeSayable() {
+        assertEquals("build:2026-11-30.1", Container.fingerprint(new Doubler(), "2026-11-30.1"));
+        assertEquals(Container.fingerprint(new Doubler(), null), Container.fingerprint(new Doubler(), ""));
+        for (String bad : new String[] {"with space", "x".repeat(123), "caf\u00e9", "tab\t"}) {
+            org.junit.jupiter.api.Assertions.assertThrows(IllegalArgumentException.class,
+                    () -> Container.fingerprint(new Doubler(), bad), bad);
+        }
+        assertEquals(128, Container.fingerprint(new Doubler(), "x".repeat(122)).length());
     }
 
     @Test
