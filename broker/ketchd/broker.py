@@ -170,11 +170,12 @@ class Broker:
         poller = zmq.Poller()
         monitor = self.connections.monitor
         assert monitor is not None
-        # the monitor first: a replica's connection closing is handled before its messages
-        for sock in (monitor, self.backend, self.frontend, self.admin, durable):
+        # the backend before the monitor: what a replica sent before its connection closed
+        # (its last replies, its Goodbye) is read before the close is acted on
+        for sock in (self.backend, monitor, self.frontend, self.admin, durable):
             poller.register(sock, zmq.POLLIN)
         handlers: dict[zmq.Socket[Any], Handler] = {
-            monitor: self.connections.on_monitor,
+            monitor: self.on_monitor,
             self.backend: self.containers.on_backend,
             self.frontend: self.admission.on_frontend,
             self.admin: self.persistence.on_admin,
@@ -217,6 +218,12 @@ class Broker:
                 sock.close(linger=0)
         self.sockets.stop_curve()
         log.info("broker stopped", reason=self._stop_reason or "closed")
+
+    def on_monitor(self, frames: list[zmq.Frame]) -> None:
+        """A replica's connection closed: first the messages it sent before (its last replies
+        or its Goodbye, waiting on the backend), then the close."""
+        self._drain(self.backend, self.containers.on_backend)
+        self.connections.on_monitor(frames)
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()

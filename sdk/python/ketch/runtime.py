@@ -410,6 +410,8 @@ class Replica:
             raise errors.ProtocolError(
                 f"batch of {n} items with {len(payloads)} payloads and {len(shapes)} shape entries"
             )
+        if dtype not in proto.DTYPE_NAMES:  # the batch as a whole, not each of its items
+            raise errors.ProtocolError(f"unknown dtype {dtype}")
         inputs: list[Any] = [None] * n
         bad: dict[int, str] = {}
         for i in range(n):
