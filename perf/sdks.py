@@ -1,6 +1,7 @@
 """Replicas of the three SDKs side by side: Python, Java and R serving a no-op model.
 
     python -m perf.sdks [--rounds 3] [--duration 3] [--sdks python,java,r,r-fork,r-inline]
+                        [--sparse-rate 100]
 
 One broker process (cache off) and one replica process per SDK, each serving its own
 no-op model (float64 vector in, one scalar out) behind its own app. ``r`` is the R replica
@@ -14,7 +15,10 @@ all alike, each replica gets, closed loop through ``ketch.bench``:
 - c=1: one query at a time for ``--duration`` s: queries per second and p50;
 - c=64: 64 queries in flight (refills in one message, as ``ketch bench`` sends them):
   queries per second, and the replica's CPU time (user + system, its reaped children
-  included) per 1000 answers, read with psutil around that phase.
+  included) per 1000 answers, read with psutil around that phase;
+- sparse: Poisson arrivals at ``--sparse-rate`` (100) per second for ``--duration`` s, a
+  replica idle between most queries: p50 and p99 (the "no multi-ms outliers at idle" of
+  issue 20).
 
 The Java client (``io.ketch.tools.Bench``) is measured the same way against the Python
 replica, in the same rounds, as the row ``java-client`` (compare with ``python``, whose
@@ -42,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 from ketch import Admin
-from ketch.bench import closed_loop
+from ketch.bench import closed_loop, open_loop
 from ketch.local import LocalBroker, wait_for
 
 from perf._harness import machine, table
@@ -50,13 +54,18 @@ from perf._harness import machine, table
 ROOT = Path(__file__).resolve().parent.parent
 JAR = ROOT / "sdk" / "java" / "target" / "ketch-sdk-0.1.0-all.jar"
 R_EXAMPLE = ROOT / "sdk" / "r" / "inst" / "serve_example.R"
-ROUND_COLUMNS = ["round", "sdk", "c1_qps", "c1_p50_ms", "c1_p99_ms", "c64_qps", "cpu_ms_per_1k", "not_ok"]
+ROUND_COLUMNS = [
+    "round", "sdk", "c1_qps", "c1_p50_ms", "c1_p99_ms", "c64_qps", "cpu_ms_per_1k",
+    "sparse_p50_ms", "sparse_p99_ms", "not_ok",
+]  # fmt: skip
 SUMMARY_COLUMNS = [
     "sdk",
     "c1_qps",
     "c1_p50_ms",
     "c64_qps",
     "cpu_ms_per_1k",
+    "sparse_p50_ms",
+    "sparse_p99_ms",
     "p50_x_py",
     "c64_x_py",
     "cpu_x_py",
@@ -105,7 +114,7 @@ def cpu_s(proc: psutil.Process) -> float:
     return total
 
 
-def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float) -> dict:
+def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float, sparse_rate: float) -> dict:
     app = f"{sdk}-noop"
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=4) for _ in range(256)]
@@ -118,8 +127,9 @@ def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float) -> d
     before = cpu_s(proc)
     many = closed_loop(frontend, app, make_input, 64, duration)
     used = cpu_s(proc) - before
+    sparse = open_loop(frontend, app, make_input, sparse_rate, duration)
     answered = many.ok + many.defaults + many.errors
-    bad = one.sent - one.ok + many.sent - many.ok
+    bad = one.sent - one.ok + many.sent - many.ok + sparse.sent - sparse.ok
     return {
         "sdk": sdk,
         "c1_qps": one.throughput,
@@ -127,13 +137,17 @@ def measure(frontend: str, sdk: str, proc: psutil.Process, duration: float) -> d
         "c1_p99_ms": one.quantile(99),
         "c64_qps": many.throughput,
         "cpu_ms_per_1k": used * 1e6 / answered if answered else float("nan"),
+        "sparse_p50_ms": sparse.quantile(50),
+        "sparse_p99_ms": sparse.quantile(99),
         "not_ok": bad,
     }
 
 
 def measure_java_client(frontend: str, duration: float) -> dict:
     """The Java client against the Python replica: c=1 and c=64, as ``measure`` does."""
-    row: dict = {"sdk": "java-client", "c1_p99_ms": float("nan"), "cpu_ms_per_1k": float("nan")}
+    nan = float("nan")
+    row: dict = {"sdk": "java-client", "c1_p99_ms": nan, "cpu_ms_per_1k": nan}
+    row.update(sparse_p50_ms=nan, sparse_p99_ms=nan)
     for c in (1, 64):
         out = subprocess.run(
             ["java", "-cp", str(JAR), "io.ketch.tools.Bench", "--frontend", frontend, "--app", "python-noop",
@@ -150,7 +164,7 @@ def measure_java_client(frontend: str, duration: float) -> dict:
 
 
 def summarise(rows: list[dict], sdks: list[str]) -> list[dict]:
-    keys = ("c1_qps", "c1_p50_ms", "c64_qps", "cpu_ms_per_1k")
+    keys = ("c1_qps", "c1_p50_ms", "c64_qps", "cpu_ms_per_1k", "sparse_p50_ms", "sparse_p99_ms")
     med = {s: {k: statistics.median(r[k] for r in rows if r["sdk"] == s) for k in keys} for s in sdks}
     out = []
     for s in sdks:
@@ -173,6 +187,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per load level")
     parser.add_argument("--sdks", default="python,java,r,r-fork,r-inline")
+    parser.add_argument("--sparse-rate", type=float, default=100.0, help="queries/s of the sparse level")
     parser.add_argument("--no-java-client", dest="java_client", action="store_false",
                         help="leave out the Java client's row")  # fmt: skip
     args = parser.parse_args()
@@ -204,7 +219,8 @@ def main() -> int:
             rows = []
             for r in range(args.rounds):
                 for s in sdks:
-                    row = measure(broker.frontend, s, psutil.Process(procs[s].pid), args.duration)
+                    proc = psutil.Process(procs[s].pid)
+                    row = measure(broker.frontend, s, proc, args.duration, args.sparse_rate)
                     row["round"] = r + 1
                     rows.append(row)
                     print(table([row], ROUND_COLUMNS), flush=True)

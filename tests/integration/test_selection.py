@@ -131,7 +131,9 @@ def test_weighted_split_holds_its_ratio_and_is_stable_per_user(env):
     _, admin, client, serve, _ = env
     models = ["stable", "canary"]
     # a deadline no busy machine misses: the split is under test, not admission by capacity
-    admin.create_app("canary", input_type="float64", input_shape=[1], slo_ms=30_000, models=models, cache=False)
+    admin.create_app(
+        "canary", input_type="float64", input_shape=[1], slo_ms=30_000, models=models, cache=False
+    )
     admin.set_policy("canary", "weighted", weights={"stable": 0.8, "canary": 0.2}, seed=1)
     serve("stable", labeller("s"))
     serve("canary", labeller("c"))

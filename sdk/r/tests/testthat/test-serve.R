@@ -53,6 +53,15 @@ test_that("Hello, Welcome, a batch, idle heartbeats, then Shutdown and Goodbye",
       expect_identical(reply$body$outputs[[i]]$output, list(dtype = "FLOAT64", shape = numeric(0)))
       expect_equal(fb_unpack(reply$payloads[[i]], "f64"), sum(x[[i]]))
     }
+    # compute_us in microseconds, not in steps of a millisecond: of ten short batches (the
+    # first ones the general way, later ones through learnt templates) some are not whole ms
+    compute_us <- vapply(seq_len(10), function(k) {
+      broker_send(b, hello$identity, "PredictRequest", predict_request(100 + k, "FLOAT64", 2), list(f64(c(k, 1))))
+      r <- broker_expect(b, "PredictReply", WAIT_S, child)
+      expect_equal(fb_unpack(r$payloads[[1]], "f64"), k + 1)
+      r$body$compute_us
+    }, 0)
+    expect_true(any(compute_us %% 1000 != 0), info = paste(compute_us, collapse = " "))
     hb <- broker_expect(b, "Heartbeat", WAIT_S, child)
     expect_false(hb$body$busy)  # idle: the batch is answered
 
