@@ -194,6 +194,38 @@ def test_uint64_past_int64_comes_back_whole_on_both_routes(gateway):
         assert http.post("/v2/models/e_uint64/infer", json=doc).json()["outputs"][0]["data"] == x
 
 
+def test_a_recreated_app_is_served_by_its_new_type_while_its_old_metadata_is_cached(broker, apps):
+    """Metadata cached for a minute (``--metadata-ttl 60``) and an app deleted and created
+    again with another input type: a right request for the new app is served as the new
+    app at once (the gateway asks again when a request does not fit what it holds), on both
+    routes, and the metadata route tells the new type."""
+    gw = LocalGateway(broker.frontend, broker.admin, extra_args=["--metadata-ttl", "60"])
+    with gw, broker.admin_client() as admin, httpx.Client(base_url=gw.url, timeout=30) as http:
+        try:
+            admin.create_app("flip", input_type="float64", input_shape=[-1], models=["echo_float64"])
+            assert http.post("/flip/predict", json={"input": [1.5, 2.5]}).json()["output"] == [1.5, 2.5]
+            meta = http.get("/v2/models/flip").json()
+            assert meta["inputs"][0]["datatype"] == "FP64"
+            admin.delete_app("flip")
+            admin.create_app("flip", input_type="int64", input_shape=[-1], models=["echo_int64"])
+            x = [2**62 + 1, -3]
+            r = http.post("/flip/predict", json={"input": x})
+            assert r.status_code == 200 and r.json()["output"] == x, r.text
+            doc = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": x}]}
+            r = http.post("/v2/models/flip/infer", json=doc)
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == x, r.text
+            assert http.get("/v2/models/flip").json()["inputs"][0]["datatype"] == "INT64"
+            # the old type is now the wrong one: refused, with the app's own words
+            r = http.post("/flip/predict", json={"input": [1.5]})
+            assert r.status_code == 400 and r.json()["code"] == "BAD_INPUT", r.text
+            admin.delete_app("flip")
+            r = http.post("/flip/predict", json={"input": x})
+            assert r.status_code == 404, r.text
+        finally:
+            if "flip" in {a["name"] for a in admin.list_apps()}:
+                admin.delete_app("flip")
+
+
 # ---------------------------------------------------------------- malformed and mistyped JSON
 
 DEEP = b"[" * 100_000 + b"]" * 100_000

@@ -279,3 +279,52 @@ def test_recent_app_metadata_stands_in_when_the_admin_socket_is_slow():
             await link.close()
 
     asyncio.run(main())
+
+
+def test_a_refused_request_asks_for_the_apps_metadata_again_at_most_every_quarter_second():
+    import asyncio
+
+    import ketch
+    from ketch.gateway import backend
+    from ketch.gateway.backend import BrokerLink
+
+    async def main() -> None:
+        link = BrokerLink("tcp://127.0.0.1:1", "tcp://127.0.0.1:1", ttl_s=60.0)
+        broker = {"input_type": "float64"}  # what the broker holds now
+        asked: list[str] = []
+
+        async def call(op: str, **args):
+            asked.append(args["name"])
+            return {"name": args["name"], "input_shape": [-1], "slo_ms": 50, **broker}
+
+        async def run(info):
+            if info.input_type != broker["input_type"]:  # the broker refuses a stale type
+                raise ketch.BadInput(f"app takes {broker['input_type']}, got {info.input_type}")
+            return "served"
+
+        def window_passes() -> None:
+            link._rechecked["a"] -= backend.RECHECK_APP_S
+
+        link.admin.call = call
+        try:
+            assert (await link.app("a")).input_type == "float64"  # cached for a minute
+            broker["input_type"] = "int64"  # deleted and created again with another type
+            assert await link.serve_app("a", run) == "served" and len(asked) == 2
+            broker["input_type"] = "bool"  # and again, at once
+            with pytest.raises(ketch.BadInput):  # within the quarter second: not asked again
+                await link.serve_app("a", run)
+            assert len(asked) == 2
+            window_passes()
+            assert await link.serve_app("a", run) == "served" and len(asked) == 3
+
+            async def refuse(info):
+                raise ketch.BadInput("the request itself is wrong")
+
+            window_passes()
+            with pytest.raises(ketch.BadInput, match="itself"):  # asked again, the same: it stands
+                await link.serve_app("a", refuse)
+            assert len(asked) == 4
+        finally:
+            await link.close()
+
+    asyncio.run(main())

@@ -19,6 +19,8 @@ import numpy as np
 from starlette.responses import Response
 
 from ketch import __version__, errors
+from ketch.client import Prediction
+from ketch.gateway.backend import AppInfo
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.tensors import (
@@ -106,7 +108,8 @@ async def model_ready(call: Call) -> Response:
 
 async def infer(call: Call) -> Response:
     body = await read_body(call)
-    info = await call.gw.link.app(call.request.path_params["name"])
+    name = call.request.path_params["name"]
+    info = await call.gw.link.app(name)
     call.app = info.name
     request = parse_infer_request(
         body,
@@ -116,22 +119,29 @@ async def infer(call: Call) -> Response:
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
     timeout_ms, priority = query_options(request.parameters)
-    xs, _ = split_queries(
-        request.inputs[0],
-        info.input_type,
-        info.input_shape,
-        lambda element: parse_json(call, element, "a JSON input"),
-    )
-    call.queries = len(xs)
-    dtype = send_dtype(info.input_type)
     link = call.gw.link
-    if len(xs) == 1:
-        preds = [await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)]
-    else:
-        preds = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
-        for p in preds:
+
+    async def run(info: AppInfo) -> tuple[AppInfo, list[Prediction]]:
+        xs, _ = split_queries(
+            request.inputs[0],
+            info.input_type,
+            info.input_shape,
+            lambda element: parse_json(call, element, "a JSON input"),
+        )
+        call.queries = len(xs)
+        dtype = send_dtype(info.input_type)
+        if len(xs) == 1:
+            pred = await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+            return info, [pred]
+        answers = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+        preds = []
+        for p in answers:
             if isinstance(p, BaseException):
                 raise p
+            preds.append(p)
+        return info, preds
+
+    info, preds = await link.serve_app(name, run)
     output = output_tensor([p.output for p in preds])
     call.gw.outputs_seen[info.name] = (output[0], output[1][1:])
     defaults = [p.default for p in preds]
