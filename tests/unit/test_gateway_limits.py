@@ -328,3 +328,28 @@ def test_a_refused_request_asks_for_the_apps_metadata_again_at_most_every_quarte
             await link.close()
 
     asyncio.run(main())
+
+
+def test_one_clients_share_of_a_worker_is_bounded_and_given_back():
+    shares = limits().ClientShares(max_requests=2, max_queries=10)
+    shares.enter("a")
+    shares.enter("a")
+    with pytest.raises(HTTPError) as info:
+        shares.enter("a")  # a third request in progress
+    assert info.value.status == 429 and info.value.code == "OVERLOADED" and info.value.retry_after_ms
+    shares.enter("b")  # another client is not refused for it
+    shares.count("a", 0, 6)
+    with pytest.raises(HTTPError) as info:
+        shares.count("a", 0, 5)  # 11 queries in progress
+    assert info.value.status == 429
+    shares.count("a", 0, 4)
+    shares.count("b", 0, 10)
+    with pytest.raises(HTTPError) as info:
+        shares.count("b", 0, 11)  # one request of more than a client may ever hold
+    assert info.value.status == 413 and info.value.code == "TOO_LARGE"
+    shares.count("a", 4, 3)  # a request read again (fresh metadata) counts its new figure
+    assert shares.queries["a"] == 9
+    shares.leave("a", 6)
+    shares.leave("a", 3)
+    shares.leave("b", 10)
+    assert not shares.requests and not shares.queries  # nothing left behind, not even keys

@@ -63,11 +63,11 @@ async def predict(call: Call) -> Response:
         dtype = send_dtype(info.input_type)
         if "input" in doc:
             x = clipper_input(doc["input"], info.input_type)
-            call.queries = 1
+            call.send_queries(1)
             pred = await call.gw.link.predict(info, x, timeout_ms=None, priority=0, dtype=dtype)
             return json_response(answer(pred))
         xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
-        call.queries = len(xs)
+        call.send_queries(len(xs))
         answers = await call.gw.link.predict_many(info, xs, timeout_ms=None, priority=0, dtype=dtype)
         if all(isinstance(a, BaseException) for a in answers):
             raise answers[0]
@@ -107,7 +107,7 @@ async def update(call: Call) -> Response:
             if info.input_type == "json":
                 raise bad_request("feedback for a json app names the query by query_id")
             x = clipper_input(doc["input"], info.input_type)
-        call.queries = 1
+        call.send_queries(1)
         try:
             async with asyncio.timeout(FEEDBACK_TIMEOUT_MS / 1000 + GRACE_S):
                 await call.gw.link.client.feedback(

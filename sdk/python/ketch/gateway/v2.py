@@ -128,7 +128,7 @@ async def infer(call: Call) -> Response:
             info.input_shape,
             lambda element: parse_json(call, element, "a JSON input"),
         )
-        call.queries = len(xs)
+        call.send_queries(len(xs))
         dtype = send_dtype(info.input_type)
         if len(xs) == 1:
             pred = await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)
