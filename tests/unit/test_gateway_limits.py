@@ -353,3 +353,29 @@ def test_one_clients_share_of_a_worker_is_bounded_and_given_back():
     shares.leave("a", 3)
     shares.leave("b", 10)
     assert not shares.requests and not shares.queries  # nothing left behind, not even keys
+
+
+def test_the_heap_goes_back_to_the_system_once_a_burst_of_bodies_is_answered(monkeypatch):
+    lim = limits()
+    trims = []
+    monkeypatch.setattr(lim, "release_memory", lambda: trims.append(1))
+
+    class Holder:
+        held_bytes = 0
+
+    budget = lim.BodyBudget(1 << 40)
+    burst = [Holder() for _ in range(3)]
+    for h in burst:
+        budget.take(h, 30 << 20)
+    budget.give_back(burst[0])
+    budget.give_back(burst[1])
+    assert not trims  # a third of the burst is still held
+    budget.give_back(burst[2])
+    assert len(trims) == 1
+    small = Holder()
+    for _ in range(100):  # small requests after it do not trim again and again
+        budget.take(small, 1024)
+        budget.give_back(small)
+    assert len(trims) == 1
+    monkeypatch.undo()
+    lim.release_memory()  # the real one: glibc's malloc_trim here, a no-op where there is none

@@ -20,6 +20,8 @@ Connections and read times are bounded in ``protocol.py``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import re
@@ -46,6 +48,9 @@ JSON_WEIGHT = 6
 # bodies up to this size are never refused for the budget (they still count towards it):
 # a flood of large bodies cannot starve small requests
 SMALL_BODY = 64 * 1024
+# the heap is handed back to the system after this many bytes of bodies were taken and
+# (most of them) given back
+TRIM_AFTER_BYTES = 64 * 1024 * 1024
 
 # a number literal that may be past float64's range (1e999 reads as infinity, silently): an
 # exponent of three digits or more, or 309 digits in a row; only then are floats read one
@@ -125,10 +130,12 @@ class BodyBudget:
         self.limit = limit
         self.held = 0
         self.peak = 0
+        self.since_trim = 0  # bytes taken since the heap was last handed back (``release_memory``)
 
     def take(self, holder: Any, n: int) -> None:
         holder.held_bytes += n
         self.held += n
+        self.since_trim += n
         self.peak = max(self.peak, self.held)
         if self.held > self.limit and holder.held_bytes > SMALL_BODY:
             raise HTTPError(
@@ -142,6 +149,30 @@ class BodyBudget:
     def give_back(self, holder: Any) -> None:
         self.held -= holder.held_bytes
         holder.held_bytes = 0
+        # after a burst of large bodies, once most of it is answered: the heap pages they
+        # used go back to the system (RSS returns near its baseline)
+        if self.since_trim >= TRIM_AFTER_BYTES and self.held * 8 <= self.since_trim:
+            self.since_trim = self.held
+            release_memory()
+
+
+def release_memory() -> None:
+    """Hand the free pages of the C heap back to the system (glibc's ``malloc_trim``).
+
+    glibc keeps freed memory for reuse; after a burst of large requests that is hundreds of
+    MiB the process holds for nothing. Elsewhere (musl, macOS) this does nothing.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 class ClientShares:
