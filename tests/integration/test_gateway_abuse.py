@@ -204,17 +204,22 @@ def test_a_recreated_app_is_served_by_its_new_type_while_its_old_metadata_is_cac
         try:
             admin.create_app("flip", input_type="float64", input_shape=[-1], models=["echo_float64"])
             assert http.post("/flip/predict", json={"input": [1.5, 2.5]}).json()["output"] == [1.5, 2.5]
+            doc = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [2], "data": [1.5, 2.5]}]}
+            assert http.post("/v2/models/flip/infer", json=doc).json()["outputs"][0]["data"] == [1.5, 2.5]
             meta = http.get("/v2/models/flip").json()
-            assert meta["inputs"][0]["datatype"] == "FP64"
+            assert meta["inputs"][0]["datatype"] == "FP64" and meta["outputs"][0]["datatype"] == "FP64"
             admin.delete_app("flip")
             admin.create_app("flip", input_type="int64", input_shape=[-1], models=["echo_int64"])
             x = [2**62 + 1, -3]
             r = http.post("/flip/predict", json={"input": x})
             assert r.status_code == 200 and r.json()["output"] == x, r.text
+            meta = http.get("/v2/models/flip").json()  # the old app's answers say nothing of this one
+            assert meta["inputs"][0]["datatype"] == "INT64" and meta["outputs"][0]["datatype"] == "BYTES"
             doc = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": x}]}
             r = http.post("/v2/models/flip/infer", json=doc)
             assert r.status_code == 200 and r.json()["outputs"][0]["data"] == x, r.text
-            assert http.get("/v2/models/flip").json()["inputs"][0]["datatype"] == "INT64"
+            meta = http.get("/v2/models/flip").json()
+            assert meta["inputs"][0]["datatype"] == "INT64" and meta["outputs"][0]["datatype"] == "INT64"
             # the old type is now the wrong one: refused, with the app's own words
             r = http.post("/flip/predict", json={"input": [1.5]})
             assert r.status_code == 400 and r.json()["code"] == "BAD_INPUT", r.text

@@ -29,7 +29,7 @@ from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
 from ketch.gateway import clipper, limits, protocol, v2
 from ketch.gateway.auth import BearerAuth, bearer_token
-from ketch.gateway.backend import BrokerLink
+from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
 from ketch.gateway.http import Call, error_response, json_response
 from ketch.gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -78,7 +78,8 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics()
         self.link: BrokerLink | None = None
-        self.outputs_seen: dict[str, tuple[str, list[int]]] = {}
+        # app -> (its metadata then, datatype, shape) of the last V2 answer
+        self.outputs_seen: dict[str, tuple[AppInfo, str, list[int]]] = {}
         self.body_budget = limits.BodyBudget(config.body_budget_bytes)
         self.inflight = 0
         self.shares = limits.ClientShares(config.max_client_requests, config.max_client_queries)

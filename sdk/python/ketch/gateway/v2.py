@@ -10,7 +10,8 @@
 Request parameters honoured: ``timeout`` (microseconds, as Triton's; 0 is the app's SLO),
 ``priority`` (Ketch's: higher first, -128..127) and ``binary_data_output``. The tensor
 rules are in ``tensors.py``. A Ketch app does not declare its output type, so the
-metadata reports the datatype of the last answer this worker returned (BYTES before any).
+metadata reports the datatype of the last answer this worker returned for the app as it is
+now (BYTES before any).
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ async def model_metadata(call: Call) -> Response:
         if doc.get("active_version"):
             version = str(doc["active_version"])
             versions.append(version if len(info.models) == 1 else f"{model}:{version}")
-    seen_type, seen_shape = call.gw.outputs_seen.get(info.name, ("BYTES", []))
+    seen_under, seen_type, seen_shape = call.gw.outputs_seen.get(info.name, (info, "BYTES", []))
+    if seen_under != info:  # seen of an app of this name before it was changed or created again
+        seen_type, seen_shape = "BYTES", []
     return json_response(
         {
             "name": info.name,
@@ -143,7 +146,7 @@ async def infer(call: Call) -> Response:
 
     info, preds = await link.serve_app(name, run)
     output = output_tensor([p.output for p in preds])
-    call.gw.outputs_seen[info.name] = (output[0], output[1][1:])
+    call.gw.outputs_seen[info.name] = (info, output[0], output[1][1:])
     defaults = [p.default for p in preds]
     parameters = {}
     if any(defaults):
