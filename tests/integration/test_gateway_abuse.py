@@ -194,6 +194,102 @@ def test_uint64_past_int64_comes_back_whole_on_both_routes(gateway):
         assert http.post("/v2/models/e_uint64/infer", json=doc).json()["outputs"][0]["data"] == x
 
 
+def test_a_recreated_app_is_served_by_its_new_type_while_its_old_metadata_is_cached(broker, apps):
+    """Metadata cached for a minute (``--metadata-ttl 60``) and an app deleted and created
+    again with another input type: a right request for the new app is served as the new
+    app at once (the gateway asks again when a request does not fit what it holds), on both
+    routes, and the metadata route tells the new type."""
+    gw = LocalGateway(broker.frontend, broker.admin, extra_args=["--metadata-ttl", "60"])
+    with gw, broker.admin_client() as admin, httpx.Client(base_url=gw.url, timeout=30) as http:
+        try:
+            admin.create_app("flip", input_type="float64", input_shape=[-1], models=["echo_float64"])
+            assert http.post("/flip/predict", json={"input": [1.5, 2.5]}).json()["output"] == [1.5, 2.5]
+            doc = {"inputs": [{"name": "x", "datatype": "FP64", "shape": [2], "data": [1.5, 2.5]}]}
+            assert http.post("/v2/models/flip/infer", json=doc).json()["outputs"][0]["data"] == [1.5, 2.5]
+            meta = http.get("/v2/models/flip").json()
+            assert meta["inputs"][0]["datatype"] == "FP64" and meta["outputs"][0]["datatype"] == "FP64"
+            admin.delete_app("flip")
+            admin.create_app("flip", input_type="int64", input_shape=[-1], models=["echo_int64"])
+            x = [2**62 + 1, -3]
+            r = http.post("/flip/predict", json={"input": x})
+            assert r.status_code == 200 and r.json()["output"] == x, r.text
+            meta = http.get("/v2/models/flip").json()  # the old app's answers say nothing of this one
+            assert meta["inputs"][0]["datatype"] == "INT64" and meta["outputs"][0]["datatype"] == "BYTES"
+            doc = {"inputs": [{"name": "x", "datatype": "INT64", "shape": [2], "data": x}]}
+            r = http.post("/v2/models/flip/infer", json=doc)
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == x, r.text
+            meta = http.get("/v2/models/flip").json()
+            assert meta["inputs"][0]["datatype"] == "INT64" and meta["outputs"][0]["datatype"] == "INT64"
+            # the old type is now the wrong one: refused, with the app's own words
+            r = http.post("/flip/predict", json={"input": [1.5]})
+            assert r.status_code == 400 and r.json()["code"] == "BAD_INPUT", r.text
+            admin.delete_app("flip")
+            r = http.post("/flip/predict", json={"input": x})
+            assert r.status_code == 404, r.text
+        finally:
+            if "flip" in {a["name"] for a in admin.list_apps()}:
+                admin.delete_app("flip")
+
+
+def test_one_client_holding_its_share_of_a_worker_costs_another_nothing(broker, tmp_path):
+    """Per worker, one client (its bearer token here) may have a bounded number of requests
+    and queries in progress: past them it gets 429 at once (413 for one request of more
+    queries than it may ever hold), while another client is served as usual."""
+    gate = threading.Event()
+
+    def held(xs):
+        gate.wait(60)
+        return [float(np.sum(x)) for x in xs]
+
+    replica = ketch.Replica(held, name="held", broker=broker.backend, replica_id="abuse/held")
+    thread = threading.Thread(target=replica.run, daemon=True)
+    thread.start()
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice-token\nbob-token\n")
+    args = ["--token-file", str(tokens), "--max-client-requests", "4", "--max-client-queries", "8"]
+    results: dict[str, list[httpx.Response]] = {"alice": [], "bob": []}
+
+    def post(who: str, n: int) -> httpx.Response:
+        with httpx.Client(base_url=gw.url, timeout=90) as http:
+            body = {"input_batch": [[float(i)] for i in range(n)]}
+            return http.post("/held/predict", json=body, headers={"authorization": f"Bearer {who}-token"})
+
+    def in_progress(who: str) -> threading.Thread:
+        t = threading.Thread(target=lambda: results[who].append(post(who, 2)), daemon=True)
+        t.start()
+        return t
+
+    def queries_in_broker() -> int:
+        return admin.stats()["apps"]["held"]["queries"]
+
+    gw = LocalGateway(broker.frontend, broker.admin, extra_args=args)
+    with gw, broker.admin_client() as admin:
+        admin.create_app("held", input_type="float64", input_shape=[1], slo_ms=90_000, models=["held"])
+        try:
+            wait_for(lambda: admin.replicas("held"), 20, "the held replica")
+            waiting = [in_progress("alice") for _ in range(4)]
+            wait_for(lambda: queries_in_broker() == 8, 60, "alice's 4 requests in the broker")
+            r = post("alice", 1)  # a fifth request: over her share, refused at once
+            assert r.status_code == 429 and r.json()["code"] == "OVERLOADED", r.text
+            assert r.headers["retry-after"] == "1"
+            waiting.append(in_progress("bob"))  # bob is not refused for alice's share
+            wait_for(lambda: queries_in_broker() == 10, 60, "bob's request in the broker")
+            gate.set()
+            for t in waiting:
+                t.join(90)
+            answers = [r.json()["batch_predictions"] for r in results["alice"] + results["bob"]]
+            assert [[a["output"] for a in batch] for batch in answers] == [[0.0, 1.0]] * 5
+            r = post("alice", 9)  # more queries than she may ever hold at once
+            assert r.status_code == 413 and r.json()["code"] == "TOO_LARGE", r.text
+            r = post("alice", 8)  # her share is hers again
+            assert r.status_code == 200 and len(r.json()["batch_predictions"]) == 8, r.text
+        finally:
+            gate.set()
+            admin.delete_app("held")
+            replica.stop()
+            thread.join(10)
+
+
 # ---------------------------------------------------------------- malformed and mistyped JSON
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -383,6 +479,9 @@ def test_extreme_bodies_cost_a_legit_client_nothing_and_memory_stays_bounded(gat
 # ---------------------------------------------------------------- slow clients
 
 
+FLOOD_ADDRESS = "127.0.0.2"  # loopback too (127.0.0.0/8): only the client's side of it
+
+
 class SlowFlood:
     """``n`` connections that send half a request head, or a head and then a body, a byte a
     second; counts the connections the gateway has closed (or answered: 408, 503)."""
@@ -398,7 +497,11 @@ class SlowFlood:
         socks: list[socket.socket] = []
         try:
             for i in range(self.n):
-                s = socket.create_connection((self.host, self.port), timeout=10)
+                # from another loopback address than the legit client's: another client,
+                # which gets its own share of the worker (the flood fills its own)
+                s = socket.create_connection(
+                    (self.host, self.port), timeout=10, source_address=(FLOOD_ADDRESS, 0)
+                )
                 s.setblocking(False)
                 if i % 2:
                     s.send(b"POST /sum/predict HTTP/1.1\r\nhost: x\r\n")

@@ -279,3 +279,103 @@ def test_recent_app_metadata_stands_in_when_the_admin_socket_is_slow():
             await link.close()
 
     asyncio.run(main())
+
+
+def test_a_refused_request_asks_for_the_apps_metadata_again_at_most_every_quarter_second():
+    import asyncio
+
+    import ketch
+    from ketch.gateway import backend
+    from ketch.gateway.backend import BrokerLink
+
+    async def main() -> None:
+        link = BrokerLink("tcp://127.0.0.1:1", "tcp://127.0.0.1:1", ttl_s=60.0)
+        broker = {"input_type": "float64"}  # what the broker holds now
+        asked: list[str] = []
+
+        async def call(op: str, **args):
+            asked.append(args["name"])
+            return {"name": args["name"], "input_shape": [-1], "slo_ms": 50, **broker}
+
+        async def run(info):
+            if info.input_type != broker["input_type"]:  # the broker refuses a stale type
+                raise ketch.BadInput(f"app takes {broker['input_type']}, got {info.input_type}")
+            return "served"
+
+        def window_passes() -> None:
+            link._rechecked["a"] -= backend.RECHECK_APP_S
+
+        link.admin.call = call
+        try:
+            assert (await link.app("a")).input_type == "float64"  # cached for a minute
+            broker["input_type"] = "int64"  # deleted and created again with another type
+            assert await link.serve_app("a", run) == "served" and len(asked) == 2
+            broker["input_type"] = "bool"  # and again, at once
+            with pytest.raises(ketch.BadInput):  # within the quarter second: not asked again
+                await link.serve_app("a", run)
+            assert len(asked) == 2
+            window_passes()
+            assert await link.serve_app("a", run) == "served" and len(asked) == 3
+
+            async def refuse(info):
+                raise ketch.BadInput("the request itself is wrong")
+
+            window_passes()
+            with pytest.raises(ketch.BadInput, match="itself"):  # asked again, the same: it stands
+                await link.serve_app("a", refuse)
+            assert len(asked) == 4
+        finally:
+            await link.close()
+
+    asyncio.run(main())
+
+
+def test_one_clients_share_of_a_worker_is_bounded_and_given_back():
+    shares = limits().ClientShares(max_requests=2, max_queries=10)
+    shares.enter("a")
+    shares.enter("a")
+    with pytest.raises(HTTPError) as info:
+        shares.enter("a")  # a third request in progress
+    assert info.value.status == 429 and info.value.code == "OVERLOADED" and info.value.retry_after_ms
+    shares.enter("b")  # another client is not refused for it
+    shares.count("a", 0, 6)
+    with pytest.raises(HTTPError) as info:
+        shares.count("a", 0, 5)  # 11 queries in progress
+    assert info.value.status == 429
+    shares.count("a", 0, 4)
+    shares.count("b", 0, 10)
+    with pytest.raises(HTTPError) as info:
+        shares.count("b", 0, 11)  # one request of more than a client may ever hold
+    assert info.value.status == 413 and info.value.code == "TOO_LARGE"
+    shares.count("a", 4, 3)  # a request read again (fresh metadata) counts its new figure
+    assert shares.queries["a"] == 9
+    shares.leave("a", 6)
+    shares.leave("a", 3)
+    shares.leave("b", 10)
+    assert not shares.requests and not shares.queries  # nothing left behind, not even keys
+
+
+def test_the_heap_goes_back_to_the_system_once_a_burst_of_bodies_is_answered(monkeypatch):
+    lim = limits()
+    trims = []
+    monkeypatch.setattr(lim, "release_memory", lambda: trims.append(1))
+
+    class Holder:
+        held_bytes = 0
+
+    budget = lim.BodyBudget(1 << 40)
+    burst = [Holder() for _ in range(3)]
+    for h in burst:
+        budget.take(h, 30 << 20)
+    budget.give_back(burst[0])
+    budget.give_back(burst[1])
+    assert not trims  # a third of the burst is still held
+    budget.give_back(burst[2])
+    assert len(trims) == 1
+    small = Holder()
+    for _ in range(100):  # small requests after it do not trim again and again
+        budget.take(small, 1024)
+        budget.give_back(small)
+    assert len(trims) == 1
+    monkeypatch.undo()
+    lim.release_memory()  # the real one: glibc's malloc_trim here, a no-op where there is none

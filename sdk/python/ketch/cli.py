@@ -1021,6 +1021,20 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     help="Connections per worker; past it the slowest-arriving request's connection is closed.",
 )
 @click.option(
+    "--max-client-requests",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests one client (its bearer token, else its address) may have in progress per worker.",
+)
+@click.option(
+    "--max-client-queries",
+    default=2500,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Queries one client may have in progress per worker (a request of more is 413).",
+)
+@click.option(
     "--header-timeout-s",
     default=10.0,
     show_default=True,
@@ -1059,6 +1073,8 @@ def gateway(
     max_body_mb,
     max_json_mb,
     max_connections,
+    max_client_requests,
+    max_client_queries,
     header_timeout_s,
     body_timeout_s,
     ready_file,
@@ -1086,6 +1102,8 @@ def gateway(
         max_body_bytes=max_body_mb * 1024 * 1024,
         max_json_bytes=min(max_json_mb, max_body_mb) * 1024 * 1024,
         max_connections=max_connections,
+        max_client_requests=max_client_requests,
+        max_client_queries=max_client_queries,
         header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s,
     )

@@ -9,6 +9,7 @@ table in ``errors.py`` and records the request's metrics.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import time
@@ -27,8 +28,8 @@ from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
 from ketch.gateway import clipper, limits, protocol, v2
-from ketch.gateway.auth import BearerAuth
-from ketch.gateway.backend import BrokerLink
+from ketch.gateway.auth import BearerAuth, bearer_token
+from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
 from ketch.gateway.http import Call, error_response, json_response
 from ketch.gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -50,6 +51,8 @@ class GatewayConfig:
     max_json_depth: int = limits.MAX_JSON_DEPTH
     body_budget_bytes: int = limits.BODY_BUDGET_BYTES
     max_inflight: int = limits.MAX_INFLIGHT
+    max_client_requests: int = limits.MAX_CLIENT_REQUESTS
+    max_client_queries: int = limits.MAX_CLIENT_QUERIES
     max_connections: int = protocol.MAX_CONNECTIONS
     header_timeout_s: float = protocol.HEADER_TIMEOUT_S
     body_timeout_s: float = protocol.BODY_TIMEOUT_S
@@ -75,9 +78,11 @@ class Gateway:
         self.config = config
         self.metrics = GatewayMetrics()
         self.link: BrokerLink | None = None
-        self.outputs_seen: dict[str, tuple[str, list[int]]] = {}
+        # app -> (its metadata then, datatype, shape) of the last V2 answer
+        self.outputs_seen: dict[str, tuple[AppInfo, str, list[int]]] = {}
         self.body_budget = limits.BodyBudget(config.body_budget_bytes)
         self.inflight = 0
+        self.shares = limits.ClientShares(config.max_client_requests, config.max_client_queries)
         self.spec = build_spec(auth=bool(config.tokens))
         self.log = structlog.get_logger("ketch.gateway")
 
@@ -97,9 +102,10 @@ class Gateway:
 
     def endpoint(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
-            call = Call(request, self)
+            call = Call(request, self, client=self.client_of(request))
             started = time.perf_counter()
             self.inflight += 1
+            entered = False
             try:
                 if self.inflight > self.config.max_inflight:
                     raise HTTPError(
@@ -109,6 +115,8 @@ class Gateway:
                         code="OVERLOADED",
                         retry_after_ms=1000,
                     )
+                self.shares.enter(call.client)
+                entered = True
                 response = await handler(call)
             except Exception as exc:
                 err = http_error_for(exc)
@@ -118,12 +126,23 @@ class Gateway:
             finally:
                 self.inflight -= 1
                 self.body_budget.give_back(call)
+                if entered:
+                    self.shares.leave(call.client, call.queries)
             self.metrics.observe(
                 route, call.app, response.status_code, time.perf_counter() - started, call.queries
             )
             return response
 
         return handle
+
+    def client_of(self, request: Request) -> str:
+        """Whose share a request counts against: its bearer token when tokens are on (it was
+        checked), else its address (behind a proxy, every client is the proxy's address)."""
+        if self.config.tokens:
+            token = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
+            if token is not None:
+                return "token:" + hashlib.sha256(token).hexdigest()[:16]
+        return "addr:" + (request.client.host if request.client else "")
 
     async def metrics_route(self, call: Call) -> Response:
         try:

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
@@ -24,7 +24,10 @@ import zmq.asyncio
 from ketch import errors
 from ketch.client import AsyncClient, Prediction
 from ketch.curve import PeerKeys
+from ketch.gateway.errors import HTTPError
 from ketch.protocol.multipart import CONNECT_TIMEOUT_MS
+
+T = TypeVar("T")
 
 GRACE_S = 1.0  # wait this long past a query's deadline before calling the broker silent
 LIVE_STATES = frozenset({"ready", "busy"})
@@ -32,6 +35,9 @@ LIVE_STATES = frozenset({"ready", "busy"})
 # busy machine, or a worker that was parsing a large body): the query itself still goes to
 # the broker, which checks everything again
 STALE_APP_S = 60.0
+# metadata is asked for again, at most this often per app and worker, when a request does
+# not fit what the gateway holds (the app may have been deleted and created again since)
+RECHECK_APP_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,12 @@ class TTLCache:
         while len(self._entries) >= self.max_entries:
             del self._entries[next(iter(self._entries))]
 
+    def forget(self, key: Any) -> None:
+        """Forget ``key``'s answer (a call in flight is kept: it is being asked anew)."""
+        hit = self._entries.get(key)
+        if hit is not None and hit[1].done():
+            del self._entries[key]
+
     def clear(self) -> None:
         self._entries.clear()
 
@@ -171,6 +183,7 @@ class BrokerLink:
         self._cache = TTLCache(ttl_s)
         self._ready_cache = TTLCache(min(ttl_s, 0.5))
         self._known_apps: dict[str, tuple[float, AppInfo]] = {}  # name -> (when, last good answer)
+        self._rechecked: dict[str, float] = {}  # name -> when its metadata was last asked anew
 
     async def close(self) -> None:
         await self.client.close()
@@ -200,6 +213,34 @@ class BrokerLink:
             self._known_apps.clear()
         self._known_apps[name] = (time.monotonic(), info)
         return info
+
+    async def serve_app(self, name: str, run: Callable[[AppInfo], Awaitable[T]]) -> T:
+        """``run`` with the app's metadata; run again once with fresh metadata when what the
+        gateway held no longer fits.
+
+        A request refused as ``BAD_INPUT`` (by the gateway's own reading of it or by the
+        broker) may have been read with stale metadata: the app deleted and created again
+        with another type since. The metadata is then asked for again (at most every
+        ``RECHECK_APP_S`` per app); if it changed, ``run`` goes again with it, else the
+        refusal stands. Nothing ran for a refused request, so running it again is safe.
+        """
+        info = await self.app(name)
+        try:
+            return await run(info)
+        except (errors.BadInput, HTTPError) as exc:
+            if isinstance(exc, HTTPError) and exc.code != "BAD_INPUT":
+                raise
+            now = time.monotonic()
+            if now - self._rechecked.get(name, float("-inf")) < RECHECK_APP_S:
+                raise
+            if len(self._rechecked) >= self._cache.max_entries:
+                self._rechecked.clear()
+            self._rechecked[name] = now
+            self._cache.forget(("app", name))
+            fresh = await self.app(name)  # UnknownApp (404) when it is gone since
+            if fresh == info:
+                raise
+        return await run(fresh)
 
     async def model(self, name: str) -> dict[str, Any]:
         return await self._cache.get(("model", name), lambda: self.admin.call("model.show", name=name))

@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from ketch import errors
 from ketch.client import Prediction
-from ketch.gateway.backend import GRACE_S
+from ketch.gateway.backend import GRACE_S, AppInfo
 from ketch.gateway.errors import bad_request, http_error_for
 from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.values import clipper_input, jsonable, send_dtype
@@ -49,33 +49,39 @@ def failed(exc: BaseException) -> dict[str, Any]:
 
 async def predict(call: Call) -> Response:
     body = await read_body(call)
-    info = await call.gw.link.app(call.request.path_params["app"])  # an unknown app is 404 first
+    name = call.request.path_params["app"]
+    info = await call.gw.link.app(name)  # an unknown app is 404 first
     call.app = info.name
     doc = parse_json(call, body)
     if not isinstance(doc, dict) or ("input" in doc) == ("input_batch" in doc):
         raise bad_request('send {"input": ...} for one query or {"input_batch": [...]} for several')
-    dtype = send_dtype(info.input_type)
-    if "input" in doc:
-        x = clipper_input(doc["input"], info.input_type)
-        call.queries = 1
-        pred = await call.gw.link.predict(info, x, timeout_ms=None, priority=0, dtype=dtype)
-        return json_response(answer(pred))
-    batch = doc["input_batch"]
-    if not isinstance(batch, list) or not batch:
+    batch = doc.get("input_batch")
+    if "input_batch" in doc and (not isinstance(batch, list) or not batch):
         raise bad_request("input_batch must be a non-empty list of inputs")
-    xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
-    call.queries = len(xs)
-    answers = await call.gw.link.predict_many(info, xs, timeout_ms=None, priority=0, dtype=dtype)
-    if all(isinstance(a, BaseException) for a in answers):
-        raise answers[0]
-    return json_response(
-        {"batch_predictions": [failed(a) if isinstance(a, BaseException) else answer(a) for a in answers]}
-    )
+
+    async def run(info: AppInfo) -> Response:
+        dtype = send_dtype(info.input_type)
+        if "input" in doc:
+            x = clipper_input(doc["input"], info.input_type)
+            call.send_queries(1)
+            pred = await call.gw.link.predict(info, x, timeout_ms=None, priority=0, dtype=dtype)
+            return json_response(answer(pred))
+        xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
+        call.send_queries(len(xs))
+        answers = await call.gw.link.predict_many(info, xs, timeout_ms=None, priority=0, dtype=dtype)
+        if all(isinstance(a, BaseException) for a in answers):
+            raise answers[0]
+        return json_response(
+            {"batch_predictions": [failed(a) if isinstance(a, BaseException) else answer(a) for a in answers]}
+        )
+
+    return await call.gw.link.serve_app(name, run)
 
 
 async def update(call: Call) -> Response:
     body = await read_body(call)
-    info = await call.gw.link.app(call.request.path_params["app"])
+    name = call.request.path_params["app"]
+    info = await call.gw.link.app(name)
     call.app = info.name
     doc = parse_json(call, body)
     if not isinstance(doc, dict) or "label" not in doc:
@@ -87,11 +93,6 @@ async def update(call: Call) -> Response:
         isinstance(query_id, bool) or not isinstance(query_id, int) or not 0 < query_id < 1 << 64
     ):
         raise bad_request("query_id must be a whole number from an earlier answer")
-    x = None
-    if "input" in doc:
-        if info.input_type == "json":
-            raise bad_request("feedback for a json app names the query by query_id")
-        x = clipper_input(doc["input"], info.input_type)
     label = doc["label"]
     label_dtype = _label_dtype(label)
     uid = doc.get("uid")
@@ -99,21 +100,30 @@ async def update(call: Call) -> Response:
         isinstance(uid, bool) or not isinstance(uid, str | int) or len(str(uid)) > MAX_UID_CHARS
     ):
         raise bad_request(f"uid must be a string or a whole number of at most {MAX_UID_CHARS} characters")
-    call.queries = 1
-    try:
-        async with asyncio.timeout(FEEDBACK_TIMEOUT_MS / 1000 + GRACE_S):
-            await call.gw.link.client.feedback(
-                info.name,
-                label,
-                query_id=query_id,
-                x=x,
-                context="" if uid is None else str(uid),
-                label_dtype=label_dtype,
-                timeout_ms=FEEDBACK_TIMEOUT_MS,
-            )
-    except TimeoutError:
-        raise errors.Timeout("no answer from the broker in time for the feedback") from None
-    return json_response({"app": info.name, "accepted": True})
+
+    async def run(info: AppInfo) -> Response:
+        x = None
+        if "input" in doc:
+            if info.input_type == "json":
+                raise bad_request("feedback for a json app names the query by query_id")
+            x = clipper_input(doc["input"], info.input_type)
+        call.send_queries(1)
+        try:
+            async with asyncio.timeout(FEEDBACK_TIMEOUT_MS / 1000 + GRACE_S):
+                await call.gw.link.client.feedback(
+                    info.name,
+                    label,
+                    query_id=query_id,
+                    x=x,
+                    context="" if uid is None else str(uid),
+                    label_dtype=label_dtype,
+                    timeout_ms=FEEDBACK_TIMEOUT_MS,
+                )
+        except TimeoutError:
+            raise errors.Timeout("no answer from the broker in time for the feedback") from None
+        return json_response({"app": info.name, "accepted": True})
+
+    return await call.gw.link.serve_app(name, run)
 
 
 def _label_dtype(label: Any) -> str | None:

@@ -24,8 +24,14 @@ class Call:
     request: Request
     gw: Gateway
     app: str = ""  # set once the app is known to exist (unknown names never become labels)
-    queries: int = 0
+    queries: int = 0  # sent to the broker, counted in the client's share (limits.ClientShares)
     held_bytes: int = 0  # of the worker's body budget (limits.BodyBudget), given back at the answer
+    client: str = ""  # who the request counts against: its bearer token, else its address
+
+    def send_queries(self, n: int) -> None:
+        """Count ``n`` queries of this request against its client's share (429 past it)."""
+        self.gw.shares.count(self.client, self.queries, n)
+        self.queries = n
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

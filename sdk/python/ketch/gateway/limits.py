@@ -11,15 +11,21 @@ and a row in docs/reliability.md. Pure functions and small counters, no I/O.
     a number literal past float64  (1e999)       400 BAD_INPUT (NaN, Infinity are taken as written)
     request bodies held at once    512 MiB       503 OVERLOADED, Retry-After: 1 (see ``BodyBudget``)
     requests in progress           1024          503 OVERLOADED, Retry-After: 1
+    one client's requests in progress  256       429 OVERLOADED, Retry-After: 1 (``ClientShares``)
+    one client's queries in progress   2500      429 OVERLOADED, Retry-After: 1 (413 TOO_LARGE
+                                                 for one request of more)
 
 Connections and read times are bounded in ``protocol.py``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
 import re
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,11 @@ MAX_JSON_BYTES = 16 * 1024 * 1024
 MAX_JSON_DEPTH = 64
 BODY_BUDGET_BYTES = 512 * 1024 * 1024
 MAX_INFLIGHT = 1024
+# one HTTP client (its bearer token when tokens are on, else its address) in one worker: a
+# worker is one client of the broker (10,000 queries outstanding by default), so one HTTP
+# client may hold at most a quarter of that, and a quarter of the worker's requests
+MAX_CLIENT_REQUESTS = 256
+MAX_CLIENT_QUERIES = 2500
 # parsed JSON takes several times its text in memory (a float: 8 bytes of text, a 24-byte
 # object and an 8-byte pointer, then 8 more in the array it becomes): a JSON body counts
 # this many times its size against the budget
@@ -37,6 +48,9 @@ JSON_WEIGHT = 6
 # bodies up to this size are never refused for the budget (they still count towards it):
 # a flood of large bodies cannot starve small requests
 SMALL_BODY = 64 * 1024
+# the heap is handed back to the system after this many bytes of bodies were taken and
+# (most of them) given back
+TRIM_AFTER_BYTES = 64 * 1024 * 1024
 
 # a number literal that may be past float64's range (1e999 reads as infinity, silently): an
 # exponent of three digits or more, or 309 digits in a row; only then are floats read one
@@ -116,10 +130,12 @@ class BodyBudget:
         self.limit = limit
         self.held = 0
         self.peak = 0
+        self.since_trim = 0  # bytes taken since the heap was last handed back (``release_memory``)
 
     def take(self, holder: Any, n: int) -> None:
         holder.held_bytes += n
         self.held += n
+        self.since_trim += n
         self.peak = max(self.peak, self.held)
         if self.held > self.limit and holder.held_bytes > SMALL_BODY:
             raise HTTPError(
@@ -133,3 +149,78 @@ class BodyBudget:
     def give_back(self, holder: Any) -> None:
         self.held -= holder.held_bytes
         holder.held_bytes = 0
+        # after a burst of large bodies, once most of it is answered: the heap pages they
+        # used go back to the system (RSS returns near its baseline)
+        if self.since_trim >= TRIM_AFTER_BYTES and self.held * 8 <= self.since_trim:
+            self.since_trim = self.held
+            release_memory()
+
+
+def release_memory() -> None:
+    """Hand the free pages of the C heap back to the system (glibc's ``malloc_trim``).
+
+    glibc keeps freed memory for reuse; after a burst of large requests that is hundreds of
+    MiB the process holds for nothing. Elsewhere (musl, macOS) this does nothing.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
+
+
+class ClientShares:
+    """Requests and queries one HTTP client has in progress in a worker, bounded each.
+
+    ``enter`` counts a request of ``client`` (429 past ``max_requests``), ``count`` sets how
+    many queries it sends to the broker (429 if the client's total would pass
+    ``max_queries``; a request of more queries than that alone is 413, as it would never
+    fit), ``leave`` gives both back when the request is answered.
+    """
+
+    def __init__(self, max_requests: int, max_queries: int) -> None:
+        self.max_requests, self.max_queries = max_requests, max_queries
+        self.requests: Counter[str] = Counter()
+        self.queries: Counter[str] = Counter()
+
+    def enter(self, client: str) -> None:
+        if self.requests[client] >= self.max_requests:
+            raise self._refuse(f"this client has {self.requests[client]} requests in progress")
+        self.requests[client] += 1
+
+    def count(self, client: str, held: int, n: int) -> None:
+        """``n`` queries for a request that counted ``held`` so far."""
+        if n > self.max_queries:
+            raise HTTPError(
+                413,
+                f"the request holds {n} queries, more than one client may have in progress "
+                f"({self.max_queries}); send them in smaller requests",
+                code="TOO_LARGE",
+            )
+        total = self.queries[client] - held + n
+        if n > held and total > self.max_queries:
+            raise self._refuse(f"this client would have {total} queries in progress")
+        self.queries[client] = total
+
+    def leave(self, client: str, held: int) -> None:
+        for counter, n in ((self.requests, 1), (self.queries, held)):
+            left = counter[client] - n
+            if left > 0:
+                counter[client] = left
+            else:
+                counter.pop(client, None)
+
+    def _refuse(self, what: str) -> HTTPError:
+        return HTTPError(
+            429,
+            f"{what}, over the gateway worker's share per client ({self.max_requests} requests, "
+            f"{self.max_queries} queries); retry when earlier ones are answered",
+            code="OVERLOADED",
+            retry_after_ms=1000,
+        )

@@ -30,6 +30,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "No such app.",
         413: "The request is too large.",
         415: "The body's Content-Encoding is not gzip, deflate or identity.",
+        429: "This client already has its share of the worker in progress (see Retry-After).",
         502: "The model failed on this input.",
         503: "Overloaded (see Retry-After), draining, or the broker does not answer.",
         504: "No answer within the deadline and the app has no default.",
@@ -41,7 +42,7 @@ def _path_param(name: str, description: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "description": description, "schema": NAME}
 
 
-_QUERY_ERRORS = (400, 401, 404, 413, 415, 502, 503, 504)
+_QUERY_ERRORS = (400, 401, 404, 413, 415, 429, 502, 503, 504)
 
 
 def build_spec(*, auth: bool = False) -> dict[str, Any]:

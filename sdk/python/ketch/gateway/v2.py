@@ -10,7 +10,8 @@
 Request parameters honoured: ``timeout`` (microseconds, as Triton's; 0 is the app's SLO),
 ``priority`` (Ketch's: higher first, -128..127) and ``binary_data_output``. The tensor
 rules are in ``tensors.py``. A Ketch app does not declare its output type, so the
-metadata reports the datatype of the last answer this worker returned (BYTES before any).
+metadata reports the datatype of the last answer this worker returned for the app as it is
+now (BYTES before any).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from starlette.responses import Response
 
 from ketch import __version__, errors
+from ketch.client import Prediction
+from ketch.gateway.backend import AppInfo
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.tensors import (
@@ -68,7 +71,9 @@ async def model_metadata(call: Call) -> Response:
         if doc.get("active_version"):
             version = str(doc["active_version"])
             versions.append(version if len(info.models) == 1 else f"{model}:{version}")
-    seen_type, seen_shape = call.gw.outputs_seen.get(info.name, ("BYTES", []))
+    seen_under, seen_type, seen_shape = call.gw.outputs_seen.get(info.name, (info, "BYTES", []))
+    if seen_under != info:  # seen of an app of this name before it was changed or created again
+        seen_type, seen_shape = "BYTES", []
     return json_response(
         {
             "name": info.name,
@@ -106,7 +111,8 @@ async def model_ready(call: Call) -> Response:
 
 async def infer(call: Call) -> Response:
     body = await read_body(call)
-    info = await call.gw.link.app(call.request.path_params["name"])
+    name = call.request.path_params["name"]
+    info = await call.gw.link.app(name)
     call.app = info.name
     request = parse_infer_request(
         body,
@@ -116,24 +122,31 @@ async def infer(call: Call) -> Response:
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
     timeout_ms, priority = query_options(request.parameters)
-    xs, _ = split_queries(
-        request.inputs[0],
-        info.input_type,
-        info.input_shape,
-        lambda element: parse_json(call, element, "a JSON input"),
-    )
-    call.queries = len(xs)
-    dtype = send_dtype(info.input_type)
     link = call.gw.link
-    if len(xs) == 1:
-        preds = [await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)]
-    else:
-        preds = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
-        for p in preds:
+
+    async def run(info: AppInfo) -> tuple[AppInfo, list[Prediction]]:
+        xs, _ = split_queries(
+            request.inputs[0],
+            info.input_type,
+            info.input_shape,
+            lambda element: parse_json(call, element, "a JSON input"),
+        )
+        call.send_queries(len(xs))
+        dtype = send_dtype(info.input_type)
+        if len(xs) == 1:
+            pred = await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+            return info, [pred]
+        answers = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+        preds = []
+        for p in answers:
             if isinstance(p, BaseException):
                 raise p
+            preds.append(p)
+        return info, preds
+
+    info, preds = await link.serve_app(name, run)
     output = output_tensor([p.output for p in preds])
-    call.gw.outputs_seen[info.name] = (output[0], output[1][1:])
+    call.gw.outputs_seen[info.name] = (info, output[0], output[1][1:])
     defaults = [p.default for p in preds]
     parameters = {}
     if any(defaults):
