@@ -257,6 +257,9 @@ def test_what_cannot_finish_in_time_is_refused_at_once_and_the_rest_served(env):
     assert not defaults or max(t for t, _ in refused) < min(t for t, _ in defaults)
     assert len(served) >= 9 * len(defaults)  # what was admitted was, nearly all, served in time
     assert len(served) + len(defaults) < n / 2  # far more was offered than the model could take
+    # the flood answered, service is normal at once: nothing refused for work no longer queued
+    after = [client.predict("a", [float(i)]) for i in range(20)]
+    assert [(p.default, p.output) for p in after] == [(False, float(i)) for i in range(20)]
 
 
 def test_a_burst_after_a_quiet_spell_is_not_refused_for_batches_not_made_yet(env):
