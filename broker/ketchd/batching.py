@@ -165,13 +165,6 @@ class BatchController:
         n = p.max_batch if b <= 0 or p.mode == "fixed" else int((usable - a) / b)
         n = max(1, min(p.max_batch, n))
         typical = max(a + b * n, 1e-3)
-        # never less than what was seen: a size whose own median fits serves at least that
-        # (a line fitted to few small sizes, one of them stalled, can be far too steep)
-        for size, window in self._samples.items():
-            if size > n and window and size <= p.max_batch:
-                median = _quantile_of(window, 0.5)
-                if median <= usable:
-                    n, typical = size, max(median, 1e-3)
         return n, typical, max(typical, self.predict_ms(n) or typical)
 
     def _quantile(self, size: int) -> float:
