@@ -271,6 +271,31 @@ class _Timed(_Session):
         return ms
 
 
+def drive(
+    session: _Timed, rate: float, n: int, seed: int, tick: Callable[[float], None] | None = None
+) -> float:
+    """Open-loop Poisson arrivals at ``rate`` on ``session``, ``n`` queries, each message
+    with those due; ``tick(seconds since the start)`` is called at every turn. Returns the
+    start (perf_counter); the session's elapsed time is set."""
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, size=n))
+    t0 = time.perf_counter()
+    i = 0
+    while i < n:
+        now = time.perf_counter()
+        due = i
+        while due < n and t0 + arrivals[due] <= now:
+            due += 1
+        if due > i:
+            session.send([make_input(k) for k in range(i, due)], [t0 + arrivals[k] for k in range(i, due)])
+            i = due
+        if tick is not None:
+            tick(now - t0)
+        wait_ms = ((t0 + arrivals[i]) - time.perf_counter()) * 1000 if i < n else 0
+        session.receive(max(0.0, wait_ms))
+    session.result.elapsed_s = time.perf_counter() - t0
+    return t0
+
+
 def broker_events(log_path: str, event: str) -> list[dict[str, Any]]:
     out = []
     for line in Path(log_path).read_text(errors="replace").splitlines():
@@ -297,34 +322,22 @@ def kill_run(duration: float) -> list[dict[str, Any]]:
         rate = 0.4 * cap
         closed_loop(broker.frontend, "pool", make_input, 64, 1.0)  # warm-up
         session = _Timed(broker.frontend, "pool", None)
-        rng = np.random.default_rng(3)
         n = int(rate * duration)
-        arrivals = np.cumsum(rng.exponential(1 / rate, size=n))
         killed_at = None
         victim = None
+
+        def kill(elapsed: float) -> None:
+            nonlocal killed_at, victim
+            if killed_at is None and elapsed > duration / 2:
+                held = {r["replica_id"].rsplit("/", 1)[-1]: r["inflight"] for r in admin.replicas("pool")}
+                if any(held.values()):
+                    victim = max(held, key=lambda k: held[k])
+                    killed_at = time.perf_counter()
+                    os.kill(replicas.pid(victim), signal.SIGKILL)
+
         with contextlib.closing(session), _measuring():
-            t0 = time.perf_counter()
-            wall0 = time.time() - t0  # perf_counter -> wall clock (the broker logs wall clock)
-            i = 0
-            while i < n:
-                now = time.perf_counter()
-                due = i
-                while due < n and t0 + arrivals[due] <= now:
-                    due += 1
-                if due > i:
-                    session.send(
-                        [make_input(k) for k in range(i, due)], [t0 + arrivals[k] for k in range(i, due)]
-                    )
-                    i = due
-                if killed_at is None and now - t0 > duration / 2:
-                    held = {r["replica_id"].rsplit("/", 1)[-1]: r["inflight"] for r in admin.replicas("pool")}
-                    if any(held.values()):
-                        victim = max(held, key=lambda k: held[k])
-                        killed_at = time.perf_counter()
-                        os.kill(replicas.pid(victim), signal.SIGKILL)
-                wait_ms = ((t0 + arrivals[i]) - time.perf_counter()) * 1000 if i < n else 0
-                session.receive(max(0.0, wait_ms))
-            session.result.elapsed_s = time.perf_counter() - t0
+            wall_minus_perf = time.time() - time.perf_counter()  # the broker logs wall clock
+            drive(session, rate, n, 3, kill)
             session.drain(10.0)
         replicas.procs.pop(victim or "", None)
         res = session.result
@@ -337,7 +350,7 @@ def kill_run(duration: float) -> list[dict[str, Any]]:
         seen = (
             datetime.fromisoformat(left[0]["timestamp"].replace("Z", "+00:00")).timestamp() if left else None
         )
-        detect_ms = (seen - (wall0 + killed_at)) * 1000 if seen is not None else float("nan")
+        detect_ms = (seen - (wall_minus_perf + killed_at)) * 1000 if seen is not None else float("nan")
         requeued = left[0].get("requeued", 0) if left else 0
         # the queries in flight at the kill: sent before it, answered after it
         extra = [
@@ -427,24 +440,8 @@ def overload_run(
         before = admin.replicas("m")[0]
         session = _Refusals(broker.frontend, "m", None)
         n = int(rate * flood_s)
-        rng = np.random.default_rng(5)
-        arrivals = np.cumsum(rng.exponential(1 / rate, size=n))
         with contextlib.closing(session), _measuring():
-            t0 = time.perf_counter()
-            i = 0
-            while i < n:
-                now = time.perf_counter()
-                due = i
-                while due < n and t0 + arrivals[due] <= now:
-                    due += 1
-                if due > i:
-                    session.send(
-                        [make_input(k) for k in range(i, due)], [t0 + arrivals[k] for k in range(i, due)]
-                    )
-                    i = due
-                wait_ms = ((t0 + arrivals[i]) - time.perf_counter()) * 1000 if i < n else 0
-                session.receive(max(0.0, wait_ms))
-            session.result.elapsed_s = time.perf_counter() - t0
+            drive(session, rate, n, 5)
             flood_end = time.perf_counter()
             session.drain(5.0)
         res = session.result

@@ -1,6 +1,7 @@
-"""A replica killed with SIGKILL is seen gone when its connection closes, whatever its SDK.
+"""Replicas of every SDK: one killed with SIGKILL is seen gone when its connection closes;
+a pool of a Java, a Python and a slow R replica serves by speed, in either join order.
 
-The broker here would wait 60 s of silence before calling a replica dead; a killed one's
+The broker in the kill test would wait 60 s of silence before calling a replica dead; a killed one's
 queries must come back (answered by another replica) long before that, because the
 broker hears its TCP connection close. The victim is stopped (SIGSTOP) first, so that it
 holds queries it will never answer, then killed.
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ketch
@@ -30,18 +32,21 @@ REQUIRED = os.environ.get("KETCH_REQUIRE_POLYGLOT") == "1"
 BUILD_ID = "sum-of-the-input"
 
 
-def victim_cmd(sdk: str, backend: str, model: str) -> list[str]:
+def victim_cmd(sdk: str, backend: str, model: str, rid: str = "victim", delay_ms: int = 0) -> list[str]:
+    """The command of a replica of ``model`` (the sum of a vector) in ``sdk``; ``delay_ms``
+    (R only) sleeps that long per batch."""
     if sdk == "python":
         return [sys.executable, "-m", "ketch.cli", "model", "run", "ketch.examples.basic:total",
                 "--name", model, "--backend", backend, "--input-shape", "-1"]  # fmt: skip
     if sdk == "java":
         ok, what = shutil.which("java") is not None and JAR.exists(), "java and the SDK's jar"
         cmd = ["java", "-cp", str(JAR), "io.ketch.examples.Serve", "--broker", backend, "--name", model,
-               "--version", "1", "--kind", "sum", "--replica-id", "victim"]  # fmt: skip
+               "--version", "1", "--kind", "sum", "--replica-id", rid]  # fmt: skip
     else:
         ok, what = shutil.which("Rscript") is not None, "Rscript"
         cmd = ["Rscript", str(ROOT / "sdk" / "r" / "inst" / "serve_example.R"), "--broker", backend,
-               "--name", model, "--version", "1", "--kind", "sum", "--replica-id", "victim"]  # fmt: skip
+               "--name", model, "--version", "1", "--kind", "sum", "--replica-id", rid,
+               "--delay-ms", str(delay_ms)]  # fmt: skip
     if not ok:
         if REQUIRED:
             pytest.fail(f"{what} is missing (KETCH_REQUIRE_POLYGLOT=1)")
@@ -116,3 +121,64 @@ def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewher
         if victim.poll() is None:
             os.kill(victim.pid, signal.SIGKILL)
             victim.wait(10)
+
+
+@pytest.mark.parametrize("r_joins", ["first", "last"])
+def test_a_pool_of_every_sdk_serves_by_speed_and_the_slow_r_costs_no_avoidable_default(
+    r_joins, make_thread_broker, replica_threads, tmp_path
+):
+    """Java and Python replicas that meet a 300 ms SLO and an R one that never can (400 ms a
+    batch), joined R first or R last: the R one is sent nothing but a probe now and then
+    (rather than batches whose queries would all get the default), every other query is
+    answered by the fast ones, correctly."""
+    tb = make_thread_broker(heartbeat_ms=200, dead_after_ms=10_000)
+    model = "pool"
+    procs: list[subprocess.Popen] = []
+
+    def start(sdk: str) -> None:
+        if sdk == "python":
+
+            def predict(batch: list[np.ndarray]) -> list[float]:
+                time.sleep(0.003)  # busy a while with each batch, as a real model is
+                return [float(x.sum()) for x in batch]
+
+            replica_threads(predict, backend=tb.backend, name=model, replica_id="py")
+            return
+        rid = {"java": "java", "r": "r-slow"}[sdk]
+        cmd = victim_cmd(sdk, tb.backend, model, rid, delay_ms=400 if sdk == "r" else 0)
+        log = open(tmp_path / f"{rid}.log", "wb")  # noqa: SIM115 (the child holds it)
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT))
+        log.close()
+
+    order = ["r", "java", "python"] if r_joins == "first" else ["java", "python", "r"]
+    ids = {"r": "r-slow", "java": "java", "python": "py"}
+    try:
+        with ketch.Admin(tb.admin) as admin, ketch.Client(tb.frontend) as client:
+            admin.create_app(
+                "sum", input_type="float64", input_shape=[-1], slo_ms=300, default=-1.0, models=[model],
+                cache=False,
+            )  # fmt: skip
+            for sdk in order:  # joined one after the other
+                start(sdk)
+                wait_for(lambda sdk=sdk: ids[sdk] in by_id(admin, model), 90, f"the {sdk} replica")
+            rng = np.random.default_rng()
+            client.predict_many("sum", [rng.normal(size=3) for _ in range(300)], window=16)  # all measured
+            before = {k: v["items"] for k, v in by_id(admin, model).items()}
+            xs = [rng.normal(size=3) for _ in range(600)]
+            preds = client.predict_many("sum", xs, window=64)  # the fast ones often busy, R idle
+            after = {k: v["items"] for k, v in by_id(admin, model).items()}
+            taken = {k: after[k] - before.get(k, 0) for k in after}
+            defaults = [p for p in preds if p.default]
+            assert taken["r-slow"] <= 4 and len(defaults) <= taken["r-slow"], (taken, defaults[:3])
+            assert taken["java"] + taken["py"] >= len(xs) - taken["r-slow"], taken
+            answered = [(x, p) for x, p in zip(xs, preds, strict=True) if not p.default]
+            assert [p.output for _, p in answered] == pytest.approx([float(x.sum()) for x, _ in answered])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT if proc.args[0] == "Rscript" else signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
