@@ -175,9 +175,13 @@ class _Session:
                 r.errors += 1
                 code = proto.ERROR_NAMES.get(item.error, str(item.error))
                 r.error_codes[code] = r.error_codes.get(code, 0) + 1
+                self._errored(item.error, ms)
         if plain and not self._plain.full:
             self._learn(header)
         return got
+
+    def _errored(self, code: int, ms: float) -> None:
+        """An error answer (its code) that took ``ms``: for subclasses that time them."""
 
     def _learn(self, header: bytes) -> None:
         """Keep a reply of plain predictions as a template of itself (as ketch.client does)."""
