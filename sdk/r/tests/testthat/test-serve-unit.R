@@ -159,3 +159,18 @@ test_that("a batch is answered end to end by ketch_answer_batch", {
   expect_identical(unknown$error, "BAD_MESSAGE")
   expect_match(unknown$message, "unknown dtype 42")
 })
+
+test_that("the fingerprint is a digest of predict_fn's source, or the build id", {
+  f <- function(inputs) lapply(inputs, sum)
+  g <- function(inputs) lapply(inputs, sum)
+  h <- function(inputs) lapply(inputs, function(x) 2 * sum(x))
+  fp <- ketch_fingerprint(f, build = "")
+  expect_match(fp, "^md5:[0-9a-f]{32}$")
+  expect_identical(ketch_fingerprint(g, build = ""), fp)  # the same code, the same fingerprint
+  expect_false(identical(ketch_fingerprint(h, build = ""), fp))  # other code, another
+  expect_identical(ketch_fingerprint(f, build = "2026-11-30.1"), "build:2026-11-30.1")
+  for (bad in c("with space", strrep("x", 123), "caf\u00e9", "tab\t")) {
+    expect_error(ketch_fingerprint(f, build = bad), "KETCH_BUILD_ID")
+  }
+  expect_identical(nchar(ketch_fingerprint(f, build = strrep("x", 122))), 128L)
+})
