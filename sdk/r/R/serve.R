@@ -93,8 +93,10 @@ ketch_fingerprint <- function(predict_fn, build = Sys.getenv("KETCH_BUILD_ID")) 
 #'   input; an output may be a \code{ketch_tensor()} to choose the dtype, or a condition
 #'   object to fail that item alone. An error, or a wrong number of outputs, fails the
 #'   whole batch with \code{MODEL_ERROR} and \code{"Class: message"}. An item whose
-#'   payload does not fit its dtype and shape is answered \code{BAD_INPUT} and not given
-#'   to \code{predict_fn}.
+#'   payload does not fit its dtype and shape (a wrong size, text that is not UTF-8, JSON
+#'   that does not parse or is nested too deep) is answered \code{BAD_INPUT} and not given
+#'   to \code{predict_fn}, which computes the others; when it then fails the batch, the
+#'   items it got fail with its error and the bad ones keep \code{BAD_INPUT}.
 #' @param name,version model name and version sent in Hello.
 #' @param input_type wire dtype name of the input (\code{"float64"}, \code{"string"},
 #'   \code{"bytes"}, ...).
@@ -758,20 +760,32 @@ ketch_run_predict <- function(predict_fn, inputs, errors = NULL) {
 # What predict_fn returned (`out`, or the error it raised) for `n` items, checked and
 # encoded: ketch_run_predict()'s result. `bad` and `errors` say which items it did not get.
 ketch_finish_predict <- function(out, n, compute_us, bad = FALSE, errors = NULL) {
-  fail <- function(message) list(ok = FALSE, error = "MODEL_ERROR", message = message, compute_us = compute_us)
-  if (inherits(out, "error")) return(fail(ketch_class_message(out)))
-  if (n) {
-    if (!(is.list(out) || (is.atomic(out) && is.null(dim(out)))) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
-      return(fail(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s",
-                          n, class(out)[1])))
-    }
-    if (length(out) != n) {
-      return(fail(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d", length(out), n)))
-    }
+  why <- ketch_batch_failure(out, n)
+  if (!is.null(why)) {
+    if (identical(bad, FALSE)) return(list(ok = FALSE, error = "MODEL_ERROR", message = why, compute_us = compute_us))
+    # the items predict_fn got fail with its error; the bad ones keep BAD_INPUT
+    enc <- list(ok = logical(n), group = rep(NA_integer_, n), tensors = list(),
+                error = rep(KETCH_ERROR_CODES[["MODEL_ERROR"]], n), message = rep(why, n),
+                payloads = rep(list(raw(0)), n))
+    return(list(ok = TRUE, outputs = ketch_merge_bad(enc, bad, errors), compute_us = compute_us))
   }
   enc <- ketch_encode_outputs(if (n) out else list())
   if (!identical(bad, FALSE)) enc <- ketch_merge_bad(enc, bad, errors)
   list(ok = TRUE, outputs = enc, compute_us = compute_us)
+}
+
+# Why what predict_fn returned for `n` items fails the whole batch ("Class: message"), or
+# NULL when it is one output per item.
+ketch_batch_failure <- function(out, n) {
+  if (inherits(out, "error")) return(ketch_class_message(out))
+  if (!n) return(NULL)
+  if (!(is.list(out) || (is.atomic(out) && is.null(dim(out)))) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
+    return(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s", n, class(out)[1]))
+  }
+  if (length(out) != n) {
+    return(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d", length(out), n))
+  }
+  NULL
 }
 
 # Outputs of the good items and BAD_INPUT errors of the others, in item order.
