@@ -29,6 +29,7 @@ from ketch.apply import command as app_apply_command
 from ketch.build import command as model_build_command
 from ketch.client import DEFAULT_FRONTEND, Client
 from ketch.runtime import DEFAULT_BACKEND
+from ketch.serve import command as serve_command
 
 EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 3
 
@@ -75,13 +76,14 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
 
 
 def _shape(text: str | None) -> list[int]:
-    if not text:
+    if not text or text.strip() in ("scalar", "()"):
         return []
     try:
         return [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
     except ValueError:
         raise click.BadParameter(
-            f"{text!r}: a shape is sizes separated by commas, -1 for any (e.g. 4 or -1,28,28)"
+            f"{text!r}: a shape is sizes separated by commas, -1 for any (e.g. 4 or -1,28,28), "
+            "or 'scalar' for one number"
         ) from None
 
 
@@ -110,6 +112,8 @@ def main(ctx: click.Context, admin: str, frontend: str) -> None:
     ctx.ensure_object(dict)
     ctx.obj.update(admin=admin, frontend=frontend)
 
+
+main.add_command(serve_command)  # ketch serve (ketch/serve.py)
 
 # ---------------------------------------------------------------- broker
 
@@ -454,8 +458,14 @@ def replica_options(f: Callable) -> Callable:
             click.argument("target"),
             click.option("--name", required=True, help="Model name."),
             click.option("--version", "model_version", default="1", show_default=True, help="Model version."),
-            click.option("--input-type", default="float64", show_default=True, help="Input dtype."),
-            click.option("--input-shape", default=None, help="Per-item input shape (-1: any size)."),
+            click.option(
+                "--input-type", default=None, help="Input dtype [default: the model's, else float64]."
+            ),
+            click.option(
+                "--input-shape",
+                default=None,
+                help="Per-item input shape, e.g. 4 (-1: any size) [default: the model's, else -1].",
+            ),
             click.option(
                 "--backend",
                 envvar="KETCH_BACKEND",
@@ -484,14 +494,24 @@ def replica_options(f: Callable) -> Callable:
     return f
 
 
+def _load_source(target: str, input_type: str | None) -> tuple[Any, dict[str, Any]]:
+    """The model TARGET names (a file, a folder or code) and what it says of its input."""
+    from ketch import loading
+
+    source = loading.resolve(target)
+    warning = loading.trust_warning(source)
+    if warning:
+        click.echo(warning, err=True)
+    return loading.load(source, input_type=input_type)
+
+
 def _replica_cli_options(kw: dict[str, Any]) -> list[str]:
     out = [
         "--name",
         kw["name"],
         "--version",
         kw["model_version"],
-        "--input-type",
-        kw["input_type"],
+        *(["--input-type", kw["input_type"]] if kw["input_type"] else []),
         "--backend",
         kw["backend"],
         "--credits",
@@ -512,17 +532,19 @@ def _replica_cli_options(kw: dict[str, Any]) -> list[str]:
 def model_run(
     target, name, model_version, input_type, input_shape, backend, credits, max_batch, nondeterministic
 ):
-    """Run one replica of TARGET (MODULE:ATTR or FILE.py:ATTR) in the foreground."""
-    from ketch._targets import load_target
+    """Run one replica of TARGET (a model file or folder, MODULE:ATTR or FILE.py:ATTR) in the
+    foreground."""
     from ketch.runtime import serve
 
     logs.configure()
+    model, meta = _load_source(target, input_type)
+    shape = _shape(input_shape) if input_shape is not None else meta["input_shape"]
     serve(
-        load_target(target),
+        model,
         name=name,
         version=model_version,
-        input_type=input_type,
-        input_shape=_shape(input_shape) if input_shape is not None else None,
+        input_type=input_type or meta["input_type"] or "float64",
+        input_shape=shape,
         broker=backend,
         credits=credits,
         max_batch=max_batch,
@@ -548,16 +570,16 @@ def model_run(
 def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
     """Run REPLICAS supervised processes of TARGET (restarted if they crash) until Ctrl-C/SIGTERM.
 
-    TARGET is MODULE:ATTR or FILE.py:ATTR naming a batch function predict(inputs) -> outputs,
+    TARGET is a model file (.joblib/.pkl, .onnx, .pt), a folder holding one, or MODULE:ATTR or
+    FILE.py:ATTR naming a batch function predict(inputs) -> outputs (a list in, a list out),
     a class or factory giving an object with predict, or a scikit-learn estimator.
     --batching, --batch-delay-ms, --max-queue and --max-batch set the model's queue policy
     in the broker (through its admin socket) before the replicas start.
     """
-    from ketch._targets import load_target
     from ketch.supervisor import Supervisor, replica_argv
 
     logs.configure()
-    load_target(kw["target"])  # fail here, once, rather than in every replica
+    _load_source(kw["target"], kw["input_type"])  # fail here, once, rather than in every replica
     if batching is not None or batch_delay_ms is not None or max_queue is not None or kw["max_batch"]:
         with _admin(ctx) as admin:
             admin.configure_model(
