@@ -231,6 +231,8 @@ class Replica:
             "model": self.model,
             "version": self.version,
             "state": self.state.value,
+            "input_type": proto.dtype_name(self.input_dtype),
+            "input_shape": list(self.input_shape),
             "sdk": self.sdk,
             "pid": self.pid,
             "credits": self.credits,

@@ -30,6 +30,7 @@ from ketch.build import command as model_build_command
 from ketch.client import DEFAULT_FRONTEND, Client
 from ketch.runtime import DEFAULT_BACKEND
 from ketch.serve import command as serve_command
+from ketch.up import down_command, up_command
 
 EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 3
 
@@ -114,6 +115,8 @@ def main(ctx: click.Context, admin: str, frontend: str) -> None:
 
 
 main.add_command(serve_command)  # ketch serve (ketch/serve.py)
+main.add_command(up_command)  # ketch up, ketch down (ketch/up.py)
+main.add_command(down_command)
 
 # ---------------------------------------------------------------- broker
 
