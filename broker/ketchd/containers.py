@@ -17,6 +17,7 @@ from ketch import errors
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode
 
+from ketchd.admin import schema_conflict
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
 
@@ -157,6 +158,10 @@ class Containers:
             sdk=replica.sdk,
             pid=replica.pid,
         )
+        for app in b.apps.values():
+            problem = schema_conflict(app, model) if name in app.models else ""
+            if problem:
+                log.warning("replica does not fit an app linking its model", problem=problem)
 
     def on_predict_reply(
         self, replica: Replica, header: zmq.Frame, r: Any, payloads: list[zmq.Frame], now: float

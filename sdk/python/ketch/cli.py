@@ -17,50 +17,33 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-from ketch import errors, logs
+from ketch import logs
+from ketch._clikit import EXIT_REFUSED, _fail, handles_errors, table_lines
 from ketch.admin import DEFAULT_ADMIN, Admin
 from ketch.apply import command as app_apply_command
 from ketch.build import command as model_build_command
 from ketch.client import DEFAULT_FRONTEND, Client
 from ketch.runtime import DEFAULT_BACKEND
 from ketch.serve import command as serve_command
+from ketch.status import command as status_command
 from ketch.up import down_command, up_command
 
-EXIT_REFUSED, EXIT_UNAVAILABLE = 1, 3
 
+def _admin(ctx: click.Context, wait: bool = True) -> Admin:
+    """The broker's admin API; first waits up to --broker-wait for a broker to answer,
+    saying so (fails at once, with what to do, when the wait is 0)."""
+    from ketch.launch import wait_for_broker
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(fn: Callable) -> Callable:
-    """Turn Ketch errors into a message and an exit code instead of a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kw: Any) -> Any:
-        try:
-            return fn(*args, **kw)
-        except errors.Unavailable as exc:
-            _fail(f"{exc}\n  is the broker running? start one with: ketch broker start", EXIT_UNAVAILABLE)
-        except errors.Timeout as exc:
-            _fail(str(exc), EXIT_UNAVAILABLE)
-        except errors.RequestError as exc:
-            _fail(f"{exc.code_name}: {exc.message}", EXIT_REFUSED)
-        except (ValueError, TypeError) as exc:
-            raise click.UsageError(str(exc)) from None
-
-    return wrapper
-
-
-def _admin(ctx: click.Context) -> Admin:
-    return Admin(ctx.obj["admin"])
+    obj = ctx.find_root().obj
+    if wait and not obj.get("broker_seen"):
+        wait_for_broker(obj["admin"], obj["broker_wait"], lambda text: click.echo(text, err=True))
+        obj["broker_seen"] = True
+    return Admin(obj["admin"])
 
 
 def _print_json(value: Any) -> None:
@@ -68,12 +51,7 @@ def _print_json(value: Any) -> None:
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    click.echo("\n".join(table_lines(rows, header)))
 
 
 def _shape(text: str | None) -> list[int]:
@@ -95,28 +73,49 @@ def _json_value(text: str, what: str) -> Any:
         raise click.BadParameter(f"{what} must be JSON ({exc}); quote strings: '\"text\"'") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option(
-    "--admin", envvar="KETCH_ADMIN", default=DEFAULT_ADMIN, show_default=True, help="Broker admin address."
+    "--admin",
+    envvar="KETCH_ADMIN",
+    show_envvar=True,
+    default=DEFAULT_ADMIN,
+    help="Broker admin address (apps, models, status).",
 )
 @click.option(
     "--frontend",
     envvar="KETCH_FRONTEND",
+    show_envvar=True,
     default=DEFAULT_FRONTEND,
-    show_default=True,
     help="Broker frontend address (queries).",
+)
+@click.option(
+    "--broker-wait",
+    envvar="KETCH_BROKER_WAIT",
+    show_envvar=True,
+    type=click.FloatRange(0),
+    default=10.0,
+    help="Seconds to wait, saying so, for a broker that does not answer yet (0: fail at once).",
 )
 @click.version_option(package_name="ketch")
 @click.pass_context
-def main(ctx: click.Context, admin: str, frontend: str) -> None:
-    """Ketch: low-latency prediction serving."""
+def main(ctx: click.Context, admin: str, frontend: str, broker_wait: float) -> None:
+    """Ketch: low-latency prediction serving.
+
+    \b
+    Start here:
+      ketch serve model.joblib      serve a model file over HTTP (starts a broker if none runs)
+      ketch up ketch.toml           bring up the apps and models a file declares; ketch down
+      ketch status                  what runs: apps, models, replicas, latency
+    Model replicas reach the broker at KETCH_BACKEND (default tcp://127.0.0.1:7000).
+    """
     ctx.ensure_object(dict)
-    ctx.obj.update(admin=admin, frontend=frontend)
+    ctx.obj.update(admin=admin, frontend=frontend, broker_wait=broker_wait)
 
 
 main.add_command(serve_command)  # ketch serve (ketch/serve.py)
 main.add_command(up_command)  # ketch up, ketch down (ketch/up.py)
 main.add_command(down_command)
+main.add_command(status_command)  # ketch status (ketch/status.py)
 
 # ---------------------------------------------------------------- broker
 
@@ -248,8 +247,8 @@ _broker_start_command()
 @click.pass_context
 @handles_errors
 def broker_status(ctx: click.Context, as_json: bool) -> None:
-    """Exit 0 when the broker answers; 3 with a message when it does not."""
-    with _admin(ctx) as admin:
+    """Exit 0 when the broker answers; 3 with a message when it does not (at once)."""
+    with _admin(ctx, wait=False) as admin:
         status = admin.status()
     if as_json:
         _print_json(status)
@@ -284,7 +283,7 @@ app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
 
 
 @app.command("create")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.option("--input-type", required=True, help="Input dtype: float64, float32, int64, ..., string, bytes.")
 @click.option("--input-shape", default="", help="Per-query input shape, e.g. 4 or -1,28,28 (-1: any size).")
 @click.option(
@@ -304,7 +303,7 @@ app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
 def app_create(
     ctx, name, input_type, input_shape, slo_ms, default, models, cache, finite_only, as_json
 ) -> None:
-    """Create app NAME."""
+    """Create app APP."""
     default_value = _json_value(default, "--default") if default is not None else None
     with _admin(ctx) as admin:
         doc = admin.call(
@@ -323,7 +322,7 @@ def app_create(
 
 
 @app.command("configure")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.option("--cache/--no-cache", default=None, help="Switch the prediction cache for this app.")
 @click.option("--slo-ms", type=float, default=None, help="New latency objective.")
 @click.pass_context
@@ -336,7 +335,7 @@ def app_configure(ctx, name, cache, slo_ms) -> None:
 
 
 @app.command("set-policy")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.argument("policy", type=click.Choice(["single", "weighted", "shadow", "exp3", "exp4", "ensemble"]))
 @click.option(
     "--option",
@@ -349,7 +348,7 @@ def app_configure(ctx, name, cache, slo_ms) -> None:
 @click.pass_context
 @handles_errors
 def app_set_policy(ctx, name, policy, options) -> None:
-    """Choose how app NAME uses its linked models.
+    """Choose how APP uses its linked models.
 
     \b
     single    one model (option model=NAME; default the first linked)
@@ -400,7 +399,7 @@ def app_list(ctx, as_json) -> None:
 
 
 @app.command("show")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.pass_context
 @handles_errors
 def app_show(ctx, name) -> None:
@@ -410,18 +409,18 @@ def app_show(ctx, name) -> None:
 
 
 @app.command("delete")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.pass_context
 @handles_errors
 def app_delete(ctx, name) -> None:
-    """Delete app NAME."""
+    """Delete app APP."""
     with _admin(ctx) as admin:
         admin.delete_app(name)
     click.echo(f"deleted app {name}")
 
 
 @app.command("link")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.argument("model")
 @click.pass_context
 @handles_errors
@@ -433,7 +432,7 @@ def app_link(ctx, app_name, model) -> None:
 
 
 @app.command("unlink")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.argument("model")
 @click.pass_context
 @handles_errors
@@ -472,9 +471,10 @@ def replica_options(f: Callable) -> Callable:
             click.option(
                 "--backend",
                 envvar="KETCH_BACKEND",
+                show_envvar=True,
                 default=DEFAULT_BACKEND,
                 show_default=True,
-                help="Broker backend address.",
+                help="Broker backend address (replicas connect there).",
             ),
             click.option(
                 "--credits",
@@ -597,12 +597,12 @@ def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
 
 
 @model.command("drain")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.option("--replica", default=None, help="Only this replica id (default: every replica of the model).")
 @click.pass_context
 @handles_errors
 def model_drain(ctx, name, replica) -> None:
-    """Stop new work to NAME's replicas; they finish what they hold and leave."""
+    """Stop new work to MODEL's replicas; they finish what they hold and leave."""
     with _admin(ctx) as admin:
         ids = admin.drain(name, replica)["draining"]
     click.echo(f"draining {len(ids)} replica(s) of {name}: {', '.join(ids) or '-'}")
@@ -657,7 +657,7 @@ def model_list(ctx, as_json) -> None:
 
 
 @model.command("show")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.pass_context
 @handles_errors
 def model_show(ctx, name) -> None:
@@ -667,19 +667,55 @@ def model_show(ctx, name) -> None:
 
 
 @model.command("set-version")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.argument("version")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=60.0,
+    help="Seconds to wait for a live replica of VERSION (it may be starting); 0: switch at once.",
+)
 @click.pass_context
 @handles_errors
-def model_set_version(ctx, name, version) -> None:
-    """Make VERSION of model NAME the one that answers (at once)."""
+def model_set_version(ctx, name, version, wait_s) -> None:
+    """Make VERSION of MODEL the one that answers, once a replica of it is live."""
+    from ketch._progress import Progress
+    from ketch.launch import live_replicas
+
     with _admin(ctx) as admin:
+        if wait_s and not live_replicas(admin, name, version):
+            deadline = time.monotonic() + wait_s
+            with Progress(f"waiting for a live replica of {name} version {version}") as p:
+                while not live_replicas(admin, name, version) and time.monotonic() < deadline:
+                    p.update("none yet")
+                    time.sleep(0.2)
+            if not live_replicas(admin, name, version):
+                _fail(
+                    f"no live replica of {name} version {version} after {wait_s:g} s: start one "
+                    f"(ketch model serve SOURCE --name {name} --version {version}), or --wait 0 "
+                    "to switch anyway (queries then get the default until one joins)",
+                    EXIT_REFUSED,
+                )
         admin.set_version(name, version)
     click.echo(f"model {name}: active version {version}")
 
 
+@model.command("delete")
+@click.argument("name", metavar="MODEL")
+@click.option("--force", is_flag=True, help="Also unlink it from the apps that link it.")
+@click.pass_context
+@handles_errors
+def model_delete(ctx, name, force) -> None:
+    """Forget MODEL (its versions and queue policy); it must have no live replica."""
+    with _admin(ctx) as admin:
+        doc = admin.delete_model(name, force=force)
+    unlinked = f" (unlinked from {', '.join(doc['unlinked_from'])})" if doc["unlinked_from"] else ""
+    click.echo(f"deleted model {name}{unlinked}")
+
+
 @model.command("rollback")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.pass_context
 @handles_errors
 def model_rollback(ctx, name) -> None:
@@ -693,7 +729,7 @@ def model_rollback(ctx, name) -> None:
 
 
 @main.command("predict")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.option("--input", "input_text", required=True, help="Input as JSON: a list of numbers, or a string.")
 @click.option("--dtype", default=None, help="Input dtype; by default the app's own (asked of the broker).")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
@@ -730,7 +766,7 @@ def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
 
 
 @main.command("feedback")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.option("--label", required=True, help="The true answer, as JSON.")
 @click.option("--query-id", type=int, default=None, help="Request id of the query (from its prediction).")
 @click.option("--input", "input_text", default=None, help="Or the query's input, as JSON.")
@@ -759,7 +795,7 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 
 
 @main.command("bench")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.option(
     "--concurrency", default="1,8,64", show_default=True, help="Closed-loop levels: queries in flight."
 )
