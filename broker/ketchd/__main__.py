@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import zmq
 from ketch import logs
 
 from ketchd.broker import Broker
@@ -29,7 +30,31 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
             tmp.replace(path)
         logs.quiet_gc()
 
-    broker.run(ready)
+    try:
+        broker.run(ready)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EADDRINUSE:
+            raise
+        raise SystemExit(address_in_use(config, str(exc))) from None
+
+
+def address_in_use(config: BrokerConfig, error: str) -> str:
+    """What to say when an address is taken: whether a broker answers there, and what to do."""
+    from ketch.launch import broker_status
+
+    taken = next((a for a in (config.frontend, config.backend, config.admin) if a in error), error)
+    status = broker_status(config.admin, timeout_ms=1000)
+    who = (
+        f"a Ketch broker already runs there (pid {status['pid']}): `ketch broker status` shows it, "
+        "`ketch broker stop` stops it"
+        if status
+        else "another program holds it (`ss -ltnp` names it)"
+    )
+    return (
+        f"error: cannot listen on {taken}: the address is in use; {who}.\n"
+        "  or use other addresses: --frontend, --backend, --admin "
+        "(or KETCH_FRONTEND, KETCH_BACKEND, KETCH_ADMIN)"
+    )
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -66,6 +66,11 @@ def _shape(text: str | None) -> list[int]:
         ) from None
 
 
+def _default_shape(input_type: str) -> list[int]:
+    """An app's input shape when none is given: a vector of any length for numbers."""
+    return [] if input_type in ("string", "bytes", "json") else [-1]
+
+
 def _json_value(text: str, what: str) -> Any:
     try:
         return json.loads(text)
@@ -285,7 +290,12 @@ app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
 @app.command("create")
 @click.argument("name", metavar="APP")
 @click.option("--input-type", required=True, help="Input dtype: float64, float32, int64, ..., string, bytes.")
-@click.option("--input-shape", default="", help="Per-query input shape, e.g. 4 or -1,28,28 (-1: any size).")
+@click.option(
+    "--input-shape",
+    default=None,
+    help="Per-query input shape, e.g. 4 or -1,28,28 (-1: any size), or scalar "
+    "[default: -1, a vector of any length; none for string, bytes and json].",
+)
 @click.option(
     "--slo-ms", type=float, default=None, help="Latency objective; the default answer comes at this time."
 )
@@ -310,7 +320,7 @@ def app_create(
             "app.create",
             name=name,
             input_type=input_type,
-            input_shape=_shape(input_shape),
+            input_shape=_shape(input_shape) if input_shape is not None else _default_shape(input_type),
             slo_ms=slo_ms,
             default=default_value,
             has_default=default is not None,
@@ -728,22 +738,38 @@ def model_rollback(ctx, name) -> None:
 # ---------------------------------------------------------------- queries
 
 
+def _input_for(ctx: click.Context, app: str, text: str, dtype: str | None) -> tuple[Any, str | None]:
+    """``--input`` as the value to send to APP (of its input type, or ``--dtype``), and the
+    dtype to name when sending it (text kinds only; arrays carry theirs)."""
+    from ketch.inputs import to_input
+
+    value = _json_value(text, "--input")
+    if dtype is None:
+        with _admin(ctx) as admin:
+            dtype = admin.show_app(app)["input_type"]
+    try:
+        x = to_input(value, dtype, "the input")
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (app {app!r})", param_hint="--input") from None
+    return x, dtype if dtype in ("string", "json") else None
+
+
 @main.command("predict")
 @click.argument("app_name", metavar="APP")
-@click.option("--input", "input_text", required=True, help="Input as JSON: a list of numbers, or a string.")
-@click.option("--dtype", default=None, help="Input dtype; by default the app's own (asked of the broker).")
+@click.option(
+    "--input",
+    "input_text",
+    required=True,
+    help="Input as JSON: a list of numbers (converted to the app's type when no value changes), or a string.",
+)
+@click.option("--dtype", default=None, help="Input dtype [default: the app's own, asked of the broker].")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
 @click.option("--context", default="", help="Selection key (a user id): weighted splits and bandits use it.")
 @click.pass_context
 @handles_errors
 def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
     """Ask APP for one prediction and print it as JSON."""
-    value = _json_value(input_text, "--input")
-    if dtype is None:
-        with _admin(ctx) as admin:
-            dtype = admin.show_app(app_name)["input_type"]
-    if dtype == "bytes" and isinstance(value, str):
-        value = value.encode("utf-8")
+    value, dtype = _input_for(ctx, app_name, input_text, dtype)
     with Client(ctx.obj["frontend"]) as client:
         pred = client.predict(app_name, value, timeout_ms, dtype=dtype, context=context)
     output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
@@ -779,16 +805,7 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
         raise click.UsageError("name the query by --query-id or by --input (one of them)")
     x = None
     if input_text is not None:
-        import numpy as np
-
-        value = _json_value(input_text, "--input")
-        if dtype is None:
-            with _admin(ctx) as admin:
-                dtype = admin.show_app(app_name)["input_type"]
-        from ketch import protocol as proto
-
-        x = value if dtype in ("string", "bytes", "json") else np.asarray(value, dtype=proto.NUMPY_DTYPES[
-            proto.dtype_code(dtype)])  # fmt: skip
+        x, _ = _input_for(ctx, app_name, input_text, dtype)
     with Client(ctx.obj["frontend"]) as client:
         client.feedback(app_name, _json_value(label, "--label"), query_id=query_id, x=x)
     click.echo("feedback taken")
