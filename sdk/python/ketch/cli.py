@@ -821,9 +821,11 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 )
 @click.option("--duration", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
               help="Seconds per level.")  # fmt: skip
-@click.option("--input", "input_text", default=None, help="One input as JSON (sent every time).")
+@click.option("--input", "input_text", default=None, help="One input as JSON (varied per query, see below).")
 @click.option("--input-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Inputs as JSON lines, used in turn.")  # fmt: skip
+@click.option("--repeat-inputs", is_flag=True,
+              help="Send the inputs exactly as given, so repeats may be answered by the cache.")  # fmt: skip
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO.")
 @click.option("--one-per-message", is_flag=True,
               help="Closed loop: each query in a message of its own (independent callers).")  # fmt: skip
@@ -831,17 +833,20 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 @click.pass_context
 @handles_errors
 def bench(
-    ctx, app_name, concurrency, rate, duration, input_text, input_file, timeout_ms, one_per_message, as_json
-) -> None:
+    ctx, app_name, concurrency, rate, duration, input_text, input_file, repeat_inputs, timeout_ms,
+    one_per_message, as_json,
+) -> None:  # fmt: skip
     """Load APP like perf_analyzer: closed loop at each --concurrency, open loop at each --rate.
 
-    Shows progress every second, then a table per level: throughput (predictions per
-    second, defaults and errors not counted), latency quantiles, defaults and errors.
+    Each query is unique by default (float inputs get the lowest bits of their values
+    varied), so the model is measured, not the prediction cache; the cache-hit share of
+    each level is printed either way. Shows progress, then a table per level: throughput
+    (predictions per second; defaults and errors not counted), latency quantiles, defaults,
+    errors with their codes. Exits 1 when every query failed.
     """
-    import numpy as np
-
-    from ketch import protocol as proto
-    from ketch.bench import closed_loop, open_loop
+    from ketch._progress import Progress
+    from ketch.bench import closed_loop, open_loop, varied_inputs
+    from ketch.inputs import to_input
 
     if (input_text is None) == (input_file is None):
         raise click.UsageError("give --input or --input-file (one of them)")
@@ -855,12 +860,16 @@ def bench(
             raw = [_json_value(line, f"{input_file} line") for line in fh if line.strip()]
         if not raw:
             raise click.BadParameter(f"{input_file} holds no inputs", param_hint="--input-file")
-    if dtype in ("string", "json"):
-        inputs = [v if isinstance(v, str) else json.dumps(v) for v in raw]
-    elif dtype == "bytes":
-        inputs = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in raw]
+    try:
+        inputs = [to_input(v, dtype, f"input {i + 1}") for i, v in enumerate(raw)]
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (app {app_name!r})", param_hint="--input") from None
+    if dtype == "json":
+        inputs = [json.dumps(v) for v in inputs]
+    if repeat_inputs:
+        make, how = (lambda k: inputs[k % len(inputs)]), f"{len(inputs)} input(s) repeated as given"
     else:
-        inputs = [np.asarray(v, dtype=proto.NUMPY_DTYPES[proto.dtype_code(dtype)]) for v in raw]
+        make, how = varied_inputs(inputs)
     try:
         levels = [("concurrency", int(c)) for c in concurrency.split(",") if c.strip()]
     except ValueError:
@@ -868,36 +877,64 @@ def bench(
             f"{concurrency!r}: numbers separated by commas", param_hint="--concurrency"
         ) from None
     levels += [("rate", r) for r in rate]
+    if not as_json:
+        click.echo(f"inputs: {how}", err=True)
 
-    def progress(result) -> None:
-        if not as_json:
-            click.echo(f"  ... {result.sent} sent, {result.ok} predictions, {result.defaults} defaults,"
-                       f" {result.errors} errors", err=True)  # fmt: skip
+    def cache_figures(admin: Admin) -> tuple[int, int]:
+        figures = admin.show_app(app_name)["figures"]
+        return figures["queries"], figures["cache_hits"]
 
     rows = []
-    for kind, level in levels:
-        if not as_json:
-            click.echo(f"{kind} {level:g} for {duration:g} s", err=True)
-        make = lambda k: inputs[k % len(inputs)]  # noqa: E731
-        frontend = ctx.obj["frontend"]
-        options: dict[str, Any] = {"timeout_ms": timeout_ms, "progress": progress}
-        if kind == "concurrency":
-            options["one_per_message"] = one_per_message
-            res = closed_loop(frontend, app_name, make, level, duration, **options)
-        else:
-            res = open_loop(frontend, app_name, make, level, duration, **options)
-        rows.append({"load": f"{kind} {level:g}", **res.summary(), "error_codes": res.error_codes})
+    frontend = ctx.obj["frontend"]
+    with _admin(ctx) as admin:
+        for kind, level in levels:
+            before = cache_figures(admin)
+            with Progress(f"{kind} {level:g} for {duration:g} s", total=duration,
+                          stream=open(os.devnull, "w") if as_json else None) as bar:  # fmt: skip
+                started = time.monotonic()
+
+                def progress(result, bar=bar, started=started) -> None:
+                    bar.update(
+                        f"{result.sent} sent, {result.ok} predictions, {result.errors} errors",
+                        done=time.monotonic() - started,
+                    )
+
+                options: dict[str, Any] = {"timeout_ms": timeout_ms, "progress": progress}
+                if kind == "concurrency":
+                    options["one_per_message"] = one_per_message
+                    res = closed_loop(frontend, app_name, make, level, duration, **options)
+                else:
+                    res = open_loop(frontend, app_name, make, level, duration, **options)
+                bar.update(f"{res.sent} sent, {res.ok} predictions, {res.errors} errors", done=duration)
+            after = cache_figures(admin)
+            queries, hits = after[0] - before[0], after[1] - before[1]
+            rows.append(
+                {
+                    "load": f"{kind} {level:g}",
+                    **res.summary(),
+                    "cache_hit_share": round(hits / queries, 4) if queries else 0.0,
+                    "error_codes": res.error_codes,
+                    "error_examples": res.error_examples,
+                }
+            )
+    failed_all = all(r["ok"] == 0 and r["defaults"] == 0 for r in rows) and any(r["sent"] for r in rows)
     if as_json:
         _print_json(rows)
-        return
-    _table(
-        [
-            (r["load"], r["sent"], r["throughput"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"],
-             r["defaults"], r["errors"], r["lost"])
-            for r in rows
-        ],
-        ("LOAD", "SENT", "PRED/S", "P50_MS", "P90_MS", "P99_MS", "P99.9_MS", "DEFAULTS", "ERRORS", "LOST"),
-    )  # fmt: skip
+    else:
+        _table(
+            [
+                (r["load"], r["sent"], r["throughput"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"],
+                 r["defaults"], r["errors"], r["lost"], f"{r['cache_hit_share'] * 100:.1f}%")
+                for r in rows
+            ],
+            ("LOAD", "SENT", "PRED/S", "P50_MS", "P90_MS", "P99_MS", "P99.9_MS", "DEFAULTS", "ERRORS", "LOST",
+             "CACHE_HITS"),
+        )  # fmt: skip
+        for r in rows:
+            for code, count in sorted(r["error_codes"].items(), key=lambda kv: -kv[1]):
+                click.echo(f"{r['load']}: {count} x {code}: {r['error_examples'].get(code, '')}")
+    if failed_all:
+        _fail("every query failed (see the error codes above)", EXIT_REFUSED)
 
 
 @main.command("stats")

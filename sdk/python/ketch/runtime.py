@@ -439,7 +439,9 @@ PER_ITEM_HINT = (
     " (hint: predict receives a list of inputs, one per query, and returns a list of outputs; "
     "for a function of one input write: def predict(inputs): return [f(x) for x in inputs])"
 )
-_LIST_WORDS = ("'list'", "list object", "list indices", "sequence", "inhomogeneous", "with a sequence")
+# what a function of one input says when it is given the batch (a list of arrays)
+_LIST_WORDS = ("'list'", "list object", "list indices", "sequence", "inhomogeneous", "0-dimensional",
+               "size-1 array", "length-1 array", "values to unpack", "shapes (")  # fmt: skip
 
 
 def where_in_model(exc: BaseException) -> str:
