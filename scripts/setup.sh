@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what Ketch needs on a fresh Debian machine, idempotently.
 #   scripts/setup.sh            Python package and its runtime deps in .venv
-#   scripts/setup.sh --test     also test tools, a JDK with Maven, R with its packages, and helm
+#   scripts/setup.sh --test     also test tools, a JDK with Maven, R with its packages, helm, and
+#                               Chromium with chromium-driver (the status page's browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +40,8 @@ if [ "$want_test" = 1 ]; then
   command -v mvn >/dev/null && command -v javac >/dev/null || apt_install default-jdk-headless maven
   Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite); library(roxygen2)' >/dev/null 2>&1 \
     || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite r-cran-roxygen2
+  # headless Chromium and its WebDriver for the gateway page's test (Debian's builds: no browser download)
+  apt_install chromium chromium-driver
   # helm for the chart's checks: built once with `go install`, cached in ~/.cache/ketch-infra
   scripts/infra.sh tools
 else
