@@ -94,10 +94,18 @@ def broker_options(f: F) -> F:
                 help="SQLite file for apps and models (':memory:' keeps nothing).",
             ),
             click.option(
-                "--heartbeat-ms", default=defaults.heartbeat_ms, show_default=True, type=click.IntRange(10)
+                "--heartbeat-ms",
+                default=defaults.heartbeat_ms,
+                show_default=True,
+                type=click.IntRange(10),
+                help="How often replicas send a heartbeat (the broker tells them at Welcome).",
             ),
             click.option(
-                "--dead-after-ms", default=defaults.dead_after_ms, show_default=True, type=click.IntRange(50)
+                "--dead-after-ms",
+                default=defaults.dead_after_ms,
+                show_default=True,
+                type=click.IntRange(50),
+                help="A replica silent this long is dead: its work goes to others.",
             ),
             click.option(
                 "--max-batch",

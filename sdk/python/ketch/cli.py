@@ -307,7 +307,7 @@ app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
     "--cache/--no-cache", default=True, show_default=True, help="Answer repeated inputs from the cache."
 )
 @click.option("--finite-only", is_flag=True, help="Refuse NaN and infinity in float inputs (BAD_INPUT).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handles_errors
 def app_create(
@@ -382,7 +382,7 @@ def app_set_policy(ctx, name, policy, options) -> None:
 
 
 @app.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handles_errors
 def app_list(ctx, as_json) -> None:
@@ -640,7 +640,7 @@ def keys_generate(directory, name) -> None:
 
 
 @model.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handles_errors
 def model_list(ctx, as_json) -> None:
@@ -938,7 +938,7 @@ def bench(
 
 
 @main.command("stats")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--watch", type=float, default=None, help="Refresh every N seconds until Ctrl-C.")
 @click.pass_context
 @handles_errors
@@ -1099,8 +1099,14 @@ def gateway(
     type=click.IntRange(100, 1_000_000),
     help="Queries in the throughput phase.",
 )
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 16))
-@click.option("--slo-ms", default=50.0, show_default=True)
+@click.option(
+    "--replicas",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Replica processes of the model.",
+)
+@click.option("--slo-ms", default=50.0, show_default=True, help="The demo app's latency objective.")
 def demo(queries: int, replicas: int, slo_ms: float) -> None:
     """Start a broker and a scikit-learn model with replicas, send real queries, print a summary.
 
