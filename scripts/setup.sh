@@ -25,6 +25,14 @@ apt_install() {
   fi
 }
 
+pip_editable() {
+  # Ketch itself, editable (the tests run the work tree). Its two source roots (sdk/python,
+  # broker) make setuptools print an information notice, "Editable installation. Please be
+  # careful with folders ...", at every install: filtered by its exact opening, warnings
+  # that say something is wrong still show.
+  PYTHONWARNINGS="ignore:Editable installation:UserWarning" .venv/bin/python -m pip install -q -e "$1"
+}
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "Ketch needs Python 3.11 or newer (found: $("$PY" --version 2>&1))" >&2
@@ -36,7 +44,7 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$want_test" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
+  pip_editable '.[test]'
   command -v mvn >/dev/null && command -v javac >/dev/null || apt_install default-jdk-headless maven
   Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite); library(roxygen2)' >/dev/null 2>&1 \
     || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite r-cran-roxygen2
@@ -45,5 +53,5 @@ if [ "$want_test" = 1 ]; then
   # helm for the chart's checks: built once with `go install`, cached in ~/.cache/ketch-infra
   scripts/infra.sh tools
 else
-  .venv/bin/python -m pip install -q -e '.[sklearn,http]'
+  pip_editable '.[sklearn,http]'
 fi
