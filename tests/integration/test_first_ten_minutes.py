@@ -419,6 +419,13 @@ def test_errors_say_what_to_do(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         busy = ketch("broker", "start", "--no-http", "--admin", f"tcp://127.0.0.1:{port}", env=env)
+        serve_busy = ketch("serve", "ketch.examples.iris:model", "--http", f"127.0.0.1:{port}", env=env)
+    assert (
+        serve_busy.returncode == 1
+        and f"tcp://127.0.0.1:{port} in use by another program" in serve_busy.stderr
+    )
+    assert "pick free addresses" in serve_busy.stderr and "Traceback" not in serve_busy.stderr
+    assert "broker stopped" not in serve_busy.stderr  # none was started
     assert busy.returncode == 1 and f"cannot listen on tcp://127.0.0.1:{port}: the address is in use" in (
         busy.stderr
     )

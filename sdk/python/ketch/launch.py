@@ -200,6 +200,24 @@ class BrokerProcess:
         self.endpoints = {k: v for k, v in json.loads(self.ready_path.read_text()).items() if k != "pid"}
         return self.endpoints
 
+    def start_or_explain(self, busy_advice: str) -> dict[str, str]:
+        """``start`` with progress on stderr; a ``click.ClickException`` that says what to do
+        (``busy_advice`` when an address is taken, else the broker's last words) if it fails."""
+        import click
+
+        from ketch._progress import Progress
+
+        busy = self.busy_addresses()
+        if busy:
+            raise click.ClickException(
+                f"cannot start a broker: {', '.join(busy)} in use by another program{busy_advice}"
+            )
+        with Progress("starting a broker"):
+            try:
+                return self.start()
+            except RuntimeError as exc:
+                raise click.ClickException(str(exc)) from None
+
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = Path(self.log_path).read_text(errors="replace").splitlines()

@@ -162,19 +162,10 @@ def command(ctx: click.Context, source: str, **kw: Any) -> None:
                 ready_path=os.path.join(tmp.name, "ready.json"),
                 extra=[],
             )
-            busy = broker.busy_addresses()
-            if busy:
-                raise click.ClickException(
-                    f"cannot start a broker: {', '.join(busy)} in use by another program.\n"
-                    "  pick free addresses: ketch --admin tcp://127.0.0.1:7102 --frontend "
-                    f"tcp://127.0.0.1:7101 serve {source} --backend tcp://127.0.0.1:7100 "
-                    " --http 127.0.0.1:8081"
-                )
-            with Progress("starting a broker"):
-                try:
-                    endpoints = broker.start()
-                except RuntimeError as exc:
-                    raise click.ClickException(str(exc)) from None
+            endpoints = broker.start_or_explain(
+                ".\n  pick free addresses: ketch --admin tcp://127.0.0.1:7102 --frontend "
+                f"tcp://127.0.0.1:7101 serve {source} --backend tcp://127.0.0.1:7100 --http 127.0.0.1:8081"
+            )
             if kw["http_listen"]:
                 http_url = "http://" + kw["http_listen"]
             status = {"endpoints": endpoints, "pid": broker.proc.pid if broker.proc else 0}
@@ -220,7 +211,7 @@ def command(ctx: click.Context, source: str, **kw: Any) -> None:
         announcer.join(2)
         _say("replicas stopped")
     finally:
-        if broker is not None:
+        if broker is not None and broker.proc is not None:
             broker.stop()
             _say("broker stopped")
         tmp.cleanup()

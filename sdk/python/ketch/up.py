@@ -129,17 +129,9 @@ def up_command(ctx: click.Context, target: str, folder: str | None, http_listen:
             log_path=str(record.folder / "broker.log"), ready_path=str(record.folder / "broker.ready"),
             detached=True,
         )  # fmt: skip
-        busy = broker.busy_addresses()
-        if busy:
-            raise click.ClickException(
-                f"cannot start a broker: {', '.join(busy)} in use by another program; "
-                "name free ones with --admin/--frontend (before up), --backend and --http"
-            )
-        with Progress("starting a broker"):
-            try:
-                endpoints = broker.start()
-            except RuntimeError as exc:
-                raise click.ClickException(str(exc)) from None
+        endpoints = broker.start_or_explain(
+            "; name free ones with --admin/--frontend (before up), --backend and --http"
+        )
         assert broker.proc is not None
         record.data["broker"] = {"pid": broker.proc.pid, "endpoints": endpoints,
                                  "http": f"http://{http_listen}" if http_listen else None}  # fmt: skip
