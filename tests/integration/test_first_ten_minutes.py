@@ -187,9 +187,14 @@ def test_serve_a_joblib_file_with_its_own_broker(tmp_path, linear, foreground):
     assert re.search(r"^lin\s+yes\s+float64 \[3\]", table, re.M) and "REPLICAS" in table
 
     # bench: unique inputs by default (the cache answers none), the share printed either way
-    fresh = ketch("bench", "lin", "--input", "[1, 2, 3]", "--concurrency", "4", "--duration", "1", env=env)
-    assert fresh.returncode == 0 and re.search(r"\s0\.0%$", fresh.stdout.splitlines()[-1]), fresh.stdout
-    assert "unique" in fresh.stderr
+    # unique inputs: no level repeats another's, nor a second run the first's
+    for _ in range(2):
+        fresh = ketch("bench", "lin", "--input", "[1, 2, 3]", "--concurrency", "2,4", "--duration", "1",
+                      env=env)  # fmt: skip
+        rows = re.findall(r"^concurrency \d+ +\d+ .*$", fresh.stdout, re.M)  # the table's rows
+        assert len(rows) == 2, fresh.stdout
+        assert fresh.returncode == 0 and all(re.search(r"\s0\.0%$", r) for r in rows), fresh.stdout
+        assert "unique" in fresh.stderr
     cached = ketch("bench", "lin", "--input", "[1, 2, 3]", "--concurrency", "4", "--duration", "1",
                    "--repeat-inputs", "--json", env=env)  # fmt: skip
     assert json.loads(cached.stdout)[0]["cache_hit_share"] > 0.5

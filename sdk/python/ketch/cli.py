@@ -838,14 +838,15 @@ def bench(
 ) -> None:  # fmt: skip
     """Load APP like perf_analyzer: closed loop at each --concurrency, open loop at each --rate.
 
-    Each query is unique by default (float inputs get the lowest bits of their values
-    varied), so the model is measured, not the prediction cache; the cache-hit share of
+    Each query is unique by default, within a level, across levels and (for inputs with
+    room) across runs: float inputs get the lowest bits of their values varied. So the
+    model is measured, not the prediction cache; the cache-hit share of
     each level is printed either way. Shows progress, then a table per level: throughput
     (predictions per second; defaults and errors not counted), latency quantiles, defaults,
     errors with their codes. Exits 1 when every query failed.
     """
     from ketch._progress import Progress
-    from ketch.bench import closed_loop, open_loop, varied_inputs
+    from ketch.bench import closed_loop, open_loop, run_start, varied_inputs
     from ketch.inputs import to_input
 
     if (input_text is None) == (input_file is None):
@@ -870,6 +871,9 @@ def bench(
         make, how = (lambda k: inputs[k % len(inputs)]), f"{len(inputs)} input(s) repeated as given"
     else:
         make, how = varied_inputs(inputs)
+    # each level goes on where the last stopped (a level must not repeat its predecessor's
+    # inputs, which the cache holds), from a start of its own per run where there is room
+    next_k = [0 if repeat_inputs else run_start(inputs)]
     try:
         levels = [("concurrency", int(c)) for c in concurrency.split(",") if c.strip()]
     except ValueError:
@@ -900,11 +904,18 @@ def bench(
                     )
 
                 options: dict[str, Any] = {"timeout_ms": timeout_ms, "progress": progress}
+                start = next_k[0]
+
+                def make_level(k: int, start: int = start) -> Any:
+                    if start + k >= next_k[0]:
+                        next_k[0] = start + k + 1
+                    return make(start + k)
+
                 if kind == "concurrency":
                     options["one_per_message"] = one_per_message
-                    res = closed_loop(frontend, app_name, make, level, duration, **options)
+                    res = closed_loop(frontend, app_name, make_level, level, duration, **options)
                 else:
-                    res = open_loop(frontend, app_name, make, level, duration, **options)
+                    res = open_loop(frontend, app_name, make_level, level, duration, **options)
                 bar.update(f"{res.sent} sent, {res.ok} predictions, {res.errors} errors", done=duration)
             after = cache_figures(admin)
             queries, hits = after[0] - before[0], after[1] - before[1]
