@@ -136,6 +136,14 @@ class Admin:
     def show_model(self, name: str) -> dict[str, Any]:
         return self.call("model.show", name=name)
 
+    def delete_model(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Forget a model with no live replica; ``force`` unlinks it from the apps linking it."""
+        return self.call("model.delete", name=name, force=force)
+
+    def register_gateway(self, url: str) -> dict[str, Any]:
+        """Tell the broker an HTTP gateway serves at ``url`` (``status`` lists it for a minute)."""
+        return self.call("gateway.register", url=url)
+
     def set_version(self, name: str, version: str) -> dict[str, Any]:
         return self.call("model.set_version", name=name, version=str(version))
 
