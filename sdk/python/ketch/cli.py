@@ -596,7 +596,7 @@ def _load_source(target: str, input_type: str | None) -> tuple[Any, dict[str, An
             click.echo(warning, err=True)
         return loading.load(source, input_type=input_type)
     except loading.BadSource as exc:  # the message says what to do
-        _fail(f"model target {target!r} does not load: {exc}", EXIT_TARGET)
+        _fail(f"the model does not load: {exc}", EXIT_TARGET)
     except Exception as exc:  # the user's module: any error
         _fail(f"model target {target!r} does not load: {type(exc).__name__}: {exc}", EXIT_TARGET)
 
