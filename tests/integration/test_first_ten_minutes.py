@@ -354,6 +354,20 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path, linear):
         status = json.loads(ketch("status", "--json", env=env).stdout)
         summer = next(m for m in status["models"] if m["name"] == "summer")
         assert summer["versions"][0]["ready"] == 2
+        # summer's code changes under the same version: the broker takes one code per version,
+        # so the old replicas drain first; the answers (and the cache) are the new code's
+        (tmp_path / "summer.py").write_text(
+            "def predict(inputs):\n    return [2 * float(x.sum()) for x in inputs]\n"
+        )
+        recoded = ketch("up", "ketch.toml", "--dir", str(folder), env=env, cwd=tmp_path, timeout=240)
+        assert recoded.returncode == 0, recoded.stdout + recoded.stderr
+        assert "model summer v1: code changed, the old replicas drained" in recoded.stdout, recoded.stdout
+        assert (
+            "model summer v1: started 2 replica(s)" in recoded.stdout
+            and up_pids(folder)["iris/1"] == pids["iris/1"]
+        )
+        with Client(env["KETCH_FRONTEND"]) as client:
+            assert client.predict("summer", [1.0, 2.0]).output == 6.0
 
         # a model repository on the same broker: two versions, the highest answers
         repo = tmp_path / "repo"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import psutil
 
 from ketch import deploy, errors
 from ketch._progress import Progress
@@ -70,14 +71,37 @@ def _group_argv(m: dict[str, Any], admin: str, backend: str) -> list[str]:
     return argv
 
 
+def _code(path: str) -> list[str]:
+    """What identifies a source's code: its files' sizes and dates."""
+    p = Path(path.rsplit(":", 1)[0] if ":" in path and not Path(path).exists() else path)
+    if not p.exists():
+        return []
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files[:200]]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
 def _fingerprint(argv: list[str], path: str) -> str:
     """What identifies a running group: its command and its source's contents' dates."""
-    stamp = []
-    p = Path(path.rsplit(":", 1)[0] if ":" in path and not Path(path).exists() else path)
-    if p.exists():
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-        stamp = [f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files[:200]]
-    return hashlib.sha256(json.dumps([argv, stamp]).encode()).hexdigest()[:16]
+    return _digest([argv, _code(path)])
+
+
+def _own_live(admin: Admin, m: dict[str, Any], pid: int) -> int:
+    """Live replicas of ``m``'s version that the group ``pid`` runs (its supervisor's
+    children): not those of a group it replaces, which stop only once these are live."""
+    try:
+        children = {c.pid for c in psutil.Process(pid).children()}
+        reps = admin.replicas(m["name"])
+    except (psutil.Error, errors.Unavailable):
+        return 0
+    return sum(
+        1
+        for r in reps
+        if r["version"] == m["version"] and r["state"] in ("ready", "busy") and r.get("pid") in children
+    )
 
 
 def _say(text: str) -> None:
@@ -178,6 +202,13 @@ def _bring_up(
         old = groups.get(key)
         if old and old["fingerprint"] == fp and pid_alive(old["pid"]):
             continue
+        code = _digest(_code(m["path"]))
+        if old and old.get("code") != code and pid_alive(old["pid"]):
+            # the broker lets one version serve one code (a replica of other code under the
+            # same version is refused while one of the old code is live): the old replicas
+            # go first, so this version has none for a moment (a new version has no gap)
+            stop_pid(old["pid"], 30)
+            click.echo(f"model {key.replace('/', ' v')}: code changed, the old replicas drained")
         log_path = record.folder / "logs" / f"{m['name']}-v{m['version']}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
@@ -186,7 +217,7 @@ def _bring_up(
             )
         if old and pid_alive(old["pid"]):
             replaced.append((key, old["pid"]))
-        groups[key] = {"pid": proc.pid, "fingerprint": fp, "replicas": m.get("replicas", 1),
+        groups[key] = {"pid": proc.pid, "fingerprint": fp, "code": code, "replicas": m.get("replicas", 1),
                        "log": str(log_path), "name": m["name"], "version": m["version"]}  # fmt: skip
         started.append(key)
         record.save()
@@ -195,7 +226,12 @@ def _bring_up(
     with Progress(f"waiting for {total} replica(s) of {len(wanted)} model version(s)", total=total) as p:
         deadline = time.monotonic() + wait_s
         while True:
-            live = {k: live_replicas(admin, m["name"], m["version"]) for k, (m, _, _) in wanted.items()}
+            live = {
+                k: _own_live(admin, m, groups[k]["pid"])
+                if k in started
+                else live_replicas(admin, m["name"], m["version"])
+                for k, (m, _, _) in wanted.items()
+            }
             count = sum(min(live[k], m.get("replicas", 1)) for k, (m, _, _) in wanted.items())
             p.update(f"{count} of {total} live", done=count)
             if count >= total:
