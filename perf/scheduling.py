@@ -413,8 +413,7 @@ class _Refusals(_Timed):
                 r.defaults += 1
             else:
                 r.errors += 1
-                code = proto.ERROR_NAMES.get(item.error, str(item.error))
-                r.error_codes[code] = r.error_codes.get(code, 0) + 1
+                r.add_error(proto.ERROR_NAMES.get(item.error, str(item.error)), item.message)
                 if item.error == ErrorCode.OVERLOADED:
                     self.refused_ms.append(ms)
         if plain and not self._plain.full:
