@@ -116,6 +116,7 @@ class Replica:
         self.protocol = proto.PROTOCOL_VERSION  # chosen by the broker in its Welcome
         self.batches = 0
         self._failures_seen: set[tuple[str, str]] = set()
+        self._failure_logs: list[tuple[int, str, BaseException | None]] = []  # logged after the reply
         # requests of items of one shape, each learnt from a request read the long way as a
         # template of itself (batch id and budgets in the slots), with (dtype, shape, items)
         self._requests = proto.RequestReceiver(total=256)
@@ -288,8 +289,7 @@ class Replica:
                 inputs = []  # a payload that does not fit: the long way answers for it
             if inputs:  # a batch as learnt: no parse
                 reply = self._compute_unlocked(values[0], inputs, values[1:], now)
-                if _send(sock, reply):
-                    self._last_send = time.monotonic()
+                self._reply(sock, reply)
                 return "batch"
         try:
             version, name, body = proto.decode(header)
@@ -324,8 +324,7 @@ class Replica:
                     self._requests.learn_request(header, body, request)
                 budgets = list(request.budgets_us)
                 reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
-            if _send(sock, reply):
-                self._last_send = time.monotonic()
+            self._reply(sock, reply)
             return "batch"
         if name == "Welcome":
             try:
@@ -433,16 +432,28 @@ class Replica:
 
     # ------------------------------------------------------------ compute
 
+    def _reply(self, sock: zmq.Socket, reply: list[Any]) -> None:
+        """Send a batch's reply, then log what its model raised: the caller's answer does
+        not wait for a traceback to be formatted (a rich renderer takes 100s of ms)."""
+        if _send(sock, reply):
+            self._last_send = time.monotonic()
+        while self._failure_logs:
+            batch_id, text, exc = self._failure_logs.pop(0)
+            if exc is not None:
+                self.log.error("predict raised", batch=batch_id, error=text, exc_info=exc)
+            else:
+                self.log.warning("predict raised", batch=batch_id, error=text)
+
     def _model_failed(self, batch_id: int, exc: BaseException) -> str:
-        """Log a model's exception (with its traceback the first time a kind is seen, so a
-        model failing on every batch does not flood the log); what the client is told."""
+        """What the client is told of a model's exception; it is logged once the reply is
+        sent (``_reply``), with its traceback the first time a kind is seen, so a model
+        failing on every batch does not flood the log."""
         text = model_failure_text(exc)
         kind = (type(exc).__name__, where_in_model(exc))
-        if kind not in self._failures_seen and len(self._failures_seen) < 256:
+        first = kind not in self._failures_seen and len(self._failures_seen) < 256
+        if first:
             self._failures_seen.add(kind)
-            self.log.error("predict raised", batch=batch_id, error=text, exc_info=exc)
-        else:
-            self.log.warning("predict raised", batch=batch_id, error=text)
+        self._failure_logs.append((batch_id, text, exc if first else None))
         return text
 
     def _compute_unlocked(
