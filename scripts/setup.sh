@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what Ketch needs on a fresh Debian machine, idempotently.
 #   scripts/setup.sh            Python package and its runtime deps in .venv
-#   scripts/setup.sh --test     also test tools, a JDK with Maven, R with its packages, and helm
+#   scripts/setup.sh --test     also test tools, a JDK with Maven, R with its packages, helm, and
+#                               Chromium with chromium-driver (the status page's browser test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,14 @@ apt_install() {
   fi
 }
 
+pip_editable() {
+  # Ketch itself, editable (the tests run the work tree). Its two source roots (sdk/python,
+  # broker) make setuptools print an information notice, "Editable installation. Please be
+  # careful with folders ...", at every install: filtered by its exact opening, warnings
+  # that say something is wrong still show.
+  PYTHONWARNINGS="ignore:Editable installation:UserWarning" .venv/bin/python -m pip install -q -e "$1"
+}
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "Ketch needs Python 3.11 or newer (found: $("$PY" --version 2>&1))" >&2
@@ -35,12 +44,14 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$want_test" = 1 ]; then
-  .venv/bin/python -m pip install -q -e '.[test]'
+  pip_editable '.[test]'
   command -v mvn >/dev/null && command -v javac >/dev/null || apt_install default-jdk-headless maven
   Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite); library(roxygen2)' >/dev/null 2>&1 \
     || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite r-cran-roxygen2
+  # headless Chromium and its WebDriver for the gateway page's test (Debian's builds: no browser download)
+  apt_install chromium chromium-driver
   # helm for the chart's checks: built once with `go install`, cached in ~/.cache/ketch-infra
   scripts/infra.sh tools
 else
-  .venv/bin/python -m pip install -q -e '.[sklearn,http]'
+  pip_editable '.[sklearn,http]'
 fi

@@ -9,6 +9,7 @@ scripts/setup.sh --test
 export PATH="$PWD/.venv/bin:$PATH"
 export KETCH_REQUIRE_POLYGLOT=1
 export KETCH_REQUIRE_DEPLOY_TOOLS=1   # tests/deploy: helm (from setup.sh), kubernetes-validate, hadolint
+export KETCH_REQUIRE_BROWSER=1        # tests/integration/test_page.py: chromium + chromium-driver (from setup.sh)
 
 echo "== lint"
 ruff check .

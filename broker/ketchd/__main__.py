@@ -16,7 +16,9 @@ from ketchd.config import BrokerConfig, exposed
 
 def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     """Run a broker until SIGTERM/SIGINT or ``broker.stop``; then drain and return."""
-    from ketchd.broker import Broker  # here: the CLI reads this module's options without it
+    import zmq
+
+    from ketchd.broker import Broker  # here: the CLI reads this module's options without them
 
     logs.configure()
     broker = Broker(config)
@@ -30,7 +32,31 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
             tmp.replace(path)
         logs.quiet_gc()
 
-    broker.run(ready)
+    try:
+        broker.run(ready)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EADDRINUSE:
+            raise
+        raise SystemExit(address_in_use(config, str(exc))) from None
+
+
+def address_in_use(config: BrokerConfig, error: str) -> str:
+    """What to say when an address is taken: whether a broker answers there, and what to do."""
+    from ketch.launch import broker_status
+
+    taken = next((a for a in (config.frontend, config.backend, config.admin) if a in error), error)
+    status = broker_status(config.admin, timeout_ms=1000)
+    who = (
+        f"a Ketch broker already runs there (pid {status['pid']}): `ketch broker status` shows it, "
+        "`ketch broker stop` stops it"
+        if status
+        else "another program holds it (`ss -ltnp` names it)"
+    )
+    return (
+        f"error: cannot listen on {taken}: the address is in use; {who}.\n"
+        "  or use other addresses: --frontend, --backend, --admin "
+        "(or KETCH_FRONTEND, KETCH_BACKEND, KETCH_ADMIN)"
+    )
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -70,10 +96,18 @@ def broker_options(f: F) -> F:
                 help="SQLite file for apps and models (':memory:' keeps nothing).",
             ),
             click.option(
-                "--heartbeat-ms", default=defaults.heartbeat_ms, show_default=True, type=click.IntRange(10)
+                "--heartbeat-ms",
+                default=defaults.heartbeat_ms,
+                show_default=True,
+                type=click.IntRange(10),
+                help="How often replicas send a heartbeat (the broker tells them at Welcome).",
             ),
             click.option(
-                "--dead-after-ms", default=defaults.dead_after_ms, show_default=True, type=click.IntRange(50)
+                "--dead-after-ms",
+                default=defaults.dead_after_ms,
+                show_default=True,
+                type=click.IntRange(50),
+                help="A replica silent this long is dead: its work goes to others.",
             ),
             click.option(
                 "--max-batch",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from ketch import errors
 from ketch import protocol as proto
+from ketch.protocol import ErrorCode
 
 from ketchd.batching import MODES
 from ketchd.policies import make_policy
@@ -152,9 +153,35 @@ def _arguments(op: str, method: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {n: _conform(v, hints[n], n) for n, v in args.items()}
 
 
+def schema_conflict(app: App, model: Model) -> str:
+    """Why ``model``'s live replicas cannot take ``app``'s inputs ("" when they can, or when
+    no replica has said what it takes yet).
+
+    A replica takes the app's inputs when its dtype is the app's and its shape has the same
+    rank, each size equal or either -1 (any)."""
+    for replica in model.replicas.values():
+        if replica.state is ReplicaState.DEAD:
+            continue
+        fits = replica.input_dtype == app.input_dtype and len(replica.input_shape) == len(app.input_shape)
+        fits = fits and all(
+            a < 0 or m < 0 or a == m for a, m in zip(app.input_shape, replica.input_shape, strict=True)
+        )
+        if not fits:
+            return (
+                f"app {app.name!r} sends {proto.dtype_name(app.input_dtype)} inputs of shape "
+                f"{list(app.input_shape)}, but model {model.name!r} (version {replica.version}) takes "
+                f"{proto.dtype_name(replica.input_dtype)} of shape {list(replica.input_shape)}: "
+                f"every query would fail. Give the app the model's input type and shape "
+                f"(--input-type {proto.dtype_name(replica.input_dtype)} --input-shape "
+                f"{','.join(str(d) for d in replica.input_shape) or 'scalar'}), or link a model that fits"
+            )
+    return ""
+
+
 class AdminOps:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        self.gateways: dict[str, float] = {}  # HTTP gateway URL -> when it last said so
 
     def handle(self, raw: bytes) -> dict[str, Any]:
         """The reply to one admin message: always one, whatever the message holds."""
@@ -214,7 +241,23 @@ class AdminOps:
             "stopping": b.stopping,
             "state_unsaved": store.unsaved if store is not None else 0,
             "state_error": store.last_error if store is not None else "",
+            "gateways": self._live_gateways(),
         }
+
+    def _live_gateways(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(url for url, seen in self.gateways.items() if now - seen < 60)
+
+    def op_gateway_register(self, url: str) -> dict[str, Any]:
+        """An HTTP gateway says where it serves (again every few seconds); ``status`` lists
+        those heard from in the last minute."""
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 256:
+            raise errors.Invalid("url must be an http:// or https:// URL of at most 256 characters")
+        if url not in self.gateways and len(self.gateways) >= 64:
+            oldest = min(self.gateways, key=lambda u: self.gateways[u])
+            del self.gateways[oldest]
+        self.gateways[url] = time.monotonic()
+        return {"gateways": self._live_gateways()}
 
     def op_broker_stop(self) -> dict[str, Any]:
         self.broker.request_stop("admin broker.stop")
@@ -310,6 +353,9 @@ class AdminOps:
         if model is None:
             model = self.broker.models[model_name] = Model(model_name)
             self.broker.persistence.persist_model(model)
+        problem = schema_conflict(app, model)
+        if problem:
+            raise errors.Invalid(problem)
         app.models.append(model_name)
 
     def op_app_link(self, app: str, model: str) -> dict[str, Any]:
@@ -370,6 +416,33 @@ class AdminOps:
 
     def op_model_show(self, name: str) -> dict[str, Any]:
         return self._model_doc(self._model(name))
+
+    def op_model_delete(self, name: str, force: bool = False) -> dict[str, Any]:
+        """Forget a model: refused while replicas of it are live, or (unless ``force``, which
+        unlinks it) while apps link it."""
+        model = self._model(name)
+        live = [r for r in model.replicas.values() if r.state is not ReplicaState.DEAD]
+        if live:
+            raise errors.Conflict(
+                f"model {name!r} has {len(live)} live replica(s): stop them first (Ctrl-C its "
+                f"ketch serve / model serve, or ketch down)"
+            )
+        linked = sorted(a.name for a in self.broker.apps.values() if name in a.models)
+        if linked and not force:
+            raise errors.Conflict(
+                f"apps {', '.join(linked)} link model {name!r}: unlink it (ketch app unlink APP {name}) "
+                "or delete with --force, which unlinks it"
+            )
+        for app_name in linked:
+            app = self.broker.apps[app_name]
+            app.models.remove(name)
+            self.broker.persistence.persist_app(app)
+        for p in model.queue.take(len(model.queue)):
+            if not p.done:
+                self.broker.answers.answer_error(p, ErrorCode.NO_MODEL, f"model {name!r} was deleted")
+        del self.broker.models[name]
+        self.broker.persistence.forget_model(name)
+        return {"deleted": name, "unlinked_from": linked}
 
     def op_model_set_version(self, name: str, version: str | int) -> dict[str, Any]:
         model = self._model(name)

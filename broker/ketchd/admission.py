@@ -19,6 +19,7 @@ from ketch import protocol as proto
 from ketch.protocol import ErrorCode, Status
 
 from ketchd.answers import EMPTY, shape_text
+from ketchd.convert import to_app_dtype
 from ketchd.policies import Single
 from ketchd.registry import App, Pending
 
@@ -131,6 +132,14 @@ class Admission:
             refuse(ErrorCode.UNKNOWN_APP, f"no app named {app_name!r} (apps: {known or 'none'})")
             return
         app.queries += len(ids)
+        if dtype != app.input_dtype:  # float32 for a float64 app, say: converted when lossless
+            converted, why = to_app_dtype(app, dtype, shape, payloads)
+            if why:
+                app.errors += len(ids)
+                refuse(ErrorCode.BAD_INPUT, why)
+                return
+            if converted:
+                dtype, payloads = app.input_dtype, converted
         problem = check_input(app, dtype, shape)
         if problem:
             app.errors += len(ids)

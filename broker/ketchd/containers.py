@@ -18,6 +18,7 @@ from ketch import protocol as proto
 from ketch.protocol import ErrorCode, limits
 
 from ketchd import hellos, negotiation
+from ketchd.admin import schema_conflict
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
 
@@ -158,6 +159,8 @@ class Containers:
             self.refuse_hello(identity, ErrorCode.UNSUPPORTED_VERSION, refusal, now)
             return
         old = b.replicas.get(identity)
+        if old is not None and self.hello_again(old, h, replica_id, now):
+            return
         if old is not None:
             self.replica_gone(old, "hello again on the same connection", now)
         old_identity = b.replica_ids.get(replica_id)
@@ -211,6 +214,28 @@ class Containers:
             fingerprint=fingerprint,
             protocol=protocol,
         )
+        for app in b.apps.values():
+            problem = schema_conflict(app, model) if name in app.models else ""
+            if problem:
+                log.warning("replica does not fit an app linking its model", problem=problem)
+
+    def hello_again(self, old: Replica, h: dict[str, Any], replica_id: str, now: float) -> bool:
+        """A registered replica with nothing in flight repeating its hello on the same
+        connection (hellos it queued while the broker was away arrive together): welcome it
+        again without forgetting it, so one broker restart is one join per replica."""
+        same = (old.replica_id, old.model, old.version) == (replica_id, h["model"], h["model_version"])
+        if not same or old.inflight or old.state not in (ReplicaState.READY, ReplicaState.BUSY):
+            return False
+        old.credits, old.last_seen = h["credits"], now
+        old.refresh_state()
+        b = self.broker
+        welcome = proto.encode(
+            "Welcome", {"heartbeat_ms": b.config.heartbeat_ms, "dead_after_ms": b.config.dead_after_ms}
+        )
+        b.backend.send_multipart([old.identity, welcome])
+        b.dispatcher.dirty.add(b.models[old.model])
+        log.debug("replica said hello again", model=old.model, replica=replica_id)
+        return True
 
     def on_predict_reply(
         self, replica: Replica, header: zmq.Frame, r: Any, payloads: list[zmq.Frame], now: float

@@ -159,15 +159,25 @@ class Dispatcher:
             fastest = controller.fastest_ms()
             needs = busy + max(1.5 * fastest, fastest + 1.0) if fastest is not None else 0.0
             hopeless = now + needs / 1000
-            items = []
+            items, shed = [], []
             for p in queue.take(send):
                 if p.deadline <= now:
                     continue  # answered by Answers.expire
                 if p.deadline < hopeless:
-                    self.give_up(model, p, now, needs)
+                    shed.append(p)
                     continue
                 items.append(p)
                 model.queue_wait_ms.add((now - p.arrived) * 1000)
+            if shed and not items and not replica.inflight:
+                # an idle replica: giving up frees it for nobody, and the estimate may be stale
+                # (a cold first batch, a slow spell): the query with the most time left goes,
+                # and its latency corrects the estimate (otherwise nothing ever would)
+                probe = max(shed, key=lambda p: p.deadline)
+                shed.remove(probe)
+                items.append(probe)
+                model.queue_wait_ms.add((now - probe.arrived) * 1000)
+            for p in shed:
+                self.give_up(model, p, now, needs)
             if items:
                 budget = (min(p.deadline for p in items) - now) * 1000 - busy
                 self.send_batch(model, replica, items, now, budget)

@@ -112,6 +112,10 @@ class Persistence:
             self.store.delete("apps", name)
             self.store.delete("policies", name)
 
+    def forget_model(self, name: str) -> None:
+        if self.store is not None:
+            self.store.delete("models", name)
+
     def save_policies(self, everything: bool = False) -> None:
         """Write the learned state of the policies that changed (at most once a second)."""
         if self.store is None:

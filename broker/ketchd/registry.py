@@ -241,6 +241,8 @@ class Replica:
             "model": self.model,
             "version": self.version,
             "state": self.state.value,
+            "input_type": proto.dtype_name(self.input_dtype),
+            "input_shape": list(self.input_shape),
             "sdk": self.sdk,
             "fingerprint": self.fingerprint,
             "protocol": self.protocol,

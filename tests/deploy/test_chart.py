@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -190,3 +191,42 @@ def test_apps_job_applies_the_values(helm):
     assert args[:4] == ["--admin=tcp://ketch-broker:7002", "app", "apply", "/etc/ketch/apps/apps.json"]
     apps = yaml.safe_load(by_kind(docs, "ConfigMap")["ketch-apps"]["data"]["apps.json"])["apps"]
     assert [a["name"] for a in apps] == ["iris", "linear"]
+
+
+def test_values_rendered_by_ketch_up_install_as_the_deployment_says(helm, tmp_path):
+    """`ketch up FILE --render-values` gives values the chart accepts (its schema refuses
+    anything else), with one Deployment per model version and the apps for the apps Job."""
+    (tmp_path / "summer.py").write_text("def predict(xs):\n    return [float(x.sum()) for x in xs]\n")
+    (tmp_path / "ketch.toml").write_text(
+        "[defaults]\nreplicas = 2\n\n"
+        '[helm]\nmodels_volume = {persistentVolumeClaim = {claimName = "models"}}\n\n'
+        '[[models]]\nname = "iris"\nsource = "ketch.examples.iris:model"\ninput_shape = [4]\n\n'
+        '[[models]]\nname = "summer"\nsource = "summer.py:predict"\nreplicas = 3\n\n'
+        '[[apps]]\nname = "flowers"\nmodels = ["iris"]\nslo_ms = 20\ndefault = -1\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "ketch.cli", "--broker-wait", "0", "up", str(tmp_path / "ketch.toml"),
+         "--render-values"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
+    (tmp_path / "values.yaml").write_text(out.stdout)
+    docs = render(helm, "-f", str(tmp_path / "values.yaml"))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S, strict=True)
+    deployments = by_kind(docs, "Deployment")
+    assert deployments["ketch-iris-v1"]["spec"]["replicas"] == 2
+    assert deployments["ketch-summer-v1"]["spec"]["replicas"] == 3
+    summer = deployments["ketch-summer-v1"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in summer["containers"][0]["env"]}
+    assert env["KETCH_MODEL"] == "/models/summer.py:predict"
+    assert {"claimName": "models"} in [v.get("persistentVolumeClaim") for v in summer["volumes"]]
+    apps = yaml.safe_load(
+        next(d for d in docs if d["kind"] == "ConfigMap" and "apps.json" in d.get("data", {}))["data"][
+            "apps.json"
+        ]
+    )
+    flowers = next(a for a in apps["apps"] if a["name"] == "flowers")
+    assert (
+        flowers["input_type"] == "float64" and flowers["input_shape"] == [4] and flowers["models"] == ["iris"]
+    )

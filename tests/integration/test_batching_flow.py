@@ -134,6 +134,29 @@ def test_expired_queries_are_never_sent_to_a_model(env):
         raw.close()
 
 
+def test_a_slow_first_batch_does_not_condemn_an_idle_replica(env):
+    """A cold first batch slower than the SLO (imports, caches warming) once made the broker
+    give up on every later query before sending it, so no faster batch ever corrected the
+    estimate: an idle replica now gets the query with the most time left."""
+    _, admin, client, serve = env
+    calls = [0]
+
+    def cold_then_fast(xs):
+        calls[0] += 1
+        if calls[0] == 1:
+            time.sleep(0.4)
+        return [float(x.sum()) for x in xs]
+
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=200, default=-1, models=["m"])
+    serve(cold_then_fast)
+    first = client.predict("a", [1.0])
+    assert first.default  # the cold batch missed its SLO
+    wait_for(lambda: admin.replicas("m")[0]["inflight"] == 0, 10, "the cold batch's reply")
+    answers = [client.predict("a", [float(i)]) for i in range(20)]  # one at a time: the replica idles
+    assert sum(not p.default for p in answers) >= 18, [p.default_explanation for p in answers]
+    assert all(p.output == float(i) for i, p in enumerate(answers) if not p.default)
+
+
 def test_under_a_burst_batches_grow_and_figures_are_reported(env):
     _, admin, client, serve = env
     admin.create_app("a", input_type="float64", input_shape=[4], slo_ms=2000, models=["m"])

@@ -85,7 +85,7 @@ def test_app_model_predict_and_stats(broker_process, ketch_cli, start_model):
     assert "UNKNOWN_APP" in ketch_cli("predict", "nope", "--input", "[1]", "--dtype", "float64", code=1)
     models = json.loads(ketch_cli("model", "list", "--json"))
     assert models[0]["active_version"] == "1" and models[0]["figures"]["replicas"] == 1
-    assert "NOT_FOUND" in ketch_cli("model", "set-version", "iris", "9", code=1)
+    assert "NOT_FOUND" in ketch_cli("model", "set-version", "iris", "9", "--wait", "0", code=1)
     stats = ketch_cli("stats")
     assert "APP" in stats and "iris" in stats and "MEAN_BATCH" in stats
     assert json.loads(ketch_cli("stats", "--json"))["apps"]["iris"]["queries"] >= 2

@@ -142,6 +142,9 @@ CHANGES: list[tuple[str, Callable[[ketch.Admin], Any]]] = [
     ("model.configure create", lambda a: a.configure_model("new", max_queue=99, create=True)),
     ("model.set_version", lambda a: a.set_version("vm", "2")),
     ("model.rollback", lambda a: a.rollback("vm")),
+    ("model.configure create, linked", lambda a: a.configure_model("gone", max_queue=5, create=True)),
+    ("app.link to it", lambda a: a.link("two", "gone")),
+    ("model.delete --force", lambda a: a.delete_model("gone", force=True)),
     ("app.delete", lambda a: a.delete_app("app")),
 ]
 
@@ -188,7 +191,7 @@ def test_kill_9_right_after_an_acknowledged_admin_change_loses_nothing(
         assert set(final["apps"]) == {"two"} and final["apps"]["two"]["models"] == ["a"]
         assert final["apps"]["two"]["policy"] == "exp3" and final["apps"]["two"]["default"] == [7]
         assert final["models"]["a"]["max_batch"] == 17 and final["models"]["new"]["max_queue"] == 99
-        assert final["models"]["vm"]["active_version"] == "1"
+        assert final["models"]["vm"]["active_version"] == "1" and "gone" not in final["models"]
     finally:
         if held is not None:
             held.close()

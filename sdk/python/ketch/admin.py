@@ -59,7 +59,15 @@ class Admin:
         """Run one admin op; raises the op's RequestError, or Unavailable when nobody answers."""
         sock = self._socket()
         req_id = next(self._ids)
-        sock.send(json.dumps({"id": req_id, "op": op, "args": args}).encode("utf-8"))
+        # a DEALER with no peer (none listens, or a Curve handshake was refused) blocks on
+        # send: wait for room as long as for the answer, then say nobody answers
+        try:
+            if not sock.poll(self.timeout_ms, zmq.POLLOUT):
+                raise zmq.Again
+            sock.send(json.dumps({"id": req_id, "op": op, "args": args}).encode("utf-8"), zmq.NOBLOCK)
+        except zmq.Again:
+            self.close()
+            raise errors.Unavailable(f"no answer from the broker's admin socket at {self.address}") from None
         while True:
             if not sock.poll(self.timeout_ms):
                 # a lost reply would desynchronise the socket: start afresh next time
@@ -135,6 +143,14 @@ class Admin:
 
     def show_model(self, name: str) -> dict[str, Any]:
         return self.call("model.show", name=name)
+
+    def delete_model(self, name: str, *, force: bool = False) -> dict[str, Any]:
+        """Forget a model with no live replica; ``force`` unlinks it from the apps linking it."""
+        return self.call("model.delete", name=name, force=force)
+
+    def register_gateway(self, url: str) -> dict[str, Any]:
+        """Tell the broker an HTTP gateway serves at ``url`` (``status`` lists it for a minute)."""
+        return self.call("gateway.register", url=url)
 
     def set_version(self, name: str, version: str) -> dict[str, Any]:
         return self.call("model.set_version", name=name, version=str(version))

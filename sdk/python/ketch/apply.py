@@ -17,9 +17,7 @@ place: a difference is an error that names it (delete the app and apply again).
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -27,28 +25,21 @@ import click
 if TYPE_CHECKING:
     from ketch.admin import Admin
 
-_KNOWN = {"name", "input_type", "input_shape", "slo_ms", "default", "cache", "finite_only", "models",
-          "policy", "policy_options"}  # fmt: skip
+from ketch.deploy import BadDeployment, app_apply_spec, check, read_document
+
 _FIXED = ("input_type", "input_shape", "finite_only")
 
 
 def load_spec(path: str) -> list[dict[str, Any]]:
+    """The apps of a deployment file (JSON, TOML or YAML; ``ketch.deploy``), each naming its
+    input type. A file's models and defaults are checked too; only ``ketch up`` runs them."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{path} is not JSON: {exc}") from None
-    apps = doc.get("apps") if isinstance(doc, dict) else None
-    if not isinstance(apps, list):
-        raise click.BadParameter(f'{path}: expected {{"apps": [...]}}')
-    for i, app in enumerate(apps):
-        if not isinstance(app, dict) or not app.get("name") or not app.get("input_type"):
-            raise click.BadParameter(f"{path}: apps[{i}] needs a name and an input_type")
-        unknown = set(app) - _KNOWN
-        if unknown:
-            raise click.BadParameter(
-                f"{path}: app {app['name']!r} has unknown keys: {', '.join(sorted(unknown))}"
-            )
-    return apps
+        doc = read_document(path)
+        if not isinstance(doc.get("apps"), list):
+            raise BadDeployment(f'{path}: expected {{"apps": [...]}}')
+        return [app_apply_spec(a) for a in check(doc, path, apps_need_types=True)["apps"]]
+    except BadDeployment as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def apply_app(admin: Admin, spec: dict[str, Any]) -> list[str]:
@@ -123,7 +114,8 @@ def apply_app(admin: Admin, spec: dict[str, Any]) -> list[str]:
 )
 @click.pass_context
 def command(ctx: click.Context, file: str, wait: float) -> None:
-    """Create or update the apps FILE declares (JSON: {"apps": [...]}; see docs/deploy.md)."""
+    """Create or update the apps FILE declares (JSON, TOML or YAML: {"apps": [...]}, the
+    format of `ketch up`, whose models it leaves alone; see docs/deploy.md)."""
     from ketch import errors  # imported when used: `import ketch.cli` stays light
     from ketch.admin import Admin
 

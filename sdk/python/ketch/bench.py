@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import random
 import select
 import sys
 import time
@@ -43,6 +44,12 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)  # every answered query
     ok_latencies_ms: list[float] = field(default_factory=list)
     error_codes: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)  # code -> the first message
+
+    def add_error(self, code: str, message: str) -> None:
+        self.errors += 1
+        self.error_codes[code] = self.error_codes.get(code, 0) + 1
+        self.error_examples.setdefault(code, message[:300])
 
     @property
     def throughput(self) -> float:
@@ -156,7 +163,16 @@ class _Session:
         """A reply read the long way: ids, status and error codes."""
         _, name, body = proto.decode(header)
         if name != "Reply":
-            self.result.errors += 1
+            if name == "Error":  # the whole message refused: its queries are answered by it
+                fields = proto.read_fields(name, body)
+                code = proto.ERROR_NAMES.get(fields["code"], str(fields["code"]))
+                self.result.add_error(code, fields["message"])
+                rid = fields.get("request_id")
+                if rid and self.started.pop(rid, None) is not None:
+                    self.answered.add(rid)
+                    return 1
+            else:
+                self.result.errors += 1
             return 0
         r, got, plain = self.result, 0, True
         for item in proto.read_reply(body):
@@ -172,9 +188,7 @@ class _Session:
             elif status == Status.DEFAULT:
                 r.defaults += 1
             else:
-                r.errors += 1
-                code = proto.ERROR_NAMES.get(item.error, str(item.error))
-                r.error_codes[code] = r.error_codes.get(code, 0) + 1
+                r.add_error(proto.ERROR_NAMES.get(item.error, str(item.error)), item.message)
                 self._errored(item.error, ms)
         if plain and not self._plain.full:
             self._learn(header)
@@ -243,6 +257,47 @@ def _set_timer_slack(ns: int) -> int | None:
         return before
     except (OSError, AttributeError):
         return None
+
+
+def varied_inputs(inputs: list[Any]) -> tuple[Any, str]:
+    """A ``make_input(k)`` whose inputs differ from each other (so the prediction cache cannot
+    answer them), and how: float inputs get ``k`` written into the lowest bits of their
+    values (a change of a few units in the last place, which no model notices); other
+    kinds cycle through the inputs given, and the cache answers their repeats."""
+    first = inputs[0]
+    if not isinstance(first, np.ndarray) or first.dtype.kind != "f" or first.size == 0:
+        return (lambda k: inputs[k % len(inputs)]), (
+            f"{len(inputs)} distinct input(s), repeated: only float inputs can be varied unnoticed"
+        )
+    bits = {8: 16, 4: 8, 2: 2}[first.dtype.itemsize]  # low mantissa bits used per element
+    ints = np.dtype(f"<u{first.dtype.itemsize}")
+    bases = [np.ascontiguousarray(x).reshape(-1).view(ints) for x in inputs]
+    shapes = [x.shape for x in inputs]
+    mask = np.array((1 << bits) - 1, dtype=ints)
+
+    def make(k: int) -> np.ndarray:
+        i = k % len(inputs)
+        base, n = bases[i], k // len(inputs)
+        digits = np.zeros(base.size, dtype=ints)
+        for j in range(base.size):  # n in base 2**bits, one digit per element
+            digits[j], n = n & int(mask), n >> bits
+            if not n:
+                break
+        return ((base & ~mask) | ((base & mask) ^ digits)).view(inputs[i].dtype).reshape(shapes[i])
+
+    return make, "each input unique (lowest bits of its values varied), so the cache cannot answer"
+
+
+def run_start(inputs: list[Any]) -> int:
+    """Where ``varied_inputs``' counter starts for this run: a random multiple of 2**20 when
+    the inputs leave room for at least 2**32 variations (so a second run does not repeat
+    the first, whose answers the cache may still hold; two runs of under 2**20 queries
+    overlap with a chance of one in 2**(room - 24)), else 0."""
+    first = inputs[0]
+    if not isinstance(first, np.ndarray) or first.dtype.kind != "f":
+        return 0
+    room = min(64, {8: 16, 4: 8, 2: 2}[first.dtype.itemsize] * first.size)
+    return random.getrandbits(room - 24) << 20 if room >= 32 else 0
 
 
 def open_loop(

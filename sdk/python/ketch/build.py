@@ -40,7 +40,7 @@ from pathlib import Path
 import click
 
 from ketch import __version__
-from ketch.container import SUFFIXES
+from ketch.loading import SUFFIXES
 
 FRAMEWORKS = ("python", "sklearn", "onnx", "torch", "java", "r")
 IMAGE_OF = {

@@ -20,54 +20,34 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from functools import wraps
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from ketch import addresses, logs
+from ketch._clikit import EXIT_REFUSED, EXIT_TARGET, _fail, handles_errors, table_lines
 from ketch.apply import command as app_apply_command
 from ketch.build import command as model_build_command
+from ketch.status import command as status_command
 
 if TYPE_CHECKING:
     from ketch.admin import Admin
 
-EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_TARGET = 1, 3, 4
 DEFAULT_ADMIN, DEFAULT_FRONTEND, DEFAULT_BACKEND = addresses.ADMIN, addresses.FRONTEND, addresses.BACKEND
 
 
-def _fail(message: str, code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(fn: Callable) -> Callable:
-    """Turn Ketch errors into a message and an exit code instead of a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kw: Any) -> Any:
-        try:
-            return fn(*args, **kw)
-        except (ValueError, TypeError) as exc:
-            raise click.UsageError(str(exc)) from None
-        except Exception as exc:
-            errors = sys.modules.get("ketch.errors")  # a Ketch error means it was imported
-            if errors is None or not isinstance(exc, errors.KetchError):
-                raise
-            if isinstance(exc, errors.Unavailable):
-                _fail(f"{exc}\n  is the broker running? start one with: ketch broker start", EXIT_UNAVAILABLE)
-            if isinstance(exc, errors.RequestError):
-                _fail(f"{exc.code_name}: {exc.message}", EXIT_REFUSED)
-            _fail(str(exc), EXIT_UNAVAILABLE)  # errors.Timeout
-
-    return wrapper
-
-
-def _admin(ctx: click.Context) -> Admin:
+def _admin(ctx: click.Context, wait: bool = True) -> Admin:
+    """The broker's admin API; first waits up to --broker-wait for a broker to answer,
+    saying so (fails at once, with what to do, when the wait is 0)."""
     from ketch.admin import Admin
+    from ketch.launch import wait_for_broker
 
-    return Admin(ctx.obj["admin"])
+    obj = ctx.find_root().obj
+    if wait and not obj.get("broker_seen"):
+        wait_for_broker(obj["admin"], obj["broker_wait"], lambda text: click.echo(text, err=True))
+        obj["broker_seen"] = True
+    return Admin(obj["admin"])
 
 
 def _print_json(value: Any) -> None:
@@ -75,23 +55,24 @@ def _print_json(value: Any) -> None:
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
-    cells = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for n, row in enumerate(cells):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-        if n == 0:
-            click.echo("  ".join("-" * w for w in widths))
+    click.echo("\n".join(table_lines(rows, header)))
 
 
 def _shape(text: str | None) -> list[int]:
-    if not text:
+    if not text or text.strip() in ("scalar", "()"):
         return []
     try:
         return [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
     except ValueError:
         raise click.BadParameter(
-            f"{text!r}: a shape is sizes separated by commas, -1 for any (e.g. 4 or -1,28,28)"
+            f"{text!r}: a shape is sizes separated by commas, -1 for any (e.g. 4 or -1,28,28), "
+            "or 'scalar' for one number"
         ) from None
+
+
+def _default_shape(input_type: str) -> list[int]:
+    """An app's input shape when none is given: a vector of any length for numbers."""
+    return [] if input_type in ("string", "bytes", "json") else [-1]
 
 
 def _json_value(text: str, what: str) -> Any:
@@ -101,24 +82,77 @@ def _json_value(text: str, what: str) -> Any:
         raise click.BadParameter(f"{what} must be JSON ({exc}); quote strings: '\"text\"'") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group some of whose commands live in modules that import the client and the admin
+    API: each is imported when it is used or listed (click's lazy loading pattern), so
+    ``import ketch.cli`` stays small. ``lazy_subcommands`` maps a name to "module:attr"."""
+
+    def __init__(self, *args: Any, lazy_subcommands: dict[str, str] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.lazy_subcommands = lazy_subcommands or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_subcommands])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_subcommands:
+            module, attr = self.lazy_subcommands[cmd_name].split(":")
+            command = getattr(importlib.import_module(module), attr)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{module}:{attr} is not a click command")
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy_subcommands={
+        "serve": "ketch.serve:command",
+        "up": "ketch.up:up_command",
+        "down": "ketch.up:down_command",
+    },
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.option(
-    "--admin", envvar="KETCH_ADMIN", default=DEFAULT_ADMIN, show_default=True, help="Broker admin address."
+    "--admin",
+    envvar="KETCH_ADMIN",
+    show_envvar=True,
+    default=DEFAULT_ADMIN,
+    help="Broker admin address (apps, models, status).",
 )
 @click.option(
     "--frontend",
     envvar="KETCH_FRONTEND",
+    show_envvar=True,
     default=DEFAULT_FRONTEND,
-    show_default=True,
     help="Broker frontend address (queries).",
+)
+@click.option(
+    "--broker-wait",
+    envvar="KETCH_BROKER_WAIT",
+    show_envvar=True,
+    type=click.FloatRange(0),
+    default=10.0,
+    help="Seconds to wait, saying so, for a broker that does not answer yet (0: fail at once).",
 )
 @click.version_option(package_name="ketch")
 @click.pass_context
-def main(ctx: click.Context, admin: str, frontend: str) -> None:
-    """Ketch: low-latency prediction serving."""
-    ctx.ensure_object(dict)
-    ctx.obj.update(admin=admin, frontend=frontend)
+def main(ctx: click.Context, admin: str, frontend: str, broker_wait: float) -> None:
+    """Ketch: low-latency prediction serving.
 
+    \b
+    Start here:
+      ketch serve model.joblib      serve a model file over HTTP (starts a broker if none runs)
+      ketch up ketch.toml           bring up the apps and models a file declares; ketch down
+      ketch status                  what runs: apps, models, replicas, latency
+    Model replicas reach the broker at KETCH_BACKEND (default tcp://127.0.0.1:7000).
+    """
+    ctx.ensure_object(dict)
+    ctx.obj.update(admin=admin, frontend=frontend, broker_wait=broker_wait)
+
+
+# ketch serve (ketch/serve.py), ketch up and ketch down (ketch/up.py): lazy_subcommands above
+main.add_command(status_command)  # ketch status (ketch/status.py)
 
 # ---------------------------------------------------------------- broker
 
@@ -287,8 +321,8 @@ _broker_start_command()
 @click.pass_context
 @handles_errors
 def broker_status(ctx: click.Context, as_json: bool) -> None:
-    """Exit 0 when the broker answers; 3 with a message when it does not."""
-    with _admin(ctx) as admin:
+    """Exit 0 when the broker answers; 3 with a message when it does not (at once)."""
+    with _admin(ctx, wait=False) as admin:
         status = admin.status()
     if as_json:
         _print_json(status)
@@ -323,9 +357,14 @@ app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
 
 
 @app.command("create")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.option("--input-type", required=True, help="Input dtype: float64, float32, int64, ..., string, bytes.")
-@click.option("--input-shape", default="", help="Per-query input shape, e.g. 4 or -1,28,28 (-1: any size).")
+@click.option(
+    "--input-shape",
+    default=None,
+    help="Per-query input shape, e.g. 4 or -1,28,28 (-1: any size), or scalar "
+    "[default: -1, a vector of any length; none for string, bytes and json].",
+)
 @click.option(
     "--slo-ms", type=float, default=None, help="Latency objective; the default answer comes at this time."
 )
@@ -337,20 +376,20 @@ app.add_command(app_apply_command)  # ketch app apply (ketch/apply.py)
     "--cache/--no-cache", default=True, show_default=True, help="Answer repeated inputs from the cache."
 )
 @click.option("--finite-only", is_flag=True, help="Refuse NaN and infinity in float inputs (BAD_INPUT).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handles_errors
 def app_create(
     ctx, name, input_type, input_shape, slo_ms, default, models, cache, finite_only, as_json
 ) -> None:
-    """Create app NAME."""
+    """Create app APP."""
     default_value = _json_value(default, "--default") if default is not None else None
     with _admin(ctx) as admin:
         doc = admin.call(
             "app.create",
             name=name,
             input_type=input_type,
-            input_shape=_shape(input_shape),
+            input_shape=_shape(input_shape) if input_shape is not None else _default_shape(input_type),
             slo_ms=slo_ms,
             default=default_value,
             has_default=default is not None,
@@ -362,7 +401,7 @@ def app_create(
 
 
 @app.command("configure")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.option("--cache/--no-cache", default=None, help="Switch the prediction cache for this app.")
 @click.option("--slo-ms", type=float, default=None, help="New latency objective.")
 @click.pass_context
@@ -375,7 +414,7 @@ def app_configure(ctx, name, cache, slo_ms) -> None:
 
 
 @app.command("set-policy")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.argument("policy", type=click.Choice(["single", "weighted", "shadow", "exp3", "exp4", "ensemble"]))
 @click.option(
     "--option",
@@ -388,7 +427,7 @@ def app_configure(ctx, name, cache, slo_ms) -> None:
 @click.pass_context
 @handles_errors
 def app_set_policy(ctx, name, policy, options) -> None:
-    """Choose how app NAME uses its linked models.
+    """Choose how APP uses its linked models.
 
     \b
     single    one model (option model=NAME; default the first linked)
@@ -412,7 +451,7 @@ def app_set_policy(ctx, name, policy, options) -> None:
 
 
 @app.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handles_errors
 def app_list(ctx, as_json) -> None:
@@ -439,7 +478,7 @@ def app_list(ctx, as_json) -> None:
 
 
 @app.command("show")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.pass_context
 @handles_errors
 def app_show(ctx, name) -> None:
@@ -449,18 +488,18 @@ def app_show(ctx, name) -> None:
 
 
 @app.command("delete")
-@click.argument("name")
+@click.argument("name", metavar="APP")
 @click.pass_context
 @handles_errors
 def app_delete(ctx, name) -> None:
-    """Delete app NAME."""
+    """Delete app APP."""
     with _admin(ctx) as admin:
         admin.delete_app(name)
     click.echo(f"deleted app {name}")
 
 
 @app.command("link")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.argument("model")
 @click.pass_context
 @handles_errors
@@ -472,7 +511,7 @@ def app_link(ctx, app_name, model) -> None:
 
 
 @app.command("unlink")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.argument("model")
 @click.pass_context
 @handles_errors
@@ -500,14 +539,21 @@ def replica_options(f: Callable) -> Callable:
             click.argument("target"),
             click.option("--name", required=True, help="Model name."),
             click.option("--version", "model_version", default="1", show_default=True, help="Model version."),
-            click.option("--input-type", default="float64", show_default=True, help="Input dtype."),
-            click.option("--input-shape", default=None, help="Per-item input shape (-1: any size)."),
+            click.option(
+                "--input-type", default=None, help="Input dtype [default: the model's, else float64]."
+            ),
+            click.option(
+                "--input-shape",
+                default=None,
+                help="Per-item input shape, e.g. 4 (-1: any size) [default: the model's, else -1].",
+            ),
             click.option(
                 "--backend",
                 envvar="KETCH_BACKEND",
+                show_envvar=True,
                 default=DEFAULT_BACKEND,
                 show_default=True,
-                help="Broker backend address.",
+                help="Broker backend address (replicas connect there).",
             ),
             click.option(
                 "--credits",
@@ -536,14 +582,32 @@ def replica_options(f: Callable) -> Callable:
     return f
 
 
+def _load_source(target: str, input_type: str | None) -> tuple[Any, dict[str, Any]]:
+    """The model TARGET names (a file, a folder or code) and what it says of its input.
+
+    A target that does not load exits with EXIT_TARGET: a supervisor does not restart it.
+    """
+    from ketch import loading
+
+    try:
+        source = loading.resolve(target)
+        warning = loading.trust_warning(source)
+        if warning:
+            click.echo(warning, err=True)
+        return loading.load(source, input_type=input_type)
+    except loading.BadSource as exc:  # the message says what to do
+        _fail(f"the model does not load: {exc}", EXIT_TARGET)
+    except Exception as exc:  # the user's module: any error
+        _fail(f"model target {target!r} does not load: {type(exc).__name__}: {exc}", EXIT_TARGET)
+
+
 def _replica_cli_options(kw: dict[str, Any]) -> list[str]:
     out = [
         "--name",
         kw["name"],
         "--version",
         kw["model_version"],
-        "--input-type",
-        kw["input_type"],
+        *(["--input-type", kw["input_type"]] if kw["input_type"] else []),
         "--backend",
         kw["backend"],
         "--credits",
@@ -575,21 +639,19 @@ def model_run(
     nondeterministic,
     build_id,
 ):
-    """Run one replica of TARGET (MODULE:ATTR or FILE.py:ATTR) in the foreground."""
-    from ketch._targets import load_target
+    """Run one replica of TARGET (a model file or folder, MODULE:ATTR or FILE.py:ATTR) in the
+    foreground."""
     from ketch.runtime import serve
 
     logs.configure()
-    try:
-        predict = load_target(target)
-    except Exception as exc:  # the user's module: any error; exit 4 tells a supervisor not to retry
-        _fail(f"model target {target!r} does not load: {type(exc).__name__}: {exc}", EXIT_TARGET)
+    model, meta = _load_source(target, input_type)
+    shape = _shape(input_shape) if input_shape is not None else meta["input_shape"]
     serve(
-        predict,
+        model,
         name=name,
         version=model_version,
-        input_type=input_type,
-        input_shape=_shape(input_shape) if input_shape is not None else None,
+        input_type=input_type or meta["input_type"] or "float64",
+        input_shape=shape,
         broker=backend,
         credits=credits,
         max_batch=max_batch,
@@ -616,14 +678,17 @@ def model_run(
 def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
     """Run REPLICAS supervised processes of TARGET (restarted if they crash) until Ctrl-C/SIGTERM.
 
-    TARGET is MODULE:ATTR or FILE.py:ATTR naming a batch function predict(inputs) -> outputs,
+    TARGET is a model file (.joblib/.pkl, .onnx, .pt), a folder holding one, or MODULE:ATTR or
+    FILE.py:ATTR naming a batch function predict(inputs) -> outputs (a list in, a list out),
     a class or factory giving an object with predict, or a scikit-learn estimator.
     --batching, --batch-delay-ms, --max-queue and --max-batch set the model's queue policy
     in the broker (through its admin socket) before the replicas start.
     """
+    from ketch import loading
     from ketch.supervisor import exec_supervisor, replica_argv
 
     logs.configure()
+    loading.resolve(kw["target"])  # a name that names no model fails here, before anything starts
     if batching is not None or batch_delay_ms is not None or max_queue is not None or kw["max_batch"]:
         with _admin(ctx) as admin:
             admin.configure_model(
@@ -641,12 +706,12 @@ def model_serve(ctx, replicas, batching, batch_delay_ms, max_queue, **kw):
 
 
 @model.command("drain")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.option("--replica", default=None, help="Only this replica id (default: every replica of the model).")
 @click.pass_context
 @handles_errors
 def model_drain(ctx, name, replica) -> None:
-    """Stop new work to NAME's replicas; they finish what they hold and leave."""
+    """Stop new work to MODEL's replicas; they finish what they hold and leave."""
     with _admin(ctx) as admin:
         ids = admin.drain(name, replica)["draining"]
     click.echo(f"draining {len(ids)} replica(s) of {name}: {', '.join(ids) or '-'}")
@@ -674,7 +739,7 @@ def keys_generate(directory, name) -> None:
 
 
 @model.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @handles_errors
 def model_list(ctx, as_json) -> None:
@@ -701,7 +766,7 @@ def model_list(ctx, as_json) -> None:
 
 
 @model.command("show")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.pass_context
 @handles_errors
 def model_show(ctx, name) -> None:
@@ -711,19 +776,55 @@ def model_show(ctx, name) -> None:
 
 
 @model.command("set-version")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.argument("version")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(0),
+    default=60.0,
+    help="Seconds to wait for a live replica of VERSION (it may be starting); 0: switch at once.",
+)
 @click.pass_context
 @handles_errors
-def model_set_version(ctx, name, version) -> None:
-    """Make VERSION of model NAME the one that answers (at once)."""
+def model_set_version(ctx, name, version, wait_s) -> None:
+    """Make VERSION of MODEL the one that answers, once a replica of it is live."""
+    from ketch._progress import Progress
+    from ketch.launch import live_replicas
+
     with _admin(ctx) as admin:
+        if wait_s and not live_replicas(admin, name, version):
+            deadline = time.monotonic() + wait_s
+            with Progress(f"waiting for a live replica of {name} version {version}") as p:
+                while not live_replicas(admin, name, version) and time.monotonic() < deadline:
+                    p.update("none yet")
+                    time.sleep(0.2)
+            if not live_replicas(admin, name, version):
+                _fail(
+                    f"no live replica of {name} version {version} after {wait_s:g} s: start one "
+                    f"(ketch model serve SOURCE --name {name} --version {version}), or --wait 0 "
+                    "to switch anyway (queries then get the default until one joins)",
+                    EXIT_REFUSED,
+                )
         admin.set_version(name, version)
     click.echo(f"model {name}: active version {version}")
 
 
+@model.command("delete")
+@click.argument("name", metavar="MODEL")
+@click.option("--force", is_flag=True, help="Also unlink it from the apps that link it.")
+@click.pass_context
+@handles_errors
+def model_delete(ctx, name, force) -> None:
+    """Forget MODEL (its versions and queue policy); it must have no live replica."""
+    with _admin(ctx) as admin:
+        doc = admin.delete_model(name, force=force)
+    unlinked = f" (unlinked from {', '.join(doc['unlinked_from'])})" if doc["unlinked_from"] else ""
+    click.echo(f"deleted model {name}{unlinked}")
+
+
 @model.command("rollback")
-@click.argument("name")
+@click.argument("name", metavar="MODEL")
 @click.pass_context
 @handles_errors
 def model_rollback(ctx, name) -> None:
@@ -736,22 +837,38 @@ def model_rollback(ctx, name) -> None:
 # ---------------------------------------------------------------- queries
 
 
+def _input_for(ctx: click.Context, app: str, text: str, dtype: str | None) -> tuple[Any, str | None]:
+    """``--input`` as the value to send to APP (of its input type, or ``--dtype``), and the
+    dtype to name when sending it (text kinds only; arrays carry theirs)."""
+    from ketch.inputs import to_input
+
+    value = _json_value(text, "--input")
+    if dtype is None:
+        with _admin(ctx) as admin:
+            dtype = admin.show_app(app)["input_type"]
+    try:
+        x = to_input(value, dtype, "the input")
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (app {app!r})", param_hint="--input") from None
+    return x, dtype if dtype in ("string", "json") else None
+
+
 @main.command("predict")
-@click.argument("app_name")
-@click.option("--input", "input_text", required=True, help="Input as JSON: a list of numbers, or a string.")
-@click.option("--dtype", default=None, help="Input dtype; by default the app's own (asked of the broker).")
+@click.argument("app_name", metavar="APP")
+@click.option(
+    "--input",
+    "input_text",
+    required=True,
+    help="Input as JSON: a list of numbers (converted to the app's type when no value changes), or a string.",
+)
+@click.option("--dtype", default=None, help="Input dtype [default: the app's own, asked of the broker].")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
 @click.option("--context", default="", help="Selection key (a user id): weighted splits and bandits use it.")
 @click.pass_context
 @handles_errors
 def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
     """Ask APP for one prediction and print it as JSON."""
-    value = _json_value(input_text, "--input")
-    if dtype is None:
-        with _admin(ctx) as admin:
-            dtype = admin.show_app(app_name)["input_type"]
-    if dtype == "bytes" and isinstance(value, str):
-        value = value.encode("utf-8")
+    value, dtype = _input_for(ctx, app_name, input_text, dtype)
     from ketch.client import Client
 
     with Client(ctx.obj["frontend"]) as client:
@@ -776,7 +893,7 @@ def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
 
 
 @main.command("feedback")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.option("--label", required=True, help="The true answer, as JSON.")
 @click.option(
     "--query-id",
@@ -794,16 +911,7 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
         raise click.UsageError("name the query by --query-id or by --input (one of them)")
     x = None
     if input_text is not None:
-        import numpy as np
-
-        value = _json_value(input_text, "--input")
-        if dtype is None:
-            with _admin(ctx) as admin:
-                dtype = admin.show_app(app_name)["input_type"]
-        from ketch import protocol as proto
-
-        x = value if dtype in ("string", "bytes", "json") else np.asarray(value, dtype=proto.NUMPY_DTYPES[
-            proto.dtype_code(dtype)])  # fmt: skip
+        x, _ = _input_for(ctx, app_name, input_text, dtype)
     from ketch.client import Client
 
     with Client(ctx.obj["frontend"]) as client:
@@ -812,7 +920,7 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 
 
 @main.command("bench")
-@click.argument("app_name")
+@click.argument("app_name", metavar="APP")
 @click.option(
     "--concurrency", default="1,8,64", show_default=True, help="Closed-loop levels: queries in flight."
 )
@@ -821,9 +929,11 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 )
 @click.option("--duration", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
               help="Seconds per level.")  # fmt: skip
-@click.option("--input", "input_text", default=None, help="One input as JSON (sent every time).")
+@click.option("--input", "input_text", default=None, help="One input as JSON (varied per query, see below).")
 @click.option("--input-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Inputs as JSON lines, used in turn.")  # fmt: skip
+@click.option("--repeat-inputs", is_flag=True,
+              help="Send the inputs exactly as given, so repeats may be answered by the cache.")  # fmt: skip
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO.")
 @click.option("--one-per-message", is_flag=True,
               help="Closed loop: each query in a message of its own (independent callers).")  # fmt: skip
@@ -831,17 +941,21 @@ def feedback(ctx, app_name, label, query_id, input_text, dtype) -> None:
 @click.pass_context
 @handles_errors
 def bench(
-    ctx, app_name, concurrency, rate, duration, input_text, input_file, timeout_ms, one_per_message, as_json
-) -> None:
+    ctx, app_name, concurrency, rate, duration, input_text, input_file, repeat_inputs, timeout_ms,
+    one_per_message, as_json,
+) -> None:  # fmt: skip
     """Load APP like perf_analyzer: closed loop at each --concurrency, open loop at each --rate.
 
-    Shows progress every second, then a table per level: throughput (predictions per
-    second, defaults and errors not counted), latency quantiles, defaults and errors.
+    Each query is unique by default, within a level, across levels and (for inputs with
+    room) across runs: float inputs get the lowest bits of their values varied. So the
+    model is measured, not the prediction cache; the cache-hit share of
+    each level is printed either way. Shows progress, then a table per level: throughput
+    (predictions per second; defaults and errors not counted), latency quantiles, defaults,
+    errors with their codes. Exits 1 when every query failed.
     """
-    import numpy as np
-
-    from ketch import protocol as proto
-    from ketch.bench import closed_loop, open_loop
+    from ketch._progress import Progress
+    from ketch.bench import closed_loop, open_loop, run_start, varied_inputs
+    from ketch.inputs import to_input
 
     if (input_text is None) == (input_file is None):
         raise click.UsageError("give --input or --input-file (one of them)")
@@ -855,12 +969,19 @@ def bench(
             raw = [_json_value(line, f"{input_file} line") for line in fh if line.strip()]
         if not raw:
             raise click.BadParameter(f"{input_file} holds no inputs", param_hint="--input-file")
-    if dtype in ("string", "json"):
-        inputs = [v if isinstance(v, str) else json.dumps(v) for v in raw]
-    elif dtype == "bytes":
-        inputs = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in raw]
+    try:
+        inputs = [to_input(v, dtype, f"input {i + 1}") for i, v in enumerate(raw)]
+    except ValueError as exc:
+        raise click.BadParameter(f"{exc} (app {app_name!r})", param_hint="--input") from None
+    if dtype == "json":
+        inputs = [json.dumps(v) for v in inputs]
+    if repeat_inputs:
+        make, how = (lambda k: inputs[k % len(inputs)]), f"{len(inputs)} input(s) repeated as given"
     else:
-        inputs = [np.asarray(v, dtype=proto.NUMPY_DTYPES[proto.dtype_code(dtype)]) for v in raw]
+        make, how = varied_inputs(inputs)
+    # each level goes on where the last stopped (a level must not repeat its predecessor's
+    # inputs, which the cache holds), from a start of its own per run where there is room
+    next_k = [0 if repeat_inputs else run_start(inputs)]
     try:
         levels = [("concurrency", int(c)) for c in concurrency.split(",") if c.strip()]
     except ValueError:
@@ -868,40 +989,75 @@ def bench(
             f"{concurrency!r}: numbers separated by commas", param_hint="--concurrency"
         ) from None
     levels += [("rate", r) for r in rate]
+    if not as_json:
+        click.echo(f"inputs: {how}", err=True)
 
-    def progress(result) -> None:
-        if not as_json:
-            click.echo(f"  ... {result.sent} sent, {result.ok} predictions, {result.defaults} defaults,"
-                       f" {result.errors} errors", err=True)  # fmt: skip
+    def cache_figures(admin: Admin) -> tuple[int, int]:
+        figures = admin.show_app(app_name)["figures"]
+        return figures["queries"], figures["cache_hits"]
 
     rows = []
-    for kind, level in levels:
-        if not as_json:
-            click.echo(f"{kind} {level:g} for {duration:g} s", err=True)
-        make = lambda k: inputs[k % len(inputs)]  # noqa: E731
-        frontend = ctx.obj["frontend"]
-        options: dict[str, Any] = {"timeout_ms": timeout_ms, "progress": progress}
-        if kind == "concurrency":
-            options["one_per_message"] = one_per_message
-            res = closed_loop(frontend, app_name, make, level, duration, **options)
-        else:
-            res = open_loop(frontend, app_name, make, level, duration, **options)
-        rows.append({"load": f"{kind} {level:g}", **res.summary(), "error_codes": res.error_codes})
+    frontend = ctx.obj["frontend"]
+    with _admin(ctx) as admin:
+        for kind, level in levels:
+            before = cache_figures(admin)
+            with Progress(f"{kind} {level:g} for {duration:g} s", total=duration,
+                          stream=open(os.devnull, "w") if as_json else None) as bar:  # fmt: skip
+                started = time.monotonic()
+
+                def progress(result, bar=bar, started=started) -> None:
+                    bar.update(
+                        f"{result.sent} sent, {result.ok} predictions, {result.errors} errors",
+                        done=time.monotonic() - started,
+                    )
+
+                options: dict[str, Any] = {"timeout_ms": timeout_ms, "progress": progress}
+                start = next_k[0]
+
+                def make_level(k: int, start: int = start) -> Any:
+                    if start + k >= next_k[0]:
+                        next_k[0] = start + k + 1
+                    return make(start + k)
+
+                if kind == "concurrency":
+                    options["one_per_message"] = one_per_message
+                    res = closed_loop(frontend, app_name, make_level, level, duration, **options)
+                else:
+                    res = open_loop(frontend, app_name, make_level, level, duration, **options)
+                bar.update(f"{res.sent} sent, {res.ok} predictions, {res.errors} errors", done=duration)
+            after = cache_figures(admin)
+            queries, hits = after[0] - before[0], after[1] - before[1]
+            rows.append(
+                {
+                    "load": f"{kind} {level:g}",
+                    **res.summary(),
+                    "cache_hit_share": round(hits / queries, 4) if queries else 0.0,
+                    "error_codes": res.error_codes,
+                    "error_examples": res.error_examples,
+                }
+            )
+    failed_all = all(r["ok"] == 0 and r["defaults"] == 0 for r in rows) and any(r["sent"] for r in rows)
     if as_json:
         _print_json(rows)
-        return
-    _table(
-        [
-            (r["load"], r["sent"], r["throughput"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"],
-             r["defaults"], r["errors"], r["lost"])
-            for r in rows
-        ],
-        ("LOAD", "SENT", "PRED/S", "P50_MS", "P90_MS", "P99_MS", "P99.9_MS", "DEFAULTS", "ERRORS", "LOST"),
-    )  # fmt: skip
+    else:
+        _table(
+            [
+                (r["load"], r["sent"], r["throughput"], r["p50_ms"], r["p90_ms"], r["p99_ms"], r["p999_ms"],
+                 r["defaults"], r["errors"], r["lost"], f"{r['cache_hit_share'] * 100:.1f}%")
+                for r in rows
+            ],
+            ("LOAD", "SENT", "PRED/S", "P50_MS", "P90_MS", "P99_MS", "P99.9_MS", "DEFAULTS", "ERRORS", "LOST",
+             "CACHE_HITS"),
+        )  # fmt: skip
+        for r in rows:
+            for code, count in sorted(r["error_codes"].items(), key=lambda kv: -kv[1]):
+                click.echo(f"{r['load']}: {count} x {code}: {r['error_examples'].get(code, '')}")
+    if failed_all:
+        _fail("every query failed (see the error codes above)", EXIT_REFUSED)
 
 
 @main.command("stats")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--watch", type=float, default=None, help="Refresh every N seconds until Ctrl-C.")
 @click.pass_context
 @handles_errors
@@ -1125,8 +1281,14 @@ def gateway(
     type=click.IntRange(100, 1_000_000),
     help="Queries in the throughput phase.",
 )
-@click.option("--replicas", default=2, show_default=True, type=click.IntRange(1, 16))
-@click.option("--slo-ms", default=50.0, show_default=True)
+@click.option(
+    "--replicas",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Replica processes of the model.",
+)
+@click.option("--slo-ms", default=50.0, show_default=True, help="The demo app's latency objective.")
 def demo(queries: int, replicas: int, slo_ms: float) -> None:
     """Start a broker and a scikit-learn model with replicas, send real queries, print a summary.
 

@@ -7,14 +7,8 @@ with ``docker run -e ...`` or a Kubernetes ``env:`` list:
     docker run -v $PWD/models:/models:ro -e KETCH_MODEL=/models/iris.joblib \\
         -e KETCH_MODEL_NAME=iris -e KETCH_BACKEND=tcp://broker:7000 ketch/python-sklearn:0.1.0
 
-What ``KETCH_MODEL`` may name, and how it is served:
-
-- ``*.joblib``, ``*.pkl``, ``*.pickle``: a pickled scikit-learn estimator (or any object
-  with ``predict``), loaded with joblib. Unpickling runs code: mount only files you trust.
-- ``*.onnx``: an ONNX model, run by ONNX Runtime; input type and shape come from the model.
-- ``*.pt``, ``*.pth``, ``*.torchscript``: a TorchScript module (``torch.jit.save``).
-- a folder holding exactly one such file;
-- ``MODULE:ATTR`` or ``FILE.py:ATTR``: Python code, as for ``ketch model serve``.
+``KETCH_MODEL`` names a model file, a folder or Python code, as ``ketch.loading`` says (the
+same loading as ``ketch serve``). Unpickling runs code: mount only files you trust.
 """
 
 from __future__ import annotations
@@ -24,93 +18,34 @@ import secrets
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import click
 
-from ketch import __version__, logs
+from ketch import __version__, loading, logs
+from ketch.loading import SUFFIXES, ModelSource
 
-# file suffix -> kind of model, and the kind -> the image it needs
-SUFFIXES = {
-    ".joblib": "sklearn",
-    ".pkl": "sklearn",
-    ".pickle": "sklearn",
-    ".onnx": "onnx",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".torchscript": "torch",
-}
+__all__ = ["SUFFIXES", "ModelSource", "load", "main", "resolve"]
+
 # the distribution each image's framework label names
 FRAMEWORK_DISTS = {"scikit-learn": "scikit-learn", "onnxruntime": "onnxruntime", "torch": "torch"}
 DEBIAN_PACKAGES = {"torch": "python3-torch"}
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """What ``KETCH_MODEL`` names: ``kind`` is sklearn, onnx, torch or python."""
-
-    kind: str
-    where: str  # a file path, or MODULE:ATTR / FILE.py:ATTR
-
-    @property
-    def default_name(self) -> str:
-        if self.kind == "python":
-            return self.where.rsplit(":", 1)[1]
-        return Path(self.where).stem
-
-
 def resolve(spec: str) -> ModelSource:
-    """Which kind of model ``spec`` names (a file, a folder with one model file, or a target)."""
-    path = Path(spec)
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())
-        if len(found) != 1:
-            names = ", ".join(p.name for p in found) or "none"
-            raise click.BadParameter(
-                f"{spec}: a model folder must hold exactly one model file "
-                f"({', '.join(sorted(SUFFIXES))}); found {names}"
-            )
-        path = found[0]
-    if path.suffix in SUFFIXES:
-        if not path.is_file():
-            raise click.BadParameter(f"{spec}: no such file")
-        return ModelSource(SUFFIXES[path.suffix], str(path))
-    if ":" in spec:
-        return ModelSource("python", spec)
-    raise click.BadParameter(
-        f"{spec}: name a model file ({', '.join(sorted(SUFFIXES))}), a folder holding one, "
-        "or Python code as MODULE:ATTR or FILE.py:ATTR"
-    )
+    """Which kind of model ``spec`` names (``ketch.loading.resolve``, as a usage error)."""
+    try:
+        return loading.resolve(spec)
+    except loading.BadSource as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def load(source: ModelSource, *, output: str | None, input_type: str | None) -> tuple[Any, dict]:
-    """The model object and what it says of its input (``input_type``, ``input_shape``)."""
-    if source.kind == "sklearn":
-        import joblib
-
-        from ketch.models import SklearnModel
-
-        estimator = joblib.load(source.where)
-        n = getattr(estimator, "n_features_in_", None)
-        meta = {"input_type": "float64", "input_shape": [int(n)] if n else None}
-        if hasattr(estimator, "fit") and hasattr(estimator, output or "predict"):
-            return SklearnModel(estimator, output or "predict"), meta
-        return estimator, meta
-    if source.kind == "onnx":
-        from ketch.models import OnnxModel
-
-        model = OnnxModel(source.where, output=output)
-        return model, {"input_type": model.input_type, "input_shape": model.input_shape}
-    if source.kind == "torch":
-        from ketch.models import TorchScriptModel
-
-        model = TorchScriptModel(source.where, dtype=input_type or "float32")
-        return model, {"input_type": model.input_type, "input_shape": None}
-    from ketch._targets import load_target
-
-    return load_target(source.where), {"input_type": None, "input_shape": None}
+    """The model object and what it says of its input (``ketch.loading.load``)."""
+    try:
+        return loading.load(source, output=output, input_type=input_type)
+    except loading.BadSource as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def verify_framework(framework: str, version: str, ketch_version: str) -> None:
@@ -249,8 +184,13 @@ def main(
     if not replica_id:
         # unique per process: containers on the host's network share its hostname and pid 1
         replica_id = f"{socket.gethostname()}/{name}/{model_version}/{secrets.token_hex(3)}"
+    settings = source.settings  # a model folder's model.toml
+    input_type = input_type or settings.get("input_type")
     obj, meta = load(source, output=output, input_type=input_type)
-    shape = _shape(input_shape) if input_shape is not None else meta["input_shape"]
+    if input_shape is not None:
+        shape = _shape(input_shape)
+    else:
+        shape = settings.get("input_shape", meta["input_shape"])
     serve(
         obj,
         name=name,

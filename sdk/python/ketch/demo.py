@@ -101,4 +101,6 @@ def run_demo(queries: int = 5000, replicas: int = 2, slo_ms: float = 50.0) -> in
         f" cache hits {mstats['cache_hits']}"
     )
     click.echo("stopped the broker and the replicas")
-    return 0 if failed == 0 and wrong == 0 else 1
+    if defaults == total - failed:
+        click.echo("no answer came from the model (each was the default): see the broker's log", err=True)
+    return 0 if failed == 0 and wrong == 0 and defaults < total - failed else 1

@@ -115,6 +115,8 @@ class Replica:
         self.dead_after_s = 5.0
         self.protocol = proto.PROTOCOL_VERSION  # chosen by the broker in its Welcome
         self.batches = 0
+        self._failures_seen: set[tuple[str, str]] = set()
+        self._failure_logs: list[tuple[int, str, BaseException | None]] = []  # logged after the reply
         # requests of items of one shape, each learnt from a request read the long way as a
         # template of itself (batch id and budgets in the slots), with (dtype, shape, items)
         self._requests = proto.RequestReceiver(total=256)
@@ -194,6 +196,7 @@ class Replica:
         now = time.monotonic()
         last_recv = last_batch = hello_at = self._last_send = now
         welcomed = paused = False
+        said_waiting = -1e9
         draining_since: float | None = None
         backoff = 0.1
         heartbeat = proto.encode("Heartbeat", {})
@@ -248,6 +251,11 @@ class Replica:
                 self._hello(sock)
                 hello_at = self._last_send = now
                 backoff = min(backoff * 2, max(backoff, 5.0))
+                if now - last_recv > 3 and now - said_waiting > 30:
+                    said_waiting = now
+                    self.log.warning(
+                        "waiting for the broker", broker=self.broker, hint="is it running? ketch broker start"
+                    )
             elif welcomed and now - last_recv > self.dead_after_s and not sock.poll(0, zmq.POLLIN):
                 self.log.warning("broker silent, reconnecting", silent_s=round(now - last_recv, 2))
                 sock.close(linger=0)
@@ -281,8 +289,7 @@ class Replica:
                 inputs = []  # a payload that does not fit: the long way answers for it
             if inputs:  # a batch as learnt: no parse
                 reply = self._compute_unlocked(values[0], inputs, values[1:], now)
-                if _send(sock, reply):
-                    self._last_send = time.monotonic()
+                self._reply(sock, reply)
                 return "batch"
         try:
             version, name, body = proto.decode(header)
@@ -317,8 +324,7 @@ class Replica:
                     self._requests.learn_request(header, body, request)
                 budgets = list(request.budgets_us)
                 reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
-            if _send(sock, reply):
-                self._last_send = time.monotonic()
+            self._reply(sock, reply)
             return "batch"
         if name == "Welcome":
             try:
@@ -335,9 +341,10 @@ class Replica:
             self.protocol = chosen
             self.heartbeat_s = max(0.01, (welcome["heartbeat_ms"] or 1000) / 1000)
             self.dead_after_s = max(self.heartbeat_s * 2, (welcome["dead_after_ms"] or 5000) / 1000)
-            self.log.info(
-                "replica registered", broker=self.broker, protocol=chosen, fingerprint=self.fingerprint
-            )
+            if not self._welcomed:  # a repeated hello is welcomed again: one line per registration
+                self.log.info(
+                    "replica registered", broker=self.broker, protocol=chosen, fingerprint=self.fingerprint
+                )
             return "welcome"
         if name == "Heartbeat":
             return ""
@@ -425,6 +432,30 @@ class Replica:
 
     # ------------------------------------------------------------ compute
 
+    def _reply(self, sock: zmq.Socket, reply: list[Any]) -> None:
+        """Send a batch's reply, then log what its model raised: the caller's answer does
+        not wait for a traceback to be formatted (a rich renderer takes 100s of ms)."""
+        if _send(sock, reply):
+            self._last_send = time.monotonic()
+        while self._failure_logs:
+            batch_id, text, exc = self._failure_logs.pop(0)
+            if exc is not None:
+                self.log.error("predict raised", batch=batch_id, error=text, exc_info=exc)
+            else:
+                self.log.warning("predict raised", batch=batch_id, error=text)
+
+    def _model_failed(self, batch_id: int, exc: BaseException) -> str:
+        """What the client is told of a model's exception; it is logged once the reply is
+        sent (``_reply``), with its traceback the first time a kind is seen, so a model
+        failing on every batch does not flood the log."""
+        text = model_failure_text(exc)
+        kind = (type(exc).__name__, where_in_model(exc))
+        first = kind not in self._failures_seen and len(self._failures_seen) < 256
+        if first:
+            self._failures_seen.add(kind)
+        self._failure_logs.append((batch_id, text, exc if first else None))
+        return text
+
     def _compute_unlocked(
         self,
         batch_id: int,
@@ -459,21 +490,28 @@ class Replica:
         if live:
             try:
                 outs = self.predict(inputs if every else [inputs[i] for i in live])
-                outs = list(outs) if not isinstance(outs, list) else outs
+                if not isinstance(outs, list):
+                    outs = as_outputs(outs, len(live))
                 if len(outs) != len(live):
-                    failure = f"ValueError: predict returned {len(outs)} outputs for {len(live)} inputs"
+                    failure = (
+                        f"ValueError: predict returned {len(outs)} outputs for {len(live)} inputs "
+                        "(it must return one output per input)"
+                    )
                 elif every:
                     results = outs
                 else:
                     for i, out in zip(live, outs, strict=True):
                         results[i] = out
+            except OutputsNotAList as exc:
+                failure = str(exc)
             except Exception as exc:
-                failure = errors.describe(exc)
+                failure = self._model_failed(batch_id, exc)
         # at least 1 us: a zero is left out of the table and would miss the template below;
         # a uint32, it saturates (a batch of over 71 minutes)
         compute_us = min(limits.U32_MAX, max(1, int((time.perf_counter() - t0) * 1e6)))
         if failure:
-            self.log.warning("predict failed", batch=batch_id, error=failure)
+            if failure.startswith("ValueError: predict returned") or failure.startswith("TypeError: predict"):
+                self.log.warning("predict failed", batch=batch_id, error=failure)
             if not bad:
                 return [proto.build_predict_reply(batch_id, compute_us, [], ErrorCode.MODEL_ERROR, failure)]
             failed = (Status.ERROR, None, (), ErrorCode.MODEL_ERROR, failure)  # bad items keep their own
@@ -521,6 +559,58 @@ class Replica:
         else:
             header = proto.build_predict_reply(batch_id, compute_us, metas)
         return [header, *payloads]
+
+
+class OutputsNotAList(Exception):
+    """predict returned something that is not one output per input."""
+
+
+def as_outputs(outs: Any, n: int) -> list[Any]:
+    """``predict``'s result as a list of outputs, one per input: a list, a tuple or an array
+    with one row per input. Anything else raises ``OutputsNotAList`` saying what to return."""
+    if isinstance(outs, tuple) or (hasattr(outs, "ndim") and getattr(outs, "ndim", 0) >= 1):
+        return list(outs)
+    raise OutputsNotAList(
+        f"TypeError: predict returned {type(outs).__name__} {str(outs)[:40]!r} for a batch of {n}: it "
+        "takes a list of inputs (one per query) and returns a list of outputs, one per input"
+    )
+
+
+PER_ITEM_HINT = (
+    " (hint: predict receives a list of inputs, one per query, and returns a list of outputs; "
+    "for a function of one input write: def predict(inputs): return [f(x) for x in inputs])"
+)
+# what a function of one input says when it is given the batch (a list of arrays)
+_LIST_WORDS = ("'list'", "list object", "list indices", "sequence", "inhomogeneous", "0-dimensional",
+               "size-1 array", "length-1 array", "values to unpack", "shapes (")  # fmt: skip
+
+
+def where_in_model(exc: BaseException) -> str:
+    """``file.py:line`` of the innermost frame of the traceback outside Ketch and the
+    libraries it runs on ("" when there is none)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    skip = (os.sep + "ketch" + os.sep, os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+    mine = [f for f in frames if not any(s in f.filename for s in skip) and not f.filename.startswith("<")]
+    if not mine:
+        return ""
+    f = mine[-1]
+    return f"{os.path.basename(f.filename)}:{f.lineno} in {f.name}"
+
+
+def model_failure_text(exc: BaseException) -> str:
+    """What the client is told of an exception in the model: its class, its message, where in
+    the model's code it was raised, and a hint when the model seems to take one input."""
+    text = errors.describe(exc)
+    at = where_in_model(exc)
+    if at:
+        text += f" (at {at})"
+    if isinstance(exc, TypeError | AttributeError | ValueError | IndexError) and any(
+        w in str(exc) for w in _LIST_WORDS
+    ):
+        text += PER_ITEM_HINT
+    return text
 
 
 def _send(sock: zmq.Socket, message: bytes | list[Any]) -> bool:

@@ -61,7 +61,9 @@ class Supervisor:
         self._code = 0
 
     def _start(self, child: _Child) -> None:
-        env = {**os.environ, "KETCH_REPLICA_INDEX": str(child.index)}
+        # a restarted replica keeps its id (HOST/NAME/VERSION/PID.INDEX); two supervisors of one
+        # model version (ketch up replacing a group, a second model serve) have ids of their own
+        env = {**os.environ, "KETCH_REPLICA_INDEX": f"{os.getpid()}.{child.index}"}
         child.proc = subprocess.Popen(self.argv, env=env)
         child.started = time.monotonic()
         child.runs += 1

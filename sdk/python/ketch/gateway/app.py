@@ -27,7 +27,7 @@ from starlette.routing import Route
 from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
-from ketch.gateway import clipper, limits, protocol, v2
+from ketch.gateway import clipper, limits, page, protocol, v2
 from ketch.gateway.auth import BearerAuth, bearer_token
 from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -179,6 +179,7 @@ def create_app(config: GatewayConfig | None = None) -> Any:
         Route("/v2/models/{name}/infer", e("infer", v2.infer), methods=["POST"]),
         Route("/metrics", e("metrics", gw.metrics_route), methods=["GET"]),
         Route("/openapi.json", e("openapi", gw.openapi_route), methods=["GET"]),
+        *page.routes(gw),  # GET /: the status page (ketch/gateway/page.py)
         Route("/{app}/predict", e("predict", clipper.predict), methods=["POST"]),
         Route("/{app}/update", e("update", clipper.update), methods=["POST"]),
     ]

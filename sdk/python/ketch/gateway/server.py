@@ -17,6 +17,8 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -51,6 +53,29 @@ def bind(host: str, port: int) -> socket.socket:
         raise
     sock.set_inheritable(True)
     return sock
+
+
+def _shown_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+
+
+class _Announcer(threading.Thread):
+    """Tells the broker every few seconds where this gateway serves (``ketch status`` shows
+    it); a broker that does not answer is simply tried again later."""
+
+    def __init__(self, config: GatewayConfig, url: str, every_s: float = 10.0) -> None:
+        super().__init__(name="ketch-gateway-announce", daemon=True)
+        self.config, self.url, self.every_s = config, url, every_s
+
+    def run(self) -> None:
+        from ketch import errors
+        from ketch.admin import Admin
+
+        with Admin(self.config.admin, timeout_ms=2000) as admin:
+            while True:
+                with contextlib.suppress(errors.KetchError):
+                    admin.register_gateway(self.url)
+                time.sleep(self.every_s)
 
 
 def serve(
@@ -105,10 +130,11 @@ def serve(
             connections_per_worker=connection_cap(config.max_connections),
             open_files=open_files,
         )
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        _Announcer(config, f"http://{_shown_host(url_host)}:{bound_port}").start()
         if ready_file:
             path = Path(ready_file)
             tmp = path.with_suffix(path.suffix + ".tmp")
-            url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
             tmp.write_text(
                 json.dumps({"pid": os.getpid(), "url": f"http://{url_host}:{bound_port}", "workers": workers})
             )
