@@ -45,6 +45,15 @@ def cast_lossless(arr: np.ndarray, want: np.dtype | str, what: str = "input") ->
         return arr.astype(want)
     if kind == "f" and want.kind in "iub" and not np.isfinite(arr).all():
         raise ValueError(f"{what} holds NaN or infinity; the app takes {describe_type(want.name)}")
+    if kind == "f" and want.kind in "iu":
+        # a float past 2**(mantissa bits + 1) may be a rounded integer (2**62 + 1 sent as a
+        # float64 is 2**62): no whole number is taken from it, so nothing is silently changed
+        exact = 2.0 ** (np.finfo(arr.dtype).nmant + 1)
+        if np.isfinite(arr).all() and (np.abs(arr) > exact).any():
+            raise ValueError(
+                f"{what}: a value past {exact:.0f} in {arr.dtype.name} may have been rounded; "
+                f"send integers (the app takes {describe_type(want.name)})"
+            )
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         out = arr.astype(want)
