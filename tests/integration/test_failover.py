@@ -142,12 +142,15 @@ def test_a_pool_of_every_sdk_serves_by_speed_and_the_slow_r_costs_no_avoidable_d
                 time.sleep(0.003)  # busy a while with each batch, as a real model is
                 return [float(x.sum()) for x in batch]
 
-            replica_threads(predict, backend=tb.backend, name=model, replica_id="py")
+            replica_threads(predict, backend=tb.backend, name=model, replica_id="py", build_id=BUILD_ID)
             return
         rid = {"java": "java", "r": "r-slow"}[sdk]
         cmd = victim_cmd(sdk, tb.backend, model, rid, delay_ms=400 if sdk == "r" else 0)
         log = open(tmp_path / f"{rid}.log", "wb")  # noqa: SIM115 (the child holds it)
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT))
+        # one build id for the pool: the same sum in three SDKs (the broker refuses other code
+        # under a live version, see docs/protocol.md)
+        env = {**os.environ, "KETCH_BUILD_ID": BUILD_ID}
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, env=env))
         log.close()
 
     order = ["r", "java", "python"] if r_joins == "first" else ["java", "python", "r"]
