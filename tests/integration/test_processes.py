@@ -29,7 +29,9 @@ def test_iris_replicas_answer_like_the_model(broker_process, start_model):
         assert not any(p.default for p in preds)
         replicas = admin.replicas("iris")
         assert len(replicas) == 2 and len({r["pid"] for r in replicas}) == 2
-        assert {r["replica_id"].rsplit("/", 1)[1] for r in replicas} == {"0", "1"}
+        # HOST/NAME/VERSION/PID.INDEX: the supervisor's pid and each replica's index under it
+        supervisor = model.proc.pid
+        assert {r["replica_id"].rsplit("/", 1)[1] for r in replicas} == {f"{supervisor}.0", f"{supervisor}.1"}
 
 
 def test_broker_restart_keeps_configuration_and_replicas_come_back(broker_process, start_model):

@@ -46,6 +46,13 @@ def test_binary_inputs_widen_losslessly_only():
         cast_lossless(np.int64([2**53 + 1]), "float64")
     with pytest.raises(ValueError, match="too large"):
         cast_lossless(np.float64([1e300]), "float32")
+    # a whole float past 2**53 (2**24 for float32) may be an integer rounded on its way (a
+    # gateway holding an int64 app's old float64 type): not taken for an integer app
+    with pytest.raises(ValueError, match="send integers"):
+        cast_lossless(np.float64([2.0**62, -3]), "int64")
+    with pytest.raises(ValueError, match="send integers"):
+        cast_lossless(np.float32([2.0**25]), "int64")
+    assert cast_lossless(np.float64([2.0**53]), "int64").tolist() == [2**53]
 
 
 def test_bench_inputs_are_unique_and_barely_changed():

@@ -45,6 +45,15 @@ def cast_lossless(arr: np.ndarray, want: np.dtype | str, what: str = "input") ->
         return arr.astype(want)
     if kind == "f" and want.kind in "iub" and not np.isfinite(arr).all():
         raise ValueError(f"{what} holds NaN or infinity; the app takes {describe_type(want.name)}")
+    exact = 2 ** (np.finfo(arr.dtype).nmant + 1) if kind == "f" else 0  # 2**53 for float64
+    if kind == "f" and want.kind in "iu" and (np.abs(arr) > exact).any():
+        # past it a float is not every integer: it may be one rounded on its way here (by a
+        # JSON parser, or a gateway holding an app's old type), so it is not taken as exact
+        bad = arr[np.abs(arr) > exact].flat[0]
+        raise ValueError(
+            f"{what}: {bad:g} is a {arr.dtype.name} past 2**{np.finfo(arr.dtype).nmant + 1}, where "
+            f"its values skip integers; the app takes {describe_type(want.name)}: send integers"
+        )
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         out = arr.astype(want)
