@@ -53,10 +53,9 @@ from typing import Any
 
 import numpy as np
 from ketch import Admin
-from ketch import protocol as proto
 from ketch.bench import LoadResult, _measuring, _Session, closed_loop, open_loop
 from ketch.local import LocalBroker, wait_for
-from ketch.protocol import ErrorCode, Status
+from ketch.protocol import ErrorCode
 
 from perf._harness import machine, table
 
@@ -392,33 +391,9 @@ class _Refusals(_Timed):
         super().__init__(*args)
         self.refused_ms: list[float] = []
 
-    def _take(self, header: bytes, now: float) -> int:
-        """A reply read the long way, once: as ``_Session._take``, and the refusals' times."""
-        _, name, body = proto.decode(header)
-        if name != "Reply":
-            self.result.errors += 1
-            return 0
-        r, got, plain = self.result, 0, True
-        for item in proto.read_reply(body):
-            status = item.status
-            plain = plain and status == Status.OK
-            ms = self._latency(item.request_id, now)
-            if ms is None:
-                continue
-            got += 1
-            if status == Status.OK:
-                r.ok += 1
-                r.ok_latencies_ms.append(ms)
-            elif status == Status.DEFAULT:
-                r.defaults += 1
-            else:
-                r.errors += 1
-                r.add_error(proto.ERROR_NAMES.get(item.error, str(item.error)), item.message)
-                if item.error == ErrorCode.OVERLOADED:
-                    self.refused_ms.append(ms)
-        if plain and not self._plain.full:
-            self._learn(header)
-        return got
+    def _errored(self, code: int, ms: float) -> None:
+        if code == ErrorCode.OVERLOADED:
+            self.refused_ms.append(ms)
 
 
 def overload_run(

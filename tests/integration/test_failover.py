@@ -147,8 +147,7 @@ def test_a_pool_of_every_sdk_serves_by_speed_and_the_slow_r_costs_no_avoidable_d
         rid = {"java": "java", "r": "r-slow"}[sdk]
         cmd = victim_cmd(sdk, tb.backend, model, rid, delay_ms=400 if sdk == "r" else 0)
         log = open(tmp_path / f"{rid}.log", "wb")  # noqa: SIM115 (the child holds it)
-        # one build id for the pool: the same sum in three SDKs (the broker refuses other code
-        # under a live version, see docs/protocol.md)
+        # one build for all three SDKs: the broker refuses other code under a live version
         env = {**os.environ, "KETCH_BUILD_ID": BUILD_ID}
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=log, cwd=ROOT, env=env))
         log.close()
@@ -165,16 +164,23 @@ def test_a_pool_of_every_sdk_serves_by_speed_and_the_slow_r_costs_no_avoidable_d
                 start(sdk)
                 wait_for(lambda sdk=sdk: ids[sdk] in by_id(admin, model), 90, f"the {sdk} replica")
             rng = np.random.default_rng()
-            client.predict_many("sum", [rng.normal(size=3) for _ in range(300)], window=16)  # all measured
+            # all measured; on a busy machine admission by capacity may refuse some meanwhile
+            client.predict_many(
+                "sum", [rng.normal(size=3) for _ in range(300)], window=16, return_exceptions=True
+            )
             before = {k: v["items"] for k, v in by_id(admin, model).items()}
             xs = [rng.normal(size=3) for _ in range(600)]
-            preds = client.predict_many("sum", xs, window=64)  # the fast ones often busy, R idle
+            # the fast ones often busy, R idle; a refusal (OVERLOADED) is an answer too, never a default
+            got = client.predict_many("sum", xs, window=64, return_exceptions=True)
             after = {k: v["items"] for k, v in by_id(admin, model).items()}
             taken = {k: after[k] - before.get(k, 0) for k in after}
-            defaults = [p for p in preds if p.default]
+            refused = [p for p in got if isinstance(p, ketch.errors.Overloaded)]
+            assert all(isinstance(p, ketch.Prediction | ketch.errors.Overloaded) for p in got), got
+            preds = [(x, p) for x, p in zip(xs, got, strict=True) if isinstance(p, ketch.Prediction)]
+            defaults = [p for _, p in preds if p.default]
             assert taken["r-slow"] <= 4 and len(defaults) <= taken["r-slow"], (taken, defaults[:3])
-            assert taken["java"] + taken["py"] >= len(xs) - taken["r-slow"], taken
-            answered = [(x, p) for x, p in zip(xs, preds, strict=True) if not p.default]
+            assert taken["java"] + taken["py"] >= len(preds) - taken["r-slow"], (taken, len(refused))
+            answered = [(x, p) for x, p in preds if not p.default]
             assert [p.output for _, p in answered] == pytest.approx([float(x.sum()) for x, _ in answered])
     finally:
         for proc in procs:

@@ -189,9 +189,13 @@ class _Session:
                 r.defaults += 1
             else:
                 r.add_error(proto.ERROR_NAMES.get(item.error, str(item.error)), item.message)
+                self._errored(item.error, ms)
         if plain and not self._plain.full:
             self._learn(header)
         return got
+
+    def _errored(self, code: int, ms: float) -> None:
+        """An error answer (its code) that took ``ms``: for subclasses that time them."""
 
     def _learn(self, header: bytes) -> None:
         """Keep a reply of plain predictions as a template of itself (as ketch.client does)."""

@@ -59,9 +59,16 @@ KETCH_INLINE_WINDOW <- 16L   # ... for each item, judged by the slowest of this 
 # What the container serves, sent in Hello (the broker keys its cache on it): "build:" and
 # $KETCH_BUILD_ID when set, else "md5:" and the digest of predict_fn's source (what it calls
 # or loads is not seen: set KETCH_BUILD_ID where that matters).
-ketch_fingerprint <- function(predict_fn) {
-  build <- Sys.getenv("KETCH_BUILD_ID")
-  if (nzchar(build)) return(paste0("build:", build))
+# The build id is at most 122 printable ASCII characters without spaces (the fingerprint
+# at most 128); any other is an error naming KETCH_BUILD_ID.
+ketch_fingerprint <- function(predict_fn, build = Sys.getenv("KETCH_BUILD_ID")) {
+  if (nzchar(build)) {
+    text <- paste0("build:", build)
+    if (nchar(text, type = "bytes") > 128 || !grepl("^[!-~]+$", text, useBytes = TRUE)) {
+      stop("KETCH_BUILD_ID: at most 122 printable ASCII characters, no space")
+    }
+    return(text)
+  }
   file <- tempfile()
   on.exit(unlink(file))
   writeLines(deparse(predict_fn, control = c("keepInteger", "showAttributes")), file)
@@ -86,8 +93,10 @@ ketch_fingerprint <- function(predict_fn) {
 #'   input; an output may be a \code{ketch_tensor()} to choose the dtype, or a condition
 #'   object to fail that item alone. An error, or a wrong number of outputs, fails the
 #'   whole batch with \code{MODEL_ERROR} and \code{"Class: message"}. An item whose
-#'   payload does not fit its dtype and shape is answered \code{BAD_INPUT} and not given
-#'   to \code{predict_fn}.
+#'   payload does not fit its dtype and shape (a wrong size, text that is not UTF-8, JSON
+#'   that does not parse or is nested too deep) is answered \code{BAD_INPUT} and not given
+#'   to \code{predict_fn}, which computes the others; when it then fails the batch, the
+#'   items it got fail with its error and the bad ones keep \code{BAD_INPUT}.
 #' @param name,version model name and version sent in Hello.
 #' @param input_type wire dtype name of the input (\code{"float64"}, \code{"string"},
 #'   \code{"bytes"}, ...).
@@ -113,7 +122,8 @@ ketch_fingerprint <- function(predict_fn) {
 #'   \code{$KETCH_STATUS_FILE}, none when unset or empty.
 #' @return Invisibly \code{"drained"} after Shutdown or SIGINT. Signals an error of class
 #'   \code{"ketch_refused"} when the broker refuses the Hello (\code{UNSUPPORTED_VERSION},
-#'   or any other Error answering it).
+#'   or any other Error answering it but \code{CONFLICT}, which means Hello again later
+#'   on a new connection, after 1 s doubling to 30 s).
 #' @examples
 #' \dontrun{
 #' model <- readRDS("iris-svm.rds")
@@ -254,7 +264,7 @@ rt_next_deadline <- function(rt, now = rt_now()) {
   if (rt$phase == "ready") {
     due <- min(due, rt$last_sent + rt$heartbeat, rt$last_recv + rt$dead_after)
   } else {
-    due <- min(due, rt$connected_at + rt_welcome_wait(rt))
+    due <- min(due, rt$connected_at + rt_welcome_wait(rt), rt$hello_again_at)
   }
   if (rt$draining) {
     due <- min(due, if (rt_waits_for_paused(rt)) rt$drain_from + rt_paused_wait(rt)
@@ -276,6 +286,9 @@ rt_timers <- function(rt) {
     } else if (now - rt$last_sent >= rt$heartbeat) {
       rt_send(rt, list(if (length(rt$inflight)) rt$beat_busy else rt$beat_idle))
     }
+  } else if (now >= rt$hello_again_at) {
+    rt_log(rt, "saying Hello again after a CONFLICT")
+    rt_reconnect(rt)
   } else if (now - rt$connected_at > rt_welcome_wait(rt)) {
     rt_log(rt, sprintf("no Welcome after %.1f s, reconnecting", now - rt$connected_at))
     rt_reconnect(rt)
@@ -304,6 +317,7 @@ rt_hello <- function(rt) {
   rt$phase <- "connecting"
   rt$paused <- FALSE
   rt$connected_at <- rt_now()
+  rt$hello_again_at <- Inf
   rt_send(rt, list(ketch_encode("Hello", rt$hello)))
 }
 
@@ -494,17 +508,28 @@ rt_on_welcome <- function(rt, body) {
   if (rt$draining) rt_send(rt, list(ketch_encode("Ready", list(credits = 0))))  # a new registration: say it again
 }
 
+# Acted on by the code alone, never the text: UNSUPPORTED_VERSION ends the container;
+# BAD_MESSAGE once welcomed means the broker does not know this connection (Hello again),
+# before the Welcome it answers something sent before the Hello (nothing to do); CONFLICT
+# answering the Hello (the replica id is live on another connection, or other code serves
+# this version) means Hello again later on a new connection, backing off 1 s doubling to
+# 30 s; any other Error answering the Hello (INVALID) ends the container.
 rt_on_error <- function(rt, body) {
   text <- sprintf("%s: %s", body$code, body$message)
   if (identical(body$code, "UNSUPPORTED_VERSION")) {
     rt_refused(rt, text)  # MUST NOT retry with the same version
-  } else if (identical(body$code, "BAD_MESSAGE") && grepl("send Hello first", body$message, fixed = TRUE)) {
+  } else if (identical(body$code, "BAD_MESSAGE")) {
     if (rt$phase == "ready") {
       # the broker does not know this connection (it restarted): Hello again, same id;
       # replies to batches of the old registration are dropped (the broker re-queued them)
-      rt_log(rt, "broker asks for Hello again")
+      rt_log(rt, "broker asks for Hello again (", text, ")")
       rt_hello(rt)
     }  # else a Hello is already on its way
+  } else if (identical(body$code, "CONFLICT") && rt$phase == "connecting") {
+    if (is.finite(rt$hello_again_at)) return(invisible(NULL))  # already waiting
+    wait <- min(30, 2^max(0, rt$attempts - 1))
+    rt_log(rt, sprintf("hello refused for now (%s); Hello again in %g s", text, wait))
+    rt$hello_again_at <- rt_now() + wait
   } else if (rt$phase == "connecting") {
     rt_refused(rt, text)  # an Error answering the Hello: the container exits
   } else {
@@ -735,20 +760,32 @@ ketch_run_predict <- function(predict_fn, inputs, errors = NULL) {
 # What predict_fn returned (`out`, or the error it raised) for `n` items, checked and
 # encoded: ketch_run_predict()'s result. `bad` and `errors` say which items it did not get.
 ketch_finish_predict <- function(out, n, compute_us, bad = FALSE, errors = NULL) {
-  fail <- function(message) list(ok = FALSE, error = "MODEL_ERROR", message = message, compute_us = compute_us)
-  if (inherits(out, "error")) return(fail(ketch_class_message(out)))
-  if (n) {
-    if (!(is.list(out) || (is.atomic(out) && is.null(dim(out)))) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
-      return(fail(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s",
-                          n, class(out)[1])))
-    }
-    if (length(out) != n) {
-      return(fail(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d", length(out), n)))
-    }
+  why <- ketch_batch_failure(out, n)
+  if (!is.null(why)) {
+    if (identical(bad, FALSE)) return(list(ok = FALSE, error = "MODEL_ERROR", message = why, compute_us = compute_us))
+    # the items predict_fn got fail with its error; the bad ones keep BAD_INPUT
+    enc <- list(ok = logical(n), group = rep(NA_integer_, n), tensors = list(),
+                error = rep(KETCH_ERROR_CODES[["MODEL_ERROR"]], n), message = rep(why, n),
+                payloads = rep(list(raw(0)), n))
+    return(list(ok = TRUE, outputs = ketch_merge_bad(enc, bad, errors), compute_us = compute_us))
   }
   enc <- ketch_encode_outputs(if (n) out else list())
   if (!identical(bad, FALSE)) enc <- ketch_merge_bad(enc, bad, errors)
   list(ok = TRUE, outputs = enc, compute_us = compute_us)
+}
+
+# Why what predict_fn returned for `n` items fails the whole batch ("Class: message"), or
+# NULL when it is one output per item.
+ketch_batch_failure <- function(out, n) {
+  if (inherits(out, "error")) return(ketch_class_message(out))
+  if (!n) return(NULL)
+  if (!(is.list(out) || (is.atomic(out) && is.null(dim(out)))) || is.data.frame(out) || inherits(out, "ketch_tensor")) {
+    return(sprintf("BatchSizeError: predict_fn must return a list of %d outputs, not %s", n, class(out)[1]))
+  }
+  if (length(out) != n) {
+    return(sprintf("BatchSizeError: predict_fn returned %d outputs for a batch of %d", length(out), n))
+  }
+  NULL
 }
 
 # Outputs of the good items and BAD_INPUT errors of the others, in item order.

@@ -225,7 +225,8 @@ ketch_batch_values <- function(dtype, ndim, shapes, payloads) {
     for (i in seq_len(n)) {
       shape <- shapes[(i - 1) * ndim + seq_len(ndim)]
       v <- tryCatch(ketch_payload_to_value(dtype, shape, payloads[[i]]), error = function(e) e)
-      if (inherits(v, "error")) errors[i] <- sprintf("item %d: %s", i - 1, conditionMessage(v))
+      # an error of R itself too (JSON nested too deep overflows the protection stack)
+      if (inherits(v, "error")) errors[i] <- sprintf("item %d: %s", i - 1, substr(conditionMessage(v), 1, 300))
       else if (!is.null(v)) values[[i]] <- v
     }
     return(list(values = values, errors = errors))

@@ -159,3 +159,85 @@ test_that("a batch is answered end to end by ketch_answer_batch", {
   expect_identical(unknown$error, "BAD_MESSAGE")
   expect_match(unknown$message, "unknown dtype 42")
 })
+
+test_that("the fingerprint is a digest of predict_fn's source, or the build id", {
+  f <- function(inputs) lapply(inputs, sum)
+  g <- function(inputs) lapply(inputs, sum)
+  h <- function(inputs) lapply(inputs, function(x) 2 * sum(x))
+  fp <- ketch_fingerprint(f, build = "")
+  expect_match(fp, "^md5:[0-9a-f]{32}$")
+  expect_identical(ketch_fingerprint(g, build = ""), fp)  # the same code, the same fingerprint
+  expect_false(identical(ketch_fingerprint(h, build = ""), fp))  # other code, another
+  expect_identical(ketch_fingerprint(f, build = "2026-11-30.1"), "build:2026-11-30.1")
+  for (bad in c("with space", strrep("x", 123), "caf\u00e9", "tab\t")) {
+    expect_error(ketch_fingerprint(f, build = bad), "KETCH_BUILD_ID")
+  }
+  expect_identical(nchar(ketch_fingerprint(f, build = strrep("x", 122))), 128L)
+})
+
+test_that("an item that is not a value of its type fails alone; the others compute", {
+  utf8 <- function(x) charToRaw(enc2utf8(x))
+  deep <- charToRaw(paste0(strrep("[", 100000), strrep("]", 100000)))
+  body <- list(batch_id = 3, dtype = "JSON", ndim = 0, shapes = numeric(0), budgets_us = c(1, 2, 3, 4, 5))
+  inputs <- ketch_batch_inputs(body, list(utf8("[1, 2]"), utf8("[1,"), deep, as.raw(c(0x22, 0xff, 0x22)),
+                                          utf8("{\"a\": 3}")))
+  errors <- attr(inputs, "errors")
+  expect_identical(which(!is.na(errors)), 2:4)
+  expect_match(errors[2], "^item 1: ")
+  expect_match(errors[3], "^item 2: ")  # R's own protection-stack error, caught
+  expect_lte(nchar(errors[3]), 320)
+  expect_match(errors[4], "^item 3: .*UTF-8")
+  seen <- NULL
+  res <- ketch_run_predict(function(xs) {
+    seen <<- xs
+    lapply(xs, length)
+  }, inputs, errors)
+  expect_identical(unclass(seen)[1:2], list(c(1L, 2L), list(a = 3L)))
+  expect_identical(attr(seen, "budgets_us"), c(1, 5))
+  reply <- ketch_predict_reply(3, res)
+  expect_identical(vapply(reply$body$outputs, `[[`, "", "status"), c("OK", "ERROR", "ERROR", "ERROR", "OK"))
+  expect_identical(vapply(reply$body$outputs[2:4], `[[`, "", "error"), rep("BAD_INPUT", 3))
+  # the model failing its batch fails the computed items; the bad ones keep BAD_INPUT
+  for (fn in list(function(xs) stop("boom"), function(xs) list(1))) {
+    failed <- ketch_run_predict(fn, inputs, errors)
+    expect_true(failed$ok)
+    reply <- ketch_predict_reply(3, failed)
+    expect_identical(vapply(reply$body$outputs, `[[`, "", "error"),
+                     c("MODEL_ERROR", "BAD_INPUT", "BAD_INPUT", "BAD_INPUT", "MODEL_ERROR"))
+    expect_identical(reply$body$outputs[[2]]$message, errors[2])
+    # the hot-path writer says the same
+    written <- ketch_decode(ketch_write_reply(3, failed$compute_us, failed$outputs))$body
+    expect_identical(written$outputs, ketch_decode(ketch_encode("PredictReply", reply$body))$body$outputs)
+  }
+  expect_identical(ketch_run_predict(function(xs) stop("boom"), inputs, errors)$outputs$message[1],
+                   "simpleError: boom")
+  # every item bad: predict_fn is not called, each item answers BAD_INPUT
+  all_bad <- ketch_batch_inputs(modifyList(body, list(budgets_us = 1)), list(utf8("{")))
+  called <- FALSE
+  res <- ketch_run_predict(function(xs) { called <<- TRUE; list() }, all_bad, attr(all_bad, "errors"))
+  expect_false(called)
+  expect_identical(res$outputs$error, KETCH_ERROR_CODES[["BAD_INPUT"]])
+})
+
+test_that("a batch that matches a fast-path template but has a bad item fails that item alone", {
+  req <- function(id) ketch_encode("PredictRequest", list(batch_id = id, dtype = "FLOAT64", ndim = 1,
+                                                           shapes = c(2, 2, 2), budgets_us = c(1, 2, 3)))
+  sum_fn <- function(inputs) vapply(inputs, sum, 0)
+  ok <- ketch_answer_batch(sum_fn, list(req(1), f64(1:2), f64(3:4), f64(5:6)))  # learns the template
+  t <- ketch_request_template(req(2))
+  expect_false(is.null(t$fast))
+  expect_identical(ok[-1], list(f64(3), f64(7), f64(11)))
+  for (fn in list(sum_fn, function(inputs) stop("boom"))) {
+    frames <- ketch_answer_batch(fn, list(req(2), f64(1:2), raw(3), f64(5:6)), t)
+    reply <- ketch_decode(frames[[1]])$body
+    expect_identical(reply$batch_id, 2)
+    expect_identical(reply$outputs[[2]]$error, "BAD_INPUT")
+    expect_match(reply$outputs[[2]]$message, "^item 1: payload of 3 bytes")
+  }
+  frames <- ketch_answer_batch(sum_fn, list(req(3), f64(1:2), raw(3), f64(5:6)), t)
+  expect_identical(frames[-1], list(f64(3), raw(0), f64(11)))
+  # a frame missing: the whole batch is BAD_MESSAGE, nothing computed
+  short <- ketch_decode(ketch_answer_batch(sum_fn, list(req(4), f64(1:2), f64(5:6)), t)[[1]])$body
+  expect_identical(short$error, "BAD_MESSAGE")
+  expect_identical(short$batch_id, 4)
+})
