@@ -369,6 +369,20 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path, linear):
         with Client(env["KETCH_FRONTEND"]) as client:
             assert client.predict("summer", [1.0, 2.0]).output == 6.0
 
+        # a replacement that is not live in time (--wait 1): up fails, the old group serves on
+        # and stays on record, and the next up finishes the replacement
+        three = two.replace("replicas = 2", "replicas = 3")
+        (tmp_path / "ketch.toml").write_text(three)
+        before = up_pids(folder)["summer/1"]
+        late = ketch("up", "ketch.toml", "--dir", str(folder), "--wait", "1", env=env, cwd=tmp_path)
+        assert late.returncode != 0 and "not live after 1 s" in late.stderr, late.stdout + late.stderr
+        record = json.loads((folder / "up.json").read_text())["groups"]["summer/1"]
+        assert record["replacing"] == before and pid_alive(before)
+        done = ketch("up", "ketch.toml", "--dir", str(folder), env=env, cwd=tmp_path, timeout=240)
+        assert "model summer v1: replaced" in done.stdout, done.stdout + done.stderr
+        assert not pid_alive(before)
+        assert "replacing" not in json.loads((folder / "up.json").read_text())["groups"]["summer/1"]
+
         # a model repository on the same broker: two versions, the highest answers
         repo = tmp_path / "repo"
         for version in ("1", "2"):

@@ -201,6 +201,8 @@ def _bring_up(
     for key, (m, argv, fp) in wanted.items():
         old = groups.get(key)
         if old and old["fingerprint"] == fp and pid_alive(old["pid"]):
+            if old.get("replacing"):  # an earlier `ketch up` stopped before this group was live
+                replaced.append((key, old["replacing"]))
             continue
         code = _digest(_code(m["path"]))
         if old and old.get("code") != code and pid_alive(old["pid"]):
@@ -219,16 +221,23 @@ def _bring_up(
             replaced.append((key, old["pid"]))
         groups[key] = {"pid": proc.pid, "fingerprint": fp, "code": code, "replicas": m.get("replicas", 1),
                        "log": str(log_path), "name": m["name"], "version": m["version"]}  # fmt: skip
+        if old and pid_alive(old["pid"]):
+            # kept on record until the new group is live: if it never is, `ketch down` still
+            # stops the old one, and `ketch up` again finds it
+            groups[key]["replacing"] = old["pid"]
+        elif old and old.get("replacing") and pid_alive(old["replacing"]):
+            groups[key]["replacing"] = old["replacing"]
         started.append(key)
         record.save()
     gone = [k for k in groups if k not in wanted]
+    pending = {k for k, _ in replaced}  # their own replicas count, not those they replace
     total = sum(m.get("replicas", 1) for m, _, _ in wanted.values())
     with Progress(f"waiting for {total} replica(s) of {len(wanted)} model version(s)", total=total) as p:
         deadline = time.monotonic() + wait_s
         while True:
             live = {
                 k: _own_live(admin, m, groups[k]["pid"])
-                if k in started
+                if k in started or k in pending
                 else live_replicas(admin, m["name"], m["version"])
                 for k, (m, _, _) in wanted.items()
             }
@@ -252,9 +261,13 @@ def _bring_up(
         click.echo(f"model {key.replace('/', ' v')}: started {groups[key]['replicas']} replica(s)")
     for key, pid in replaced:
         stop_pid(pid, 30)
+        groups[key].pop("replacing", None)
         click.echo(f"model {key.replace('/', ' v')}: replaced (the old replicas drained)")
     for key in gone:
-        stop_pid(groups.pop(key)["pid"], 30)
+        g = groups.pop(key)
+        stop_pid(g["pid"], 30)
+        if g.get("replacing"):
+            stop_pid(g["replacing"], 30)
         click.echo(f"model {key.replace('/', ' v')}: stopped (no longer declared)")
     record.save()
     _set_versions(admin, deployment)
@@ -345,6 +358,8 @@ def down_command(ctx: click.Context, folder: str | None, keep_broker: bool) -> N
     groups = record.data.get("groups", {})
     for key, g in sorted(groups.items()):
         stop_pid(g["pid"], 30)
+        if g.get("replacing"):  # a group an unfinished `ketch up` was replacing
+            stop_pid(g["replacing"], 30)
         click.echo(f"model {key.replace('/', ' v')}: stopped")
     record.data["groups"] = {}
     broker = record.data.get("broker")
