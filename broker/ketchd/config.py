@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ketch import addresses
+
 
 def default_state_path() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
@@ -15,9 +17,9 @@ def default_state_path() -> Path:
 
 @dataclass
 class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:7001"
-    backend: str = "tcp://127.0.0.1:7000"
-    admin: str = "tcp://127.0.0.1:7002"
+    frontend: str = addresses.FRONTEND
+    backend: str = addresses.BACKEND
+    admin: str = addresses.ADMIN
     # SQLite file holding apps and models; ":memory:" keeps nothing across restarts
     state_path: str = field(default_factory=lambda: str(default_state_path()))
     heartbeat_ms: int = 1000

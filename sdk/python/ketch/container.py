@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from ketch import __version__, loading, logs
+from ketch import __version__, addresses, loading, logs
 from ketch.loading import SUFFIXES, ModelSource
 
 __all__ = ["SUFFIXES", "ModelSource", "load", "main", "resolve"]
@@ -110,7 +110,7 @@ def verify_framework(framework: str, version: str, ketch_version: str) -> None:
 @click.option(
     "--backend",
     envvar="KETCH_BACKEND",
-    default="tcp://127.0.0.1:7000",
+    default=addresses.BACKEND,
     show_default=True,
     help="The broker's backend address. $KETCH_BACKEND",
 )

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from ketch import errors, loading, logs
+from ketch import addresses, errors, loading, logs
 from ketch._progress import Progress
 from ketch.admin import DEFAULT_ADMIN, Admin
 from ketch.client import DEFAULT_FRONTEND
@@ -92,7 +92,7 @@ def _say(text: str) -> None:
               help="Largest batch a replica takes (0: the broker decides).")  # fmt: skip
 @click.option("--http", "http_listen", default="127.0.0.1:8080", show_default=True,
               help="HTTP gateway of the broker started here (HOST:PORT).")  # fmt: skip
-@click.option("--backend", envvar="KETCH_BACKEND", default="tcp://127.0.0.1:7000", show_default=True,
+@click.option("--backend", envvar="KETCH_BACKEND", default=addresses.BACKEND, show_default=True,
               help="Backend address of the broker started here ($KETCH_BACKEND).")  # fmt: skip
 @click.option("--state", default=":memory:", show_default=True,
               help="State file of the broker started here (':memory:' keeps nothing).")  # fmt: skip

@@ -25,7 +25,7 @@ from typing import Any
 import click
 import psutil
 
-from ketch import deploy, errors
+from ketch import addresses, deploy, errors
 from ketch._progress import Progress
 from ketch.admin import Admin
 from ketch.apply import apply_app
@@ -115,7 +115,7 @@ def _say(text: str) -> None:
 )
 @click.option("--http", "http_listen", default="127.0.0.1:8080", show_default=True,
               help="HTTP gateway of a broker started here (HOST:PORT).")  # fmt: skip
-@click.option("--backend", envvar="KETCH_BACKEND", default="tcp://127.0.0.1:7000", show_default=True,
+@click.option("--backend", envvar="KETCH_BACKEND", default=addresses.BACKEND, show_default=True,
               help="Backend address of a broker started here ($KETCH_BACKEND).")  # fmt: skip
 @click.option("--join", "must_join", is_flag=True, help="Never start a broker: fail when none answers.")
 @click.option("--wait", "wait_s", type=click.FloatRange(1), default=300, show_default=True,
