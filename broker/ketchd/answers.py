@@ -58,8 +58,9 @@ class Answers:
             p.app.latency.add(ms)
         return ms
 
-    def release_client(self, p: Pending) -> None:
-        """What ``p`` counted to its client: one outstanding query and its payload bytes."""
+    def release_client(self, p: Pending | Fanout) -> None:
+        """What ``p`` (a query, or an ensemble's query) counted to its client: one outstanding
+        query and its payload bytes."""
         b = self.broker
         outstanding = b.outstanding
         left = outstanding.get(p.client)

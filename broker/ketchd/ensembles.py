@@ -220,21 +220,7 @@ class Ensembles:
         b = self.broker
         f.done = True
         b.deadlines.discard(f.deadline, f)
-        left = b.outstanding.get(f.client)
-        if left is not None:
-            if left <= 1:
-                del b.outstanding[f.client]
-            else:
-                b.outstanding[f.client] = left - 1
-        n = f.nbytes
-        if n:
-            f.nbytes = 0
-            b.held_bytes -= n
-            n = b.client_bytes.get(f.client, n) - n
-            if n > 0:
-                b.client_bytes[f.client] = n
-            else:
-                b.client_bytes.pop(f.client, None)
+        b.answers.release_client(f)
         return (time.monotonic() - f.arrived) * 1000
 
     def fail(self, f: Fanout, message: str) -> None:
