@@ -6,23 +6,28 @@ SLO fall well below what the model can do. Here a query with S ms left is admitt
 when the work queued ahead of it, at the rate the model's replicas serve, leaves it time
 to finish:
 
-    (ahead + 1) / rate + batch_ms <= SAFETY * S
+    (ahead + busy + 1) / rate + batch_ms <= SAFETY * S
 
-``ahead`` is every query queued in its priority class or a higher one (``ModelQueue.ahead``:
-EDF may put it before some of its own class, so this is an upper bound, and admitting it
-cannot make a query already admitted late). Each replica is taken to serve in the largest
-batches whose typical latency fits S/2 (``BatchController.serving``: so that a query can
-wait for one batch and be computed in the next; extrapolated along its latency model, not
-bounded by the sizes of the moment, which are small when little is queued), and ``rate``
-is the sum over the model's replicas (of the active version, taking work) of that batch's
-size over its typical (median) latency; ``batch_ms`` is the shortest typical latency of those batches
-(the batch the query ends in). Typical, not the latency model's high quantile: a few
-stalls (a loaded machine) would otherwise refuse everything, and a model refusing
+``ahead`` is every query queued in its priority class or a higher one
+(``ModelQueue.ahead``: EDF may put it before some of its own class, so this is an upper
+bound, and admitting it cannot make a query already admitted late). ``busy`` is the work
+the replicas still have in flight, in queries: of each batch sent, the share its typical
+latency says is not done yet (a replica computing, or holding a second batch to start
+next, frees no room before then; leaving it out admitted a batch or two too many per
+replica under a flood). Each replica is taken to serve in the largest batches whose
+typical latency fits S/2 (``BatchController.serving``: so that a query can wait for one
+batch and be computed in the next; extrapolated along its latency model, not bounded by
+the sizes of the moment, which are small when little is queued), and ``rate`` is the sum
+over the model's replicas (of the active version, taking work) of that batch's size over
+its typical (median) latency; ``batch_ms`` is the shortest typical latency of those
+batches (the batch the query ends in). Typical, not the latency model's high quantile: a
+few stalls (a loaded machine) would otherwise refuse everything, and a model refusing
 everything is never measured again. For the same reason a query finding the queue empty
 and a replica idle is always admitted. These come from the latency model, not from the
 batches of the moment: under overload those are cut to the most urgent query's deadline,
-and a rate measured from them would admit less, which makes the batches smaller still. A refused query gets
-``OVERLOADED`` with ``retry_after_ms``: when, at that rate, a query like it would fit.
+and a rate measured from them would admit less, which makes the batches smaller still. A
+refused query gets ``OVERLOADED`` with ``retry_after_ms``: when, at that rate, a query
+like it would fit.
 
 The rest of a message is not refused with its first refused query: queries are admitted
 in order while they fit (``admissible``), each refused query is answered alone, and a query
@@ -98,7 +103,7 @@ class Overload:
             rate, batch_ms = cached[1], cached[2]
         if rate == math.inf:
             return room
-        fits = int((SAFETY * left - batch_ms) * rate) - queue.ahead(priority)
+        fits = int((SAFETY * left - batch_ms) * rate - in_flight(model, now)) - queue.ahead(priority)
         if fits <= 0 and not len(queue) and any(not r.inflight for r in model.replicas.values()):
             fits = 1  # an idle model is tried (and measured again), whatever its figures say
         return min(room, fits)
@@ -114,7 +119,7 @@ class Overload:
         else:
             left = (p.deadline - now) * 1000
             rate, batch_ms = self.capacity(model, now, left)
-            need = (model.queue.ahead(p.priority) + 1) / rate + batch_ms
+            need = (model.queue.ahead(p.priority) + in_flight(model, now) + 1) / rate + batch_ms
             retry = max(1, min(RETRY_MAX_MS, math.ceil(need - SAFETY * left)))
             why = (
                 f"model {model.name!r} cannot answer it in time: the queries ahead of it take "
@@ -131,3 +136,23 @@ class Overload:
                 p.request_id, Status.ERROR, error=ErrorCode.OVERLOADED, message=why, retry_after_ms=retry
             )
             b.replies.reply(p.client, item, b"")
+
+
+def in_flight(model: Model, now: float) -> float:
+    """The queries of ``model``'s batches in flight that are not done yet: of each batch,
+    the share of its typical latency still to run, a batch waiting on its replica behind
+    another starting when that one ends."""
+    left = 0.0
+    for replica in model.live_replicas():
+        if not replica.inflight or not replica.takes_work:
+            continue
+        free_at = -math.inf  # when the replica ends the batches before this one (s)
+        for batch in sorted(replica.inflight.values(), key=lambda b: b.sent):
+            n = len(batch.items)
+            typical = replica.controller.typical_ms(n)
+            if typical is None:  # not measured yet: all of it
+                left += n
+                continue
+            free_at = max(batch.sent, free_at) + typical / 1000
+            left += n * min(1.0, max(0.0, (free_at - now) * 1000 / typical))
+    return left

@@ -318,8 +318,22 @@ def up_pids(folder: Path) -> dict[str, int]:
     return {key: g["pid"] for key, g in record["groups"].items()}
 
 
+# summer's replicas load only once the file SUMMER_GATE names exists (when it names one): a
+# replacement that cannot be live in time, however fast the machine
+SUMMER = """import os, time
+
+_gate, _until = os.environ.get("SUMMER_GATE"), time.monotonic() + 120
+while _gate and not os.path.exists(_gate) and time.monotonic() < _until:
+    time.sleep(0.05)
+
+
+def predict(inputs):
+    return [{factor}float(x.sum()) for x in inputs]
+"""
+
+
 def test_up_is_idempotent_and_down_stops_everything(tmp_path, linear):
-    (tmp_path / "summer.py").write_text("def predict(inputs):\n    return [float(x.sum()) for x in inputs]\n")
+    (tmp_path / "summer.py").write_text(SUMMER.format(factor=""))
     (tmp_path / "ketch.toml").write_text(DEPLOYMENT)
     env = addresses()
     http = f"127.0.0.1:{free_port()}"
@@ -356,9 +370,7 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path, linear):
         assert summer["versions"][0]["ready"] == 2
         # summer's code changes under the same version: the broker takes one code per version,
         # so the old replicas drain first; the answers (and the cache) are the new code's
-        (tmp_path / "summer.py").write_text(
-            "def predict(inputs):\n    return [2 * float(x.sum()) for x in inputs]\n"
-        )
+        (tmp_path / "summer.py").write_text(SUMMER.format(factor="2 * "))
         recoded = ketch("up", "ketch.toml", "--dir", str(folder), env=env, cwd=tmp_path, timeout=240)
         assert recoded.returncode == 0, recoded.stdout + recoded.stderr
         assert "model summer v1: code changed, the old replicas drained" in recoded.stdout, recoded.stdout
@@ -369,15 +381,29 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path, linear):
         with Client(env["KETCH_FRONTEND"]) as client:
             assert client.predict("summer", [1.0, 2.0]).output == 6.0
 
-        # a replacement that is not live in time (--wait 1): up fails, the old group serves on
-        # and stays on record, and the next up finishes the replacement
+        # a replacement that is not live in time (--wait 1; its replicas wait for the gate):
+        # up fails, the old group serves on and stays on record, and the next up finishes the
+        # replacement
         three = two.replace("replicas = 2", "replicas = 3")
         (tmp_path / "ketch.toml").write_text(three)
         before = up_pids(folder)["summer/1"]
-        late = ketch("up", "ketch.toml", "--dir", str(folder), "--wait", "1", env=env, cwd=tmp_path)
+        gate = tmp_path / "gate"
+        late = ketch(
+            "up",
+            "ketch.toml",
+            "--dir",
+            str(folder),
+            "--wait",
+            "1",
+            env={**env, "SUMMER_GATE": str(gate)},
+            cwd=tmp_path,
+        )
         assert late.returncode != 0 and "not live after 1 s" in late.stderr, late.stdout + late.stderr
         record = json.loads((folder / "up.json").read_text())["groups"]["summer/1"]
         assert record["replacing"] == before and pid_alive(before)
+        with Client(env["KETCH_FRONTEND"]) as client:
+            assert client.predict("summer", [1.0, 2.0]).output == 6.0
+        gate.touch()
         done = ketch("up", "ketch.toml", "--dir", str(folder), env=env, cwd=tmp_path, timeout=240)
         assert "model summer v1: replaced" in done.stdout, done.stdout + done.stderr
         assert not pid_alive(before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import ketchd.overload
 import numpy as np
 import pytest
 import zmq
@@ -15,7 +16,7 @@ from ketchd.answers import default_answer, output_problem
 from ketchd.batching import BatchController
 from ketchd.broker import Broker
 from ketchd.config import BrokerConfig
-from ketchd.registry import App, Model, Pending, Replica, ReplicaState
+from ketchd.registry import App, Batch, Model, Pending, Replica, ReplicaState
 
 F64 = proto.FLOAT64
 
@@ -89,6 +90,29 @@ def test_bad_items_fail_alone():
 
 
 # ---------------------------------------------------------------- answers
+
+
+def test_admission_counts_the_work_still_in_flight(broker):
+    model = broker.models["m"]
+    replica = model.replicas[b"r1"] = _replica()
+    for size in (1, 10) * 8:  # a batch of n takes 10 + n ms, typically
+        replica.controller.observe(size, 10.0 + size, 1000.0)
+    now = time.monotonic()
+    deadline = now + 0.5  # 450 ms usable: batches of 64 (74 ms), ~0.86 queries a ms
+    idle = broker.overload.admissible(model, now, deadline, 0)
+    assert 300 < idle < 400
+    # two batches of 64 sent just now, the second to start when the first ends: all of
+    # their 128 queries are still ahead of a new one
+    for batch_id in (1, 2):
+        items = [_pending(broker, 64 * batch_id + i, [0.0, 0.0]) for i in range(64)]
+        replica.inflight[batch_id] = Batch(batch_id, replica, items, now)
+    assert ketchd.overload.in_flight(model, now) == pytest.approx(128)
+    assert idle - 129 <= broker.overload.admissible(model, now, deadline, 0) <= idle - 127
+    # 111 ms on: the first is done, the second half done
+    later = now + 0.111
+    assert ketchd.overload.in_flight(model, later) == pytest.approx(32, abs=0.5)
+    # 200 ms on: both done (by their typical latency), nothing counts
+    assert ketchd.overload.in_flight(model, now + 0.2) == 0
 
 
 def test_output_problem_and_default_answer():
