@@ -317,10 +317,12 @@ class Containers:
         """Forget a replica; re-queue (once) or answer exactly the queries it held; drop the
         answers it computed from the cache.
 
-        A query is re-queued at most once: one that was in flight on two replicas that died
-        (a "poison" input that kills its replica, say) is answered, never sent a third time,
-        and the identical queries waiting on it (single-flight) share its answer instead of
-        taking its place, so one input kills at most two replicas."""
+        A query is re-queued at most once, and is then sent alone (``Dispatcher.isolate``):
+        one that was in flight on two replicas that died (a "poison" input that kills its
+        replica, say) is answered, never sent a third time, and the identical queries
+        waiting on it (single-flight) share its answer instead of taking its place, so one
+        input kills at most two replicas, and the queries batched with it the first time are
+        served by the others."""
         b = self.broker
         if replica.state is not ReplicaState.DEAD:
             replica.move(ReplicaState.DEAD)

@@ -328,10 +328,26 @@ class Dispatcher:
             queue.push(p)
         return items
 
+    @staticmethod
+    def isolate(model: Model, items: list[Pending]) -> list[Pending]:
+        """A query back from a replica that died may be what killed it (a "poison" input):
+        it goes alone, and its replica is sent nothing more until it answers
+        (``Replica.free_credit``), so that if it kills a second replica it takes no other
+        query with it (it is then answered, never sent a third time:
+        ``Containers.replica_gone``). The first of ``items`` re-queued is sent; the others go
+        back to the queue."""
+        suspect = next(p for p in items if p.requeued)
+        for p in items:
+            if p is not suspect:
+                model.queue.push(p)
+        return [suspect]
+
     def send_batch(
         self, model: Model, replica: Replica, items: list[Pending], now: float, budget_ms: float
     ) -> None:
         b = self.broker
+        if len(items) > 1 and any(p.requeued for p in items):
+            items = self.isolate(model, items)
         batch_id = next_batch_id()
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
         shape = items[0].shape
@@ -341,7 +357,7 @@ class Dispatcher:
         )
         send(b.backend, [replica.identity, header, *[p.payload for p in items]])
         # the books after the send: the replica computes meanwhile
-        batch = Batch(batch_id, replica, items, now, budget_ms)
+        batch = Batch(batch_id, replica, items, now, budget_ms, alone=items[0].requeued)
         replica.sizes.add(len(items))
         for p in items:
             p.replica = replica

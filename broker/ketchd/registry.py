@@ -169,6 +169,7 @@ class Batch:
     items: list[Pending]
     sent: float
     budget_ms: float = math.inf  # time the batch had to its earliest deadline when sent
+    alone: bool = False  # one query back from a replica that died: its replica takes no other
 
 
 @dataclass(eq=False)
@@ -229,7 +230,10 @@ class Replica:
     def free_credit(self) -> int:
         if self.state in (ReplicaState.DRAINING, ReplicaState.DEAD, ReplicaState.CONNECTING):
             return 0
-        return max(0, self.credits - len(self.inflight))
+        inflight = self.inflight
+        if inflight and any(batch.alone for batch in inflight.values()):
+            return 0  # it computes a query that may kill it: nothing else goes down with it
+        return max(0, self.credits - len(inflight))
 
     def refresh_state(self) -> None:
         if self.state in (ReplicaState.READY, ReplicaState.BUSY):

@@ -290,6 +290,41 @@ def test_a_poison_query_kills_at_most_two_replicas(broker_process, start_model, 
         assert deaths.read_text().count("died") <= 2
 
 
+def test_the_queries_batched_with_a_poison_query_are_served(broker_process, start_model, tmp_path):
+    target = tmp_path / "poison.py"
+    target.write_text(POISON)
+    deaths = tmp_path / "deaths.log"
+    with broker_process.admin_client() as admin:
+        admin.create_app("p", input_type="float64", input_shape=[1], slo_ms=20000, default=-1.0, models=["p"])
+        model: LocalModel = start_model(
+            f"{target}:predict", "p", replicas=2, env={"KETCH_POISON_LOG": str(deaths)}
+        )
+        model.wait_ready(admin)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(broker_process.frontend)
+    try:  # one message: the poison and 15 others, batched with it
+        xs = [666.0 if i == 8 else float(i) for i in range(1, 17)]
+        sock.send_multipart(
+            [
+                proto.build_query("p", proto.FLOAT64, [1], list(range(1, 17))),
+                *[np.float64(x).tobytes() for x in xs],
+            ]
+        )
+        got: dict[int, dict] = {}
+        while len(got) < 16:
+            assert sock.poll(60_000), f"answers so far: {got}"
+            for item in proto.to_dict(sock.recv_multipart()[0])["body"]["items"]:
+                assert item["request_id"] not in got, "answered twice"
+                got[item["request_id"]] = item
+    finally:
+        sock.close()
+    assert got[8]["status"] == "DEFAULT" and "died" in got[8]["message"], got[8]
+    not_served = {rid: item["message"] for rid, item in got.items() if rid != 8 and item["status"] != "OK"}
+    assert not not_served, not_served
+    assert deaths.read_text().count("died") <= 2
+
+
 def test_the_models_and_replicas_a_backend_can_make_the_broker_hold_are_bounded(make_thread_broker):
     tb = make_thread_broker(max_models=2, max_replicas=3)
     raws = [Raw(tb.backend, replica_id=f"r{i}") for i in range(5)]

@@ -1,5 +1,5 @@
 import pytest
-from ketchd.registry import IllegalTransition, Model, Replica, ReplicaState
+from ketchd.registry import Batch, IllegalTransition, Model, Replica, ReplicaState
 
 
 def replica(**kw) -> Replica:
@@ -27,9 +27,19 @@ def test_replica_lifecycle_follows_the_transition_table():
     assert r.state is ReplicaState.CONNECTING and r.free_credit == 0
     r.move(ReplicaState.READY)
     assert r.free_credit == 2
-    r.inflight = {1: None, 2: None}
+    r.inflight = {1: Batch(1, r, [], 0.0)}
+    r.refresh_state()
+    assert r.state is ReplicaState.READY and r.free_credit == 1
+    r.inflight[2] = Batch(2, r, [], 0.0)
     r.refresh_state()
     assert r.state is ReplicaState.BUSY and r.free_credit == 0
+    # a batch of one query back from a replica that died: its replica takes nothing else
+    r.inflight = {3: Batch(3, r, [], 0.0, alone=True)}
+    r.refresh_state()
+    assert r.state is ReplicaState.BUSY and r.free_credit == 0
+    r.inflight.clear()
+    r.refresh_state()
+    assert r.state is ReplicaState.READY
     r.move(ReplicaState.DRAINING)
     with pytest.raises(IllegalTransition):
         r.move(ReplicaState.READY)
