@@ -144,10 +144,10 @@ def test_a_slow_first_batch_does_not_condemn_an_idle_replica(env):
     def cold_then_fast(xs):
         calls[0] += 1
         if calls[0] == 1:
-            time.sleep(0.4)
+            time.sleep(2.0)
         return [float(x.sum()) for x in xs]
 
-    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=200, default=-1, models=["m"])
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=1000, default=-1, models=["m"])
     serve(cold_then_fast)
     first = client.predict("a", [1.0])
     assert first.default  # the cold batch missed its SLO

@@ -259,6 +259,7 @@ def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, cli
     assert admin.stats()["models"]["m"]["mean_batch"] > 1
 
 
+@pytest.mark.dead_after_ms(1000)
 def test_a_batch_longer_than_the_dead_interval_keeps_its_replica(thread_broker, admin, client, serve):
     # the broker declares a silent replica dead after 1 s; this batch takes 2.5 s, and the
     # replica's heartbeat thread must speak for it while it computes
@@ -305,8 +306,9 @@ def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, 
         sock.close()
 
 
+@pytest.mark.dead_after_ms(3000)
 def test_late_reply_from_a_replaced_replica_is_discarded(thread_broker, admin, client):
-    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=3000, models=["m"])
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=20_000, models=["m"])
     old = RawReplica(thread_broker.backend, replica_id="same")
     old.hello()
     result = {}
@@ -316,15 +318,16 @@ def test_late_reply_from_a_replaced_replica_is_discarded(thread_broker, admin, c
     new = RawReplica(thread_broker.backend, replica_id="same")  # same replica id reconnects
     try:
         # while the old connection is live its id is not taken over: CONFLICT, try later
+        old.sock.send(proto.encode("Heartbeat", {}))  # (alive: its dead interval starts again)
         refused = new.say_hello()
         assert refused["type"] == "Error" and refused["body"]["code"] == "CONFLICT"
         assert "in use by a live connection" in refused["body"]["message"]
-        wait_for(lambda: not admin.replicas("m"), 5, "the silent replica declared dead")
+        wait_for(lambda: not admin.replicas("m"), 10, "the silent replica declared dead")
         new.hello()
         old.answer_sums(body, payloads)  # too late: the batch went back to the queue
         body2, payloads2 = new.next_batch()
         new.answer_sums(body2, payloads2)
-        t.join(5)
+        t.join(10)
         assert result["p"].output == 5.0
         wait_for(
             lambda: admin.stats()["counters"].get("late_or_unknown_replies") == 1, 5, "late reply counted"
