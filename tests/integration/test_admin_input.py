@@ -16,6 +16,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ketch.local import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,11 +47,12 @@ class RawAdmin:
 
 @pytest.fixture
 def env(make_thread_broker, replica_threads):
-    tb = make_thread_broker(heartbeat_ms=100, dead_after_ms=1000)
+    tb = make_thread_broker(heartbeat_ms=100, dead_after_ms=10_000)
     raw = RawAdmin(tb.admin)
     admin = ketch.Admin(tb.admin)
-    admin.create_app("ok", input_type="float64", input_shape=[2], slo_ms=2000, models=["m"])
+    admin.create_app("ok", input_type="float64", input_shape=[2], slo_ms=10_000, models=["m"])
     replica_threads(lambda xs: [float(np.sum(x)) for x in xs], backend=tb.backend, name="m")
+    wait_for(lambda: admin.replicas("m"), 10, "the replica of m")
     client = ketch.Client(tb.frontend)
     yield tb, raw, admin, client
     client.close()

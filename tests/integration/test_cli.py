@@ -66,7 +66,7 @@ def test_app_model_predict_and_stats(broker_process, ketch_cli, start_model):
         "--input-shape",
         "4",
         "--slo-ms",
-        "1000",
+        "10000",
         "--default",
         "-1",
     )
@@ -104,7 +104,7 @@ def test_bad_arguments_are_usage_errors(ketch_cli):
 
 
 def test_policy_feedback_and_show_from_the_shell(broker_process, ketch_cli, start_model):
-    ketch_cli("app", "create", "vote", "--input-type", "float64", "--input-shape", "1", "--slo-ms", "2000",
+    ketch_cli("app", "create", "vote", "--input-type", "float64", "--input-shape", "1", "--slo-ms", "10000",
               "--default", '"none"', "--model", "a", "--model", "b")  # fmt: skip
     out = ketch_cli("app", "set-policy", "vote", "exp4", "-o", "eta=0.5")
     assert "policy exp4 over a, b" in out
@@ -132,7 +132,8 @@ def test_policy_feedback_and_show_from_the_shell(broker_process, ketch_cli, star
 
 
 def test_bench_prints_a_table_per_level(broker_process, ketch_cli, start_model, tmp_path):
-    ketch_cli("app", "create", "sum", "--input-type", "float64", "--input-shape", "3", "--model", "total")
+    ketch_cli("app", "create", "sum", "--input-type", "float64", "--input-shape", "3", "--model", "total",
+              "--slo-ms", "10000")  # fmt: skip
     from ketch.admin import Admin
 
     with Admin(broker_process.admin) as admin:

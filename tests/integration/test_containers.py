@@ -195,13 +195,13 @@ def test_a_replicas_cached_answers_leave_with_it(env):
     liar = raw(replica_id="liar")
     assert liar.hello()["type"] == "Welcome"
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("p", client.predict("a", [4.0], timeout_ms=1500)))
+    t = threading.Thread(target=lambda: result.setdefault("p", client.predict("a", [4.0], timeout_ms=10_000)))
     t.start()
     try:
         request, payloads = liar.next_batch()
         liar.answer(request, payloads, 999.0)  # a wrong answer, cached
     finally:
-        t.join(10)
+        t.join(30)
     assert result["p"].output == 999.0
     assert tb.broker.cache.bytes_used > 0
     liar.send("Goodbye", {"reason": "done lying"})

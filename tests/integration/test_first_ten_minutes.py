@@ -124,6 +124,13 @@ class Foreground:
             t.join(5)
         return code
 
+    def finish(self, timeout_s: float = 120) -> int:
+        """Wait for the command to end by itself; its exit status, once all its output is read."""
+        code = self.proc.wait(timeout_s)
+        for t in self._readers:
+            t.join(5)
+        return code
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -430,7 +437,23 @@ def test_up_is_idempotent_and_down_stops_everything(tmp_path, linear):
     assert probe(env["KETCH_ADMIN"]) is False
 
 
-def test_set_version_waits_for_the_replica_and_models_can_be_deleted(tmp_path):
+# version 2 of m loads only once the file M2_GATE names exists: it cannot be live before the
+# test lets it, however fast the machine
+GATED_TOTAL = """import os, time
+
+_gate, _until = os.environ.get("M2_GATE"), time.monotonic() + 120
+while _gate and not os.path.exists(_gate) and time.monotonic() < _until:
+    time.sleep(0.05)
+
+
+def predict(inputs):
+    return [float(x.sum()) for x in inputs]
+"""
+
+
+def test_set_version_waits_for_the_replica_and_models_can_be_deleted(tmp_path, foreground):
+    (tmp_path / "gated.py").write_text(GATED_TOTAL)
+    gate = tmp_path / "gate"
     with LocalBroker() as broker:
         env = {
             "KETCH_ADMIN": broker.admin,
@@ -442,11 +465,26 @@ def test_set_version_waits_for_the_replica_and_models_can_be_deleted(tmp_path):
         try:
             with Admin(broker.admin) as admin:
                 one.wait_ready(admin, timeout_s=60)
-            two = LocalModel("ketch.examples.basic:total", "m", version="2", backend=broker.backend).start()
-            switched = ketch("model", "set-version", "m", "2", env=env)  # right after starting it
-            assert switched.returncode == 0, switched.stderr
-            assert "waiting for a live replica of m version 2" in switched.stderr
-            assert "active version 2" in switched.stdout
+            two = LocalModel(
+                f"{tmp_path / 'gated.py'}:predict",
+                "m",
+                version="2",
+                backend=broker.backend,
+                env={"M2_GATE": str(gate)},
+            ).start()
+            switched = foreground(["model", "set-version", "m", "2"], env, tmp_path)
+            # version 2 is not live until the gate opens: the command says it waits for it
+
+            def waiting() -> bool:
+                if any("waiting for a live replica of m version 2" in line for line in switched.err):
+                    return True
+                assert switched.proc.poll() is None, switched.text()  # it may not end before the gate
+                return False
+
+            wait_for(waiting, 60, "set-version to wait for version 2")
+            gate.touch()
+            assert switched.finish(120) == 0, switched.text()
+            assert any("active version 2" in line for line in switched.out), switched.text()
             refused = ketch("model", "delete", "m", env=env)
             assert refused.returncode == 1 and "live replica" in refused.stderr
         finally:

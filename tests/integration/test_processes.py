@@ -97,26 +97,30 @@ def test_killed_replica_mid_batch_loses_no_query(broker_process, start_model):
 
 def test_sigterm_drains_a_replica_without_losing_its_batch(broker_process, tmp_path):
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
-        admin.create_app("slow", input_type="float64", input_shape=[1], slo_ms=10000, models=["slow"])
+        # a batch takes 2 s: in flight long enough to be seen, whatever the machine's stalls; the
+        # deadline is 10x that
+        admin.create_app("slow", input_type="float64", input_shape=[1], slo_ms=20_000, models=["slow"])
         model = LocalModel(
             "ketch.examples.basic:slow",
             "slow",
             backend=broker_process.backend,
             supervised=False,
-            env={"KETCH_SLOW_MS": "700"},
+            env={"KETCH_SLOW_MS": "2000"},
             log_path=str(tmp_path / "replica.log"),
         ).start()
         try:
             model.wait_ready(admin)
             result = {}
-            t = threading.Thread(target=lambda: result.setdefault("p", client.predict("slow", [3.0])))
+            t = threading.Thread(
+                target=lambda: result.setdefault("p", client.predict("slow", [3.0], timeout_ms=20_000))
+            )
             t.start()
             wait_for(
                 lambda: any(r["inflight"] for r in admin.replicas("slow")), 10, "the batch to be in flight"
             )
             model.proc.send_signal(signal.SIGTERM)
-            assert model.proc.wait(10) == 0
-            t.join(10)
+            assert model.proc.wait(30) == 0
+            t.join(30)
             assert result["p"].output == 3.0 and not result["p"].default
             wait_for(lambda: admin.replicas("slow") == [], 5, "the replica to say goodbye")
         finally:

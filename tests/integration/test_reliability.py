@@ -14,32 +14,52 @@ import zmq
 from ketch import curve
 from ketch import protocol as proto
 from ketch.bench import closed_loop, open_loop
-from ketch.local import LocalModel, wait_for
+from ketch.local import LocalBroker, LocalModel, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_chaos_every_query_gets_exactly_one_answer(broker_process, start_model, capsys):
+@pytest.fixture
+def patient_broker(tmp_path):
+    """The conftest broker_process, but one that waits 15 s (not 1.5 s) before it calls a silent
+    replica dead: a replica process on a busy machine can stall for longer than that, and a
+    healthy replica declared dead has its batch re-queued. A killed replica is seen at once
+    anyway (its connection closes)."""
+    broker = LocalBroker(
+        state_path=str(tmp_path / "patient.db"),
+        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "15000"],
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+    broker._tmp.cleanup()
+
+
+def test_chaos_every_query_gets_exactly_one_answer(patient_broker, tmp_path, request, capsys):
     """3 replicas under load: one killed with SIGKILL mid-batch, one stopped with SIGTERM;
     the supervisor restarts both. Every query sent gets exactly one answer."""
-    with broker_process.admin_client() as admin:
+    with patient_broker.admin_client() as admin:
         admin.create_app(
             "chaos", input_type="float64", input_shape=[4], slo_ms=3000, default=-1, models=["slow"]
         )
-        model = start_model(
+        model = LocalModel(
             "ketch.examples.basic:slow",
             "slow",
+            backend=patient_broker.backend,
+            admin=patient_broker.admin,
             replicas=3,
             env={"KETCH_SLOW_MS": "30"},
             extra_args=["--max-batch", "8"],
-        )
+            log_path=str(tmp_path / "model-slow.log"),
+        ).start()
+        request.addfinalizer(model.stop)
         model.wait_ready(admin)
         rng = np.random.default_rng()
         inputs = rng.normal(size=(512, 4))
         result = {}
 
         def load() -> None:
-            result["r"] = closed_loop(broker_process.frontend, "chaos", lambda k: inputs[k % 512], 32, 8.0)
+            result["r"] = closed_loop(patient_broker.frontend, "chaos", lambda k: inputs[k % 512], 32, 8.0)
 
         t = threading.Thread(target=load)
         t.start()
@@ -219,21 +239,24 @@ def test_a_client_with_too_many_outstanding_queries_is_refused(make_thread_broke
 
 def test_drain_stops_new_work_and_loses_nothing(broker_process, start_model):
     with broker_process.admin_client() as admin, ketch.Client(broker_process.frontend) as client:
-        admin.create_app("slow", input_type="float64", input_shape=[1], slo_ms=5000, models=["slow"])
-        start_model("ketch.examples.basic:slow", "slow", replicas=2, env={"KETCH_SLOW_MS": "100"}).wait_ready(
-            admin
-        )
+        # batches of 1 s: work is in flight for seconds, long enough to be seen whatever the
+        # machine's stalls; the 20 queries take a handful of batches, well within the deadline
+        # (which the client waits for too)
+        admin.create_app("slow", input_type="float64", input_shape=[1], slo_ms=30_000, models=["slow"])
+        start_model(
+            "ketch.examples.basic:slow", "slow", replicas=2, env={"KETCH_SLOW_MS": "1000"}
+        ).wait_ready(admin)
         result = {}
         t = threading.Thread(
             target=lambda: result.setdefault(
-                "p", client.predict_many("slow", [[float(i)] for i in range(20)])
+                "p", client.predict_many("slow", [[float(i)] for i in range(20)], timeout_ms=30_000)
             )
         )
         t.start()
         wait_for(lambda: any(r["inflight"] for r in admin.replicas("slow")), 10, "work in flight")
         victim = admin.replicas("slow")[0]["replica_id"]
         assert admin.drain("slow", victim)["draining"] == [victim]
-        t.join(30)
+        t.join(60)
         assert [p.output for p in result["p"]] == [float(i) for i in range(20)]
         with pytest.raises(ketch.NotFound):
             admin.drain("slow", "no-such-replica")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture
 def env(make_thread_broker, replica_threads, tmp_path):
     state = str(tmp_path / "state.db")
-    tb = make_thread_broker(state_path=state, heartbeat_ms=100, dead_after_ms=1000)
+    tb = make_thread_broker(state_path=state, heartbeat_ms=100, dead_after_ms=10_000)
     admin = ketch.Admin(tb.admin)
     client = ketch.Client(tb.frontend)
     count = [0]
@@ -84,7 +84,7 @@ def test_ensemble_with_all_models_dead_answers_the_default_in_time(env):
 
 def test_ensemble_of_numbers_is_a_weighted_mean(env):
     _, admin, client, serve, _ = env
-    admin.create_app("mean", input_type="float64", input_shape=[1], slo_ms=500, models=["m1", "m2"])
+    admin.create_app("mean", input_type="float64", input_shape=[1], slo_ms=10_000, models=["m1", "m2"])
     admin.set_policy("mean", "ensemble")
     serve("m1", lambda xs: [float(x[0]) + 1.0 for x in xs])
     serve("m2", lambda xs: [float(x[0]) + 3.0 for x in xs])
@@ -94,7 +94,7 @@ def test_ensemble_of_numbers_is_a_weighted_mean(env):
 
 def test_exp3_feedback_moves_traffic_to_the_accurate_model(env):
     _, admin, client, serve, _ = env
-    admin.create_app("bandit", input_type="float64", input_shape=[1], slo_ms=1000, models=["good", "bad"],
+    admin.create_app("bandit", input_type="float64", input_shape=[1], slo_ms=10_000, models=["good", "bad"],
                      cache=False)  # fmt: skip
     admin.set_policy("bandit", "exp3", gamma=0.1, seed=3)
     serve("good", lambda xs: [int(x[0]) % 2 for x in xs])
@@ -112,8 +112,8 @@ def test_exp3_feedback_moves_traffic_to_the_accurate_model(env):
 
 def test_feedback_by_input_and_errors(env):
     _, admin, client, serve, _ = env
-    admin.create_app("e", input_type="float64", input_shape=[1], slo_ms=500, models=["a", "b"])
-    admin.create_app("plain", input_type="float64", input_shape=[1], slo_ms=500, models=["a"])
+    admin.create_app("e", input_type="float64", input_shape=[1], slo_ms=10_000, models=["a", "b"])
+    admin.create_app("plain", input_type="float64", input_shape=[1], slo_ms=10_000, models=["a"])
     admin.set_policy("e", "exp4")
     serve("a", labeller("yes"))
     serve("b", labeller("no"))
@@ -146,7 +146,7 @@ def test_weighted_split_holds_its_ratio_and_is_stable_per_user(env):
 
 def test_shadow_answers_from_the_primary_and_records_agreement(env):
     _, admin, client, serve, _ = env
-    admin.create_app("sh", input_type="float64", input_shape=[1], slo_ms=1000, models=["prod", "next"])
+    admin.create_app("sh", input_type="float64", input_shape=[1], slo_ms=10_000, models=["prod", "next"])
     admin.set_policy("sh", "shadow", primary="prod")
     serve("prod", labeller("p"))
     serve("next", labeller("n"))
@@ -195,7 +195,7 @@ def test_learned_state_survives_a_broker_restart(make_thread_broker, tmp_path):
 
 def test_feedback_names_only_the_clients_own_queries(env):
     tb, admin, client, serve, _ = env
-    admin.create_app("bandit", input_type="float64", input_shape=[1], slo_ms=1000, models=["a", "b"],
+    admin.create_app("bandit", input_type="float64", input_shape=[1], slo_ms=10_000, models=["a", "b"],
                      cache=False)  # fmt: skip
     admin.set_policy("bandit", "exp3", seed=1)
     serve("a", labeller("x"))

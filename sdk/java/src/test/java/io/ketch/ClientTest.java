@@ -101,14 +101,14 @@ class ClientTest {
     @Test
     void predictSendsAQueryAndReturnsThePrediction() throws Exception {
         double[] x = {random.nextGaussian(), random.nextGaussian(), 3};
-        CompletableFuture<Prediction> f = client.predictAsync("sum", Value.doubles(x), Duration.ofMillis(250));
+        CompletableFuture<Prediction> f = client.predictAsync("sum", Value.doubles(x), Duration.ofSeconds(10));
         Received q = broker.expect(MessageType.QUERY, WAIT_MS);
         Query body = q.body(Query.class);
         assertEquals("sum", body.app());
         assertEquals(DType.FLOAT64.code(), body.dtype());
         assertEquals(1, body.shapeLength());
         assertEquals(3, body.shape(0));
-        assertEquals(250_000, body.timeoutUs());
+        assertEquals(10_000_000, body.timeoutUs());
         assertEquals(1, body.requestIdsLength());
         assertArrayEquals(Value.doubles(x).toByteArray(), q.payloads().get(0));
         broker.send(q.identity(), reply(ok(body.requestIds(0), "FLOAT64")), f64(x[0] + x[1] + 3));
@@ -166,7 +166,7 @@ class ClientTest {
 
     @Test
     void aDefaultAnswerSaysSo() {
-        CompletableFuture<Prediction> f = client.predictAsync("slow", Value.string("héllo"), Duration.ofMillis(50));
+        CompletableFuture<Prediction> f = client.predictAsync("slow", Value.string("héllo"), Duration.ofSeconds(10));
         Received q = broker.expect(MessageType.QUERY, WAIT_MS);
         assertEquals(DType.STRING.code(), q.body(Query.class).dtype());
         JsonObject item = ok(ids(q)[0], "JSON");
@@ -191,7 +191,7 @@ class ClientTest {
         broker.send(late.identity(), reply(ok(ids(late)[0], "FLOAT64")), f64(1));
         assertEquals(0, client.outstanding());
         // still serving: the next query is answered
-        CompletableFuture<Prediction> f = client.predictAsync("sum", Value.scalar(2), Duration.ofMillis(2000));
+        CompletableFuture<Prediction> f = client.predictAsync("sum", Value.scalar(2), Duration.ofSeconds(10));
         Received q = broker.expect(MessageType.QUERY, WAIT_MS);
         broker.send(q.identity(), reply(ok(ids(q)[0], "FLOAT64")), f64(2));
         assertEquals(2.0, f.join().output().asDoubles()[0]);
