@@ -117,8 +117,11 @@ class BatchController:
         """(intercept ms, ms per item) of a line through the medians of the sizes seen
         (refitted every REFIT_EVERY observations); flat (as long as the only size seen)
         before there are two sizes. Robust to the odd stall (a cold start, a pause of the
-        machine) that the high quantile of ``fit`` carries for a whole window. None before
-        the first batch."""
+        machine) that the high quantile of ``fit`` carries for a whole window: within a
+        size by the median, and across sizes by a Theil-Sen fit (``_robust_line``), so that
+        a size seen once, in a stall, does not steepen the line (a least-squares fit
+        through it did, and admission then refused at light load). None before the first
+        batch."""
         if not self._samples:
             return None
         if self._observed - self._median_at[0] >= REFIT_EVERY or len(self._samples) != self._median_at[1]:
@@ -130,10 +133,9 @@ class BatchController:
             else:
                 sizes = np.array([n for n, _, _ in points], dtype=float)
                 lat = np.array([v for _, v, _ in points], dtype=float)
-                weights = np.sqrt(np.array([c for _, _, c in points], dtype=float))
-                slope, intercept = np.polyfit(sizes, lat, 1, w=weights)
-                slope = max(float(slope), 0.0)
-                intercept = max(float(intercept), float(lat.min()) - slope * float(sizes.min()))
+                counts = np.array([c for _, _, c in points], dtype=float)
+                intercept, slope = _robust_line(sizes, lat, counts)
+                intercept = max(intercept, float(lat.min()) - slope * float(sizes.min()))
                 self._median_fit = (intercept, slope)
         return self._median_fit
 
@@ -231,6 +233,24 @@ class BatchController:
     def current_size(self) -> int:
         """The size it would choose with no deadline pressing (for figures)."""
         return self.size_for(math.inf)
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cumulative = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def _robust_line(sizes: np.ndarray, latencies: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """(intercept, slope >= 0) of latency against batch size (at least two sizes): the
+    Theil-Sen line, each pair of sizes weighing the product of their batch counts: the slope
+    is the weighted median of the pairs' slopes, the intercept the weighted median of what
+    each size leaves. One size's point, however far off, moves it no more than its
+    share of the weight (a least-squares line it could tilt at will)."""
+    i, j = np.triu_indices(len(sizes), 1)
+    slopes = (latencies[j] - latencies[i]) / (sizes[j] - sizes[i])
+    slope = max(_weighted_median(slopes, counts[i] * counts[j]), 0.0)
+    return _weighted_median(latencies - slope * sizes, counts), slope
 
 
 def _quantile_of(values: deque[float], q: float) -> float:

@@ -124,6 +124,20 @@ def test_typical_latency_is_the_median_line_and_shrugs_off_stalls():
     assert ctl.predict_ms(32) > 30  # the high quantile carries the stalls
 
 
+def test_a_size_seen_once_in_a_stall_does_not_steepen_the_typical_line():
+    """A burst after a quiet spell: batches of one, then new sizes, each seen once, one of
+    them in a stall of the machine (700 ms where the model takes 5 ms whatever the size)."""
+    ctl = BatchController(BatchPolicy(mode="model", max_batch=64))
+    for _ in range(20):
+        ctl.observe(1, 5.0, 2000.0)
+    for n, ms in ((3, 5.2), (5, 700.0), (7, 5.1), (9, 4.9), (11, 5.0)):
+        ctl.observe(n, ms, 2000.0)
+    intercept, slope = ctl.typical_line()
+    assert intercept == pytest.approx(5.0, abs=0.2) and slope < 0.1
+    n, typical, _ = ctl.serving(1000.0)
+    assert n == 64 and typical < 12  # the capacity admission counts on: not the stall's
+
+
 def test_serving_says_nothing_before_two_sizes_and_a_few_batches():
     ctl = BatchController(BatchPolicy(mode="model", max_batch=64))
     assert ctl.serving(100.0) is None and ctl.typical_line() is None
