@@ -103,7 +103,9 @@ def wait_replicas(admin, n: int, model: str = "m") -> None:
 
 
 def test_answers_match_the_model_for_random_inputs(thread_broker, admin, client, serve):
-    admin.create_app("a", input_type="float64", input_shape=[8], slo_ms=2000, models=["m"])
+    # (an SLO of 10 s: a burst of 500 on a machine loaded enough to stall the replica threads
+    # for seconds is still answered, not refused or late)
+    admin.create_app("a", input_type="float64", input_shape=[8], slo_ms=10_000, models=["m"])
     serve(sums, replica_id="r1")
     serve(sums, replica_id="r2")
     wait_replicas(admin, 2)
@@ -249,7 +251,7 @@ def test_batches_form_under_load_and_respect_max_batch(thread_broker, admin, cli
         time.sleep(0.005)
         return sums(xs)
 
-    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=5000, models=["m"])
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=10_000, models=["m"])
     admin.configure_model("m", max_batch=16)
     serve(slow_sums, credits=1)
     wait_replicas(admin, 1)
