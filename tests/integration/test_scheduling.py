@@ -281,8 +281,11 @@ def test_what_cannot_finish_in_time_is_refused_at_once_and_the_rest_served(env):
 
 def test_a_burst_after_a_quiet_spell_is_not_refused_for_batches_not_made_yet(env):
     _, admin, client, serve, _ = env
-    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=2000, models=["m"], cache=False)
-    serve(sleeper(0.005), "r")  # 5 ms a batch, whatever its size
+    # 5 ms a batch, whatever its size: 2,000 queries take ~0.2 s in batches of 64. An SLO of
+    # 10 s, which a machine stalled for seconds still meets; at the rate of the quiet spell's
+    # batches of one (5 ms each) the burst would still not fit (0.9 x 10 s / 5 ms = 1,800)
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=10_000, models=["m"], cache=False)
+    serve(sleeper(0.005), "r")
     for i in range(20):  # quiet: batches of one
         client.predict("a", [float(i)])
     preds = client.predict_many("a", [[float(i)] for i in range(2000)], window=2000)
