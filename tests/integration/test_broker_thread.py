@@ -282,7 +282,9 @@ def test_a_batch_longer_than_the_dead_interval_keeps_its_replica(thread_broker, 
 
 
 def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, serve):
-    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=8000, models=["m"])
+    # (an SLO of 30 s: the dead replica's queries wait for another to start, which a loaded
+    # machine can make take seconds)
+    admin.create_app("a", input_type="float64", input_shape=[1], slo_ms=30_000, models=["m"])
     raw = RawReplica(thread_broker.backend, credits=1)
     raw.hello()
     wait_replicas(admin, 1)
@@ -296,12 +298,12 @@ def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, 
                 *(np.float64(v).tobytes() for v in (1.0, 2.0, 3.0)),
             ]
         )
-        raw.next_batch()  # it takes the work ... and dies silently
+        raw.next_batch(30_000)  # it takes the work ... and dies silently
         raw.close()
         serve(sums, replica_id="healthy")
         answers = {}
         while len(answers) < 3:
-            for item in proto.to_dict(recv(sock, 8000)[0])["body"]["items"]:
+            for item in proto.to_dict(recv(sock, 30_000)[0])["body"]["items"]:
                 assert item["request_id"] not in answers, "answered twice"
                 answers[item["request_id"]] = item
         assert all(a["status"] == "OK" for a in answers.values())
