@@ -306,7 +306,7 @@ def test_dead_replica_work_is_requeued_on_another(thread_broker, admin, client, 
             for item in proto.to_dict(recv(sock, 30_000)[0])["body"]["items"]:
                 assert item["request_id"] not in answers, "answered twice"
                 answers[item["request_id"]] = item
-        assert all(a["status"] == "OK" for a in answers.values())
+        assert all(a["status"] == "OK" for a in answers.values()), answers
     finally:
         sock.close()
 
