@@ -27,7 +27,7 @@ import ketch
 import numpy as np
 import pytest
 from ketch import protocol as proto
-from ketch.local import LocalBroker, wait_for
+from ketch.local import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -151,21 +151,6 @@ def thread_broker(make_thread_broker):
     dead: a Java or R process just started on a busy machine can stall for longer than a
     second, and what this module tests is serving across languages, not failure detection."""
     return make_thread_broker(heartbeat_ms=200, dead_after_ms=15_000)
-
-
-@pytest.fixture
-def broker_process(tmp_path):
-    """The conftest broker process, waiting 15 s (not 1.5 s) before it calls a silent replica
-    dead, for the same reason: a stalled JVM or R process must leave by its Goodbye, not be
-    declared dead with its batch re-queued."""
-    broker = LocalBroker(
-        state_path=str(tmp_path / "state.db"),
-        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "15000"],
-    )
-    broker.start()
-    yield broker
-    broker.stop()
-    broker._tmp.cleanup()
 
 
 @pytest.fixture
@@ -503,6 +488,9 @@ def _left(broker_log: str, replica_id: str) -> list[dict]:
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sdk", ["java", "r"])
+# a stalled JVM or R process must leave by its Goodbye, not be declared dead with its batch
+# re-queued: 15 s of silence before that, not 1.5 s
+@pytest.mark.dead_after_ms(15_000)
 def test_stopping_a_replica_under_load_hands_nothing_back(sdk, broker_process, replica_threads, tmp_path):
     """SIGTERM (Java; R through sigterm_to_sigint.sh) or SIGINT (R) while batches flow: the
     replica answers every batch the broker sent it, then says Goodbye; the broker re-queues

@@ -19,34 +19,21 @@ from ketch.local import LocalBroker, LocalModel, wait_for
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture
-def patient_broker(tmp_path):
-    """The conftest broker_process, but one that waits 15 s (not 1.5 s) before it calls a silent
-    replica dead: a replica process on a busy machine can stall for longer than that, and a
-    healthy replica declared dead has its batch re-queued. A killed replica is seen at once
-    anyway (its connection closes)."""
-    broker = LocalBroker(
-        state_path=str(tmp_path / "patient.db"),
-        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "15000"],
-    )
-    broker.start()
-    yield broker
-    broker.stop()
-    broker._tmp.cleanup()
-
-
-def test_chaos_every_query_gets_exactly_one_answer(patient_broker, tmp_path, request, capsys):
+# a replica process on a busy machine can stall past 1.5 s, and a healthy replica declared
+# dead has its batch re-queued; a killed one is seen at once anyway (its connection closes)
+@pytest.mark.dead_after_ms(15_000)
+def test_chaos_every_query_gets_exactly_one_answer(broker_process, tmp_path, request, capsys):
     """3 replicas under load: one killed with SIGKILL mid-batch, one stopped with SIGTERM;
     the supervisor restarts both. Every query sent gets exactly one answer."""
-    with patient_broker.admin_client() as admin:
+    with broker_process.admin_client() as admin:
         admin.create_app(
             "chaos", input_type="float64", input_shape=[4], slo_ms=3000, default=-1, models=["slow"]
         )
         model = LocalModel(
             "ketch.examples.basic:slow",
             "slow",
-            backend=patient_broker.backend,
-            admin=patient_broker.admin,
+            backend=broker_process.backend,
+            admin=broker_process.admin,
             replicas=3,
             env={"KETCH_SLOW_MS": "30"},
             extra_args=["--max-batch", "8"],
@@ -59,7 +46,7 @@ def test_chaos_every_query_gets_exactly_one_answer(patient_broker, tmp_path, req
         result = {}
 
         def load() -> None:
-            result["r"] = closed_loop(patient_broker.frontend, "chaos", lambda k: inputs[k % 512], 32, 8.0)
+            result["r"] = closed_loop(broker_process.frontend, "chaos", lambda k: inputs[k % 512], 32, 8.0)
 
         t = threading.Thread(target=load)
         t.start()
@@ -119,7 +106,6 @@ def test_broker_killed_and_restarted_under_load(broker_process, start_model):
 
 
 def test_flood_gets_overloaded_with_bounded_memory(tmp_path, capsys):
-    from ketch.local import LocalBroker
 
     broker = LocalBroker(
         state_path=str(tmp_path / "s.db"),
