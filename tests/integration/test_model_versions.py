@@ -57,7 +57,7 @@ def stack(tmp_path_factory):
         v2.wait_ready(admin, 90)
         v7.wait_ready(admin, 90)
         assert admin.show_model("total")["active_version"] == "1"
-        with LocalGateway(broker.frontend, broker.admin) as gw:
+        with LocalGateway(broker.frontend, broker.admin, extra_args=["--model-control"]) as gw:
             yield broker, admin, gw
     finally:
         for model in models:
@@ -247,3 +247,18 @@ def test_repository_load_and_unload_with_tritonclient(stack, kserve, http, clien
         client.predict("sum", X, version="2", timeout_ms=300)  # it exists, but none serves it
     r = http.post("/v2/repository/models/sum/unload", json={"parameters": {"version": "9"}})
     assert r.status_code == 404
+
+
+def test_without_model_control_load_and_unload_are_refused(stack, client):
+    broker = stack[0]
+    with LocalGateway(broker.frontend, broker.admin) as gw:
+        kserve = triton.InferenceServerClient(url=gw.url.removeprefix("http://"))
+        try:
+            for call in (kserve.load_model, kserve.unload_model):
+                with pytest.raises(InferenceServerException) as info:
+                    call("sum")
+                assert info.value.status() == "403" and "--model-control" in info.value.message()
+            assert any(e["name"] == "sum" for e in kserve.get_model_repository_index())  # reading is allowed
+        finally:
+            kserve.close()
+    assert client.predict("sum", X).version == "1"

@@ -1217,6 +1217,12 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="uvicorn's log level.",
 )
+@click.option(
+    "--model-control",
+    is_flag=True,
+    help="Allow POST /v2/repository/models/NAME/load and /unload (unload drains replicas); "
+    "off, they are refused (403), as Triton's without explicit model control.",
+)
 @click.pass_context
 def gateway(
     ctx,
@@ -1236,6 +1242,7 @@ def gateway(
     ready_file,
     insecure,
     log_level,
+    model_control,
 ) -> None:
     """Serve HTTP (Clipper's REST API, KServe V2, /metrics) in front of a broker until Ctrl-C/SIGTERM.
 
@@ -1262,6 +1269,7 @@ def gateway(
         max_client_queries=max_client_queries,
         header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s,
+        model_control=model_control,
     )
     logs.configure()
     try:

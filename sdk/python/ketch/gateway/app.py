@@ -58,6 +58,7 @@ class GatewayConfig:
     body_timeout_s: float = protocol.BODY_TIMEOUT_S
     min_body_rate: int = protocol.MIN_BODY_RATE
     send_timeout_s: float = protocol.SEND_TIMEOUT_S
+    model_control: bool = False  # repository load/unload allowed (Triton's explicit model control)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

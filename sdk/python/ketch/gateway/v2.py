@@ -203,13 +203,23 @@ async def _repository_parameters(call: Call) -> dict:
     return parameters
 
 
+def _model_control(call: Call) -> None:
+    if not call.gw.config.model_control:  # as Triton without --model-control-mode=explicit
+        raise errors.Unauthorized(
+            "model control is off: this gateway does not load or unload models"
+            " (start it with ketch gateway --model-control)"
+        )
+
+
 async def repository_load(call: Call) -> Response:
+    _model_control(call)
     parameters = await _repository_parameters(call)
     name = call.request.path_params["name"]
     return json_response(await repository.load(call.gw.link, name, parameters))
 
 
 async def repository_unload(call: Call) -> Response:
+    _model_control(call)
     parameters = await _repository_parameters(call)
     name = call.request.path_params["name"]
     return json_response(await repository.unload(call.gw.link, name, parameters))
