@@ -53,6 +53,22 @@ class Prediction:
     request_id: int = field(default=0, repr=False)
 
 
+def _pinned(answer: Any, version: str) -> Any:
+    """``answer``, or a ProtocolError in its place when a query pinned to ``version`` was
+    answered by another (a broker older than ``Query.model_version`` skips the field)."""
+    if not version or not isinstance(answer, Prediction) or answer.default:
+        return answer
+    model, sep, plain = version.partition(":")
+    if answer.version == version or (sep and (answer.model, answer.version) == (model, plain)):
+        return answer
+    return errors.ProtocolError(
+        f"the query was pinned to version {version!r} but model {answer.model!r} version"
+        f" {answer.version!r} answered: this broker does not pin versions (it predates"
+        " Query.model_version)",
+        request_id=answer.request_id,
+    )
+
+
 def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...], Any]:
     """(wire dtype, shape, payload) for one input."""
     if dtype is not None:
@@ -378,7 +394,7 @@ class Client(_Base):
         multipart.send(self._sock, (header, payload))
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
-        answer = results[rid]
+        answer = _pinned(results[rid], version)
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -424,7 +440,7 @@ class Client(_Base):
                 if len(results) == before:
                     break
         self._collect(outstanding, time.perf_counter() + wait, results)
-        answers = [results[rid] for rid in order]
+        answers = [_pinned(results[rid], version) for rid in order]
         if not return_exceptions:
             for a in answers:
                 if isinstance(a, Exception):
@@ -618,7 +634,10 @@ class AsyncClient(_Base):
         code, shape, payload = encode_input(x, dtype)
         ids = self._register(1)
         self._post((app, code, tuple(shape), timeout_ms, priority, context, version), ids[0], payload)
-        return (await self._await(ids, timeout_ms, False))[0]
+        answer = _pinned((await self._await(ids, timeout_ms, False))[0], version)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     async def predict_many(
         self,
@@ -649,7 +668,12 @@ class AsyncClient(_Base):
                 self._sent_at.pop(rid, None)
             raise
         self._take_waiting()
-        return await self._await(all_ids, timeout_ms, return_exceptions)
+        answers = [_pinned(a, version) for a in await self._await(all_ids, timeout_ms, return_exceptions)]
+        if not return_exceptions:
+            for a in answers:
+                if isinstance(a, Exception):
+                    raise a
+        return answers
 
     async def feedback(
         self,

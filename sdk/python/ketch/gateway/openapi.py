@@ -183,36 +183,24 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
             }
         },
         "/v2/repository/models/{name}/load": {
-            "post": {
-                "summary": "Ketch starts no model processes: 200 when the app's models each have a live "
+            "post": _repository_operation(
+                "repository_model_load",
+                "Ketch starts no model processes: 200 when the app's models each have a live "
                 "replica of their active version (loaded already), else 400 saying which needs one.",
-                "operationId": "repository_model_load",
-                "parameters": [model_param],
-                "requestBody": {
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("RepositoryRequest")}},
-                },
-                "responses": {
-                    "200": _json(_ref("RepositoryLoaded"), "Loaded."),
-                    **_errors(400, 401, 403, 404, 413, 415, 503),
-                },
-            }
+                model_param,
+                _json(_ref("RepositoryLoaded"), "Loaded."),
+                (400, 401, 403, 404, 413, 415, 503),
+            )
         },
         "/v2/repository/models/{name}/unload": {
-            "post": {
-                "summary": "Drain the replicas of the app's models (or of parameters.version): they "
+            "post": _repository_operation(
+                "repository_model_unload",
+                "Drain the replicas of the app's models (or of parameters.version): they "
                 "finish what they hold and leave.",
-                "operationId": "repository_model_unload",
-                "parameters": [model_param],
-                "requestBody": {
-                    "required": False,
-                    "content": {"application/json": {"schema": _ref("RepositoryRequest")}},
-                },
-                "responses": {
-                    "200": _json(_ref("RepositoryUnloaded"), "Draining."),
-                    **_errors(400, 401, 403, 404, 409, 413, 415, 503),
-                },
-            }
+                model_param,
+                _json(_ref("RepositoryUnloaded"), "Draining."),
+                (400, 401, 403, 404, 409, 413, 415, 503),
+            )
         },
         "/metrics": {
             "get": {
@@ -255,6 +243,21 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
                 op.pop("security", None)
                 op["responses"].pop("401", None)
     return spec
+
+
+def _repository_operation(
+    operation_id: str, summary: str, name: dict[str, Any], ok: dict[str, Any], codes: tuple[int, ...]
+) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "parameters": [name],
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": _ref("RepositoryRequest")}},
+        },
+        "responses": {"200": ok, **_errors(*codes)},
+    }
 
 
 def _infer_operation(operation_id: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
