@@ -5,7 +5,8 @@ model versions as real replica processes.
 Model ``total`` has version 1 (the sum of the input; the first to connect, so active) and
 version 2 (``noop``: 0 for every input; connected, not active, as a canary is). App ``sum``
 links ``total``; app ``pair`` links ``total`` and ``spare`` (a model no replica serves);
-app ``solo`` links ``other`` (version 7), which the repository tests unload.
+app ``solo`` links ``other`` (version 7), which the repository tests unload; app ``empty``
+links none.
 """
 
 from __future__ import annotations
@@ -49,7 +50,12 @@ def stack(tmp_path_factory):
 
     admin = broker.admin_client()
     try:
-        for app, linked in (("sum", ["total"]), ("pair", ["total", "spare"]), ("solo", ["other"])):
+        for app, linked in (
+            ("sum", ["total"]),
+            ("pair", ["total", "spare"]),
+            ("solo", ["other"]),
+            ("empty", []),
+        ):
             admin.create_app(app, input_type="float64", input_shape=[-1], slo_ms=10_000, models=linked)
         start("ketch.examples.basic:total", "total", "1").wait_ready(admin, 90)  # first: active
         v2 = start("ketch.examples.basic:noop", "total", "2")
@@ -184,6 +190,8 @@ def test_v2_version_routes_answer_404_for_unknown_versions(http):
         ("GET", "/v2/models/sum/versions/9/ready"),
         ("POST", "/v2/models/sum/versions/9/infer"),
         ("GET", "/v2/models/nope/versions/1"),
+        ("GET", "/v2/models/empty/versions/1"),
+        ("GET", "/v2/models/empty/versions/1/ready"),
         ("POST", "/v2/models/nope/versions/1/infer"),
     ]:
         r = http.request(method, path, json=body if method == "POST" else None)
@@ -214,6 +222,12 @@ def test_repository_index_with_tritonclient(kserve, http):
     assert by[("pair", "total:2")]["state"] == "READY"
     assert by[("pair", "")]["state"] == "UNAVAILABLE"  # model spare: no version yet
     assert by[("solo", "7")]["state"] == "READY"
+    assert by[("empty", "")] == {
+        "name": "empty",
+        "version": "",
+        "state": "UNAVAILABLE",
+        "reason": "links no model",
+    }
     ready = http.post("/v2/repository/index", json={"ready": True}).json()
     assert ready and all(e["state"] == "READY" for e in ready)
     assert ("pair", "") not in {(e["name"], e["version"]) for e in ready}

@@ -24,15 +24,15 @@ from ketch import errors
 def split_pin(app: str, models: Sequence[str], model_version: str) -> tuple[str, str]:
     """(model, version) that ``model_version`` pins for ``app``, which links ``models``.
 
-    Raises NotFound (``MODEL:`` names a model the app does not link) or Invalid (a plain
-    version for an app of several models, or none linked)."""
+    Raises NotFound (``MODEL:`` names a model the app does not link, or it links none) or
+    Invalid (a plain version for an app of several models)."""
     name, sep, version = model_version.partition(":")
     if sep and name in models:
         return name, version
     if len(models) == 1:
         return models[0], model_version
     if not models:
-        raise errors.Invalid(f"app {app!r} links no model, so it has no version to pin")
+        raise errors.NotFound(f"app {app!r} links no model, so it has no version {model_version!r}")
     if sep:
         raise errors.NotFound(f"app {app!r} links no model {name!r} (it links {', '.join(models)})")
     raise errors.Invalid(
