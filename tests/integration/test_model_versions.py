@@ -12,6 +12,9 @@ links none.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import httpx
 import ketch
@@ -128,6 +131,16 @@ def test_async_client_pins_too(stack):
     pinned, plain, many = asyncio.run(run())
     assert (pinned.version, plain.version) == ("2", "1")
     assert [p.version for p in many] == ["2", "2"]
+
+
+def test_the_cli_pins_a_version(stack):
+    broker = stack[0]
+    argv = [sys.executable, "-m", "ketch.cli", "--frontend", broker.frontend, "--admin", broker.admin]
+    argv += ["predict", "sum", "--input", "[1, 2]", "--version"]
+    done = subprocess.run([*argv, "2"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and json.loads(done.stdout)["version"] == "2", done.stderr
+    done = subprocess.run([*argv, "9"], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "no version '9'" in done.stderr
 
 
 def test_a_version_that_does_not_exist_is_not_found(client):

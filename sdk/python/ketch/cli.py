@@ -864,15 +864,23 @@ def _input_for(ctx: click.Context, app: str, text: str, dtype: str | None) -> tu
 @click.option("--dtype", default=None, help="Input dtype [default: the app's own, asked of the broker].")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
 @click.option("--context", default="", help="Selection key (a user id): weighted splits and bandits use it.")
+@click.option(
+    "--version",
+    "model_version",
+    default="",
+    help="Answered by this model version only, active or not (MODEL:VERSION for an app of several models).",
+)
 @click.pass_context
 @handles_errors
-def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
+def predict(ctx, app_name, input_text, dtype, timeout_ms, context, model_version) -> None:
     """Ask APP for one prediction and print it as JSON."""
     value, dtype = _input_for(ctx, app_name, input_text, dtype)
     from ketch.client import Client
 
     with Client(ctx.obj["frontend"]) as client:
-        pred = client.predict(app_name, value, timeout_ms, dtype=dtype, context=context)
+        pred = client.predict(
+            app_name, value, timeout_ms, dtype=dtype, context=context, version=model_version
+        )
     output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
     if isinstance(output, bytes):
         output = output.decode("utf-8", "backslashreplace")
