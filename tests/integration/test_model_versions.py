@@ -143,6 +143,26 @@ def test_the_cli_pins_a_version(stack):
     assert done.returncode != 0 and "no version '9'" in done.stderr
 
 
+def test_pinned_and_unpinned_queries_share_the_replicas_under_load(stack):
+    """Three queues (the model's own and the lanes of versions 1 and 2) draw on the same
+    replicas' credit at once: every query is answered, each by the version it asked for."""
+    xs = [np.array([float(i), 0.5]) for i in range(150)]  # inputs no other test sends: no cache hits
+
+    async def run():
+        async with ketch.AsyncClient(stack[0].frontend) as c:
+            return await asyncio.gather(
+                c.predict_many("sum", xs, timeout_ms=30_000),
+                c.predict_many("sum", xs, timeout_ms=30_000, version="1"),
+                c.predict_many("sum", xs, timeout_ms=30_000, version="2"),
+            )
+
+    unpinned, one, two = asyncio.run(run())
+    sums = [float(x.sum()) for x in xs]
+    assert [(p.version, p.output) for p in unpinned] == [("1", s) for s in sums]
+    assert [(p.version, p.output) for p in one] == [("1", s) for s in sums]
+    assert [(p.version, p.output) for p in two] == [("2", 0)] * len(xs)
+
+
 def test_a_version_that_does_not_exist_is_not_found(client):
     with pytest.raises(errors.NotFound, match="no version '9'"):
         client.predict("sum", X, version="9")
