@@ -17,7 +17,6 @@ import httpx
 import pytest
 import requests
 from ketch.clipper_compat import KetchContainerManager
-from ketch.gateway.auth import load_admin_tokens, load_tokens
 from ketch.gateway.local import LocalGateway
 from ketch.local import wait_for
 
@@ -176,14 +175,3 @@ def test_malformed_management_requests_are_4xx_with_the_reason(gateway, path, bo
         r = http.post(path, json=body, headers={"authorization": f"Bearer {ADMIN_TOKEN}"})
     assert 400 <= r.status_code < 500 and needle in r.json()["error"], r.text
     assert "gateway_bug" not in gateway.log_text()
-
-
-def test_token_files_name_admin_tokens(tmp_path):
-    path = tmp_path / "tokens"
-    path.write_text("# comment\nplain\nadmin boss\n\n")
-    assert load_tokens(str(path), env="", admin_env="") == ["plain", "boss"]
-    assert load_admin_tokens(str(path), admin_env="root") == ["boss", "root"]
-    assert load_tokens(None, env="a,b", admin_env="root") == ["a", "b", "root"]
-    path.write_text("two words\n")
-    with pytest.raises(ValueError, match="admin <token>"):
-        load_tokens(str(path), env="", admin_env="")
