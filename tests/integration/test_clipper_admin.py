@@ -109,6 +109,14 @@ def test_clipper_admin_registers_an_app_and_links_a_model_a_ketch_replica_serves
     with pytest.raises(ClipperException, match="already links"):
         conn.link_model_to_app("sums", "total")
 
+    admin_url = f"http://{conn.cm.get_admin_addr()}/admin"
+    r = requests.post(f"{admin_url}/get_state", json={"app_name": "sums", "uid": 0}, timeout=10)
+    assert r.status_code == 200 and r.json()["policy"] == "single", r.text
+    body = {"model_name": "total", "model_version": "1"}
+    r = requests.post(f"{admin_url}/delete_versioned_model", json=body, timeout=10)
+    assert r.status_code == 409 and "active version" in r.json()["error"], r.text
+    assert conn.get_num_replicas("total") == 1  # refused: nothing was drained
+
     conn.unlink_model_from_app("sums", "total")
     assert conn.get_linked_models("sums") == []
     conn.unregister_application("sums")
