@@ -123,6 +123,24 @@ def test_clipper_admin_registers_an_app_and_links_a_model_a_ketch_replica_serves
     assert conn.get_all_apps() == []
 
 
+def test_the_token_can_stay_out_of_the_address_and_the_logs(gateway, tmp_path, monkeypatch, caplog):
+    """clipper_admin logs its query address; with ``token_in_address=False`` requests takes
+    the token from a netrc file instead."""
+    host = gateway.url.removeprefix("http://").split(":")[0]
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {host} login admin password {ADMIN_TOKEN}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    cm = KetchContainerManager(gateway.url, admin_token=ADMIN_TOKEN, token_in_address=False)
+    assert ADMIN_TOKEN not in cm.get_admin_addr() + cm.get_query_addr()
+    with caplog.at_level("DEBUG"):
+        conn = ClipperConnection(cm)
+        conn.connect()
+        conn.register_application("quiet", "strings", "none", 100_000)
+        assert conn.get_all_apps() == ["quiet"]
+    assert "Successfully connected" in caplog.text and ADMIN_TOKEN not in caplog.text
+
+
 def test_the_default_output_is_answered_as_clipper_answers_it(gateway):
     """Clipper keeps ``default_output`` as text and answers it as JSON when it parses."""
     conn = connect(gateway)

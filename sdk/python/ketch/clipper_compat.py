@@ -15,6 +15,9 @@ routes (``/admin/...``, admin tokens only). So a Clipper user's admin code runs 
 
 The token travels in the addresses (``admin:<token>@host:port``): ``requests``, which
 clipper_admin uses, sends it as HTTP Basic, which the gateway takes as a bearer token.
+clipper_admin logs the query address at ``connect()`` (INFO), token and all; to keep the
+token out of logs, pass ``token_in_address=False`` and give ``requests`` the token in a
+netrc file instead (``~/.netrc`` or ``$NETRC``: ``machine HOST login admin password TOKEN``).
 
 What this manager cannot do is what Ketch does not do: start, scale or stop containers
 (``start_clipper``, ``deploy_model``, ``set_num_replicas``, ``stop_*``). Those raise
@@ -44,7 +47,12 @@ class KetchContainerManager:
     cluster_name = "ketch"
 
     def __init__(
-        self, url: str = "http://127.0.0.1:8080", *, admin_token: str | None = None, timeout_s: float = 10
+        self,
+        url: str = "http://127.0.0.1:8080",
+        *,
+        admin_token: str | None = None,
+        token_in_address: bool = True,
+        timeout_s: float = 10,
     ) -> None:
         parsed = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parsed.scheme != "http" or not parsed.hostname or parsed.path not in ("", "/"):
@@ -52,6 +60,7 @@ class KetchContainerManager:
             raise ValueError(f"url {url!r}: give the gateway as http://host:port")
         self.netloc = parsed.netloc
         self.admin_token = admin_token
+        self.token_in_address = token_in_address
         self.timeout_s = timeout_s
         self.cluster_identifier = f"ketch@{self.netloc}"
         self.logger = None
@@ -59,7 +68,7 @@ class KetchContainerManager:
     # ------------------------------------------------------------ where Clipper's frontends are
 
     def _addr(self) -> str:
-        if not self.admin_token:
+        if not self.admin_token or not self.token_in_address:
             return self.netloc
         return f"admin:{urllib.parse.quote(self.admin_token, safe='')}@{self.netloc}"
 
