@@ -182,7 +182,8 @@ def _broker_start_command() -> click.Command:
         "--http-token-file",
         type=click.Path(exists=True, dir_okay=False),
         default=None,
-        help="Bearer tokens for the gateway, one a line (also $KETCH_GATEWAY_TOKENS).",
+        help="Bearer tokens for the gateway, one a line; 'admin TOKEN' for /admin/ (also "
+        "$KETCH_GATEWAY_TOKENS, $KETCH_GATEWAY_ADMIN_TOKENS).",
     )
     def start(
         http_listen: str, no_http: bool, http_workers: int, http_token_file: str | None, **kw: Any
@@ -1158,7 +1159,9 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="Bearer tokens, one a line; every route but health then needs one (also $KETCH_GATEWAY_TOKENS).",
+    help="Bearer tokens, one a line; every route but health then needs one; a line 'admin TOKEN' "
+    "is an admin token, the only kind /admin/ takes "
+    "(also $KETCH_GATEWAY_TOKENS, $KETCH_GATEWAY_ADMIN_TOKENS).",
 )
 @click.option(
     "--metadata-ttl",
@@ -1260,15 +1263,20 @@ def gateway(
     if not _gateway_installed():
         _fail("the HTTP gateway needs the http extra: pip install 'ketch[http]'", 2)
     from ketch.gateway import GatewayConfig, serve
-    from ketch.gateway.auth import load_tokens
+    from ketch.gateway.auth import load_admin_tokens, load_tokens
 
-    tokens = load_tokens(token_file)
+    try:
+        tokens = load_tokens(token_file)
+        admin_tokens = load_admin_tokens(token_file)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     if not tokens and not insecure:
         _check_http_exposure(host, "--listen")
     config = GatewayConfig(
         frontend=frontend or ctx.obj["frontend"],
         admin=admin_address or ctx.obj["admin"],
         tokens=tokens,
+        admin_tokens=admin_tokens,
         metadata_ttl_s=metadata_ttl,
         max_body_bytes=max_body_mb * 1024 * 1024,
         max_json_bytes=min(max_json_mb, max_body_mb) * 1024 * 1024,

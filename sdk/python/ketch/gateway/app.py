@@ -27,7 +27,7 @@ from starlette.routing import Route
 from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
-from ketch.gateway import clipper, limits, page, protocol, v2
+from ketch.gateway import clipper, limits, management, page, protocol, v2
 from ketch.gateway.auth import BearerAuth, bearer_token
 from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -43,6 +43,7 @@ class GatewayConfig:
     frontend: str = DEFAULT_FRONTEND
     admin: str = DEFAULT_ADMIN
     tokens: list[str] = field(default_factory=list)
+    admin_tokens: list[str] = field(default_factory=list)  # may use /admin/ (auth.py)
     metadata_ttl_s: float = 1.0  # app metadata and readiness are cached this long
     admin_timeout_ms: float = 1000
     # what one client may cost a worker (limits.py and protocol.py; docs/reliability.md)
@@ -84,7 +85,7 @@ class Gateway:
         self.body_budget = limits.BodyBudget(config.body_budget_bytes)
         self.inflight = 0
         self.shares = limits.ClientShares(config.max_client_requests, config.max_client_queries)
-        self.spec = build_spec(auth=bool(config.tokens))
+        self.spec = build_spec(auth=bool(config.tokens or config.admin_tokens))
         self.log = structlog.get_logger("ketch.gateway")
 
     @contextlib.asynccontextmanager
@@ -196,12 +197,20 @@ def create_app(config: GatewayConfig | None = None) -> Any:
         Route("/metrics", e("metrics", gw.metrics_route), methods=["GET"]),
         Route("/openapi.json", e("openapi", gw.openapi_route), methods=["GET"]),
         *page.routes(gw),  # GET /: the status page (ketch/gateway/page.py)
+        # Clipper's management API, admin tokens only (ketch/gateway/management.py)
+        Route("/admin/ping", e("clipper_admin", management.ping), methods=["GET"]),
+        *(
+            Route(f"/admin/{op}", e("clipper_admin", handler), methods=["POST"])
+            for op, handler in management.ROUTES.items()
+        ),
         Route("/{app}/predict", e("predict", clipper.predict), methods=["POST"]),
         Route("/{app}/update", e("update", clipper.update), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_exception})
     app.state.gateway = gw
-    return BearerAuth(app, config.tokens) if config.tokens else app
+    if config.tokens or config.admin_tokens:
+        return BearerAuth(app, config.tokens, config.admin_tokens)
+    return app
 
 
 def app_from_env() -> Any:

@@ -50,6 +50,7 @@ class AppInfo:
     slo_ms: float
     has_default: bool
     models: tuple[str, ...]
+    policy: str = "single"  # how the app uses its models (app.set_policy)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> AppInfo:
@@ -60,6 +61,7 @@ class AppInfo:
             slo_ms=float(doc.get("slo_ms") or 0),
             has_default=bool(doc.get("has_default")),
             models=tuple(doc.get("models") or ()),
+            policy=str(doc.get("policy") or "single"),
         )
 
 

@@ -79,7 +79,8 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
                 "responses": {
                     "200": _json(
                         {"oneOf": [_ref("ClipperPrediction"), _ref("ClipperBatch")]},
-                        "The prediction (or the app's default, marked so).",
+                        "The prediction (or the app's default, marked so); a batch of one input "
+                        "is answered as one input, as Clipper does.",
                     ),
                     **_errors(*_QUERY_ERRORS),
                 },
@@ -98,9 +99,14 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
                     "200": _json(
                         {
                             "type": "object",
-                            "properties": {"app": {"type": "string"}, "accepted": {"type": "boolean"}},
+                            "properties": {
+                                "app": {"type": "string"},
+                                "accepted": {"type": "boolean"},
+                                "learned": {"type": "boolean"},
+                                "reason": {"type": "string"},
+                            },
                         },
-                        "The app took the feedback.",
+                        "The app took the feedback (``learned``: false when its policy learns nothing).",
                     ),
                     **_errors(*_QUERY_ERRORS),
                 },
