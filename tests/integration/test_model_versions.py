@@ -309,3 +309,22 @@ def test_without_model_control_load_and_unload_are_refused(stack, client):
         finally:
             kserve.close()
     assert client.predict("sum", X).version == "1"
+
+
+def test_with_tokens_load_and_unload_take_an_admin_token(stack, tmp_path):
+    broker = stack[0]
+    tokens = tmp_path / "tokens"
+    tokens.write_text("query-token\nadmin admin-token\n")
+    args = ["--model-control", "--token-file", str(tokens)]
+    with LocalGateway(broker.frontend, broker.admin, extra_args=args) as gw:
+        kserve = triton.InferenceServerClient(url=gw.url.removeprefix("http://"))
+        query, admin = ({"Authorization": f"Bearer {t}"} for t in ("query-token", "admin-token"))
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                kserve.load_model("sum", headers=query)
+            assert info.value.status() == "403" and "admin token" in info.value.message()
+            kserve.load_model("sum", headers=admin)  # loaded already: 200
+            assert any(e["name"] == "sum" for e in kserve.get_model_repository_index(headers=query))
+            assert kserve.is_model_ready("sum", "1", headers=query)
+        finally:
+            kserve.close()
