@@ -344,3 +344,12 @@ def test_broker_figures_become_prometheus_families():
     assert samples[("ketch_broker_events_total", (("event", "refused_overloaded"),))] == 4
     down = GatewayMetrics().render(None).decode()
     assert "ketch_broker_up 0.0" in down and "ketch_app_" not in down
+
+
+def test_what_changes_what_serves_takes_an_admin_token():
+    from ketch.gateway.auth import admin_only
+
+    for path in ("/admin/add_app", "/v2/repository/models/sum/load", "/v2/repository/models/sum/unload"):
+        assert admin_only(path), path
+    for path in ("/v2/repository/index", "/v2/models/sum/versions/1/infer", "/sum/predict", "/v2/models/x"):
+        assert not admin_only(path), path

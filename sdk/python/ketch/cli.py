@@ -865,15 +865,23 @@ def _input_for(ctx: click.Context, app: str, text: str, dtype: str | None) -> tu
 @click.option("--dtype", default=None, help="Input dtype [default: the app's own, asked of the broker].")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
 @click.option("--context", default="", help="Selection key (a user id): weighted splits and bandits use it.")
+@click.option(
+    "--version",
+    "model_version",
+    default="",
+    help="Answered by this model version only, active or not (MODEL:VERSION for an app of several models).",
+)
 @click.pass_context
 @handles_errors
-def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
+def predict(ctx, app_name, input_text, dtype, timeout_ms, context, model_version) -> None:
     """Ask APP for one prediction and print it as JSON."""
     value, dtype = _input_for(ctx, app_name, input_text, dtype)
     from ketch.client import Client
 
     with Client(ctx.obj["frontend"]) as client:
-        pred = client.predict(app_name, value, timeout_ms, dtype=dtype, context=context)
+        pred = client.predict(
+            app_name, value, timeout_ms, dtype=dtype, context=context, version=model_version
+        )
     output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
     if isinstance(output, bytes):
         output = output.decode("utf-8", "backslashreplace")
@@ -1220,6 +1228,12 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="uvicorn's log level.",
 )
+@click.option(
+    "--model-control",
+    is_flag=True,
+    help="Allow POST /v2/repository/models/NAME/load and /unload (unload drains replicas); "
+    "off, they are refused (403), as Triton's without explicit model control.",
+)
 @click.pass_context
 def gateway(
     ctx,
@@ -1239,6 +1253,7 @@ def gateway(
     ready_file,
     insecure,
     log_level,
+    model_control,
 ) -> None:
     """Serve HTTP (Clipper's REST API, KServe V2, /metrics) in front of a broker until Ctrl-C/SIGTERM.
 
@@ -1270,6 +1285,7 @@ def gateway(
         max_client_queries=max_client_queries,
         header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s,
+        model_control=model_control,
     )
     logs.configure()
     try:

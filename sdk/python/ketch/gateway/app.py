@@ -59,6 +59,7 @@ class GatewayConfig:
     body_timeout_s: float = protocol.BODY_TIMEOUT_S
     min_body_rate: int = protocol.MIN_BODY_RATE
     send_timeout_s: float = protocol.SEND_TIMEOUT_S
+    model_control: bool = False  # repository load/unload allowed (Triton's explicit model control)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -166,6 +167,20 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(err)
 
 
+def _version_and_repository_routes(e: Callable[[str, Handler], Any]) -> list[Route]:
+    """``/v2/models/{name}/versions/{version}`` and Triton's repository API (``repository.py``)."""
+    one = "/v2/models/{name}/versions/{version}"
+    repo = "/v2/repository"
+    return [
+        Route(one, e("model_metadata", v2.model_metadata), methods=["GET"]),
+        Route(one + "/ready", e("model_ready", v2.model_ready), methods=["GET"]),
+        Route(one + "/infer", e("infer", v2.infer), methods=["POST"]),
+        Route(repo + "/index", e("repository_index", v2.repository_index), methods=["POST"]),
+        Route(repo + "/models/{name}/load", e("repository_load", v2.repository_load), methods=["POST"]),
+        Route(repo + "/models/{name}/unload", e("repository_unload", v2.repository_unload), methods=["POST"]),
+    ]
+
+
 def create_app(config: GatewayConfig | None = None) -> Any:
     """The gateway as an ASGI app (wrapped in bearer auth when ``config.tokens`` is set)."""
     config = config or GatewayConfig()
@@ -178,6 +193,7 @@ def create_app(config: GatewayConfig | None = None) -> Any:
         Route("/v2/models/{name}", e("model_metadata", v2.model_metadata), methods=["GET"]),
         Route("/v2/models/{name}/ready", e("model_ready", v2.model_ready), methods=["GET"]),
         Route("/v2/models/{name}/infer", e("infer", v2.infer), methods=["POST"]),
+        *_version_and_repository_routes(e),
         Route("/metrics", e("metrics", gw.metrics_route), methods=["GET"]),
         Route("/openapi.json", e("openapi", gw.openapi_route), methods=["GET"]),
         *page.routes(gw),  # GET /: the status page (ketch/gateway/page.py)

@@ -9,7 +9,8 @@ never from the command line, where ``ps`` would show them.
 An **admin token** is a token with the admin role: a line ``admin <token>`` in the token file,
 or one of ``KETCH_GATEWAY_ADMIN_TOKENS`` (comma-separated). It is a token like any other, and
 the only one let into ``/admin/...`` (Clipper's management API, which changes apps and
-models): another valid token gets 403 there. With no token at all configured the gateway is
+models) and the repository's load and unload (which drain replicas): another valid token gets
+403 there. With no token at all configured the gateway is
 open, ``/admin/`` too, as the broker's admin socket is to its own machine.
 
 The token goes in ``Authorization: Bearer <token>``, or as the password of HTTP Basic
@@ -31,6 +32,16 @@ from ketch.gateway.values import dumps
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 ADMIN_PREFIX = "/admin/"  # Clipper's management API: admin tokens only
+REPOSITORY_CONTROL = ("/v2/repository/models/", ("/load", "/unload"))  # admin tokens only too
+
+
+def admin_only(path: str) -> bool:
+    """Whether ``path`` changes what serves (Clipper's management API, repository load and
+    unload): admin tokens only."""
+    prefix, ends = REPOSITORY_CONTROL
+    return path.startswith(ADMIN_PREFIX) or (path.startswith(prefix) and path.endswith(ends))
+
+
 TOKENS_ENV = "KETCH_GATEWAY_TOKENS"
 ADMIN_TOKENS_ENV = "KETCH_GATEWAY_ADMIN_TOKENS"
 ADMIN_ROLE = "admin"
@@ -124,7 +135,7 @@ class BearerAuth:
                 break
         token = bearer_token(header)
         if token_ok(token, self.tokens):
-            if not scope["path"].startswith(ADMIN_PREFIX) or token_ok(token, self.admin_tokens):
+            if not admin_only(scope["path"]) or token_ok(token, self.admin_tokens):
                 await self.app(scope, receive, send)
                 return
             message = (

@@ -3,6 +3,7 @@
     POST /{app}/predict  {"input": X}              -> {"query_id", "output", "default",
                                                        "default_explanation", "model", "version"}
     POST /{app}/predict  {"input_batch": [X, ...]} -> {"batch_predictions": [answer, ...]}
+                         either with "version": V  -> answered by that model version only
                          (a batch of one is answered as one input is, as Clipper does)
     POST /{app}/update   {"label": Y, "input": X}  -> {"app", "accepted": true, "learned": bool}
                          {"label": Y, "query_id": Q}
@@ -19,6 +20,11 @@ comes back as that item's answer, not wrapped in ``batch_predictions``
 (``get_batch_prediction_response_content``); feedback to an app whose policy learns nothing
 (``single``, Clipper's default policy) is acknowledged with 200, as Clipper acknowledges it,
 with ``"learned": false`` saying nothing was learned.
+
+``"version"`` pins the model version as Clipper's query frontend does: the app's model's
+version ``V``, whichever is current (400 for an app of several models, as Clipper; Ketch also
+takes ``"MODEL:VERSION"`` there, ``ketch.pins``). A version the model does not have is 404
+(Clipper answers 400).
 """
 
 from __future__ import annotations
@@ -66,17 +72,25 @@ async def predict(call: Call) -> Response:
     batch = doc.get("input_batch")
     if "input_batch" in doc and (not isinstance(batch, list) or not batch):
         raise bad_request("input_batch must be a non-empty list of inputs")
+    version = doc.get("version", "")
+    if isinstance(version, bool) or not isinstance(version, str | int):
+        raise bad_request("version must be a string (a version of the app's model)")
+    version = str(version)
 
     async def run(info: AppInfo) -> Response:
         dtype = send_dtype(info.input_type)
         if "input" in doc:
             x = clipper_input(doc["input"], info.input_type)
             call.send_queries(1)
-            pred = await call.gw.link.predict(info, x, timeout_ms=None, priority=0, dtype=dtype)
+            pred = await call.gw.link.predict(
+                info, x, timeout_ms=None, priority=0, dtype=dtype, version=version
+            )
             return json_response(answer(pred))
         xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
         call.send_queries(len(xs))
-        answers = await call.gw.link.predict_many(info, xs, timeout_ms=None, priority=0, dtype=dtype)
+        answers = await call.gw.link.predict_many(
+            info, xs, timeout_ms=None, priority=0, dtype=dtype, version=version
+        )
         if all(isinstance(a, BaseException) for a in answers):
             raise answers[0]
         if len(answers) == 1:  # Clipper answers a batch of one as one input

@@ -6,6 +6,10 @@
     GET  /v2/models/{name}           the app: input datatype and shape, versions, outputs
     GET  /v2/models/{name}/ready     200 when the app has a live replica, 503 if not, 404 unknown
     POST /v2/models/{name}/infer     one input tensor in, ``output`` and ``default`` out
+    GET  /v2/models/{name}/versions/{v}         the same, of one version: 404 for a version
+    GET  /v2/models/{name}/versions/{v}/ready   that does not exist; one that does is served
+    POST /v2/models/{name}/versions/{v}/infer   by its replicas only (``ketch.pins``,
+                                                ``repository.py``), active or not
 
 Request parameters honoured: ``timeout`` (microseconds, as Triton's; 0 is the app's SLO),
 ``priority`` (Ketch's: higher first, -128..127) and ``binary_data_output``. The tensor
@@ -21,6 +25,7 @@ from starlette.responses import Response
 
 from ketch import __version__, errors
 from ketch.client import Prediction
+from ketch.gateway import repository
 from ketch.gateway.backend import AppInfo
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, parse_json, read_body
@@ -60,17 +65,13 @@ async def ready(call: Call) -> Response:
 
 
 async def model_metadata(call: Call) -> Response:
-    info = await call.gw.link.app(call.request.path_params["name"])
+    name, version = call.request.path_params["name"], call.request.path_params.get("version")
+    if version is None:
+        info = await call.gw.link.app(name)
+    else:
+        info = (await repository.resolve(call.gw.link, name, version)).info
     call.app = info.name
-    versions = []
-    for model in info.models:
-        try:
-            doc = await call.gw.link.model(model)
-        except errors.NotFound:
-            continue
-        if doc.get("active_version"):
-            version = str(doc["active_version"])
-            versions.append(version if len(info.models) == 1 else f"{model}:{version}")
+    versions = await repository.versions(call.gw.link, info)
     seen_under, seen_type, seen_shape = call.gw.outputs_seen.get(info.name, (info, "BYTES", []))
     if seen_under != info:  # seen of an app of this name before it was changed or created again
         seen_type, seen_shape = "BYTES", []
@@ -95,8 +96,12 @@ async def model_metadata(call: Call) -> Response:
 
 
 async def model_ready(call: Call) -> Response:
-    name = call.request.path_params["name"]
-    info, reasons = await call.gw.link.app_readiness(name)
+    name, version = call.request.path_params["name"], call.request.path_params.get("version")
+    if version is None:
+        info, reasons = await call.gw.link.app_readiness(name)
+    else:
+        pin, reason = await repository.version_readiness(call.gw.link, name, version)
+        info, reasons = pin.info, [reason] if reason else []
     call.app = info.name
     if reasons:
         raise HTTPError(
@@ -112,6 +117,7 @@ async def model_ready(call: Call) -> Response:
 async def infer(call: Call) -> Response:
     body = await read_body(call)
     name = call.request.path_params["name"]
+    version = call.request.path_params.get("version", "")  # pinned: the broker checks it (404)
     info = await call.gw.link.app(name)
     call.app = info.name
     request = parse_infer_request(
@@ -134,9 +140,13 @@ async def infer(call: Call) -> Response:
         call.send_queries(len(xs))
         dtype = send_dtype(info.input_type)
         if len(xs) == 1:
-            pred = await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+            pred = await link.predict(
+                info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version
+            )
             return info, [pred]
-        answers = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+        answers = await link.predict_many(
+            info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version
+        )
         preds = []
         for p in answers:
             if isinstance(p, BaseException):
@@ -160,3 +170,56 @@ async def infer(call: Call) -> Response:
         parameters=parameters,
     )
     return Response(body, headers=headers)
+
+
+# ---------------------------------------------------------------- the model repository (Triton's)
+
+
+async def _repository_body(call: Call, keys: tuple[str, ...]) -> dict:
+    """The JSON object of a repository request (an empty body is ``{}``), with only ``keys``."""
+    body = await read_body(call)
+    doc = parse_json(call, body) if body.strip() else {}
+    if not isinstance(doc, dict):
+        raise bad_request("the body must be a JSON object")
+    unknown = sorted(set(doc) - set(keys))
+    if unknown:
+        raise bad_request(f"unknown key {unknown[0]!r} (this request takes {', '.join(keys)})")
+    return doc
+
+
+async def repository_index(call: Call) -> Response:
+    doc = await _repository_body(call, ("ready",))
+    ready = doc.get("ready", False)
+    if not isinstance(ready, bool):
+        raise bad_request("ready must be true or false")
+    return json_response(await repository.index(call.gw.link, ready=ready))
+
+
+async def _repository_parameters(call: Call) -> dict:
+    doc = await _repository_body(call, ("parameters",))
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise bad_request("parameters must be a JSON object")
+    return parameters
+
+
+def _model_control(call: Call) -> None:
+    if not call.gw.config.model_control:  # as Triton without --model-control-mode=explicit
+        raise errors.Unauthorized(
+            "model control is off: this gateway does not load or unload models"
+            " (start it with ketch gateway --model-control)"
+        )
+
+
+async def repository_load(call: Call) -> Response:
+    _model_control(call)
+    parameters = await _repository_parameters(call)
+    name = call.request.path_params["name"]
+    return json_response(await repository.load(call.gw.link, name, parameters))
+
+
+async def repository_unload(call: Call) -> Response:
+    _model_control(call)
+    parameters = await _repository_parameters(call)
+    name = call.request.path_params["name"]
+    return json_response(await repository.unload(call.gw.link, name, parameters))
