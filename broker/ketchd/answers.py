@@ -20,6 +20,7 @@ from ketch.protocol import ErrorCode, Status
 from ketch.protocol.limits import U32_MAX
 
 from ketchd.registry import App, Fanout, Pending, Replica
+from ketchd.stats import Histogram
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -38,8 +39,11 @@ class Answers:
         else:
             self.broker.ensembles.sub_answered(p, item, payload)
 
-    def finish(self, p: Pending) -> float:
-        """Mark a query answered; returns its latency in ms."""
+    def finish(self, p: Pending, duration: Histogram | None = None) -> float:
+        """Mark a query answered; returns its latency in ms. A client's own query (not one
+        model's part of an ensemble) counts to its app's figures, its end-to-end latency to
+        ``duration`` (its app's histogram of the model and version that answered), or to its
+        app's ("", "") histogram for an answer no model gave (a default, an error)."""
         b = self.broker
         key = p.cache_key
         if key is not None:
@@ -52,10 +56,13 @@ class Answers:
         if p.queued:
             b.models[p.model].queue.discard(p)
         self.release_client(p)
-        ms = (time.monotonic() - p.arrived) * 1000
+        seconds = time.monotonic() - p.arrived
+        ms = seconds * 1000
         if p.parent is None:  # a Fanout keeps the figures of its parts itself
-            p.app.answered += 1
-            p.app.latency.add(ms)
+            app = p.app
+            app.answered += 1
+            app.latency.add(ms)
+            (duration or app.durations.get("", "")).observe(seconds)
         return ms
 
     def release_client(self, p: Pending | Fanout) -> None:
@@ -97,7 +104,8 @@ class Answers:
                 self.broker.faults.internal_error("the prediction cache storing an answer", exc)
             for f in followers:
                 self.answer_output(f, replica, dtype, shape, bytes(out))
-        ms = self.finish(p)
+        own = p.parent is None  # a client's own query, not one model's part of an ensemble
+        ms = self.finish(p, p.app.durations.get(replica.model, replica.version) if own else None)
         item = proto.ReplyFields(
             p.request_id,
             Status.OK,
@@ -160,6 +168,7 @@ class Answers:
         family = (replica.model, replica.version, dtype, shape)
         plain = self.broker.replies.plain_out
         finish = self.finish
+        app, duration = None, None  # the histogram of the last query's app (a batch is mostly one app's)
         for i, (p, payload) in enumerate(zip(items, payloads, strict=True)):
             if p.done:
                 continue
@@ -172,7 +181,10 @@ class Answers:
             ):  # the way of any other answer, which says what is wrong, if anything
                 self.answer_item(p, replica, i, output, payload)
                 continue
-            latency_us = max(1, int(finish(p) * 1000))
+            if p.app is not app:
+                app = p.app
+                duration = app.durations.get(replica.model, replica.version)
+            latency_us = max(1, int(finish(p, duration) * 1000))
             if latency_us > U32_MAX:  # a uint32 field: saturates
                 latency_us = U32_MAX
             answers = plain.get((p.client, family))

@@ -294,6 +294,8 @@ class Containers:
         replica.last_reply = now
         replica.compute_ms.add(compute_ms)
         replica.rpc_ms.add(rpc_ms)
+        model.compute_times.get(replica.version).observe(compute_ms / 1000)
+        model.rpc_times.get(replica.version).observe(rpc_ms / 1000)
         replica.rpc_ewma_ms += 0.1 * (rpc_ms - replica.rpc_ewma_ms)
         replica.compute_ewma_ms += 0.1 * (compute_ms - replica.compute_ewma_ms)
         replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)

@@ -357,6 +357,7 @@ class Dispatcher:
         )
         send(b.backend, [replica.identity, header, *[p.payload for p in items]])
         # the books after the send: the replica computes meanwhile
+        model.queue_waits.get(replica.version).observe_since(now, items)
         batch = Batch(batch_id, replica, items, now, budget_ms, alone=items[0].requeued)
         replica.sizes.add(len(items))
         for p in items:
