@@ -19,7 +19,7 @@ from ketch import protocol as proto
 from ketchd.batching import BatchController, BatchPolicy
 from ketchd.policies import Policy, Selection, make_policy
 from ketchd.queue import ModelQueue
-from ketchd.stats import Histograms, LatencyWindow, SizeHistogram
+from ketchd.stats import Histogram, Histograms, LatencyWindow, SizeHistogram
 
 
 @dataclass
@@ -206,6 +206,11 @@ class Replica:
     rpc_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
     rpc_ewma_ms: float = 1.0  # smoothed RPC time, for the pipelining lead
     compute_ewma_ms: float = 0.0
+    # its model's histograms of its version: queue wait, RPC, compute (Model.queue_waits, ...;
+    # Containers sets them at its Hello), held here so that a batch finds them without a lookup
+    histograms: tuple[Histogram, Histogram, Histogram] = field(
+        default_factory=lambda: (Histogram(), Histogram(), Histogram())
+    )
 
     def busy_ms(self, now: float) -> float:
         """Predicted time before this replica can start one more batch."""

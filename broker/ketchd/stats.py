@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -100,15 +99,6 @@ class Histogram:
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # le: a bound counts itself
         self.sum += seconds
-
-    def observe_since(self, now: float, items: Iterable[Any]) -> None:
-        """One observation per item: ``now - item.arrived`` (a batch's queue waits)."""
-        counts, total = self.counts, 0.0
-        for p in items:
-            s = now - p.arrived
-            counts[bisect_left(LATENCY_BUCKETS_S, s)] += 1
-            total += s
-        self.sum += total
 
     def to_json(self) -> dict[str, Any]:
         """Counts per bucket (not cumulative; the last is +Inf) and the sum in seconds."""
