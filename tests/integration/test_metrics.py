@@ -119,6 +119,7 @@ def test_broker_serves_latency_histograms_on_its_own_port(served):
     # the same histograms through the admin socket (what the gateway renders)
     with broker.admin_client() as admin:
         stats = admin.stats()
+        assert admin.status()["endpoints"]["metrics"] == url  # where its other addresses are
     (row,) = [r for r in stats["histograms"]["query_duration"] if r["app"] == "sum"]
     assert (row["model"], row["version"]) == ("total", "3")
     assert sum(row["counts"]) == 20 and len(row["counts"]) == len(stats["histograms"]["buckets_s"]) + 1
