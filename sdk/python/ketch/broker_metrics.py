@@ -42,7 +42,10 @@ class BrokerFigures:
         self.figures = figures
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("ketch_broker_up", "1 when the broker's admin socket answered this scrape.")
+        up = GaugeMetricFamily(
+            "ketch_broker_up",
+            "1 when the broker answered this scrape (its admin socket; its loop, on its own /metrics).",
+        )
         up.add_metric([], 1.0 if self.figures else 0.0)
         yield up
         if not self.figures:
@@ -265,7 +268,8 @@ def _histograms(doc: Any) -> Iterator[Metric]:
             for bound, n in zip(bounds, counts, strict=True):
                 running += n
                 buckets.append((bound, running))
-            family.add_metric([str(row.get(label, "")) for label in labels], buckets, float(row["sum_s"]))
+            values = [str(row.get(label, "")) for label in labels]
+            family.add_metric(values, buckets, float(row.get("sum_s") or 0.0))
         yield family
 
 
