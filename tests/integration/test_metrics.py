@@ -234,6 +234,17 @@ def test_prometheus_charts_p99_by_model_from_the_histograms(served, tmp_path):
             timeout=5,
         ).json()
         assert "sum" in {row["metric"].get("app") for row in r["data"]["result"]}
+        # every panel of the shipped dashboard charts something from this broker
+        dashboard = json.loads(DASHBOARD.read_text())
+        for expr in [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]:
+            filled = expr.replace("$__rate_interval", "30s").replace("$app", ".*").replace("$model", ".*")
+
+            def answered(filled: str = filled) -> bool:
+                r = httpx.get(f"{api}/query", params={"query": filled}, timeout=5).json()
+                assert r["status"] == "success", (filled, r)
+                return bool(r["data"]["result"])
+
+            wait_for(answered, 30, f"a series for {filled}", interval_s=0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -283,3 +294,12 @@ def test_every_dashboard_expression_names_series_the_broker_exports(served, tmp_
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("value", ["7003", "localhost", "127.0.0.1:http", "127.0.0.1:70000", ":7003"])
+def test_a_metrics_address_that_is_not_host_port_is_a_usage_error(value):
+    from click.testing import CliRunner
+    from ketchd.__main__ import main
+
+    result = CliRunner().invoke(main, ["--metrics", value, "--state", ":memory:"])
+    assert result.exit_code == 2 and "--metrics" in result.output and "HOST:PORT" in result.output
