@@ -1,7 +1,8 @@
 """The broker's own ``/metrics`` (``ketchd --metrics HOST:PORT``): Prometheus text of its
 figures, with no gateway needed (a broker run ``--no-http`` is scraped here).
 
-The HTTP server (prometheus-client's, on threads of its own) never reads the broker's
+The HTTP server (the standard library's WSGI server running prometheus-client's app, on
+threads of its own) never reads the broker's
 state: at each scrape it asks the loop over an ``inproc://`` socket, and the loop answers
 with what the admin ops ``stats`` and ``status`` return, between two turns like any other
 message. ``ketch.broker_metrics.BrokerFigures`` renders them, the collector the gateway's
@@ -13,20 +14,23 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
+import threading
 from collections.abc import Iterator
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import structlog
 import zmq
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from ketchd.broker import Broker
 
 log = structlog.get_logger("ketchd")
 
 SCRAPE_TIMEOUT_S = 5.0
+POLL_S = 0.05
 _STATS = json.dumps({"op": "stats"}).encode()
 _STATUS = json.dumps({"op": "status"}).encode()
 _ids = itertools.count(1)
@@ -52,8 +56,7 @@ class MetricsEndpoint:
 
     def start(self, listen: str) -> str:
         """Bind the inproc socket and serve HTTP on ``listen``; returns the URL scraped."""
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.exposition import start_wsgi_server
+        from prometheus_client import CollectorRegistry, make_wsgi_app
 
         host, port = parse_listen(listen)
         sock: zmq.Socket[Any] = self.broker.ctx.socket(zmq.ROUTER)
@@ -62,7 +65,7 @@ class MetricsEndpoint:
         self.sock = sock
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Scrape(self.broker.ctx, self.address))
-        self.httpd, _ = start_wsgi_server(port, host, registry)
+        self.httpd = _serve(host, port, make_wsgi_app(registry))
         bound = self.httpd.server_address[1]
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{bound}/metrics"
@@ -85,6 +88,27 @@ class MetricsEndpoint:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold the broker's exit
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape on stderr
+        pass
+
+
+def _serve(host: str, port: int, app: Any) -> WSGIServer:
+    """A threaded WSGI server on a thread of its own. It checks for shutdown every
+    ``POLL_S`` (the standard library's 0.5 s would hold the broker's stop that long)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = type("Server", (_Server,), {"address_family": family})
+    httpd: WSGIServer = make_server(host, port, app, server, handler_class=_Quiet)
+    threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": POLL_S}, name="ketchd-metrics", daemon=True
+    ).start()
+    return httpd
 
 
 class _Scrape:
