@@ -98,6 +98,8 @@ class Query:
     TIMEOUT_US: Final = 4
     PRIORITY: Final = 5
     CONTEXT: Final = 6
+    TRACEPARENT: Final = 7
+    TRACESTATE: Final = 8
 
 
 class ReplyItem:
@@ -180,6 +182,8 @@ class PredictRequest:
     NDIM: Final = 4
     SHAPES: Final = 5
     BUDGETS_US: Final = 6
+    TRACEPARENTS: Final = 7
+    TRACESTATES: Final = 8
 
 
 class Output:
@@ -298,6 +302,8 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("timeout_us", "u32"),
         ("priority", "i8"),
         ("context", "str"),
+        ("traceparent", "str"),
+        ("tracestate", "str"),
     ),
     "ReplyItem": (
         ("request_id", "u64"),
@@ -350,6 +356,8 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("ndim", "u8"),
         ("shapes", "[i64]"),
         ("budgets_us", "[u32]"),
+        ("traceparents", "[str]"),
+        ("tracestates", "[str]"),
     ),
     "Output": (
         ("status", "status"),

@@ -119,8 +119,22 @@ class Query(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Query
+    def Traceparent(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # Query
+    def Tracestate(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def QueryStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(9)
 
 def Start(builder):
     QueryStart(builder)
@@ -178,6 +192,18 @@ def QueryAddContext(builder, context):
 
 def AddContext(builder, context):
     QueryAddContext(builder, context)
+
+def QueryAddTraceparent(builder, traceparent):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(traceparent), 0)
+
+def AddTraceparent(builder, traceparent):
+    QueryAddTraceparent(builder, traceparent)
+
+def QueryAddTracestate(builder, tracestate):
+    builder.PrependUOffsetTRelativeSlot(8, flatbuffers.number_types.UOffsetTFlags.py_type(tracestate), 0)
+
+def AddTracestate(builder, tracestate):
+    QueryAddTracestate(builder, tracestate)
 
 def QueryEnd(builder):
     return builder.EndObject()

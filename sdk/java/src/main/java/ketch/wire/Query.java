@@ -51,6 +51,12 @@ public final class Query extends com.google.flatbuffers.Table {
   public String context() { int o = __offset(16); return o != 0 ? __string(o + bb_pos) : null; }
   public ByteBuffer contextAsByteBuffer() { return __vector_as_bytebuffer(16, 1); }
   public ByteBuffer contextInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 16, 1); }
+  public String traceparent() { int o = __offset(18); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer traceparentAsByteBuffer() { return __vector_as_bytebuffer(18, 1); }
+  public ByteBuffer traceparentInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 18, 1); }
+  public String tracestate() { int o = __offset(20); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer tracestateAsByteBuffer() { return __vector_as_bytebuffer(20, 1); }
+  public ByteBuffer tracestateInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 20, 1); }
 
   public static int createQuery(FlatBufferBuilder builder,
       int appOffset,
@@ -59,8 +65,12 @@ public final class Query extends com.google.flatbuffers.Table {
       int requestIdsOffset,
       long timeoutUs,
       byte priority,
-      int contextOffset) {
-    builder.startTable(7);
+      int contextOffset,
+      int traceparentOffset,
+      int tracestateOffset) {
+    builder.startTable(9);
+    Query.addTracestate(builder, tracestateOffset);
+    Query.addTraceparent(builder, traceparentOffset);
     Query.addContext(builder, contextOffset);
     Query.addTimeoutUs(builder, timeoutUs);
     Query.addRequestIds(builder, requestIdsOffset);
@@ -71,7 +81,7 @@ public final class Query extends com.google.flatbuffers.Table {
     return Query.endQuery(builder);
   }
 
-  public static void startQuery(FlatBufferBuilder builder) { builder.startTable(7); }
+  public static void startQuery(FlatBufferBuilder builder) { builder.startTable(9); }
   public static void addApp(FlatBufferBuilder builder, int appOffset) { builder.addOffset(0, appOffset, 0); }
   public static void addDtype(FlatBufferBuilder builder, int dtype) { builder.addByte(1, (byte) dtype, (byte) 0); }
   public static void addShape(FlatBufferBuilder builder, int shapeOffset) { builder.addOffset(2, shapeOffset, 0); }
@@ -83,6 +93,8 @@ public final class Query extends com.google.flatbuffers.Table {
   public static void addTimeoutUs(FlatBufferBuilder builder, long timeoutUs) { builder.addInt(4, (int) timeoutUs, (int) 0L); }
   public static void addPriority(FlatBufferBuilder builder, byte priority) { builder.addByte(5, priority, 0); }
   public static void addContext(FlatBufferBuilder builder, int contextOffset) { builder.addOffset(6, contextOffset, 0); }
+  public static void addTraceparent(FlatBufferBuilder builder, int traceparentOffset) { builder.addOffset(7, traceparentOffset, 0); }
+  public static void addTracestate(FlatBufferBuilder builder, int tracestateOffset) { builder.addOffset(8, tracestateOffset, 0); }
   public static int endQuery(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;
