@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from ketch import logs
+from ketch import logs, tracing
 
 from ketchd.config import BrokerConfig, exposed
 
@@ -21,6 +21,7 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     from ketchd.broker import Broker  # here: the CLI reads this module's options without them
 
     logs.configure()
+    tracing.setup("ketchd")  # spans of traced queries when the OpenTelemetry variables say so
     broker = Broker(config)
     broker.install_signal_handlers()
 
@@ -38,6 +39,8 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
         if exc.errno != zmq.EADDRINUSE:
             raise
         raise SystemExit(address_in_use(config, str(exc))) from None
+    finally:
+        tracing.shutdown()
 
 
 def address_in_use(config: BrokerConfig, error: str) -> str:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
-from ketch import errors
+from ketch import errors, tracing
 from ketch import protocol as proto
 from ketch.protocol import ErrorCode, Status
 
@@ -58,6 +58,7 @@ class Admission:
         if len(frames) < 2:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
             return
+        trace = None
         try:  # decoding only: a bug past it is not the client's fault (Faults)
             name, body = proto.decode_current(frames[1].buffer)
             if name == "Query":
@@ -65,6 +66,7 @@ class Admission:
                 if read is None:
                     return
                 query, ids = read
+                trace = proto.read_query_trace(body)
             elif name == "Feedback":
                 feedback = proto.read_fields(name, body)
             else:
@@ -90,8 +92,11 @@ class Admission:
         if not ids:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
             return
-        self.admit(client, *query, ids, frames[2:])
-        self.queries.learn_query(body, query, len(ids))
+        if trace is not None:
+            trace = tracing.clean(*trace)  # not a valid traceparent: an untraced query
+        self.admit(client, *query, ids, frames[2:], trace)
+        if trace is None:
+            self.queries.learn_query(body, query, len(ids))
 
     def admit(
         self,
@@ -104,8 +109,10 @@ class Admission:
         context: str,
         ids: list[int],
         payloads: list[zmq.Frame],
+        trace: tuple[str, str] | None = None,
     ) -> None:
-        """Queue (or answer) the queries of one message: checks, then the app's policy."""
+        """Queue (or answer) the queries of one message: checks, then the app's policy;
+        ``trace``: the caller's W3C (traceparent, tracestate), already checked."""
         b = self.broker
         cfg = b.config
         now = time.monotonic()
@@ -177,7 +184,9 @@ class Admission:
             refuse(ErrorCode.OVERLOADED, b.limits.bytes_refusal(client, nbytes), cfg.retry_after_ms)
             return
         if not isinstance(app.policy, Single):
-            b.ensembles.fan_out(client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now)
+            b.ensembles.fan_out(
+                client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now, trace
+            )
             return
         try:
             model = b.models[app.policy.select(app.models, context).send_to[0]]
@@ -198,6 +207,8 @@ class Admission:
         for rid, payload in zip(ids, payloads, strict=True):
             p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
             p.nbytes = len(payload)
+            if trace is not None:
+                p.trace = b.traces.query(trace, app.name, model.name, rid, priority)
             if caching and flights.from_cache_or_flight(p, model, lead=take > 0):
                 continue
             if take <= 0:

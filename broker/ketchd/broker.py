@@ -64,6 +64,7 @@ from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
 from ketchd.replies import Replies
 from ketchd.sockets import Sockets
+from ketchd.traces import Traces
 
 log = structlog.get_logger("ketchd")
 
@@ -105,6 +106,7 @@ class Broker:
         self.containers = Containers(self)
         self.connections = Connections(self)
         self.admin_ops = AdminOps(self)
+        self.traces = Traces()  # spans of traced queries, when this process traces (ketch.tracing)
         self.stopping = False  # draining: no new queries; ``run`` returns once all are answered
         self._stop_reason = ""
         self._next_housekeeping = 0.0

@@ -24,7 +24,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from ketch import addresses, errors
+from ketch import addresses, errors, tracing
 from ketch import protocol as proto
 from ketch.curve import PeerKeys
 from ketch.protocol import Status, multipart
@@ -342,16 +342,21 @@ class Client(_Base):
         dtype: str | None = None,
         priority: int = 0,
         context: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Prediction:
         """Ask ``app`` for one prediction. ``timeout_ms`` overrides the app's SLO.
 
         With ``retries`` set on the client, a query that gets no answer in time (the
         broker restarted, say) is sent again, as a new query, that many times.
+        ``traceparent`` (and ``tracestate``): the caller's W3C trace context, carried to the
+        broker and the replica (docs/tracing.md); one that is not valid is not sent.
         """
         code, shape, payload = encode_input(x, dtype)
+        trace = tracing.clean(traceparent, tracestate) if traceparent else None
         for attempt in range(self.retries + 1):
             try:
-                return self._predict_once(app, code, shape, payload, timeout_ms, priority, context)
+                return self._predict_once(app, code, shape, payload, timeout_ms, priority, context, trace)
             except errors.Timeout:
                 if attempt == self.retries:
                     raise
@@ -366,11 +371,12 @@ class Client(_Base):
         timeout_ms: float | None,
         priority: int,
         context: str,
+        trace: tuple[str, str] | None = None,
     ) -> Prediction:
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context)
+        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context, trace)
         multipart.send(self._sock, (header, payload))
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
@@ -549,12 +555,12 @@ class AsyncClient(_Base):
     def _flush(self) -> None:
         self._flush_soon = None
         outbox, self._outbox = self._outbox, {}
-        for (app, code, shape, timeout_ms, priority, context), items in outbox.items():
+        for (app, code, shape, timeout_ms, priority, context, trace), items in outbox.items():
             for start in range(0, len(items), self._MAX_PER_MESSAGE):
                 part = items[start : start + self._MAX_PER_MESSAGE]
                 ids = [r for r, _ in part]
                 timeout_us = self._timeout_us(timeout_ms)
-                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context)
+                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context, trace)
                 self._send_now([header, *(p for _, p in part)])
         self._take_waiting()
 
@@ -605,11 +611,14 @@ class AsyncClient(_Base):
         dtype: str | None = None,
         priority: int = 0,
         context: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Prediction:
         self._ensure_reader()
         code, shape, payload = encode_input(x, dtype)
+        trace = tracing.clean(traceparent, tracestate) if traceparent else None
         ids = self._register(1)
-        self._post((app, code, tuple(shape), timeout_ms, priority, context), ids[0], payload)
+        self._post((app, code, tuple(shape), timeout_ms, priority, context, trace), ids[0], payload)
         return (await self._await(ids, timeout_ms, False))[0]
 
     async def predict_many(
@@ -623,15 +632,18 @@ class AsyncClient(_Base):
         return_exceptions: bool = False,
         priority: int = 0,
         context: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> list[Prediction | errors.RequestError]:
         self._ensure_reader()
+        trace = tracing.clean(traceparent, tracestate) if traceparent else None
         all_ids: list[int] = []
         try:
             for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
                 ids = self._register(len(payloads))
                 all_ids.extend(ids)
                 timeout_us = self._timeout_us(timeout_ms)
-                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context)
+                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context, trace)
                 self._send_now([header, *payloads])
         except BaseException:  # an input that does not encode: forget what was registered
             for rid in all_ids:

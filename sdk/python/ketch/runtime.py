@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 import zmq
 
-from ketch import __version__, addresses, errors
+from ketch import __version__, addresses, errors, tracing
 from ketch import protocol as proto
 from ketch._status import CONNECTING, DRAINING, READY, StatusFile
 from ketch.curve import PeerKeys
@@ -123,6 +123,7 @@ class Replica:
         self._prebuilds = proto.Prebuilds()  # reply templates of other batch sizes
         self._replies = proto.PredictReplySender(self._prebuilds, max_batch)
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
+        self._tracer = tracing.tracer("replica")  # None: no compute spans (ketch.tracing)
 
     # ------------------------------------------------------------ public
 
@@ -323,7 +324,10 @@ class Replica:
                 if not bad and not self._requests.full:
                     self._requests.learn_request(header, body, request)
                 budgets = list(request.budgets_us)
-                reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
+                if self._tracer is not None and request.traceparents:
+                    reply = self._compute_traced(request, inputs, budgets, now, bad)
+                else:
+                    reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
             self._reply(sock, reply)
             return "batch"
         if name == "Welcome":
@@ -473,6 +477,45 @@ class Replica:
             self._sock_lock.acquire()
             self._computing_since = None
             self.batches += 1
+
+    def _compute_traced(
+        self,
+        request: proto.PredictRequestView,
+        inputs: list[Any],
+        budgets: list[int],
+        received: float,
+        bad: dict[int, str],
+    ) -> list[Any]:
+        """A batch of traced items computed inside its compute span (``ketch.compute``):
+        child of the first traced item's context (the broker's batch span), linked to the
+        other traced items' (``ketch.tracing``)."""
+        t = self._tracer
+        assert t is not None
+        states = request.tracestates
+        traced = [
+            (tp, states[i] if i < len(states) else "") for i, tp in enumerate(request.traceparents) if tp
+        ]
+        links = []
+        for pair in traced[1 : tracing.MAX_LINKS + 1]:
+            sc = t.span_context(*pair)
+            if sc is not None:
+                links.append(t.Link(sc))
+        span = t.start(
+            "ketch.compute",
+            parent=t.context(*traced[0]) if traced else None,
+            links=links,
+            attributes={
+                "ketch.model": self.name,
+                "ketch.model_version": self.version,
+                "ketch.replica": self.replica_id,
+                "ketch.batch_id": request.batch_id,
+                "ketch.batch_size": len(inputs),
+            },
+        )
+        try:
+            return self._compute_unlocked(request.batch_id, inputs, budgets, received, bad)
+        finally:
+            span.end()
 
     def _compute(
         self, batch_id: int, inputs: list[Any], budgets: list[int], received: float, bad: dict[int, str]
@@ -629,7 +672,9 @@ def _send(sock: zmq.Socket, message: bytes | list[Any]) -> bool:
 
 
 def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> None:
-    """Run ``model`` as a replica until SIGTERM/SIGINT (or the broker's Shutdown)."""
+    """Run ``model`` as a replica until SIGTERM/SIGINT (or the broker's Shutdown); traced
+    when the OpenTelemetry variables say so (``ketch.tracing.setup``)."""
+    tracing.setup("ketch-replica")
     replica = Replica(model, name=name, **kw)
     # the model's objects (often a large heap) move out of the collector's sight, so a
     # full collection does not walk them while a batch waits
@@ -637,4 +682,7 @@ def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> N
     if handle_signals and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: replica.stop())
-    replica.run()
+    try:
+        replica.run()
+    finally:
+        tracing.shutdown()

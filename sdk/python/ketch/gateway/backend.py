@@ -275,10 +275,20 @@ class BrokerLink:
     # ------------------------------------------------------------ queries
 
     async def predict(
-        self, app: AppInfo, x: Any, *, timeout_ms: float | None, priority: int, dtype: str | None
+        self,
+        app: AppInfo,
+        x: Any,
+        *,
+        timeout_ms: float | None,
+        priority: int,
+        dtype: str | None,
+        trace: tuple[str, str] | None = None,
     ) -> Prediction:
+        tp, ts = trace or (None, None)
         async with self._deadline(app, timeout_ms):
-            return await self.client.predict(app.name, x, timeout_ms, dtype=dtype, priority=priority)
+            return await self.client.predict(
+                app.name, x, timeout_ms, dtype=dtype, priority=priority, traceparent=tp, tracestate=ts
+            )
 
     async def predict_many(
         self,
@@ -288,10 +298,19 @@ class BrokerLink:
         timeout_ms: float | None,
         priority: int,
         dtype: str | None,
+        trace: tuple[str, str] | None = None,
     ) -> list[Prediction | errors.RequestError]:
+        tp, ts = trace or (None, None)
         async with self._deadline(app, timeout_ms):
             return await self.client.predict_many(
-                app.name, xs, timeout_ms, dtype=dtype, priority=priority, return_exceptions=True
+                app.name,
+                xs,
+                timeout_ms,
+                dtype=dtype,
+                priority=priority,
+                return_exceptions=True,
+                traceparent=tp,
+                tracestate=ts,
             )
 
     @contextlib.asynccontextmanager

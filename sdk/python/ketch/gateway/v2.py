@@ -134,9 +134,13 @@ async def infer(call: Call) -> Response:
         call.send_queries(len(xs))
         dtype = send_dtype(info.input_type)
         if len(xs) == 1:
-            pred = await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+            pred = await link.predict(
+                info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype, trace=call.trace
+            )
             return info, [pred]
-        answers = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+        answers = await link.predict_many(
+            info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype, trace=call.trace
+        )
         preds = []
         for p in answers:
             if isinstance(p, BaseException):

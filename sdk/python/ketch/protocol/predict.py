@@ -25,6 +25,7 @@ from ketch.protocol._generated import PredictRequest as _PReq
 from ketch.protocol._raw import (
     FIELD_ERRORS,
     Buffer,
+    read_strings,
     read_table,
     read_tables,
     read_text,
@@ -67,9 +68,14 @@ def build_predict_request(
     ndim: int,
     shapes: np.ndarray[Any, Any] | Sequence[int],
     budgets_us: np.ndarray[Any, Any] | Sequence[int],
+    traceparents: Sequence[str] = (),
+    tracestates: Sequence[str] = (),
 ) -> bytes:
-    """The PredictRequest header, field for field as ``encode`` writes it."""
+    """The PredictRequest header, field for field as ``encode`` writes it; ``traceparents``
+    (and ``tracestates``), when given, one per item ("" for an untraced one)."""
     b = flatbuffers.Builder(128 + 8 * len(shapes) + 4 * len(budgets_us))
+    tp_off = _strings(b, traceparents) if traceparents else None
+    ts_off = _strings(b, tracestates) if any(tracestates) else None
     model_off = b.CreateString(model) if model else None
     ver_off = b.CreateString(model_version) if model_version else None
     shapes_off = b.CreateNumpyVector(np.asarray(shapes, dtype=_I64)) if len(shapes) else None
@@ -88,7 +94,19 @@ def build_predict_request(
     if shapes_off is not None:
         _PReq.AddShapes(b, shapes_off)
     _PReq.AddBudgetsUs(b, budgets_off)
+    if tp_off is not None:
+        _PReq.AddTraceparents(b, tp_off)
+    if ts_off is not None:
+        _PReq.AddTracestates(b, ts_off)
     return finish(b, schema.Body.PredictRequest, _PReq.End(b))
+
+
+def _strings(b: flatbuffers.Builder, values: Sequence[str]) -> int:
+    offs = [b.CreateString(v) for v in values]
+    b.StartVector(4, len(offs), 4)
+    for off in reversed(offs):
+        b.PrependUOffsetTRelative(off)
+    return int(b.EndVector())
 
 
 @lru_cache(maxsize=4096)
@@ -123,10 +141,12 @@ class RequestSender:
         family: BatchFamily,
         budgets: list[int],
         shapes: list[tuple[int, ...]] | None = None,
+        traces: tuple[list[str], list[str]] | None = None,
     ) -> bytes:
         """The header of a batch of ``len(budgets)`` items of ``family``; ``shapes``: each item's
-        shape when they differ (the family's shape is then the first item's)."""
-        if shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
+        shape when they differ (the family's shape is then the first item's); ``traces``: each
+        item's (traceparent, tracestate) lists when some are traced (a traced batch is built)."""
+        if traces is None and shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
             if family not in self._wanted:  # a call saved per batch once a family is queued
                 self.prebuilds.want(predict_template, family, _PREBUILT)
                 if len(self._wanted) < self.prebuilds.limit:
@@ -134,7 +154,10 @@ class RequestSender:
             return predict_template(*family, len(budgets)).render(batch_id, *budgets)
         model, version, dtype, shape = family
         flat = [d for s in shapes or [shape] * len(budgets) for d in s]
-        return build_predict_request(batch_id, model, version, dtype, len(shape), flat, budgets)
+        parents, states = traces or ((), ())
+        return build_predict_request(
+            batch_id, model, version, dtype, len(shape), flat, budgets, parents, states
+        )
 
 
 class PredictRequestView(NamedTuple):
@@ -145,6 +168,8 @@ class PredictRequestView(NamedTuple):
     ndim: int
     shapes: tuple[int, ...]  # ndim entries per item
     budgets_us: tuple[int, ...]
+    traceparents: tuple[str, ...] = ()  # per item ("" untraced); () when none is traced
+    tracestates: tuple[str, ...] = ()
 
 
 def read_predict_request(body: Any) -> PredictRequestView:
@@ -152,6 +177,14 @@ def read_predict_request(body: Any) -> PredictRequestView:
     buf, pos = where(body)
     try:
         f = slots(buf, pos)
+        tp_off = slot(f, _RQ.TRACEPARENTS)
+        if tp_off:
+            traces = (
+                read_strings(buf, pos, tp_off),
+                read_strings(buf, pos, slot(f, _RQ.TRACESTATES)),
+            )
+        else:
+            traces = ((), ())
         return PredictRequestView(
             read_u64(buf, pos, slot(f, _RQ.BATCH_ID)),
             read_text(buf, pos, slot(f, _RQ.MODEL)),
@@ -160,6 +193,7 @@ def read_predict_request(body: Any) -> PredictRequestView:
             read_u8(buf, pos, slot(f, _RQ.NDIM)),
             read_vector(buf, pos, slot(f, _RQ.SHAPES), "q"),
             read_vector(buf, pos, slot(f, _RQ.BUDGETS_US), "I"),
+            *traces,
         )
     except FIELD_ERRORS as exc:
         raise DecodeError(f"PredictRequest does not decode: {type(exc).__name__}") from None
@@ -176,7 +210,7 @@ class RequestReceiver(LearntTemplates[tuple[int, tuple[int, ...], int]]):
     def learn_request(self, header: bytes, body: Any, request: PredictRequestView) -> bool:
         n = len(request.budgets_us)
         shape = request.shapes[: request.ndim]
-        if self.full or not n or request.shapes != shape * n:
+        if self.full or not n or request.shapes != shape * n or request.traceparents:
             return False
         buf, pos = where(body)
         f = slots(buf, pos)

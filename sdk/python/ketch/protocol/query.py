@@ -21,6 +21,7 @@ from ketch.protocol._raw import (
     FIELD_ERRORS,
     read_i8,
     read_length,
+    read_str,
     read_text,
     read_u8,
     read_u32,
@@ -57,6 +58,8 @@ def build_query(
     timeout_us: int = 0,
     priority: int = 0,
     context: str = "",
+    traceparent: str = "",
+    tracestate: str = "",
 ) -> bytes:
     """The Query header, field for field as ``encode`` writes it (the same bytes)."""
     b = flatbuffers.Builder(96 + 8 * len(request_ids))
@@ -64,6 +67,8 @@ def build_query(
     shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64)) if len(shape) else None
     ids_off = b.CreateNumpyVector(np.asarray(request_ids, dtype=_U64))
     ctx_off = b.CreateString(context) if context else None
+    tp_off = b.CreateString(traceparent) if traceparent else None
+    ts_off = b.CreateString(tracestate) if tracestate else None
     _Q.Start(b)
     if app_off is not None:
         _Q.AddApp(b, app_off)
@@ -78,6 +83,10 @@ def build_query(
         _Q.AddPriority(b, priority)
     if ctx_off is not None:
         _Q.AddContext(b, ctx_off)
+    if tp_off is not None:
+        _Q.AddTraceparent(b, tp_off)
+    if ts_off is not None:
+        _Q.AddTracestate(b, ts_off)
     return finish(b, schema.Body.Query, _Q.End(b))
 
 
@@ -111,9 +120,13 @@ def query_header(
     timeout_us: int = 0,
     priority: int = 0,
     context: str = "",
+    trace: tuple[str, str] | None = None,
 ) -> bytes:
     """A client's Query header: rendered from its template up to MAX_ITEMS ids (when its app
-    name and context are short), else built."""
+    name and context are short), else built. A traced one (``trace``: its W3C traceparent
+    and tracestate) is always built: a trace is never a template."""
+    if trace is not None:
+        return build_query(app, dtype, shape, ids, timeout_us, priority, context, *trace)
     if len(ids) <= MAX_ITEMS and len(app) + len(context) <= TEMPLATE_TEXT and len(shape) <= MAX_RANK:
         return query_template(app, dtype, shape, timeout_us, priority, context, len(ids)).render(*ids)
     return build_query(app, dtype, shape, ids, timeout_us, priority, context)
@@ -138,6 +151,31 @@ def read_query(body: Any) -> tuple[QueryType, list[int]]:
     except FIELD_ERRORS as exc:
         raise DecodeError(f"Query does not decode: {type(exc).__name__}") from None
     return query, ids
+
+
+MAX_TRACEPARENT_BYTES = 256  # a longer traceparent is ignored, unread (ketch.tracing)
+MAX_TRACESTATE_BYTES = 512  # a longer tracestate is dropped, unread
+
+
+def _bounded_text(buf: Any, pos: int, off: int, limit: int) -> str:
+    raw = read_str(buf, pos, off)
+    return raw.decode("utf-8", "replace") if raw and len(raw) <= limit else ""
+
+
+def read_query_trace(body: Any) -> tuple[str, str] | None:
+    """A decoded Query's (traceparent, tracestate) as sent, or None when it names none or
+    one over MAX_TRACEPARENT_BYTES (a tracestate over its bound reads as ""); the caller
+    checks them (``ketch.tracing.clean``). Raises DecodeError."""
+    buf, pos = where(body)
+    try:
+        f = slots(buf, pos)
+        tp_off = slot(f, _F.TRACEPARENT)
+        traceparent = _bounded_text(buf, pos, tp_off, MAX_TRACEPARENT_BYTES) if tp_off else ""
+        if not traceparent:
+            return None
+        return traceparent, _bounded_text(buf, pos, slot(f, _F.TRACESTATE), MAX_TRACESTATE_BYTES)
+    except FIELD_ERRORS as exc:
+        raise DecodeError(f"Query does not decode: {type(exc).__name__}") from None
 
 
 def query_ids_count(body: Any) -> int:
