@@ -62,6 +62,43 @@ def test_build_query_matches_generic_encoder():
     assert fast == slow
 
 
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_traced_query_is_built_not_rendered_and_reads_back():
+    """A trace is never a template: the header is built (as the generic encoder writes it),
+    the broker reads its trace, and never learns it as a template."""
+    fields = {"app": "iris", "dtype": "FLOAT64", "shape": [4], "request_ids": [1, 2]}
+    traced = proto.query_header("iris", proto.FLOAT64, (4,), [1, 2], trace=(TP, "k=v"))
+    assert traced == proto.encode("Query", {**fields, "traceparent": TP, "tracestate": "k=v"})
+    body = proto.decode(traced)[2]
+    assert proto.read_query_trace(body) == (TP, "k=v")
+    assert (
+        proto.read_query_trace(proto.decode(proto.query_header("iris", proto.FLOAT64, (4,), [1, 2]))[2])
+        is None
+    )
+    query, ids = proto.read_query(body)
+    assert not proto.QueryReceiver().learn_query(body, query, len(ids))
+    # over the bounds: a traceparent is not read at all, a tracestate reads as none
+    huge = proto.build_query("iris", proto.FLOAT64, (4,), [1], traceparent=TP + "x" * 300, tracestate="k=v")
+    assert proto.read_query_trace(proto.decode(huge)[2]) is None
+    state = proto.build_query("iris", proto.FLOAT64, (4,), [1], traceparent=TP, tracestate="k=v," * 200)
+    assert proto.read_query_trace(proto.decode(state)[2]) == (TP, "")
+
+
+def test_a_traced_batch_is_built_reads_back_and_is_not_learnt():
+    sender = proto.RequestSender(proto.Prebuilds())
+    family = ("m", "1", proto.FLOAT64, (2,))
+    header = sender.header(7, family, [10, 20, 30], None, ([TP, "", TP], ["k=v", "", ""]))
+    body = proto.decode(header)[2]
+    view = proto.read_predict_request(body)
+    assert view.traceparents == (TP, "", TP) and view.tracestates == ("k=v", "", "")
+    assert view.budgets_us == (10, 20, 30) and view.shapes == (2, 2, 2)
+    assert not proto.RequestReceiver().learn_request(header, body, view)
+    plain = sender.header(8, family, [10, 20, 30])
+    assert proto.read_predict_request(proto.decode(plain)[2]).traceparents == ()
+
+
 def test_build_reply_decodes_to_what_was_built():
     items = [
         proto.ReplyFields(
@@ -104,6 +141,8 @@ def test_build_predict_messages_round_trip():
         "ndim": 2,
         "shapes": [2, 2, 3, 1],
         "budgets_us": [10, 20],
+        "traceparents": [],
+        "tracestates": [],
     }
     rep = proto.to_dict(
         proto.build_predict_reply(
