@@ -95,7 +95,10 @@ def burst(stack: Stack, n: int, traced: bool, start: int) -> float:
             await c.predict("sum", x)
             t0 = time.perf_counter()
             answers = await asyncio.gather(
-                *(c.predict("sum", x, traceparent=traceparent(start + i) if traced else None) for i in range(n))
+                *(
+                    c.predict("sum", x, traceparent=traceparent(start + i) if traced else None)
+                    for i in range(n)
+                )
             )
             took = time.perf_counter() - t0
             assert all(a.output == 28.0 for a in answers)

@@ -35,6 +35,8 @@ class Admission:
         # Query messages as clients render them (proto.query_template), learnt from messages
         # read the long way, with their query type
         self.queries = proto.QueryReceiver(_QUERY_TEMPLATES)
+        # and traced ones (a version-00 traceparent, no tracestate), whose matches end with it
+        self.traced_queries = proto.QueryReceiver(_QUERY_TEMPLATES)
 
     def client_error(
         self, client: bytes, code: int, message: str, request_id: int = 0, retry: int = 0
@@ -55,6 +57,13 @@ class Admission:
             ids, query = found
             self.admit(client, *query, ids, frames[2:])
             return
+        if self.traced_queries and len(frames) >= 3:
+            found = self.traced_queries.match(frames[1])
+            if found is not None:  # a traced Query as a client renders it
+                values, query = found
+                traceparent = values.pop().decode("latin-1")
+                self.admit(client, *query, values, frames[2:], tracing.clean(traceparent, ""))
+                return
         if len(frames) < 2:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
             return
@@ -97,6 +106,8 @@ class Admission:
         self.admit(client, *query, ids, frames[2:], trace)
         if trace is None:
             self.queries.learn_query(body, query, len(ids))
+        elif not trace[1]:
+            self.traced_queries.learn_query(body, query, len(ids), traced=True)
 
     def admit(
         self,

@@ -248,3 +248,26 @@ def test_nothing_traces_without_configuration(thread_broker, replica_threads) ->
     with ketch.Client(tb.frontend) as c:
         wait_for(lambda: c.predict("plain", np.ones(2)).output == 2.0, 20, "a replica to answer")
         assert c.predict("plain", np.ones(4), traceparent=TRACEPARENT).output == 4.0
+
+
+def test_traced_queries_read_from_templates_keep_their_traces(
+    exporter, thread_broker, replica_threads
+) -> None:
+    """After the first, traced queries (a version-00 traceparent, no tracestate) are read from
+    learnt templates by the broker and the replica; each still gets its own spans."""
+    tb = thread_broker
+    with ketch.Admin(tb.admin) as admin:
+        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=5000, models=["m"])
+    r = replica_threads(sums, backend=tb.backend, name="m")
+    with ketch.Client(tb.frontend) as c:
+        wait_for(lambda: c.predict("sum", np.ones(2)).output == 2.0, 20, "a replica to answer")
+        for i in range(1, 6):
+            assert c.predict("sum", np.full(3, i), traceparent=f"00-{i:032x}-{i:016x}-01").output == 3.0 * i
+    assert tb.broker.admission.traced_queries and r._traced_requests  # learnt, and used below
+    for i in range(1, 6):
+        named = _by_name(_spans(exporter, i, 3))
+        assert set(named) == {"ketch.queue", "ketch.batch", "ketch.compute"}, (i, sorted(named))
+        (queue,), (batch,), (compute,) = named["ketch.queue"], named["ketch.batch"], named["ketch.compute"]
+        assert queue.parent.span_id == i and queue.attributes["ketch.request_id"] > 0
+        assert batch.parent.span_id == queue.context.span_id
+        assert compute.parent.span_id == batch.context.span_id

@@ -40,7 +40,15 @@ from ketch.protocol._raw import (
     where,
 )
 from ketch.protocol.codec import ERROR_NAMES, MAX_ITEMS, DecodeError, build_tensor, decode, finish
-from ketch.protocol.templates import SENTINEL, LearntTemplates, Prebuilds, Template, field_at, vector_at
+from ketch.protocol.templates import (
+    SENTINEL,
+    LearntTemplates,
+    Prebuilds,
+    Template,
+    field_at,
+    strings_at,
+    vector_at,
+)
 
 _RQ = schema.PredictRequest
 _RP = schema.PredictReply
@@ -124,6 +132,51 @@ def predict_template(
     )
 
 
+TRACEPARENT_CHARS = 55  # a version-00 traceparent: the one size a traced template holds
+
+
+@lru_cache(maxsize=1024)
+def traced_predict_template(
+    model: str, model_version: str, dtype: int, shape: tuple[int, ...], n: int = 1
+) -> Template:
+    """A PredictRequest of ``n`` items of one shape, each with a version-00 traceparent and
+    no tracestate; render(batch_id, budget_us_0, ..., traceparent_0 as 55 ASCII bytes, ...)."""
+    data = build_predict_request(
+        SENTINEL,
+        model,
+        model_version,
+        dtype,
+        len(shape),
+        list(shape) * n,
+        [SENTINEL] * n,
+        ["0" * TRACEPARENT_CHARS] * n,
+    )
+    buf, pos = where(decode(data)[2])
+    first = vector_at(buf, pos, _RQ.BUDGETS_US)
+    texts = strings_at(buf, pos, _RQ.TRACEPARENTS)
+    return Template(
+        data,
+        (
+            (field_at(buf, pos, _RQ.BATCH_ID), "<Q"),
+            *((first + 4 * i, "<I") for i in range(n)),
+            *((t, f"{TRACEPARENT_CHARS}s") for t in texts),
+        ),
+    )
+
+
+def templated_traces(parents: Sequence[str], states: Sequence[str]) -> list[bytes] | None:
+    """Each item's traceparent as a traced template's slot values, or None when the batch
+    must be built (an untraced item, a traceparent of another version, a tracestate)."""
+    if any(states):
+        return None
+    out = []
+    for tp in parents:
+        if len(tp) != TRACEPARENT_CHARS or not tp.isascii():
+            return None
+        out.append(tp.encode("ascii"))
+    return out
+
+
 class RequestSender:
     """The broker's end: a batch of items of one shape (up to REQUEST_TEMPLATE_ITEMS) rendered
     from its template, the family's other sizes queued in ``prebuilds`` the first time; any
@@ -146,6 +199,10 @@ class RequestSender:
         """The header of a batch of ``len(budgets)`` items of ``family``; ``shapes``: each item's
         shape when they differ (the family's shape is then the first item's); ``traces``: each
         item's (traceparent, tracestate) lists when some are traced (a traced batch is built)."""
+        if traces is not None and shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
+            tps = templated_traces(*traces)
+            if tps is not None:  # every item traced, version 00, no tracestate
+                return traced_predict_template(*family, len(budgets)).render(batch_id, *budgets, *tps)
         if traces is None and shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
             if family not in self._wanted:  # a call saved per batch once a family is queued
                 self.prebuilds.want(predict_template, family, _PREBUILT)
@@ -207,10 +264,22 @@ class RequestReceiver(LearntTemplates[tuple[int, tuple[int, ...], int]]):
 
     __slots__ = ()
 
-    def learn_request(self, header: bytes, body: Any, request: PredictRequestView) -> bool:
+    def learn_request(
+        self, header: bytes, body: Any, request: PredictRequestView, traced: bool = False
+    ) -> bool:
+        """``traced``: a receiver of traced requests, whose every item has a version-00
+        traceparent and no tracestate; its matches end with each item's traceparent bytes.
+        A receiver of untraced requests learns none that is traced, and the reverse."""
         n = len(request.budgets_us)
         shape = request.shapes[: request.ndim]
-        if self.full or not n or request.shapes != shape * n or request.traceparents:
+        if self.full or not n or request.shapes != shape * n:
+            return False
+        if traced != bool(request.traceparents):
+            return False
+        if traced and (
+            len(request.traceparents) != n
+            or templated_traces(request.traceparents, request.tracestates) is None
+        ):
             return False
         buf, pos = where(body)
         f = slots(buf, pos)
@@ -218,7 +287,15 @@ class RequestReceiver(LearntTemplates[tuple[int, tuple[int, ...], int]]):
         if not id_off:
             return False
         first = vector_start(buf, pos, slot(f, _RQ.BUDGETS_US))
-        template = Template(header, ((pos + id_off, "<Q"), *((first + 4 * i, "<I") for i in range(n))))
+        texts = strings_at(buf, pos, _RQ.TRACEPARENTS) if traced else []
+        template = Template(
+            header,
+            (
+                (pos + id_off, "<Q"),
+                *((first + 4 * i, "<I") for i in range(n)),
+                *((t, f"{TRACEPARENT_CHARS}s") for t in texts),
+            ),
+        )
         return self.learn(header, template, (request.dtype, shape, n))
 
 

@@ -106,6 +106,30 @@ def query_template(
 
 
 TEMPLATE_TEXT = 512  # bytes of app name and context, at most, in a cached template
+TRACEPARENT_CHARS = 55  # a version-00 traceparent: the one size a traced template holds
+
+
+@lru_cache(maxsize=1024)
+def traced_query_template(
+    app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str, n: int = 1
+) -> Template:
+    """A Query of ``n`` queries with a version-00 traceparent and no tracestate;
+    render(request_id_0, ..., request_id_n-1, traceparent as 55 ASCII bytes)."""
+    data = build_query(
+        app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context, "0" * TRACEPARENT_CHARS
+    )
+    buf, pos = where(decode(data)[2])
+    first = vector_at(buf, pos, _F.REQUEST_IDS)
+    text = vector_at(buf, pos, _F.TRACEPARENT)  # a string: its bytes, past its length
+    return Template(data, (*((first + 8 * i, "<Q") for i in range(n)), (text, f"{TRACEPARENT_CHARS}s")))
+
+
+def _templated_trace(trace: tuple[str, str]) -> bytes | None:
+    """The traceparent as a traced template's slot value, or None when it needs a build."""
+    traceparent, tracestate = trace
+    if tracestate or len(traceparent) != TRACEPARENT_CHARS or not traceparent.isascii():
+        return None
+    return traceparent.encode("ascii")
 
 
 def _short(query: QueryType) -> bool:
@@ -124,9 +148,20 @@ def query_header(
 ) -> bytes:
     """A client's Query header: rendered from its template up to MAX_ITEMS ids (when its app
     name and context are short), else built. A traced one (``trace``: its W3C traceparent
-    and tracestate) is always built: a trace is never a template."""
+    and tracestate) is rendered from its traced template when the traceparent is of version
+    00 and there is no tracestate, else built."""
     if trace is not None:
-        return build_query(app, dtype, shape, ids, timeout_us, priority, context, *trace)
+        tp = _templated_trace(trace)
+        if (
+            tp is None
+            or len(ids) > MAX_ITEMS
+            or len(app) + len(context) > TEMPLATE_TEXT
+            or len(shape) > MAX_RANK
+        ):
+            return build_query(app, dtype, shape, ids, timeout_us, priority, context, *trace)
+        return traced_query_template(app, dtype, shape, timeout_us, priority, context, len(ids)).render(
+            *ids, tp
+        )
     if len(ids) <= MAX_ITEMS and len(app) + len(context) <= TEMPLATE_TEXT and len(shape) <= MAX_RANK:
         return query_template(app, dtype, shape, timeout_us, priority, context, len(ids)).render(*ids)
     return build_query(app, dtype, shape, ids, timeout_us, priority, context)
@@ -195,11 +230,13 @@ class QueryReceiver(LearntTemplates[QueryType]):
 
     __slots__ = ()
 
-    def learn_query(self, body: Any, query: QueryType, n_ids: int) -> bool:
+    def learn_query(self, body: Any, query: QueryType, n_ids: int, traced: bool = False) -> bool:
         """Keep a Query just read the long way when it is the canonical template rendered and
-        its type is short (``query_template``): what a client sends is held only in a
-        bounded number of short templates."""
+        its type is short (``query_template``, or ``traced_query_template`` for a receiver of
+        traced Queries, whose matches end with the traceparent's bytes): what a client sends
+        is held only in a bounded number of short templates."""
         if n_ids > MAX_ITEMS or self.full or not _short(query):
             return False
         buf, _ = where(body)
-        return self.learn(buf, query_template(*query, n_ids), query)
+        make = traced_query_template if traced else query_template
+        return self.learn(buf, make(*query, n_ids), query)
