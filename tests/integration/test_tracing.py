@@ -188,28 +188,37 @@ def test_a_batch_of_several_traces_links_them(exporter, traced_stack) -> None:
     async def send_all() -> list:
         async with ketch.AsyncClient(frontend) as c:
             return await asyncio.gather(
-                *(c.predict("sum", np.full(2, i), traceparent=tp) for i, tp in enumerate(parents)),
-                c.predict("sum", np.ones(2)),  # an untraced one rides along
+                # inputs not seen before: one in the cache is answered without a batch
+                *(c.predict("sum", np.full(2, 100.0 + i), traceparent=tp) for i, tp in enumerate(parents)),
+                c.predict("sum", np.full(2, 10.0)),  # an untraced one rides along (another input:
+                # an identical one would be answered with it, from the cache or its flight)
             )
 
     answers = asyncio.run(send_all())
-    assert [a.output for a in answers] == [0.0, 2.0, 4.0, 6.0, 2.0]
+    assert [a.output for a in answers] == [200.0, 202.0, 204.0, 206.0, 20.0]
     for i in range(1, 5):
         _spans(exporter, i, 1)  # each trace has at least its queue span
     wait_for(
         lambda: sum(s.name == "ketch.queue" for s in exporter.get_finished_spans()) == 4, 10, "4 queue spans"
     )
-    finished = exporter.get_finished_spans()
-    queues = {s.context.span_id: s for s in finished if s.name == "ketch.queue"}
+    queues = {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == "ketch.queue"}
+
+    def batch_spans() -> list:
+        return [s for s in exporter.get_finished_spans() if s.name == "ketch.batch"]
+
+    def covered_by(batches: list) -> list:
+        return [b.parent.span_id for b in batches] + [
+            link.context.span_id for b in batches for link in b.links
+        ]
+
+    # a batch span ends at its reply, after its queries' queue spans
+    wait_for(lambda: len(covered_by(batch_spans())) == 4, 10, "batch spans covering the 4 queries")
     assert {s.parent.trace_id for s in queues.values()} == set(range(1, 5))
-    batches = [s for s in finished if s.name == "ketch.batch"]
+    batches = batch_spans()
     # every traced query is the parent or a link of exactly one batch span
-    covered = []
+    assert sorted(covered_by(batches)) == sorted(queues)
     for b in batches:
-        covered.append(b.parent.span_id)
-        covered.extend(link.context.span_id for link in b.links)
         assert b.context.trace_id == queues[b.parent.span_id].context.trace_id
-    assert sorted(covered) == sorted(queues)
     wait_for(
         lambda: sum(s.name == "ketch.compute" for s in exporter.get_finished_spans()) == len(batches),
         10,

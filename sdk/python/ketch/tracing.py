@@ -90,28 +90,38 @@ def enabled_by_env(env: Mapping[str, str] | None = None) -> bool:
 
 class Tracer:
     """One process's tracer (a component's name on an OpenTelemetry ``TracerProvider``),
-    with the W3C propagator; made only when tracing is configured."""
+    reading and writing W3C contexts; made only when tracing is configured."""
 
     def __init__(self, provider: Any, component: str) -> None:
         from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         from ketch import __version__
 
         self._trace = trace
+        self._empty = trace.set_span_in_context(trace.INVALID_SPAN)  # a new trace
         self.tracer = provider.get_tracer(f"ketch.{component}", __version__)
-        self.propagator = TraceContextTextMapPropagator()
         self.SERVER = trace.SpanKind.SERVER
         self.CLIENT = trace.SpanKind.CLIENT
         self.INTERNAL = trace.SpanKind.INTERNAL
         self.Link = trace.Link
 
     def context(self, traceparent: str | None, tracestate: str | None = None) -> Any:
-        """The OpenTelemetry context of a W3C pair (an empty one, a new trace, when the pair is
-        not valid)."""
+        """The OpenTelemetry context of a W3C pair (a new trace's when the pair is not valid):
+        what the W3C propagator extracts, read directly (``clean`` has checked it)."""
         pair = clean(traceparent, tracestate)
-        carrier = {} if pair is None else {"traceparent": pair[0], "tracestate": pair[1]}
-        return self.propagator.extract(carrier)
+        if pair is None:
+            return self._empty
+        tp, ts = pair
+        trace = self._trace
+        state = trace.TraceState.from_header([ts]) if ts else trace.TraceState()
+        sc = trace.SpanContext(
+            int(tp[3:35], 16),
+            int(tp[36:52], 16),
+            is_remote=True,
+            trace_flags=trace.TraceFlags(int(tp[53:55], 16) & 1),
+            trace_state=state,
+        )
+        return trace.set_span_in_context(trace.NonRecordingSpan(sc))
 
     def span_context(self, traceparent: str, tracestate: str = "") -> Any:
         """The remote span context of a valid pair (for a link); None when it is not valid."""
@@ -119,10 +129,13 @@ class Tracer:
         return sc if sc.is_valid else None
 
     def carrier(self, span: Any) -> tuple[str, str]:
-        """(traceparent, tracestate) naming ``span`` as the parent of what follows."""
-        out: dict[str, str] = {}
-        self.propagator.inject(out, self._trace.set_span_in_context(span))
-        return out.get("traceparent", ""), out.get("tracestate", "")
+        """(traceparent, tracestate) naming ``span`` as the parent of what follows, as the W3C
+        propagator writes them; ("", "") for a span of no trace."""
+        sc = span.get_span_context()
+        if not sc.is_valid:
+            return "", ""
+        state = sc.trace_state.to_header() if sc.trace_state else ""
+        return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}", state
 
     def start(
         self,
