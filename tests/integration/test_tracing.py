@@ -48,6 +48,16 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     provider.shutdown()
 
 
+def serve_sums(tb, replica_threads, app: str = "sum", model: str = "m") -> ketch.Replica:
+    """App ``app`` on model ``model`` (a replica thread of ``sums``), answering."""
+    with ketch.Admin(tb.admin) as admin:
+        admin.create_app(app, input_type="float64", input_shape=[-1], slo_ms=5000, models=[model])
+    replica = replica_threads(sums, backend=tb.backend, name=model)
+    with ketch.Client(tb.frontend) as c:
+        wait_for(lambda: c.predict(app, np.ones(2)).output == 2.0, 20, "a replica to answer")
+    return replica
+
+
 @pytest.fixture
 def traced_stack(exporter, thread_broker, replica_threads) -> Iterator[tuple[str, str]]:
     """(gateway URL, frontend address): a broker, a replica of model ``m`` for app ``sum``
@@ -56,11 +66,7 @@ def traced_stack(exporter, thread_broker, replica_threads) -> Iterator[tuple[str
     from ketch.gateway import GatewayConfig, create_app
 
     tb = thread_broker
-    with ketch.Admin(tb.admin) as admin:
-        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=5000, models=["m"])
-    replica_threads(sums, backend=tb.backend, name="m")
-    with ketch.Client(tb.frontend) as c:
-        wait_for(lambda: c.predict("sum", np.ones(2)).output == 2.0, 20, "a replica to answer")
+    serve_sums(tb, replica_threads)
     exporter.clear()
     app = create_app(GatewayConfig(frontend=tb.frontend, admin=tb.admin))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
@@ -234,11 +240,8 @@ def test_a_batch_of_several_traces_links_them(exporter, traced_stack) -> None:
 
 def test_untraced_queries_make_no_spans(exporter, thread_broker, replica_threads) -> None:
     tb = thread_broker
-    with ketch.Admin(tb.admin) as admin:
-        admin.create_app("plain", input_type="float64", input_shape=[-1], slo_ms=5000, models=["p"])
-    replica_threads(sums, backend=tb.backend, name="p")
+    serve_sums(tb, replica_threads, "plain", "p")
     with ketch.Client(tb.frontend) as c:
-        wait_for(lambda: c.predict("plain", np.ones(2)).output == 2.0, 20, "a replica to answer")
         assert [p.output for p in c.predict_many("plain", [np.ones(3)] * 20)] == [3.0] * 20
         # a malformed traceparent is not sent: still untraced
         assert c.predict("plain", np.ones(2), traceparent="00-nonsense").output == 2.0
@@ -250,12 +253,9 @@ def test_nothing_traces_without_configuration(thread_broker, replica_threads) ->
     assert tracing.tracer("broker") is None
     tb = thread_broker
     assert tb.broker.traces.tracer is None
-    with ketch.Admin(tb.admin) as admin:
-        admin.create_app("plain", input_type="float64", input_shape=[-1], slo_ms=5000, models=["p"])
-    r = replica_threads(sums, backend=tb.backend, name="p")
+    r = serve_sums(tb, replica_threads, "plain", "p")
     assert r._tracer is None
     with ketch.Client(tb.frontend) as c:
-        wait_for(lambda: c.predict("plain", np.ones(2)).output == 2.0, 20, "a replica to answer")
         assert c.predict("plain", np.ones(4), traceparent=TRACEPARENT).output == 4.0
 
 
@@ -265,11 +265,9 @@ def test_traced_queries_read_from_templates_keep_their_traces(
     """After the first, traced queries (a version-00 traceparent, no tracestate) are read from
     learnt templates by the broker and the replica; each still gets its own spans."""
     tb = thread_broker
-    with ketch.Admin(tb.admin) as admin:
-        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=5000, models=["m"])
-    r = replica_threads(sums, backend=tb.backend, name="m")
+    r = serve_sums(tb, replica_threads)
+    exporter.clear()
     with ketch.Client(tb.frontend) as c:
-        wait_for(lambda: c.predict("sum", np.ones(2)).output == 2.0, 20, "a replica to answer")
         for i in range(1, 6):
             assert c.predict("sum", np.full(3, i), traceparent=f"00-{i:032x}-{i:016x}-01").output == 3.0 * i
     assert tb.broker.admission.traced_queries and r._traced_requests  # learnt, and used below
