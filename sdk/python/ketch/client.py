@@ -496,7 +496,7 @@ class AsyncClient(_Base):
         self._reader: asyncio.Task | None = None
         self._outbox: dict[tuple, list[tuple[int, Any]]] = {}
         self._flush_soon: asyncio.Handle | None = None
-        self._sending: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Future[Any]] = set()
 
     async def close(self) -> None:
         if self._flush_soon is not None:
@@ -568,7 +568,8 @@ class AsyncClient(_Base):
         try:
             self._now.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:  # no broker connected yet, or a full queue: wait for it
-            task = asyncio.get_running_loop().create_task(self._sock.send_multipart(frames, copy=False))
+            # zmq.asyncio's send is a Future, not a coroutine: create_task would refuse it
+            task = asyncio.ensure_future(self._sock.send_multipart(frames, copy=False))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
