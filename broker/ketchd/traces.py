@@ -5,8 +5,8 @@ When this broker traces (OpenTelemetry configured), each traced query has a queu
 (``ketch.queue``: its arrival to its dispatch, or to its answer when it is answered
 without a batch: the cache, a default, an error), child of the caller's context; each
 batch that holds a traced query has one batch span (``ketch.batch``: the RPC to the
-replica, send to reply), child of the first traced query's queue span and linked to the
-other traced queries' (OpenTelemetry's way for an operation done for several traces at
+replica, send to reply), child of the first traced query's queue span and linked to every
+traced query's queue span (OpenTelemetry's way for an operation done for several traces at
 once). The replica is sent, per item, the context its work belongs under: the batch span
 for the query the batch span is a child of, its own queue span for each other traced
 query. A broker that does not trace passes each query's context on unchanged.
@@ -88,7 +88,9 @@ class Traces:
                 qt.span.set_attribute("ketch.batch_id", batch_id)
                 qt.span.end()
         first = traced[0]
-        links = [t.Link(qt.span.get_span_context()) for qt in traced[1:]]
+        # a link to every traced query, its parent's too: OpenTelemetry's rule for an
+        # operation done for a batch (a parent is optional, links are not)
+        links = [t.Link(qt.span.get_span_context()) for qt in traced]
         span = t.start(
             "ketch.batch",
             parent=first.span,

@@ -184,46 +184,66 @@ def test_a_malformed_or_huge_traceparent_is_ignored(exporter, traced_stack, bad:
     assert not server.context.trace_state  # the oversized tracestate was dropped
 
 
-def test_a_batch_of_several_traces_links_them(exporter, traced_stack) -> None:
+def test_a_batch_of_several_traces_links_them(exporter, thread_broker, replica_threads) -> None:
     """Queries of different traces in one batch: one batch span, child of the first traced
-    query's queue span, linked to the others'; the compute span likewise."""
-    _, frontend = traced_stack
-    parents = [f"00-{i:032x}-{i:016x}-01" for i in range(1, 5)]
+    query's queue span, linked to every traced query's; the compute span, child of the batch
+    span, linked to the others'. The replica (one credit) is held on a first query while the
+    four traced ones queue, so they go in one batch."""
     import asyncio
 
+    tb = thread_broker
+    held, release = threading.Event(), threading.Event()
+
+    def gated(xs):
+        if any(float(np.sum(x)) < 0 for x in xs):  # the blocker: hold the replica
+            held.set()
+            release.wait(20)
+        return sums(xs)
+
+    with ketch.Admin(tb.admin) as admin:
+        admin.create_app("sum", input_type="float64", input_shape=[-1], slo_ms=10000, models=["m"])
+    replica_threads(gated, backend=tb.backend, name="m", credits=1)
+    with ketch.Client(tb.frontend) as c:
+        wait_for(lambda: c.predict("sum", np.ones(2)).output == 2.0, 20, "a replica to answer")
+    exporter.clear()
+    parents = [f"00-{i:032x}-{i:016x}-01" for i in range(1, 5)]
+
     async def send_all() -> list:
-        async with ketch.AsyncClient(frontend) as c:
-            return await asyncio.gather(
-                # inputs not seen before: one in the cache is answered without a batch
-                *(c.predict("sum", np.full(2, 100.0 + i), traceparent=tp) for i, tp in enumerate(parents)),
-                c.predict("sum", np.full(2, 10.0)),  # an untraced one rides along (another input:
-                # an identical one would be answered with it, from the cache or its flight)
-            )
+        async with ketch.AsyncClient(tb.frontend) as c:
+            blocker = asyncio.ensure_future(c.predict("sum", np.full(2, -1.0)))
+            while not held.is_set():
+                await asyncio.sleep(0.01)
+            traced = [
+                asyncio.ensure_future(c.predict("sum", np.full(2, 100.0 + i), traceparent=tp))
+                for i, tp in enumerate(parents)
+            ]
+            untraced = asyncio.ensure_future(c.predict("sum", np.full(2, 10.0)))  # rides along
+            queue = tb.broker.models["m"].queue
+            for _ in range(1000):  # until all five wait in the model's queue (10 s at most)
+                if len(queue) == 5:
+                    break
+                await asyncio.sleep(0.01)
+            release.set()
+            return await asyncio.gather(blocker, *traced, untraced)
 
     answers = asyncio.run(send_all())
-    assert [a.output for a in answers] == [200.0, 202.0, 204.0, 206.0, 20.0]
-    for i in range(1, 5):
-        _spans(exporter, i, 1)  # each trace has at least its queue span
-    wait_for(
-        lambda: sum(s.name == "ketch.queue" for s in exporter.get_finished_spans()) == 4, 10, "4 queue spans"
-    )
+    assert [a.output for a in answers] == [-2.0, 200.0, 202.0, 204.0, 206.0, 20.0]
     queues = {s.context.span_id: s for s in exporter.get_finished_spans() if s.name == "ketch.queue"}
 
     def batch_spans() -> list:
         return [s for s in exporter.get_finished_spans() if s.name == "ketch.batch"]
 
     def covered_by(batches: list) -> list:
-        return [b.parent.span_id for b in batches] + [
-            link.context.span_id for b in batches for link in b.links
-        ]
+        return [link.context.span_id for b in batches for link in b.links]
 
     # a batch span ends at its reply, after its queries' queue spans
     wait_for(lambda: len(covered_by(batch_spans())) == 4, 10, "batch spans covering the 4 queries")
     assert {s.parent.trace_id for s in queues.values()} == set(range(1, 5))
     batches = batch_spans()
-    # every traced query is the parent or a link of exactly one batch span
+    # every traced query is linked from exactly one batch span, whose parent is one of them
     assert sorted(covered_by(batches)) == sorted(queues)
     for b in batches:
+        assert b.parent.span_id in {link.context.span_id for link in b.links}
         assert b.context.trace_id == queues[b.parent.span_id].context.trace_id
     wait_for(
         lambda: sum(s.name == "ketch.compute" for s in exporter.get_finished_spans()) == len(batches),
@@ -235,7 +255,10 @@ def test_a_batch_of_several_traces_links_them(exporter, traced_stack) -> None:
     assert {c.parent.span_id for c in computes} == batch_ids
     for c in computes:
         (b,) = [b for b in batches if b.context.span_id == c.parent.span_id]
-        assert {link.context.span_id for link in c.links} == {link.context.span_id for link in b.links}
+        # the compute span: child of the batch span, linked to the batch's other traced queries
+        others = {link.context.span_id for link in b.links} - {b.parent.span_id}
+        assert {link.context.span_id for link in c.links} == others
+    assert max(len(b.links) for b in batches) >= 2, "no batch held two traced queries"
 
 
 def test_untraced_queries_make_no_spans(exporter, thread_broker, replica_threads) -> None:

@@ -5,10 +5,11 @@ gRPC) request through the broker (``Query.traceparent``) to the replica
 (``PredictRequest.traceparents``, one per item: a batch mixes queries of different
 traces). Four spans describe one query (docs/tracing.md):
 
-    ketch.gateway   the gateway's server span (HTTP, or gRPC), child of the caller's context
+    gateway         the gateway's server span ("POST /v2/models/{name}/infer", ...), child
+                    of the caller's context
     ketch.queue     broker: the query's arrival to its dispatch, child of the gateway span
     ketch.batch     broker: the RPC of one batch to a replica; child of the batch's first
-                    traced query's queue span, linked to every other traced query's
+                    traced query's queue span, linked to every traced query's
     ketch.compute   the replica (Python runtime): the user's predict of that batch, child of
                     the batch span, linked to the other traced queries of the batch
 
