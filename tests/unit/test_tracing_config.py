@@ -98,3 +98,28 @@ assert not loaded, loaded
         [sys.executable, "-c", code, TP], capture_output=True, text=True, env=env, timeout=120
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_server_span_is_the_transport_free_start_of_a_gateway_span() -> None:
+    """What a gRPC server calls with its metadata: the span is the caller's child (or a new
+    trace's root), the pair it yields names the span, and an exception marks it failed."""
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    t = tracing.Tracer(provider, "gateway")
+    with t.server_span("ModelInfer", TP, "rojo=1", {"rpc.system": "grpc"}) as (span, (tp, ts)):
+        assert tp == f"00-{TP[3:35]}-{span.get_span_context().span_id:016x}-01" and ts == "rojo=1"
+    with pytest.raises(ValueError), t.server_span("ModelInfer", "garbage") as (span, (tp, _)):
+        assert tracing.valid_traceparent(tp) and tp[3:35] != TP[3:35]  # a new trace
+        raise ValueError("bad tensor")
+    ok, failed = exporter.get_finished_spans()
+    assert ok.kind == SpanKind.SERVER and ok.parent.span_id == int(TP[36:52], 16)
+    assert ok.attributes["rpc.system"] == "grpc" and ok.status.status_code == StatusCode.UNSET
+    assert failed.parent is None and failed.status.status_code == StatusCode.ERROR
+    assert "ValueError: bad tensor" in failed.status.description
+    provider.shutdown()
