@@ -61,6 +61,18 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
         {"app": "iris", "dtype": "FLOAT64", "shape": [4], "request_ids": [3], "model_version": "2"},
         [F64],
     ),
+    "query_traced": (
+        "Query",
+        {
+            "app": "iris",
+            "dtype": "FLOAT64",
+            "shape": [4],
+            "request_ids": [3, 4],
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "tracestate": "rojo=00f067aa0ba902b7,congo=t61rcWkgMzE",
+        },
+        [F64, F64],
+    ),
     "reply_ok": (
         "Reply",
         {
@@ -185,6 +197,25 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
             "budgets_us": [19000, 4294967295],
         },
         [F64, F64],
+    ),
+    "predict_request_traced": (
+        "PredictRequest",
+        {
+            "batch_id": 77,
+            "model": "iris-svm",
+            "model_version": "2",
+            "dtype": "FLOAT64",
+            "ndim": 1,
+            "shapes": [4, 4, 4],
+            "budgets_us": [19000, 18000, 17000],
+            "traceparents": [
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ],
+            "tracestates": ["rojo=00f067aa0ba902b7", "", ""],
+        },
+        [F64, F64, F64],
     ),
     "predict_reply": (
         "PredictReply",

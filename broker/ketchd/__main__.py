@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from ketch import logs
+from ketch import logs, tracing
 
 from ketchd.config import BrokerConfig, exposed
 
@@ -22,6 +22,7 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
     from ketchd.broker import Broker  # here: the CLI reads this module's options without them
 
     logs.configure()
+    tracing.setup("ketchd")  # spans of traced queries when the OpenTelemetry variables say so
     broker = Broker(config)
     broker.install_signal_handlers()
 
@@ -47,6 +48,8 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
             "(`ss -ltnp` names who holds it); give another with --metrics HOST:PORT "
             "(or KETCH_METRICS; port 0 takes any free one), or --no-metrics"
         ) from None
+    finally:
+        tracing.shutdown()
 
 
 def address_in_use(config: BrokerConfig, error: str) -> str:

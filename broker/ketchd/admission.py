@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
-from ketch import errors
+from ketch import errors, tracing
 from ketch import protocol as proto
 from ketch.pins import no_version, split_pin
 from ketch.protocol import ErrorCode, Status
@@ -36,6 +36,8 @@ class Admission:
         # Query messages as clients render them (proto.query_template), learnt from messages
         # read the long way, with their query type
         self.queries = proto.QueryReceiver(_QUERY_TEMPLATES)
+        # and traced ones (a version-00 traceparent, no tracestate), whose matches end with it
+        self.traced_queries = proto.QueryReceiver(_QUERY_TEMPLATES)
 
     def client_error(
         self, client: bytes, code: int, message: str, request_id: int = 0, retry: int = 0
@@ -56,9 +58,17 @@ class Admission:
             ids, query = found
             self.admit(client, *query, ids, frames[2:])
             return
+        if self.traced_queries and len(frames) >= 3:
+            found = self.traced_queries.match(frames[1])
+            if found is not None:  # a traced Query as a client renders it
+                values, query = found
+                traceparent = values.pop().decode("latin-1")
+                self.admit(client, *query, values, frames[2:], tracing.clean(traceparent, ""))
+                return
         if len(frames) < 2:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "empty message: a header frame is required")
             return
+        trace = None
         try:  # decoding only: a bug past it is not the client's fault (Faults)
             name, body = proto.decode_current(frames[1].buffer)
             if name == "Query":
@@ -66,6 +76,7 @@ class Admission:
                 if read is None:
                     return
                 query, ids = read
+                trace = proto.read_query_trace(body)
             elif name == "Feedback":
                 feedback = proto.read_fields(name, body)
             else:
@@ -91,8 +102,13 @@ class Admission:
         if not ids:
             self.client_error(client, ErrorCode.BAD_MESSAGE, "query without request ids")
             return
-        self.admit(client, *query, ids, frames[2:])
-        self.queries.learn_query(body, query, len(ids))
+        if trace is not None:
+            trace = tracing.clean(*trace)  # not a valid traceparent: an untraced query
+        self.admit(client, *query, ids, frames[2:], trace)
+        if trace is None:
+            self.queries.learn_query(body, query, len(ids))
+        elif not trace[1]:
+            self.traced_queries.learn_query(body, query, len(ids), traced=True)
 
     def admit(
         self,
@@ -106,8 +122,10 @@ class Admission:
         model_version: str,
         ids: list[int],
         payloads: list[zmq.Frame],
+        trace: tuple[str, str] | None = None,
     ) -> None:
-        """Queue (or answer) the queries of one message: checks, then the app's policy."""
+        """Queue (or answer) the queries of one message: checks, then the app's policy;
+        ``trace``: the caller's W3C (traceparent, tracestate), already checked."""
         b = self.broker
         cfg = b.config
         now = time.monotonic()
@@ -186,7 +204,9 @@ class Admission:
                 refuse(exc.code, exc.message)
                 return
         elif not isinstance(app.policy, Single):
-            b.ensembles.fan_out(client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now)
+            b.ensembles.fan_out(
+                client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now, trace
+            )
             return
         else:
             try:
@@ -211,6 +231,8 @@ class Admission:
             p.nbytes = len(payload)
             if model_version:
                 p.version = model.active_version or ""
+            if trace is not None:
+                p.trace = b.traces.query(trace, app.name, model.name, rid, priority)
             if caching and flights.from_cache_or_flight(p, model, lead=take > 0):
                 continue
             if take <= 0:

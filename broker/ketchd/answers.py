@@ -52,6 +52,8 @@ class Answers:
             # clears p.cache_key, so the key is taken first)
             b.flights.promote(b.flights.release(p), key)
         p.done = True
+        if p.trace is not None:
+            b.traces.answered(p, "answered")
         p.payload = EMPTY  # whatever still holds the query need not hold its input
         b.deadlines.discard(p.deadline, p)  # so that its objects go now, not at the deadline
         if p.queued:

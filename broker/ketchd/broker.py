@@ -65,6 +65,7 @@ from ketchd.persistence import Persistence
 from ketchd.registry import App, Batch, Model, Replica
 from ketchd.replies import Replies
 from ketchd.sockets import Sockets
+from ketchd.traces import Traces
 
 log = structlog.get_logger("ketchd")
 
@@ -107,6 +108,7 @@ class Broker:
         self.connections = Connections(self)
         self.admin_ops = AdminOps(self)
         self.metrics = MetricsEndpoint(self)
+        self.traces = Traces()  # spans of traced queries, when this process traces (ketch.tracing)
         self.stopping = False  # draining: no new queries; ``run`` returns once all are answered
         self._stop_reason = ""
         self._next_housekeeping = 0.0

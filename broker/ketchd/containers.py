@@ -311,6 +311,8 @@ class Containers:
         replica.rpc_ewma_ms += 0.1 * (rpc_ms - replica.rpc_ewma_ms)
         replica.compute_ewma_ms += 0.1 * (compute_ms - replica.compute_ewma_ms)
         replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)
+        if batch.span is not None:
+            b.traces.batch_done(batch, compute_ms, rpc_ms, failure)
         answers = b.answers
         if failure:
             replica.errors += 1
@@ -351,6 +353,8 @@ class Containers:
         requeued = failed = 0
         for batch in replica.inflight.values():
             b.batches.pop(batch.batch_id, None)
+            if batch.span is not None:
+                b.traces.batch_done(batch, 0.0, 0.0, f"replica {replica.replica_id} left: {reason}")
             for p in batch.items:
                 if p.done:
                     continue

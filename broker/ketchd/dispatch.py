@@ -369,8 +369,17 @@ class Dispatcher:
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
         shape = items[0].shape
         shapes = None if all(p.shape == shape for p in items) else [p.shape for p in items]
+        traced = None
+        for p in items:
+            if p.trace is not None:  # a traced batch (ketchd.traces): its span, each item's context
+                traced = b.traces.batch(batch_id, model, replica, items)
+                break
         header = self.requests.header(
-            batch_id, (model.name, replica.version, items[0].dtype, shape), budgets, shapes
+            batch_id,
+            (model.name, replica.version, items[0].dtype, shape),
+            budgets,
+            shapes,
+            None if traced is None else traced[1],
         )
         send(b.backend, [replica.identity, header, *[p.payload for p in items]])
         # the books after the send: the replica computes meanwhile
@@ -382,6 +391,8 @@ class Dispatcher:
             total += s
         waits.sum += total
         batch = Batch(batch_id, replica, items, now, budget_ms, alone=items[0].requeued)
+        if traced is not None:
+            batch.span = traced[0]
         replica.sizes.add(len(items))
         for p in items:
             p.replica = replica

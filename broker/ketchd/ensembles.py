@@ -108,8 +108,10 @@ class Ensembles:
         priority: int,
         context: str,
         now: float,
+        trace: tuple[str, str] | None = None,
     ) -> None:
-        """Queries of an app with a selection policy: one Pending per selected model."""
+        """Queries of an app with a selection policy: one Pending per selected model (each a
+        queue span of its own in a traced query's trace)."""
         b = self.broker
         cfg = b.config
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
@@ -157,6 +159,8 @@ class Ensembles:
                     f.failed[m] = f"model {m!r} has no room in time (queue full or overloaded)"
                     continue
                 sub = Pending(b"", rid, app, m, payload, shape, dtype, now, deadline, priority, parent=f)
+                if trace is not None:
+                    sub.trace = b.traces.query(trace, app.name, m, rid, priority)
                 caching = app.cache and model.deterministic and b.cache.max_bytes > 0 and model.active_version
                 if caching and b.flights.from_cache_or_flight(sub, model):
                     continue

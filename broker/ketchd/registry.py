@@ -133,6 +133,7 @@ class Pending:
     parent: Fanout | None = None  # set when this is one model's part of a multi-model query
     nbytes: int = 0  # payload bytes counted to its client while held (Limits), 0 once released
     version: str = ""  # the model version it is pinned to (queued in that version's lane); "" none
+    trace: Any = None  # a traced query's ketchd.traces.QueryTrace; None for the others
 
 
 @dataclass(eq=False)
@@ -174,6 +175,7 @@ class Batch:
     sent: float
     budget_ms: float = math.inf  # time the batch had to its earliest deadline when sent
     alone: bool = False  # one query back from a replica that died: its replica takes no other
+    span: Any = None  # its batch span, when it holds a traced query and the broker traces
 
 
 @dataclass(eq=False)

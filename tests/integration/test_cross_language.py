@@ -196,6 +196,14 @@ def test_containers_of_other_languages_serve_real_queries(sdk, thread_broker, co
         assert (
             float(client.predict("sum", [1.0, 2.0], timeout_ms=slo).output) == 3.0
         )  # still serving after a failure
+        # traced queries: batches carry each item's trace context (docs/tracing.md), which a
+        # container of this SDK reads past and answers as any other
+        for i in range(1, 4):
+            tp = f"00-{i:032x}-{i:016x}-01"
+            pred = client.predict("sum", [1.0, float(i)], timeout_ms=slo, traceparent=tp, tracestate="k=v")
+            assert float(pred.output) == 1.0 + i
+            pred = client.predict("sum", [2.0, float(i)], timeout_ms=slo, traceparent=tp)  # from templates
+            assert float(pred.output) == 2.0 + i
         replica = admin.replicas(f"{sdk}-sum")[0]
         assert replica["sdk"].startswith(f"{sdk}/")
         assert replica["protocol"] == 2  # the broker speaks 1 and 2, the container too

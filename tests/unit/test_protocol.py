@@ -62,6 +62,64 @@ def test_build_query_matches_generic_encoder():
     assert fast == slow
 
 
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_traced_query_reads_back_and_is_learnt_only_as_traced():
+    """A traced Query is the same bytes rendered (a version-00 traceparent, no tracestate)
+    or built; the broker reads its trace, and learns it only in a receiver of traced ones,
+    whose match ends with the traceparent."""
+    fields = {"app": "iris", "dtype": "FLOAT64", "shape": [4], "request_ids": [1, 2]}
+    rendered = proto.query_header("iris", proto.FLOAT64, (4,), [1, 2], trace=(TP, ""))
+    assert rendered == proto.encode("Query", {**fields, "traceparent": TP})
+    with_state = proto.query_header("iris", proto.FLOAT64, (4,), [1, 2], trace=(TP, "k=v"))
+    assert with_state == proto.encode("Query", {**fields, "traceparent": TP, "tracestate": "k=v"})
+    body = proto.decode(with_state)[2]
+    assert proto.read_query_trace(body) == (TP, "k=v")
+    plain = proto.query_header("iris", proto.FLOAT64, (4,), [1, 2])
+    assert proto.read_query_trace(proto.decode(plain)[2]) is None
+    body = proto.decode(rendered)[2]
+    query, ids = proto.read_query(body)
+    assert not proto.QueryReceiver().learn_query(body, query, len(ids))
+    traced = proto.QueryReceiver()
+    assert traced.learn_query(body, query, len(ids), traced=True)
+    other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    again = proto.query_header("iris", proto.FLOAT64, (4,), [5, 6], trace=(other, ""))
+    assert traced.match(again) == ([5, 6, other.encode()], query)
+    assert traced.match(plain) is None
+    # over the bounds: a traceparent is not read at all, a tracestate reads as none
+    huge = proto.build_query("iris", proto.FLOAT64, (4,), [1], traceparent=TP + "x" * 300, tracestate="k=v")
+    assert proto.read_query_trace(proto.decode(huge)[2]) is None
+    state = proto.build_query("iris", proto.FLOAT64, (4,), [1], traceparent=TP, tracestate="k=v," * 200)
+    assert proto.read_query_trace(proto.decode(state)[2]) == (TP, "")
+
+
+def test_a_traced_batch_reads_back_and_is_learnt_only_as_traced():
+    sender = proto.RequestSender(proto.Prebuilds())
+    family = ("m", "1", proto.FLOAT64, (2,))
+    mixed = sender.header(7, family, [10, 20, 30], None, ([TP, "", TP], ["k=v", "", ""]))
+    body = proto.decode(mixed)[2]
+    view = proto.read_predict_request(body)
+    assert view.traceparents == (TP, "", TP) and view.tracestates == ("k=v", "", "")
+    assert view.budgets_us == (10, 20, 30) and view.shapes == (2, 2, 2)
+    assert not proto.RequestReceiver().learn_request(mixed, body, view)
+    assert not proto.RequestReceiver().learn_request(mixed, body, view, traced=True)  # not all traced
+    # every item traced, no tracestate: rendered from the traced template, the same bytes
+    other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    full = sender.header(8, family, [10, 20], None, ([TP, other], ["", ""]))
+    assert full == proto.build_predict_request(8, "m", "1", proto.FLOAT64, 1, [2, 2], [10, 20], [TP, other])
+    body = proto.decode(full)[2]
+    view = proto.read_predict_request(body)
+    assert not proto.RequestReceiver().learn_request(full, body, view)
+    receiver = proto.RequestReceiver()
+    assert receiver.learn_request(full, body, view, traced=True)
+    later = sender.header(9, family, [5, 6], None, ([other, TP], ["", ""]))
+    assert receiver.match(later) == ([9, 5, 6, other.encode(), TP.encode()], (proto.FLOAT64, (2,), 2))
+    plain = sender.header(10, family, [10, 20])
+    assert proto.read_predict_request(proto.decode(plain)[2]).traceparents == ()
+    assert receiver.match(plain) is None
+
+
 def test_build_reply_decodes_to_what_was_built():
     items = [
         proto.ReplyFields(
@@ -104,6 +162,8 @@ def test_build_predict_messages_round_trip():
         "ndim": 2,
         "shapes": [2, 2, 3, 1],
         "budgets_us": [10, 20],
+        "traceparents": [],
+        "tracestates": [],
     }
     rep = proto.to_dict(
         proto.build_predict_reply(

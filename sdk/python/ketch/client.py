@@ -24,7 +24,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from ketch import addresses, errors
+from ketch import addresses, errors, tracing
 from ketch import protocol as proto
 from ketch.curve import PeerKeys
 from ketch.protocol import Status, multipart
@@ -359,6 +359,8 @@ class Client(_Base):
         priority: int = 0,
         context: str = "",
         version: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Prediction:
         """Ask ``app`` for one prediction. ``timeout_ms`` overrides the app's SLO.
 
@@ -366,11 +368,16 @@ class Client(_Base):
         links several models), past the app's selection; a version the model does not have
         raises ``NotFound``. With ``retries`` set on the client, a query that gets no answer
         in time (the broker restarted, say) is sent again, as a new query, that many times.
+        ``traceparent`` (and ``tracestate``): the caller's W3C trace context, carried to the
+        broker and the replica (docs/tracing.md); one that is not valid is not sent.
         """
         code, shape, payload = encode_input(x, dtype)
+        trace = tracing.clean(traceparent, tracestate) if traceparent else None
         for attempt in range(self.retries + 1):
             try:
-                return self._predict_once(app, code, shape, payload, timeout_ms, priority, context, version)
+                return self._predict_once(
+                    app, code, shape, payload, timeout_ms, priority, context, version, trace
+                )
             except errors.Timeout:
                 if attempt == self.retries:
                     raise
@@ -386,11 +393,12 @@ class Client(_Base):
         priority: int,
         context: str,
         version: str = "",
+        trace: tuple[str, str] | None = None,
     ) -> Prediction:
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context, version)
+        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context, version, trace)
         multipart.send(self._sock, (header, payload))
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
@@ -512,7 +520,7 @@ class AsyncClient(_Base):
         self._reader: asyncio.Task | None = None
         self._outbox: dict[tuple, list[tuple[int, Any]]] = {}
         self._flush_soon: asyncio.Handle | None = None
-        self._sending: set[asyncio.Task] = set()
+        self._sending: set[asyncio.Future[Any]] = set()
 
     async def close(self) -> None:
         if self._flush_soon is not None:
@@ -571,12 +579,14 @@ class AsyncClient(_Base):
     def _flush(self) -> None:
         self._flush_soon = None
         outbox, self._outbox = self._outbox, {}
-        for (app, code, shape, timeout_ms, priority, context, version), items in outbox.items():
+        for (app, code, shape, timeout_ms, priority, context, version, trace), items in outbox.items():
             for start in range(0, len(items), self._MAX_PER_MESSAGE):
                 part = items[start : start + self._MAX_PER_MESSAGE]
                 ids = [r for r, _ in part]
                 timeout_us = self._timeout_us(timeout_ms)
-                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context, version)
+                header = proto.query_header(
+                    app, code, shape, ids, timeout_us, priority, context, version, trace
+                )
                 self._send_now([header, *(p for _, p in part)])
         self._take_waiting()
 
@@ -584,7 +594,8 @@ class AsyncClient(_Base):
         try:
             self._now.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:  # no broker connected yet, or a full queue: wait for it
-            task = asyncio.get_running_loop().create_task(self._sock.send_multipart(frames, copy=False))
+            # zmq.asyncio's send is a Future, not a coroutine: create_task would refuse it
+            task = asyncio.ensure_future(self._sock.send_multipart(frames, copy=False))
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
@@ -628,12 +639,15 @@ class AsyncClient(_Base):
         priority: int = 0,
         context: str = "",
         version: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Prediction:
         """As ``Client.predict``; ``version`` pins the model version."""
         self._ensure_reader()
         code, shape, payload = encode_input(x, dtype)
+        trace = tracing.clean(traceparent, tracestate) if traceparent else None
         ids = self._register(1)
-        self._post((app, code, tuple(shape), timeout_ms, priority, context, version), ids[0], payload)
+        self._post((app, code, tuple(shape), timeout_ms, priority, context, version, trace), ids[0], payload)
         answer = _pinned((await self._await(ids, timeout_ms, False))[0], version)
         if isinstance(answer, Exception):
             raise answer
@@ -651,15 +665,20 @@ class AsyncClient(_Base):
         priority: int = 0,
         context: str = "",
         version: str = "",
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> list[Prediction | errors.RequestError]:
         self._ensure_reader()
+        trace = tracing.clean(traceparent, tracestate) if traceparent else None
         all_ids: list[int] = []
         try:
             for code, shape, payloads, _ in _chunks(xs, dtype, chunk):
                 ids = self._register(len(payloads))
                 all_ids.extend(ids)
                 timeout_us = self._timeout_us(timeout_ms)
-                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context, version)
+                header = proto.query_header(
+                    app, code, shape, ids, timeout_us, priority, context, version, trace
+                )
                 self._send_now([header, *payloads])
         except BaseException:  # an input that does not encode: forget what was registered
             for rid in all_ids:

@@ -29,7 +29,7 @@ from typing import Any
 import structlog
 import zmq
 
-from ketch import __version__, addresses, errors
+from ketch import __version__, addresses, errors, tracing
 from ketch import protocol as proto
 from ketch._status import CONNECTING, DRAINING, READY, StatusFile
 from ketch.curve import PeerKeys
@@ -120,9 +120,12 @@ class Replica:
         # requests of items of one shape, each learnt from a request read the long way as a
         # template of itself (batch id and budgets in the slots), with (dtype, shape, items)
         self._requests = proto.RequestReceiver(total=256)
+        # and traced ones (each item a version-00 traceparent), whose matches end with them
+        self._traced_requests = proto.RequestReceiver(total=256)
         self._prebuilds = proto.Prebuilds()  # reply templates of other batch sizes
         self._replies = proto.PredictReplySender(self._prebuilds, max_batch)
         self.log = log.bind(model=name, version=self.version, replica=self.replica_id)
+        self._tracer = tracing.tracer("replica")  # None: no compute spans (ketch.tracing)
 
     # ------------------------------------------------------------ public
 
@@ -291,6 +294,18 @@ class Replica:
                 reply = self._compute_unlocked(values[0], inputs, values[1:], now)
                 self._reply(sock, reply)
                 return "batch"
+        found = self._traced_requests.match(header) if self._traced_requests else None
+        if found is not None and len(frames) == 1 + found[1][2]:
+            values, (dtype, shape, n) = found
+            try:
+                inputs = [proto.payload_to_value(dtype, shape, f.buffer) for f in frames[1:]]
+            except proto.DecodeError:
+                inputs = []
+            if inputs:  # a traced batch as learnt
+                parents = [v.decode("latin-1") for v in values[1 + n :]]
+                reply = self._compute_traced(values[0], parents, (), inputs, values[1 : 1 + n], now, {})
+                self._reply(sock, reply)
+                return "batch"
         try:
             version, name, body = proto.decode(header)
         except proto.UnknownMessage as exc:
@@ -320,10 +335,17 @@ class Replica:
                     )
                 ]
             else:
-                if not bad and not self._requests.full:
+                if not bad and not request.traceparents and not self._requests.full:
                     self._requests.learn_request(header, body, request)
+                elif not bad and request.traceparents and not self._traced_requests.full:
+                    self._traced_requests.learn_request(header, body, request, traced=True)
                 budgets = list(request.budgets_us)
-                reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
+                if request.traceparents:
+                    reply = self._compute_traced(
+                        request.batch_id, request.traceparents, request.tracestates, inputs, budgets, now, bad
+                    )
+                else:
+                    reply = self._compute_unlocked(request.batch_id, inputs, budgets, now, bad)
             self._reply(sock, reply)
             return "batch"
         if name == "Welcome":
@@ -473,6 +495,45 @@ class Replica:
             self._sock_lock.acquire()
             self._computing_since = None
             self.batches += 1
+
+    def _compute_traced(
+        self,
+        batch_id: int,
+        traceparents: Sequence[str],
+        states: Sequence[str],
+        inputs: list[Any],
+        budgets: list[int],
+        received: float,
+        bad: dict[int, str],
+    ) -> list[Any]:
+        """A batch of traced items computed inside its compute span (``ketch.compute``):
+        child of the first traced item's context (the broker's batch span), linked to the
+        other traced items' (``ketch.tracing``); without a tracer, computed as any other."""
+        t = self._tracer
+        if t is None:
+            return self._compute_unlocked(batch_id, inputs, budgets, received, bad)
+        traced = [(tp, states[i] if i < len(states) else "") for i, tp in enumerate(traceparents) if tp]
+        links = []
+        for pair in traced[1 : tracing.MAX_LINKS + 1]:
+            sc = t.span_context(*pair)
+            if sc is not None:
+                links.append(t.Link(sc))
+        span = t.start(
+            "ketch.compute",
+            parent=t.context(*traced[0]) if traced else None,
+            links=links,
+            attributes={
+                "ketch.model": self.name,
+                "ketch.model_version": self.version,
+                "ketch.replica": self.replica_id,
+                "ketch.batch_id": batch_id,
+                "ketch.batch_size": len(inputs),
+            },
+        )
+        try:
+            return self._compute_unlocked(batch_id, inputs, budgets, received, bad)
+        finally:
+            span.end()
 
     def _compute(
         self, batch_id: int, inputs: list[Any], budgets: list[int], received: float, bad: dict[int, str]
@@ -629,7 +690,9 @@ def _send(sock: zmq.Socket, message: bytes | list[Any]) -> bool:
 
 
 def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> None:
-    """Run ``model`` as a replica until SIGTERM/SIGINT (or the broker's Shutdown)."""
+    """Run ``model`` as a replica until SIGTERM/SIGINT (or the broker's Shutdown); traced
+    when the OpenTelemetry variables say so (``ketch.tracing.setup``)."""
+    tracing.setup("ketch-replica")
     replica = Replica(model, name=name, **kw)
     # the model's objects (often a large heap) move out of the collector's sight, so a
     # full collection does not walk them while a batch waits
@@ -637,4 +700,7 @@ def serve(model: Any, *, name: str, handle_signals: bool = True, **kw: Any) -> N
     if handle_signals and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: replica.stop())
-    replica.run()
+    try:
+        replica.run()
+    finally:
+        tracing.shutdown()

@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ketch import errors, logs
+from ketch import errors, logs, tracing
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
-from ketch.gateway import clipper, limits, management, page, protocol, v2
+from ketch.gateway import clipper, limits, management, page, protocol, spans, v2
 from ketch.gateway.auth import BearerAuth, bearer_token
 from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -87,6 +87,7 @@ class Gateway:
         self.shares = limits.ClientShares(config.max_client_requests, config.max_client_queries)
         self.spec = build_spec(auth=bool(config.tokens or config.admin_tokens))
         self.log = structlog.get_logger("ketch.gateway")
+        self.tracer = tracing.tracer("gateway")  # None: no spans (ketch.tracing)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -105,6 +106,7 @@ class Gateway:
     def endpoint(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def handle(request: Request) -> Response:
             call = Call(request, self, client=self.client_of(request))
+            call.trace = request.scope.get(spans.SCOPE_KEY)  # set when traced (spans.traced)
             started = time.perf_counter()
             self.inflight += 1
             entered = False
@@ -135,6 +137,8 @@ class Gateway:
             )
             return response
 
+        if self.tracer is not None and route in spans.ROUTES:
+            return spans.traced(self.tracer, route, handle)
         return handle
 
     def client_of(self, request: Request) -> str:
@@ -214,6 +218,8 @@ def create_app(config: GatewayConfig | None = None) -> Any:
 
 
 def app_from_env() -> Any:
-    """Factory for uvicorn workers: the config comes from ``KETCH_GATEWAY_CONFIG``."""
+    """Factory for uvicorn workers: the config comes from ``KETCH_GATEWAY_CONFIG``; tracing
+    from the OpenTelemetry variables (``ketch.tracing.setup``)."""
     logs.configure()
+    tracing.setup("ketch-gateway")
     return create_app(GatewayConfig.from_env())

@@ -292,10 +292,19 @@ class BrokerLink:
         priority: int,
         dtype: str | None,
         version: str = "",
+        trace: tuple[str, str] | None = None,
     ) -> Prediction:
+        tp, ts = trace or (None, None)
         async with self._deadline(app, timeout_ms):
             return await self.client.predict(
-                app.name, x, timeout_ms, dtype=dtype, priority=priority, version=version
+                app.name,
+                x,
+                timeout_ms,
+                dtype=dtype,
+                priority=priority,
+                version=version,
+                traceparent=tp,
+                tracestate=ts,
             )
 
     async def predict_many(
@@ -307,7 +316,9 @@ class BrokerLink:
         priority: int,
         dtype: str | None,
         version: str = "",
+        trace: tuple[str, str] | None = None,
     ) -> list[Prediction | errors.RequestError]:
+        tp, ts = trace or (None, None)
         async with self._deadline(app, timeout_ms):
             return await self.client.predict_many(
                 app.name,
@@ -317,6 +328,8 @@ class BrokerLink:
                 priority=priority,
                 return_exceptions=True,
                 version=version,
+                traceparent=tp,
+                tracestate=ts,
             )
 
     @contextlib.asynccontextmanager

@@ -83,13 +83,13 @@ async def predict(call: Call) -> Response:
             x = clipper_input(doc["input"], info.input_type)
             call.send_queries(1)
             pred = await call.gw.link.predict(
-                info, x, timeout_ms=None, priority=0, dtype=dtype, version=version
+                info, x, timeout_ms=None, priority=0, dtype=dtype, version=version, trace=call.trace
             )
             return json_response(answer(pred))
         xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
         call.send_queries(len(xs))
         answers = await call.gw.link.predict_many(
-            info, xs, timeout_ms=None, priority=0, dtype=dtype, version=version
+            info, xs, timeout_ms=None, priority=0, dtype=dtype, version=version, trace=call.trace
         )
         if all(isinstance(a, BaseException) for a in answers):
             raise answers[0]

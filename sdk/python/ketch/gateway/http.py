@@ -27,6 +27,7 @@ class Call:
     queries: int = 0  # sent to the broker, counted in the client's share (limits.ClientShares)
     held_bytes: int = 0  # of the worker's body budget (limits.BodyBudget), given back at the answer
     client: str = ""  # who the request counts against: its bearer token, else its address
+    trace: tuple[str, str] | None = None  # (traceparent, tracestate) its queries carry (ketch.tracing)
 
     def send_queries(self, n: int) -> None:
         """Count ``n`` queries of this request against its client's share (429 past it)."""

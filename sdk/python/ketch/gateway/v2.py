@@ -141,11 +141,17 @@ async def infer(call: Call) -> Response:
         dtype = send_dtype(info.input_type)
         if len(xs) == 1:
             pred = await link.predict(
-                info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version
+                info,
+                xs[0],
+                timeout_ms=timeout_ms,
+                priority=priority,
+                dtype=dtype,
+                version=version,
+                trace=call.trace,
             )
             return info, [pred]
         answers = await link.predict_many(
-            info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version
+            info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version, trace=call.trace
         )
         preds = []
         for p in answers:

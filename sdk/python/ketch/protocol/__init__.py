@@ -111,6 +111,7 @@ from ketch.protocol.query import (
     query_ids_count,
     query_template,
     read_query,
+    read_query_trace,
 )
 from ketch.protocol.reply import (
     PlainFamily,
@@ -230,6 +231,7 @@ __all__ = [
     "read_predict_reply",
     "read_predict_request",
     "read_query",
+    "read_query_trace",
     "read_reply",
     "read_reply_items",
     "reply_ok_many_template",

@@ -25,6 +25,7 @@ from ketch.protocol._generated import PredictRequest as _PReq
 from ketch.protocol._raw import (
     FIELD_ERRORS,
     Buffer,
+    read_strings,
     read_table,
     read_tables,
     read_text,
@@ -39,7 +40,15 @@ from ketch.protocol._raw import (
     where,
 )
 from ketch.protocol.codec import ERROR_NAMES, MAX_ITEMS, DecodeError, build_tensor, decode, finish
-from ketch.protocol.templates import SENTINEL, LearntTemplates, Prebuilds, Template, field_at, vector_at
+from ketch.protocol.templates import (
+    SENTINEL,
+    LearntTemplates,
+    Prebuilds,
+    Template,
+    field_at,
+    strings_at,
+    vector_at,
+)
 
 _RQ = schema.PredictRequest
 _RP = schema.PredictReply
@@ -67,9 +76,14 @@ def build_predict_request(
     ndim: int,
     shapes: np.ndarray[Any, Any] | Sequence[int],
     budgets_us: np.ndarray[Any, Any] | Sequence[int],
+    traceparents: Sequence[str] = (),
+    tracestates: Sequence[str] = (),
 ) -> bytes:
-    """The PredictRequest header, field for field as ``encode`` writes it."""
+    """The PredictRequest header, field for field as ``encode`` writes it; ``traceparents``
+    (and ``tracestates``), when given, one per item ("" for an untraced one)."""
     b = flatbuffers.Builder(128 + 8 * len(shapes) + 4 * len(budgets_us))
+    tp_off = _strings(b, traceparents) if traceparents else None
+    ts_off = _strings(b, tracestates) if any(tracestates) else None
     model_off = b.CreateString(model) if model else None
     ver_off = b.CreateString(model_version) if model_version else None
     shapes_off = b.CreateNumpyVector(np.asarray(shapes, dtype=_I64)) if len(shapes) else None
@@ -88,7 +102,19 @@ def build_predict_request(
     if shapes_off is not None:
         _PReq.AddShapes(b, shapes_off)
     _PReq.AddBudgetsUs(b, budgets_off)
+    if tp_off is not None:
+        _PReq.AddTraceparents(b, tp_off)
+    if ts_off is not None:
+        _PReq.AddTracestates(b, ts_off)
     return finish(b, schema.Body.PredictRequest, _PReq.End(b))
+
+
+def _strings(b: flatbuffers.Builder, values: Sequence[str]) -> int:
+    offs = [b.CreateString(v) for v in values]
+    b.StartVector(4, len(offs), 4)
+    for off in reversed(offs):
+        b.PrependUOffsetTRelative(off)
+    return int(b.EndVector())
 
 
 @lru_cache(maxsize=4096)
@@ -104,6 +130,51 @@ def predict_template(
     return Template(
         data, ((field_at(buf, pos, _RQ.BATCH_ID), "<Q"), *((first + 4 * i, "<I") for i in range(n)))
     )
+
+
+TRACEPARENT_CHARS = 55  # a version-00 traceparent: the one size a traced template holds
+
+
+@lru_cache(maxsize=1024)
+def traced_predict_template(
+    model: str, model_version: str, dtype: int, shape: tuple[int, ...], n: int = 1
+) -> Template:
+    """A PredictRequest of ``n`` items of one shape, each with a version-00 traceparent and
+    no tracestate; render(batch_id, budget_us_0, ..., traceparent_0 as 55 ASCII bytes, ...)."""
+    data = build_predict_request(
+        SENTINEL,
+        model,
+        model_version,
+        dtype,
+        len(shape),
+        list(shape) * n,
+        [SENTINEL] * n,
+        ["0" * TRACEPARENT_CHARS] * n,
+    )
+    buf, pos = where(decode(data)[2])
+    first = vector_at(buf, pos, _RQ.BUDGETS_US)
+    texts = strings_at(buf, pos, _RQ.TRACEPARENTS)
+    return Template(
+        data,
+        (
+            (field_at(buf, pos, _RQ.BATCH_ID), "<Q"),
+            *((first + 4 * i, "<I") for i in range(n)),
+            *((t, f"{TRACEPARENT_CHARS}s") for t in texts),
+        ),
+    )
+
+
+def templated_traces(parents: Sequence[str], states: Sequence[str]) -> list[bytes] | None:
+    """Each item's traceparent as a traced template's slot values, or None when the batch
+    must be built (an untraced item, a traceparent of another version, a tracestate)."""
+    if any(states):
+        return None
+    out = []
+    for tp in parents:
+        if len(tp) != TRACEPARENT_CHARS or not tp.isascii():
+            return None
+        out.append(tp.encode("ascii"))
+    return out
 
 
 class RequestSender:
@@ -123,10 +194,16 @@ class RequestSender:
         family: BatchFamily,
         budgets: list[int],
         shapes: list[tuple[int, ...]] | None = None,
+        traces: tuple[list[str], list[str]] | None = None,
     ) -> bytes:
         """The header of a batch of ``len(budgets)`` items of ``family``; ``shapes``: each item's
-        shape when they differ (the family's shape is then the first item's)."""
-        if shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
+        shape when they differ (the family's shape is then the first item's); ``traces``: each
+        item's (traceparent, tracestate) lists when some are traced (a traced batch is built)."""
+        if traces is not None and shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
+            tps = templated_traces(*traces)
+            if tps is not None:  # every item traced, version 00, no tracestate
+                return traced_predict_template(*family, len(budgets)).render(batch_id, *budgets, *tps)
+        if traces is None and shapes is None and len(budgets) <= REQUEST_TEMPLATE_ITEMS:
             if family not in self._wanted:  # a call saved per batch once a family is queued
                 self.prebuilds.want(predict_template, family, _PREBUILT)
                 if len(self._wanted) < self.prebuilds.limit:
@@ -134,7 +211,10 @@ class RequestSender:
             return predict_template(*family, len(budgets)).render(batch_id, *budgets)
         model, version, dtype, shape = family
         flat = [d for s in shapes or [shape] * len(budgets) for d in s]
-        return build_predict_request(batch_id, model, version, dtype, len(shape), flat, budgets)
+        parents, states = traces or ((), ())
+        return build_predict_request(
+            batch_id, model, version, dtype, len(shape), flat, budgets, parents, states
+        )
 
 
 class PredictRequestView(NamedTuple):
@@ -145,6 +225,8 @@ class PredictRequestView(NamedTuple):
     ndim: int
     shapes: tuple[int, ...]  # ndim entries per item
     budgets_us: tuple[int, ...]
+    traceparents: tuple[str, ...] = ()  # per item ("" untraced); () when none is traced
+    tracestates: tuple[str, ...] = ()
 
 
 def read_predict_request(body: Any) -> PredictRequestView:
@@ -152,6 +234,14 @@ def read_predict_request(body: Any) -> PredictRequestView:
     buf, pos = where(body)
     try:
         f = slots(buf, pos)
+        tp_off = slot(f, _RQ.TRACEPARENTS)
+        if tp_off:
+            traces = (
+                read_strings(buf, pos, tp_off),
+                read_strings(buf, pos, slot(f, _RQ.TRACESTATES)),
+            )
+        else:
+            traces = ((), ())
         return PredictRequestView(
             read_u64(buf, pos, slot(f, _RQ.BATCH_ID)),
             read_text(buf, pos, slot(f, _RQ.MODEL)),
@@ -160,6 +250,7 @@ def read_predict_request(body: Any) -> PredictRequestView:
             read_u8(buf, pos, slot(f, _RQ.NDIM)),
             read_vector(buf, pos, slot(f, _RQ.SHAPES), "q"),
             read_vector(buf, pos, slot(f, _RQ.BUDGETS_US), "I"),
+            *traces,
         )
     except FIELD_ERRORS as exc:
         raise DecodeError(f"PredictRequest does not decode: {type(exc).__name__}") from None
@@ -173,10 +264,22 @@ class RequestReceiver(LearntTemplates[tuple[int, tuple[int, ...], int]]):
 
     __slots__ = ()
 
-    def learn_request(self, header: bytes, body: Any, request: PredictRequestView) -> bool:
+    def learn_request(
+        self, header: bytes, body: Any, request: PredictRequestView, traced: bool = False
+    ) -> bool:
+        """``traced``: a receiver of traced requests, whose every item has a version-00
+        traceparent and no tracestate; its matches end with each item's traceparent bytes.
+        A receiver of untraced requests learns none that is traced, and the reverse."""
         n = len(request.budgets_us)
         shape = request.shapes[: request.ndim]
         if self.full or not n or request.shapes != shape * n:
+            return False
+        if traced != bool(request.traceparents):
+            return False
+        if traced and (
+            len(request.traceparents) != n
+            or templated_traces(request.traceparents, request.tracestates) is None
+        ):
             return False
         buf, pos = where(body)
         f = slots(buf, pos)
@@ -184,7 +287,15 @@ class RequestReceiver(LearntTemplates[tuple[int, tuple[int, ...], int]]):
         if not id_off:
             return False
         first = vector_start(buf, pos, slot(f, _RQ.BUDGETS_US))
-        template = Template(header, ((pos + id_off, "<Q"), *((first + 4 * i, "<I") for i in range(n))))
+        texts = strings_at(buf, pos, _RQ.TRACEPARENTS) if traced else []
+        template = Template(
+            header,
+            (
+                (pos + id_off, "<Q"),
+                *((first + 4 * i, "<I") for i in range(n)),
+                *((t, f"{TRACEPARENT_CHARS}s") for t in texts),
+            ),
+        )
         return self.learn(header, template, (request.dtype, shape, n))
 
 

@@ -21,6 +21,7 @@ from ketch.protocol._raw import (
     FIELD_ERRORS,
     read_i8,
     read_length,
+    read_str,
     read_text,
     read_u8,
     read_u32,
@@ -59,6 +60,8 @@ def build_query(
     priority: int = 0,
     context: str = "",
     model_version: str = "",
+    traceparent: str = "",
+    tracestate: str = "",
 ) -> bytes:
     """The Query header, field for field as ``encode`` writes it (the same bytes)."""
     b = flatbuffers.Builder(96 + 8 * len(request_ids))
@@ -67,6 +70,8 @@ def build_query(
     ids_off = b.CreateNumpyVector(np.asarray(request_ids, dtype=_U64))
     ctx_off = b.CreateString(context) if context else None
     version_off = b.CreateString(model_version) if model_version else None
+    tp_off = b.CreateString(traceparent) if traceparent else None
+    ts_off = b.CreateString(tracestate) if tracestate else None
     _Q.Start(b)
     if app_off is not None:
         _Q.AddApp(b, app_off)
@@ -83,6 +88,10 @@ def build_query(
         _Q.AddContext(b, ctx_off)
     if version_off is not None:
         _Q.AddModelVersion(b, version_off)
+    if tp_off is not None:
+        _Q.AddTraceparent(b, tp_off)
+    if ts_off is not None:
+        _Q.AddTracestate(b, ts_off)
     return finish(b, schema.Body.Query, _Q.End(b))
 
 
@@ -109,6 +118,45 @@ def query_template(
 
 
 TEMPLATE_TEXT = 512  # bytes of app name, context and version, at most, in a cached template
+TRACEPARENT_CHARS = 55  # a version-00 traceparent: the one size a traced template holds
+
+
+@lru_cache(maxsize=1024)
+def traced_query_template(
+    app: str,
+    dtype: int,
+    shape: tuple[int, ...],
+    timeout_us: int,
+    priority: int,
+    context: str,
+    n: int = 1,
+    model_version: str = "",
+) -> Template:
+    """A Query of ``n`` queries with a version-00 traceparent and no tracestate;
+    render(request_id_0, ..., request_id_n-1, traceparent as 55 ASCII bytes)."""
+    data = build_query(
+        app,
+        dtype,
+        shape,
+        [SENTINEL] * n,
+        timeout_us,
+        priority,
+        context,
+        model_version,
+        traceparent="0" * TRACEPARENT_CHARS,
+    )
+    buf, pos = where(decode(data)[2])
+    first = vector_at(buf, pos, _F.REQUEST_IDS)
+    text = vector_at(buf, pos, _F.TRACEPARENT)  # a string: its bytes, past its length
+    return Template(data, (*((first + 8 * i, "<Q") for i in range(n)), (text, f"{TRACEPARENT_CHARS}s")))
+
+
+def _templated_trace(trace: tuple[str, str]) -> bytes | None:
+    """The traceparent as a traced template's slot value, or None when it needs a build."""
+    traceparent, tracestate = trace
+    if tracestate or len(traceparent) != TRACEPARENT_CHARS or not traceparent.isascii():
+        return None
+    return traceparent.encode("ascii")
 
 
 def _short(query: QueryType) -> bool:
@@ -125,11 +173,26 @@ def query_header(
     priority: int = 0,
     context: str = "",
     model_version: str = "",
+    trace: tuple[str, str] | None = None,
 ) -> bytes:
     """A client's Query header: rendered from its template up to MAX_ITEMS ids (when its app
-    name, context and version are short), else built."""
+    name, context and version are short), else built. A traced one (``trace``: its W3C
+    traceparent and tracestate) is rendered from its traced template when the traceparent is
+    of version 00 and there is no tracestate, else built."""
     text = len(app) + len(context) + len(model_version)
-    if len(ids) <= MAX_ITEMS and text <= TEMPLATE_TEXT and len(shape) <= MAX_RANK:
+    short = len(ids) <= MAX_ITEMS and text <= TEMPLATE_TEXT and len(shape) <= MAX_RANK
+    if trace is not None:
+        tp = _templated_trace(trace)
+        if tp is None or not short:
+            traceparent, tracestate = trace
+            return build_query(
+                app, dtype, shape, ids, timeout_us, priority, context, model_version, traceparent, tracestate
+            )
+        template = traced_query_template(
+            app, dtype, shape, timeout_us, priority, context, len(ids), model_version
+        )
+        return template.render(*ids, tp)
+    if short:
         template = query_template(app, dtype, shape, timeout_us, priority, context, len(ids), model_version)
         return template.render(*ids)
     return build_query(app, dtype, shape, ids, timeout_us, priority, context, model_version)
@@ -157,6 +220,31 @@ def read_query(body: Any) -> tuple[QueryType, list[int]]:
     return query, ids
 
 
+MAX_TRACEPARENT_BYTES = 256  # a longer traceparent is ignored, unread (ketch.tracing)
+MAX_TRACESTATE_BYTES = 512  # a longer tracestate is dropped, unread
+
+
+def _bounded_text(buf: Any, pos: int, off: int, limit: int) -> str:
+    raw = read_str(buf, pos, off)
+    return raw.decode("utf-8", "replace") if raw and len(raw) <= limit else ""
+
+
+def read_query_trace(body: Any) -> tuple[str, str] | None:
+    """A decoded Query's (traceparent, tracestate) as sent, or None when it names none or
+    one over MAX_TRACEPARENT_BYTES (a tracestate over its bound reads as ""); the caller
+    checks them (``ketch.tracing.clean``). Raises DecodeError."""
+    buf, pos = where(body)
+    try:
+        f = slots(buf, pos)
+        tp_off = slot(f, _F.TRACEPARENT)
+        traceparent = _bounded_text(buf, pos, tp_off, MAX_TRACEPARENT_BYTES) if tp_off else ""
+        if not traceparent:
+            return None
+        return traceparent, _bounded_text(buf, pos, slot(f, _F.TRACESTATE), MAX_TRACESTATE_BYTES)
+    except FIELD_ERRORS as exc:
+        raise DecodeError(f"Query does not decode: {type(exc).__name__}") from None
+
+
 def query_ids_count(body: Any) -> int:
     """How many request ids a decoded Query names, without reading them (so that a Query of
     millions can be refused before they cost anything). Raises DecodeError."""
@@ -174,11 +262,13 @@ class QueryReceiver(LearntTemplates[QueryType]):
 
     __slots__ = ()
 
-    def learn_query(self, body: Any, query: QueryType, n_ids: int) -> bool:
+    def learn_query(self, body: Any, query: QueryType, n_ids: int, traced: bool = False) -> bool:
         """Keep a Query just read the long way when it is the canonical template rendered and
-        its type is short (``query_template``): what a client sends is held only in a
-        bounded number of short templates."""
+        its type is short (``query_template``, or ``traced_query_template`` for a receiver of
+        traced Queries, whose matches end with the traceparent's bytes): what a client sends
+        is held only in a bounded number of short templates."""
         if n_ids > MAX_ITEMS or self.full or not _short(query):
             return False
         buf, _ = where(body)
-        return self.learn(buf, query_template(*query[:6], n_ids, query.model_version), query)
+        make = traced_query_template if traced else query_template
+        return self.learn(buf, make(*query[:6], n_ids, query.model_version), query)

@@ -99,6 +99,8 @@ class Query:
     PRIORITY: Final = 5
     CONTEXT: Final = 6
     MODEL_VERSION: Final = 7
+    TRACEPARENT: Final = 8
+    TRACESTATE: Final = 9
 
 
 class ReplyItem:
@@ -181,6 +183,8 @@ class PredictRequest:
     NDIM: Final = 4
     SHAPES: Final = 5
     BUDGETS_US: Final = 6
+    TRACEPARENTS: Final = 7
+    TRACESTATES: Final = 8
 
 
 class Output:
@@ -300,6 +304,8 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("priority", "i8"),
         ("context", "str"),
         ("model_version", "str"),
+        ("traceparent", "str"),
+        ("tracestate", "str"),
     ),
     "ReplyItem": (
         ("request_id", "u64"),
@@ -352,6 +358,8 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("ndim", "u8"),
         ("shapes", "[i64]"),
         ("budgets_us", "[u32]"),
+        ("traceparents", "[str]"),
+        ("tracestates", "[str]"),
     ),
     "Output": (
         ("status", "status"),

@@ -48,14 +48,15 @@ class Template:
             for pos, fmt in slots
         )
 
-    def render(self, *values: int) -> bytes:
+    def render(self, *values: int | bytes) -> bytes:
         buf = bytearray(self.data)
         for (pos, fmt), value in zip(self.slots, values, strict=True):
             struct.pack_into(fmt, buf, pos, value)
         return bytes(buf)
 
-    def match(self, data: Buffer) -> list[int] | None:
-        """The slot values when ``data`` (any buffer) is this template rendered with them."""
+    def match(self, data: Buffer) -> list[Any] | None:
+        """The slot values when ``data`` (any buffer) is this template rendered with them
+        (ints; bytes for a slot of text, such as a traceparent)."""
         if len(data) != len(self.data):
             return None
         buf = bytearray(data)
@@ -83,7 +84,7 @@ class LearntTemplates(Generic[T]):
         self.count = 0
         self.total, self.per_length = total, per_length
 
-    def match(self, data: Buffer) -> tuple[list[int], T] | None:
+    def match(self, data: Buffer) -> tuple[list[Any], T] | None:
         """(slot values, what was learnt) of the template ``data`` (any buffer) renders."""
         for template, learnt in self._by_length.get(len(data), ()):
             values = template.match(data)
@@ -153,6 +154,14 @@ def field_at(buf: Buffer, pos: int, field: int) -> int:
     off = slot(slots(buf, pos), field)
     assert off, "template field was not written"
     return pos + off
+
+
+def strings_at(buf: Buffer, pos: int, field: int) -> list[int]:
+    """Absolute byte positions of the text of each string of a vector-of-strings field."""
+    first = vector_at(buf, pos, field)
+    n = struct.unpack_from("<I", buf, first - 4)[0]
+    at = [first + 4 * i for i in range(n)]
+    return [a + struct.unpack_from("<I", buf, a)[0] + 4 for a in at]
 
 
 def vector_at(buf: Buffer, pos: int, field: int) -> int:

@@ -118,8 +118,48 @@ class PredictRequest(object):
         o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
         return o == 0
 
+    # PredictRequest
+    def Traceparents(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # PredictRequest
+    def TraceparentsLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # PredictRequest
+    def TraceparentsIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        return o == 0
+
+    # PredictRequest
+    def Tracestates(self, j):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            a = self._tab.Vector(o)
+            return self._tab.String(a + flatbuffers.number_types.UOffsetTFlags.py_type(j * 4))
+        return ""
+
+    # PredictRequest
+    def TracestatesLength(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.VectorLen(o)
+        return 0
+
+    # PredictRequest
+    def TracestatesIsNone(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        return o == 0
+
 def PredictRequestStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(9)
 
 def Start(builder):
     PredictRequestStart(builder)
@@ -177,6 +217,30 @@ def PredictRequestStartBudgetsUsVector(builder, numElems):
 
 def StartBudgetsUsVector(builder, numElems):
     return PredictRequestStartBudgetsUsVector(builder, numElems)
+
+def PredictRequestAddTraceparents(builder, traceparents):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(traceparents), 0)
+
+def AddTraceparents(builder, traceparents):
+    PredictRequestAddTraceparents(builder, traceparents)
+
+def PredictRequestStartTraceparentsVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartTraceparentsVector(builder, numElems):
+    return PredictRequestStartTraceparentsVector(builder, numElems)
+
+def PredictRequestAddTracestates(builder, tracestates):
+    builder.PrependUOffsetTRelativeSlot(8, flatbuffers.number_types.UOffsetTFlags.py_type(tracestates), 0)
+
+def AddTracestates(builder, tracestates):
+    PredictRequestAddTracestates(builder, tracestates)
+
+def PredictRequestStartTracestatesVector(builder, numElems):
+    return builder.StartVector(4, numElems, 4)
+
+def StartTracestatesVector(builder, numElems):
+    return PredictRequestStartTracestatesVector(builder, numElems)
 
 def PredictRequestEnd(builder):
     return builder.EndObject()

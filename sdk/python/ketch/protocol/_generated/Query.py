@@ -126,8 +126,22 @@ class Query(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Query
+    def Traceparent(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(20))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
+    # Query
+    def Tracestate(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(22))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def QueryStart(builder):
-    builder.StartObject(8)
+    builder.StartObject(10)
 
 def Start(builder):
     QueryStart(builder)
@@ -191,6 +205,18 @@ def QueryAddModelVersion(builder, modelVersion):
 
 def AddModelVersion(builder, modelVersion):
     QueryAddModelVersion(builder, modelVersion)
+
+def QueryAddTraceparent(builder, traceparent):
+    builder.PrependUOffsetTRelativeSlot(8, flatbuffers.number_types.UOffsetTFlags.py_type(traceparent), 0)
+
+def AddTraceparent(builder, traceparent):
+    QueryAddTraceparent(builder, traceparent)
+
+def QueryAddTracestate(builder, tracestate):
+    builder.PrependUOffsetTRelativeSlot(9, flatbuffers.number_types.UOffsetTFlags.py_type(tracestate), 0)
+
+def AddTracestate(builder, tracestate):
+    QueryAddTracestate(builder, tracestate)
 
 def QueryEnd(builder):
     return builder.EndObject()

@@ -43,6 +43,8 @@ public final class Schema {
         public static final int PRIORITY = 5;
         public static final int CONTEXT = 6;
         public static final int MODEL_VERSION = 7;
+        public static final int TRACEPARENT = 8;
+        public static final int TRACESTATE = 9;
     }
 
     /** Field ids of table ReplyItem. */
@@ -133,6 +135,8 @@ public final class Schema {
         public static final int NDIM = 4;
         public static final int SHAPES = 5;
         public static final int BUDGETS_US = 6;
+        public static final int TRACEPARENTS = 7;
+        public static final int TRACESTATES = 8;
     }
 
     /** Field ids of table Output. */
@@ -209,7 +213,9 @@ public final class Schema {
                 new Field("timeout_us", "u32", 4, 0),
                 new Field("priority", "i8", 5, 0),
                 new Field("context", "str", 6, 0),
-                new Field("model_version", "str", 7, 0)}),
+                new Field("model_version", "str", 7, 0),
+                new Field("traceparent", "str", 8, 0),
+                new Field("tracestate", "str", 9, 0)}),
             Map.entry("ReplyItem", new Field[] {
                 new Field("request_id", "u64", 0, 0),
                 new Field("status", "status", 1, 0),
@@ -259,7 +265,9 @@ public final class Schema {
                 new Field("dtype", "dtype", 3, 0),
                 new Field("ndim", "u8", 4, 0),
                 new Field("shapes", "[i64]", 5, 0),
-                new Field("budgets_us", "[u32]", 6, 0)}),
+                new Field("budgets_us", "[u32]", 6, 0),
+                new Field("traceparents", "[str]", 7, 0),
+                new Field("tracestates", "[str]", 8, 0)}),
             Map.entry("Output", new Field[] {
                 new Field("status", "status", 0, 0),
                 new Field("output", "Tensor", 1, 0),

@@ -50,6 +50,14 @@ public final class PredictRequest extends com.google.flatbuffers.Table {
   public IntVector budgetsUsVector(IntVector obj) { int o = __offset(16); return o != 0 ? obj.__assign(__vector(o), bb) : null; }
   public ByteBuffer budgetsUsAsByteBuffer() { return __vector_as_bytebuffer(16, 4); }
   public ByteBuffer budgetsUsInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 16, 4); }
+  public String traceparents(int j) { int o = __offset(18); return o != 0 ? __string(__vector(o) + j * 4) : null; }
+  public int traceparentsLength() { int o = __offset(18); return o != 0 ? __vector_len(o) : 0; }
+  public StringVector traceparentsVector() { return traceparentsVector(new StringVector()); }
+  public StringVector traceparentsVector(StringVector obj) { int o = __offset(18); return o != 0 ? obj.__assign(__vector(o), 4, bb) : null; }
+  public String tracestates(int j) { int o = __offset(20); return o != 0 ? __string(__vector(o) + j * 4) : null; }
+  public int tracestatesLength() { int o = __offset(20); return o != 0 ? __vector_len(o) : 0; }
+  public StringVector tracestatesVector() { return tracestatesVector(new StringVector()); }
+  public StringVector tracestatesVector(StringVector obj) { int o = __offset(20); return o != 0 ? obj.__assign(__vector(o), 4, bb) : null; }
 
   public static int createPredictRequest(FlatBufferBuilder builder,
       long batchId,
@@ -58,9 +66,13 @@ public final class PredictRequest extends com.google.flatbuffers.Table {
       int dtype,
       int ndim,
       int shapesOffset,
-      int budgetsUsOffset) {
-    builder.startTable(7);
+      int budgetsUsOffset,
+      int traceparentsOffset,
+      int tracestatesOffset) {
+    builder.startTable(9);
     PredictRequest.addBatchId(builder, batchId);
+    PredictRequest.addTracestates(builder, tracestatesOffset);
+    PredictRequest.addTraceparents(builder, traceparentsOffset);
     PredictRequest.addBudgetsUs(builder, budgetsUsOffset);
     PredictRequest.addShapes(builder, shapesOffset);
     PredictRequest.addModelVersion(builder, modelVersionOffset);
@@ -70,7 +82,7 @@ public final class PredictRequest extends com.google.flatbuffers.Table {
     return PredictRequest.endPredictRequest(builder);
   }
 
-  public static void startPredictRequest(FlatBufferBuilder builder) { builder.startTable(7); }
+  public static void startPredictRequest(FlatBufferBuilder builder) { builder.startTable(9); }
   public static void addBatchId(FlatBufferBuilder builder, long batchId) { builder.addLong(0, batchId, 0L); }
   public static void addModel(FlatBufferBuilder builder, int modelOffset) { builder.addOffset(1, modelOffset, 0); }
   public static void addModelVersion(FlatBufferBuilder builder, int modelVersionOffset) { builder.addOffset(2, modelVersionOffset, 0); }
@@ -82,6 +94,12 @@ public final class PredictRequest extends com.google.flatbuffers.Table {
   public static void addBudgetsUs(FlatBufferBuilder builder, int budgetsUsOffset) { builder.addOffset(6, budgetsUsOffset, 0); }
   public static int createBudgetsUsVector(FlatBufferBuilder builder, long[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addInt((int) data[i]); return builder.endVector(); }
   public static void startBudgetsUsVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
+  public static void addTraceparents(FlatBufferBuilder builder, int traceparentsOffset) { builder.addOffset(7, traceparentsOffset, 0); }
+  public static int createTraceparentsVector(FlatBufferBuilder builder, int[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addOffset(data[i]); return builder.endVector(); }
+  public static void startTraceparentsVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
+  public static void addTracestates(FlatBufferBuilder builder, int tracestatesOffset) { builder.addOffset(8, tracestatesOffset, 0); }
+  public static int createTracestatesVector(FlatBufferBuilder builder, int[] data) { builder.startVector(4, data.length, 4); for (int i = data.length - 1; i >= 0; i--) builder.addOffset(data[i]); return builder.endVector(); }
+  public static void startTracestatesVector(FlatBufferBuilder builder, int numElems) { builder.startVector(4, numElems, 4); }
   public static int endPredictRequest(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;

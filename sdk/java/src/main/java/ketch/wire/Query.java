@@ -54,6 +54,12 @@ public final class Query extends com.google.flatbuffers.Table {
   public String modelVersion() { int o = __offset(18); return o != 0 ? __string(o + bb_pos) : null; }
   public ByteBuffer modelVersionAsByteBuffer() { return __vector_as_bytebuffer(18, 1); }
   public ByteBuffer modelVersionInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 18, 1); }
+  public String traceparent() { int o = __offset(20); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer traceparentAsByteBuffer() { return __vector_as_bytebuffer(20, 1); }
+  public ByteBuffer traceparentInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 20, 1); }
+  public String tracestate() { int o = __offset(22); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer tracestateAsByteBuffer() { return __vector_as_bytebuffer(22, 1); }
+  public ByteBuffer tracestateInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 22, 1); }
 
   public static int createQuery(FlatBufferBuilder builder,
       int appOffset,
@@ -63,8 +69,12 @@ public final class Query extends com.google.flatbuffers.Table {
       long timeoutUs,
       byte priority,
       int contextOffset,
-      int modelVersionOffset) {
-    builder.startTable(8);
+      int modelVersionOffset,
+      int traceparentOffset,
+      int tracestateOffset) {
+    builder.startTable(10);
+    Query.addTracestate(builder, tracestateOffset);
+    Query.addTraceparent(builder, traceparentOffset);
     Query.addModelVersion(builder, modelVersionOffset);
     Query.addContext(builder, contextOffset);
     Query.addTimeoutUs(builder, timeoutUs);
@@ -76,7 +86,7 @@ public final class Query extends com.google.flatbuffers.Table {
     return Query.endQuery(builder);
   }
 
-  public static void startQuery(FlatBufferBuilder builder) { builder.startTable(8); }
+  public static void startQuery(FlatBufferBuilder builder) { builder.startTable(10); }
   public static void addApp(FlatBufferBuilder builder, int appOffset) { builder.addOffset(0, appOffset, 0); }
   public static void addDtype(FlatBufferBuilder builder, int dtype) { builder.addByte(1, (byte) dtype, (byte) 0); }
   public static void addShape(FlatBufferBuilder builder, int shapeOffset) { builder.addOffset(2, shapeOffset, 0); }
@@ -89,6 +99,8 @@ public final class Query extends com.google.flatbuffers.Table {
   public static void addPriority(FlatBufferBuilder builder, byte priority) { builder.addByte(5, priority, 0); }
   public static void addContext(FlatBufferBuilder builder, int contextOffset) { builder.addOffset(6, contextOffset, 0); }
   public static void addModelVersion(FlatBufferBuilder builder, int modelVersionOffset) { builder.addOffset(7, modelVersionOffset, 0); }
+  public static void addTraceparent(FlatBufferBuilder builder, int traceparentOffset) { builder.addOffset(8, traceparentOffset, 0); }
+  public static void addTracestate(FlatBufferBuilder builder, int tracestateOffset) { builder.addOffset(9, tracestateOffset, 0); }
   public static int endQuery(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;
