@@ -16,6 +16,9 @@ now (BYTES before any).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from starlette.responses import Response
 
@@ -26,6 +29,8 @@ from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.tensors import (
     KETCH_DATATYPES,
+    InferRequest,
+    OutputTensor,
     encode_infer_response,
     output_tensor,
     parse_infer_request,
@@ -59,9 +64,27 @@ async def ready(call: Call) -> Response:
     return json_response({"ready": True})
 
 
-async def model_metadata(call: Call) -> Response:
-    info = await call.gw.link.app(call.request.path_params["name"])
+def check_version(name: str, version: str) -> None:
+    """The one place a request's model version is checked, on HTTP and gRPC alike.
+
+    A Ketch app picks the model version that answers (its policy and the active version);
+    pinning a request to a version is not served yet, so asking for one is refused with a
+    clear error rather than silently answered by whichever version the app picks.
+    """
+    if version:
+        raise HTTPError(
+            501,
+            f"model {name!r}: version {version!r} was asked for, and this gateway does not pin "
+            "requests to a version yet; leave the version empty to be served by the app's active version",
+            code="NOT_IMPLEMENTED",
+        )
+
+
+async def model_metadata_doc(call: Call, name: str, version: str = "") -> dict[str, Any]:
+    """The app's V2 metadata (HTTP's JSON body; gRPC's ModelMetadataResponse is made from it)."""
+    info = await call.gw.link.app(name)
     call.app = info.name
+    check_version(name, version)
     versions = []
     for model in info.models:
         try:
@@ -74,24 +97,26 @@ async def model_metadata(call: Call) -> Response:
     seen_under, seen_type, seen_shape = call.gw.outputs_seen.get(info.name, (info, "BYTES", []))
     if seen_under != info:  # seen of an app of this name before it was changed or created again
         seen_type, seen_shape = "BYTES", []
-    return json_response(
-        {
-            "name": info.name,
-            "versions": versions,
-            "platform": "ketch",
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": KETCH_DATATYPES.get(info.input_type, "BYTES"),
-                    "shape": [-1, *info.input_shape],
-                }
-            ],
-            "outputs": [
-                {"name": "output", "datatype": seen_type, "shape": [-1, *seen_shape]},
-                {"name": "default", "datatype": "BOOL", "shape": [-1]},
-            ],
-        }
-    )
+    return {
+        "name": info.name,
+        "versions": versions,
+        "platform": "ketch",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": KETCH_DATATYPES.get(info.input_type, "BYTES"),
+                "shape": [-1, *info.input_shape],
+            }
+        ],
+        "outputs": [
+            {"name": "output", "datatype": seen_type, "shape": [-1, *seen_shape]},
+            {"name": "default", "datatype": "BOOL", "shape": [-1]},
+        ],
+    }
+
+
+async def model_metadata(call: Call) -> Response:
+    return json_response(await model_metadata_doc(call, call.request.path_params["name"]))
 
 
 async def model_ready(call: Call) -> Response:
@@ -109,20 +134,29 @@ async def model_ready(call: Call) -> Response:
     return json_response({"name": name, "ready": True})
 
 
-async def infer(call: Call) -> Response:
-    body = await read_body(call)
-    name = call.request.path_params["name"]
-    info = await call.gw.link.app(name)
+@dataclass
+class InferAnswer:
+    """What an infer request is answered with, before HTTP or gRPC encodes it."""
+
+    model_name: str
+    model_version: str
+    outputs: dict[str, OutputTensor]  # "output" and "default", in that order
+    parameters: dict[str, Any]
+
+
+async def answer_infer(call: Call, name: str, request: InferRequest, version: str = "") -> InferAnswer:
+    """Send the request's queries to the app and gather the answers (HTTP and gRPC).
+
+    ``version`` is the request's model version (the HTTP route's, gRPC's ``model_version``):
+    it reaches the broker only through ``check_version``.
+    """
+    link = call.gw.link
+    info = await link.app(name)
     call.app = info.name
-    request = parse_infer_request(
-        body,
-        call.request.headers.get("inference-header-content-length"),
-        lambda head: parse_json(call, head, "the request"),
-    )
+    check_version(name, version)
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
     timeout_ms, priority = query_options(request.parameters)
-    link = call.gw.link
 
     async def run(info: AppInfo) -> tuple[AppInfo, list[Prediction]]:
         xs, _ = split_queries(
@@ -148,15 +182,33 @@ async def infer(call: Call) -> Response:
     output = output_tensor([p.output for p in preds])
     call.gw.outputs_seen[info.name] = (info, output[0], output[1][1:])
     defaults = [p.default for p in preds]
-    parameters = {}
+    parameters: dict[str, Any] = {}
     if any(defaults):
         parameters["defaults"] = sum(defaults)
         parameters["default_explanation"] = next(p.default_explanation for p in preds if p.default)
-    body, headers = encode_infer_response(
+    return InferAnswer(
         model_name=info.name,
         model_version=next((p.version for p in preds if not p.default and p.version), ""),
-        request=request,
         outputs={"output": output, "default": ("BOOL", [len(preds)], np.asarray(defaults, dtype=bool))},
         parameters=parameters,
+    )
+
+
+async def infer(call: Call) -> Response:
+    body = await read_body(call)
+    name = call.request.path_params["name"]
+    call.app = (await call.gw.link.app(name)).name  # an unknown app is a 404 before the body is parsed
+    request = parse_infer_request(
+        body,
+        call.request.headers.get("inference-header-content-length"),
+        lambda head: parse_json(call, head, "the request"),
+    )
+    answer = await answer_infer(call, name, request)
+    body, headers = encode_infer_response(
+        model_name=answer.model_name,
+        model_version=answer.model_version,
+        request=request,
+        outputs=answer.outputs,
+        parameters=answer.parameters,
     )
     return Response(body, headers=headers)
