@@ -18,6 +18,7 @@ the Ketch code rides in the trailing metadata as ``ketch-code`` (and ``retry-aft
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import structlog
+from google.protobuf import unknown_fields
 
 from ketch import __version__, errors
 from ketch.gateway import v2
@@ -93,12 +95,26 @@ def grpc_code(err: HTTPError) -> grpc.StatusCode:
 
 
 def parameters_of(params: Any) -> dict[str, Any]:
-    """A protobuf ``map<string, InferParameter>`` as plain values (unset ones left out)."""
+    """A protobuf ``map<string, InferParameter>`` as plain values.
+
+    Besides KServe's bool, int64 and string values, Triton's extension of the message
+    (``double_param = 4``, ``uint64_param = 5``: tritonclient sends ``priority`` as uint64)
+    is read from the fields KServe's proto does not know; a parameter with no value is a 400,
+    never dropped.
+    """
     out: dict[str, Any] = {}
     for key, param in params.items():
         which = param.WhichOneof("parameter_choice")
         if which is not None:
             out[key] = getattr(param, which)
+            continue
+        for f in unknown_fields.UnknownFieldSet(param):
+            if f.field_number == 5 and f.wire_type == 0:  # uint64_param (varint)
+                out[key] = f.data
+            elif f.field_number == 4 and f.wire_type == 1:  # double_param (fixed64)
+                out[key] = struct.unpack("<d", struct.pack("<Q", f.data))[0]
+        if key not in out:
+            raise bad_request(f"parameter {key!r} has no bool, int64, uint64, double or string value")
     return out
 
 
