@@ -380,6 +380,29 @@ def test_no_broker_is_not_ready_and_unavailable(tmp_path):
         assert info.value.status() == "StatusCode.UNAVAILABLE"
 
 
+def test_a_taken_default_grpc_port_costs_grpc_only(broker, apps):
+    # a listening socket on some port P + 1 where P is free: the gateway on P defaults gRPC to P + 1
+    for _ in range(50):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1] - 1
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                taken.close()
+    else:
+        pytest.skip("no free port just below a free one")
+    with taken:
+        with LocalGateway(broker.frontend, broker.admin, listen=f"127.0.0.1:{port}") as gw:
+            assert gw.grpc == "" and "no gRPC: its default port is not free" in gw.log_text()
+        asked = LocalGateway(broker.frontend, broker.admin, extra_args=["--grpc", f"127.0.0.1:{port + 1}"])
+        with pytest.raises(RuntimeError, match="cannot serve gRPC on 127.0.0.1"), asked:  # asked for: refused
+            pass
+
+
 def test_no_grpc_writes_no_grpc_address(broker, apps):
     with LocalGateway(broker.frontend, broker.admin, extra_args=["--no-grpc"]) as gw:
         assert gw.grpc == ""

@@ -240,7 +240,8 @@ def _broker_start_command() -> click.Command:
             extra = (["--token-file", http_token_file] if http_token_file else []) + (
                 ["--insecure"] if insecure else []
             )
-            extra += ["--no-grpc"] if grpc_at is None else ["--grpc", _host_port(*grpc_at)]
+            if no_grpc or grpc_listen is not None:  # else the gateway takes its default (optional) port
+                extra += ["--no-grpc"] if no_grpc else ["--grpc", _host_port(*grpc_at)]
             child = _GatewayChild(ready_path, http_listen, http_workers, extra)
             child.start()
             try:
@@ -281,7 +282,7 @@ def _host_port(host: str, port: int) -> str:
 
 def _grpc_listen(text: str | None, http_host: str, http_port: int, option: str) -> tuple[str, int]:
     """The gRPC HOST:PORT: as given, else next to HTTP (its port + 1, as Triton's 8001 beside
-    8000; port 0 beside port 0)."""
+    8000; port 0 beside port 0). A default port that is taken costs gRPC only (a warning)."""
     if text is not None:
         return _check_listen(text, option)
     if http_port == 65535:
@@ -1322,9 +1323,14 @@ def gateway(
             ready_file=ready_file,
             log_level=log_level,
             grpc=grpc_at,
+            grpc_optional=grpc_listen is None,
         )
     except OSError as exc:
-        _fail(f"cannot serve HTTP on {listen}: {exc.strerror or exc}", EXIT_REFUSED)
+        why = exc.strerror or str(exc)
+        _fail(
+            why if why.startswith("cannot serve gRPC") else f"cannot serve HTTP on {listen}: {why}",
+            EXIT_REFUSED,
+        )
     sys.exit(code)
 
 

@@ -67,13 +67,13 @@ def reserve_grpc(host: str, port: int) -> tuple[socket.socket, str]:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise OSError(exc.errno, f"gRPC on {host}:{port}: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"cannot serve gRPC on {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"gRPC on {host}:{port}: {exc.strerror or exc}") from None
+        raise OSError(exc.errno, f"cannot serve gRPC on {host}:{port}: {exc.strerror or exc}") from None
     bound_host, bound_port = sock.getsockname()[:2]
     return sock, (f"[{bound_host}]" if ":" in bound_host else bound_host) + f":{bound_port}"
 
@@ -110,15 +110,26 @@ def serve(
     ready_file: str | None = None,
     log_level: str = "warning",
     grpc: tuple[str, int] | None = None,
+    grpc_optional: bool = False,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code. ``grpc``: (host, port) to serve
-    the Open Inference Protocol's gRPC service on too, in every worker."""
+    the Open Inference Protocol's gRPC service on too, in every worker; ``grpc_optional``
+    (its port was a default, not asked for): a taken port is a warning, and HTTP is served
+    without gRPC."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     grpc_hold = None
     if grpc is not None:
-        grpc_hold, config.grpc = reserve_grpc(*grpc)
+        try:
+            grpc_hold, config.grpc = reserve_grpc(*grpc)
+        except OSError as exc:
+            if not grpc_optional:
+                raise
+            log.warning(
+                "no gRPC: its default port is not free; give --grpc HOST:PORT, or --no-grpc",
+                error=exc.strerror or str(exc),
+            )
     os.environ[CONFIG_ENV] = config.to_env()
     metrics_dir = None
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
