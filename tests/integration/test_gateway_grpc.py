@@ -164,6 +164,9 @@ def test_health_and_metadata_with_tritonclient(triton):
     with pytest.raises(InferenceServerException) as info:
         triton.get_model_metadata("nope")
     assert info.value.status() == "StatusCode.NOT_FOUND" and "no app named 'nope'" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:  # Triton's own RPCs are not served
+        triton.get_model_repository_index()
+    assert info.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 @pytest.mark.parametrize("datatype", list(KETCH_DTYPE))

@@ -4,7 +4,8 @@ The socket is bound here, before any worker starts, so ``--listen 127.0.0.1:0`` 
 the bound address can be written to a ready file. With one worker the server runs in this
 process; with more, uvicorn's supervisor spawns them (each imports ``app_from_env`` and
 opens its own connections to the broker) and prometheus-client keeps their figures in a
-temporary multiprocess directory, removed at exit.
+temporary multiprocess directory, removed at exit. The gRPC port is reserved here as well
+(``reserve_grpc``) and each worker serves gRPC on it (``grpc_server.py``).
 """
 
 from __future__ import annotations
