@@ -367,13 +367,14 @@ def test_tokens_size_limit_and_several_workers(broker, apps, tmp_path):
                 assert c.infer("echo-float64", [inp], headers=auth).as_numpy("output").tolist() == [[i, i]]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_no_broker_is_not_ready_and_unavailable(tmp_path):
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    frontend, admin = (f"tcp://127.0.0.1:{p}" for p in ports)
+    frontend, admin = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     with LocalGateway(frontend, admin) as gw, tg.InferenceServerClient(gw.grpc) as client:
         assert client.is_server_live() and not client.is_server_ready()
         inp = tg.InferInput("input", [1, 2], "FP64")
@@ -412,11 +413,6 @@ def test_no_grpc_writes_no_grpc_address(broker, apps):
 
 
 def test_broker_start_runs_grpc_beside_http_and_no_grpc_turns_it_off(tmp_path):
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     for grpc_args in (["--grpc", f"127.0.0.1:{free_port()}"], ["--no-grpc"]):
         ready = tmp_path / "ready.json"
         ready.unlink(missing_ok=True)
