@@ -10,6 +10,7 @@ raw contents) and a plain channel with the stubs generated from schemas/grpc_pre
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -441,3 +442,43 @@ def test_broker_start_runs_grpc_beside_http_and_no_grpc_turns_it_off(tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+KSERVE_CLIENT = """
+import asyncio, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main(address):
+    async with InferenceGRPCClient(url=address, timeout=20) as client:
+        assert await client.is_server_live() and await client.is_server_ready()
+        assert await client.is_model_ready("echo-float64")
+        x = np.array([[1.5, -2.0], [3.0, 4.25]])
+        for raw in (True, False):
+            inp = InferInput(name="input", shape=[2, 2], datatype="FP64")
+            inp.set_data_from_numpy(x, binary_data=raw)
+            request = InferRequest(model_name="echo-float64", infer_inputs=[inp], request_id="k")
+            res = await client.infer(request)
+            outputs = {o.name: o.as_numpy() for o in res.outputs}
+            assert res.id == "k" and res.model_version == "1", res
+            assert outputs["output"].tolist() == x.tolist() and outputs["default"].tolist() == [False, False]
+        inp = InferInput(name="input", shape=[2], datatype="BYTES")
+        inp.set_data_from_numpy(np.array([b"ab", b"cd"], dtype=np.object_), binary_data=False)
+        res = await client.infer(InferRequest(model_name="text", infer_inputs=[inp]))
+        assert res.outputs[0].as_numpy().tolist() == [b"AB", b"CD"]
+    print("kserve ok")
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.skipif(
+    not os.environ.get("KETCH_KSERVE_PYTHON"),
+    reason="KETCH_KSERVE_PYTHON names no Python with kserve 0.21 (it pins psutil<6: not in the test extra)",
+)
+def test_the_kserve_sdk_grpc_client(gateway):
+    python = os.environ["KETCH_KSERVE_PYTHON"]
+    done = subprocess.run(
+        [python, "-c", KSERVE_CLIENT, gateway.grpc], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "kserve ok" in done.stdout, done.stderr[-3000:]
