@@ -408,6 +408,19 @@ def test_a_taken_default_grpc_port_costs_grpc_only(broker, apps):
             pass  # asked for with --grpc: refused
 
 
+def test_an_exposed_grpc_address_needs_tokens():
+    from click.testing import CliRunner
+    from ketch.cli import main
+
+    env = {"KETCH_GATEWAY_TOKENS": ""}
+    for argv in (
+        ["gateway", "--listen", "127.0.0.1:0", "--grpc", "0.0.0.0:0"],
+        ["broker", "start", "--http", "127.0.0.1:0", "--grpc", "0.0.0.0:0"],
+    ):
+        result = CliRunner().invoke(main, argv, env=env)  # refused before anything binds
+        assert result.exit_code == 2 and "--grpc 0.0.0.0" in result.output, result.output
+
+
 def test_no_grpc_writes_no_grpc_address(broker, apps):
     with LocalGateway(broker.frontend, broker.admin, extra_args=["--no-grpc"]) as gw:
         assert gw.grpc == ""
