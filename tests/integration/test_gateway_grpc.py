@@ -18,6 +18,7 @@ import sys
 import threading
 
 import grpc
+import httpx
 import ketch
 import numpy as np
 import psutil
@@ -225,6 +226,18 @@ def test_errors_are_grpc_status_codes(triton):
             assert got.status() == f"StatusCode.{code}" and needle in got.message(), (args[0], got)
         else:
             raise AssertionError(f"{args[0]} {args[3:]}: answered, {code} expected")
+
+
+def test_compressed_calls_and_their_metrics(triton, gateway):
+    x = np.arange(64, dtype=np.float64).reshape(32, 2)
+    inp = tg.InferInput("input", list(x.shape), "FP64")
+    inp.set_data_from_numpy(x)
+    for algorithm in ("gzip", "deflate"):
+        res = triton.infer("echo-float64", [inp], compression_algorithm=algorithm)
+        np.testing.assert_array_equal(res.as_numpy("output"), x)
+    text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert 'ketch_http_requests_total{app="echo-float64",code="200",route="grpc_ModelInfer"}' in text
+    assert 'route="grpc_ModelInfer"' in text.split("ketch_http_queries_per_request_bucket", 1)[1]
 
 
 def test_timeout_parameter_and_defaults(triton):
