@@ -218,17 +218,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         authorization = metadata.get("authorization", "").encode("latin-1", "replace")
         call = Call(None, gw, client=gw.client_key(authorization, _peer_host(context.peer())))
         started = time.perf_counter()
-        status, err = CANCELLED, None
+        status = CANCELLED  # unless it ends otherwise: the client cancelled, or its deadline passed
         try:
-            if (
-                self.tokens
-                and method not in OPEN_METHODS
-                and not token_ok(bearer_token(authorization), self.tokens)
-            ):
-                message = (
-                    "a bearer token is required" if not authorization else "the bearer token is not valid"
-                )
-                raise HTTPError(401, message, code="UNAUTHENTICATED")
+            if self.tokens and method not in OPEN_METHODS:
+                self._authenticate(authorization)
             with gw.admitted(call):
                 answer = await run(call)
             status = 200
@@ -249,6 +242,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     def _authenticate(self, authorization: bytes) -> None:
+        """A 401 (UNAUTHENTICATED) unless ``authorization`` is ``Bearer <a token>``."""
         if not token_ok(bearer_token(authorization), self.tokens):
             message = "the bearer token is not valid" if authorization else "a bearer token is required"
             raise HTTPError(401, message, code="UNAUTHENTICATED")
