@@ -387,6 +387,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_connections_per_worker_are_bounded(broker, apps):
+    with LocalGateway(broker.frontend, broker.admin, extra_args=["--max-connections", "16"]) as gw:
+        channels, answered, refused = [], 0, 0
+        try:
+            for _ in range(20):  # each channel its own connection
+                channel = grpc.insecure_channel(gw.grpc, options=[("grpc.use_local_subchannel_pool", 1)])
+                channels.append(channel)
+                try:
+                    pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=5)
+                    answered += 1
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    refused += 1
+        finally:
+            for channel in channels:
+                channel.close()
+        assert (answered, refused) == (16, 4)
+
+
 def test_no_broker_is_not_ready_and_unavailable(tmp_path):
     frontend, admin = (f"tcp://127.0.0.1:{free_port()}" for _ in range(2))
     with LocalGateway(frontend, admin) as gw, tg.InferenceServerClient(gw.grpc) as client:

@@ -35,6 +35,7 @@ from ketch.gateway._oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from ketch.gateway.auth import bearer_token, token_ok
 from ketch.gateway.errors import HTTPError, bad_request, http_error_for
 from ketch.gateway.http import Call
+from ketch.gateway.protocol import connection_cap
 from ketch.gateway.tensors import (
     DATATYPES,
     OUTPUT_NAMES,
@@ -320,6 +321,8 @@ async def start(gw: Any, address: str) -> grpc.aio.Server:
             ("grpc.max_send_message_length", -1),
             # as HTTP's --max-client-requests: one connection's calls in progress
             ("grpc.max_concurrent_streams", gw.config.max_client_requests),
+            # as HTTP's --max-connections: connections per worker (gRPC core's connection quota)
+            ("grpc.max_allowed_incoming_connections", connection_cap(gw.config.max_connections)),
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(gw), server)
