@@ -56,6 +56,11 @@ MESSAGES: dict[str, tuple[str, dict, list[bytes]]] = {
         },
         [b"good", b"bad", "日本".encode()],
     ),
+    "query_pinned": (
+        "Query",
+        {"app": "iris", "dtype": "FLOAT64", "shape": [4], "request_ids": [3], "model_version": "2"},
+        [F64],
+    ),
     "reply_ok": (
         "Reply",
         {

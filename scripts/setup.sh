@@ -45,6 +45,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 if [ "$want_test" = 1 ]; then
   pip_editable '.[test]'
+  # Clipper's own admin client, to test the gateway's Clipper management API with it. Its last
+  # release pins cloudpickle 0.5.3, which fails at import on Python 3.8+: it is installed
+  # without its pins, its other requirements (and a current cloudpickle) come with the test extra
+  .venv/bin/python -c 'import clipper_admin' >/dev/null 2>&1 \
+    || .venv/bin/python -m pip install -q --no-deps 'clipper-admin==0.4.1'
   command -v mvn >/dev/null && command -v javac >/dev/null || apt_install default-jdk-headless maven
   Rscript -e 'library(pbdZMQ); library(testthat); library(jsonlite); library(roxygen2)' >/dev/null 2>&1 \
     || apt_install r-base-core r-cran-pbdzmq r-cran-testthat r-cran-jsonlite r-cran-roxygen2

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from ketch import errors
 from ketch import protocol as proto
+from ketch.pins import no_version
 from ketch.protocol import ErrorCode
 
 from ketchd.batching import MODES
@@ -437,9 +438,10 @@ class AdminOps:
             app = self.broker.apps[app_name]
             app.models.remove(name)
             self.broker.persistence.persist_app(app)
-        for p in model.queue.take(len(model.queue)):
-            if not p.done:
-                self.broker.answers.answer_error(p, ErrorCode.NO_MODEL, f"model {name!r} was deleted")
+        for queue in (model.queue, *(lane.queue for lane in model.lanes.values())):
+            for p in queue.take(len(queue)):
+                if not p.done:
+                    self.broker.answers.answer_error(p, ErrorCode.NO_MODEL, f"model {name!r} was deleted")
         del self.broker.models[name]
         self.broker.persistence.forget_model(name)
         return {"deleted": name, "unlinked_from": linked}
@@ -504,13 +506,20 @@ class AdminOps:
         self.broker.containers.reconfigure(model)
         return self._model_doc(model)
 
-    def op_model_drain(self, name: str, replica: str | None = None) -> dict[str, Any]:
-        """Ask a model's replicas (or one, by replica id) to finish their work and leave."""
+    def op_model_drain(
+        self, name: str, replica: str | None = None, version: str | None = None
+    ) -> dict[str, Any]:
+        """Ask a model's replicas (or one, by replica id, or those of one version) to finish
+        their work and leave."""
         model = self._model(name)
+        if version is not None and version not in model.known_versions:
+            raise no_version(name, version, model.known_versions)
         targets = [
             r
             for r in model.replicas.values()
-            if r.state is not ReplicaState.DEAD and (replica is None or r.replica_id == replica)
+            if r.state is not ReplicaState.DEAD
+            and (replica is None or r.replica_id == replica)
+            and (version is None or r.version == version)
         ]
         if replica is not None and not targets:
             raise errors.NotFound(f"model {name!r} has no live replica {_short(replica)}")

@@ -16,12 +16,13 @@ import numpy as np
 import zmq
 from ketch import errors
 from ketch import protocol as proto
+from ketch.pins import no_version, split_pin
 from ketch.protocol import ErrorCode, Status
 
 from ketchd.answers import EMPTY, shape_text
 from ketchd.convert import to_app_dtype
 from ketchd.policies import Single
-from ketchd.registry import App, Pending
+from ketchd.registry import App, Model, Pending
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -102,6 +103,7 @@ class Admission:
         timeout_us: int,
         priority: int,
         context: str,
+        model_version: str,
         ids: list[int],
         payloads: list[zmq.Frame],
     ) -> None:
@@ -176,21 +178,30 @@ class Admission:
             app.errors += len(ids)
             refuse(ErrorCode.OVERLOADED, b.limits.bytes_refusal(client, nbytes), cfg.retry_after_ms)
             return
-        if not isinstance(app.policy, Single):
+        if model_version:  # pinned: that version's lane, whatever the app's selection
+            try:
+                model = pinned_lane(b.models, app, model_version)
+            except errors.RequestError as exc:
+                app.errors += len(ids)
+                refuse(exc.code, exc.message)
+                return
+        elif not isinstance(app.policy, Single):
             b.ensembles.fan_out(client, app, ids, payloads, dtype, shape, timeout_us, priority, context, now)
             return
-        try:
-            model = b.models[app.policy.select(app.models, context).send_to[0]]
-        except Exception as exc:  # a policy's bug: these queries get INTERNAL, the loop goes on
-            b.faults.internal_error(f"app {app.name!r}'s policy choosing a model", exc)
-            refuse(ErrorCode.INTERNAL, b.faults.message("choosing a model", exc))
-            return
+        else:
+            try:
+                model = b.models[app.policy.select(app.models, context).send_to[0]]
+            except Exception as exc:  # a policy's bug: these queries get INTERNAL, the loop goes on
+                b.faults.internal_error(f"app {app.name!r}'s policy choosing a model", exc)
+                refuse(ErrorCode.INTERNAL, b.faults.message("choosing a model", exc))
+                return
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
         # admit in order what fits, in the queue's bound and in time (ketchd.overload);
         # each query past that is refused alone, and one answered from the cache needs no room
         take = b.overload.admissible(model, now, deadline, priority)
         flights = b.flights
-        caching = app.cache and model.deterministic and flights.cache.max_bytes > 0 and model.active_version
+        deterministic = b.models[model.name].deterministic if model.pinned else model.deterministic
+        caching = app.cache and deterministic and flights.cache.max_bytes > 0 and model.active_version
         b.outstanding[client] = outstanding + len(ids)
         b.held_bytes += nbytes
         b.client_bytes[client] = b.client_bytes.get(client, 0) + nbytes
@@ -198,6 +209,8 @@ class Admission:
         for rid, payload in zip(ids, payloads, strict=True):
             p = Pending(client, rid, app, model.name, payload, shape, dtype, now, deadline, priority)
             p.nbytes = len(payload)
+            if model_version:
+                p.version = model.active_version or ""
             if caching and flights.from_cache_or_flight(p, model, lead=take > 0):
                 continue
             if take <= 0:
@@ -213,6 +226,16 @@ class Admission:
         for rid in ids:
             p = Pending(client, rid, app, "", EMPTY, (), 0, now, now)
             answers.answer_default(p, why, code=ErrorCode.NO_MODEL)
+
+
+def pinned_lane(models: dict[str, Model], app: App, model_version: str) -> Model:
+    """The lane (``Model.lane``) of the version a query pins (``ketch.pins``), past the app's
+    selection; NotFound for a version the model does not have."""
+    name, version = split_pin(app.name, app.models, model_version)
+    model = models.get(name)
+    if model is None or not version or version not in model.known_versions:
+        raise no_version(name, version, model.known_versions if model is not None else ())
+    return model.lane(version)
 
 
 def check_input(app: App, dtype: int, shape: tuple[int, ...]) -> str:

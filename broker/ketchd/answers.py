@@ -50,7 +50,7 @@ class Answers:
         p.payload = EMPTY  # whatever still holds the query need not hold its input
         b.deadlines.discard(p.deadline, p)  # so that its objects go now, not at the deadline
         if p.queued:
-            b.models[p.model].queue.discard(p)
+            b.models[p.model].lane(p.version).queue.discard(p)
         self.release_client(p)
         ms = (time.monotonic() - p.arrived) * 1000
         if p.parent is None:  # a Fanout keeps the figures of its parts itself
@@ -194,8 +194,8 @@ class Answers:
             slo = (p.deadline - p.arrived) * 1000
             if p.replica is not None:
                 why = f"deadline: model {p.model!r} did not answer within {slo:.0f} ms"
-            elif model is None or not any(model.live_replicas()):
-                version = model.active_version if model else None
+            elif model is None or not any(model.live_replicas(p.version or None)):
+                version = p.version or (model.active_version if model else None)
                 why = (
                     f"no replica: model {p.model!r}"
                     + (f" version {version!r}" if version else "")

@@ -343,7 +343,7 @@ class Containers:
                 p.replica = None
                 if not p.requeued and p.deadline > now and model is not None:
                     p.requeued = True
-                    model.queue.push(p)
+                    model.lane(p.version).queue.push(p)
                     requeued += 1
                 else:
                     failed += 1
@@ -387,4 +387,6 @@ class Containers:
         """Give every replica of ``model`` the model's current batching policy."""
         for replica in model.replicas.values():
             replica.controller.policy = model.policy(self.broker.config.max_batch, replica.max_batch)
+        for lane in model.lanes.values():
+            model.configure_lane(lane)
         self.broker.dispatcher.dirty.add(model)

@@ -84,6 +84,11 @@ def backlog_batch(
     return items, late
 
 
+def _head_deadline(model: Model) -> float:
+    head = model.queue.peek()
+    return math.inf if head is None else head.deadline
+
+
 class Dispatcher:
     def __init__(self, broker: Broker, prebuilds: proto.Prebuilds) -> None:
         self.broker = broker
@@ -102,7 +107,18 @@ class Dispatcher:
             return
         dirty, self.dirty = self.dirty, set()
         for model in dirty:
-            self.dispatch_model(model, now)
+            if model.lanes:  # its replicas' credit is shared with the lanes of pinned queries
+                self.dispatch_lanes(model, dirty, now)
+            else:
+                self.dispatch_model(model, now)
+
+    def dispatch_lanes(self, model: Model, dirty: set[Model], now: float) -> None:
+        """A model with lanes (queries pinned to a version, ``Model.lane``): its queue and
+        theirs, the one whose head is due first first, as they share its replicas' credit."""
+        queues = [model, *(lane for lane in model.lanes.values() if len(lane.queue) and lane not in dirty)]
+        queues.sort(key=_head_deadline)
+        for m in queues:
+            self.dispatch_model(m, now)
 
     def dispatch_model(self, model: Model, now: float) -> None:
         """Send batches while a replica has credit and the batch controller says go."""

@@ -105,5 +105,6 @@ class Flights:
             return
         lead.cache_key, lead.followers = key, rest
         self.flights.setdefault(key, []).append(lead)
+        model = model.lane(lead.version)
         model.queue.push(lead)
         b.dispatcher.mark_dirty(model)

@@ -133,6 +133,8 @@ class Limits:
             problem = f"app name of {len(query.app.encode())} bytes (names are at most {MAX_NAME})"
         elif len(query.context.encode()) > cfg.max_context_bytes:
             problem = f"context of {len(query.context.encode())} bytes (at most {cfg.max_context_bytes})"
+        elif len(query.model_version.encode()) > 2 * MAX_NAME:
+            problem = f"model_version of {len(query.model_version.encode())} bytes (at most {2 * MAX_NAME})"
         elif len(query.shape) > MAX_RANK:
             problem = f"input of rank {len(query.shape)} (at most {MAX_RANK} dimensions)"
         if problem:

@@ -129,6 +129,7 @@ class Pending:
     followers: list[Pending] | None = None
     parent: Fanout | None = None  # set when this is one model's part of a multi-model query
     nbytes: int = 0  # payload bytes counted to its client while held (Limits), 0 once released
+    version: str = ""  # the model version it is pinned to (queued in that version's lane); "" none
 
 
 @dataclass(eq=False)
@@ -281,6 +282,12 @@ class Model:
     # replicas announce it again after a restart
     fingerprints: dict[str, str] = field(default_factory=dict)
     fingerprint_changes: int = 0  # a version that came back with other code (no replica left of the old)
+    # version -> its lane: the queue of the queries pinned to that version (Query.model_version).
+    # A lane is a Model of the same name whose active version is the pinned one, sharing this
+    # model's replicas and fingerprints: the dispatcher sends its queue to those replicas only
+    # (whichever version is active). At most one per known version (hellos.MAX_VERSIONS).
+    lanes: dict[str, Model] = field(default_factory=dict)
+    pinned: bool = False  # this is a lane
     # figures
     batches: int = 0
     batched_items: int = 0
@@ -296,6 +303,25 @@ class Model:
         return (
             r for r in self.replicas.values() if r.version == version and r.state is not ReplicaState.DEAD
         )
+
+    def lane(self, version: str) -> Model:
+        """The lane of the queries pinned to ``version`` (made on first use), or this model
+        for "" (not pinned)."""
+        if not version:
+            return self
+        lane = self.lanes.get(version)
+        if lane is None:
+            lane = self.lanes[version] = Model(self.name, active_version=version, pinned=True)
+            lane.replicas = self.replicas
+            lane.fingerprints = self.fingerprints
+            self.configure_lane(lane)
+        return lane
+
+    def configure_lane(self, lane: Model) -> None:
+        """Give ``lane`` this model's queue policy (at its making and when it changes)."""
+        lane.max_batch, lane.max_queue = self.max_batch, self.max_queue
+        lane.batching, lane.batch_delay_ms = self.batching, self.batch_delay_ms
+        lane.deterministic = self.deterministic
 
     def set_version(self, version: str) -> None:
         if version == self.active_version:
@@ -356,6 +382,10 @@ class Model:
             "refused": self.refused,
             "queue_wait_ms": self.queue_wait_ms.summary(),
             "batching": self.batching,
+            "pinned": {
+                v: {"queue_depth": len(lane.queue), "batches": lane.batches, "cache_hits": lane.cache_hits}
+                for v, lane in self.lanes.items()
+            },
         }
 
 

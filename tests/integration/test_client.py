@@ -107,3 +107,31 @@ def test_predict_many_sends_at_most_64_queries_to_a_message(router):
         assert len(client.predict_many("a", [[1.0]] * 200, chunk=1000)) == 200
     t.join(10)
     assert max(sizes) <= proto.MAX_ITEMS
+
+
+def test_a_pinned_query_answered_by_another_version_fails(router):
+    """A broker that predates Query.model_version skips it and answers by its selection: the
+    client does not take that answer for the version it pinned."""
+    sock, address = router
+    seen = []
+
+    def broker() -> None:
+        for _ in range(4):
+            assert sock.poll(5000)
+            frames = sock.recv_multipart()
+            query, ids = proto.read_query(proto.decode(frames[1])[2])
+            seen.append(query.model_version)
+            reply = proto.build_reply([ok(r) for r in ids])  # model m, version 1, whatever was asked
+            sock.send_multipart([frames[0], reply, *[np.float64(0).tobytes()] * len(ids)])
+
+    t = threading.Thread(target=broker)
+    t.start()
+    with ketch.Client(address) as client:
+        assert client.predict("a", [1.0], version="1", timeout_ms=3000).version == "1"
+        assert client.predict("a", [1.0], version="m:1", timeout_ms=3000).version == "1"
+        with pytest.raises(ketch.ProtocolError, match="pinned to version '2'"):
+            client.predict("a", [1.0], version="2", timeout_ms=3000)
+        answers = client.predict_many("a", [[1.0]], version="2", timeout_ms=3000, return_exceptions=True)
+        assert isinstance(answers[0], ketch.ProtocolError)
+    t.join(10)
+    assert seen == ["1", "m:1", "2", "2"]

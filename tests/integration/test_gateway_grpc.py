@@ -217,7 +217,7 @@ def test_errors_are_grpc_status_codes(triton):
         (("nodef", np.zeros((1, 2)), "FP64"), "DEADLINE_EXCEEDED", "no default"),
         (("broken", np.zeros((1, 2)), "FP64"), "INTERNAL", "always fails"),
         (("echo-float64", np.zeros((1, 2)), "FP64", {"priority": 500}), "INVALID_ARGUMENT", "priority"),
-        (("echo-float64", np.zeros((1, 2)), "FP64", {"model_version": "2"}), "UNIMPLEMENTED", "version"),
+        (("echo-float64", np.zeros((1, 2)), "FP64", {"model_version": "2"}), "NOT_FOUND", "version"),
     ]
     for args, code, needle in cases:
         try:
@@ -343,9 +343,24 @@ def test_health_metadata_and_errors_with_a_plain_stub(stub):
         err = info.value
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.details(), (needle, err)
         assert ("ketch-code", "BAD_INPUT") in err.trailing_metadata()
+
+
+def test_versions_with_a_plain_stub(stub):
+    assert stub.ModelReady(pb.ModelReadyRequest(name="text", version="1")).ready
+    assert not stub.ModelReady(pb.ModelReadyRequest(name="text", version="7")).ready
+    meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="text", version="1"))
+    assert meta.name == "text" and list(meta.versions) == ["1"]
     with pytest.raises(grpc.RpcError) as info:
-        stub.ModelReady(pb.ModelReadyRequest(name="text", version="7"))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="text", version="7"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "'7'" in info.value.details()
+    req = typed_request("text", np.array([b"ab"], dtype=np.object_), "BYTES")
+    req.model_version = "1"
+    res = stub.ModelInfer(req, timeout=20)
+    assert res.model_version == "1" and list(res.outputs[0].contents.bytes_contents) == [b"AB"]
+    req.model_version = "7"
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(req, timeout=20)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value
 
 
 # ---------------------------------------------------------------- gateways of their own

@@ -240,3 +240,61 @@ def test_the_reply_sender_flushes_each_clients_answers(broker):
     finally:
         router.close(linger=0)
         dealer.close(linger=0)
+
+
+# ---------------------------------------------------------------- pinned versions
+
+
+def test_a_pinned_query_goes_to_its_versions_replica_and_no_other(broker):
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealers = {}
+    try:
+        broker.backend = router
+        model = broker.models["m"]
+        model.known_versions = ["1", "2"]
+        for identity, version in ((b"r1", "1"), (b"r2", "2")):
+            dealer = dealers[identity] = ctx.socket(zmq.DEALER)
+            dealer.linger = 0
+            dealer.setsockopt(zmq.IDENTITY, identity)
+            dealer.connect(f"tcp://127.0.0.1:{port}")
+            dealer.send(b"hi")
+            assert router.poll(5000) and router.recv_multipart()[0] == identity
+            replica = _replica(identity)
+            replica.version = version
+            model.replicas[identity] = replica
+        x = zmq.Frame(np.ones(2).tobytes())
+        admit = broker.admission.admit
+        admit(b"c", "a", F64, (2,), 0, 0, "", "2", [1], [x])  # pinned to 2, which is not active
+        admit(b"c", "a", F64, (2,), 0, 0, "", "", [2], [x])  # the selection: the active version, 1
+        admit(b"c", "a", F64, (2,), 0, 0, "", "9", [3], [x])  # no such version
+        assert len(model.lanes["2"].queue) == 1 and len(model.queue) == 1
+        broker.dispatcher.dispatch(time.monotonic())
+        for identity, rid, version in ((b"r2", 1, "2"), (b"r1", 2, "1")):
+            assert dealers[identity].poll(5000)
+            request = proto.read_predict_request(proto.decode(dealers[identity].recv_multipart()[0])[2])
+            (batch,) = model.replicas[identity].inflight.values()
+            assert request.model_version == version and [p.request_id for p in batch.items] == [rid]
+            assert not dealers[identity].poll(100)  # one batch each: the other's query never came here
+        answers = _answers(broker)
+        assert answers[3].error == ErrorCode.NOT_FOUND and "no version '9'" in answers[3].message
+        assert set(answers) == {3}
+    finally:
+        router.close(linger=0)
+        for dealer in dealers.values():
+            dealer.close(linger=0)
+
+
+def test_a_plain_version_for_an_app_of_several_models_is_refused(broker):
+    broker.models["n"] = Model("n", active_version="3", known_versions=["3"])
+    broker.models["m"].known_versions = ["1"]
+    broker.apps["a"].models = ["m", "n"]
+    x = zmq.Frame(np.ones(2).tobytes())
+    for rid, version in ((1, "1"), (2, "n:3"), (3, "nope:1"), (4, "m:2")):
+        broker.admission.admit(b"c", "a", F64, (2,), 0, 0, "", version, [rid], [x])
+    answers = _answers(broker)
+    assert answers[1].error == ErrorCode.INVALID and "MODEL:VERSION" in answers[1].message
+    assert 2 not in answers and len(broker.models["n"].lanes["3"].queue) == 1  # queued in n's lane 3
+    assert answers[3].error == answers[4].error == ErrorCode.NOT_FOUND

@@ -30,17 +30,11 @@ from ketch.gateway.errors import HTTPError, http_error_for
         (ketch.ModelError("x"), grpc.StatusCode.INTERNAL),
         (HTTPError(401, "x"), grpc.StatusCode.UNAUTHENTICATED),
         (RuntimeError("a bug"), grpc.StatusCode.INTERNAL),
+        (ketch.NotFound("no version 3"), grpc.StatusCode.NOT_FOUND),
     ],
 )
 def test_errors_map_to_grpc_codes(exc, code):
     assert grpc_server.grpc_code(http_error_for(exc)) == code
-
-
-def test_a_version_is_refused_in_one_place():
-    v2.check_version("app", "")
-    with pytest.raises(HTTPError) as info:
-        v2.check_version("app", "3")
-    assert grpc_server.grpc_code(info.value) == grpc.StatusCode.UNIMPLEMENTED and "'3'" in info.value.message
 
 
 def test_parameters_of_kserve_and_triton_values():

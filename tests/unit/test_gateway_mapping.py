@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from ketch.gateway import tensors, values
-from ketch.gateway.auth import bearer_token, load_tokens, token_ok
+from ketch.gateway.auth import bearer_token, load_admin_tokens, load_tokens, token_ok
 from ketch.gateway.errors import HTTPError, http_error_for, status_for
 from ketch.gateway.openapi import build_spec
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
@@ -265,6 +265,26 @@ def test_bearer_tokens(tmp_path):
     assert load_tokens(str(f), env="three, ,four") == ["one", "two", "three", "four"]
 
 
+def test_a_token_may_come_as_the_password_of_http_basic():
+    """What ``requests`` sends for ``http://admin:TOKEN@host/``: how clipper_admin carries one."""
+    assert bearer_token(b"Basic " + base64.b64encode(b"admin:s3cret")) == b"s3cret"
+    assert bearer_token(b"basic " + base64.b64encode(b":a:b")) == b"a:b"  # the user is any, or none
+    for bad in (b"admin", b"admin:", b""):
+        assert bearer_token(b"Basic " + base64.b64encode(bad)) is None
+    assert bearer_token(b"Basic not*base64") is None
+
+
+def test_token_files_name_admin_tokens(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# comment\nplain\nadmin boss\n\n")
+    assert load_tokens(str(path), env="", admin_env="") == ["plain", "boss"]
+    assert load_admin_tokens(str(path), admin_env="root") == ["boss", "root"]
+    assert load_tokens(None, env="a,b", admin_env="root") == ["a", "b", "root"]
+    path.write_text("two words\n")
+    with pytest.raises(ValueError, match="admin <token>"):
+        load_tokens(str(path), env="", admin_env="")
+
+
 def test_openapi_declares_bearer_only_with_tokens():
     plain, guarded = build_spec(), build_spec(auth=True)
     assert "security" not in plain and "securitySchemes" not in plain["components"]
@@ -324,3 +344,12 @@ def test_broker_figures_become_prometheus_families():
     assert samples[("ketch_broker_events_total", (("event", "refused_overloaded"),))] == 4
     down = GatewayMetrics().render(None).decode()
     assert "ketch_broker_up 0.0" in down and "ketch_app_" not in down
+
+
+def test_what_changes_what_serves_takes_an_admin_token():
+    from ketch.gateway.auth import admin_only
+
+    for path in ("/admin/add_app", "/v2/repository/models/sum/load", "/v2/repository/models/sum/unload"):
+        assert admin_only(path), path
+    for path in ("/v2/repository/index", "/v2/models/sum/versions/1/infer", "/sum/predict", "/v2/models/x"):
+        assert not admin_only(path), path

@@ -182,9 +182,12 @@ class Admin:
             create=create,
         )
 
-    def drain(self, model: str, replica: str | None = None) -> dict[str, Any]:
-        """Ask the replicas of ``model`` (or one) to finish what they hold and leave."""
-        return self.call("model.drain", name=model, replica=replica)
+    def drain(self, model: str, replica: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """Ask the replicas of ``model`` (or one, or those of one version) to finish what they
+        hold and leave."""
+        if version is None:
+            return self.call("model.drain", name=model, replica=replica)
+        return self.call("model.drain", name=model, replica=replica, version=version)
 
     def replicas(self, model: str | None = None) -> list[dict[str, Any]]:
         return self.call("replica.list", model=model)

@@ -189,7 +189,8 @@ def _broker_start_command() -> click.Command:
         "--http-token-file",
         type=click.Path(exists=True, dir_okay=False),
         default=None,
-        help="Bearer tokens for the gateway, one a line (also $KETCH_GATEWAY_TOKENS).",
+        help="Bearer tokens for the gateway, one a line; 'admin TOKEN' for /admin/ (also "
+        "$KETCH_GATEWAY_TOKENS, $KETCH_GATEWAY_ADMIN_TOKENS).",
     )
     def start(
         http_listen: str,
@@ -900,15 +901,23 @@ def _input_for(ctx: click.Context, app: str, text: str, dtype: str | None) -> tu
 @click.option("--dtype", default=None, help="Input dtype [default: the app's own, asked of the broker].")
 @click.option("--timeout-ms", type=float, default=None, help="Override the app's SLO for this query.")
 @click.option("--context", default="", help="Selection key (a user id): weighted splits and bandits use it.")
+@click.option(
+    "--version",
+    "model_version",
+    default="",
+    help="Answered by this model version only, active or not (MODEL:VERSION for an app of several models).",
+)
 @click.pass_context
 @handles_errors
-def predict(ctx, app_name, input_text, dtype, timeout_ms, context) -> None:
+def predict(ctx, app_name, input_text, dtype, timeout_ms, context, model_version) -> None:
     """Ask APP for one prediction and print it as JSON."""
     value, dtype = _input_for(ctx, app_name, input_text, dtype)
     from ketch.client import Client
 
     with Client(ctx.obj["frontend"]) as client:
-        pred = client.predict(app_name, value, timeout_ms, dtype=dtype, context=context)
+        pred = client.predict(
+            app_name, value, timeout_ms, dtype=dtype, context=context, version=model_version
+        )
     output = pred.output.tolist() if hasattr(pred.output, "tolist") else pred.output
     if isinstance(output, bytes):
         output = output.decode("utf-8", "backslashreplace")
@@ -1194,7 +1203,9 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="Bearer tokens, one a line; every route but health then needs one (also $KETCH_GATEWAY_TOKENS).",
+    help="Bearer tokens, one a line; every route but health then needs one; a line 'admin TOKEN' "
+    "is an admin token, the only kind /admin/ takes "
+    "(also $KETCH_GATEWAY_TOKENS, $KETCH_GATEWAY_ADMIN_TOKENS).",
 )
 @click.option(
     "--metadata-ttl",
@@ -1261,6 +1272,12 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="uvicorn's log level.",
 )
+@click.option(
+    "--model-control",
+    is_flag=True,
+    help="Allow POST /v2/repository/models/NAME/load and /unload (unload drains replicas); "
+    "off, they are refused (403), as Triton's without explicit model control.",
+)
 @click.pass_context
 def gateway(
     ctx,
@@ -1282,6 +1299,7 @@ def gateway(
     ready_file,
     insecure,
     log_level,
+    model_control,
 ) -> None:
     """Serve HTTP (Clipper's REST API, KServe V2, /metrics) and KServe V2 over gRPC in front of
     a broker until Ctrl-C/SIGTERM.
@@ -1293,9 +1311,13 @@ def gateway(
     if not _gateway_installed():
         _fail("the HTTP gateway needs the http extra: pip install 'ketch[http]'", 2)
     from ketch.gateway import GatewayConfig, serve
-    from ketch.gateway.auth import load_tokens
+    from ketch.gateway.auth import load_admin_tokens, load_tokens
 
-    tokens = load_tokens(token_file)
+    try:
+        tokens = load_tokens(token_file)
+        admin_tokens = load_admin_tokens(token_file)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     if not tokens and not insecure:
         _check_http_exposure(host, "--listen")
         if grpc_at is not None:
@@ -1304,6 +1326,7 @@ def gateway(
         frontend=frontend or ctx.obj["frontend"],
         admin=admin_address or ctx.obj["admin"],
         tokens=tokens,
+        admin_tokens=admin_tokens,
         metadata_ttl_s=metadata_ttl,
         max_body_bytes=max_body_mb * 1024 * 1024,
         max_json_bytes=min(max_json_mb, max_body_mb) * 1024 * 1024,
@@ -1312,6 +1335,7 @@ def gateway(
         max_client_queries=max_client_queries,
         header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s,
+        model_control=model_control,
     )
     logs.configure()
     try:

@@ -53,6 +53,22 @@ class Prediction:
     request_id: int = field(default=0, repr=False)
 
 
+def _pinned(answer: Any, version: str) -> Any:
+    """``answer``, or a ProtocolError in its place when a query pinned to ``version`` was
+    answered by another (a broker older than ``Query.model_version`` skips the field)."""
+    if not version or not isinstance(answer, Prediction) or answer.default:
+        return answer
+    model, sep, plain = version.partition(":")
+    if answer.version == version or (sep and (answer.model, answer.version) == (model, plain)):
+        return answer
+    return errors.ProtocolError(
+        f"the query was pinned to version {version!r} but model {answer.model!r} version"
+        f" {answer.version!r} answered: this broker does not pin versions (it predates"
+        " Query.model_version)",
+        request_id=answer.request_id,
+    )
+
+
 def encode_input(x: Any, dtype: str | None = None) -> tuple[int, tuple[int, ...], Any]:
     """(wire dtype, shape, payload) for one input."""
     if dtype is not None:
@@ -342,16 +358,19 @@ class Client(_Base):
         dtype: str | None = None,
         priority: int = 0,
         context: str = "",
+        version: str = "",
     ) -> Prediction:
         """Ask ``app`` for one prediction. ``timeout_ms`` overrides the app's SLO.
 
-        With ``retries`` set on the client, a query that gets no answer in time (the
-        broker restarted, say) is sent again, as a new query, that many times.
+        ``version`` pins the model version that answers (``MODEL:VERSION`` for an app that
+        links several models), past the app's selection; a version the model does not have
+        raises ``NotFound``. With ``retries`` set on the client, a query that gets no answer
+        in time (the broker restarted, say) is sent again, as a new query, that many times.
         """
         code, shape, payload = encode_input(x, dtype)
         for attempt in range(self.retries + 1):
             try:
-                return self._predict_once(app, code, shape, payload, timeout_ms, priority, context)
+                return self._predict_once(app, code, shape, payload, timeout_ms, priority, context, version)
             except errors.Timeout:
                 if attempt == self.retries:
                     raise
@@ -366,15 +385,16 @@ class Client(_Base):
         timeout_ms: float | None,
         priority: int,
         context: str,
+        version: str = "",
     ) -> Prediction:
         rid = next(self._ids)
         self._sent_at[rid] = time.perf_counter()
         timeout_us = 0 if timeout_ms is None else max(1, int(timeout_ms * 1000))
-        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context)
+        header = proto.query_header(app, code, shape, (rid,), timeout_us, priority, context, version)
         multipart.send(self._sock, (header, payload))
         results: dict[int, Any] = {}
         self._collect({rid}, time.perf_counter() + _wait_s(timeout_ms), results)
-        answer = results[rid]
+        answer = _pinned(results[rid], version)
         if isinstance(answer, Exception):
             raise answer
         return answer
@@ -391,11 +411,13 @@ class Client(_Base):
         return_exceptions: bool = False,
         priority: int = 0,
         context: str = "",
+        version: str = "",
     ) -> list[Prediction | errors.RequestError]:
         """Predictions for many inputs, pipelined on this socket, in input order.
 
         At most ``window`` queries are outstanding at once, sent ``chunk`` (at most 64) to a message.
         An error raises (the first one, in input order) unless ``return_exceptions``.
+        ``version`` pins the model version, as in ``predict``.
         """
         results: dict[int, Any] = {}
         order: list[int] = []
@@ -407,7 +429,7 @@ class Client(_Base):
             for rid in ids:
                 self._sent_at[rid] = now
             header = proto.query_header(
-                app, code, shape, ids, self._timeout_us(timeout_ms), priority, context
+                app, code, shape, ids, self._timeout_us(timeout_ms), priority, context, version
             )
             self._sock.send_multipart([header, *payloads], copy=False)
             order.extend(ids)
@@ -418,7 +440,7 @@ class Client(_Base):
                 if len(results) == before:
                     break
         self._collect(outstanding, time.perf_counter() + wait, results)
-        answers = [results[rid] for rid in order]
+        answers = [_pinned(results[rid], version) for rid in order]
         if not return_exceptions:
             for a in answers:
                 if isinstance(a, Exception):
@@ -549,12 +571,12 @@ class AsyncClient(_Base):
     def _flush(self) -> None:
         self._flush_soon = None
         outbox, self._outbox = self._outbox, {}
-        for (app, code, shape, timeout_ms, priority, context), items in outbox.items():
+        for (app, code, shape, timeout_ms, priority, context, version), items in outbox.items():
             for start in range(0, len(items), self._MAX_PER_MESSAGE):
                 part = items[start : start + self._MAX_PER_MESSAGE]
                 ids = [r for r, _ in part]
                 timeout_us = self._timeout_us(timeout_ms)
-                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context)
+                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context, version)
                 self._send_now([header, *(p for _, p in part)])
         self._take_waiting()
 
@@ -605,12 +627,17 @@ class AsyncClient(_Base):
         dtype: str | None = None,
         priority: int = 0,
         context: str = "",
+        version: str = "",
     ) -> Prediction:
+        """As ``Client.predict``; ``version`` pins the model version."""
         self._ensure_reader()
         code, shape, payload = encode_input(x, dtype)
         ids = self._register(1)
-        self._post((app, code, tuple(shape), timeout_ms, priority, context), ids[0], payload)
-        return (await self._await(ids, timeout_ms, False))[0]
+        self._post((app, code, tuple(shape), timeout_ms, priority, context, version), ids[0], payload)
+        answer = _pinned((await self._await(ids, timeout_ms, False))[0], version)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     async def predict_many(
         self,
@@ -623,6 +650,7 @@ class AsyncClient(_Base):
         return_exceptions: bool = False,
         priority: int = 0,
         context: str = "",
+        version: str = "",
     ) -> list[Prediction | errors.RequestError]:
         self._ensure_reader()
         all_ids: list[int] = []
@@ -631,7 +659,7 @@ class AsyncClient(_Base):
                 ids = self._register(len(payloads))
                 all_ids.extend(ids)
                 timeout_us = self._timeout_us(timeout_ms)
-                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context)
+                header = proto.query_header(app, code, shape, ids, timeout_us, priority, context, version)
                 self._send_now([header, *payloads])
         except BaseException:  # an input that does not encode: forget what was registered
             for rid in all_ids:
@@ -640,7 +668,12 @@ class AsyncClient(_Base):
                 self._sent_at.pop(rid, None)
             raise
         self._take_waiting()
-        return await self._await(all_ids, timeout_ms, return_exceptions)
+        answers = [_pinned(a, version) for a in await self._await(all_ids, timeout_ms, return_exceptions)]
+        if not return_exceptions:
+            for a in answers:
+                if isinstance(a, Exception):
+                    raise a
+        return answers
 
     async def feedback(
         self,

@@ -31,7 +31,7 @@ KETCH_ENUMS <- list(dtype = list(kind = "u8", codes = KETCH_DTYPES),
 KETCH_SPEC <- list(
   Tensor = c(dtype = "dtype", shape = "[i64]"),
   Query = c(app = "str", dtype = "dtype", shape = "[i64]", request_ids = "[u64]",
-            timeout_us = "u32", priority = "i8", context = "str"),
+            timeout_us = "u32", priority = "i8", context = "str", model_version = "str"),
   ReplyItem = c(request_id = "u64", status = "status", output = "Tensor", error = "code",
                 message = "str", model = "str", model_version = "str", latency_us = "u32",
                 confidence = "f32", models_answered = "[str]", models_missing = "[str]",
@@ -61,7 +61,7 @@ KETCH_SPEC <- list(
 KETCH_FIELD_IDS <- list(
   Tensor = c(dtype = 0L, shape = 1L),
   Query = c(app = 0L, dtype = 1L, shape = 2L, request_ids = 3L, timeout_us = 4L, priority = 5L,
-            context = 6L),
+            context = 6L, model_version = 7L),
   ReplyItem = c(request_id = 0L, status = 1L, output = 2L, error = 3L, message = 4L,
                 model = 5L, model_version = 6L, latency_us = 7L, confidence = 8L,
                 models_answered = 9L, models_missing = 10L, retry_after_ms = 11L),

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
-from ketch.gateway import clipper, limits, page, protocol, v2
+from ketch.gateway import clipper, limits, management, page, protocol, v2
 from ketch.gateway.auth import BearerAuth, bearer_token
 from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -43,6 +43,7 @@ class GatewayConfig:
     frontend: str = DEFAULT_FRONTEND
     admin: str = DEFAULT_ADMIN
     tokens: list[str] = field(default_factory=list)
+    admin_tokens: list[str] = field(default_factory=list)  # may use /admin/ (auth.py)
     grpc: str = ""  # HOST:PORT each worker serves gRPC on (reserved by server.py); "" for none
     metadata_ttl_s: float = 1.0  # app metadata and readiness are cached this long
     admin_timeout_ms: float = 1000
@@ -59,6 +60,7 @@ class GatewayConfig:
     body_timeout_s: float = protocol.BODY_TIMEOUT_S
     min_body_rate: int = protocol.MIN_BODY_RATE
     send_timeout_s: float = protocol.SEND_TIMEOUT_S
+    model_control: bool = False  # repository load/unload allowed (Triton's explicit model control)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -84,7 +86,7 @@ class Gateway:
         self.body_budget = limits.BodyBudget(config.body_budget_bytes)
         self.inflight = 0
         self.shares = limits.ClientShares(config.max_client_requests, config.max_client_queries)
-        self.spec = build_spec(auth=bool(config.tokens))
+        self.spec = build_spec(auth=bool(config.tokens or config.admin_tokens))
         self.log = structlog.get_logger("ketch.gateway")
 
     @contextlib.asynccontextmanager
@@ -185,6 +187,20 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(err)
 
 
+def _version_and_repository_routes(e: Callable[[str, Handler], Any]) -> list[Route]:
+    """``/v2/models/{name}/versions/{version}`` and Triton's repository API (``repository.py``)."""
+    one = "/v2/models/{name}/versions/{version}"
+    repo = "/v2/repository"
+    return [
+        Route(one, e("model_metadata", v2.model_metadata), methods=["GET"]),
+        Route(one + "/ready", e("model_ready", v2.model_ready), methods=["GET"]),
+        Route(one + "/infer", e("infer", v2.infer), methods=["POST"]),
+        Route(repo + "/index", e("repository_index", v2.repository_index), methods=["POST"]),
+        Route(repo + "/models/{name}/load", e("repository_load", v2.repository_load), methods=["POST"]),
+        Route(repo + "/models/{name}/unload", e("repository_unload", v2.repository_unload), methods=["POST"]),
+    ]
+
+
 def create_app(config: GatewayConfig | None = None) -> Any:
     """The gateway as an ASGI app (wrapped in bearer auth when ``config.tokens`` is set)."""
     config = config or GatewayConfig()
@@ -197,15 +213,24 @@ def create_app(config: GatewayConfig | None = None) -> Any:
         Route("/v2/models/{name}", e("model_metadata", v2.model_metadata), methods=["GET"]),
         Route("/v2/models/{name}/ready", e("model_ready", v2.model_ready), methods=["GET"]),
         Route("/v2/models/{name}/infer", e("infer", v2.infer), methods=["POST"]),
+        *_version_and_repository_routes(e),
         Route("/metrics", e("metrics", gw.metrics_route), methods=["GET"]),
         Route("/openapi.json", e("openapi", gw.openapi_route), methods=["GET"]),
         *page.routes(gw),  # GET /: the status page (ketch/gateway/page.py)
+        # Clipper's management API, admin tokens only (ketch/gateway/management.py)
+        Route("/admin/ping", e("clipper_admin", management.ping), methods=["GET"]),
+        *(
+            Route(f"/admin/{op}", e("clipper_admin", handler), methods=["POST"])
+            for op, handler in management.ROUTES.items()
+        ),
         Route("/{app}/predict", e("predict", clipper.predict), methods=["POST"]),
         Route("/{app}/update", e("update", clipper.update), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_exception})
     app.state.gateway = gw
-    return BearerAuth(app, config.tokens) if config.tokens else app
+    if config.tokens or config.admin_tokens:
+        return BearerAuth(app, config.tokens, config.admin_tokens)
+    return app
 
 
 def app_from_env() -> Any:

@@ -50,6 +50,7 @@ class AppInfo:
     slo_ms: float
     has_default: bool
     models: tuple[str, ...]
+    policy: str = "single"  # how the app uses its models (app.set_policy)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> AppInfo:
@@ -60,6 +61,7 @@ class AppInfo:
             slo_ms=float(doc.get("slo_ms") or 0),
             has_default=bool(doc.get("has_default")),
             models=tuple(doc.get("models") or ()),
+            policy=str(doc.get("policy") or "single"),
         )
 
 
@@ -242,8 +244,15 @@ class BrokerLink:
                 raise
         return await run(fresh)
 
-    async def model(self, name: str) -> dict[str, Any]:
+    async def model(self, name: str, *, fresh: bool = False) -> dict[str, Any]:
+        """``model.show`` (cached ``ttl_s``; asked anew with ``fresh``)."""
+        if fresh:
+            self.forget_model(name)
         return await self._cache.get(("model", name), lambda: self.admin.call("model.show", name=name))
+
+    def forget_model(self, name: str) -> None:
+        """Ask the broker anew for ``model.show`` next time (it changed)."""
+        self._cache.forget(("model", name))
 
     async def ping(self) -> dict[str, Any]:
         return await self._ready_cache.get("ping", lambda: self.admin.call("ping"))
@@ -275,10 +284,19 @@ class BrokerLink:
     # ------------------------------------------------------------ queries
 
     async def predict(
-        self, app: AppInfo, x: Any, *, timeout_ms: float | None, priority: int, dtype: str | None
+        self,
+        app: AppInfo,
+        x: Any,
+        *,
+        timeout_ms: float | None,
+        priority: int,
+        dtype: str | None,
+        version: str = "",
     ) -> Prediction:
         async with self._deadline(app, timeout_ms):
-            return await self.client.predict(app.name, x, timeout_ms, dtype=dtype, priority=priority)
+            return await self.client.predict(
+                app.name, x, timeout_ms, dtype=dtype, priority=priority, version=version
+            )
 
     async def predict_many(
         self,
@@ -288,10 +306,17 @@ class BrokerLink:
         timeout_ms: float | None,
         priority: int,
         dtype: str | None,
+        version: str = "",
     ) -> list[Prediction | errors.RequestError]:
         async with self._deadline(app, timeout_ms):
             return await self.client.predict_many(
-                app.name, xs, timeout_ms, dtype=dtype, priority=priority, return_exceptions=True
+                app.name,
+                xs,
+                timeout_ms,
+                dtype=dtype,
+                priority=priority,
+                return_exceptions=True,
+                version=version,
             )
 
     @contextlib.asynccontextmanager

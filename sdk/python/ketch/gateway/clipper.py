@@ -3,7 +3,9 @@
     POST /{app}/predict  {"input": X}              -> {"query_id", "output", "default",
                                                        "default_explanation", "model", "version"}
     POST /{app}/predict  {"input_batch": [X, ...]} -> {"batch_predictions": [answer, ...]}
-    POST /{app}/update   {"label": Y, "input": X}  -> {"app", "accepted": true}
+                         either with "version": V  -> answered by that model version only
+                         (a batch of one is answered as one input is, as Clipper does)
+    POST /{app}/update   {"label": Y, "input": X}  -> {"app", "accepted": true, "learned": bool}
                          {"label": Y, "query_id": Q}
 
 ``X`` is converted to the app's input type (``values.clipper_input``): numbers to its dtype,
@@ -11,6 +13,18 @@ base64 text to bytes. A query past its deadline gets the app's default (``"defau
 with the reason), or 504 when the app has none. In a batch, an item that failed is
 ``{"query_id", "error", "code"}`` in its place; when every item failed, the answer is the
 first item's error status.
+
+Where Clipper's own query frontend (``src/frontends/src/query_frontend.hpp``) answers
+otherwise, a Clipper client would break, so these follow it: an ``input_batch`` of one item
+comes back as that item's answer, not wrapped in ``batch_predictions``
+(``get_batch_prediction_response_content``); feedback to an app whose policy learns nothing
+(``single``, Clipper's default policy) is acknowledged with 200, as Clipper acknowledges it,
+with ``"learned": false`` saying nothing was learned.
+
+``"version"`` pins the model version as Clipper's query frontend does: the app's model's
+version ``V``, whichever is current (400 for an app of several models, as Clipper; Ketch also
+takes ``"MODEL:VERSION"`` there, ``ketch.pins``). A version the model does not have is 404
+(Clipper answers 400).
 """
 
 from __future__ import annotations
@@ -58,19 +72,31 @@ async def predict(call: Call) -> Response:
     batch = doc.get("input_batch")
     if "input_batch" in doc and (not isinstance(batch, list) or not batch):
         raise bad_request("input_batch must be a non-empty list of inputs")
+    version = doc.get("version", "")
+    if isinstance(version, bool) or not isinstance(version, str | int):
+        raise bad_request("version must be a string (a version of the app's model)")
+    version = str(version)
 
     async def run(info: AppInfo) -> Response:
         dtype = send_dtype(info.input_type)
         if "input" in doc:
             x = clipper_input(doc["input"], info.input_type)
             call.send_queries(1)
-            pred = await call.gw.link.predict(info, x, timeout_ms=None, priority=0, dtype=dtype)
+            pred = await call.gw.link.predict(
+                info, x, timeout_ms=None, priority=0, dtype=dtype, version=version
+            )
             return json_response(answer(pred))
         xs = [clipper_input(v, info.input_type, f"input_batch[{i}]") for i, v in enumerate(batch)]
         call.send_queries(len(xs))
-        answers = await call.gw.link.predict_many(info, xs, timeout_ms=None, priority=0, dtype=dtype)
+        answers = await call.gw.link.predict_many(
+            info, xs, timeout_ms=None, priority=0, dtype=dtype, version=version
+        )
         if all(isinstance(a, BaseException) for a in answers):
             raise answers[0]
+        if len(answers) == 1:  # Clipper answers a batch of one as one input
+            (only,) = answers
+            assert isinstance(only, Prediction)
+            return json_response(answer(only))
         return json_response(
             {"batch_predictions": [failed(a) if isinstance(a, BaseException) else answer(a) for a in answers]}
         )
@@ -107,6 +133,18 @@ async def update(call: Call) -> Response:
             if info.input_type == "json":
                 raise bad_request("feedback for a json app names the query by query_id")
             x = clipper_input(doc["input"], info.input_type)
+        if info.policy == "single":
+            # Clipper's default policy takes feedback and acknowledges it (200) without
+            # learning; the broker refuses it to a native client, which should know
+            return json_response(
+                {
+                    "app": info.name,
+                    "accepted": True,
+                    "learned": False,
+                    "reason": f"app {info.name!r} uses the single policy, which learns nothing from "
+                    "feedback (ketch app set-policy: exp3, exp4, weighted or shadow learn)",
+                }
+            )
         call.send_queries(1)
         try:
             async with asyncio.timeout(FEEDBACK_TIMEOUT_MS / 1000 + GRACE_S):
@@ -121,7 +159,7 @@ async def update(call: Call) -> Response:
                 )
         except TimeoutError:
             raise errors.Timeout("no answer from the broker in time for the feedback") from None
-        return json_response({"app": info.name, "accepted": True})
+        return json_response({"app": info.name, "accepted": True, "learned": True})
 
     return await call.gw.link.serve_app(name, run)
 

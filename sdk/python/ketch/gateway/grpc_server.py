@@ -12,6 +12,11 @@ the same backend calls and the same answers; only the framing differs. Inputs co
 ``raw_output_contents`` when the request sent raw inputs, asked for it
 (``binary_data_output``) or an output is FP16 (which has no typed field), else typed.
 
+A request's version (ModelReady's and ModelMetadata's ``version``, ModelInfer's
+``model_version``) is the HTTP routes' ``/versions/{v}``: the same functions serve it
+(``v2.model_readiness``, ``v2.model_metadata_doc``, ``v2.answer_infer``), so a version that
+does not exist is NOT_FOUND and one that does is served by its replicas only.
+
 Errors are the HTTP table's (``errors.py``) mapped to gRPC status codes by ``GRPC_CODES``;
 the Ketch code rides in the trailing metadata as ``ketch-code`` (and ``retry-after-ms``).
 """
@@ -209,7 +214,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, gw: Any) -> None:
         self.gw = gw
-        self.tokens = [t.encode("utf-8") for t in gw.config.tokens]
+        # every token, admin ones too (none of these RPCs is admin-only)
+        self.tokens = [t.encode("utf-8") for t in [*gw.config.tokens, *gw.config.admin_tokens]]
 
     async def _serve(
         self, method: str, context: grpc.aio.ServicerContext, run: Callable[[Call], Awaitable[T]]
@@ -267,11 +273,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def run(call: Call) -> Any:
             try:
-                info, reasons = await call.gw.link.app_readiness(request.name)
-            except errors.UnknownApp:
-                return pb.ModelReadyResponse(ready=False)  # as Triton: not ready, not an error
-            call.app = info.name
-            v2.check_version(request.name, request.version)
+                _, reasons = await v2.model_readiness(call, request.name, request.version)
+            except (errors.UnknownApp, errors.NotFound):  # as Triton: not ready, not an error
+                return pb.ModelReadyResponse(ready=False)
             return pb.ModelReadyResponse(ready=not reasons)
 
         return await self._serve("ModelReady", context, run)

@@ -27,7 +27,9 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "The request is malformed or its input does not fit the app.",
         401: "A bearer token is required (only when the gateway has tokens).",
-        404: "No such app.",
+        403: "Model control is off (ketch gateway --model-control turns it on).",
+        404: "No such app (or version).",
+        409: "Another app links a model this would drain (parameters.force drains it anyway).",
         413: "The request is too large.",
         415: "The body's Content-Encoding is not gzip, deflate or identity.",
         429: "This client already has its share of the worker in progress (see Retry-After).",
@@ -38,8 +40,11 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _json(_ref("Error"), text[c]) for c in codes}
 
 
-def _path_param(name: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "description": description, "schema": NAME}
+def _path_param(name: str, description: str, schema: dict[str, Any] = NAME) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "description": description, "schema": schema}
+
+
+VERSION = {"type": "string", "minLength": 1, "maxLength": 256}
 
 
 _QUERY_ERRORS = (400, 401, 404, 413, 415, 429, 502, 503, 504)
@@ -49,6 +54,13 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
     """The document; with ``auth``, every route but health declares the bearer scheme."""
     app_param = _path_param("app", "A Ketch app.")
     model_param = _path_param("name", "A Ketch app (the protocol calls it a model).")
+    version_param = _path_param(
+        "version",
+        "A version of the app's model (MODEL:VERSION for an app of several models); "
+        "served by that version's replicas only, active or not.",
+        VERSION,
+    )
+    infer = _infer_operation("model_infer", [model_param])
     paths: dict[str, Any] = {
         "/{app}/predict": {
             "post": {
@@ -67,7 +79,8 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
                 "responses": {
                     "200": _json(
                         {"oneOf": [_ref("ClipperPrediction"), _ref("ClipperBatch")]},
-                        "The prediction (or the app's default, marked so).",
+                        "The prediction (or the app's default, marked so); a batch of one input "
+                        "is answered as one input, as Clipper does.",
                     ),
                     **_errors(*_QUERY_ERRORS),
                 },
@@ -86,9 +99,14 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
                     "200": _json(
                         {
                             "type": "object",
-                            "properties": {"app": {"type": "string"}, "accepted": {"type": "boolean"}},
+                            "properties": {
+                                "app": {"type": "string"},
+                                "accepted": {"type": "boolean"},
+                                "learned": {"type": "boolean"},
+                                "reason": {"type": "string"},
+                            },
                         },
-                        "The app took the feedback.",
+                        "The app took the feedback (``learned``: false when its policy learns nothing).",
                     ),
                     **_errors(*_QUERY_ERRORS),
                 },
@@ -136,51 +154,59 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
                 "responses": {"200": _json(_ref("ModelReady"), "Ready."), **_errors(401, 404, 503)},
             }
         },
-        "/v2/models/{name}/infer": {
+        "/v2/models/{name}/infer": {"post": infer},
+        "/v2/models/{name}/versions/{version}": {
+            "get": {
+                "summary": "An app's metadata, through one of its versions (404 for one it lacks).",
+                "operationId": "model_version_metadata",
+                "parameters": [model_param, version_param],
+                "responses": {"200": _json(_ref("ModelMetadata"), "The app."), **_errors(400, 401, 404, 503)},
+            }
+        },
+        "/v2/models/{name}/versions/{version}/ready": {
+            "get": {
+                "summary": "200 when a replica of this version takes work (active or not).",
+                "operationId": "model_version_ready",
+                "parameters": [model_param, version_param],
+                "responses": {"200": _json(_ref("ModelReady"), "Ready."), **_errors(400, 401, 404, 503)},
+            }
+        },
+        "/v2/models/{name}/versions/{version}/infer": {
+            "post": _infer_operation("model_version_infer", [model_param, version_param])
+        },
+        "/v2/repository/index": {
             "post": {
-                "summary": "Open Inference Protocol inference; JSON tensors or the binary data extension.",
-                "operationId": "model_infer",
-                "parameters": [
-                    model_param,
-                    {
-                        "name": "Inference-Header-Content-Length",
-                        "in": "header",
-                        "required": False,
-                        "description": "Bytes of JSON before the binary tensor data.",
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
-                ],
+                "summary": "Every app and version with its state (Triton's repository index).",
+                "operationId": "repository_index",
                 "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": _ref("InferenceRequest"),
-                            "example": {
-                                "inputs": [
-                                    {
-                                        "name": "input",
-                                        "datatype": "FP64",
-                                        "shape": [1, 4],
-                                        "data": [5.1, 3.5, 1.4, 0.2],
-                                    }
-                                ]
-                            },
-                        },
-                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                    },
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("RepositoryIndexRequest")}},
                 },
                 "responses": {
-                    "200": {
-                        "description": "The outputs: JSON, or JSON then binary data "
-                        "(Inference-Header-Content-Length says where the JSON ends).",
-                        "content": {
-                            "application/json": {"schema": _ref("InferenceResponse")},
-                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                        },
-                    },
-                    **_errors(*_QUERY_ERRORS),
+                    "200": _json({"type": "array", "items": _ref("RepositoryIndexEntry")}, "The index."),
+                    **_errors(400, 401, 413, 415, 503),
                 },
             }
+        },
+        "/v2/repository/models/{name}/load": {
+            "post": _repository_operation(
+                "repository_model_load",
+                "Ketch starts no model processes: 200 when the app's models each have a live "
+                "replica of their active version (loaded already), else 400 saying which needs one.",
+                model_param,
+                _json(_ref("RepositoryLoaded"), "Loaded."),
+                (400, 401, 403, 404, 413, 415, 503),
+            )
+        },
+        "/v2/repository/models/{name}/unload": {
+            "post": _repository_operation(
+                "repository_model_unload",
+                "Drain the replicas of the app's models (or of parameters.version): they "
+                "finish what they hold and leave.",
+                model_param,
+                _json(_ref("RepositoryUnloaded"), "Draining."),
+                (400, 401, 403, 404, 409, 413, 415, 503),
+            )
         },
         "/metrics": {
             "get": {
@@ -225,9 +251,76 @@ def build_spec(*, auth: bool = False) -> dict[str, Any]:
     return spec
 
 
+def _repository_operation(
+    operation_id: str, summary: str, name: dict[str, Any], ok: dict[str, Any], codes: tuple[int, ...]
+) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "parameters": [name],
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": _ref("RepositoryRequest")}},
+        },
+        "responses": {"200": ok, **_errors(*codes)},
+    }
+
+
+def _infer_operation(operation_id: str, parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "summary": "Open Inference Protocol inference; JSON tensors or the binary data extension.",
+        "operationId": operation_id,
+        "parameters": [
+            *parameters,
+            {
+                "name": "Inference-Header-Content-Length",
+                "in": "header",
+                "required": False,
+                "description": "Bytes of JSON before the binary tensor data.",
+                "schema": {"type": "integer", "minimum": 0},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": _ref("InferenceRequest"),
+                    "example": {
+                        "inputs": [
+                            {
+                                "name": "input",
+                                "datatype": "FP64",
+                                "shape": [1, 4],
+                                "data": [5.1, 3.5, 1.4, 0.2],
+                            }
+                        ]
+                    },
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "The outputs: JSON, or JSON then binary data "
+                "(Inference-Header-Content-Length says where the JSON ends).",
+                "content": {
+                    "application/json": {"schema": _ref("InferenceResponse")},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            },
+            **_errors(*_QUERY_ERRORS),
+        },
+    }
+
+
 def _schemas() -> dict[str, Any]:
     datatype = {"type": "string", "enum": [*DATATYPES, "BYTES"]}
     shape = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+    clipper_version = {
+        "type": "string",
+        "description": "Answered by this version of the app's model only (MODEL:VERSION for an app of "
+        "several models); 404 for a version it lacks.",
+    }
     tensor_meta = {
         "type": "object",
         "required": ["name", "datatype", "shape"],
@@ -249,13 +342,69 @@ def _schemas() -> dict[str, Any]:
         },
         "ClipperRequest": {
             "oneOf": [
-                {"type": "object", "required": ["input"], "properties": {"input": {}}},
+                {
+                    "type": "object",
+                    "required": ["input"],
+                    "properties": {"input": {}, "version": clipper_version},
+                },
                 {
                     "type": "object",
                     "required": ["input_batch"],
-                    "properties": {"input_batch": {"type": "array", "minItems": 1}},
+                    "properties": {
+                        "input_batch": {"type": "array", "minItems": 1},
+                        "version": clipper_version,
+                    },
                 },
             ]
+        },
+        "RepositoryIndexRequest": {
+            "type": "object",
+            "properties": {"ready": {"type": "boolean", "description": "Only the READY versions."}},
+            "additionalProperties": False,
+        },
+        "RepositoryIndexEntry": {
+            "type": "object",
+            "required": ["name", "version", "state", "reason"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "state": {"type": "string", "enum": ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"]},
+                "reason": {"type": "string"},
+            },
+        },
+        "RepositoryRequest": {
+            "type": "object",
+            "properties": {
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "version": {**VERSION, "description": "unload: drain this version only."},
+                        "force": {
+                            "type": "boolean",
+                            "description": "unload: drain models that other apps link too.",
+                        },
+                        "unload_dependents": {"type": "boolean", "description": "Taken; Ketch has none."},
+                    },
+                }
+            },
+            "additionalProperties": False,
+        },
+        "RepositoryLoaded": {
+            "type": "object",
+            "required": ["name", "loaded"],
+            "properties": {"name": {"type": "string"}, "loaded": {"type": "boolean"}},
+        },
+        "RepositoryUnloaded": {
+            "type": "object",
+            "required": ["name", "draining"],
+            "properties": {
+                "name": {"type": "string"},
+                "draining": {
+                    "type": "object",
+                    "description": "Model -> the replica ids asked to drain.",
+                    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+                },
+            },
         },
         "ClipperPrediction": {
             "type": "object",

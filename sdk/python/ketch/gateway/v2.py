@@ -6,6 +6,10 @@
     GET  /v2/models/{name}           the app: input datatype and shape, versions, outputs
     GET  /v2/models/{name}/ready     200 when the app has a live replica, 503 if not, 404 unknown
     POST /v2/models/{name}/infer     one input tensor in, ``output`` and ``default`` out
+    GET  /v2/models/{name}/versions/{v}         the same, of one version: 404 for a version
+    GET  /v2/models/{name}/versions/{v}/ready   that does not exist; one that does is served
+    POST /v2/models/{name}/versions/{v}/infer   by its replicas only (``ketch.pins``,
+                                                ``repository.py``), active or not
 
 Request parameters honoured: ``timeout`` (microseconds, as Triton's; 0 is the app's SLO),
 ``priority`` (Ketch's: higher first, -128..127) and ``binary_data_output``. The tensor
@@ -24,6 +28,7 @@ from starlette.responses import Response
 
 from ketch import __version__, errors
 from ketch.client import Prediction
+from ketch.gateway import repository
 from ketch.gateway.backend import AppInfo
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, parse_json, read_body
@@ -64,36 +69,15 @@ async def ready(call: Call) -> Response:
     return json_response({"ready": True})
 
 
-def check_version(name: str, version: str) -> None:
-    """The one place a request's model version is checked, on HTTP and gRPC alike.
-
-    A Ketch app picks the model version that answers (its policy and the active version);
-    pinning a request to a version is not served yet, so asking for one is refused with a
-    clear error rather than silently answered by whichever version the app picks.
-    """
-    if version:
-        raise HTTPError(
-            501,
-            f"model {name!r}: version {version!r} was asked for, and this gateway does not pin "
-            "requests to a version yet; leave the version empty to be served by the app's active version",
-            code="NOT_IMPLEMENTED",
-        )
-
-
 async def model_metadata_doc(call: Call, name: str, version: str = "") -> dict[str, Any]:
-    """The app's V2 metadata (HTTP's JSON body; gRPC's ModelMetadataResponse is made from it)."""
-    info = await call.gw.link.app(name)
+    """The app's V2 metadata, or one version's (404 when it does not exist): HTTP's JSON body;
+    gRPC's ModelMetadataResponse is made from it."""
+    if not version:
+        info = await call.gw.link.app(name)
+    else:
+        info = (await repository.resolve(call.gw.link, name, version)).info
     call.app = info.name
-    check_version(name, version)
-    versions = []
-    for model in info.models:
-        try:
-            doc = await call.gw.link.model(model)
-        except errors.NotFound:
-            continue
-        if doc.get("active_version"):
-            version = str(doc["active_version"])
-            versions.append(version if len(info.models) == 1 else f"{model}:{version}")
+    versions = await repository.versions(call.gw.link, info)
     seen_under, seen_type, seen_shape = call.gw.outputs_seen.get(info.name, (info, "BYTES", []))
     if seen_under != info:  # seen of an app of this name before it was changed or created again
         seen_type, seen_shape = "BYTES", []
@@ -116,13 +100,25 @@ async def model_metadata_doc(call: Call, name: str, version: str = "") -> dict[s
 
 
 async def model_metadata(call: Call) -> Response:
-    return json_response(await model_metadata_doc(call, call.request.path_params["name"]))
+    name, version = call.request.path_params["name"], call.request.path_params.get("version", "")
+    return json_response(await model_metadata_doc(call, name, version))
+
+
+async def model_readiness(call: Call, name: str, version: str = "") -> tuple[AppInfo, list[str]]:
+    """The app (or one version of it: 404 when it does not exist) and why it is not ready
+    (empty: ready), for HTTP and gRPC."""
+    if not version:
+        info, reasons = await call.gw.link.app_readiness(name)
+    else:
+        pin, reason = await repository.version_readiness(call.gw.link, name, version)
+        info, reasons = pin.info, [reason] if reason else []
+    call.app = info.name
+    return info, reasons
 
 
 async def model_ready(call: Call) -> Response:
-    name = call.request.path_params["name"]
-    info, reasons = await call.gw.link.app_readiness(name)
-    call.app = info.name
+    name, version = call.request.path_params["name"], call.request.path_params.get("version", "")
+    _, reasons = await model_readiness(call, name, version)
     if reasons:
         raise HTTPError(
             503,
@@ -147,13 +143,13 @@ class InferAnswer:
 async def answer_infer(call: Call, name: str, request: InferRequest, version: str = "") -> InferAnswer:
     """Send the request's queries to the app and gather the answers (HTTP and gRPC).
 
-    ``version`` is the request's model version (the HTTP route's, gRPC's ``model_version``):
-    it reaches the broker only through ``check_version``.
+    ``version`` (the route's ``/versions/{v}``, gRPC's ``model_version``; "" for the app's
+    policy) pins every query to that version: the broker checks it (404 when it does not
+    exist) and only that version's replicas answer.
     """
     link = call.gw.link
     info = await link.app(name)
     call.app = info.name
-    check_version(name, version)
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
     timeout_ms, priority = query_options(request.parameters)
@@ -168,9 +164,13 @@ async def answer_infer(call: Call, name: str, request: InferRequest, version: st
         call.send_queries(len(xs))
         dtype = send_dtype(info.input_type)
         if len(xs) == 1:
-            pred = await link.predict(info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+            pred = await link.predict(
+                info, xs[0], timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version
+            )
             return info, [pred]
-        answers = await link.predict_many(info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype)
+        answers = await link.predict_many(
+            info, xs, timeout_ms=timeout_ms, priority=priority, dtype=dtype, version=version
+        )
         preds = []
         for p in answers:
             if isinstance(p, BaseException):
@@ -197,13 +197,14 @@ async def answer_infer(call: Call, name: str, request: InferRequest, version: st
 async def infer(call: Call) -> Response:
     body = await read_body(call)
     name = call.request.path_params["name"]
+    version = call.request.path_params.get("version", "")  # pinned: the broker checks it (404)
     call.app = (await call.gw.link.app(name)).name  # an unknown app is a 404 before the body is parsed
     request = parse_infer_request(
         body,
         call.request.headers.get("inference-header-content-length"),
         lambda head: parse_json(call, head, "the request"),
     )
-    answer = await answer_infer(call, name, request)
+    answer = await answer_infer(call, name, request, version)
     body, headers = encode_infer_response(
         model_name=answer.model_name,
         model_version=answer.model_version,
@@ -212,3 +213,56 @@ async def infer(call: Call) -> Response:
         parameters=answer.parameters,
     )
     return Response(body, headers=headers)
+
+
+# ---------------------------------------------------------------- the model repository (Triton's)
+
+
+async def _repository_body(call: Call, keys: tuple[str, ...]) -> dict:
+    """The JSON object of a repository request (an empty body is ``{}``), with only ``keys``."""
+    body = await read_body(call)
+    doc = parse_json(call, body) if body.strip() else {}
+    if not isinstance(doc, dict):
+        raise bad_request("the body must be a JSON object")
+    unknown = sorted(set(doc) - set(keys))
+    if unknown:
+        raise bad_request(f"unknown key {unknown[0]!r} (this request takes {', '.join(keys)})")
+    return doc
+
+
+async def repository_index(call: Call) -> Response:
+    doc = await _repository_body(call, ("ready",))
+    ready = doc.get("ready", False)
+    if not isinstance(ready, bool):
+        raise bad_request("ready must be true or false")
+    return json_response(await repository.index(call.gw.link, ready=ready))
+
+
+async def _repository_parameters(call: Call) -> dict:
+    doc = await _repository_body(call, ("parameters",))
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise bad_request("parameters must be a JSON object")
+    return parameters
+
+
+def _model_control(call: Call) -> None:
+    if not call.gw.config.model_control:  # as Triton without --model-control-mode=explicit
+        raise errors.Unauthorized(
+            "model control is off: this gateway does not load or unload models"
+            " (start it with ketch gateway --model-control)"
+        )
+
+
+async def repository_load(call: Call) -> Response:
+    _model_control(call)
+    parameters = await _repository_parameters(call)
+    name = call.request.path_params["name"]
+    return json_response(await repository.load(call.gw.link, name, parameters))
+
+
+async def repository_unload(call: Call) -> Response:
+    _model_control(call)
+    parameters = await _repository_parameters(call)
+    name = call.request.path_params["name"]
+    return json_response(await repository.unload(call.gw.link, name, parameters))

@@ -47,6 +47,7 @@ class QueryType(NamedTuple):
     timeout_us: int
     priority: int
     context: str
+    model_version: str = ""  # a pinned version (docs/protocol.md); empty: the app's selection
 
 
 def build_query(
@@ -57,6 +58,7 @@ def build_query(
     timeout_us: int = 0,
     priority: int = 0,
     context: str = "",
+    model_version: str = "",
 ) -> bytes:
     """The Query header, field for field as ``encode`` writes it (the same bytes)."""
     b = flatbuffers.Builder(96 + 8 * len(request_ids))
@@ -64,6 +66,7 @@ def build_query(
     shape_off = b.CreateNumpyVector(np.asarray(shape, dtype=_I64)) if len(shape) else None
     ids_off = b.CreateNumpyVector(np.asarray(request_ids, dtype=_U64))
     ctx_off = b.CreateString(context) if context else None
+    version_off = b.CreateString(model_version) if model_version else None
     _Q.Start(b)
     if app_off is not None:
         _Q.AddApp(b, app_off)
@@ -78,29 +81,39 @@ def build_query(
         _Q.AddPriority(b, priority)
     if ctx_off is not None:
         _Q.AddContext(b, ctx_off)
+    if version_off is not None:
+        _Q.AddModelVersion(b, version_off)
     return finish(b, schema.Body.Query, _Q.End(b))
 
 
 @lru_cache(maxsize=4096)  # up to MAX_ITEMS sizes per app and query type
 def query_template(
-    app: str, dtype: int, shape: tuple[int, ...], timeout_us: int, priority: int, context: str, n: int = 1
+    app: str,
+    dtype: int,
+    shape: tuple[int, ...],
+    timeout_us: int,
+    priority: int,
+    context: str,
+    n: int = 1,
+    model_version: str = "",
 ) -> Template:
     """A Query of ``n`` queries of one type; render(request_id_0, ..., request_id_n-1).
 
-    Kept only for query types whose app name and context are short (``TEMPLATE_TEXT``
+    Kept only for query types whose app name, context and version are short (``TEMPLATE_TEXT``
     bytes in all, shape rank at most 32): the cache then holds at most ~6 MB, whatever a
     client puts in its contexts; ``query_header`` builds a longer one each time, and the
     broker never learns one."""
-    data = build_query(app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context)
+    data = build_query(app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context, model_version)
     first = vector_at(*where(decode(data)[2]), _F.REQUEST_IDS)
     return Template(data, tuple((first + 8 * i, "<Q") for i in range(n)))
 
 
-TEMPLATE_TEXT = 512  # bytes of app name and context, at most, in a cached template
+TEMPLATE_TEXT = 512  # bytes of app name, context and version, at most, in a cached template
 
 
 def _short(query: QueryType) -> bool:
-    return len(query.app) + len(query.context) <= TEMPLATE_TEXT and len(query.shape) <= MAX_RANK
+    text = len(query.app) + len(query.context) + len(query.model_version)
+    return text <= TEMPLATE_TEXT and len(query.shape) <= MAX_RANK
 
 
 def query_header(
@@ -111,12 +124,15 @@ def query_header(
     timeout_us: int = 0,
     priority: int = 0,
     context: str = "",
+    model_version: str = "",
 ) -> bytes:
     """A client's Query header: rendered from its template up to MAX_ITEMS ids (when its app
-    name and context are short), else built."""
-    if len(ids) <= MAX_ITEMS and len(app) + len(context) <= TEMPLATE_TEXT and len(shape) <= MAX_RANK:
-        return query_template(app, dtype, shape, timeout_us, priority, context, len(ids)).render(*ids)
-    return build_query(app, dtype, shape, ids, timeout_us, priority, context)
+    name, context and version are short), else built."""
+    text = len(app) + len(context) + len(model_version)
+    if len(ids) <= MAX_ITEMS and text <= TEMPLATE_TEXT and len(shape) <= MAX_RANK:
+        template = query_template(app, dtype, shape, timeout_us, priority, context, len(ids), model_version)
+        return template.render(*ids)
+    return build_query(app, dtype, shape, ids, timeout_us, priority, context, model_version)
 
 
 def read_query(body: Any) -> tuple[QueryType, list[int]]:
@@ -134,6 +150,7 @@ def read_query(body: Any) -> tuple[QueryType, list[int]]:
             read_u32(buf, pos, slot(f, _F.TIMEOUT_US)),
             read_i8(buf, pos, slot(f, _F.PRIORITY)),
             read_text(buf, pos, slot(f, _F.CONTEXT)),
+            read_text(buf, pos, slot(f, _F.MODEL_VERSION)),
         )
     except FIELD_ERRORS as exc:
         raise DecodeError(f"Query does not decode: {type(exc).__name__}") from None
@@ -164,4 +181,4 @@ class QueryReceiver(LearntTemplates[QueryType]):
         if n_ids > MAX_ITEMS or self.full or not _short(query):
             return False
         buf, _ = where(body)
-        return self.learn(buf, query_template(*query, n_ids), query)
+        return self.learn(buf, query_template(*query[:6], n_ids, query.model_version), query)

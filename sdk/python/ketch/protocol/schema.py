@@ -98,6 +98,7 @@ class Query:
     TIMEOUT_US: Final = 4
     PRIORITY: Final = 5
     CONTEXT: Final = 6
+    MODEL_VERSION: Final = 7
 
 
 class ReplyItem:
@@ -298,6 +299,7 @@ FIELDS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
         ("timeout_us", "u32"),
         ("priority", "i8"),
         ("context", "str"),
+        ("model_version", "str"),
     ),
     "ReplyItem": (
         ("request_id", "u64"),

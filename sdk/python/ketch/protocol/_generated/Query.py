@@ -119,8 +119,15 @@ class Query(object):
             return self._tab.String(o + self._tab.Pos)
         return None
 
+    # Query
+    def ModelVersion(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.String(o + self._tab.Pos)
+        return None
+
 def QueryStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(8)
 
 def Start(builder):
     QueryStart(builder)
@@ -178,6 +185,12 @@ def QueryAddContext(builder, context):
 
 def AddContext(builder, context):
     QueryAddContext(builder, context)
+
+def QueryAddModelVersion(builder, modelVersion):
+    builder.PrependUOffsetTRelativeSlot(7, flatbuffers.number_types.UOffsetTFlags.py_type(modelVersion), 0)
+
+def AddModelVersion(builder, modelVersion):
+    QueryAddModelVersion(builder, modelVersion)
 
 def QueryEnd(builder):
     return builder.EndObject()

@@ -42,6 +42,7 @@ public final class Schema {
         public static final int TIMEOUT_US = 4;
         public static final int PRIORITY = 5;
         public static final int CONTEXT = 6;
+        public static final int MODEL_VERSION = 7;
     }
 
     /** Field ids of table ReplyItem. */
@@ -207,7 +208,8 @@ public final class Schema {
                 new Field("request_ids", "[u64]", 3, 0),
                 new Field("timeout_us", "u32", 4, 0),
                 new Field("priority", "i8", 5, 0),
-                new Field("context", "str", 6, 0)}),
+                new Field("context", "str", 6, 0),
+                new Field("model_version", "str", 7, 0)}),
             Map.entry("ReplyItem", new Field[] {
                 new Field("request_id", "u64", 0, 0),
                 new Field("status", "status", 1, 0),

@@ -51,6 +51,9 @@ public final class Query extends com.google.flatbuffers.Table {
   public String context() { int o = __offset(16); return o != 0 ? __string(o + bb_pos) : null; }
   public ByteBuffer contextAsByteBuffer() { return __vector_as_bytebuffer(16, 1); }
   public ByteBuffer contextInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 16, 1); }
+  public String modelVersion() { int o = __offset(18); return o != 0 ? __string(o + bb_pos) : null; }
+  public ByteBuffer modelVersionAsByteBuffer() { return __vector_as_bytebuffer(18, 1); }
+  public ByteBuffer modelVersionInByteBuffer(ByteBuffer _bb) { return __vector_in_bytebuffer(_bb, 18, 1); }
 
   public static int createQuery(FlatBufferBuilder builder,
       int appOffset,
@@ -59,8 +62,10 @@ public final class Query extends com.google.flatbuffers.Table {
       int requestIdsOffset,
       long timeoutUs,
       byte priority,
-      int contextOffset) {
-    builder.startTable(7);
+      int contextOffset,
+      int modelVersionOffset) {
+    builder.startTable(8);
+    Query.addModelVersion(builder, modelVersionOffset);
     Query.addContext(builder, contextOffset);
     Query.addTimeoutUs(builder, timeoutUs);
     Query.addRequestIds(builder, requestIdsOffset);
@@ -71,7 +76,7 @@ public final class Query extends com.google.flatbuffers.Table {
     return Query.endQuery(builder);
   }
 
-  public static void startQuery(FlatBufferBuilder builder) { builder.startTable(7); }
+  public static void startQuery(FlatBufferBuilder builder) { builder.startTable(8); }
   public static void addApp(FlatBufferBuilder builder, int appOffset) { builder.addOffset(0, appOffset, 0); }
   public static void addDtype(FlatBufferBuilder builder, int dtype) { builder.addByte(1, (byte) dtype, (byte) 0); }
   public static void addShape(FlatBufferBuilder builder, int shapeOffset) { builder.addOffset(2, shapeOffset, 0); }
@@ -83,6 +88,7 @@ public final class Query extends com.google.flatbuffers.Table {
   public static void addTimeoutUs(FlatBufferBuilder builder, long timeoutUs) { builder.addInt(4, (int) timeoutUs, (int) 0L); }
   public static void addPriority(FlatBufferBuilder builder, byte priority) { builder.addByte(5, priority, 0); }
   public static void addContext(FlatBufferBuilder builder, int contextOffset) { builder.addOffset(6, contextOffset, 0); }
+  public static void addModelVersion(FlatBufferBuilder builder, int modelVersionOffset) { builder.addOffset(7, modelVersionOffset, 0); }
   public static int endQuery(FlatBufferBuilder builder) {
     int o = builder.endTable();
     return o;
