@@ -26,6 +26,8 @@ import pytest
 import tritonclient.grpc as tg
 from ketch.gateway._oip import grpc_predict_v2_pb2 as pb
 from ketch.gateway._oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from ketch.gateway._oip import triton_repository_pb2 as repo_pb
+from ketch.gateway._oip import triton_repository_pb2_grpc as repo_grpc
 from ketch.gateway.local import LocalGateway
 from ketch.gateway.tensors import DATATYPES
 from ketch.local import LocalBroker, wait_for
@@ -166,9 +168,51 @@ def test_health_and_metadata_with_tritonclient(triton):
     with pytest.raises(InferenceServerException) as info:
         triton.get_model_metadata("nope")
     assert info.value.status() == "StatusCode.NOT_FOUND" and "no app named 'nope'" in info.value.message()
-    with pytest.raises(InferenceServerException) as info:  # Triton's own RPCs are not served
-        triton.get_model_repository_index()
+    with pytest.raises(InferenceServerException) as info:  # Triton's statistics are not served
+        triton.get_inference_statistics()
     assert info.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_repository_index_and_no_model_control(triton):
+    index = triton.get_model_repository_index(as_json=True)["models"]
+    entries = {(e["name"], e.get("version", "")): e for e in index}
+    assert entries[("echo-float64", "1")]["state"] == "READY"
+    assert entries[("nodef", "")]["state"] == "UNAVAILABLE"
+    with pytest.raises(InferenceServerException) as info:
+        triton.load_model("text")
+    assert info.value.status() == "StatusCode.PERMISSION_DENIED" and "model control" in info.value.message()
+
+
+def test_repository_load_and_unload_with_model_control(broker, apps, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("s3cret\nadmin adm1n\n")
+    args = ["--token-file", str(tokens), "--model-control"]
+    with LocalGateway(broker.frontend, broker.admin, extra_args=args) as gw:
+        with tg.InferenceServerClient(gw.grpc) as client:
+            user, admin = {"authorization": "Bearer s3cret"}, {"authorization": "Bearer adm1n"}
+            assert client.get_model_repository_index(headers=user)
+            with pytest.raises(InferenceServerException) as info:
+                client.load_model("text", headers=user)
+            assert info.value.status() == "StatusCode.PERMISSION_DENIED"
+            client.load_model("text", headers=admin)  # served already: loaded
+            with pytest.raises(InferenceServerException) as info:
+                client.load_model("nodef", headers=admin)
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "ghost" in info.value.message()
+            with pytest.raises(InferenceServerException) as info:  # withdef links ghost too
+                client.unload_model("nodef", headers=admin)
+            assert info.value.status() == "StatusCode.FAILED_PRECONDITION"
+        with grpc.insecure_channel(gw.grpc) as channel:
+            stub = repo_grpc.GRPCInferenceServiceStub(channel)
+            req = repo_pb.RepositoryModelUnloadRequest(model_name="nodef")
+            req.parameters["force"].bool_param = True
+            stub.RepositoryModelUnload(req, metadata=tuple(admin.items()), timeout=20)
+            index = stub.RepositoryIndex(
+                repo_pb.RepositoryIndexRequest(ready=True), metadata=tuple(user.items()), timeout=20
+            )
+            assert index.models and all(m.state == "READY" for m in index.models)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.RepositoryIndex(repo_pb.RepositoryIndexRequest(repository_name="other"), timeout=20)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize("datatype", list(KETCH_DTYPE))

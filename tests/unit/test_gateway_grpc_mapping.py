@@ -31,6 +31,8 @@ from ketch.gateway.errors import HTTPError, http_error_for
         (HTTPError(401, "x"), grpc.StatusCode.UNAUTHENTICATED),
         (RuntimeError("a bug"), grpc.StatusCode.INTERNAL),
         (ketch.NotFound("no version 3"), grpc.StatusCode.NOT_FOUND),
+        (ketch.errors.Conflict("other apps link it"), grpc.StatusCode.FAILED_PRECONDITION),
+        (ketch.errors.Unauthorized("model control is off"), grpc.StatusCode.PERMISSION_DENIED),
     ],
 )
 def test_errors_map_to_grpc_codes(exc, code):

@@ -2,9 +2,11 @@
 
 The service is the one in ``schemas/grpc_predict_v2.proto`` (KServe's, which Triton's
 ``grpc_service.proto`` extends): ServerLive, ServerReady, ModelReady, ServerMetadata,
-ModelMetadata and ModelInfer. Each gateway worker runs one ``grpc.aio`` server in its own
-event loop, on the port the supervisor reserved (``server.py``; ``SO_REUSEPORT`` lets every
-worker listen on it), so gRPC shares the worker's broker link, limits and metrics with HTTP.
+ModelMetadata and ModelInfer; and Triton's repository RPCs (RepositoryIndex,
+RepositoryModelLoad, RepositoryModelUnload) from ``schemas/triton_repository.proto``. Each
+gateway worker runs one ``grpc.aio`` server in its own event loop, on the port the
+supervisor reserved (``server.py``; ``SO_REUSEPORT`` lets every worker listen on it), so
+gRPC shares the worker's broker link, limits and metrics with HTTP.
 
 ModelInfer is the HTTP route's ``v2.answer_infer``: the same tensor rules (``tensors.py``),
 the same backend calls and the same answers; only the framing differs. Inputs come as
@@ -34,9 +36,11 @@ import structlog
 from google.protobuf import unknown_fields
 
 from ketch import __version__, errors
-from ketch.gateway import v2
+from ketch.gateway import repository, v2
 from ketch.gateway._oip import grpc_predict_v2_pb2 as pb
 from ketch.gateway._oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from ketch.gateway._oip import triton_repository_pb2 as repo_pb
+from ketch.gateway._oip import triton_repository_pb2_grpc as repo_grpc
 from ketch.gateway.auth import bearer_token, token_ok
 from ketch.gateway.errors import HTTPError, bad_request, http_error_for
 from ketch.gateway.http import Call
@@ -63,7 +67,7 @@ GRPC_CODES: dict[int, grpc.StatusCode] = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.ALREADY_EXISTS,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     501: grpc.StatusCode.UNIMPLEMENTED,
@@ -73,6 +77,8 @@ GRPC_CODES: dict[int, grpc.StatusCode] = {
 }
 CANCELLED = 499  # the metrics' status of a call the client cancelled or let expire
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # no token needed, as HTTP's health routes
+# change what serves: admin tokens only, as HTTP's /v2/repository/models/{name}/load and /unload
+ADMIN_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 # datatype -> (the typed contents field, the dtype its values arrive in)
 _CONTENTS: dict[str, tuple[str, np.dtype | None]] = {
@@ -209,13 +215,13 @@ def infer_response(answer: v2.InferAnswer, request: InferRequest) -> Any:
 # ---------------------------------------------------------------- the service
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    """The six RPCs, each through ``_serve``: authentication, admission, errors, metrics."""
+class _Serving:
+    """What every RPC goes through (``_serve``): authentication, admission, errors, metrics."""
 
     def __init__(self, gw: Any) -> None:
         self.gw = gw
-        # every token, admin ones too (none of these RPCs is admin-only)
-        self.tokens = [t.encode("utf-8") for t in [*gw.config.tokens, *gw.config.admin_tokens]]
+        self.admin_tokens = [t.encode("utf-8") for t in gw.config.admin_tokens]
+        self.tokens = [t.encode("utf-8") for t in gw.config.tokens] + self.admin_tokens
 
     async def _serve(
         self, method: str, context: grpc.aio.ServicerContext, run: Callable[[Call], Awaitable[T]]
@@ -228,7 +234,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         status = CANCELLED  # unless it ends otherwise: the client cancelled, or its deadline passed
         try:
             if self.tokens and method not in OPEN_METHODS:
-                self._authenticate(authorization)
+                self._authenticate(authorization, admin=method in ADMIN_METHODS)
             with gw.admitted(call):
                 answer = await run(call)
             status = 200
@@ -248,11 +254,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         await context.abort(grpc_code(err), err.message, trailing_metadata=tuple(trailers))
         raise AssertionError("unreachable: abort raises")
 
-    def _authenticate(self, authorization: bytes) -> None:
-        """A 401 (UNAUTHENTICATED) unless ``authorization`` is ``Bearer <a token>``."""
-        if not token_ok(bearer_token(authorization), self.tokens):
+    def _authenticate(self, authorization: bytes, *, admin: bool) -> None:
+        """A 401 (UNAUTHENTICATED) unless ``authorization`` is ``Bearer <a token>``; a 403
+        (PERMISSION_DENIED) for an ``admin`` method and a token that is not an admin token."""
+        token = bearer_token(authorization)
+        if not token_ok(token, self.tokens):
             message = "the bearer token is not valid" if authorization else "a bearer token is required"
             raise HTTPError(401, message, code="UNAUTHENTICATED")
+        if admin and not token_ok(token, self.admin_tokens):
+            raise HTTPError(403, "this call needs an admin token", code="UNAUTHORIZED")
+
+
+class InferenceService(_Serving, pb_grpc.GRPCInferenceServiceServicer):
+    """The six RPCs of the OIP service."""
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def run(call: Call) -> Any:
@@ -309,6 +323,56 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return await self._serve("ModelInfer", context, run)
 
 
+class RepositoryService(_Serving, repo_grpc.GRPCInferenceServiceServicer):
+    """Triton's model repository RPCs (index, load, unload): ``repository.py``, as HTTP's
+    ``/v2/repository/...`` routes answer them."""
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def run(call: Call) -> Any:
+            _one_repository(request.repository_name)
+            entries = await repository.index(call.gw.link, ready=request.ready)
+            return repo_pb.RepositoryIndexResponse(
+                models=[repo_pb.RepositoryIndexResponse.ModelIndex(**e) for e in entries]
+            )
+
+        return await self._serve("RepositoryIndex", context, run)
+
+    async def RepositoryModelLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def run(call: Call) -> Any:
+            v2._model_control(call)
+            _one_repository(request.repository_name)
+            await repository.load(call.gw.link, request.model_name, _repository_parameters(request))
+            return repo_pb.RepositoryModelLoadResponse()
+
+        return await self._serve("RepositoryModelLoad", context, run)
+
+    async def RepositoryModelUnload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def run(call: Call) -> Any:
+            v2._model_control(call)
+            _one_repository(request.repository_name)
+            await repository.unload(call.gw.link, request.model_name, _repository_parameters(request))
+            return repo_pb.RepositoryModelUnloadResponse()
+
+        return await self._serve("RepositoryModelUnload", context, run)
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise bad_request(
+            f"repository {name!r}: Ketch has one repository, the broker's; leave the name empty"
+        )
+
+
+def _repository_parameters(request: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, param in request.parameters.items():
+        which = param.WhichOneof("parameter_choice")
+        if which is None:
+            raise bad_request(f"parameter {key!r} has no value")
+        out[key] = getattr(param, which)
+    return out
+
+
 def _peer_host(peer: str) -> str:
     """The host of a gRPC peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
     _, _, address = peer.partition(":")
@@ -330,6 +394,9 @@ async def start(gw: Any, address: str) -> grpc.aio.Server:
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(gw), server)
+    # the same service's repository RPCs, from Triton's proto: each method is registered by its
+    # full name, so the two halves of inference.GRPCInferenceService sit side by side
+    repo_grpc.add_GRPCInferenceServiceServicer_to_server(RepositoryService(gw), server)
     server.add_insecure_port(address)
     await server.start()
     return server
