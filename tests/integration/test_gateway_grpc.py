@@ -89,7 +89,8 @@ def apps(broker):
     started: list[tuple[ketch.Replica, threading.Thread]] = []
 
     def start(fn, name: str, **kw) -> None:
-        r = ketch.Replica(fn, name=name, broker=broker.backend, replica_id=f"grpc/{name}", **kw)
+        replica_id = f"grpc/{name}/{kw.get('version', '1')}"
+        r = ketch.Replica(fn, name=name, broker=broker.backend, replica_id=replica_id, **kw)
         t = threading.Thread(target=r.run, daemon=True)
         t.start()
         started.append((r, t))
@@ -110,7 +111,10 @@ def apps(broker):
         start(lambda xs: [bytes(reversed(x)) for x in xs], "rev", input_type="bytes")
         start(lambda xs: [{"echo": x} for x in xs], "jdoc", input_type="json")
         start(fails, "fails")
-        for model in [*KETCH_DTYPE.values(), "upper", "rev", "jdoc", "fails"]:
+        admin.create_app("ver", input_type="string", slo_ms=5000, models=["vm"])
+        for version in ("1", "2"):  # each version says which it is
+            start(lambda xs, v=version: [f"v{v}:{x}" for x in xs], "vm", input_type="string", version=version)
+        for model in [*KETCH_DTYPE.values(), "upper", "rev", "jdoc", "fails", "vm"]:
             wait_for(lambda m=model: admin.replicas(m), 20, f"a replica of {model}")
     yield
     for r, t in started:
@@ -405,6 +409,15 @@ def test_versions_with_a_plain_stub(stub):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(req, timeout=20)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value
+    # an app whose model has two versions: each pinned request is answered by its version
+    wait_for(lambda: stub.ModelReady(pb.ModelReadyRequest(name="ver", version="2")).ready, 20, "v2")
+    assert sorted(stub.ModelMetadata(pb.ModelMetadataRequest(name="ver")).versions) == ["1", "2"]
+    for version in ("1", "2", "2", "1"):
+        req = typed_request("ver", np.array([b"x"], dtype=np.object_), "BYTES")
+        req.model_version = version
+        res = stub.ModelInfer(req, timeout=20)
+        assert res.model_version == version
+        assert list(res.outputs[0].contents.bytes_contents) == [f"v{version}:x".encode()]
 
 
 # ---------------------------------------------------------------- gateways of their own
