@@ -50,7 +50,9 @@ def main() -> int:
     from ketchd.config import BrokerConfig
 
     any_port = "tcp://127.0.0.1:*"
-    cfg = BrokerConfig(frontend=any_port, backend=any_port, admin=any_port, state_path=":memory:")
+    cfg = BrokerConfig(
+        frontend=any_port, backend=any_port, admin=any_port, state_path=":memory:", metrics=None
+    )
     cfg.cache_bytes = 0  # as perf.roundtrip: every query reaches the replica
     broker = Broker(cfg)
     ends = broker.bind()

@@ -2,7 +2,8 @@
 # Install what Ketch needs on a fresh Debian machine, idempotently.
 #   scripts/setup.sh            Python package and its runtime deps in .venv
 #   scripts/setup.sh --test     also test tools, a JDK with Maven, R with its packages, helm, and
-#                               Chromium with chromium-driver (the status page's browser test)
+#                               Chromium with chromium-driver (the status page's browser test),
+#                               prometheus and promtool (the metrics tests) in .tools/prometheus
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,23 @@ pip_editable() {
   PYTHONWARNINGS="ignore:Editable installation:UserWarning" .venv/bin/python -m pip install -q -e "$1"
 }
 
+unpack_prometheus() {
+  # Debian's prometheus package (2.42), unpacked and not installed: only its two binaries,
+  # prometheus and promtool, in .tools/prometheus; no service is set up and no daemon starts
+  local dest=.tools/prometheus tmp
+  [ -x "$dest/prometheus" ] && [ -x "$dest/promtool" ] && return 0
+  echo "unpacking prometheus and promtool into $dest"
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); then
+    $SUDO apt-get update -qq
+    (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1)
+  fi
+  dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/root"
+  mkdir -p "$dest"
+  cp "$tmp/root/usr/bin/prometheus" "$tmp/root/usr/bin/promtool" "$dest/"
+  rm -rf "$tmp"
+}
+
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "Ketch needs Python 3.11 or newer (found: $("$PY" --version 2>&1))" >&2
@@ -57,6 +75,7 @@ if [ "$want_test" = 1 ]; then
   apt_install chromium chromium-driver
   # helm for the chart's checks: built once with `go install`, cached in ~/.cache/ketch-infra
   scripts/infra.sh tools
+  unpack_prometheus
 else
   pip_editable '.[sklearn,http]'
 fi

@@ -8,6 +8,7 @@ hanging it).
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,10 @@ import zmq
 from ketch import Replica
 from ketch.local import Endpoints, LocalBroker, LocalModel
 from ketchd import Broker, BrokerConfig
+
+# every broker a test starts as a process (ketchd, ketch broker start, ketch serve, ketch up)
+# serves its /metrics on a free port, not on the default one another broker may hold
+os.environ.setdefault("KETCH_METRICS", "127.0.0.1:0")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,6 +59,7 @@ class ThreadBroker(Endpoints):
             frontend="tcp://127.0.0.1:*",
             backend="tcp://127.0.0.1:*",
             admin="tcp://127.0.0.1:*",
+            metrics=overrides.pop("metrics", None),  # a test that scrapes asks for "127.0.0.1:0"
             state_path=overrides.pop("state_path", ":memory:"),
             **overrides,
         )

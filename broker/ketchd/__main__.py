@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -38,6 +39,14 @@ def run_broker(config: BrokerConfig, ready_file: str | None = None) -> None:
         if exc.errno != zmq.EADDRINUSE:
             raise
         raise SystemExit(address_in_use(config, str(exc))) from None
+    except OSError as exc:  # the /metrics server's address (the ZMQ sockets are bound before it)
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise SystemExit(
+            f"error: cannot serve metrics on {config.metrics}: the address is in use "
+            "(`ss -ltnp` names who holds it); give another with --metrics HOST:PORT "
+            "(or KETCH_METRICS; port 0 takes any free one), or --no-metrics"
+        ) from None
 
 
 def address_in_use(config: BrokerConfig, error: str) -> str:
@@ -88,6 +97,16 @@ def broker_options(f: F) -> F:
                 show_default=True,
                 help="Address of the admin socket (keep it on loopback).",
             ),
+            click.option(
+                "--metrics",
+                envvar="KETCH_METRICS",
+                default=defaults.metrics,
+                show_default=True,
+                help="HOST:PORT of the broker's own Prometheus /metrics (HTTP; port 0 takes a free "
+                "one). Read-only figures without authentication: keep it on loopback unless "
+                "scrapers elsewhere must reach it.",
+            ),
+            click.option("--no-metrics", is_flag=True, help="Serve no /metrics of the broker's own."),
             click.option(
                 "--state",
                 "state_path",
@@ -211,6 +230,15 @@ def config_from_options(**kw: Any) -> tuple[BrokerConfig, str | None]:
     socket other machines can reach, unless ``--insecure`` says so."""
     ready_file = kw.pop("ready_file", None)
     insecure = kw.pop("insecure", False)
+    if kw.pop("no_metrics", False):
+        kw["metrics"] = None
+    elif kw.get("metrics"):
+        from ketchd.metrics import parse_listen
+
+        try:
+            parse_listen(kw["metrics"])
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--metrics") from None
     kw["max_message_bytes"] = kw.pop("max_message_mb") * 1024 * 1024
     kw["cache_bytes"] = kw.pop("cache_mb") * 1024 * 1024
     for mb, key in (("max_client_mb", "max_client_bytes"), ("max_held_mb", "max_held_bytes")):

@@ -32,6 +32,7 @@ from ketch.protocol import ErrorCode
 from ketchd.batching import MODES
 from ketchd.policies import make_policy
 from ketchd.registry import App, Model, ReplicaState
+from ketchd.stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -553,6 +554,29 @@ class AdminOps:
             },
             "counters": dict(b.counters),
             "memory": b.memory_figures(),
+            "histograms": self._histograms(),
+        }
+
+    def _histograms(self) -> dict[str, Any]:
+        """The broker's latency histograms (``ketchd.stats.Histogram``): bucket bounds in
+        seconds, and per label set its counts per bucket (not cumulative; the last is +Inf)
+        and its sum. ``ketch.broker_metrics`` turns them into Prometheus histograms."""
+        b = self.broker
+        models = sorted(b.models.items())
+
+        def per_model(kind: str) -> list[dict[str, Any]]:
+            return [row for name, m in models for row in getattr(m, kind).to_json(("version",), model=name)]
+
+        return {
+            "buckets_s": list(LATENCY_BUCKETS_S),
+            "query_duration": [
+                row
+                for name, a in sorted(b.apps.items())
+                for row in a.durations.to_json(("model", "version"), app=name)
+            ],
+            "queue_wait": per_model("queue_waits"),
+            "rpc": per_model("rpc_times"),
+            "compute": per_model("compute_times"),
         }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -20,6 +21,7 @@ from ketch.protocol import ErrorCode, Status
 from ketch.protocol.limits import U32_MAX
 
 from ketchd.registry import App, Fanout, Pending, Replica
+from ketchd.stats import LATENCY_BUCKETS_S, Histogram
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -38,8 +40,11 @@ class Answers:
         else:
             self.broker.ensembles.sub_answered(p, item, payload)
 
-    def finish(self, p: Pending) -> float:
-        """Mark a query answered; returns its latency in ms."""
+    def finish(self, p: Pending, duration: Histogram | None = None) -> float:
+        """Mark a query answered; returns its latency in ms. A client's own query (not one
+        model's part of an ensemble) counts to its app's figures, its end-to-end latency to
+        ``duration`` (its app's histogram of the model and version that answered), or to its
+        app's ("", "") histogram for an answer no model gave (a default, an error)."""
         b = self.broker
         key = p.cache_key
         if key is not None:
@@ -52,10 +57,16 @@ class Answers:
         if p.queued:
             b.models[p.model].lane(p.version).queue.discard(p)
         self.release_client(p)
-        ms = (time.monotonic() - p.arrived) * 1000
+        seconds = time.monotonic() - p.arrived
+        ms = seconds * 1000
         if p.parent is None:  # a Fanout keeps the figures of its parts itself
-            p.app.answered += 1
-            p.app.latency.add(ms)
+            app = p.app
+            app.answered += 1
+            app.latency.add(ms)
+            if duration is None:
+                duration = app.durations.get("", "")
+            duration.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1  # .observe, inline
+            duration.sum += seconds
         return ms
 
     def release_client(self, p: Pending | Fanout) -> None:
@@ -97,7 +108,8 @@ class Answers:
                 self.broker.faults.internal_error("the prediction cache storing an answer", exc)
             for f in followers:
                 self.answer_output(f, replica, dtype, shape, bytes(out))
-        ms = self.finish(p)
+        own = p.parent is None  # a client's own query, not one model's part of an ensemble
+        ms = self.finish(p, p.app.durations.get(replica.model, replica.version) if own else None)
         item = proto.ReplyFields(
             p.request_id,
             Status.OK,
@@ -160,6 +172,7 @@ class Answers:
         family = (replica.model, replica.version, dtype, shape)
         plain = self.broker.replies.plain_out
         finish = self.finish
+        app, duration = None, None  # the histogram of the last query's app (a batch is mostly one app's)
         for i, (p, payload) in enumerate(zip(items, payloads, strict=True)):
             if p.done:
                 continue
@@ -172,7 +185,11 @@ class Answers:
             ):  # the way of any other answer, which says what is wrong, if anything
                 self.answer_item(p, replica, i, output, payload)
                 continue
-            latency_us = max(1, int(finish(p) * 1000))
+            if p.app is not app:
+                app = p.app
+                labels = (replica.model, replica.version)
+                duration = app.durations.by_labels.get(labels) or app.durations.get(*labels)
+            latency_us = max(1, int(finish(p, duration) * 1000))
             if latency_us > U32_MAX:  # a uint32 field: saturates
                 latency_us = U32_MAX
             answers = plain.get((p.client, family))

@@ -58,6 +58,7 @@ from ketchd.faults import Faults
 from ketchd.flights import Flights
 from ketchd.limits import Limits
 from ketchd.memory import Trimmer
+from ketchd.metrics import MetricsEndpoint
 from ketchd.overload import Overload
 from ketchd.peers import Connections
 from ketchd.persistence import Persistence
@@ -105,6 +106,7 @@ class Broker:
         self.containers = Containers(self)
         self.connections = Connections(self)
         self.admin_ops = AdminOps(self)
+        self.metrics = MetricsEndpoint(self)
         self.stopping = False  # draining: no new queries; ``run`` returns once all are answered
         self._stop_reason = ""
         self._next_housekeeping = 0.0
@@ -117,13 +119,16 @@ class Broker:
         return self.sockets.endpoints
 
     def bind(self) -> dict[str, str]:
-        """Create and bind the three sockets; returns the bound endpoints."""
+        """Create and bind the three sockets, and the ``/metrics`` server when configured;
+        returns the bound endpoints (``metrics``: the URL to scrape)."""
         cfg = self.config
         self.sockets.start_curve()
         self.frontend = self.sockets.router(cfg.frontend, "frontend")
         self.backend = self.sockets.router(cfg.backend, "backend")
         self.connections.start(self.backend)
         self.admin = self.sockets.router(cfg.admin, "admin")
+        if cfg.metrics:
+            self.sockets.endpoints["metrics"] = self.metrics.start(cfg.metrics)
         return self.endpoints
 
     def load_state(self) -> None:
@@ -181,6 +186,9 @@ class Broker:
             self.admin: self.persistence.on_admin,
             durable: self.persistence.on_durable,
         }
+        if self.metrics.sock is not None:
+            poller.register(self.metrics.sock, zmq.POLLIN)
+            handlers[self.metrics.sock] = self.metrics.on_request
         self.trimmer.start()
         prebuilds, answers, dispatcher, replies = self.prebuilds, self.answers, self.dispatcher, self.replies
         try:
@@ -209,6 +217,7 @@ class Broker:
             self.close()
 
     def close(self) -> None:
+        self.metrics.close()
         self.trimmer.stop()
         self.persistence.close()
         self.connections.close(getattr(self, "backend", None))

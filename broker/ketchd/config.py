@@ -20,6 +20,8 @@ class BrokerConfig:
     frontend: str = addresses.FRONTEND
     backend: str = addresses.BACKEND
     admin: str = addresses.ADMIN
+    # HOST:PORT of the broker's own Prometheus /metrics (HTTP; port 0: any); None: not served
+    metrics: str | None = addresses.METRICS
     # SQLite file holding apps and models; ":memory:" keeps nothing across restarts
     state_path: str = field(default_factory=lambda: str(default_state_path()))
     heartbeat_ms: int = 1000

@@ -9,6 +9,7 @@ with its replica id ends it, and its in-flight queries are re-queued once or ans
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -21,6 +22,7 @@ from ketchd import hellos, negotiation
 from ketchd.admin import schema_conflict
 from ketchd.batching import BatchController
 from ketchd.registry import Model, Replica, ReplicaState
+from ketchd.stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -196,6 +198,11 @@ class Containers:
             fingerprint=fingerprint,
         )
         replica.controller = BatchController(model.policy(b.config.max_batch, replica.max_batch))
+        replica.histograms = (
+            model.queue_waits.get(version),
+            model.rpc_times.get(version),
+            model.compute_times.get(version),
+        )
         b.replicas[identity] = replica
         b.replica_ids[replica_id] = identity
         model.replicas[identity] = replica
@@ -294,6 +301,13 @@ class Containers:
         replica.last_reply = now
         replica.compute_ms.add(compute_ms)
         replica.rpc_ms.add(rpc_ms)
+        _, rpc_h, compute_h = replica.histograms  # Histogram.observe, inline (a call per batch less)
+        s = compute_ms / 1000
+        compute_h.counts[bisect_left(LATENCY_BUCKETS_S, s)] += 1
+        compute_h.sum += s
+        s = rpc_ms / 1000
+        rpc_h.counts[bisect_left(LATENCY_BUCKETS_S, s)] += 1
+        rpc_h.sum += s
         replica.rpc_ewma_ms += 0.1 * (rpc_ms - replica.rpc_ewma_ms)
         replica.compute_ewma_ms += 0.1 * (compute_ms - replica.compute_ewma_ms)
         replica.controller.observe(len(items), compute_ms + rpc_ms, batch.budget_ms)

@@ -23,6 +23,7 @@ from ketchd import scheduler
 from ketchd.batching import BatchController, decide
 from ketchd.queue import ModelQueue
 from ketchd.registry import Batch, Model, Pending, Replica, ReplicaState, next_batch_id
+from ketchd.stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
@@ -373,6 +374,13 @@ class Dispatcher:
         )
         send(b.backend, [replica.identity, header, *[p.payload for p in items]])
         # the books after the send: the replica computes meanwhile
+        waits = replica.histograms[0]  # each query's wait: Histogram.observe, inline
+        counts, total = waits.counts, 0.0
+        for p in items:
+            s = now - p.arrived
+            counts[bisect.bisect_left(LATENCY_BUCKETS_S, s)] += 1
+            total += s
+        waits.sum += total
         batch = Batch(batch_id, replica, items, now, budget_ms, alone=items[0].requeued)
         replica.sizes.add(len(items))
         for p in items:

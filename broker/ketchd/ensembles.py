@@ -237,6 +237,7 @@ class Ensembles:
         ms = self.release(f)
         f.app.answered += 1
         f.app.latency.add(ms)
+        f.app.durations.get("", "").observe(ms / 1000)
         try:
             self.remember(f)
             self._reply(f, ms, first, at_deadline)

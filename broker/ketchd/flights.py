@@ -50,7 +50,7 @@ class Flights:
         if entry is not None:
             model.cache_hits += 1
             p.app.cache_hits += 1
-            ms = b.answers.finish(p)
+            ms = b.answers.finish(p, p.app.durations.get(model.name, version))
             item = proto.ReplyFields(
                 p.request_id,
                 Status.OK,

@@ -19,7 +19,7 @@ from ketch import protocol as proto
 from ketchd.batching import BatchController, BatchPolicy
 from ketchd.policies import Policy, Selection, make_policy
 from ketchd.queue import ModelQueue
-from ketchd.stats import LatencyWindow, SizeHistogram
+from ketchd.stats import Histogram, Histograms, LatencyWindow, SizeHistogram
 
 
 @dataclass
@@ -42,6 +42,9 @@ class App:
     defaults: int = 0
     errors: int = 0
     latency: LatencyWindow = field(default_factory=LatencyWindow)
+    # end to end (arrival to answer), by the (model, version) that answered; ("", "") for a
+    # default, an error, or an ensemble's combined answer
+    durations: Histograms = field(default_factory=Histograms)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -204,6 +207,11 @@ class Replica:
     rpc_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
     rpc_ewma_ms: float = 1.0  # smoothed RPC time, for the pipelining lead
     compute_ewma_ms: float = 0.0
+    # its model's histograms of its version: queue wait, RPC, compute (Model.queue_waits, ...;
+    # Containers sets them at its Hello), held here so that a batch finds them without a lookup
+    histograms: tuple[Histogram, Histogram, Histogram] = field(
+        default_factory=lambda: (Histogram(), Histogram(), Histogram())
+    )
 
     def busy_ms(self, now: float) -> float:
         """Predicted time before this replica can start one more batch."""
@@ -297,6 +305,11 @@ class Model:
     dropped: int = 0  # deadline passed while queued
     refused: int = 0  # OVERLOADED
     queue_wait_ms: LatencyWindow = field(default_factory=LatencyWindow)
+    # by the version of the replica that took the batch: each query's wait in the queue, and
+    # each batch's round trip less its compute (rpc) and the replica's own compute_us
+    queue_waits: Histograms = field(default_factory=Histograms)
+    rpc_times: Histograms = field(default_factory=Histograms)
+    compute_times: Histograms = field(default_factory=Histograms)
 
     def live_replicas(self, version: str | None = None) -> Iterable[Replica]:
         version = self.active_version if version is None else version

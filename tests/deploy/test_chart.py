@@ -177,7 +177,11 @@ def test_full_values_wire_secrets_and_autoscaling(helm):
     assert depth["metric"]["name"] == "ketch_model_queue_depth"
     assert depth["metric"]["selector"]["matchLabels"] == {"model": "iris"}
     p99 = hpas["ketch-iris-onnx-v1"]["spec"]["metrics"][0]["external"]
-    assert p99["metric"]["selector"]["matchLabels"]["quantile"] == "0.99"
+    assert p99["metric"] == {
+        "name": "ketch_model_queue_wait_p99_seconds",
+        "selector": {"matchLabels": {"model": "iris-onnx"}},
+    }
+    assert p99["target"] == {"type": "Value", "value": "5m"}  # 5 ms (full-values.yaml) in seconds
     images = {d["spec"]["template"]["spec"]["containers"][0]["image"] for d in deps.values()}
     assert "registry.example.com/ketch/python-onnx:0.1.0" in images
     assert "registry.example.com/team/mlp-model:2024-05" in images

@@ -537,6 +537,7 @@ def test_broker_start_runs_grpc_beside_http_and_no_grpc_turns_it_off(tmp_path):
         argv = [sys.executable, "-m", "ketch.cli", "broker", "start", "--state", str(tmp_path / "s.db")]
         argv += [f"--{role}=tcp://127.0.0.1:*" for role in ("frontend", "backend", "admin")]
         argv += ["--ready-file", str(ready), "--http", f"127.0.0.1:{free_port()}", *grpc_args]
+        argv += ["--metrics", "127.0.0.1:0"]  # not the broker's default metrics port
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_for(ready.exists, 20, "the broker to listen")

@@ -322,6 +322,16 @@ def test_broker_figures_become_prometheus_families():
             "replicas": [replica],
             "cache": {"hits": 2, "misses": 7, "entries": 5},
             "counters": {"refused_overloaded": 4},
+            "histograms": {
+                "buckets_s": [0.001, 0.01],
+                "query_duration": [
+                    {"app": "a", "model": "m", "version": "2", "counts": [3, 4, 1], "sum_s": 0.05},
+                    {"app": "a", "model": "", "version": "", "counts": [0, 0, 1], "sum_s": 0.2},
+                ],
+                "queue_wait": [{"model": "m", "version": "2", "counts": [8, 0, 0], "sum_s": 0.001}],
+                "rpc": [{"model": "m", "version": "2", "counts": [1, 0], "sum_s": 0.0}],  # not 3: left out
+                "compute": [],
+            },
         },
     }
     text = GatewayMetrics().render(figures).decode()
@@ -332,7 +342,18 @@ def test_broker_figures_become_prometheus_families():
     }
     assert samples[("ketch_broker_up", ())] == 1
     assert samples[("ketch_app_cache_hits_total", (("app", "a"),))] == 2
-    assert samples[("ketch_app_latency_milliseconds", (("app", "a"), ("quantile", "0.5")))] == 1.0
+    e2e = (("app", "a"), ("model", "m"), ("version", "2"))
+    assert samples[("ketch_app_query_duration_seconds_bucket", (e2e[0], ("le", "0.001"), *e2e[1:]))] == 3
+    assert samples[("ketch_app_query_duration_seconds_bucket", (e2e[0], ("le", "0.01"), *e2e[1:]))] == 7
+    assert samples[("ketch_app_query_duration_seconds_bucket", (e2e[0], ("le", "+Inf"), *e2e[1:]))] == 8
+    assert samples[("ketch_app_query_duration_seconds_count", e2e)] == 8
+    assert samples[("ketch_app_query_duration_seconds_sum", e2e)] == 0.05
+    assert (
+        samples[("ketch_app_query_duration_seconds_count", (("app", "a"), ("model", ""), ("version", "")))]
+        == 1
+    )
+    assert samples[("ketch_model_queue_wait_seconds_count", (("model", "m"), ("version", "2")))] == 8
+    assert not any(name.startswith("ketch_model_rpc_duration_seconds") for name, _ in samples)
     assert samples[("ketch_model_refused_total", (("model", "m"),))] == 4
     labels = (("model", "m"), ("replica", "h/m/0"), ("version", "2"))
     assert samples[("ketch_replica_batch_size_bucket", (("le", "2.0"), *labels))] == 3

@@ -56,3 +56,26 @@ def test_set_version_keeps_history_for_rollback():
     assert m.active_version == "2" and m.history == ["1"] and m.known_versions == ["1", "2"]
     doc = Model.from_json(m.to_json())
     assert doc.active_version == "2" and doc.history == ["1"]
+
+
+def test_latency_histogram_counts_a_bound_in_its_own_bucket():
+    from ketchd.stats import LATENCY_BUCKETS_S, Histogram, Histograms
+
+    h = Histogram()
+    for s in (0.0, 0.0001, 0.00010001, 10.0, 10.5, 0.003):
+        h.observe(s)
+    counts = h.to_json()["counts"]
+    assert len(counts) == len(LATENCY_BUCKETS_S) + 1
+    assert counts[0] == 2  # 0 and the first bound itself (le)
+    assert counts[1] == 1  # just over it
+    assert counts[LATENCY_BUCKETS_S.index(0.005)] == 1
+    assert counts[LATENCY_BUCKETS_S.index(10.0)] == 1 and counts[-1] == 1  # +Inf
+    assert h.sum == pytest.approx(20.50320001)
+    by = Histograms()
+    assert by.get("m", "1") is by.get("m", "1")
+    by.get("a", "2").observe(0.5)
+    rows = by.to_json(("model", "version"), app="x")
+    assert [(r["app"], r["model"], r["version"], sum(r["counts"])) for r in rows] == [
+        ("x", "a", "2", 1),
+        ("x", "m", "1", 0),
+    ]

@@ -111,6 +111,8 @@ class LocalBroker(Endpoints):
             self.state_path,
             "--ready-file",
             str(ready),
+            "--metrics",  # a free port, not the default one (extra_args may say otherwise)
+            "127.0.0.1:0",
             *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child holds it)

@@ -97,7 +97,8 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         f"broker   pid {b['pid']}, up {uptime}, {b['pending']} queries pending"
         + (" (stopping)" if b["stopping"] else ""),
-        f"         clients {ep.get('frontend')}, replicas {ep.get('backend')}, admin {ep.get('admin')}",
+        f"         clients {ep.get('frontend')}, replicas {ep.get('backend')}, admin {ep.get('admin')}"
+        + (f", metrics {ep['metrics']}" if ep.get("metrics") else ""),
         f"         state {b['state_path']}",
     ]
     if doc["gateways"]:
