@@ -10,16 +10,20 @@ last is answered) for a fixed time through:
     clipper        POST /{app}/predict, one keep-alive connection per worker
     kserve         POST /v2/models/{app}/infer with a JSON tensor [1, 4], likewise
     clipper-httpx  POST /{app}/predict with httpx.AsyncClient (C pooled connections)
+    grpc           KServe V2 over gRPC: ModelInfer with raw FP64 [1, 4], through grpc.aio and
+                   the stubs generated from the proto, one channel (connection) per worker
+    grpc-triton    the same through tritonclient.grpc.aio (one client per worker)
 
-``clipper`` and ``kserve`` use a minimal HTTP/1.1 client written on asyncio streams, so the
-figures are the gateway's rather than the client library's; ``clipper-httpx`` shows what a
-typical Python client adds. It prints throughput and p50/p99 latency per mode, with each as
-a share of zmq's throughput. Every query carries a distinct random input and every answer is
-checked. The load generator runs in this process on the same machine: its CPU use counts
-against every mode.
+``clipper`` and ``kserve`` use a minimal HTTP/1.1 client written on asyncio streams, and
+``grpc`` the bare generated stub, so the figures are the gateway's rather than the client
+library's; ``clipper-httpx`` and ``grpc-triton`` show what a typical Python client adds. It
+prints throughput and p50/p99 latency per mode, with each as a share of zmq's throughput.
+Every query carries a distinct random input and every answer is checked. The load generator
+runs in this process on the same machine: its CPU use counts against every mode.
 
     python -m perf.http                          # C = 1, 8, 32; 3 s each (or: python perf/http.py)
     python -m perf.http --concurrency 1,4 --duration 5 --workers 2 --replicas 2
+    python -m perf.http --modes zmq,kserve,grpc      # HTTP against gRPC, same queries
 """
 
 from __future__ import annotations
@@ -40,10 +44,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+import grpc
 import httpx
 import numpy as np
 import psutil
+import tritonclient.grpc.aio as triton_aio
 from ketch import AsyncClient, Client
+from ketch.gateway._oip import grpc_predict_v2_pb2 as pb
+from ketch.gateway._oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from ketch.gateway.local import LocalGateway
 from ketch.local import LocalBroker, LocalModel
 
@@ -134,6 +142,52 @@ def _kserve_doc(x: np.ndarray) -> dict:
     return {"inputs": [{"name": "input", "datatype": "FP64", "shape": [1, 4], "data": x.tolist()}]}
 
 
+def _infer_request(x: np.ndarray) -> pb.ModelInferRequest:
+    req = pb.ModelInferRequest(model_name=APP)
+    req.inputs.add(name="input", datatype="FP64", shape=[1, 4])
+    req.raw_input_contents.append(x.astype("<f8").tobytes())
+    return req
+
+
+async def run_grpc(mode: str, target: str, concurrency: int, duration_s: float, warmup_s: float):
+    """``grpc`` (the generated stub on grpc.aio) or ``grpc-triton``: one channel per worker."""
+    if mode == "grpc":
+        channels = [grpc.aio.insecure_channel(target) for _ in range(concurrency)]
+        idle = [pb_grpc.GRPCInferenceServiceStub(c) for c in channels]
+
+        async def ask(stub, x: np.ndarray) -> float:
+            res = await stub.ModelInfer(_infer_request(x), timeout=10)
+            return float(np.frombuffer(res.raw_output_contents[0], "<f8")[0])
+
+        async def close() -> None:
+            for c in channels:
+                await c.close()
+    else:
+        clients = [triton_aio.InferenceServerClient(target) for _ in range(concurrency)]
+        idle = list(clients)
+
+        async def ask(client, x: np.ndarray) -> float:
+            inp = triton_aio.InferInput("input", [1, 4], "FP64")
+            inp.set_data_from_numpy(x.reshape(1, 4))
+            return float((await client.infer(APP, [inp], client_timeout=10)).as_numpy("output")[0])
+
+        async def close() -> None:
+            for c in clients:
+                await c.close()
+
+    async def call(x: np.ndarray) -> float:
+        conn = idle.pop()
+        try:
+            return await ask(conn, x)
+        finally:
+            idle.append(conn)
+
+    try:
+        return await closed_loop(call, concurrency, duration_s, warmup_s)
+    finally:
+        await close()
+
+
 async def run_mode(mode: str, frontend: str, url: str, concurrency: int, duration_s: float, warmup_s: float):
     if mode in ("clipper", "kserve"):
         pool = [RawHTTP(url) for _ in range(concurrency)]
@@ -218,7 +272,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5, help="Unmeasured seconds before each run.")
     parser.add_argument("--workers", type=int, default=1, help="Gateway worker processes.")
     parser.add_argument("--replicas", type=int, default=1, help="Model replica processes.")
-    parser.add_argument("--modes", default="zmq,zmq-sync,clipper,kserve,clipper-httpx")
+    parser.add_argument("--modes", default="zmq,zmq-sync,clipper,kserve,clipper-httpx,grpc,grpc-triton")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
@@ -249,6 +303,8 @@ def main() -> None:
                     for mode in modes:
                         if mode == "zmq-sync":
                             n, lat, errs = run_sync(broker.frontend, c, args.duration, args.warmup)
+                        elif mode.startswith("grpc"):
+                            n, lat, errs = asyncio.run(run_grpc(mode, gw.grpc, c, args.duration, args.warmup))
                         else:
                             n, lat, errs = asyncio.run(
                                 run_mode(mode, broker.frontend, gw.url, c, args.duration, args.warmup)
@@ -259,7 +315,7 @@ def main() -> None:
                         share = f"{qps / base:.0%}" if base else "-"
                         rows.append((c, mode, f"{qps:,.0f}", f"{p50:.2f}", f"{p99:.2f}", share, errs))
                         print(
-                            f"  c={c:<3} {mode:8} {qps:9,.0f} q/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms",
+                            f"  c={c:<3} {mode:11} {qps:9,.0f} q/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms",
                             flush=True,
                         )
     header = ("concurrency", "client", "queries/s", "p50 ms", "p99 ms", "vs zmq", "errors")

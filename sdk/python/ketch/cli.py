@@ -174,7 +174,14 @@ def _broker_start_command() -> click.Command:
         show_default=True,
         help="Also run the HTTP gateway on HOST:PORT (a child process, `ketch gateway`).",
     )
-    @click.option("--no-http", is_flag=True, help="Run no HTTP gateway.")
+    @click.option("--no-http", is_flag=True, help="Run no HTTP gateway (and so no gRPC).")
+    @click.option(
+        "--grpc",
+        "grpc_listen",
+        default=None,
+        help="The gateway's KServe V2 gRPC HOST:PORT [default: the --http host, its port + 1].",
+    )
+    @click.option("--no-grpc", is_flag=True, help="The gateway serves no gRPC.")
     @click.option(
         "--http-workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Gateway workers."
     )
@@ -186,7 +193,13 @@ def _broker_start_command() -> click.Command:
         "$KETCH_GATEWAY_TOKENS, $KETCH_GATEWAY_ADMIN_TOKENS).",
     )
     def start(
-        http_listen: str, no_http: bool, http_workers: int, http_token_file: str | None, **kw: Any
+        http_listen: str,
+        no_http: bool,
+        grpc_listen: str | None,
+        no_grpc: bool,
+        http_workers: int,
+        http_token_file: str | None,
+        **kw: Any,
     ) -> None:
         """Run the broker in the foreground (Ctrl-C or SIGTERM drains and stops it).
 
@@ -200,7 +213,8 @@ def _broker_start_command() -> click.Command:
         if no_http:
             run_broker(config, ready_file)
             return
-        host, _ = _check_listen(http_listen, "--http")
+        host, port = _check_listen(http_listen, "--http")
+        grpc_at = None if no_grpc else _grpc_listen(grpc_listen, host, port, "--grpc")
         if not _gateway_installed():
             click.echo(
                 "warning: no HTTP gateway: it needs the http extra (pip install 'ketch[http]'); "
@@ -219,12 +233,16 @@ def _broker_start_command() -> click.Command:
                     "pass --no-http, or --insecure to serve HTTP without authentication."
                 )
             _check_http_exposure(host, "--http")
+            if grpc_at is not None:
+                _check_http_exposure(grpc_at[0], "--grpc")
         with tempfile.TemporaryDirectory(prefix="ketch-broker-") as tmp:
             ready_path = Path(ready_file or os.path.join(tmp, "ready.json"))
             ready_path.unlink(missing_ok=True)
             extra = (["--token-file", http_token_file] if http_token_file else []) + (
                 ["--insecure"] if insecure else []
             )
+            if no_grpc or grpc_listen is not None:  # else the gateway takes its default (optional) port
+                extra += ["--no-grpc"] if no_grpc else ["--grpc", _host_port(*grpc_at)]
             child = _GatewayChild(ready_path, http_listen, http_workers, extra)
             child.start()
             try:
@@ -236,7 +254,9 @@ def _broker_start_command() -> click.Command:
 
 
 def _gateway_installed() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("starlette", "uvicorn", "prometheus_client"))
+    return all(
+        importlib.util.find_spec(m) is not None for m in ("starlette", "uvicorn", "prometheus_client", "grpc")
+    )
 
 
 def _check_http_exposure(host: str, option: str) -> None:
@@ -255,6 +275,22 @@ def _check_listen(text: str, option: str) -> tuple[str, int]:
     if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
         raise click.BadParameter(f"{text!r}: give HOST:PORT, e.g. 127.0.0.1:8080", param_hint=option)
     return host.strip("[]"), int(port)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _grpc_listen(text: str | None, http_host: str, http_port: int, option: str) -> tuple[str, int]:
+    """The gRPC HOST:PORT: as given, else next to HTTP (its port + 1, as Triton's 8001 beside
+    8000; port 0 beside port 0). A default port that is taken costs gRPC only (a warning)."""
+    if text is not None:
+        return _check_listen(text, option)
+    if http_port == 65535:
+        raise click.BadParameter(
+            "HTTP is on port 65535, so gRPC has no next port: give --grpc", param_hint=option
+        )
+    return http_host, http_port + 1 if http_port else 0
 
 
 class _GatewayChild:
@@ -1156,6 +1192,14 @@ def _stats_tables(figures: dict[str, Any]) -> None:
 )
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
 @click.option(
+    "--grpc",
+    "grpc_listen",
+    default=None,
+    help="HOST:PORT to serve KServe V2 over gRPC on [default: the --listen host, its port + 1; "
+    "port 0 with --listen port 0].",
+)
+@click.option("--no-grpc", is_flag=True, help="Serve no gRPC.")
+@click.option(
     "--token-file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -1241,6 +1285,8 @@ def gateway(
     admin_address,
     listen,
     workers,
+    grpc_listen,
+    no_grpc,
     token_file,
     metadata_ttl,
     max_body_mb,
@@ -1255,11 +1301,13 @@ def gateway(
     log_level,
     model_control,
 ) -> None:
-    """Serve HTTP (Clipper's REST API, KServe V2, /metrics) in front of a broker until Ctrl-C/SIGTERM.
+    """Serve HTTP (Clipper's REST API, KServe V2, /metrics) and KServe V2 over gRPC in front of
+    a broker until Ctrl-C/SIGTERM.
 
     A separate process that is a Ketch client of the broker; routes in docs/http.md.
     """
     host, port = _check_listen(listen, "--listen")
+    grpc_at = None if no_grpc else _grpc_listen(grpc_listen, host, port, "--grpc")
     if not _gateway_installed():
         _fail("the HTTP gateway needs the http extra: pip install 'ketch[http]'", 2)
     from ketch.gateway import GatewayConfig, serve
@@ -1272,6 +1320,8 @@ def gateway(
         _fail(str(exc), 2)
     if not tokens and not insecure:
         _check_http_exposure(host, "--listen")
+        if grpc_at is not None:
+            _check_http_exposure(grpc_at[0], "--grpc")
     config = GatewayConfig(
         frontend=frontend or ctx.obj["frontend"],
         admin=admin_address or ctx.obj["admin"],
@@ -1290,10 +1340,21 @@ def gateway(
     logs.configure()
     try:
         code = serve(
-            config, host=host, port=port, workers=workers, ready_file=ready_file, log_level=log_level
+            config,
+            host=host,
+            port=port,
+            workers=workers,
+            ready_file=ready_file,
+            log_level=log_level,
+            grpc=grpc_at,
+            grpc_optional=grpc_listen is None,
         )
     except OSError as exc:
-        _fail(f"cannot serve HTTP on {listen}: {exc.strerror or exc}", EXIT_REFUSED)
+        why = exc.strerror or str(exc)
+        _fail(
+            why if why.startswith("cannot serve gRPC") else f"cannot serve HTTP on {listen}: {why}",
+            EXIT_REFUSED,
+        )
     sys.exit(code)
 
 

@@ -164,7 +164,7 @@ def command(ctx: click.Context, source: str, **kw: Any) -> None:
             )
             endpoints = broker.start_or_explain(
                 ".\n  pick free addresses: ketch --admin tcp://127.0.0.1:7102 --frontend "
-                f"tcp://127.0.0.1:7101 serve {source} --backend tcp://127.0.0.1:7100 --http 127.0.0.1:8081"
+                f"tcp://127.0.0.1:7101 serve {source} --backend tcp://127.0.0.1:7100 --http 127.0.0.1:8090"
             )
             if kw["http_listen"]:
                 http_url = "http://" + kw["http_listen"]

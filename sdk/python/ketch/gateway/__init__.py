@@ -2,7 +2,9 @@
 
     app.py       the ASGI app: routes, per-worker state, one error path, metrics per request
     clipper.py   Clipper's REST API (/{app}/predict, /{app}/update)
-    v2.py        the Open Inference Protocol (KServe V2) routes
+    v2.py        the Open Inference Protocol (KServe V2) routes, and what they share with gRPC
+    grpc_server.py  the same protocol over gRPC (one grpc.aio server per worker)
+    _oip/        its messages and stubs, generated from schemas/grpc_predict_v2.proto
     tensors.py   V2 tensors: JSON and binary data in, queries, outputs back (pure)
     values.py    JSON values to the app's input dtype and outputs to JSON (pure)
     backend.py   the AsyncClient and async admin link to the broker, with a short cache

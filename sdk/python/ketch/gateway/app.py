@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ class GatewayConfig:
     admin: str = DEFAULT_ADMIN
     tokens: list[str] = field(default_factory=list)
     admin_tokens: list[str] = field(default_factory=list)  # may use /admin/ (auth.py)
+    grpc: str = ""  # HOST:PORT each worker serves gRPC on (reserved by server.py); "" for none
     metadata_ttl_s: float = 1.0  # app metadata and readiness are cached this long
     admin_timeout_ms: float = 1000
     # what one client may cost a worker (limits.py and protocol.py; docs/reliability.md)
@@ -98,9 +99,16 @@ class Gateway:
             ttl_s=self.config.metadata_ttl_s,
             admin_timeout_ms=self.config.admin_timeout_ms,
         )
+        grpc_server = None
+        if self.config.grpc:
+            from ketch.gateway import grpc_server as oip_grpc
+
+            grpc_server = await oip_grpc.start(self, self.config.grpc)
         try:
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
             await self.link.close()
 
     def endpoint(self, route: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -108,30 +116,14 @@ class Gateway:
             call = Call(request, self, client=self.client_of(request))
             call.trace = request.scope.get(spans.SCOPE_KEY)  # set when traced (spans.traced)
             started = time.perf_counter()
-            self.inflight += 1
-            entered = False
             try:
-                if self.inflight > self.config.max_inflight:
-                    raise HTTPError(
-                        503,
-                        f"the gateway worker has {self.config.max_inflight} requests in progress; "
-                        "retry shortly",
-                        code="OVERLOADED",
-                        retry_after_ms=1000,
-                    )
-                self.shares.enter(call.client)
-                entered = True
-                response = await handler(call)
+                with self.admitted(call):
+                    response = await handler(call)
             except Exception as exc:
                 err = http_error_for(exc)
                 if not isinstance(exc, errors.KetchError | HTTPError):
                     self.log.exception("gateway_bug", route=route, path=request.url.path)
                 response = error_response(err)
-            finally:
-                self.inflight -= 1
-                self.body_budget.give_back(call)
-                if entered:
-                    self.shares.leave(call.client, call.queries)
             self.metrics.observe(
                 route, call.app, response.status_code, time.perf_counter() - started, call.queries
             )
@@ -141,14 +133,42 @@ class Gateway:
             return spans.traced(self.tracer, route, handle)
         return handle
 
+    @contextlib.contextmanager
+    def admitted(self, call: Call) -> Iterator[None]:
+        """One request (HTTP or gRPC) in the worker: its in-flight cap and its client's share
+        while it runs; its body budget given back when it ends."""
+        self.inflight += 1
+        entered = False
+        try:
+            if self.inflight > self.config.max_inflight:
+                raise HTTPError(
+                    503,
+                    f"the gateway worker has {self.config.max_inflight} requests in progress; retry shortly",
+                    code="OVERLOADED",
+                    retry_after_ms=1000,
+                )
+            self.shares.enter(call.client)
+            entered = True
+            yield
+        finally:
+            self.inflight -= 1
+            self.body_budget.give_back(call)
+            if entered:
+                self.shares.leave(call.client, call.queries)
+
     def client_of(self, request: Request) -> str:
-        """Whose share a request counts against: its bearer token when tokens are on (it was
-        checked), else its address (behind a proxy, every client is the proxy's address)."""
+        """Whose share a request counts against (``client_key``)."""
+        header = request.headers.get("authorization", "").encode("latin-1")
+        return self.client_key(header, request.client.host if request.client else "")
+
+    def client_key(self, authorization: bytes, host: str) -> str:
+        """Its bearer token when tokens are on (it was checked), else its address (behind a
+        proxy, every client is the proxy's address)."""
         if self.config.tokens:
-            token = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
+            token = bearer_token(authorization)
             if token is not None:
                 return "token:" + hashlib.sha256(token).hexdigest()[:16]
-        return "addr:" + (request.client.host if request.client else "")
+        return "addr:" + host
 
     async def metrics_route(self, call: Call) -> Response:
         try:

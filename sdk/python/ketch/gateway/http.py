@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class Call:
-    """One HTTP request on its way through a route; ``app`` and ``queries`` label its metrics."""
+    """One request (HTTP, or gRPC with no ``request``) on its way through a route; ``app``
+    and ``queries`` label its metrics."""
 
-    request: Request
+    request: Request | None  # None for a gRPC call (grpc_server.py)
     gw: Gateway
     app: str = ""  # set once the app is known to exist (unknown names never become labels)
     queries: int = 0  # sent to the broker, counted in the client's share (limits.ClientShares)

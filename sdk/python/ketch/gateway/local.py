@@ -55,6 +55,7 @@ class LocalGateway:
         self.env = env
         self.proc: subprocess.Popen | None = None
         self.url = ""
+        self.grpc = ""
 
     @property
     def pid(self) -> int | None:
@@ -77,7 +78,9 @@ class LocalGateway:
             return self.ready_path.exists()
 
         wait_for(bound, timeout_s, "the gateway to listen")
-        self.url = json.loads(self.ready_path.read_text())["url"]
+        ready = json.loads(self.ready_path.read_text())
+        self.url = ready["url"]
+        self.grpc = ready.get("grpc") or ""  # HOST:PORT of KServe V2 over gRPC ("" when off)
 
         def live() -> bool:
             bound()

@@ -4,7 +4,8 @@ The socket is bound here, before any worker starts, so ``--listen 127.0.0.1:0`` 
 the bound address can be written to a ready file. With one worker the server runs in this
 process; with more, uvicorn's supervisor spawns them (each imports ``app_from_env`` and
 opens its own connections to the broker) and prometheus-client keeps their figures in a
-temporary multiprocess directory, removed at exit.
+temporary multiprocess directory, removed at exit. The gRPC port is reserved here as well
+(``reserve_grpc``) and each worker serves gRPC on it (``grpc_server.py``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,29 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def reserve_grpc(host: str, port: int) -> tuple[socket.socket, str]:
+    """Hold the gRPC port for the workers: a bound, not listening ``SO_REUSEPORT`` socket.
+
+    Each worker's ``grpc.aio`` server binds the same port with ``SO_REUSEPORT`` and the
+    kernel spreads connections over the workers that listen; this socket only keeps the port
+    (port 0: the one the system chose) for them and receives nothing. Returns it and the
+    ``HOST:PORT`` the workers bind.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot serve gRPC on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot serve gRPC on {host}:{port}: {exc.strerror or exc}") from None
+    bound_host, bound_port = sock.getsockname()[:2]
+    return sock, (f"[{bound_host}]" if ":" in bound_host else bound_host) + f":{bound_port}"
+
+
 def _shown_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
 
@@ -86,11 +110,27 @@ def serve(
     workers: int = 1,
     ready_file: str | None = None,
     log_level: str = "warning",
+    grpc: tuple[str, int] | None = None,
+    grpc_optional: bool = False,
 ) -> int:
-    """Serve until SIGINT/SIGTERM; returns the exit code."""
+    """Serve until SIGINT/SIGTERM; returns the exit code. ``grpc``: (host, port) to serve
+    the Open Inference Protocol's gRPC service on too, in every worker; ``grpc_optional``
+    (its port was a default, not asked for): a taken port is a warning, and HTTP is served
+    without gRPC."""
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    grpc_hold = None
+    if grpc is not None:
+        try:
+            grpc_hold, config.grpc = reserve_grpc(*grpc)
+        except OSError as exc:
+            if not grpc_optional:
+                raise
+            log.warning(
+                "no gRPC: its default port is not free; give --grpc HOST:PORT, or --no-grpc",
+                error=exc.strerror or str(exc),
+            )
     os.environ[CONFIG_ENV] = config.to_env()
     metrics_dir = None
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
@@ -125,6 +165,7 @@ def serve(
         log.info(
             "gateway listening",
             url=f"http://{host}:{bound_port}",
+            grpc=config.grpc or None,
             workers=workers,
             broker=config.frontend,
             connections_per_worker=connection_cap(config.max_connections),
@@ -136,7 +177,14 @@ def serve(
             path = Path(ready_file)
             tmp = path.with_suffix(path.suffix + ".tmp")
             tmp.write_text(
-                json.dumps({"pid": os.getpid(), "url": f"http://{url_host}:{bound_port}", "workers": workers})
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "url": f"http://{url_host}:{bound_port}",
+                        "grpc": config.grpc or None,
+                        "workers": workers,
+                    }
+                )
             )
             tmp.replace(path)
         # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again:
@@ -153,5 +201,7 @@ def serve(
             server.run(sockets=[sock])
         return 0 if server.started else 1
     finally:
+        if grpc_hold is not None:
+            grpc_hold.close()
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -63,6 +63,7 @@ KETCH_DATATYPES: dict[str, str] = {
 }
 
 OUTPUT_NAMES = ("output", "default")
+OutputTensor = tuple[str, list[int], "np.ndarray | list[bytes]"]  # datatype, shape, data
 MAX_ELEMENTS = 1 << 26  # per tensor; the body limit usually bites first
 MAX_TIMEOUT_US = 3_600_000_000  # an hour, the broker's longest SLO
 
@@ -142,6 +143,45 @@ def encode_bytes_elements(elements: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
+def check_datatype(datatype: Any, what: str) -> str:
+    """``datatype`` when it is one the gateway takes (HTTP and gRPC), else a 400."""
+    if datatype != "BYTES" and datatype not in DATATYPES:
+        known = ", ".join([*DATATYPES, "BYTES"])
+        raise bad_request(f"{what}: datatype {datatype!r} is not one of {known}")
+    return str(datatype)
+
+
+def check_shape(value: Any, what: str) -> tuple[tuple[int, ...], int]:
+    """The shape and its element count (HTTP and gRPC), else a 400 (413 past MAX_ELEMENTS)."""
+    shape = _shape(value, what)
+    return shape, _count(shape, what)
+
+
+def tensor_from_raw(
+    name: str, datatype: str, shape: tuple[int, ...], raw: bytes | memoryview, what: str
+) -> Tensor:
+    """A tensor from its raw data: HTTP's binary tensor data and gRPC's raw contents alike."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        elements = parse_bytes_elements(raw, what)
+        if len(elements) != count:
+            raise bad_request(f"{what}: shape {list(shape)} needs {count} elements, got {len(elements)}")
+        return Tensor(name, datatype, shape, elements)
+    dtype = DATATYPES[datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise bad_request(
+            f"{what}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+
+
+def raw_output(datatype: str, data: np.ndarray | list[bytes]) -> bytes:
+    """An output tensor's raw data (little-endian, row-major; BYTES length-prefixed)."""
+    if datatype == "BYTES":
+        return encode_bytes_elements(data)  # type: ignore[arg-type]
+    return np.ascontiguousarray(data, dtype=DATATYPES[datatype]).tobytes()
+
+
 def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tensor, int]:
     what = f"input {index}"
     if not isinstance(doc, dict):
@@ -150,12 +190,8 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
     if not isinstance(name, str):
         raise bad_request(f"{what}: 'name' must be a string")
     what = f"input {name!r}" if name else what
-    datatype = doc.get("datatype")
-    if datatype != "BYTES" and datatype not in DATATYPES:
-        known = ", ".join([*DATATYPES, "BYTES"])
-        raise bad_request(f"{what}: datatype {datatype!r} is not one of {known}")
-    shape = _shape(doc.get("shape"), what)
-    count = _count(shape, what)
+    datatype = check_datatype(doc.get("datatype"), what)
+    shape, count = check_shape(doc.get("shape"), what)
     params = {} if doc.get("parameters") is None else doc["parameters"]
     if not isinstance(params, dict):
         raise bad_request(f"{what}: 'parameters' must be an object")
@@ -167,19 +203,7 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
             raise bad_request(
                 f"{what}: binary_data_size {size} runs past the {len(binary)} bytes after the JSON header"
             )
-        raw = binary[offset : offset + size]
-        offset += size
-        if datatype == "BYTES":
-            elements = parse_bytes_elements(raw, what)
-            if len(elements) != count:
-                raise bad_request(f"{what}: shape {list(shape)} needs {count} elements, got {len(elements)}")
-            return Tensor(name, datatype, shape, elements), offset
-        dtype = DATATYPES[datatype]
-        if size != count * dtype.itemsize:
-            raise bad_request(
-                f"{what}: shape {list(shape)} of {datatype} needs {count * dtype.itemsize} bytes, got {size}"
-            )
-        return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape)), offset
+        return tensor_from_raw(name, datatype, shape, binary[offset : offset + size], what), offset + size
     if "data" not in doc:
         raise bad_request(f"{what}: give 'data', or binary data with parameters.binary_data_size")
     data = doc["data"]
@@ -399,11 +423,7 @@ def encode_infer_response(
             else:
                 doc["data"] = data.ravel().tolist()
         if binary:
-            raw = (
-                encode_bytes_elements(data)
-                if datatype == "BYTES"
-                else np.ascontiguousarray(data, dtype=DATATYPES[datatype]).tobytes()
-            )
+            raw = raw_output(datatype, data)
             doc["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         docs.append(doc)

@@ -20,6 +20,9 @@ now (BYTES before any).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 from starlette.responses import Response
 
@@ -31,6 +34,8 @@ from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.http import Call, json_response, parse_json, read_body
 from ketch.gateway.tensors import (
     KETCH_DATATYPES,
+    InferRequest,
+    OutputTensor,
     encode_infer_response,
     output_tensor,
     parse_infer_request,
@@ -64,9 +69,10 @@ async def ready(call: Call) -> Response:
     return json_response({"ready": True})
 
 
-async def model_metadata(call: Call) -> Response:
-    name, version = call.request.path_params["name"], call.request.path_params.get("version")
-    if version is None:
+async def model_metadata_doc(call: Call, name: str, version: str = "") -> dict[str, Any]:
+    """The app's V2 metadata, or one version's (404 when it does not exist): HTTP's JSON body;
+    gRPC's ModelMetadataResponse is made from it."""
+    if not version:
         info = await call.gw.link.app(name)
     else:
         info = (await repository.resolve(call.gw.link, name, version)).info
@@ -75,34 +81,44 @@ async def model_metadata(call: Call) -> Response:
     seen_under, seen_type, seen_shape = call.gw.outputs_seen.get(info.name, (info, "BYTES", []))
     if seen_under != info:  # seen of an app of this name before it was changed or created again
         seen_type, seen_shape = "BYTES", []
-    return json_response(
-        {
-            "name": info.name,
-            "versions": versions,
-            "platform": "ketch",
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": KETCH_DATATYPES.get(info.input_type, "BYTES"),
-                    "shape": [-1, *info.input_shape],
-                }
-            ],
-            "outputs": [
-                {"name": "output", "datatype": seen_type, "shape": [-1, *seen_shape]},
-                {"name": "default", "datatype": "BOOL", "shape": [-1]},
-            ],
-        }
-    )
+    return {
+        "name": info.name,
+        "versions": versions,
+        "platform": "ketch",
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": KETCH_DATATYPES.get(info.input_type, "BYTES"),
+                "shape": [-1, *info.input_shape],
+            }
+        ],
+        "outputs": [
+            {"name": "output", "datatype": seen_type, "shape": [-1, *seen_shape]},
+            {"name": "default", "datatype": "BOOL", "shape": [-1]},
+        ],
+    }
 
 
-async def model_ready(call: Call) -> Response:
-    name, version = call.request.path_params["name"], call.request.path_params.get("version")
-    if version is None:
+async def model_metadata(call: Call) -> Response:
+    name, version = call.request.path_params["name"], call.request.path_params.get("version", "")
+    return json_response(await model_metadata_doc(call, name, version))
+
+
+async def model_readiness(call: Call, name: str, version: str = "") -> tuple[AppInfo, list[str]]:
+    """The app (or one version of it: 404 when it does not exist) and why it is not ready
+    (empty: ready), for HTTP and gRPC."""
+    if not version:
         info, reasons = await call.gw.link.app_readiness(name)
     else:
         pin, reason = await repository.version_readiness(call.gw.link, name, version)
         info, reasons = pin.info, [reason] if reason else []
     call.app = info.name
+    return info, reasons
+
+
+async def model_ready(call: Call) -> Response:
+    name, version = call.request.path_params["name"], call.request.path_params.get("version", "")
+    _, reasons = await model_readiness(call, name, version)
     if reasons:
         raise HTTPError(
             503,
@@ -114,21 +130,29 @@ async def model_ready(call: Call) -> Response:
     return json_response({"name": name, "ready": True})
 
 
-async def infer(call: Call) -> Response:
-    body = await read_body(call)
-    name = call.request.path_params["name"]
-    version = call.request.path_params.get("version", "")  # pinned: the broker checks it (404)
-    info = await call.gw.link.app(name)
+@dataclass
+class InferAnswer:
+    """What an infer request is answered with, before HTTP or gRPC encodes it."""
+
+    model_name: str
+    model_version: str
+    outputs: dict[str, OutputTensor]  # "output" and "default", in that order
+    parameters: dict[str, Any]
+
+
+async def answer_infer(call: Call, name: str, request: InferRequest, version: str = "") -> InferAnswer:
+    """Send the request's queries to the app and gather the answers (HTTP and gRPC).
+
+    ``version`` (the route's ``/versions/{v}``, gRPC's ``model_version``; "" for the app's
+    policy) pins every query to that version: the broker checks it (404 when it does not
+    exist) and only that version's replicas answer.
+    """
+    link = call.gw.link
+    info = await link.app(name)
     call.app = info.name
-    request = parse_infer_request(
-        body,
-        call.request.headers.get("inference-header-content-length"),
-        lambda head: parse_json(call, head, "the request"),
-    )
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
     timeout_ms, priority = query_options(request.parameters)
-    link = call.gw.link
 
     async def run(info: AppInfo) -> tuple[AppInfo, list[Prediction]]:
         xs, _ = split_queries(
@@ -164,16 +188,35 @@ async def infer(call: Call) -> Response:
     output = output_tensor([p.output for p in preds])
     call.gw.outputs_seen[info.name] = (info, output[0], output[1][1:])
     defaults = [p.default for p in preds]
-    parameters = {}
+    parameters: dict[str, Any] = {}
     if any(defaults):
         parameters["defaults"] = sum(defaults)
         parameters["default_explanation"] = next(p.default_explanation for p in preds if p.default)
-    body, headers = encode_infer_response(
+    return InferAnswer(
         model_name=info.name,
         model_version=next((p.version for p in preds if not p.default and p.version), ""),
-        request=request,
         outputs={"output": output, "default": ("BOOL", [len(preds)], np.asarray(defaults, dtype=bool))},
         parameters=parameters,
+    )
+
+
+async def infer(call: Call) -> Response:
+    body = await read_body(call)
+    name = call.request.path_params["name"]
+    version = call.request.path_params.get("version", "")  # pinned: the broker checks it (404)
+    call.app = (await call.gw.link.app(name)).name  # an unknown app is a 404 before the body is parsed
+    request = parse_infer_request(
+        body,
+        call.request.headers.get("inference-header-content-length"),
+        lambda head: parse_json(call, head, "the request"),
+    )
+    answer = await answer_infer(call, name, request, version)
+    body, headers = encode_infer_response(
+        model_name=answer.model_name,
+        model_version=answer.model_version,
+        request=request,
+        outputs=answer.outputs,
+        parameters=answer.parameters,
     )
     return Response(body, headers=headers)
 
