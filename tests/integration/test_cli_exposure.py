@@ -19,7 +19,7 @@ import pytest
 import zmq
 from click.testing import CliRunner
 from ketch.cli import main
-from ketch.local import wait_for
+from ketch.local import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,12 +131,6 @@ def test_with_curve_on_the_gateway_needs_tokens_or_insecure(no_network_binds, tm
     result = CliRunner().invoke(main, [*args, "--http", "127.0.0.1:0"], env={"KETCH_GATEWAY_TOKENS": ""})
     assert result.exit_code == 2, result.output
     assert "CurveZMQ is on" in result.output and "--http-token-file" in result.output
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_with_curve_on_a_token_file_starts_a_gateway_that_asks_for_them(tmp_path, curve_keys):

@@ -25,7 +25,7 @@ import pytest
 from ketch import Client
 from ketch.admin import Admin
 from ketch.launch import pid_alive, probe
-from ketch.local import LocalBroker, LocalModel, wait_for
+from ketch.local import LocalBroker, LocalModel, free_port, wait_for
 from sklearn.linear_model import LinearRegression
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,12 +37,6 @@ W = np.ones(4)
 def predict(x):  # a function of one input, written by mistake
     return float(x @ W)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def addresses() -> dict[str, str]:

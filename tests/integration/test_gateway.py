@@ -14,7 +14,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import tritonclient.http as triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ketch.gateway.local import LocalGateway
-from ketch.local import LocalBroker, wait_for
+from ketch.local import LocalBroker, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
@@ -725,12 +724,6 @@ def test_fuzzing_from_the_openapi_description_finds_no_5xx(gateway):
 
 
 # ---------------------------------------------------------------- the CLI
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_broker_start_runs_the_gateway_and_stops_it(tmp_path):

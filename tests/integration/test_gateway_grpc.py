@@ -30,7 +30,7 @@ from ketch.gateway._oip import triton_repository_pb2 as repo_pb
 from ketch.gateway._oip import triton_repository_pb2_grpc as repo_grpc
 from ketch.gateway.local import LocalGateway
 from ketch.gateway.tensors import DATATYPES
-from ketch.local import LocalBroker, wait_for
+from ketch.local import LocalBroker, free_port, wait_for
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.timeout(90)
@@ -451,12 +451,6 @@ def test_tokens_size_limit_and_several_workers(broker, apps, tmp_path):
             with tg.InferenceServerClient(gw.grpc) as c:
                 inp.set_data_from_numpy(np.full((1, 2), float(i)))
                 assert c.infer("echo-float64", [inp], headers=auth).as_numpy("output").tolist() == [[i, i]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_connections_per_worker_are_bounded(broker, apps):

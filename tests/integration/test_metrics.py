@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import ketch
 import pytest
-from ketch.local import LocalBroker, wait_for
+from ketch.local import LocalBroker, free_port, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.timeout(120)
@@ -159,12 +159,6 @@ def test_a_metrics_port_in_use_is_one_clear_line(tmp_path):
             broker.start()
     assert f"cannot serve metrics on 127.0.0.1:{port}: the address is in use" in str(failed.value)
     assert "Traceback" not in str(failed.value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_prometheus_charts_p99_by_model_from_the_histograms(served, tmp_path):

@@ -18,7 +18,7 @@ import ketch
 import numpy as np
 import pytest
 from ketch import tracing
-from ketch.local import wait_for
+from ketch.local import free_port, wait_for
 
 otel_sdk = pytest.importorskip("opentelemetry.sdk.trace")
 from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
@@ -60,22 +60,23 @@ def serve_sums(tb, replica_threads, app: str = "sum", model: str = "m") -> ketch
 
 @pytest.fixture
 def traced_stack(exporter, thread_broker, replica_threads) -> Iterator[tuple[str, str]]:
-    """(gateway URL, frontend address): a broker, a replica of model ``m`` for app ``sum``
-    and a gateway, made after tracing was installed, so all three trace."""
+    """(gateway URL, its gRPC address): a broker, a replica of model ``m`` for app ``sum``
+    and a gateway serving HTTP and gRPC, made after tracing was installed, so all three trace."""
     import uvicorn
     from ketch.gateway import GatewayConfig, create_app
 
     tb = thread_broker
     serve_sums(tb, replica_threads)
     exporter.clear()
-    app = create_app(GatewayConfig(frontend=tb.frontend, admin=tb.admin))
+    grpc_address = f"127.0.0.1:{free_port()}"
+    app = create_app(GatewayConfig(frontend=tb.frontend, admin=tb.admin, grpc=grpc_address))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 20, "the gateway to start")
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"http://127.0.0.1:{port}", tb.frontend
+        yield f"http://127.0.0.1:{port}", grpc_address
     finally:
         server.should_exit = True
         thread.join(10)
@@ -136,6 +137,36 @@ def test_one_query_has_its_four_spans_in_the_callers_trace(exporter, traced_stac
     # in time order: the query waits, then its batch is sent, then computed
     assert gw.start_time <= queue.start_time <= queue.end_time <= batch.start_time
     assert batch.start_time <= compute.start_time <= compute.end_time <= batch.end_time <= gw.end_time
+
+
+def test_a_grpc_query_has_its_four_spans_in_the_callers_trace(exporter, traced_stack) -> None:
+    grpc = pytest.importorskip("grpc")
+    from ketch.gateway._oip import grpc_predict_v2_pb2 as pb
+    from ketch.gateway._oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    _, grpc_address = traced_stack
+    request = pb.ModelInferRequest(model_name="sum")
+    tensor = request.inputs.add(name="x", datatype="FP64", shape=[1, 3])
+    tensor.contents.fp64_contents.extend([1.0, 2.0, 3.0])
+    metadata = (("traceparent", TRACEPARENT), ("tracestate", "rojo=00f067aa0ba902b7"))
+    with grpc.insecure_channel(grpc_address) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, metadata=metadata, timeout=20)
+    out = reply.outputs[0]
+    raw = np.frombuffer(reply.raw_output_contents[0], "<f8") if reply.raw_output_contents else None
+    assert (list(raw) if raw is not None else list(out.contents.fp64_contents)) == [6.0], reply
+    spans = _spans(exporter, int(CALLER_TRACE, 16), 4)
+    named = _by_name(spans)
+    gateway_name = "inference.GRPCInferenceService/ModelInfer"
+    assert set(named) == {gateway_name, "ketch.queue", "ketch.batch", "ketch.compute"}, sorted(named)
+    gw, queue, batch, compute = (
+        named[n][0] for n in (gateway_name, "ketch.queue", "ketch.batch", "ketch.compute")
+    )
+    assert gw.kind == SpanKind.SERVER and gw.attributes["rpc.system"] == "grpc"
+    assert gw.parent is not None and gw.parent.span_id == int(CALLER_SPAN, 16) and gw.parent.is_remote
+    assert queue.parent.span_id == gw.context.span_id
+    assert batch.parent.span_id == queue.context.span_id
+    assert compute.parent.span_id == batch.context.span_id
+    assert str(compute.context.trace_state.to_header()) == "rojo=00f067aa0ba902b7"
 
 
 def test_a_clipper_query_without_traceparent_starts_a_trace(exporter, traced_stack) -> None:

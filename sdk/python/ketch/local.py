@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,15 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, interval
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS's pick), for a server that cannot bind port 0
+    itself and report it; another process may take it before it is used, so rarely, a
+    caller that fails to bind picks again."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen | None, grace_s: float) -> int | None:

@@ -79,6 +79,8 @@ CANCELLED = 499  # the metrics' status of a call the client cancelled or let exp
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # no token needed, as HTTP's health routes
 # change what serves: admin tokens only, as HTTP's /v2/repository/models/{name}/load and /unload
 ADMIN_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+TRACED_METHODS = frozenset({"ModelInfer"})  # the calls that send queries get a server span (ketch.tracing)
+SERVICE = "inference.GRPCInferenceService"
 
 # datatype -> (the typed contents field, the dtype its values arrive in)
 _CONTENTS: dict[str, tuple[str, np.dtype | None]] = {
@@ -236,7 +238,10 @@ class _Serving:
             if self.tokens and method not in OPEN_METHODS:
                 self._authenticate(authorization, admin=method in ADMIN_METHODS)
             with gw.admitted(call):
-                answer = await run(call)
+                if gw.tracer is not None and method in TRACED_METHODS:
+                    answer = await self._traced(method, metadata, call, run)
+                else:
+                    answer = await run(call)
             status = 200
             return answer
         except Exception as exc:
@@ -253,6 +258,19 @@ class _Serving:
             trailers.append(("retry-after-ms", str(err.retry_after_ms)))
         await context.abort(grpc_code(err), err.message, trailing_metadata=tuple(trailers))
         raise AssertionError("unreachable: abort raises")
+
+    async def _traced(
+        self, method: str, metadata: dict[str, str], call: Call, run: Callable[[Call], Awaitable[T]]
+    ) -> T:
+        """``run`` inside the gateway's server span (OpenTelemetry's RPC conventions), child of
+        the caller's ``traceparent`` metadata when it is valid W3C; its queries carry the
+        span's context to the broker (``Call.trace``), as HTTP's do (``spans.traced``)."""
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method}
+        name = f"{SERVICE}/{method}"
+        traceparent, tracestate = metadata.get("traceparent"), metadata.get("tracestate")
+        with self.gw.tracer.server_span(name, traceparent, tracestate, attributes) as (_, carrier):
+            call.trace = carrier
+            return await run(call)
 
     def _authenticate(self, authorization: bytes, *, admin: bool) -> None:
         """A 401 (UNAUTHENTICATED) unless ``authorization`` is ``Bearer <a token>``; a 403
