@@ -391,7 +391,12 @@ def test_kserve_bytes_tensors(kserve, binary):
     inp = triton.InferInput("input", [1, 1], "BYTES")
     inp.set_data_from_numpy(raw.reshape(1, 1), binary_data=True)
     res = kserve.infer("blob", [inp], outputs=[triton.InferRequestedOutput("output", binary_data=binary)])
-    assert res.as_numpy("output").tolist() == [bytes([7, 255, 0])]  # not UTF-8: sent binary either way
+    if binary:
+        assert res.as_numpy("output").tolist() == [bytes([7, 255, 0])]
+    else:  # asked as JSON: not UTF-8, so base64 text, said so in the output's parameters
+        out = res.get_output("output")
+        assert out["parameters"] == {"content_type": "base64"} and out["data"] == ["B/8A"]
+        assert base64.b64decode(res.as_numpy("output")[0]) == bytes([7, 255, 0])
 
 
 def test_kserve_errors_are_explicit(kserve):

@@ -4,6 +4,9 @@ Pure functions, no I/O. An infer request's body is JSON, or, with the binary ten
 extension, JSON of ``Inference-Header-Content-Length`` bytes followed by the raw data of
 each input whose ``parameters.binary_data_size`` is set, in input order. Numeric raw data is
 little-endian, row-major; a BYTES element is a 4-byte little-endian length and its bytes.
+An output goes out as JSON ``data`` unless binary was asked for; BYTES elements that are
+not UTF-8 are then base64 text, with the output's ``parameters.content_type`` ``"base64"``
+(as MLServer's codec).
 
 A Ketch app takes one input per query, so a request carries one input tensor. Its first
 dimension is the batch when the tensor has one more dimension than the app's per-query
@@ -14,6 +17,7 @@ by the broker on its own (batched with others there); the answer is the ``output
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from collections.abc import Callable
@@ -395,10 +399,12 @@ def encode_infer_response(
                 try:
                     doc["data"] = [e.decode("utf-8") for e in data]
                 except UnicodeDecodeError:
-                    binary = True  # raw bytes cannot travel as JSON text
+                    # raw bytes are not JSON text: base64, said so as MLServer's codec does
+                    doc["data"] = [base64.b64encode(e).decode("ascii") for e in data]
+                    doc["parameters"] = {"content_type": "base64"}
             else:
                 doc["data"] = data.ravel().tolist()
-        if binary:
+        else:
             raw = (
                 encode_bytes_elements(data)
                 if datatype == "BYTES"
