@@ -28,7 +28,7 @@ import numpy as np
 
 from ketch.gateway import limits
 from ketch.gateway.errors import HTTPError, bad_request
-from ketch.gateway.values import cast_array, dumps, exact_stack, json_to_array, jsonable, numpy_dtype
+from ketch.gateway.values import cast_array, dumps, exact_stack, json_to_array, jsonable, numpy_dtype, whole
 
 # KServe datatype -> numpy dtype (little-endian, as on the wire)
 DATATYPES: dict[str, np.dtype] = {
@@ -101,13 +101,12 @@ def _count(shape: tuple[int, ...], what: str) -> int:
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
-    ):
+    dims = [whole(d) for d in value] if isinstance(value, list) else [None]
+    if not all(d is not None and d >= 0 for d in dims):
         raise bad_request(f"{what}: 'shape' must be a list of sizes (whole numbers, 0 or more)")
-    if len(value) > 32:
-        raise bad_request(f"{what}: 'shape' has {len(value)} dimensions, at most 32")
-    return tuple(value)
+    if len(dims) > 32:
+        raise bad_request(f"{what}: 'shape' has {len(dims)} dimensions, at most 32")
+    return tuple(dims)  # type: ignore[arg-type]
 
 
 def _flatten_strings(data: Any, what: str) -> list[bytes]:
@@ -165,7 +164,8 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
         raise bad_request(f"{what}: 'parameters' must be an object")
     size = params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        size = whole(size)
+        if size is None or size < 0:
             raise bad_request(f"{what}: binary_data_size must be a whole number of bytes")
         if offset + size > len(binary):
             raise bad_request(
@@ -285,8 +285,8 @@ def query_options(params: dict[str, Any]) -> tuple[float | None, int]:
         raise bad_request("parameters.timeout must be a number of microseconds")
     if not 0 <= timeout <= MAX_TIMEOUT_US:
         raise bad_request(f"parameters.timeout must be 0 (the app's SLO) to {MAX_TIMEOUT_US} microseconds")
-    priority = params.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -128 <= priority <= 127:
+    priority = whole(params.get("priority", 0))
+    if priority is None or not -128 <= priority <= 127:
         raise bad_request("parameters.priority must be a whole number from -128 to 127 (higher first)")
     return (timeout / 1000 if timeout else None), priority
 

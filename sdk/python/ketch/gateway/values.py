@@ -99,6 +99,18 @@ def _kind_name(arr: np.ndarray) -> str:
     return {"U": "text", "S": "bytes", "O": "mixed or nested values"}.get(arr.dtype.kind, arr.dtype.name)
 
 
+def whole(value: Any) -> int | None:
+    """A JSON whole number as an int: ``3`` or ``3.0`` (JSON Schema's ``integer`` is both,
+    and so is a number a client's JSON writer gave a fraction part), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def json_to_array(value: Any, want: np.dtype, what: str = "input") -> np.ndarray:
     """A JSON number, bool or (nested) list of them as an array of dtype ``want``, exactly."""
     want = np.dtype(want)
