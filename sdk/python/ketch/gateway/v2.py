@@ -2,7 +2,8 @@
 
     GET  /v2                         server metadata
     GET  /v2/health/live             200 {"live": true} while this process works
-    GET  /v2/health/ready            200 {"ready": true} when the broker answers, else 503
+    GET  /v2/health/ready            200 {"ready": true} when the broker answers and (strict, the
+                                     default) every model an app links has a live replica, else 503
     GET  /v2/models/{name}           the app: input datatype and shape, versions, outputs
     GET  /v2/models/{name}/ready     200 when the app has a live replica, 503 if not, 404 unknown
     POST /v2/models/{name}/infer     one input tensor in, ``output`` and ``default`` out
@@ -51,8 +52,16 @@ async def live(call: Call) -> Response:
 
 
 async def ready(call: Call) -> Response:
+    """Ready when the broker answers and, with strict readiness (as Triton's, the default),
+    every model an app links has a live replica; 503 with the reasons otherwise. The route
+    is open without a token: a caller without one is told how many models lack a replica,
+    not which."""
     try:
-        await call.gw.link.ping()
+        if call.gw.config.strict_readiness:
+            reasons = await call.gw.link.server_readiness()
+        else:
+            await call.gw.link.ping()
+            reasons = []
     except errors.KetchError as exc:
         raise HTTPError(
             503,
@@ -61,6 +70,15 @@ async def ready(call: Call) -> Response:
             retry_after_ms=1000,
             extra={"ready": False},
         ) from None
+    if reasons:
+        shown = reasons if call.authenticated() else [f"{len(reasons)} linked model(s) have no live replica"]
+        raise HTTPError(
+            503,
+            "; ".join(shown),
+            code="NOT_READY",
+            retry_after_ms=1000,
+            extra={"ready": False, "reasons": shown},
+        )
     return json_response({"ready": True})
 
 
