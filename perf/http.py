@@ -304,7 +304,8 @@ def main() -> None:
                             f"  c={c:<3} {mode:8} {qps:9,.0f} q/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms",
                             flush=True,
                         )
-    header = ("concurrency", "client", "queries/s", "p50 ms", "p99 ms", "vs zmq", "errors")
+    share = "vs zmq (log off)" if args.access_log_ab else "vs zmq"
+    header = ("concurrency", "client", "queries/s", "p50 ms", "p99 ms", share, "errors")
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---:" if i in (0, 2, 3, 4, 5, 6) else "---" for i in range(len(header))) + "|")

