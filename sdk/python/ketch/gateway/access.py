@@ -11,8 +11,9 @@ ASGI middleware, outermost, so every request is logged, also one refused before 
 without a label per path; ``app`` is set only for an app that exists (as in the metrics).
 The request id is the client's ``X-Request-Id`` when it sends a usable one (1 to 128
 printable ASCII characters), else a new random one; either way it is echoed in the
-response's ``X-Request-Id`` and bound to every other line the gateway logs while it
-answers the request (``structlog.contextvars``).
+response's ``X-Request-Id`` and kept in the request's scope (``ID_KEY``) for the other
+lines the gateway logs about the request (not in ``structlog.contextvars``: a task that a
+request starts, such as a connection's reader, would carry that request's id for good).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import structlog
 
 REQUEST_ID = b"x-request-id"
 APP_KEY = "ketch.app"  # the scope key a route sets to the app it served (app.py)
+ID_KEY = "ketch.request_id"  # the scope key of the request id, for the gateway's other lines
 MAX_ID = 128
 
 
@@ -64,11 +66,10 @@ class AccessLog:
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
-        tokens = structlog.contextvars.bind_contextvars(request_id=rid)
+        scope[ID_KEY] = rid
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            structlog.contextvars.reset_contextvars(**tokens)
             if self.enabled:
                 client = scope.get("client")
                 self.log.info(

@@ -29,7 +29,7 @@ from ketch import errors, logs
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
 from ketch.gateway import clipper, docs, limits, management, page, protocol, v2
-from ketch.gateway.access import APP_KEY, AccessLog
+from ketch.gateway.access import APP_KEY, ID_KEY, AccessLog
 from ketch.gateway.auth import BearerAuth, bearer_token
 from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -128,7 +128,8 @@ class Gateway:
             except Exception as exc:
                 err = http_error_for(exc)
                 if not isinstance(exc, errors.KetchError | HTTPError):
-                    self.log.exception("gateway_bug", route=route, path=request.url.path)
+                    rid = request.scope.get(ID_KEY)
+                    self.log.exception("gateway_bug", route=route, path=request.url.path, request_id=rid)
                 response = error_response(err)
             finally:
                 self.inflight -= 1
