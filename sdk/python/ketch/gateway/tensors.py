@@ -154,7 +154,7 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
         raise bad_request(f"{what}: 'name' must be a string")
     what = f"input {name!r}" if name else what
     datatype = doc.get("datatype")
-    if datatype != "BYTES" and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPES):
         known = ", ".join([*DATATYPES, "BYTES"])
         raise bad_request(f"{what}: datatype {datatype!r} is not one of {known}")
     shape = _shape(doc.get("shape"), what)
