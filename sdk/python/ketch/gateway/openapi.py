@@ -331,7 +331,7 @@ def _input_tensor(datatype: str, shape: dict[str, Any]) -> dict[str, Any]:
             "name": {"type": "string"},
             "shape": shape,
             "datatype": {"const": datatype},
-            "parameters": {"type": "object"},
+            "parameters": {"type": ["object", "null"]},
             "data": {"type": "array", "items": _element(datatype)},
         },
     }
@@ -455,18 +455,26 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "label": {},
                 "input": {},
-                "query_id": {"type": "integer", "minimum": 1, "maximum": 2**64 - 1},
+                "query_id": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**64 - 1},
                 "uid": {  # at most 256 characters, as a string or written as a number
                     "anyOf": [
+                        {"type": "null"},
                         {"type": "string", "maxLength": 256},
                         {"type": "integer", "minimum": 1 - 10**255, "maximum": 10**256 - 1},
                     ]
                 },
             },
-            # the query is named by its input or by its query_id, never both
+            # the query is named by its input or by its query_id (null: not given), never both
             "oneOf": [
-                {"required": ["input"], "not": {"required": ["query_id"]}},
-                {"required": ["query_id"], "not": {"required": ["input"]}},
+                {
+                    "required": ["input"],
+                    "not": {"required": ["query_id"], "properties": {"query_id": {"type": "integer"}}},
+                },
+                {
+                    "required": ["query_id"],
+                    "properties": {"query_id": {"type": "integer"}},
+                    "not": {"required": ["input"]},
+                },
             ],
         },
         "ServerMetadata": {
@@ -499,13 +507,14 @@ def _schemas() -> dict[str, Any]:
         "InferenceRequest": {
             "type": "object",
             "required": ["inputs"],
+            # null where the gateway reads null as absent
             "properties": {
-                "id": {"type": "string"},
+                "id": {"type": ["string", "null"]},
                 "parameters": {
-                    "type": "object",
+                    "type": ["object", "null"],
                     "properties": {
                         "timeout": {
-                            "type": "integer",
+                            "type": "number",
                             "minimum": 0,
                             "maximum": MAX_TIMEOUT_US,
                             "description": "Microseconds; 0 is the app's SLO.",
@@ -529,15 +538,15 @@ def _schemas() -> dict[str, Any]:
                     "items": {"oneOf": [_input_tensor(dt, shape) for dt in [*DATATYPES, "BYTES"]]},
                 },
                 "outputs": {
-                    "type": "array",
+                    "type": ["array", "null"],
                     "items": {
                         "type": "object",
                         "required": ["name"],
                         "properties": {
                             "name": {"type": "string", "enum": ["output", "default"]},
                             "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data": {"type": "boolean"}},
+                                "type": ["object", "null"],
+                                "properties": {"binary_data": {"type": ["boolean", "null"]}},
                             },
                         },
                     },
