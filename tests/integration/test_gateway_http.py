@@ -299,6 +299,53 @@ def test_schema_valid_requests_are_accepted(gateway):
     assert not refused, "\n".join(map(repr, refused[:10]))
 
 
+def test_schema_violating_bodies_are_refused(gateway):
+    """schemathesis, negative mode, bodies only (the app in the path exists): what the
+    document calls invalid the gateway refuses with a 4xx, never a 5xx, and every answer
+    matches the document's response schemas."""
+    import schemathesis
+    from hypothesis import assume
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.core.parameters import ParameterLocation
+    from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(gateway.url + "/openapi.json")
+    bodies = [op for op in (r.ok() for r in schema.get_all_operations()) if op.body]
+    assert {op.label for op in bodies} == {
+        "POST /{app}/predict",
+        "POST /{app}/update",
+        "POST /v2/models/{name}/infer",
+    }
+    checks = [not_a_server_error, negative_data_rejection, response_schema_conformance]
+    for op in bodies:
+
+        @given(case=op.as_strategy(GenerationMode.NEGATIVE))
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            derandomize=not os.environ.get("KETCH_FUZZ_EXAMPLES"),
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        def run(case):
+            components = case.meta.components
+            assume(
+                ParameterLocation.BODY in components
+                and components[ParameterLocation.BODY].mode == GenerationMode.NEGATIVE
+                and all(
+                    info.mode == GenerationMode.POSITIVE
+                    for where, info in components.items()
+                    if where != ParameterLocation.BODY
+                )
+            )
+            for key in case.path_parameters or {}:
+                case.path_parameters[key] = "num"
+            case.call_and_validate(base_url=gateway.url, checks=checks)
+
+        run()
+
+
 @pytest.mark.parametrize(
     "body",
     [
