@@ -97,6 +97,11 @@ def _count(shape: tuple[int, ...], what: str) -> int:
     n = math.prod(shape)
     if n > MAX_ELEMENTS:
         raise HTTPError(413, f"{what}: shape {list(shape)} has {n} elements, over {MAX_ELEMENTS}")
+    span = math.prod(d for d in shape if d)  # an empty tensor too: numpy cannot shape past this
+    if span > MAX_ELEMENTS:
+        raise HTTPError(
+            413, f"{what}: shape {list(shape)} spans {span} elements besides its 0 sizes, over {MAX_ELEMENTS}"
+        )
     return n
 
 

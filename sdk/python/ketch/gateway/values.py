@@ -54,7 +54,7 @@ def cast_array(arr: np.ndarray, want: np.dtype, what: str = "input") -> np.ndarr
     if want.kind == "b":
         if kind in "iu" and arr.size and not np.isin(arr, (0, 1)).all():
             raise bad_request(f"{what}: a bool app takes true/false or 0/1")
-        if kind == "f":
+        if kind == "f" and not np.isin(arr, (0.0, 1.0)).all():  # 0.0 and 1.0 are 0 and 1 (JSON numbers)
             raise bad_request(f"{what}: a bool app takes true/false or 0/1, not fractions")
         return arr.astype(want)
     if kind == "f" and arr.size and not (np.isfinite(arr).all() and (arr == np.trunc(arr)).all()):
