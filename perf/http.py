@@ -24,6 +24,12 @@ runs in this process on the same machine: its CPU use counts against every mode.
     python -m perf.http                          # C = 1, 8, 32; 3 s each (or: python perf/http.py)
     python -m perf.http --concurrency 1,4 --duration 5 --workers 2 --replicas 2
     python -m perf.http --modes zmq,kserve,grpc      # HTTP against gRPC, same queries
+    python -m perf.http --access-log-ab --modes clipper,kserve   # access log on vs off
+
+``--access-log-ab`` runs a second gateway with ``--no-access-log`` beside the first (whose
+access lines go to its log file) and runs each HTTP mode against both, alternating
+(on, off, off, on: half the measured time each), so the two figures share the same machine
+state; the ``vs zmq`` column is then the share of the same mode without the access log.
 """
 
 from __future__ import annotations
@@ -265,6 +271,30 @@ def run_sync(
     return counted[0], latencies, counted[1]
 
 
+def access_log_ab(
+    mode: str, frontend: str, on_url: str, off_url: str, c: int, args: argparse.Namespace
+) -> list:
+    """``mode`` against a gateway with the access log on and one with it off, alternating
+    (on, off, off, on), each side half the measured time; rows for both."""
+    got: dict[str, tuple[int, list[float], int]] = {"on": (0, [], 0), "off": (0, [], 0)}
+    for which in ("on", "off", "off", "on"):
+        url = on_url if which == "on" else off_url
+        n, lat, errs = asyncio.run(run_mode(mode, frontend, url, c, args.duration / 4, args.warmup))
+        before = got[which]
+        got[which] = (before[0] + n, before[1] + lat, before[2] + errs)
+    rows, off_qps = [], 0.0
+    for which in ("off", "on"):
+        n, lat, errs = got[which]
+        qps = n / (args.duration / 2)
+        p50, p99 = np.percentile(lat, [50, 99]) if lat else (float("nan"),) * 2
+        off_qps = qps if which == "off" else off_qps
+        label = f"{mode}, access log {which}"
+        share = f"{qps / off_qps:.0%}" if off_qps else "-"
+        rows.append((c, label, f"{qps:,.0f}", f"{p50:.2f}", f"{p99:.2f}", share, errs))
+        print(f"  c={c:<3} {label:24} {qps:9,.0f} q/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", default="1,8,32", help="Comma-separated concurrency levels.")
@@ -273,6 +303,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="Gateway worker processes.")
     parser.add_argument("--replicas", type=int, default=1, help="Model replica processes.")
     parser.add_argument("--modes", default="zmq,zmq-sync,clipper,kserve,clipper-httpx,grpc,grpc-triton")
+    parser.add_argument(
+        "--access-log-ab", action="store_true", help="HTTP modes with the access log on and off, alternating."
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
@@ -288,7 +321,13 @@ def main() -> None:
         with model, broker.admin_client() as admin:
             admin.create_app(APP, input_type="float64", input_shape=[4], slo_ms=5000, models=["total"])
             model.wait_ready(admin, timeout_s=60)
-            with LocalGateway(broker.frontend, broker.admin, workers=args.workers) as gw:
+            quiet_args = ["--no-access-log"]
+            with (
+                LocalGateway(broker.frontend, broker.admin, workers=args.workers) as gw,
+                LocalGateway(
+                    broker.frontend, broker.admin, workers=args.workers, extra_args=quiet_args
+                ) as quiet,
+            ):
                 print(
                     f"{platform.node()}: {psutil.cpu_count()} cpus, Python {platform.python_version()}, "
                     f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC"
@@ -305,6 +344,9 @@ def main() -> None:
                             n, lat, errs = run_sync(broker.frontend, c, args.duration, args.warmup)
                         elif mode.startswith("grpc"):
                             n, lat, errs = asyncio.run(run_grpc(mode, gw.grpc, c, args.duration, args.warmup))
+                        elif args.access_log_ab and mode != "zmq":
+                            rows += access_log_ab(mode, broker.frontend, gw.url, quiet.url, c, args)
+                            continue
                         else:
                             n, lat, errs = asyncio.run(
                                 run_mode(mode, broker.frontend, gw.url, c, args.duration, args.warmup)
@@ -318,7 +360,8 @@ def main() -> None:
                             f"  c={c:<3} {mode:11} {qps:9,.0f} q/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms",
                             flush=True,
                         )
-    header = ("concurrency", "client", "queries/s", "p50 ms", "p99 ms", "vs zmq", "errors")
+    share = "vs zmq (log off)" if args.access_log_ab else "vs zmq"
+    header = ("concurrency", "client", "queries/s", "p50 ms", "p99 ms", share, "errors")
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---:" if i in (0, 2, 3, 4, 5, 6) else "---" for i in range(len(header))) + "|")

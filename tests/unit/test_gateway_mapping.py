@@ -123,6 +123,9 @@ def test_binary_tensors_after_the_json_header():
         (b"[]", None, "object"),
         (b"{}", None, "'inputs'"),
         (infer_doc({"name": "x", "datatype": "FP128", "shape": [1], "data": [1]}), None, "datatype"),
+        (infer_doc({"name": "x", "datatype": {}, "shape": [1], "data": [1]}), None, "datatype"),
+        (infer_doc({"name": "x", "datatype": ["FP64"], "shape": [1], "data": [1]}), None, "datatype"),
+        (infer_doc({"name": "x", "datatype": "FP64", "shape": [1.5], "data": [1]}), None, "shape"),
         (infer_doc({"name": "x", "datatype": "FP64", "shape": [-1], "data": [1]}), None, "shape"),
         (infer_doc({"name": "x", "datatype": "FP64", "shape": [2], "data": [1]}), None, "needs 2 values"),
         (infer_doc({"name": "x", "datatype": "FP64", "shape": [1], "data": ["a"]}), None, "numbers"),
@@ -142,6 +145,15 @@ def test_malformed_infer_requests_are_400(body, header, needle):
     with pytest.raises(HTTPError, match=needle) as info:
         tensors.parse_infer_request(body, header)
     assert info.value.status == 400
+
+
+def test_an_empty_tensor_of_huge_sizes_is_413_not_500():
+    body = infer_doc({"name": "x", "datatype": "INT64", "shape": [1 << 40, 0, 1 << 30], "data": []})
+    with pytest.raises(HTTPError, match="besides its 0 sizes") as info:
+        tensors.parse_infer_request(body)
+    assert info.value.status == 413
+    empty = infer_doc({"name": "x", "datatype": "INT64", "shape": [0, 4], "data": []})
+    assert tensors.parse_infer_request(empty).inputs[0].shape == (0, 4)
 
 
 def test_too_many_elements_is_413_before_any_allocation():
@@ -374,3 +386,13 @@ def test_what_changes_what_serves_takes_an_admin_token():
         assert admin_only(path), path
     for path in ("/v2/repository/index", "/v2/models/sum/versions/1/infer", "/sum/predict", "/v2/models/x"):
         assert not admin_only(path), path
+
+
+def test_bool_tensors_take_0_and_1_written_as_numbers_and_may_be_empty():
+    json_to_array = values.json_to_array
+    assert json_to_array([1.0, 0.0, 1], np.dtype(bool)).tolist() == [True, False, True]
+    assert json_to_array([], np.dtype(bool)).shape == (0,)
+    with pytest.raises(HTTPError, match="not fractions"):
+        json_to_array([0.5], np.dtype(bool))
+    with pytest.raises(HTTPError, match="0/1"):
+        json_to_array([2], np.dtype(bool))

@@ -1278,6 +1278,26 @@ def _stats_tables(figures: dict[str, Any]) -> None:
     help="Allow POST /v2/repository/models/NAME/load and /unload (unload drains replicas); "
     "off, they are refused (403), as Triton's without explicit model control.",
 )
+@click.option(
+    "--access-log/--no-access-log",
+    default=True,
+    show_default=True,
+    help="One log line per request (method, route, app, status, latency, request id, client).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Let browser pages from ORIGIN (e.g. https://app.example.com, or *) call the gateway; repeatable. "
+    "Default: no CORS.",
+)
+@click.option(
+    "--strict-readiness/--no-strict-readiness",
+    default=True,
+    show_default=True,
+    help="/v2/health/ready needs a live replica of every model an app links (as Triton's), "
+    "not only a broker that answers.",
+)
 @click.pass_context
 def gateway(
     ctx,
@@ -1300,6 +1320,9 @@ def gateway(
     insecure,
     log_level,
     model_control,
+    access_log,
+    cors_origins,
+    strict_readiness,
 ) -> None:
     """Serve HTTP (Clipper's REST API, KServe V2, /metrics) and KServe V2 over gRPC in front of
     a broker until Ctrl-C/SIGTERM.
@@ -1336,6 +1359,9 @@ def gateway(
         header_timeout_s=header_timeout_s,
         body_timeout_s=body_timeout_s,
         model_control=model_control,
+        access_log=access_log,
+        cors_origins=list(cors_origins),
+        strict_readiness=strict_readiness,
     )
     logs.configure()
     try:

@@ -20,14 +20,16 @@ from typing import Any
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from ketch import errors, logs, tracing
 from ketch.admin import DEFAULT_ADMIN
 from ketch.client import DEFAULT_FRONTEND
-from ketch.gateway import clipper, limits, management, page, protocol, spans, v2
+from ketch.gateway import clipper, docs, limits, management, page, protocol, spans, v2
+from ketch.gateway.access import APP_KEY, ID_KEY, AccessLog
 from ketch.gateway.auth import BearerAuth, bearer_token
 from ketch.gateway.backend import AppInfo, BrokerLink
 from ketch.gateway.errors import HTTPError, http_error_for
@@ -61,6 +63,9 @@ class GatewayConfig:
     min_body_rate: int = protocol.MIN_BODY_RATE
     send_timeout_s: float = protocol.SEND_TIMEOUT_S
     model_control: bool = False  # repository load/unload allowed (Triton's explicit model control)
+    access_log: bool = True  # one structlog line per request (access.py)
+    cors_origins: list[str] = field(default_factory=list)  # none: no CORS headers at all
+    strict_readiness: bool = True  # /v2/health/ready also needs a live replica of every linked model
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))
@@ -122,11 +127,13 @@ class Gateway:
             except Exception as exc:
                 err = http_error_for(exc)
                 if not isinstance(exc, errors.KetchError | HTTPError):
-                    self.log.exception("gateway_bug", route=route, path=request.url.path)
+                    rid = request.scope.get(ID_KEY)
+                    self.log.exception("gateway_bug", route=route, path=request.url.path, request_id=rid)
                 response = error_response(err)
             self.metrics.observe(
                 route, call.app, response.status_code, time.perf_counter() - started, call.queries
             )
+            request.scope[APP_KEY] = call.app
             return response
 
         if self.tracer is not None and route in spans.ROUTES:
@@ -210,7 +217,7 @@ def create_app(config: GatewayConfig | None = None) -> Any:
     config = config or GatewayConfig()
     gw = Gateway(config)
     e = gw.endpoint
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/v2", e("server_metadata", v2.server_metadata), methods=["GET"]),
         Route("/v2/health/live", e("live", v2.live), methods=["GET"]),
         Route("/v2/health/ready", e("ready", v2.ready), methods=["GET"]),
@@ -227,19 +234,41 @@ def create_app(config: GatewayConfig | None = None) -> Any:
             Route(f"/admin/{op}", e("clipper_admin", handler), methods=["POST"])
             for op, handler in management.ROUTES.items()
         ),
+        *docs.routes(gw),  # GET /docs: Swagger UI on /openapi.json (ketch/gateway/docs.py)
         Route("/{app}/predict", e("predict", clipper.predict), methods=["POST"]),
         Route("/{app}/update", e("update", clipper.update), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=gw.lifespan, exception_handlers={HTTPException: _http_exception})
     app.state.gateway = gw
+    outer: Any = app
     if config.tokens or config.admin_tokens:
-        return BearerAuth(app, config.tokens, config.admin_tokens)
-    return app
+        outer = BearerAuth(app, config.tokens, config.admin_tokens)
+    if config.cors_origins:  # outside the token check: a preflight carries no token
+        outer = CORSMiddleware(
+            outer,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["Inference-Header-Content-Length", "Retry-After", "X-Request-Id"],
+            max_age=600,
+        )
+    return AccessLog(outer, _templates(routes), enabled=config.access_log)
+
+
+def _templates(routes: list[BaseRoute]) -> Callable[[Any], str | None]:
+    """What the access log names a request by: the template of the route that took it."""
+    names: dict[Any, str] = {}
+    for r in routes:
+        if isinstance(r, Route):
+            names[r.endpoint] = r.path
+        elif isinstance(r, Mount) and r.app is not None:
+            names[r.app] = r.path + "/{path}"
+    return lambda endpoint: names.get(endpoint)
 
 
 def app_from_env() -> Any:
     """Factory for uvicorn workers: the config comes from ``KETCH_GATEWAY_CONFIG``; tracing
     from the OpenTelemetry variables (``ketch.tracing.setup``)."""
-    logs.configure()
+    logs.configure()  # uvicorn's own loggers are set up by its log_config (server.py)
     tracing.setup("ketch-gateway")
     return create_app(GatewayConfig.from_env())

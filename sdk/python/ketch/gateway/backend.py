@@ -276,6 +276,30 @@ class BrokerLink:
             reasons.append(f"model {model_name!r} has no live replica{of_version}")
         return info, reasons
 
+    async def server_readiness(self) -> list[str]:
+        """Why the server is not ready, strictly as Triton's (empty: ready): every model that
+        an app links needs a live replica of its active version. Unavailable when the broker
+        does not answer."""
+
+        async def ask() -> tuple[Any, Any]:
+            return await asyncio.gather(self.admin.call("app.list"), self.admin.call("model.list"))
+
+        apps, models = await self._ready_cache.get("server", ask)
+        by_name = {m["name"]: m for m in models}
+        reasons = []
+        for app in apps:
+            for model_name in app.get("models") or ():
+                doc = by_name.get(model_name)
+                if doc is None:
+                    reasons.append(f"app {app['name']!r}: model {model_name!r} is not known to the broker")
+                elif not live_replicas(doc):
+                    active = doc.get("active_version")
+                    of_version = f" of its active version {active!r}" if active else ""
+                    reasons.append(
+                        f"app {app['name']!r}: model {model_name!r} has no live replica{of_version}"
+                    )
+        return reasons
+
     async def figures(self) -> dict[str, Any]:
         """Everything /metrics shows of the broker, asked for in one go (not cached)."""
         stats, status = await asyncio.gather(self.admin.call("stats"), self.admin.call("status"))

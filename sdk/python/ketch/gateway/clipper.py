@@ -39,7 +39,7 @@ from ketch.client import Prediction
 from ketch.gateway.backend import GRACE_S, AppInfo
 from ketch.gateway.errors import bad_request, http_error_for
 from ketch.gateway.http import Call, json_response, parse_json, read_body
-from ketch.gateway.values import clipper_input, jsonable, send_dtype
+from ketch.gateway.values import clipper_input, jsonable, send_dtype, whole
 
 FEEDBACK_TIMEOUT_MS = 5000
 MAX_UID_CHARS = 256  # a selection key (a user id), not a document
@@ -112,19 +112,17 @@ async def update(call: Call) -> Response:
     doc = parse_json(call, body)
     if not isinstance(doc, dict) or "label" not in doc:
         raise bad_request('send {"label": ..., "input": ...} or {"label": ..., "query_id": ...}')
-    query_id = doc.get("query_id")
-    if ("input" in doc) == (query_id is not None):
+    given_id = doc.get("query_id")
+    if ("input" in doc) == (given_id is not None):
         raise bad_request("name the query by 'input' or by 'query_id' (one of them)")
-    if query_id is not None and (
-        isinstance(query_id, bool) or not isinstance(query_id, int) or not 0 < query_id < 1 << 64
-    ):
+    query_id = None if given_id is None else whole(given_id)
+    if given_id is not None and (query_id is None or not 0 < query_id < 1 << 64):
         raise bad_request("query_id must be a whole number from an earlier answer")
     label = doc["label"]
     label_dtype = _label_dtype(label)
-    uid = doc.get("uid")
-    if uid is not None and (
-        isinstance(uid, bool) or not isinstance(uid, str | int) or len(str(uid)) > MAX_UID_CHARS
-    ):
+    raw_uid = doc.get("uid")  # a string, or a whole number (7.0 is 7, as JSON Schema's integer)
+    uid = raw_uid if raw_uid is None or isinstance(raw_uid, str) else whole(raw_uid)
+    if raw_uid is not None and (uid is None or len(str(uid)) > MAX_UID_CHARS):
         raise bad_request(f"uid must be a string or a whole number of at most {MAX_UID_CHARS} characters")
 
     async def run(info: AppInfo) -> Response:

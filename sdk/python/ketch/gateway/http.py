@@ -10,6 +10,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ketch.gateway import limits
+from ketch.gateway.auth import bearer_token, token_ok
 from ketch.gateway.errors import HTTPError, bad_request
 from ketch.gateway.values import dumps
 
@@ -29,6 +30,15 @@ class Call:
     held_bytes: int = 0  # of the worker's body budget (limits.BodyBudget), given back at the answer
     client: str = ""  # who the request counts against: its bearer token, else its address
     trace: tuple[str, str] | None = None  # (traceparent, tracestate) its queries carry (ketch.tracing)
+
+    def authenticated(self) -> bool:
+        """Whether the caller may see names: tokens are off, or it sent a valid one (open
+        routes, such as the health checks, are reached without one)."""
+        tokens = [*self.gw.config.tokens, *self.gw.config.admin_tokens]
+        if not tokens:
+            return True
+        header = self.request.headers.get("authorization", "").encode("latin-1")
+        return token_ok(bearer_token(header), [t.encode("utf-8") for t in tokens])
 
     def send_queries(self, n: int) -> None:
         """Count ``n`` queries of this request against its client's share (429 past it)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ketch import __version__
 from ketch.gateway.tensors import DATATYPES, MAX_TIMEOUT_US
 
@@ -270,16 +272,11 @@ def _infer_operation(operation_id: str, parameters: list[dict[str, Any]]) -> dic
     return {
         "summary": "Open Inference Protocol inference; JSON tensors or the binary data extension.",
         "operationId": operation_id,
-        "parameters": [
-            *parameters,
-            {
-                "name": "Inference-Header-Content-Length",
-                "in": "header",
-                "required": False,
-                "description": "Bytes of JSON before the binary tensor data.",
-                "schema": {"type": "integer", "minimum": 0},
-            },
-        ],
+        "description": "The body described here is JSON. With the binary tensor data extension, "
+        "the body is that JSON (inputs with `parameters.binary_data_size` in place of `data`) "
+        "followed by the raw tensor data, and the `Inference-Header-Content-Length` header says "
+        "how many bytes the JSON is; a schema cannot describe such a body, so it is not listed.",
+        "parameters": parameters,
         "requestBody": {
             "required": True,
             "content": {
@@ -296,7 +293,6 @@ def _infer_operation(operation_id: str, parameters: list[dict[str, Any]]) -> dic
                         ]
                     },
                 },
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
         },
         "responses": {
@@ -309,6 +305,34 @@ def _infer_operation(operation_id: str, parameters: list[dict[str, Any]]) -> dic
                 },
             },
             **_errors(*_QUERY_ERRORS),
+        },
+    }
+
+
+def _element(datatype: str) -> dict[str, Any]:
+    """What one element of a tensor of ``datatype`` may be in JSON (the values it holds)."""
+    if datatype == "BYTES":
+        return {"type": "string"}
+    if datatype == "BOOL":
+        return {"anyOf": [{"type": "boolean"}, {"enum": [0, 1]}]}
+    dtype = DATATYPES[datatype]
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return {"type": "integer", "minimum": int(info.min), "maximum": int(info.max)}
+    biggest = float(np.finfo(dtype).max)
+    return {"type": "number", "minimum": -biggest, "maximum": biggest}
+
+
+def _input_tensor(datatype: str, shape: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["name", "shape", "datatype", "data"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": shape,
+            "datatype": {"const": datatype},
+            "parameters": {"type": ["object", "null"]},
+            "data": {"type": "array", "items": _element(datatype)},
         },
     }
 
@@ -346,6 +370,7 @@ def _schemas() -> dict[str, Any]:
                     "type": "object",
                     "required": ["input"],
                     "properties": {"input": {}, "version": clipper_version},
+                    "not": {"required": ["input_batch"]},
                 },
                 {
                     "type": "object",
@@ -354,6 +379,7 @@ def _schemas() -> dict[str, Any]:
                         "input_batch": {"type": "array", "minItems": 1},
                         "version": clipper_version,
                     },
+                    "not": {"required": ["input"]},
                 },
             ]
         },
@@ -429,9 +455,27 @@ def _schemas() -> dict[str, Any]:
             "properties": {
                 "label": {},
                 "input": {},
-                "query_id": {"type": "integer", "minimum": 1, "maximum": 2**64 - 1},
-                "uid": {"type": ["integer", "string"]},
+                "query_id": {"type": ["integer", "null"], "minimum": 1, "maximum": 2**64 - 1},
+                "uid": {  # at most 256 characters, as a string or written as a number
+                    "anyOf": [
+                        {"type": "null"},
+                        {"type": "string", "maxLength": 256},
+                        {"type": "integer", "minimum": 1 - 10**255, "maximum": 10**256 - 1},
+                    ]
+                },
             },
+            # the query is named by its input or by its query_id (null: not given), never both
+            "oneOf": [
+                {
+                    "required": ["input"],
+                    "not": {"required": ["query_id"], "properties": {"query_id": {"type": "integer"}}},
+                },
+                {
+                    "required": ["query_id"],
+                    "properties": {"query_id": {"type": "integer"}},
+                    "not": {"required": ["input"]},
+                },
+            ],
         },
         "ServerMetadata": {
             "type": "object",
@@ -463,13 +507,14 @@ def _schemas() -> dict[str, Any]:
         "InferenceRequest": {
             "type": "object",
             "required": ["inputs"],
+            # null where the gateway reads null as absent
             "properties": {
-                "id": {"type": "string"},
+                "id": {"type": ["string", "null"]},
                 "parameters": {
-                    "type": "object",
+                    "type": ["object", "null"],
                     "properties": {
                         "timeout": {
-                            "type": "integer",
+                            "type": "number",
                             "minimum": 0,
                             "maximum": MAX_TIMEOUT_US,
                             "description": "Microseconds; 0 is the app's SLO.",
@@ -486,31 +531,22 @@ def _schemas() -> dict[str, Any]:
                 "inputs": {
                     "type": "array",
                     "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "required": ["name", "shape", "datatype"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "shape": shape,
-                            "datatype": datatype,
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
-                            },
-                            "data": {"type": "array"},
-                        },
-                    },
+                    "maxItems": 1,
+                    "description": "A Ketch app takes one input tensor a request. `data` holds "
+                    "the product of `shape` elements, flat in row-major order (nested lists of that "
+                    "shape are taken too).",
+                    "items": {"oneOf": [_input_tensor(dt, shape) for dt in [*DATATYPES, "BYTES"]]},
                 },
                 "outputs": {
-                    "type": "array",
+                    "type": ["array", "null"],
                     "items": {
                         "type": "object",
                         "required": ["name"],
                         "properties": {
                             "name": {"type": "string", "enum": ["output", "default"]},
                             "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data": {"type": "boolean"}},
+                                "type": ["object", "null"],
+                                "properties": {"binary_data": {"type": ["boolean", "null"]}},
                             },
                         },
                     },

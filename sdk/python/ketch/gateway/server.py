@@ -24,6 +24,7 @@ from pathlib import Path
 
 import structlog
 
+from ketch import logs
 from ketch.gateway.app import CONFIG_ENV, GatewayConfig
 from ketch.gateway.protocol import ConnectionLimits, GuardedProtocol, connection_cap, raise_open_file_limit
 
@@ -143,7 +144,8 @@ def serve(
         port=port,
         workers=workers,
         lifespan="on",
-        access_log=False,
+        access_log=False,  # the gateway writes its own access lines (access.py)
+        log_config=logs.stdlib_config(["uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"]),
         log_level=log_level,
         server_header=False,
         timeout_graceful_shutdown=10,

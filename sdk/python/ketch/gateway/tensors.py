@@ -4,6 +4,9 @@ Pure functions, no I/O. An infer request's body is JSON, or, with the binary ten
 extension, JSON of ``Inference-Header-Content-Length`` bytes followed by the raw data of
 each input whose ``parameters.binary_data_size`` is set, in input order. Numeric raw data is
 little-endian, row-major; a BYTES element is a 4-byte little-endian length and its bytes.
+An output goes out as JSON ``data`` unless binary was asked for; BYTES elements that are
+not UTF-8 are then base64 text, with the output's ``parameters.content_type`` ``"base64"``
+(as MLServer's codec).
 
 A Ketch app takes one input per query, so a request carries one input tensor. Its first
 dimension is the batch when the tensor has one more dimension than the app's per-query
@@ -14,6 +17,7 @@ by the broker on its own (batched with others there); the answer is the ``output
 
 from __future__ import annotations
 
+import base64
 import math
 import struct
 from collections.abc import Callable
@@ -24,7 +28,7 @@ import numpy as np
 
 from ketch.gateway import limits
 from ketch.gateway.errors import HTTPError, bad_request
-from ketch.gateway.values import cast_array, dumps, exact_stack, json_to_array, jsonable, numpy_dtype
+from ketch.gateway.values import cast_array, dumps, exact_stack, json_to_array, jsonable, numpy_dtype, whole
 
 # KServe datatype -> numpy dtype (little-endian, as on the wire)
 DATATYPES: dict[str, np.dtype] = {
@@ -94,17 +98,21 @@ def _count(shape: tuple[int, ...], what: str) -> int:
     n = math.prod(shape)
     if n > MAX_ELEMENTS:
         raise HTTPError(413, f"{what}: shape {list(shape)} has {n} elements, over {MAX_ELEMENTS}")
+    span = math.prod(d for d in shape if d)  # an empty tensor too: numpy cannot shape past this
+    if span > MAX_ELEMENTS:
+        raise HTTPError(
+            413, f"{what}: shape {list(shape)} spans {span} elements besides its 0 sizes, over {MAX_ELEMENTS}"
+        )
     return n
 
 
 def _shape(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
-    ):
+    dims = [whole(d) for d in value] if isinstance(value, list) else [None]
+    if not all(d is not None and d >= 0 for d in dims):
         raise bad_request(f"{what}: 'shape' must be a list of sizes (whole numbers, 0 or more)")
-    if len(value) > 32:
-        raise bad_request(f"{what}: 'shape' has {len(value)} dimensions, at most 32")
-    return tuple(value)
+    if len(dims) > 32:
+        raise bad_request(f"{what}: 'shape' has {len(dims)} dimensions, at most 32")
+    return tuple(dims)  # type: ignore[arg-type]
 
 
 def _flatten_strings(data: Any, what: str) -> list[bytes]:
@@ -145,7 +153,7 @@ def encode_bytes_elements(elements: list[bytes]) -> bytes:
 
 def check_datatype(datatype: Any, what: str) -> str:
     """``datatype`` when it is one the gateway takes (HTTP and gRPC), else a 400."""
-    if datatype != "BYTES" and datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in DATATYPES):
         known = ", ".join([*DATATYPES, "BYTES"])
         raise bad_request(f"{what}: datatype {datatype!r} is not one of {known}")
     return str(datatype)
@@ -197,7 +205,8 @@ def _tensor(doc: Any, index: int, binary: memoryview, offset: int) -> tuple[Tens
         raise bad_request(f"{what}: 'parameters' must be an object")
     size = params.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        size = whole(size)
+        if size is None or size < 0:
             raise bad_request(f"{what}: binary_data_size must be a whole number of bytes")
         if offset + size > len(binary):
             raise bad_request(
@@ -305,8 +314,8 @@ def query_options(params: dict[str, Any]) -> tuple[float | None, int]:
         raise bad_request("parameters.timeout must be a number of microseconds")
     if not 0 <= timeout <= MAX_TIMEOUT_US:
         raise bad_request(f"parameters.timeout must be 0 (the app's SLO) to {MAX_TIMEOUT_US} microseconds")
-    priority = params.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or not -128 <= priority <= 127:
+    priority = whole(params.get("priority", 0))
+    if priority is None or not -128 <= priority <= 127:
         raise bad_request("parameters.priority must be a whole number from -128 to 127 (higher first)")
     return (timeout / 1000 if timeout else None), priority
 
@@ -419,10 +428,12 @@ def encode_infer_response(
                 try:
                     doc["data"] = [e.decode("utf-8") for e in data]
                 except UnicodeDecodeError:
-                    binary = True  # raw bytes cannot travel as JSON text
+                    # raw bytes are not JSON text: base64, said so as MLServer's codec does
+                    doc["data"] = [base64.b64encode(e).decode("ascii") for e in data]
+                    doc["parameters"] = {"content_type": "base64"}
             else:
                 doc["data"] = data.ravel().tolist()
-        if binary:
+        else:
             raw = raw_output(datatype, data)
             doc["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)

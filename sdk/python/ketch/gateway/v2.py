@@ -2,7 +2,8 @@
 
     GET  /v2                         server metadata
     GET  /v2/health/live             200 {"live": true} while this process works
-    GET  /v2/health/ready            200 {"ready": true} when the broker answers, else 503
+    GET  /v2/health/ready            200 {"ready": true} when the broker answers and (strict, the
+                                     default) every model an app links has a live replica, else 503
     GET  /v2/models/{name}           the app: input datatype and shape, versions, outputs
     GET  /v2/models/{name}/ready     200 when the app has a live replica, 503 if not, 404 unknown
     POST /v2/models/{name}/infer     one input tensor in, ``output`` and ``default`` out
@@ -51,21 +52,31 @@ async def server_metadata(call: Call) -> Response:
     return json_response({"name": "ketch", "version": __version__, "extensions": EXTENSIONS})
 
 
+def not_ready(message: str, **extra: Any) -> HTTPError:
+    """503 NOT_READY, with ``"ready": false`` and ``extra`` in the body; retry in a second."""
+    return HTTPError(503, message, code="NOT_READY", retry_after_ms=1000, extra={**extra, "ready": False})
+
+
 async def live(call: Call) -> Response:
     return json_response({"live": True})
 
 
 async def ready(call: Call) -> Response:
+    """Ready when the broker answers and, with strict readiness (as Triton's, the default),
+    every model an app links has a live replica; 503 with the reasons otherwise. The route
+    is open without a token: a caller without one is told how many models lack a replica,
+    not which."""
     try:
-        await call.gw.link.ping()
+        if call.gw.config.strict_readiness:
+            reasons = await call.gw.link.server_readiness()
+        else:
+            await call.gw.link.ping()
+            reasons = []
     except errors.KetchError as exc:
-        raise HTTPError(
-            503,
-            f"the broker does not answer: {exc}",
-            code="NOT_READY",
-            retry_after_ms=1000,
-            extra={"ready": False},
-        ) from None
+        raise not_ready(f"the broker does not answer: {exc}") from None
+    if reasons:
+        shown = reasons if call.authenticated() else [f"{len(reasons)} linked model(s) have no live replica"]
+        raise not_ready("; ".join(shown), reasons=shown)
     return json_response({"ready": True})
 
 
@@ -120,13 +131,7 @@ async def model_ready(call: Call) -> Response:
     name, version = call.request.path_params["name"], call.request.path_params.get("version", "")
     _, reasons = await model_readiness(call, name, version)
     if reasons:
-        raise HTTPError(
-            503,
-            "; ".join(reasons),
-            code="NOT_READY",
-            retry_after_ms=1000,
-            extra={"name": name, "ready": False},
-        )
+        raise not_ready("; ".join(reasons), name=name)
     return json_response({"name": name, "ready": True})
 
 

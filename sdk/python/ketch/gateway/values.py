@@ -54,7 +54,7 @@ def cast_array(arr: np.ndarray, want: np.dtype, what: str = "input") -> np.ndarr
     if want.kind == "b":
         if kind in "iu" and arr.size and not np.isin(arr, (0, 1)).all():
             raise bad_request(f"{what}: a bool app takes true/false or 0/1")
-        if kind == "f":
+        if kind == "f" and not np.isin(arr, (0.0, 1.0)).all():  # 0.0 and 1.0 are 0 and 1 (JSON numbers)
             raise bad_request(f"{what}: a bool app takes true/false or 0/1, not fractions")
         return arr.astype(want)
     if kind == "f" and arr.size and not (np.isfinite(arr).all() and (arr == np.trunc(arr)).all()):
@@ -97,6 +97,18 @@ def _to_float(arr: np.ndarray, want: np.dtype, what: str) -> np.ndarray:
 
 def _kind_name(arr: np.ndarray) -> str:
     return {"U": "text", "S": "bytes", "O": "mixed or nested values"}.get(arr.dtype.kind, arr.dtype.name)
+
+
+def whole(value: Any) -> int | None:
+    """A JSON whole number as an int: ``3`` or ``3.0`` (JSON Schema's ``integer`` is both,
+    and so is a number a client's JSON writer gave a fraction part), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def json_to_array(value: Any, want: np.dtype, what: str = "input") -> np.ndarray:
