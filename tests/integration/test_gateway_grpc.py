@@ -159,7 +159,8 @@ def sample(datatype: str, rows: int = 3) -> np.ndarray:
 
 
 def test_health_and_metadata_with_tritonclient(triton):
-    assert triton.is_server_live() and triton.is_server_ready()
+    # not ready, strictly as Triton: apps nodef and withdef link ghost, which has no replica
+    assert triton.is_server_live() and not triton.is_server_ready()
     meta = triton.get_server_metadata(as_json=True)
     assert meta["name"] == "ketch" and "version" in meta
     assert triton.is_model_ready("echo-float64")
@@ -364,7 +365,8 @@ def test_fp16_and_bytes_typed_with_a_plain_stub(stub):
 
 def test_health_metadata_and_errors_with_a_plain_stub(stub):
     assert stub.ServerLive(pb.ServerLiveRequest()).live
-    assert stub.ServerReady(pb.ServerReadyRequest()).ready
+    # strict, as Triton: apps nodef and withdef link ghost, which has no replica
+    assert not stub.ServerReady(pb.ServerReadyRequest()).ready
     assert stub.ModelReady(pb.ModelReadyRequest(name="text")).ready
     assert not stub.ModelReady(pb.ModelReadyRequest(name="nope")).ready
     meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="echo-uint8"))
@@ -429,7 +431,8 @@ def test_tokens_size_limit_and_several_workers(broker, apps, tmp_path):
     args = ["--token-file", str(tokens), "--max-body-mb", "1"]
     with LocalGateway(broker.frontend, broker.admin, workers=2, extra_args=args) as gw:
         client = tg.InferenceServerClient(gw.grpc)
-        assert client.is_server_live() and client.is_server_ready()  # health needs no token
+        # health needs no token (not ready: ghost, linked by nodef, has no replica)
+        assert client.is_server_live() and not client.is_server_ready()
         inp = tg.InferInput("input", [1, 2], "FP64")
         inp.set_data_from_numpy(np.ones((1, 2)))
         for headers, code in (
@@ -481,6 +484,25 @@ def test_no_broker_is_not_ready_and_unavailable(tmp_path):
         with pytest.raises(InferenceServerException) as info:
             client.infer("any", [inp])
         assert info.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_server_ready_is_strict_as_http_unless_told_otherwise(tmp_path):
+    # an app linking a model with no replica: not ready on gRPC as on HTTP; with
+    # --no-strict-readiness, ready while the broker answers
+    with LocalBroker() as b:
+        with ketch.Admin(b.admin) as admin:
+            admin.create_app("lonely", input_type="float64", input_shape=[2], slo_ms=1000, models=["ghost"])
+        with (
+            LocalGateway(b.frontend, b.admin) as strict,
+            LocalGateway(b.frontend, b.admin, extra_args=["--no-strict-readiness"]) as lax,
+        ):
+            for gw, ready in ((strict, False), (lax, True)):
+                with grpc.insecure_channel(gw.grpc) as channel:
+                    answer = pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(
+                        pb.ServerReadyRequest(), timeout=20
+                    )
+                assert answer.ready is ready, gw.grpc
+                assert (httpx.get(f"{gw.url}/v2/health/ready", timeout=20).status_code == 200) is ready
 
 
 def test_a_taken_default_grpc_port_costs_grpc_only(broker, apps):

@@ -294,7 +294,11 @@ class InferenceService(_Serving, pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def run(call: Call) -> Any:
+            # as HTTP's /v2/health/ready: strict (every linked model has a live replica)
+            # unless the gateway runs with --no-strict-readiness
             try:
+                if call.gw.config.strict_readiness:
+                    return pb.ServerReadyResponse(ready=not await call.gw.link.server_readiness())
                 await call.gw.link.ping()
             except errors.KetchError:
                 return pb.ServerReadyResponse(ready=False)
