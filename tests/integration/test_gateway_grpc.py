@@ -505,6 +505,22 @@ def test_server_ready_is_strict_as_http_unless_told_otherwise(tmp_path):
                 assert (httpx.get(f"{gw.url}/v2/health/ready", timeout=20).status_code == 200) is ready
 
 
+def test_the_callers_grpc_deadline_is_the_querys():
+    # an app of SLO 60 s whose model has no replica: a call with a 1 s deadline gives up at
+    # 1 s, and the broker lets go of its query then too (its default), not 60 s later
+    with LocalBroker() as b, ketch.Admin(b.admin) as admin:
+        admin.create_app(
+            "patient", input_type="float64", input_shape=[2], slo_ms=60_000, default=-1.0, models=["absent"]
+        )
+        with LocalGateway(b.frontend, b.admin) as gw, grpc.insecure_channel(gw.grpc) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(typed_request("patient", np.ones((1, 2)), "FP64"), timeout=1.0)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for(lambda: admin.stats()["apps"]["patient"]["defaults"] == 1, 30, "the query let go")
+            assert admin.status()["pending"] == 0
+
+
 def test_a_taken_default_grpc_port_costs_grpc_only(broker, apps):
     # a listening socket on some port P + 1 where P is free: the gateway on P defaults gRPC to P + 1
     for _ in range(50):

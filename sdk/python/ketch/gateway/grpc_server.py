@@ -339,7 +339,9 @@ class InferenceService(_Serving, pb_grpc.GRPCInferenceServiceServicer):
         async def run(call: Call) -> Any:
             call.gw.body_budget.take(call, request.ByteSize())
             parsed = infer_request(request)
-            answer = await v2.answer_infer(call, request.model_name, parsed, request.model_version)
+            remaining = context.time_remaining()  # the caller's deadline, if it set one
+            caller_ms = None if remaining is None else remaining * 1000
+            answer = await v2.answer_infer(call, request.model_name, parsed, request.model_version, caller_ms)
             return infer_response(answer, parsed)
 
         return await self._serve("ModelInfer", context, run)

@@ -145,21 +145,27 @@ class InferAnswer:
     parameters: dict[str, Any]
 
 
-async def answer_infer(call: Call, name: str, request: InferRequest, version: str = "") -> InferAnswer:
+async def answer_infer(
+    call: Call, name: str, request: InferRequest, version: str = "", caller_ms: float | None = None
+) -> InferAnswer:
     """Send the request's queries to the app and gather the answers (HTTP and gRPC).
 
     ``version`` (the route's ``/versions/{v}``, gRPC's ``model_version``; "" for the app's
     policy) pins every query to that version: the broker checks it (404 when it does not
-    exist) and only that version's replicas answer.
+    exist) and only that version's replicas answer. ``caller_ms``: the time the caller
+    still waits (a gRPC deadline), which shortens the queries' deadline to it.
     """
     link = call.gw.link
     info = await link.app(name)
     call.app = info.name
     if len(request.inputs) != 1:
         raise bad_request(f"a Ketch app takes one input tensor; the request has {len(request.inputs)}")
-    timeout_ms, priority = query_options(request.parameters)
+    asked_ms, priority = query_options(request.parameters)
 
     async def run(info: AppInfo) -> tuple[AppInfo, list[Prediction]]:
+        timeout_ms = asked_ms
+        if caller_ms is not None:  # no work for an answer nobody waits for
+            timeout_ms = max(1.0, min(info.slo_ms if asked_ms is None else asked_ms, caller_ms))
         xs, _ = split_queries(
             request.inputs[0],
             info.input_type,
