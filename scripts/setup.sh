@@ -3,7 +3,8 @@
 #   scripts/setup.sh            Python package and its runtime deps in .venv
 #   scripts/setup.sh --test     also test tools, a JDK with Maven, R with its packages, helm, and
 #                               Chromium with chromium-driver (the status page's browser test),
-#                               prometheus and promtool (the metrics tests) in .tools/prometheus
+#                               prometheus and promtool (the metrics tests) in .tools/prometheus,
+#                               the kserve SDK (its clients against the gateway) in .tools/kserve
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -76,6 +77,13 @@ if [ "$want_test" = 1 ]; then
   # helm for the chart's checks: built once with `go install`, cached in ~/.cache/ketch-infra
   scripts/infra.sh tools
   unpack_prometheus
+  # the kserve SDK's REST and gRPC clients, run against the gateway by the tests: in a venv of
+  # their own (.tools/kserve), as kserve pins psutil<6 and brings its server's dependencies
+  [ -x .tools/kserve/bin/python ] && .tools/kserve/bin/python -c 'import kserve' >/dev/null 2>&1 || {
+    echo "installing the kserve SDK into .tools/kserve"
+    "$PY" -m venv .tools/kserve
+    .tools/kserve/bin/python -m pip install -q 'kserve==0.21.0'
+  }
 else
   pip_editable '.[sklearn,http]'
 fi

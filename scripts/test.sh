@@ -10,6 +10,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 export KETCH_REQUIRE_POLYGLOT=1
 export KETCH_REQUIRE_DEPLOY_TOOLS=1   # tests/deploy: helm (from setup.sh), kubernetes-validate, hadolint
 export KETCH_REQUIRE_BROWSER=1        # tests/integration/test_page.py: chromium + chromium-driver (from setup.sh)
+export KETCH_KSERVE_PYTHON="$PWD/.tools/kserve/bin/python"  # the kserve SDK's clients (from setup.sh)
+export KETCH_REQUIRE_KSERVE=1
 export KETCH_REQUIRE_PROMTOOL=1       # the metrics tests: prometheus + promtool (from setup.sh, in .tools/prometheus)
 
 echo "== lint"
