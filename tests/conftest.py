@@ -93,6 +93,41 @@ def replica_threads() -> Iterator:
         t.join(5)
 
 
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    """One broker process for a whole test module (the gateway's). Its replicas are threads
+    of the test process, which hypothesis can keep busy: one is declared dead only after 10 s
+    of silence (no test of such a module is about death)."""
+    broker = LocalBroker(
+        state_path=str(tmp_path_factory.mktemp("module-broker") / "state.db"),
+        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "10000"],
+    )
+    broker.start()
+    yield broker
+    broker.stop()
+    broker._tmp.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_replicas(module_broker: LocalBroker) -> Iterator:
+    """Start ``ketch.Replica`` threads on ``module_broker``: ``start(model, name, **kw)``
+    (replica id ``NAME/N`` unless given); all are stopped (drained) at the module's end."""
+    started: list[tuple[Replica, threading.Thread]] = []
+
+    def start(model, name: str, **kw) -> Replica:
+        kw.setdefault("replica_id", f"{name}/{len(started)}")
+        r = Replica(model, name=name, broker=module_broker.backend, **kw)
+        t = threading.Thread(target=r.run, name=f"replica-{name}", daemon=True)
+        t.start()
+        started.append((r, t))
+        return r
+
+    yield start
+    for r, t in started:
+        r.stop()
+        t.join(5)
+
+
 @pytest.fixture
 def thread_broker(request: pytest.FixtureRequest) -> Iterator[ThreadBroker]:
     """A replica silent for 10 s is declared dead: a busy machine can hold a replica thread's

@@ -73,15 +73,8 @@ def fails(xs):
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = LocalBroker(
-        state_path=str(tmp_path_factory.mktemp("grpc") / "state.db"),
-        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "10000"],
-    )
-    b.start()
-    yield b
-    b.stop()
-    b._tmp.cleanup()
+def broker(module_broker):
+    return module_broker
 
 
 @pytest.fixture(scope="module")

@@ -37,15 +37,8 @@ def sums(xs):
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory):
-    b = LocalBroker(
-        state_path=str(tmp_path_factory.mktemp("gateway-http") / "state.db"),
-        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", "10000"],
-    )
-    b.start()
-    yield b
-    b.stop()
-    b._tmp.cleanup()
+def broker(module_broker):
+    return module_broker
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +48,8 @@ def admin(broker):
 
 
 @pytest.fixture(scope="module")
-def replicas(broker):
-    started: list[tuple[ketch.Replica, threading.Thread]] = []
-
-    def start(fn, name: str, **kw) -> ketch.Replica:
-        r = ketch.Replica(
-            fn, name=name, broker=broker.backend, replica_id=f"http/{name}/{len(started)}", **kw
-        )
-        t = threading.Thread(target=r.run, daemon=True)
-        t.start()
-        started.append((r, t))
-        return r
-
-    yield start
-    for r, t in started:
-        r.stop()
-        t.join(5)
+def replicas(module_replicas):
+    return module_replicas
 
 
 @pytest.fixture(scope="module")
