@@ -17,6 +17,7 @@ import httpx
 import ketch
 import numpy as np
 import pytest
+import structlog.testing
 from ketch import tracing
 from ketch.local import free_port, wait_for
 
@@ -101,13 +102,18 @@ def _by_name(spans) -> dict:
 
 def test_one_query_has_its_four_spans_in_the_callers_trace(exporter, traced_stack) -> None:
     url, _ = traced_stack
-    r = httpx.post(
-        f"{url}/v2/models/sum/infer",
-        json={"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]},
-        headers={"traceparent": TRACEPARENT, "tracestate": "rojo=00f067aa0ba902b7"},
-        timeout=10,
-    )
+    with structlog.testing.capture_logs() as lines:
+        r = httpx.post(
+            f"{url}/v2/models/sum/infer",
+            json={"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]},
+            headers={"traceparent": TRACEPARENT, "tracestate": "rojo=00f067aa0ba902b7"},
+            timeout=10,
+        )
+        wait_for(lambda: any(e["event"] == "http request" for e in lines), 10, "the access line")
     assert r.status_code == 200, r.text
+    # the access line names the request's trace (the gateway span's, in the caller's trace)
+    access = [e for e in lines if e["event"] == "http request"]
+    assert [e["trace_id"] for e in access] == [CALLER_TRACE], access
     spans = _spans(exporter, int(CALLER_TRACE, 16), 4)
     named = _by_name(spans)
     gateway = named["POST /v2/models/{name}/infer"]

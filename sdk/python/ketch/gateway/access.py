@@ -27,8 +27,14 @@ import structlog
 
 REQUEST_ID = b"x-request-id"
 APP_KEY = "ketch.app"  # the scope key a route sets to the app it served (app.py)
+TRACE_KEY = "ketch.trace"  # where a traced route keeps its (traceparent, tracestate) (spans.py)
 ID_KEY = "ketch.request_id"  # the scope key of the request id, for the gateway's other lines
 MAX_ID = 128
+
+
+def _trace_id(carrier: tuple[str, str] | None) -> str | None:
+    """The W3C trace id of a traced request (its span's traceparent), None when untraced."""
+    return carrier[0][3:35] if carrier else None
 
 
 def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
@@ -82,4 +88,5 @@ class AccessLog:
                     latency_ms=round((time.perf_counter() - started) * 1000, 3),
                     request_id=rid,
                     client=client[0] if client else None,
+                    trace_id=_trace_id(scope.get(TRACE_KEY)),
                 )

@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ketch.gateway.access import TRACE_KEY
 from ketch.tracing import Tracer
 
-SCOPE_KEY = "ketch.trace"  # where the route finds the (traceparent, tracestate) to send
+SCOPE_KEY = TRACE_KEY  # where the route (and the access log) finds the (traceparent, tracestate) it sends
 ROUTES = {"infer": "/v2/models/{name}/infer", "predict": "/{app}/predict"}  # route -> http.route
 
 Handle = Callable[[Request], Awaitable[Response]]
