@@ -83,7 +83,9 @@ class Replicas:
     def start(
         self, sdk: str, model: str, rid: str, *, per_batch_ms: float = 0.0, per_item_ms: float = 0.0
     ) -> None:
-        env = dict(os.environ)
+        # every member serves the same function (a sum) under one version: one build id, so
+        # the broker's fingerprint check lets the three languages' code serve it together
+        env = dict(os.environ, KETCH_BUILD_ID=f"perf-scheduling-{model}")
         if sdk == "python":
             env.update(
                 KETCH_REPLICA_INDEX=rid,
