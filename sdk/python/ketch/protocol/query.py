@@ -95,6 +95,31 @@ def build_query(
     return finish(b, schema.Body.Query, _Q.End(b))
 
 
+def _template(
+    app: str,
+    dtype: int,
+    shape: tuple[int, ...],
+    timeout_us: int,
+    priority: int,
+    context: str,
+    n: int,
+    model_version: str,
+    traced: bool,
+) -> Template:
+    """A Query of ``n`` queries of one type, with their request ids as slots and, when
+    ``traced``, a version-00 traceparent (``TRACEPARENT_CHARS`` bytes) as the last slot."""
+    traceparent = "0" * TRACEPARENT_CHARS if traced else ""
+    data = build_query(
+        app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context, model_version, traceparent
+    )
+    buf, pos = where(decode(data)[2])
+    first = vector_at(buf, pos, _F.REQUEST_IDS)
+    slots = tuple((first + 8 * i, "<Q") for i in range(n))
+    if traced:  # a string: its bytes, past its length
+        slots += ((vector_at(buf, pos, _F.TRACEPARENT), f"{TRACEPARENT_CHARS}s"),)
+    return Template(data, slots)
+
+
 @lru_cache(maxsize=4096)  # up to MAX_ITEMS sizes per app and query type
 def query_template(
     app: str,
@@ -112,9 +137,7 @@ def query_template(
     bytes in all, shape rank at most 32): the cache then holds at most ~6 MB, whatever a
     client puts in its contexts; ``query_header`` builds a longer one each time, and the
     broker never learns one."""
-    data = build_query(app, dtype, shape, [SENTINEL] * n, timeout_us, priority, context, model_version)
-    first = vector_at(*where(decode(data)[2]), _F.REQUEST_IDS)
-    return Template(data, tuple((first + 8 * i, "<Q") for i in range(n)))
+    return _template(app, dtype, shape, timeout_us, priority, context, n, model_version, False)
 
 
 TEMPLATE_TEXT = 512  # bytes of app name, context and version, at most, in a cached template
@@ -134,21 +157,7 @@ def traced_query_template(
 ) -> Template:
     """A Query of ``n`` queries with a version-00 traceparent and no tracestate;
     render(request_id_0, ..., request_id_n-1, traceparent as 55 ASCII bytes)."""
-    data = build_query(
-        app,
-        dtype,
-        shape,
-        [SENTINEL] * n,
-        timeout_us,
-        priority,
-        context,
-        model_version,
-        traceparent="0" * TRACEPARENT_CHARS,
-    )
-    buf, pos = where(decode(data)[2])
-    first = vector_at(buf, pos, _F.REQUEST_IDS)
-    text = vector_at(buf, pos, _F.TRACEPARENT)  # a string: its bytes, past its length
-    return Template(data, (*((first + 8 * i, "<Q") for i in range(n)), (text, f"{TRACEPARENT_CHARS}s")))
+    return _template(app, dtype, shape, timeout_us, priority, context, n, model_version, True)
 
 
 def _templated_trace(trace: tuple[str, str]) -> bytes | None:
