@@ -7,7 +7,9 @@ hanging it).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -74,10 +76,10 @@ class ThreadBroker(Endpoints):
         assert not self.thread.is_alive(), "broker thread did not stop"
 
 
-@pytest.fixture
-def replica_threads() -> Iterator:
-    """Start ``ketch.Replica`` threads: ``start(model, backend=..., name=..., **kw)``; all are
-    stopped (drained) at the end."""
+@contextlib.contextmanager
+def _replica_threads() -> Iterator:
+    """``start(model, backend=..., name=..., **kw)`` starts a ``ketch.Replica`` thread; all
+    are stopped (drained) on leaving."""
     started: list[tuple[Replica, threading.Thread]] = []
 
     def start(model, *, backend: str, name: str = "m", **kw) -> Replica:
@@ -87,10 +89,20 @@ def replica_threads() -> Iterator:
         started.append((r, t))
         return r
 
-    yield start
-    for r, t in started:
-        r.stop()
-        t.join(5)
+    try:
+        yield start
+    finally:
+        for r, t in started:
+            r.stop()
+            t.join(5)
+
+
+@pytest.fixture
+def replica_threads() -> Iterator:
+    """Start ``ketch.Replica`` threads: ``start(model, backend=..., name=..., **kw)``; all are
+    stopped (drained) at the end."""
+    with _replica_threads() as start:
+        yield start
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +124,14 @@ def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBro
 def module_replicas(module_broker: LocalBroker) -> Iterator:
     """Start ``ketch.Replica`` threads on ``module_broker``: ``start(model, name, **kw)``
     (replica id ``NAME/N`` unless given); all are stopped (drained) at the module's end."""
-    started: list[tuple[Replica, threading.Thread]] = []
+    count = itertools.count()
+    with _replica_threads() as start_thread:
 
-    def start(model, name: str, **kw) -> Replica:
-        kw.setdefault("replica_id", f"{name}/{len(started)}")
-        r = Replica(model, name=name, broker=module_broker.backend, **kw)
-        t = threading.Thread(target=r.run, name=f"replica-{name}", daemon=True)
-        t.start()
-        started.append((r, t))
-        return r
+        def start(model, name: str, **kw) -> Replica:
+            kw.setdefault("replica_id", f"{name}/{next(count)}")
+            return start_thread(model, backend=module_broker.backend, name=name, **kw)
 
-    yield start
-    for r, t in started:
-        r.stop()
-        t.join(5)
+        yield start
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import grpc
 import httpx
@@ -78,15 +77,9 @@ def broker(module_broker):
 
 
 @pytest.fixture(scope="module")
-def apps(broker):
-    started: list[tuple[ketch.Replica, threading.Thread]] = []
-
+def apps(broker, module_replicas):
     def start(fn, name: str, **kw) -> None:
-        replica_id = f"grpc/{name}/{kw.get('version', '1')}"
-        r = ketch.Replica(fn, name=name, broker=broker.backend, replica_id=replica_id, **kw)
-        t = threading.Thread(target=r.run, daemon=True)
-        t.start()
-        started.append((r, t))
+        module_replicas(fn, name, replica_id=f"grpc/{name}/{kw.get('version', '1')}", **kw)
 
     with broker.admin_client() as admin:
         for dtype in KETCH_DTYPE.values():
@@ -109,10 +102,6 @@ def apps(broker):
             start(lambda xs, v=version: [f"v{v}:{x}" for x in xs], "vm", input_type="string", version=version)
         for model in [*KETCH_DTYPE.values(), "upper", "rev", "jdoc", "fails", "vm"]:
             wait_for(lambda m=model: admin.replicas(m), 20, f"a replica of {model}")
-    yield
-    for r, t in started:
-        r.stop()
-        t.join(5)
 
 
 @pytest.fixture(scope="module")
