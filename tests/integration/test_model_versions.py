@@ -24,6 +24,7 @@ import tritonclient.http as triton
 from ketch import errors
 from ketch.gateway.local import LocalGateway
 from ketch.local import LocalBroker, LocalModel, wait_for
+from ketch.protocol.limits import MAX_NAME
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.timeout(180)
@@ -169,6 +170,17 @@ def test_a_version_that_does_not_exist_is_not_found(client):
     with pytest.raises(errors.NotFound):
         client.predict("sum", X, version="total:9")
     assert client.predict("sum", X).version == "1"  # the broker serves on
+
+
+def test_the_longest_version_a_query_may_name_and_one_byte_more(client):
+    # valid but extreme: a version of 2 * MAX_NAME bytes is read (and is not one the model
+    # has); one byte more is the caller's mistake, BAD_INPUT; the broker serves on
+    longest = "v" * (2 * MAX_NAME)
+    with pytest.raises(errors.NotFound):
+        client.predict("sum", X, version=longest)
+    with pytest.raises(errors.BadInput, match="model_version of 257 bytes"):
+        client.predict("sum", X, version=longest + "v")
+    assert client.predict("sum", X).version == "1"
 
 
 def test_the_cache_keeps_versions_apart(stack, client):
