@@ -40,6 +40,8 @@ import sys
 # this file is perf/http.py: keep its folder from shadowing the standard library's ``http``
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
+# gRPC clients here, and processes started (fork, then exec): not gRPC's fork handlers
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
 import asyncio

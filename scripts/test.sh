@@ -12,6 +12,7 @@ export KETCH_REQUIRE_DEPLOY_TOOLS=1   # tests/deploy: helm (from setup.sh), kube
 export KETCH_REQUIRE_BROWSER=1        # tests/integration/test_page.py: chromium + chromium-driver (from setup.sh)
 export KETCH_KSERVE_PYTHON="$PWD/.tools/kserve/bin/python"  # the kserve SDK's clients (from setup.sh)
 export KETCH_REQUIRE_KSERVE=1
+export GRPC_ENABLE_FORK_SUPPORT=false  # gRPC clients in processes that fork then exec (tests/conftest.py)
 export KETCH_REQUIRE_PROMTOOL=1       # the metrics tests: prometheus + promtool (from setup.sh, in .tools/prometheus)
 
 echo "== lint"

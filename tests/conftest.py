@@ -25,6 +25,10 @@ from ketchd import Broker, BrokerConfig
 # every broker a test starts as a process (ketchd, ketch broker start, ketch serve, ketch up)
 # serves its /metrics on a free port, not on the default one another broker may hold
 os.environ.setdefault("KETCH_METRICS", "127.0.0.1:0")
+# this process makes gRPC channels and starts processes (fork, then exec): gRPC's fork
+# handlers are for a fork without exec, and with them a channel's constructor hung for
+# 90 s once in a loaded run (grpc/grpc#37710; Apache Beam's tests turn them off too)
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
