@@ -169,11 +169,16 @@ def make_thread_broker() -> Iterator:
 def broker_process(tmp_path, request: pytest.FixtureRequest) -> Iterator[LocalBroker]:
     """A broker process; a replica silent for 1.5 s is declared dead. A test whose replica
     processes (a JVM, R) may stall that long on a busy machine, and which is not about
-    silence, asks for more with ``@pytest.mark.dead_after_ms(15_000)``."""
+    silence, asks for more with ``@pytest.mark.dead_after_ms(15_000)``; other options with
+    ``@pytest.mark.broker_args(...)``."""
     marker = request.node.get_closest_marker("dead_after_ms")
+    more = request.node.get_closest_marker("broker_args")
     broker = LocalBroker(
         state_path=str(tmp_path / "state.db"),
-        extra_args=["--heartbeat-ms", "200", "--dead-after-ms", str(marker.args[0] if marker else 1500)],
+        extra_args=[
+            *("--heartbeat-ms", "200", "--dead-after-ms", str(marker.args[0] if marker else 1500)),
+            *(more.args if more else ()),
+        ],
     )
     broker.start()
     yield broker

@@ -132,6 +132,15 @@ def broker_options(f: F) -> F:
                 help="A replica silent this long is dead: its work goes to others.",
             ),
             click.option(
+                "--requeue-alone-ms",
+                default=defaults.requeue_alone_ms,
+                show_default=True,
+                type=click.FloatRange(0),
+                help="A dead replica's queries go back each alone (a poison input then kills at most "
+                "two replicas) while that costs the pool about this long; beyond, together as one "
+                "batch (at most three).",
+            ),
+            click.option(
                 "--max-batch",
                 default=defaults.max_batch,
                 show_default=True,

@@ -26,6 +26,10 @@ class BrokerConfig:
     state_path: str = field(default_factory=lambda: str(default_state_path()))
     heartbeat_ms: int = 1000
     dead_after_ms: int = 5000
+    # a dead replica's queries go back one by one (each alone: a poison input then kills at
+    # most two replicas) while that costs the pool about this long, else together as one
+    # batch (Containers.replica_gone); 0: always together, a large value: always one by one
+    requeue_alone_ms: float = 50.0
     max_batch: int = 64  # per model unless the model or replica asks for less
     max_queue: int = 10_000  # per model; past it queries are refused OVERLOADED
     max_message_bytes: int = 64 * 1024 * 1024  # a message, all its frames together (ketchd.limits)

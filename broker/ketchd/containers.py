@@ -21,15 +21,27 @@ from ketch.protocol import ErrorCode, limits
 from ketchd import hellos, negotiation
 from ketchd.admin import schema_conflict
 from ketchd.batching import BatchController
-from ketchd.registry import Model, Replica, ReplicaState
+from ketchd.registry import Model, Pending, Replica, ReplicaState
 from ketchd.stats import LATENCY_BUCKETS_S
 
 if TYPE_CHECKING:
     from ketchd.broker import Broker
 
 log = structlog.get_logger("ketchd")
+
 _REPLY_TEMPLATES = 1024  # replica reply templates learnt, at most
 _READ_WHOLE = frozenset({"Hello", "Ready", "Goodbye", "Error"})  # read with every field at once
+
+
+def alone_ms(model: Model, dead: Replica) -> float:
+    """About how long one query alone takes, round trip, on the model's fastest replica
+    (the one that died if no other has been measured; 0 if none has)."""
+    best = None
+    for r in (*model.replicas.values(), dead):
+        typical = r.controller.typical_ms(1)
+        if typical is not None and (best is None or typical + r.rpc_ewma_ms < best):
+            best = typical + r.rpc_ewma_ms
+    return best or 0.0
 
 
 class Containers:
@@ -330,15 +342,21 @@ class Containers:
                 answers.answer_item(p, replica, i, output, payloads[i])
 
     def replica_gone(self, replica: Replica, reason: str, now: float) -> None:
-        """Forget a replica; re-queue (once) or answer exactly the queries it held; drop the
+        """Forget a replica; re-queue or answer exactly the queries it held; drop the
         answers it computed from the cache.
 
-        A query is re-queued at most once, and is then sent alone (``Dispatcher.isolate``):
-        one that was in flight on two replicas that died (a "poison" input that kills its
-        replica, say) is answered, never sent a third time, and the identical queries
-        waiting on it (single-flight) share its answer instead of taking its place, so one
-        input kills at most two replicas, and the queries batched with it the first time are
-        served by the others."""
+        A query back from a replica that died may be what killed it (a "poison" input),
+        so it is sent again only with its fellow suspects, to a replica given nothing else
+        meanwhile (``Dispatcher.isolate``). The queries of one dead batch go back each
+        alone while sending them one at a time costs the pool at most ``requeue_alone_ms``
+        (``--requeue-alone-ms``; their count times ``alone_ms``); beyond that, they
+        go back together as one batch (a replica lost to a kill, an OOM or a node costs its
+        queries one batch's time, not one round trip each), and if that batch kills a
+        replica too, each is sent alone. A query that dies alone is answered, never sent
+        again, and the identical queries waiting on it (single-flight) share its answer
+        instead of taking its place. So one input kills at most two replicas, or three in a
+        batch too large to send back one by one, and the queries batched with it are served
+        by the others."""
         b = self.broker
         if replica.state is not ReplicaState.DEAD:
             replica.move(ReplicaState.DEAD)
@@ -350,19 +368,18 @@ class Containers:
         if model is not None:
             model.replicas.pop(replica.identity, None)
             b.dispatcher.dirty.add(model)
-        requeued = failed = 0
+        requeued = failed = together = 0
         for batch in replica.inflight.values():
             b.batches.pop(batch.batch_id, None)
             if batch.span is not None:
                 b.traces.batch_done(batch, 0.0, 0.0, f"replica {replica.replica_id} left: {reason}")
+            back: list[Pending] = []
             for p in batch.items:
                 if p.done:
                     continue
                 p.replica = None
-                if not p.requeued and p.deadline > now and model is not None:
-                    p.requeued = True
-                    model.lane(p.version).queue.push(p)
-                    requeued += 1
+                if model is not None and p.deadline > now and (not p.requeued or p.suspects is not None):
+                    back.append(p)
                 else:
                     failed += 1
                     why = f"replica {replica.replica_id} of model {replica.model!r} died: {reason}"
@@ -370,6 +387,19 @@ class Containers:
                     b.answers.answer_default(p, why)
                     for f in followers:  # an identical input: not computed again
                         b.answers.answer_default(f, f"{why} (computing an identical query)")
+            if not back:
+                continue
+            assert model is not None
+            group = None
+            one_by_one = len(back) * alone_ms(model, replica)
+            if not back[0].requeued and len(back) > 1 and one_by_one >= b.config.requeue_alone_ms:
+                group = back  # the first time back, and too many to send one by one (0: always)
+                together += len(back)
+            for p in back:
+                p.requeued = True
+                p.suspects = group  # None: alone (also for a group back a second time)
+                model.lane(p.version).queue.push(p)
+            requeued += len(back)
         replica.inflight.clear()
         log.info(
             "replica left",
@@ -377,6 +407,7 @@ class Containers:
             replica=replica.replica_id,
             reason=reason,
             requeued=requeued,
+            together=together,
             failed=failed,
         )
 

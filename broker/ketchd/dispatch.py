@@ -347,24 +347,35 @@ class Dispatcher:
 
     @staticmethod
     def isolate(model: Model, items: list[Pending]) -> list[Pending]:
-        """A query back from a replica that died may be what killed it (a "poison" input):
-        it goes alone, and its replica is sent nothing more until it answers
-        (``Replica.free_credit``), so that if it kills a second replica it takes no other
-        query with it (it is then answered, never sent a third time:
-        ``Containers.replica_gone``). The first of ``items`` re-queued is sent; the others go
-        back to the queue."""
+        """Queries back from a replica that died may hold what killed it (a "poison"
+        input). The first of ``items`` re-queued goes with no query that was not its
+        suspect: alone, or with the others of its dead batch when they were sent back
+        together (``Pending.suspects``, taken out of the queue here); its replica is sent
+        nothing more until they answer (``Replica.free_credit``). If they kill a second
+        replica, the queries sent alone are answered, never sent a third time, and those
+        sent together are each sent alone (``Containers.replica_gone``). The other
+        ``items`` go back to the queue."""
         suspect = next(p for p in items if p.requeued)
+        if suspect.suspects is None:
+            chosen = [suspect]
+        else:
+            chosen = [p for p in suspect.suspects if not p.done]
+            queue = model.queue
+            for p in chosen:
+                queue.discard(p)  # (those not taken with ``items``: still queued)
+        taken = set(map(id, chosen))
         for p in items:
-            if p is not suspect:
+            if id(p) not in taken:
                 model.queue.push(p)
-        return [suspect]
+        return chosen
 
     def send_batch(
         self, model: Model, replica: Replica, items: list[Pending], now: float, budget_ms: float
     ) -> None:
         b = self.broker
-        if len(items) > 1 and any(p.requeued for p in items):
+        if items[0].requeued or (len(items) > 1 and any(p.requeued for p in items)):
             items = self.isolate(model, items)
+            budget_ms = min(budget_ms, (min(p.deadline for p in items) - now) * 1000)
         batch_id = next_batch_id()
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]
         shape = items[0].shape

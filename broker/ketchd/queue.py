@@ -1,8 +1,11 @@
 """A model's queue: strict priority classes, earliest deadline first within a class.
 
 Pure code (no sockets). Entries are any objects with ``deadline``, ``priority`` and a
-``queued`` flag that the queue owns; an entry answered elsewhere (at its deadline) is
-taken out with ``discard`` in O(1) and skipped when it reaches the head.
+``queued`` field that the queue owns (0 when not queued, else the token of its heap
+entry); an entry answered or taken elsewhere is taken out with ``discard`` in O(1) and
+skipped when its heap entry reaches the head. The token tells an entry pushed again (a
+query back from a replica that died) from the stale heap entry that ``discard`` left: only
+the newest one is live, so no entry is ever taken twice.
 
 Order (docs/protocol.md, "Priority"): a query of a higher priority is always served
 before one of a lower priority; within one priority, the earliest deadline first; among
@@ -23,30 +26,31 @@ from typing import Any, Protocol
 class Queued(Protocol):
     deadline: float
     priority: int
-    queued: bool
+    queued: int
 
 
 class ModelQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[int, float, int, Any]] = []
         self._live = 0
-        self._seq = itertools.count()
+        self._seq = itertools.count(1)  # tokens: 0 is "not queued"
         self._classes: dict[int, int] = {}  # priority -> entries of that priority queued
 
     def __len__(self) -> int:
         return self._live
 
     def push(self, item: Queued) -> None:
-        item.queued = True
+        token = next(self._seq)
+        item.queued = token
         priority = item.priority
-        heapq.heappush(self._heap, (-priority, item.deadline, next(self._seq), item))
+        heapq.heappush(self._heap, (-priority, item.deadline, token, item))
         self._live += 1
         classes = self._classes
         classes[priority] = classes.get(priority, 0) + 1
 
     def discard(self, item: Queued) -> None:
         if item.queued:
-            item.queued = False
+            item.queued = 0
             self._live -= 1
             classes = self._classes
             left = classes[item.priority] - 1
@@ -57,7 +61,7 @@ class ModelQueue:
 
     def _skip_removed(self) -> None:
         heap = self._heap
-        while heap and not heap[0][3].queued:
+        while heap and heap[0][3].queued != heap[0][2]:  # taken out, or pushed again since
             heapq.heappop(heap)
 
     def peek(self) -> Any | None:
@@ -69,7 +73,7 @@ class ModelQueue:
         if not self._heap:
             return None
         item = heapq.heappop(self._heap)[3]
-        item.queued = False  # as discard does, inline: this is the hot path
+        item.queued = 0  # as discard does, inline: this is the hot path
         self._live -= 1
         classes = self._classes
         left = classes[item.priority] - 1
@@ -95,11 +99,22 @@ class ModelQueue:
         best = None
         for entry in self._heap:
             item = entry[3]
-            if item.queued and (best is None or item.deadline > best.deadline):
+            if item.queued == entry[2] and (best is None or item.deadline > best.deadline):
                 best = item
         if best is not None:
             self.discard(best)
         return best
+
+    def take_freshest(self, n: int) -> list[Any]:
+        """Up to ``n`` queued entries with the most time left (of the highest priority
+        first, then the latest deadline first), taken out of the queue; O(queued), for a
+        slow replica of a pool, which takes what the fast ones will not reach in time
+        (``ketchd.dispatch.tail_batch``)."""
+        live = [entry for entry in self._heap if entry[3].queued == entry[2]]
+        out = [entry[3] for entry in heapq.nlargest(n, live, key=lambda e: (-e[0], e[1]))]
+        for item in out:
+            self.discard(item)
+        return out
 
     def ahead(self, priority: int) -> int:
         """Entries that are served before a new entry of ``priority`` whatever its deadline

@@ -124,8 +124,11 @@ class Pending:
     deadline: float
     priority: int = 0
     done: bool = False
-    queued: bool = False
-    requeued: bool = False
+    queued: int = 0  # owned by ModelQueue: the token of its heap entry, 0 when not queued
+    requeued: bool = False  # back from a replica that died (Containers.replica_gone)
+    # suspects sent back together (the others of its batch on a replica that died, when
+    # sending each alone would cost too long): Dispatcher.isolate sends them as one batch
+    suspects: list[Pending] | None = None
     replica: Replica | None = None
     # single-flight: a leader computes for identical queries that wait as its followers
     cache_key: Any = None
@@ -174,7 +177,7 @@ class Batch:
     items: list[Pending]
     sent: float
     budget_ms: float = math.inf  # time the batch had to its earliest deadline when sent
-    alone: bool = False  # one query back from a replica that died: its replica takes no other
+    alone: bool = False  # queries back from a replica that died: its replica takes no other
     span: Any = None  # its batch span, when it holds a traced query and the broker traces
 
 

@@ -290,7 +290,9 @@ def test_a_poison_query_kills_at_most_two_replicas(broker_process, start_model, 
         assert deaths.read_text().count("died") <= 2
 
 
-def test_the_queries_batched_with_a_poison_query_are_served(broker_process, start_model, tmp_path):
+def poison_among_16(broker_process, start_model, tmp_path) -> tuple[dict[int, dict], int]:
+    """A message of 16 queries, the eighth a poison (it kills its replica), to two replicas
+    of a model; returns the answers by request id and how many replicas died."""
     target = tmp_path / "poison.py"
     target.write_text(POISON)
     deaths = tmp_path / "deaths.log"
@@ -322,7 +324,24 @@ def test_the_queries_batched_with_a_poison_query_are_served(broker_process, star
     assert got[8]["status"] == "DEFAULT" and "died" in got[8]["message"], got[8]
     not_served = {rid: item["message"] for rid, item in got.items() if rid != 8 and item["status"] != "OK"}
     assert not not_served, not_served
-    assert deaths.read_text().count("died") <= 2
+    return got, deaths.read_text().count("died")
+
+
+@pytest.mark.broker_args("--requeue-alone-ms", "1e9")
+def test_the_queries_batched_with_a_poison_query_are_served(broker_process, start_model, tmp_path):
+    # sent back one by one: the poison is found on the second death
+    _, deaths = poison_among_16(broker_process, start_model, tmp_path)
+    assert 1 <= deaths <= 2
+
+
+@pytest.mark.broker_args("--requeue-alone-ms", "0")
+def test_queries_sent_back_together_with_a_poison_are_served_and_it_kills_at_most_three(
+    broker_process, start_model, tmp_path
+):
+    # sent back together (as a replica lost to a kill would have them): the batch of
+    # suspects dies too, then each goes alone, and the poison is found on the third death
+    _, deaths = poison_among_16(broker_process, start_model, tmp_path)
+    assert 1 <= deaths <= 3
 
 
 def test_the_models_and_replicas_a_backend_can_make_the_broker_hold_are_bounded(make_thread_broker):

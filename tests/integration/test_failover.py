@@ -4,7 +4,9 @@ a pool of a Java, a Python and a slow R replica serves by speed, in either join 
 The broker in the kill test would wait 60 s of silence before calling a replica dead; a killed one's
 queries must come back (answered by another replica) long before that, because the
 broker hears its TCP connection close. The victim is stopped (SIGSTOP) first, so that it
-holds queries it will never answer, then killed.
+holds queries it will never answer, then killed. Its queries go back to the survivor
+together, as the batch it held (``--requeue-alone-ms 0``), or each alone (a large
+``--requeue-alone-ms``), as the broker is told.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def by_id(admin: ketch.Admin, model: str) -> dict[str, dict]:
     return {r["replica_id"].rsplit("/", 1)[-1]: r for r in admin.replicas(model)}
 
 
-@pytest.mark.parametrize("sdk", ["python", "java", "r"])
+@pytest.mark.parametrize(
+    "sdk,together", [("python", True), ("java", True), ("r", True), ("python", False)], ids=str
+)
 def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewhere(
-    sdk, make_thread_broker, replica_threads, tmp_path
+    sdk, together, make_thread_broker, replica_threads, tmp_path
 ):
-    tb = make_thread_broker(heartbeat_ms=1000, dead_after_ms=60_000)
+    tb = make_thread_broker(heartbeat_ms=1000, dead_after_ms=60_000, requeue_alone_ms=0 if together else 1e9)
     model = f"{sdk}-sum"
     cmd = victim_cmd(sdk, tb.backend, model)
     log = open(tmp_path / "victim.log", "wb")  # noqa: SIM115 (the child holds it)
@@ -84,6 +88,8 @@ def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewher
             admin.create_app(
                 "sum", input_type="float64", input_shape=[-1], slo_ms=30_000, models=[model], cache=False
             )
+            # batches of six: the victim takes all six at once (a cold replica is sent one at a time)
+            admin.configure_model(model, max_batch=6, batching="fixed", create=True)
             wait_for(lambda: "victim" in by_id(admin, model), 90, f"the {sdk} replica")
             os.kill(victim.pid, signal.SIGSTOP)  # alive to TCP, deaf to the broker
             rng = np.random.default_rng()
@@ -92,10 +98,15 @@ def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewher
             sock.send_multipart(
                 [proto.build_query("sum", proto.FLOAT64, [3], ids), *[x.tobytes() for x in xs]]
             )
-            wait_for(lambda: by_id(admin, model)["victim"]["inflight"] > 0, 10, "batches held by the victim")
-            held = by_id(admin, model)["victim"]["items"]
+            wait_for(lambda: by_id(admin, model)["victim"]["items"] == 6, 10, "the victim to hold all six")
+            sizes: list[int] = []
+
+            def total(batch: list[np.ndarray]) -> list[float]:
+                sizes.append(len(batch))
+                return [float(x.sum()) for x in batch]
+
             replica_threads(
-                lambda batch: [float(x.sum()) for x in batch],
+                total,
                 backend=tb.backend,
                 name=model,
                 replica_id="survivor",
@@ -114,8 +125,10 @@ def test_a_killed_replica_is_seen_gone_at_once_and_its_queries_answered_elsewher
             assert all(got[rid][0]["status"] == "OK" for rid in ids), got
             for rid, x in zip(ids, xs, strict=True):
                 assert float(np.frombuffer(got[rid][1], np.float64)[0]) == pytest.approx(x.sum())
-            assert held > 0 and "victim" not in by_id(admin, model)
+            assert "victim" not in by_id(admin, model)
             assert admin.stats()["counters"]["replicas_disconnected"] == 1
+            # back together, as the one batch the victim held; else one query at a time
+            assert sizes == ([6] if together else [1] * 6), sizes
     finally:
         sock.close()
         if victim.poll() is None:

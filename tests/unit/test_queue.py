@@ -7,7 +7,7 @@ from ketchd.queue import ModelQueue
 class Item:
     deadline: float
     priority: int = 0
-    queued: bool = False
+    queued: int = 0
 
 
 def test_earliest_deadline_first():
@@ -71,3 +71,19 @@ def test_take_respects_limit():
     for d in range(10):
         q.push(Item(float(d)))
     assert len(q.take(3)) == 3 and len(q) == 7
+
+
+def test_an_entry_taken_out_and_pushed_again_is_taken_once():
+    # a query taken out of the queue (a probe, a batch of suspects) and pushed again when
+    # its replica dies: the heap entry that discard left must not make it come out twice
+    q = ModelQueue()
+    a, b, c = Item(1.0), Item(2.0), Item(3.0)
+    for it in (a, b, c):
+        q.push(it)
+    q.discard(b)
+    assert q.take_latest() is c
+    q.push(b)
+    q.push(c)
+    assert len(q) == 3
+    assert q.take(10) == [a, b, c]
+    assert len(q) == 0 and q.pop() is None and q.peek() is None
