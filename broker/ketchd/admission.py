@@ -218,7 +218,7 @@ class Admission:
         deadline = now + (timeout_us / 1e6 if timeout_us else app.slo_ms / 1e3)
         # admit in order what fits, in the queue's bound and in time (ketchd.overload);
         # each query past that is refused alone, and one answered from the cache needs no room
-        take = b.overload.admissible(model, now, deadline, priority)
+        take = admissible = b.overload.admissible(model, now, deadline, priority)
         flights = b.flights
         deterministic = b.models[model.name].deterministic if model.pinned else model.deterministic
         caching = app.cache and deterministic and flights.cache.max_bytes > 0 and model.active_version
@@ -241,6 +241,8 @@ class Admission:
             take -= 1
             queue.push(p)
             deadlines.add(deadline, p)
+        model.admitted += max(0, admissible) - max(0, take)  # queued (take falls by one each)
+        model.latest_deadline = deadline
         b.dispatcher.dirty.add(model)
 
     def answer_without_model(self, client: bytes, app: App, ids: list[int], now: float, why: str) -> None:

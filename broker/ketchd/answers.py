@@ -212,6 +212,7 @@ class Answers:
             model = b.models.get(p.model)
             slo = (p.deadline - p.arrived) * 1000
             if p.replica is not None:
+                p.replica.late += 1
                 why = f"deadline: model {p.model!r} did not answer within {slo:.0f} ms"
             elif model is None or not any(model.live_replicas(p.version or None)):
                 version = p.version or (model.active_version if model else None)

@@ -34,6 +34,7 @@ SKIP_AT_MOST = 256  # queries a replica leaves to faster ones per batch, at most
 PROBE_S = 1.0  # a replica of a pool left out of the split this long is sent one query,
 PROBE_UNTIL = 32  # while it has had fewer batches than this,
 PROBE_SLOW_S = 10.0  # and this long after
+RATE_S = 0.05  # a model's arrival rate is measured over this long (or more: a quiet spell)
 
 
 def _floor(replica: Replica) -> float:
@@ -83,6 +84,40 @@ def backlog_batch(
         else:
             queue.push(p)
     return items, late
+
+
+def tail_batch(
+    queue: ModelQueue, controller: BatchController, busy: float, now: float, cap: int
+) -> list[Pending]:
+    """For a replica of a pool too slow for the head of the queue (a faster replica will
+    finish it in time): the largest batch, of at most ``cap``, of the queries with the most
+    time left that it finishes in time (done ``busy`` + ``typical_ms(n)`` from now, within
+    each one's deadline and the policy's safety). Taken from the tail, not skipped to from
+    the head: under load the head is all queries only the fast replicas finish in time, and
+    a slow replica that looked only there idled while the queue grew. The others go back
+    to the queue."""
+    popped = queue.take_freshest(cap)  # the most time left first
+    safety = controller.policy.safety
+    n = 0
+    while n < len(popped):  # the (n+1)th has the least time of the first n+1
+        latency = controller.predict_ms(n + 1) or controller.typical_ms(n + 1) or 0.0
+        if (popped[n].deadline - now) * 1000 * safety < busy + latency:
+            break
+        n += 1
+    for p in popped[n:]:
+        queue.push(p)
+    return popped[:n]
+
+
+def arrival_rate(model: Model, now: float) -> float:
+    """Queries queued for ``model`` per ms (``Model.admitted``), over the last RATE_S or
+    more, smoothed over two of those (0 before the first)."""
+    elapsed = now - model.rate_since
+    if elapsed >= RATE_S:
+        rate = (model.admitted - model.rate_count) / (elapsed * 1000)
+        model.arrival_rate = rate if elapsed > 4 * RATE_S else 0.5 * (model.arrival_rate + rate)
+        model.rate_since, model.rate_count = now, model.admitted
+    return model.arrival_rate
 
 
 def _head_deadline(model: Model) -> float:
@@ -237,13 +272,16 @@ class Dispatcher:
                 every = PROBE_S if replica.batches < PROBE_UNTIL else PROBE_SLOW_S
                 if now - max(replica.last_batch, replica.connected) > every:
                     self.probe(model, replica, now)
+        rate = arrival_rate(model, now)
         for _ in range(2 * len(live)):  # one batch per round, then split again
             head = queue.peek()
             if head is None:
                 return
             budget = (head.deadline - now) * 1000
-            pool = scheduler.speeds(live, now, budget, skip_overdue=True) or scheduler.speeds(
-                live, now, budget, skip_overdue=False
+            # replicas are sized for the freshest queries: a slow one takes those (tail_batch)
+            sizing = max(budget, (model.latest_deadline - now) * 1000)
+            pool = scheduler.speeds(live, now, sizing, skip_overdue=True) or scheduler.speeds(
+                live, now, sizing, skip_overdue=False
             )
             if not any(s.free for s in pool):
                 return
@@ -251,7 +289,7 @@ class Dispatcher:
             # time left than that is answered (the default) at once instead of computed
             needs = min(s.busy_ms + _floor(s.replica) for s in pool)
             hopeless = now + needs / 1000
-            for s, share in scheduler.split(pool, len(queue)):
+            for s, share in scheduler.split(pool, len(queue), rate):
                 replica = s.replica
                 if not s.free or not len(queue):  # (queries given up on may have emptied it)
                     continue
@@ -260,10 +298,20 @@ class Dispatcher:
                     if s.busy_ms > lead:
                         self._later(model, now + (s.busy_ms - lead) / 1000)
                         continue
+                others = min((o.finish_ms(1) for o in pool if o is not s), default=math.inf)
+                left = (queue.peek().deadline - now) * 1000  # type: ignore[union-attr]
+                if others < s.finish_ms(1) and left >= others:
+                    # a faster replica will finish the head in time: this one takes from the
+                    # tail, in batches sized by the most time left, not by the least
+                    cap = min(share, replica.controller.size_for(math.inf))
+                    items = tail_batch(queue, replica.controller, s.busy_ms, now, cap)
+                    if items:
+                        self.send_backlog(model, replica, items, s.busy_ms, now)
+                        break
+                    continue
                 send = self.batch_size(model, replica, share, s.busy_ms, now)
                 if send == 0:
                     continue
-                others = min((o.finish_ms(1) for o in pool if o is not s), default=math.inf)
                 if len(queue) > send and share > send:  # a backlog: as in dispatch_one
                     cap = min(share, replica.controller.size_for(math.inf))
                     items, late = backlog_batch(queue, replica.controller, s.busy_ms, now, cap)

@@ -165,6 +165,8 @@ class Ensembles:
                 if caching and b.flights.from_cache_or_flight(sub, model):
                     continue
                 model.queue.push(sub)
+                model.admitted += 1
+                model.latest_deadline = deadline
                 b.deadlines.add(deadline, sub)
                 b.dispatcher.dirty.add(model)
 

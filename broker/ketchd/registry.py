@@ -206,6 +206,7 @@ class Replica:
     last_batch: float = 0.0  # when it was last sent a batch (monotonic seconds)
     batches: int = 0
     items: int = 0
+    late: int = 0  # queries it held past their deadline (answered the default meanwhile)
     errors: int = 0
     sizes: SizeHistogram = field(default_factory=SizeHistogram)
     compute_ms: LatencyWindow = field(default_factory=lambda: LatencyWindow(1024))
@@ -219,14 +220,20 @@ class Replica:
     )
 
     def busy_ms(self, now: float) -> float:
-        """Predicted time before this replica can start one more batch."""
-        total = 0.0
-        for batch in self.inflight.values():
+        """Predicted time before this replica can start one more batch. It computes its
+        batches one at a time, in the order sent: each starts when it arrived or when the
+        one before it is done, whichever is later (the first of them, when it arrived or
+        when the replica last answered). A batch sent to wait behind another has not
+        started while it waits: counting its time in flight as progress made a pipelined
+        replica look free too soon, and a batch sent then waited out its queries' deadlines
+        behind the first."""
+        free_at = self.last_reply
+        for batch in self.inflight.values():  # (in the order sent)
             predicted = self.controller.predict_ms(len(batch.items))
             if predicted is None:
                 predicted = self.compute_ewma_ms
-            total += max(0.0, predicted - (now - batch.sent) * 1000)
-        return total
+            free_at = max(batch.sent, free_at) + predicted / 1000
+        return max(0.0, (free_at - now) * 1000)
 
     def move(self, new: ReplicaState) -> None:
         if new is self.state:
@@ -270,6 +277,7 @@ class Replica:
             "max_batch": self.max_batch,
             "batches": self.batches,
             "items": self.items,
+            "late": self.late,
             "errors": self.errors,
             "batch_size": self.controller.current_size,
             "batch_sizes": self.sizes.to_json(),
@@ -290,6 +298,13 @@ class Model:
     batch_delay_ms: float = 0.0
     deterministic: bool = True  # false once any replica says its answers vary
     queue: ModelQueue = field(default_factory=ModelQueue)
+    # what the dispatcher of a pool knows of the load (ketchd.dispatch.arrival_rate): queries
+    # offered so far, the deadline of the last, and the offered rate (per ms) at rate_since
+    admitted: int = 0
+    latest_deadline: float = 0.0
+    arrival_rate: float = 0.0
+    rate_since: float = 0.0
+    rate_count: int = 0
     replicas: dict[bytes, Replica] = field(default_factory=dict)
     # version -> fingerprint its live replicas announce (the last one let in); not persisted:
     # replicas announce it again after a restart

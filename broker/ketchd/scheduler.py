@@ -100,9 +100,17 @@ def speeds(
     return out
 
 
-def split(pool: list[Speed], queued: int) -> list[tuple[Speed, int]]:
+def split(pool: list[Speed], queued: int, arrival_rate: float = 0.0) -> list[tuple[Speed, int]]:
     """Each replica's share of ``queued`` queries, in the order they should be offered
-    (soonest first query first); replicas with no share are left out."""
+    (soonest first query first); replicas with no share are left out.
+
+    ``arrival_rate`` (queries per ms, ``ketchd.dispatch.arrival_rate``): the queries that
+    keep coming while these are served count too. T is then the time by which the replicas
+    finish the queue and what arrives meanwhile (sum of r_i * (T - B_i - a_i) = Q + rate *
+    T), so a replica whose speed the pool needs to keep up gets a share even when the
+    queue of the moment is short; when the replicas taken so far serve no faster than
+    queries arrive, T is unbounded and each replica of the pool takes the batch it would
+    use (its share of the load is its rate). Shares are of the queue as it is now."""
     if queued <= 0 or not pool:
         return []
     order = sorted(pool, key=lambda s: (s.offset_ms + s.per_item_ms, s.replica.batches))
@@ -115,11 +123,17 @@ def split(pool: list[Speed], queued: int) -> list[tuple[Speed, int]]:
             break  # it would not finish one query before the others finish them all
         total_rate += rate
         weighted += rate * s.offset_ms
-        finish = (queued + weighted) / total_rate
+        finish = (queued + weighted) / (total_rate - arrival_rate) if total_rate > arrival_rate else math.inf
         active += 1
-    raw = [max(0.0, s.rate * (finish - s.offset_ms)) for s in order[:active]]
+    if math.isinf(finish):  # the pool only just keeps up, or not: each its batch
+        raw = [float(s.size) for s in order[:active]]
+    else:
+        raw = [max(0.0, s.rate * (finish - s.offset_ms)) for s in order[:active]]
+    total = sum(raw)
+    if total > queued:  # (with arrivals counted, more than there is now: in proportion)
+        raw = [x * queued / total for x in raw]
     shares = [int(x) for x in raw]
-    left = queued - sum(shares)
+    left = min(queued, round(sum(raw))) - sum(shares)
     if left > 0:  # largest remainders; ties in the order above
         for i in sorted(range(active), key=lambda i: shares[i] - raw[i])[:left]:
             shares[i] += 1

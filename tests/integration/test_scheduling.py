@@ -137,6 +137,47 @@ def test_under_a_burst_each_replica_takes_a_share_and_every_query_is_answered(en
     assert taken["fast"] > 3 * taken["slow"], taken  # the slow one is 20x slower: a small share
 
 
+@pytest.mark.parametrize("order", [("slow", "fast"), ("fast", "slow")])
+def test_a_slow_replica_takes_full_batches_from_a_queue_whose_head_it_cannot_finish_in_time(env, order):
+    """A queue kept deeper than the fast replica drains in the SLO: the queries at its head
+    have less time left than the slow replica needs for a full batch, those at its tail
+    more. The slow one takes from the tail, in batches sized by the most time left (full
+    ones), not from the head in batches sized by the least, and every query is answered in
+    time (admission refuses none: the pool's capacity counts the slow one's full batches)."""
+    _, admin, client, serve, _ = env
+    admin.create_app(
+        "a", input_type="float64", input_shape=[2], slo_ms=1500, default=-1.0, models=["m"], cache=False
+    )
+    taken: list[tuple[str, list[int]]] = []  # (replica, the queries of a batch), as they start
+
+    def sleeper_noting(rid: str, per_batch_s: float, per_item_s: float):
+        def predict(xs):
+            taken.append((rid, [int(x[0]) for x in xs]))
+            time.sleep(per_batch_s + per_item_s * len(xs))
+            return [float(x.sum()) for x in xs]
+
+        return predict
+
+    # a full batch (64) takes the fast one 15 ms, the slow one 10x that (by sleeping: a
+    # busy machine does not change it)
+    models = {"fast": sleeper_noting("fast", 0.002, 0.0002), "slow": sleeper_noting("slow", 0.020, 0.002)}
+    for rid in order:
+        serve(models[rid], rid)
+    # both measured, the slow one up to full batches (its controller grows them by doubling)
+    # (before it is measured, admission may refuse part of the warm-up: not asserted)
+    client.predict_many("a", [[-1.0, 0.0]] * 3000, window=2500, return_exceptions=True)
+    taken.clear()
+    # 4,000 queries, 2,500 outstanding: the queue holds ~0.6 s of the fast one's work
+    xs = [[float(i), 1.0] for i in range(4000)]
+    preds = client.predict_many("a", xs, window=2500)
+    assert not [p for p in preds if p.default], [p.default_explanation for p in preds if p.default][:3]
+    assert [p.output for p in preds] == [i + 1.0 for i in range(4000)]
+    slow = [(at, b) for at, (rid, b) in enumerate(taken) if rid == "slow" and len(b) > 1]  # (a probe aside)
+    assert slow, taken
+    sizes = [len(b) for _, b in slow]
+    assert sum(n >= 48 for n in sizes) >= len(sizes) // 2, sizes  # full batches
+
+
 # ---------------------------------------------------------------- priority
 
 

@@ -39,8 +39,8 @@ def speed(name: str, a: float, b: float, size: int = 64, busy: float = 0.0, batc
     return Speed(replica(name, batches), busy, a, b, size, True)
 
 
-def shares(pool: list[Speed], queued: int) -> dict[str, int]:
-    return {s.replica.replica_id: n for s, n in split(pool, queued)}
+def shares(pool: list[Speed], queued: int, arrival_rate: float = 0.0) -> dict[str, int]:
+    return {s.replica.replica_id: n for s, n in split(pool, queued, arrival_rate)}
 
 
 def test_an_idle_slow_replica_gets_nothing_while_a_faster_one_is_done_sooner():
@@ -86,6 +86,58 @@ def test_shares_are_whole_and_add_up_to_the_queue(specs, queued):
     pool = [speed(f"r{i}", a, b, size, busy) for i, (a, b, size, busy) in enumerate(specs)]
     got = split(pool, queued)
     assert sum(n for _, n in got) == queued and all(n > 0 for _, n in got)
+
+
+def test_a_slow_replica_the_pool_needs_to_keep_up_gets_work_even_from_a_short_queue():
+    # 2 + 0.1 ms/query at 64: 7.6 queries/ms; 20 + 1 ms/query: 0.76 queries/ms
+    fast, slow = speed("fast", 2.0, 0.1), speed("slow", 20.0, 1.0)
+    for pool in ([fast, slow], [slow, fast]):
+        assert shares(pool, 100) == {"fast": 100}  # the queue alone: fast is done sooner
+        assert shares(pool, 10, 3.0) == {"fast": 10}  # fast keeps up alone
+        # more arrives than fast serves: slow takes a share, the larger the longer the queue
+        some = shares(pool, 100, 8.0)
+        assert sum(some.values()) == 100 and some["slow"] > 0
+        assert shares(pool, 1000, 8.0)["slow"] > some["slow"]
+        # more than both serve: each takes the batch it would use
+        assert shares(pool, 300, 20.0) == {"fast": 64, "slow": 64}
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0.01, 50), st.floats(0.0001, 5), st.integers(1, 128), st.floats(0, 100)),
+        min_size=1,
+        max_size=5,
+    ),
+    st.integers(1, 5000),
+    st.floats(0, 100),
+)
+def test_with_arrivals_shares_are_whole_and_never_more_than_the_queue(specs, queued, rate):
+    pool = [speed(f"r{i}", a, b, size, busy) for i, (a, b, size, busy) in enumerate(specs)]
+    got = split(pool, queued, rate)
+    assert 0 < sum(n for _, n in got) <= queued and all(n > 0 for _, n in got)
+
+
+def test_a_slow_replica_takes_the_freshest_queries_it_finishes_in_time():
+    from ketchd.dispatch import tail_batch
+    from ketchd.queue import ModelQueue
+
+    slow = replica("slow")
+    for size in (1, 2, 4, 8, 16, 32) * 4:
+        slow.controller.observe(size, 20.0 + 1.0 * size, math.inf)
+    queue = ModelQueue()
+    now = 100.0
+    # time left: 10, 20, ..., 1000 ms (the head has least); safety 0.9
+    items = [Pending(b"c", i, None, "m", b"", (), 0, now, now + (i + 1) / 100) for i in range(100)]  # type: ignore[arg-type]
+    for p in items:
+        queue.push(p)
+    batch = tail_batch(queue, slow.controller, 0.0, now, 64)
+    # a batch of n takes 20 + n ms: the n freshest have >= (1000 - 10 (n - 1)) * 0.9 ms
+    assert [p.request_id for p in batch] == list(range(99, 35, -1))  # 64 of them, all in time
+    assert len(queue) == 36 and queue.peek() is items[0]
+    busy = tail_batch(queue, slow.controller, 200.0, now, 64)  # busy for 200 ms first
+    # n queries done at 220 + n ms; the nth freshest left has (360 - 10 (n - 1)) * 0.9: 11 fit
+    assert [p.request_id for p in busy] == list(range(35, 24, -1))
+    assert len(queue) == 25
 
 
 def test_speeds_from_latency_models_unknown_replicas_borrow_the_fastest_line():
