@@ -13,6 +13,7 @@ import ctypes
 import gc
 import os
 import random
+import re
 import select
 import sys
 import time
@@ -30,6 +31,10 @@ from ketch.protocol import Status, multipart
 _PR_SET_TIMERSLACK, _PR_GET_TIMERSLACK = 29, 30  # linux/prctl.h
 
 
+MAX_REASONS = 8  # kinds of default explanations a LoadResult tells apart
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+
+
 @dataclass
 class LoadResult:
     """What happened to every query of one load level."""
@@ -45,6 +50,16 @@ class LoadResult:
     ok_latencies_ms: list[float] = field(default_factory=list)
     error_codes: dict[str, int] = field(default_factory=dict)
     error_examples: dict[str, str] = field(default_factory=dict)  # code -> the first message
+    # why the defaults came: the broker's explanation with its numbers as N ("deadline: query
+    # waited N ms in the queue of model 'm'") -> how many; MAX_REASONS kinds, then "other"
+    default_reasons: dict[str, int] = field(default_factory=dict)
+
+    def add_default(self, message: str) -> None:
+        self.defaults += 1
+        reason = _NUMBER.sub("N", message)[:100]
+        if reason not in self.default_reasons and len(self.default_reasons) >= MAX_REASONS:
+            reason = "other"
+        self.default_reasons[reason] = self.default_reasons.get(reason, 0) + 1
 
     def add_error(self, code: str, message: str) -> None:
         self.errors += 1
@@ -186,7 +201,7 @@ class _Session:
                 r.ok += 1
                 r.ok_latencies_ms.append(ms)
             elif status == Status.DEFAULT:
-                r.defaults += 1
+                r.add_default(item.message)
             else:
                 r.add_error(proto.ERROR_NAMES.get(item.error, str(item.error)), item.message)
                 self._errored(item.error, ms)

@@ -3,7 +3,7 @@
 #
 #   Rscript sdk/r/inst/serve_example.R --broker tcp://127.0.0.1:7000 --name NAME \
 #       --version V --kind KIND [--replica-id ID] [--input-type DTYPE] [--delay-ms MS]
-#       [--fork auto|true|false]
+#       [--delay-per-item-ms MS] [--fork auto|true|false]
 #
 # KIND: sum   float64 vector in, float64 scalar out (the sum)
 #       echo  each input back with the batch's dtype (bytes, string, ...); declares
@@ -13,7 +13,9 @@
 #       pid   float64 vector in, the pid of the process that computed it out; sleeps the
 #             largest first element of the batch's inputs, in ms, first (for tests of
 #             where batches are computed)
-# --delay-ms sleeps that long in predict before answering (to test heartbeats).
+# --delay-ms sleeps that long in predict before answering (to test heartbeats), and
+# --delay-per-item-ms that long more for each input of the batch (a model of a given speed,
+# for the scheduling benchmark).
 # --fork: where predict runs (ketch_serve's fork): auto (the default) in this process when
 # the model is known to be fast and in a worker process forked once otherwise; true always
 # in the worker; false always here (no heartbeat while predict runs).
@@ -42,7 +44,8 @@ parse_args <- function(args, defaults) {
     key <- sub("^--", "", args[i])
     if (!startsWith(args[i], "--") || !key %in% names(defaults) || i == length(args)) {
       stop("usage: serve_example.R --broker ADDR --name NAME --version V --kind sum|echo|fail ",
-           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS] [--fork auto|true|false]", call. = FALSE)
+           "[--replica-id ID] [--input-type DTYPE] [--delay-ms MS] [--delay-per-item-ms MS] ",
+           "[--fork auto|true|false]", call. = FALSE)
     }
     out[[key]] <- args[i + 1]
     i <- i + 2
@@ -52,9 +55,11 @@ parse_args <- function(args, defaults) {
 
 opts <- parse_args(commandArgs(trailingOnly = TRUE),
                    list(broker = "tcp://127.0.0.1:7000", name = NA, version = "1", kind = NA,
-                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0", fork = "auto"))
+                        `replica-id` = NA, `input-type` = NA, `delay-ms` = "0",
+                        `delay-per-item-ms` = "0", fork = "auto"))
 if (is.na(opts$name) || is.na(opts$kind)) stop("--name and --kind are required", call. = FALSE)
 delay <- as.numeric(opts$`delay-ms`) / 1000
+per_item <- as.numeric(opts$`delay-per-item-ms`) / 1000
 
 kinds <- list(
   sum = list(type = "float64", shape = -1, predict = function(inputs) {
@@ -78,7 +83,7 @@ input_type <- if (is.na(opts$`input-type`)) kind$type else opts$`input-type`
 input_shape <- if (toupper(input_type) %in% c("BYTES", "STRING", "JSON")) integer(0) else kind$shape
 
 predict <- function(inputs) {
-  if (delay > 0) Sys.sleep(delay)
+  if (delay > 0 || per_item > 0) Sys.sleep(delay + per_item * length(inputs))
   kind$predict(inputs)
 }
 
