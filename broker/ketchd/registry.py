@@ -228,8 +228,11 @@ class Replica:
         replica look free too soon, and a batch sent then waited out its queries' deadlines
         behind the first."""
         free_at = self.last_reply
+        controller = self.controller
         for batch in self.inflight.values():  # (in the order sent)
-            predicted = self.controller.predict_ms(len(batch.items))
+            # typical (median) latencies: a high quantile for each batch ahead left a
+            # pipelined replica idle between batches, waiting for time it did not need
+            predicted = controller.typical_ms(len(batch.items))
             if predicted is None:
                 predicted = self.compute_ewma_ms
             free_at = max(batch.sent, free_at) + predicted / 1000
