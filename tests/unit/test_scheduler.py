@@ -39,6 +39,14 @@ def speed(name: str, a: float, b: float, size: int = 64, busy: float = 0.0, batc
     return Speed(replica(name, batches), busy, a, b, size, True)
 
 
+# pools of up to five replicas: (ms per batch, ms per query, batch size, ms busy) each
+POOLS = st.lists(
+    st.tuples(st.floats(0.01, 50), st.floats(0.0001, 5), st.integers(1, 128), st.floats(0, 100)),
+    min_size=1,
+    max_size=5,
+)
+
+
 def shares(pool: list[Speed], queued: int, arrival_rate: float = 0.0) -> dict[str, int]:
     return {s.replica.replica_id: n for s, n in split(pool, queued, arrival_rate)}
 
@@ -74,14 +82,7 @@ def test_ties_go_to_the_replica_with_fewer_batches_not_to_the_first_joined():
     assert shares([a, b], 2) == {"a": 1, "b": 1}
 
 
-@given(
-    st.lists(
-        st.tuples(st.floats(0.01, 50), st.floats(0.0001, 5), st.integers(1, 128), st.floats(0, 100)),
-        min_size=1,
-        max_size=5,
-    ),
-    st.integers(1, 5000),
-)
+@given(POOLS, st.integers(1, 5000))
 def test_shares_are_whole_and_add_up_to_the_queue(specs, queued):
     pool = [speed(f"r{i}", a, b, size, busy) for i, (a, b, size, busy) in enumerate(specs)]
     got = split(pool, queued)
@@ -102,15 +103,7 @@ def test_a_slow_replica_the_pool_needs_to_keep_up_gets_work_even_from_a_short_qu
         assert shares(pool, 300, 20.0) == {"fast": 64, "slow": 64}
 
 
-@given(
-    st.lists(
-        st.tuples(st.floats(0.01, 50), st.floats(0.0001, 5), st.integers(1, 128), st.floats(0, 100)),
-        min_size=1,
-        max_size=5,
-    ),
-    st.integers(1, 5000),
-    st.floats(0, 100),
-)
+@given(POOLS, st.integers(1, 5000), st.floats(0, 100))
 def test_with_arrivals_shares_are_whole_and_never_more_than_the_queue(specs, queued, rate):
     pool = [speed(f"r{i}", a, b, size, busy) for i, (a, b, size, busy) in enumerate(specs)]
     got = split(pool, queued, rate)
