@@ -394,20 +394,23 @@ class Dispatcher:
         return items
 
     @staticmethod
-    def isolate(model: Model, items: list[Pending]) -> list[Pending]:
+    def isolate(model: Model, items: list[Pending], limit: int) -> list[Pending]:
         """Queries back from a replica that died may hold what killed it (a "poison"
         input). The first of ``items`` re-queued goes with no query that was not its
         suspect: alone, or with the others of its dead batch when they were sent back
         together (``Pending.suspects``, taken out of the queue here); its replica is sent
         nothing more until they answer (``Replica.free_credit``). If they kill a second
         replica, the queries sent alone are answered, never sent a third time, and those
-        sent together are each sent alone (``Containers.replica_gone``). The other
-        ``items`` go back to the queue."""
+        sent together are each sent alone (``Containers.replica_gone``). At most ``limit``
+        go at once (the replica's largest batch: suspects from a replica that took larger
+        ones go in several); the other ``items`` go back to the queue."""
         suspect = next(p for p in items if p.requeued)
         if suspect.suspects is None:
             chosen = [suspect]
-        else:
-            chosen = [p for p in suspect.suspects if not p.done]
+        else:  # its fellows not answered and not sent again already (p.replica: in flight)
+            chosen = [p for p in suspect.suspects if not p.done and p.replica is None][: max(1, limit)]
+            if suspect not in chosen:
+                chosen[-1] = suspect
             queue = model.queue
             for p in chosen:
                 queue.discard(p)  # (those not taken with ``items``: still queued)
@@ -422,7 +425,7 @@ class Dispatcher:
     ) -> None:
         b = self.broker
         if items[0].requeued or (len(items) > 1 and any(p.requeued for p in items)):
-            items = self.isolate(model, items)
+            items = self.isolate(model, items, replica.controller.policy.max_batch)
             budget_ms = min(budget_ms, (min(p.deadline for p in items) - now) * 1000)
         batch_id = next_batch_id()
         budgets = [max(0, min(0xFFFFFFFF, int((p.deadline - now) * 1e6))) for p in items]

@@ -159,3 +159,25 @@ def test_an_overdue_replica_is_left_out_of_the_split_until_it_answers():
         "stuck",
         "ok",
     }
+
+
+def test_suspects_sent_back_together_go_in_batches_the_replica_takes_each_once():
+    from ketchd.dispatch import Dispatcher
+    from ketchd.registry import Model
+
+    model = Model("m")
+    now = 100.0
+    group = [Pending(b"c", i, None, "m", b"", (), 0, now, now + 1.0) for i in range(10)]  # type: ignore[arg-type]
+    for p in group:
+        p.requeued, p.suspects = True, group
+        model.queue.push(p)
+    other = Pending(b"c", 99, None, "m", b"", (), 0, now, now + 0.5)  # type: ignore[arg-type]
+    model.queue.push(other)
+    first = Dispatcher.isolate(model, [model.queue.pop(), model.queue.pop()], limit=4)  # other, group[0]
+    assert first == group[:4] and len(model.queue) == 7 and model.queue.peek() is other
+    for p in first:
+        p.replica = replica("r")  # in flight
+    model.queue.discard(group[5])  # taken for a batch: its fellows not in flight come with it
+    again = Dispatcher.isolate(model, [group[5]], limit=4)
+    assert again == [group[4], group[5], group[6], group[7]] and len(model.queue) == 3
+    assert model.queue.take(5) == [other, group[8], group[9]]
