@@ -142,11 +142,14 @@ class Dispatcher:
         if not self.dirty:
             return
         dirty, self.dirty = self.dirty, set()
+        backlog = self.broker.overload.backlog
         for model in dirty:
             if model.lanes:  # its replicas' credit is shared with the lanes of pinned queries
                 self.dispatch_lanes(model, dirty, now)
             else:
                 self.dispatch_model(model, now)
+            if not model.pinned:
+                backlog(model, now)  # how fast the head moves while a full batch stays queued
 
     def dispatch_lanes(self, model: Model, dirty: set[Model], now: float) -> None:
         """A model with lanes (queries pinned to a version, ``Model.lane``): its queue and
@@ -306,6 +309,7 @@ class Dispatcher:
                     cap = min(share, replica.controller.size_for(math.inf))
                     items = tail_batch(queue, replica.controller, s.busy_ms, now, cap)
                     if items:
+                        model.tail_sent += len(items)
                         self.send_backlog(model, replica, items, s.busy_ms, now)
                         break
                     continue
@@ -337,6 +341,7 @@ class Dispatcher:
         replica.last_batch = now
         p = model.queue.take_latest()
         if p is not None:
+            model.tail_sent += 1
             model.queue_wait_ms.add((now - p.arrived) * 1000)
             self.send_batch(model, replica, [p], now, (p.deadline - now) * 1000)
 

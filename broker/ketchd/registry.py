@@ -308,6 +308,18 @@ class Model:
     arrival_rate: float = 0.0
     rate_since: float = 0.0
     rate_count: int = 0
+    # what admission learns of the rate at which the head of the queue moves
+    # (ketchd.overload.Overload.backlog): the queries sent from the tail (a slow replica's
+    # tail batches, probes), a span in which the queue held a full batch (its start, 0 when
+    # not in one; the queries sent from the head by then; the live replicas then; the
+    # batch), and that rate's measured share of the estimate (and when last measured)
+    tail_sent: int = 0
+    backlog_since: float = 0.0
+    backlog_head: int = 0
+    backlog_replicas: int = 0
+    backlog_depth: int = 0
+    capacity_factor: float = 1.0
+    factor_at: float = -math.inf
     replicas: dict[bytes, Replica] = field(default_factory=dict)
     # version -> fingerprint its live replicas announce (the last one let in); not persisted:
     # replicas announce it again after a restart
@@ -416,6 +428,7 @@ class Model:
             "fingerprint_changes": self.fingerprint_changes,
             "dropped": self.dropped,
             "refused": self.refused,
+            "capacity_measured": round(self.capacity_factor, 3),
             "queue_wait_ms": self.queue_wait_ms.summary(),
             "batching": self.batching,
             "pinned": {

@@ -115,6 +115,70 @@ def test_admission_counts_the_work_still_in_flight(broker):
     assert ketchd.overload.in_flight(model, now + 0.2) == 0
 
 
+def test_admission_scales_its_estimate_by_the_rate_the_head_moves_under_backlog(broker):
+    overload, model = broker.overload, broker.models["m"]
+    replica = model.replicas[b"r1"] = _replica()
+    for size in (1, 10) * 8:  # a batch of n takes 10 + n ms, typically
+        replica.controller.observe(size, 10.0 + size, 1000.0)
+    now = time.monotonic()
+    model.latest_deadline = now + 0.5
+    estimate, _ = ketchd.overload.estimate(model, 500)
+    assert overload.capacity(model, now, 500)[0] == estimate
+    depth = replica.controller.policy.max_batch
+
+    # a queue shorter than a full batch is a replica keeping up: no span, nothing learnt
+    for i in range(depth - 1):
+        model.queue.push(_pending(broker, i, [0.0, 0.0]))
+    overload.backlog(model, now)
+    model.batched_items += 10
+    overload.backlog(model, now + 0.3)
+    assert model.backlog_since == 0 and model.capacity_factor == 1.0
+
+    # a full batch queued for 250 ms, in which the head moved at 40% of the estimate (what
+    # a slow replica took from the tail does not count): smoothed from 1
+    model.queue.push(_pending(broker, depth, [0.0, 0.0]))
+    t = now + 1.0
+    model.latest_deadline = t + 0.5
+    overload.backlog(model, t)
+    assert model.backlog_since == t
+    full = overload.admissible(model, t, t + 0.5, 0)
+    model.batched_items += int(0.4 * estimate * 250) + 500
+    model.tail_sent += 500
+    overload.backlog(model, t + 0.25)
+    assert model.capacity_factor == pytest.approx(1 - 0.3 * 0.6, abs=0.01)
+    for k in range(1, 10):  # the same, span after span
+        model.batched_items += int(0.4 * estimate * 250)
+        model.latest_deadline = t + 0.25 * k + 0.5
+        overload.backlog(model, t + 0.25 * (k + 1))
+    assert model.capacity_factor == pytest.approx(0.4, abs=0.02)
+    end = t + 2.5
+    assert overload.capacity(model, end, 500)[0] == pytest.approx(model.capacity_factor * estimate, rel=0.01)
+    assert overload.admissible(model, end, end + 0.5, 0) < 0.5 * full
+
+    # a span at three times the estimate: never above it
+    for k in range(20):
+        model.batched_items += int(3 * estimate * 250)
+        model.latest_deadline = end + 0.25 * k + 0.5
+        overload.backlog(model, end + 0.25 * (k + 1))
+    assert model.capacity_factor == pytest.approx(1.0, abs=0.01)
+
+    # a span in which nothing was sent (the replica gone quiet) teaches nothing; the queue
+    # running low ends a span
+    end += 5.0
+    model.capacity_factor = 0.5
+    overload.backlog(model, end + 0.25)
+    assert model.capacity_factor == 0.5
+    while len(model.queue):
+        model.queue.pop()
+    overload.backlog(model, end + 0.3)
+    assert model.backlog_since == 0
+
+    # a share not measured again within FACTOR_FOR_S lapses
+    later = end + ketchd.overload.FACTOR_FOR_S + 1
+    model.latest_deadline = later + 0.5
+    assert overload.capacity(model, later, 500)[0] == estimate
+
+
 def test_output_problem_and_default_answer():
     assert output_problem(F64, (2,), 16) == ""
     assert output_problem(F64, (2,), 8) == "8 bytes do not fit float64 of shape (2,) (16 bytes)"
