@@ -217,7 +217,8 @@ def pool_run(
             before, late_before = items_by_replica(admin, model), items_by_replica(admin, model, "late")
             res = open_loop(broker.frontend, app, make_input, bound, duration, seed=12)
             after, late_after = items_by_replica(admin, model), items_by_replica(admin, model, "late")
-            measured = admin.show_model(model)["figures"]["capacity_measured"]
+            figures = admin.show_model(model)["figures"]
+            measured, spread = figures["capacity_measured"], figures["capacity_spread"]
             stop(order)
             done = {rid: after.get(rid, 0) - before.get(rid, 0) for rid in after}
             total = max(1, sum(done.values()))
@@ -231,7 +232,8 @@ def pool_run(
                     "figure": f"offered {bound:.0f}/s (alone: "
                     + " + ".join(f"{rid} {c:.0f}" for rid, c in caps.items())
                     + f"), within SLO {good:.0f}/s; defaults {100 * defaults:.2f}%, refused "
-                    f"{100 * refused:.2f}% (admission at {measured:.2f} of its estimate); "
+                    f"{100 * refused:.2f}% (admission at {measured:.2f} of its estimate, spread "
+                    f"{spread:.2f}); "
                     f"p99 {res.quantile(99, ok_only=True):.1f} ms; "
                     + "; ".join(
                         f"{rid} took {100 * n / total:.0f}% ({late_after[rid] - late_before.get(rid, 0)} late)"  # noqa: E501

@@ -39,16 +39,20 @@ tail (the freshest queries, ``ketchd.dispatch.tail_batch``) while a faster one w
 the head in time, so a query it does not take waits for the queries ahead of it to be
 taken by the faster replicas alone. Admitted at the pool's rate, such queries reached the
 head too late to be computed (the default): in ``perf.scheduling``'s Java, Python and R
-pool the head moved at a median 4.8 queries/ms against an estimate of 5.1. So admission measures
-that rate, where the replicas set it: over a span of at least BACKLOG_S in which the queue
+pool the head moved at a median 4.8 queries/ms against an estimate of 5.1. So admission
+measures that rate, where the replicas set it: over a span of at least BACKLOG_S in which the queue
 held a full batch for any replica after every dispatch (every replica had what it could
 take), the queries sent from the head per ms over the estimate for a fresh query then
 (``backlog``). The estimate is scaled by that share, smoothed (FACTOR_WEIGHT a span, from
 1 after a lapse), never raised (the estimate stays the ceiling) and never below
 FACTOR_FLOOR (a stall must not stop admission); a share not measured again within
-FACTOR_FOR_S lapses. A shorter queue is a pool keeping up (the next batch filling while
-the last computes) and says nothing of its rate; spans in which a replica joined or left,
-or nothing was sent, are not counted.
+FACTOR_FOR_S lapses. How far each span's share strays from the smoothed one
+(``capacity_spread``, smoothed alike) lowers SAFETY by SPREAD_K times that (to SAFETY_FLOOR
+at the least): a query admitted at the edge reaches the head with about (1 - SAFETY) of
+its time left, less what the dispatcher needs there, and a head that moves 10% slower than
+its mean for the query's wait took all of that in the polyglot pool. A shorter queue is a
+pool keeping up (the next batch filling while the last computes) and says nothing of its
+rate; spans in which a replica joined or left, or nothing was sent, are not counted.
 
 No figure, no refusal: until a replica of the model has a latency model worth the name
 (two batch sizes and REFIT_EVERY batches seen), only the queue's bound (``max_queue``)
@@ -77,6 +81,8 @@ BACKLOG_MAX_S = 0.25  # ... and one this long is measured, and a new one begun
 FACTOR_FLOOR = 0.25  # the measured share of the estimated rate, at the least
 FACTOR_WEIGHT = 0.3  # the weight of a new span's share
 FACTOR_FOR_S = 10.0  # a share not measured again within this long lapses
+SPREAD_K = 2.0  # SAFETY is lowered by this many times the head rate's spread ...
+SAFETY_FLOOR = 0.6  # ... to this at the least
 
 
 class Overload:
@@ -133,9 +139,20 @@ class Overload:
         if left <= 0 or rate == math.inf:
             return
         share = min(1.0, max(FACTOR_FLOOR, head / ((now - model.backlog_since) * 1000) / rate))
-        before = model.capacity_factor if now - model.factor_at < FACTOR_FOR_S else 1.0
+        fresh = now - model.factor_at < FACTOR_FOR_S
+        before = model.capacity_factor if fresh else 1.0
+        spread = model.capacity_spread if fresh else 0.0
         model.capacity_factor = before + FACTOR_WEIGHT * (share - before)
+        model.capacity_spread = spread + FACTOR_WEIGHT * (abs(share - before) - spread)
         model.factor_at = now
+
+    @staticmethod
+    def safety(model: Model, now: float) -> float:
+        """The share of the time left that the queue ahead may take: SAFETY, less SPREAD_K
+        times how far the head's rate has strayed from span to span (``capacity_spread``)."""
+        if now - model.factor_at >= FACTOR_FOR_S:
+            return SAFETY
+        return max(SAFETY_FLOOR, SAFETY - SPREAD_K * model.capacity_spread)
 
     def admissible(self, model: Model, now: float, deadline: float, priority: int) -> int:
         """How many more queries of ``priority`` due at ``deadline`` may be queued: in the
@@ -150,7 +167,8 @@ class Overload:
             rate, batch_ms = cached[1], cached[2]
         if rate == math.inf:
             return room
-        fits = int((SAFETY * left - batch_ms) * rate - in_flight(model, now)) - queue.ahead(priority)
+        safety = self.safety(model, now)
+        fits = int((safety * left - batch_ms) * rate - in_flight(model, now)) - queue.ahead(priority)
         if fits <= 0 and not len(queue) and any(not r.inflight for r in model.replicas.values()):
             fits = 1  # an idle model is tried (and measured again), whatever its figures say
         return min(room, fits)
@@ -167,7 +185,7 @@ class Overload:
             left = (p.deadline - now) * 1000
             rate, batch_ms = self.capacity(model, now, left)
             need = (model.queue.ahead(p.priority) + in_flight(model, now) + 1) / rate + batch_ms
-            retry = max(1, min(RETRY_MAX_MS, math.ceil(need - SAFETY * left)))
+            retry = max(1, min(RETRY_MAX_MS, math.ceil(need - self.safety(model, now) * left)))
             why = (
                 f"model {model.name!r} cannot answer it in time: the queries ahead of it take "
                 "what is left before its deadline"

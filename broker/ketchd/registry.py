@@ -319,6 +319,7 @@ class Model:
     backlog_replicas: int = 0
     backlog_depth: int = 0
     capacity_factor: float = 1.0
+    capacity_spread: float = 0.0  # the mean distance of a span's share from that, smoothed
     factor_at: float = -math.inf
     replicas: dict[bytes, Replica] = field(default_factory=dict)
     # version -> fingerprint its live replicas announce (the last one let in); not persisted:
@@ -429,6 +430,7 @@ class Model:
             "dropped": self.dropped,
             "refused": self.refused,
             "capacity_measured": round(self.capacity_factor, 3),
+            "capacity_spread": round(self.capacity_spread, 3),
             "queue_wait_ms": self.queue_wait_ms.summary(),
             "batching": self.batching,
             "pinned": {

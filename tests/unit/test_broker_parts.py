@@ -154,6 +154,8 @@ def test_admission_scales_its_estimate_by_the_rate_the_head_moves_under_backlog(
     end = t + 2.5
     assert overload.capacity(model, end, 500)[0] == pytest.approx(model.capacity_factor * estimate, rel=0.01)
     assert overload.admissible(model, end, end + 0.5, 0) < 0.5 * full
+    # the head's rate strayed (from 1 to 0.4): the queue ahead may take less of the time left
+    assert overload.safety(model, end) < ketchd.overload.SAFETY - 0.05
 
     # a span at three times the estimate: never above it
     for k in range(20):
@@ -161,6 +163,7 @@ def test_admission_scales_its_estimate_by_the_rate_the_head_moves_under_backlog(
         model.latest_deadline = end + 0.25 * k + 0.5
         overload.backlog(model, end + 0.25 * (k + 1))
     assert model.capacity_factor == pytest.approx(1.0, abs=0.01)
+    assert overload.safety(model, end + 5.0) == pytest.approx(ketchd.overload.SAFETY, abs=0.01)  # steady
 
     # a span in which nothing was sent (the replica gone quiet) teaches nothing; the queue
     # running low ends a span
