@@ -82,7 +82,7 @@ FACTOR_FLOOR = 0.25  # the measured share of the estimated rate, at the least
 FACTOR_WEIGHT = 0.3  # the weight of a new span's share
 FACTOR_FOR_S = 10.0  # a share not measured again within this long lapses
 SPREAD_K = 2.0  # SAFETY is lowered by this many times the head rate's spread ...
-SAFETY_FLOOR = 0.6  # ... to this at the least
+SAFETY_FLOOR = 0.75  # ... to this at the least (less starved the tail a slow replica takes)
 
 
 class Overload:
