@@ -171,7 +171,7 @@ class Dispatcher:
             if replica.version == model.active_version and (state is _READY or state is _BUSY):
                 self.dispatch_one(model, replica, now)
             return
-        live = [r for r in model.live_replicas() if r.takes_work]
+        live = model.working_replicas()
         if len(live) == 1:
             self.dispatch_one(model, live[0], now)
         elif live:

@@ -40,9 +40,9 @@ the head in time, so a query it does not take waits for the queries ahead of it 
 taken by the faster replicas alone. Admitted at the pool's rate, such queries reached the
 head too late to be computed (the default): in ``perf.scheduling``'s Java, Python and R
 pool the head moved at a median 4.8 queries/ms against an estimate of 5.1. So admission
-measures that rate, where the replicas set it: over a span of at least BACKLOG_S in which the queue
-held a full batch for any replica after every dispatch (every replica had what it could
-take), the queries sent from the head per ms over the estimate for a fresh query then
+measures that rate, where the replicas set it: over a span of at least BACKLOG_S in which
+the queue held a full batch for any replica after every dispatch (every replica had what it
+could take), the queries sent from the head per ms over the estimate for a fresh query then
 (``backlog``). The estimate is scaled by that share, smoothed (FACTOR_WEIGHT a span, from
 1 after a lapse), never raised (the estimate stays the ceiling) and never below
 FACTOR_FLOOR (a stall must not stop admission); a share not measured again within
@@ -124,7 +124,7 @@ class Overload:
                 self._measured(model, now)
             model.backlog_since = 0.0
         elif queued > 1 and queued >= model.backlog_depth:  # (the last depth: cheap when short)
-            live = [r for r in model.live_replicas() if r.takes_work]
+            live = model.working_replicas()
             model.backlog_depth = depth = max((r.controller.policy.max_batch for r in live), default=0)
             if live and queued >= depth:
                 model.backlog_since, model.backlog_head = now, model.batched_items - model.tail_sent
@@ -132,7 +132,7 @@ class Overload:
 
     def _measured(self, model: Model, now: float) -> None:
         head = model.batched_items - model.tail_sent - model.backlog_head
-        if head <= 0 or _live(model) != model.backlog_replicas:
+        if head <= 0 or len(model.working_replicas()) != model.backlog_replicas:
             return
         left = (model.latest_deadline - now) * 1000
         rate, _ = estimate(model, left)
@@ -222,10 +222,6 @@ def estimate(model: Model, left_ms: float) -> tuple[float, float]:
     # no replica measured (or none at all): no refusal on this account
     rate = sum(measured) + unmeasured * max(measured) if measured else math.inf
     return rate, batch_ms
-
-
-def _live(model: Model) -> int:
-    return sum(1 for r in model.live_replicas() if r.takes_work)
 
 
 def in_flight(model: Model, now: float) -> float:

@@ -353,6 +353,10 @@ class Model:
             r for r in self.replicas.values() if r.version == version and r.state is not ReplicaState.DEAD
         )
 
+    def working_replicas(self) -> list[Replica]:
+        """The live replicas of the active version that take work now (``Replica.takes_work``)."""
+        return [r for r in self.live_replicas() if r.takes_work]
+
     def lane(self, version: str) -> Model:
         """The lane of the queries pinned to ``version`` (made on first use), or this model
         for "" (not pinned)."""
