@@ -182,6 +182,28 @@ def test_admission_scales_its_estimate_by_the_rate_the_head_moves_under_backlog(
     assert overload.capacity(model, later, 500)[0] == estimate
 
 
+def test_admission_measure_holds_at_the_extremes(broker):
+    """The longest SLO an app may have (1 h), a count of queries sent far past any rate, and
+    a replica that announces a batch larger than the broker allows: the share stays in its
+    bounds and admission within the queue's."""
+    overload, model = broker.overload, broker.models["m"]
+    replica = model.replicas[b"r1"] = _replica()
+    replica.controller.policy = model.policy(64, replica_max=2**31 - 1)  # a peer that lies
+    for size in (1, 10) * 8:
+        replica.controller.observe(size, 10.0 + size, 1000.0)
+    for i in range(200):
+        model.queue.push(_pending(broker, i, [0.0, 0.0]))
+    now = time.monotonic()
+    model.latest_deadline = now + 3_600.0
+    overload.backlog(model, now)
+    assert model.backlog_since == now and model.backlog_depth == 64
+    model.batched_items += 10**15
+    overload.backlog(model, now + 0.25)
+    assert model.capacity_factor == 1.0 and model.capacity_spread == 0.0
+    assert 0 < overload.admissible(model, now + 0.25, now + 3_600.0, 0) <= broker.config.max_queue - 200
+    assert ketchd.overload.SAFETY_FLOOR <= overload.safety(model, now + 0.25) <= ketchd.overload.SAFETY
+
+
 def test_output_problem_and_default_answer():
     assert output_problem(F64, (2,), 16) == ""
     assert output_problem(F64, (2,), 8) == "8 bytes do not fit float64 of shape (2,) (16 bytes)"
